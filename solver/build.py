@@ -1,0 +1,96 @@
+"""Turning an assignment (which sequences run in a group of which degree) into a priced Plan,
+and checking any Plan against lengths and a cost model. Every planner and baseline builds its
+plans here, so they are laid out and priced identically.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .costmodel import CostModel
+from .plan import GroupPlan, MicroBatchPlan, Plan
+
+# One micro-batch as the planners produce it: (degree, sequence ids) per group.
+Assignment = Sequence[tuple[int, Sequence[int]]]
+
+
+def layout_ranks(degrees: Sequence[int], num_devices: int) -> list[int]:
+    """First rank of each group: biggest groups first, so every block stays aligned.
+
+    Powers of two placed in decreasing order never straddle an alignment boundary, so any multiset
+    of degrees that sums to <= num_devices gets aligned blocks [k*d, (k+1)*d).
+    """
+    order = sorted(range(len(degrees)), key=lambda i: -degrees[i])
+    starts, cursor = [0] * len(degrees), 0
+    for i in order:
+        assert cursor % degrees[i] == 0, "decreasing powers of two stay aligned"
+        starts[i] = cursor
+        cursor += degrees[i]
+    if cursor > num_devices:
+        raise ValueError(f"groups need {cursor} devices, the cluster has {num_devices}")
+    return starts
+
+
+def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: CostModel, *,
+               method: str, solve_seconds: float = 0.0, lower_bound_ms: float = 0.0,
+               status: str = "feasible", extra: dict | None = None) -> Plan:
+    """Lay out ranks, pick each group's attention mode, price everything; drops empty groups."""
+    mbs = []
+    for assignment in micro_batches:
+        groups = [(int(sp), sorted(int(i) for i in ids)) for sp, ids in assignment if len(ids)]
+        if not groups:
+            continue
+        starts = layout_ranks([sp for sp, _ in groups], cm.num_devices)
+        built = []
+        for (sp, ids), start in sorted(zip(groups, starts), key=lambda t: t[1]):
+            lens = [lengths[i] for i in ids]
+            tokens = int(sum(lens))
+            built.append(GroupPlan(
+                sp=sp, ranks=tuple(range(start, start + sp)), seq_ids=tuple(ids),
+                attention=cm.best_mode(sp), tokens=tokens,
+                predicted_ms=round(cm.group_time_ms(lens, sp), 4),
+                memory_mb=round(cm.memory_mb_for(tokens, sp), 2)))
+        mbs.append(MicroBatchPlan(groups=tuple(built), predicted_ms=max(g.predicted_ms for g in built)))
+    return Plan(num_devices=cm.num_devices, micro_batches=tuple(mbs),
+                predicted_ms=round(sum(mb.predicted_ms for mb in mbs), 4),
+                solve_seconds=round(solve_seconds, 4), lower_bound_ms=round(lower_bound_ms, 4),
+                method=method, status=status, cost_model=cm.name, num_sequences=len(lengths),
+                extra=dict(extra or {}))
+
+
+def price_plan(plan: Plan, lengths: Sequence[int], cm: CostModel) -> float:
+    """Iteration time of ``plan`` recomputed from scratch under ``cm`` (ignores stored numbers)."""
+    total = 0.0
+    for mb in plan.micro_batches:
+        total += max((cm.group_time_ms([lengths[i] for i in g.seq_ids], g.sp) for g in mb.groups), default=0.0)
+    return total
+
+
+def validate_plan(plan: Plan, lengths: Sequence[int], cm: CostModel) -> None:
+    """Raise ValueError unless every sequence is placed exactly once, every group is an aligned
+    power-of-two rank block inside the cluster, groups of a micro-batch are disjoint, and every
+    group fits in memory."""
+    n, cap = cm.num_devices, cm.capacity_tokens
+    if plan.num_devices != n:
+        raise ValueError(f"plan is for {plan.num_devices} devices, cost model for {n}")
+    seen = [0] * len(lengths)
+    for mi, mb in enumerate(plan.micro_batches):
+        used: set[int] = set()
+        for g in mb.groups:
+            sp, ranks = g.sp, list(g.ranks)
+            if sp < 1 or sp & (sp - 1) or not ranks or ranks != list(range(ranks[0], ranks[0] + sp)) \
+                    or ranks[0] % sp or ranks[-1] >= n:
+                raise ValueError(f"micro-batch {mi}: group sp={sp} ranks={ranks[:4]}... is not an aligned block in {n} devices")
+            if used & set(ranks):
+                raise ValueError(f"micro-batch {mi}: ranks {sorted(used & set(ranks))[:4]} are in two groups")
+            used |= set(ranks)
+            tokens = 0
+            for i in g.seq_ids:
+                if not 0 <= i < len(lengths):
+                    raise ValueError(f"micro-batch {mi}: sequence id {i} out of range 0..{len(lengths) - 1}")
+                seen[i] += 1
+                tokens += lengths[i]
+            if tokens > sp * cap:
+                raise ValueError(f"micro-batch {mi}: sp={sp} group holds {tokens} tokens > {sp} x {cap}")
+    bad = [i for i, c in enumerate(seen) if c != 1]
+    if bad:
+        raise ValueError(f"{len(bad)} sequences are not placed exactly once, e.g. ids {bad[:5]}")

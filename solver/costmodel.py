@@ -1,0 +1,224 @@
+"""Cost model: predicted time and memory of one SP group running a set of sequences.
+
+The form follows the FlexSP paper (see ``shared/reference/flexsp-paper.md``), generalised:
+
+    time(group)  = sum_i (a1 * L_i^2 + a2 * L_i) / sp  +  b  +  comm(sp, attention) * sum_i L_i
+    ulysses comm = a2a_mb_per_token / sp / bw[sp]        (0 when sp == 1; the paper's A2A term)
+    ring comm    = ring_mb_per_token * (sp - 1) / sp / p2p_bw[sp]   (KV passes round the ring)
+    memory(dev)  = model_states_mb + act_mb_per_token * sum_i L_i / sp     <= memory_mb
+
+``b`` is a fixed per-group overhead (paid once per group, concurrently). Bandwidths are in GB/s and
+volumes in MB, so a volume / bandwidth ratio is in ms (the paper's units, kept exactly).
+
+A cost model is plain data: it round-trips through JSON (``save`` / ``load``), which is how the
+profiler hands a calibrated model to the planner and the trainer.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    name: str
+    """Human-readable name (a preset name, or the profiler's run name)."""
+    num_devices: int
+    """Devices in the cluster (a power of two)."""
+    devices_per_node: int
+    """Devices that share a fast intra-node link; groups up to this size stay in one node."""
+    memory_mb: float
+    """Usable memory per device, MB."""
+    a1: float
+    """Quadratic compute coefficient, ms per token^2 (attention), for the whole fwd+bwd."""
+    a2: float
+    """Linear compute coefficient, ms per token (GEMMs, elementwise)."""
+    b: float
+    """Fixed overhead per group and micro-batch, ms."""
+    a2a_mb_per_token: float
+    """All-to-all volume per token of a Ulysses group, MB (paper: 16 * layers * hidden / 2^20)."""
+    bandwidth_gbps: dict[int, float]
+    """All-to-all bandwidth per SP degree, GB/s."""
+    act_mb_per_token: float
+    """Activation memory per token held on a device, MB."""
+    params_gi: float
+    """Model parameters in units of 2^30."""
+    state_bytes_per_param: float = 16.0
+    """Bytes of model state per parameter (mixed-precision Adam: 2 + 2 + 12)."""
+    zero_stage: int = 3
+    """ZeRO stage of the data-parallel sharding across all devices (0-3)."""
+    heads: int = 0
+    """Attention heads (0 = unknown). Ulysses needs sp <= heads and sp | heads."""
+    kv_heads: int = 0
+    """Key/value heads (0 = same as heads)."""
+    ring_mb_per_token: float = 0.0
+    """Ring-attention KV volume per token, MB (0 disables ring attention in plans)."""
+    p2p_bandwidth_gbps: dict[int, float] = field(default_factory=dict)
+    """Ring (point-to-point) bandwidth per SP degree, GB/s."""
+    capacity_override: int = 0
+    """If > 0, tokens per device allowed (replaces the memory formula)."""
+    source: str = ""
+    """Where the numbers come from (paper reference, profiler run...)."""
+
+    def __post_init__(self):
+        n = self.num_devices
+        if n < 1 or n & (n - 1):
+            raise ValueError(f"num_devices must be a power of two >= 1, got {n}")
+        d = self.devices_per_node
+        if d < 1 or d & (d - 1):
+            raise ValueError(f"devices_per_node must be a power of two >= 1, got {d}")
+        if self.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage}")
+        if min(self.a1, self.a2, self.b, self.a2a_mb_per_token, self.act_mb_per_token) < 0:
+            raise ValueError(f"cost coefficients must be >= 0 (a1={self.a1}, a2={self.a2}, b={self.b})")
+        if self.memory_mb <= 0:
+            raise ValueError(f"memory_mb must be > 0, got {self.memory_mb}")
+        # JSON turns int keys into strings: normalise so loaded and built models compare equal.
+        object.__setattr__(self, "bandwidth_gbps", {int(k): float(v) for k, v in self.bandwidth_gbps.items()})
+        object.__setattr__(self, "p2p_bandwidth_gbps", {int(k): float(v) for k, v in self.p2p_bandwidth_gbps.items()})
+        missing = [s for s in self.degrees if s > 1 and self._lookup(self.bandwidth_gbps, s) is None]
+        if missing:
+            raise ValueError(f"bandwidth_gbps has no entry for SP degrees {missing}; have {sorted(self.bandwidth_gbps)}")
+        if self.capacity_tokens < 1:
+            raise ValueError(
+                f"model states ({self.model_states_mb:.0f} MB) leave no room for activations in "
+                f"{self.memory_mb:.0f} MB per device; add devices, memory or a higher ZeRO stage")
+
+    # -- topology ---------------------------------------------------------------------------
+    @property
+    def degrees(self) -> tuple[int, ...]:
+        """Every power-of-two SP degree from 1 to num_devices."""
+        return tuple(1 << k for k in range(self.num_devices.bit_length()))
+
+    @staticmethod
+    def _lookup(table: dict[int, float], sp: int) -> float | None:
+        """Bandwidth for degree sp; degrees above the largest measured one reuse it (it only drops)."""
+        if sp in table:
+            return table[sp]
+        larger = [k for k in table if k <= sp]
+        return table[max(larger)] if larger else None
+
+    # -- memory -----------------------------------------------------------------------------
+    @property
+    def model_states_mb(self) -> float:
+        """Per-device model-state memory under the ZeRO stage (params + grads + optimizer)."""
+        total = self.params_gi * self.state_bytes_per_param * 1024  # MB: P * 2^30 * bytes / 2^20
+        n = self.num_devices
+        if self.zero_stage == 3:
+            return total / n
+        per = self.state_bytes_per_param
+        if self.zero_stage == 2:  # params replicated (2 B), grads + optimizer sharded
+            return self.params_gi * 1024 * (2 + (per - 2) / n)
+        if self.zero_stage == 1:  # params + grads replicated (4 B), optimizer sharded
+            return self.params_gi * 1024 * (4 + (per - 4) / n)
+        return total
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens one device can hold in a micro-batch: C = floor((mem - states) / act)."""
+        if self.capacity_override > 0:
+            return int(self.capacity_override)
+        return math.floor((self.memory_mb - self.model_states_mb) / self.act_mb_per_token)
+
+    def memory_mb_for(self, tokens: int, sp: int) -> float:
+        return self.model_states_mb + self.act_mb_per_token * tokens / sp
+
+    def min_degree(self, length: int) -> int:
+        """Smallest SP degree whose devices can hold a sequence of ``length`` tokens (0: none)."""
+        for sp in self.degrees:
+            if length <= sp * self.capacity_tokens:
+                return sp
+        return 0
+
+    # -- time -------------------------------------------------------------------------------
+    def attention_modes(self, sp: int) -> tuple[str, ...]:
+        """Attention modes the runtime can use for a group of degree ``sp`` under this model."""
+        if sp == 1:
+            return ("local",)
+        modes = []
+        if self.heads <= 0 or (sp <= self.heads and self.heads % sp == 0):
+            modes.append("ulysses")
+        if self.ring_mb_per_token > 0:
+            modes.append("ring")
+            if self.heads > 1:
+                modes.append("hybrid")
+        return tuple(modes)
+
+    def comm_ms_per_token(self, sp: int, mode: str | None = None) -> float:
+        """Communication time per token of the group (already divided by sp), ms."""
+        if sp == 1:
+            return 0.0
+        mode = mode or self.best_mode(sp)
+        if mode == "ulysses":
+            return self.a2a_mb_per_token / sp / self._lookup(self.bandwidth_gbps, sp)
+        if mode == "ring":
+            bw = self._lookup(self.p2p_bandwidth_gbps, sp) or self._lookup(self.bandwidth_gbps, sp)
+            return self.ring_mb_per_token * (sp - 1) / sp / bw
+        if mode == "hybrid":
+            u = self.ulysses_width(sp)
+            inner = self.a2a_mb_per_token / sp / self._lookup(self.bandwidth_gbps, u)
+            bw = self._lookup(self.p2p_bandwidth_gbps, sp) or self._lookup(self.bandwidth_gbps, sp)
+            return inner + self.ring_mb_per_token * (sp // u - 1) / sp / bw
+        raise ValueError(f"unknown attention mode {mode!r}; valid: {self.attention_modes(sp)}")
+
+    def ulysses_width(self, sp: int) -> int:
+        """Ulysses sub-group size of a hybrid group: the largest power of two dividing heads, <= sp."""
+        u = 1
+        while u * 2 <= sp and self.heads > 0 and self.heads % (u * 2) == 0 and u * 2 <= self.devices_per_node:
+            u *= 2
+        return u
+
+    def best_mode(self, sp: int) -> str:
+        modes = self.attention_modes(sp)
+        if not modes:
+            raise ValueError(f"no attention mode can run SP degree {sp} (heads={self.heads}, ring disabled)")
+        return min(modes, key=lambda m: (self.comm_ms_per_token(sp, m), m))
+
+    def seq_time_ms(self, length: float, sp: int) -> float:
+        """Time one sequence adds to a group of degree sp (without the group overhead b)."""
+        return (self.a1 * length * length + self.a2 * length) / sp + self.comm_ms_per_token(sp) * length
+
+    def group_time_ms(self, lengths, sp: int) -> float:
+        """Predicted time of a group: per-sequence times + one overhead b (0 for an empty group)."""
+        lengths = list(lengths)
+        if not lengths:
+            return 0.0
+        return sum(self.seq_time_ms(L, sp) for L in lengths) + self.b
+
+    # -- persistence ------------------------------------------------------------------------
+    def with_devices(self, num_devices: int | None = None, memory_mb: float | None = None) -> "CostModel":
+        """The same model on another cluster size or memory budget."""
+        return replace(self, num_devices=num_devices or self.num_devices, memory_mb=memory_mb or self.memory_mb)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CostModel":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown cost-model keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"incomplete cost model: {exc}") from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostModel":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"cost-model file {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"cost-model file {path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"cost-model file {path} must hold a JSON object")
+        return cls.from_dict(data)
