@@ -1,0 +1,181 @@
+"""LLaMA-style decoder over a packed buffer of variable-length documents.
+
+The model sees only this rank's local tokens: ``input_ids [T_local]`` and ``positions [T_local]``
+(each document's positions restart at 0, so RoPE never mixes documents), plus an
+:class:`AttnContext` saying how attention runs. With no sharding meta, attention is plain
+single-device varlen attention over ``cu_seqlens``; with a meta from ``flexsp.attention.shard`` it
+is the teammates' sequence-parallel attention (Ulysses/ring/hybrid) over the group. Everything but
+attention is token-local, so the rest of the block is identical in both cases.
+
+Layers: RMSNorm -> GQA attention with RoPE -> residual -> RMSNorm -> SwiGLU MLP -> residual;
+optional per-block activation checkpointing (non-reentrant); tied or untied LM head.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from flexsp.model import layers as L
+from flexsp.model.config import ModelConfig
+from flexsp.model.loss import lm_loss
+
+
+@dataclass
+class AttnContext:
+    """How the attention of every layer runs for one forward pass."""
+
+    cu_seqlens: torch.Tensor | None = None
+    """Document boundaries of the local buffer (local path only): int ``[num_docs + 1]``."""
+    meta: Any = None
+    """Sharding meta returned by ``flexsp.attention.shard`` (SP path); None = local path."""
+    group: Any = None
+    """The SP process group (None or a 1-rank group: local attention)."""
+    mode: str = "local"
+    """SP attention mode passed to ``sp_attention``: local, ulysses, ring or hybrid."""
+
+    def __post_init__(self) -> None:
+        if self.meta is None and self.cu_seqlens is None:
+            raise ValueError("AttnContext needs cu_seqlens (local attention) or meta (SP attention)")
+
+    @classmethod
+    def local(cls, cu_seqlens: torch.Tensor) -> "AttnContext":
+        return cls(cu_seqlens=cu_seqlens)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.meta is None:
+            return L.varlen_attention(q, k, v, self.cu_seqlens, causal=True)
+        from flexsp.attention import sp_attention  # teammate's runtime; imported only when used
+        return sp_attention(q, k, v, self.meta, self.group, self.mode, causal=True)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return L.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        kw = dict(bias=False, device=device, dtype=cfg.torch_dtype)
+        self.wq = nn.Linear(cfg.hidden, cfg.heads * cfg.head_dim, **kw)
+        self.wk = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, **kw)
+        self.wv = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, **kw)
+        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, **kw)
+
+    def forward(self, x, cos, sin, ctx: AttnContext):
+        t = x.shape[0]
+        q = self.wq(x).view(t, self.heads, self.head_dim)
+        k = self.wk(x).view(t, self.kv_heads, self.head_dim)
+        v = self.wv(x).view(t, self.kv_heads, self.head_dim)
+        q, k = L.apply_rope(q, k, cos, sin)
+        out = ctx.attention(q, k, v)
+        return self.wo(out.reshape(t, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=cfg.torch_dtype)
+        self.w_gate = nn.Linear(cfg.hidden, cfg.intermediate, **kw)
+        self.w_up = nn.Linear(cfg.hidden, cfg.intermediate, **kw)
+        self.w_down = nn.Linear(cfg.intermediate, cfg.hidden, **kw)
+
+    def forward(self, x):
+        return self.w_down(L.swiglu(self.w_gate(x), self.w_up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps, device, cfg.torch_dtype)
+        self.attn = Attention(cfg, device)
+        self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps, device, cfg.torch_dtype)
+        self.mlp = MLP(cfg, device)
+
+    def forward(self, x, cos, sin, ctx: AttnContext):
+        x = x + self.attn(self.attn_norm(x), cos, sin, ctx)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder. Build with ``Transformer(config, device=None)``, then ``init_weights(seed)``."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None):
+        super().__init__()
+        self.config = config
+        dt = config.torch_dtype
+        self.embed = nn.Embedding(config.vocab_size, config.hidden, device=device, dtype=dt)
+        self.blocks = nn.ModuleList(Block(config, device) for _ in range(config.layers))
+        self.norm = RMSNorm(config.hidden, config.norm_eps, device, dt)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(
+            config.hidden, config.vocab_size, bias=False, device=device, dtype=dt)
+        self.init_weights(seed=0)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The ``[vocab, hidden]`` LM-head matrix (the embedding matrix when tied)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic init from ``seed``: every parameter is drawn on CPU from its own generator
+        seeded by (seed, parameter name), so the result is the same on any device and does not
+        shift when other parameters are added. Norm weights are 1; output projections (wo, w_down)
+        use init_std / sqrt(2 * layers)."""
+        cfg = self.config
+        out_std = cfg.init_std / math.sqrt(2 * cfg.layers)
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            std = out_std if name.endswith(("wo.weight", "w_down.weight")) else cfg.init_std
+            gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_ctx: AttnContext,
+                labels: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
+                return_hidden: bool = False):
+        """Run the local tokens.
+
+        Args:
+            input_ids: ``[T_local]`` token ids (this rank's shard of the packed buffer).
+            positions: ``[T_local]`` position of each token inside its document.
+            attn_ctx: how attention runs (local varlen or SP over a group).
+            labels: optional ``[T_local]`` targets (-100 = none); when given, returns
+                ``(loss_sum, num_targets)`` via the fused linear cross-entropy instead of logits.
+            pad_mask: optional ``[T_local]`` bool, True on padding tokens (excluded from the loss).
+            return_hidden: return the final normed hidden ``[T_local, hidden]`` instead of logits.
+        Returns:
+            logits ``[T_local, vocab]`` | hidden | ``(loss_sum, num_targets)``.
+        """
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(f"input_ids and positions must both be [tokens]; got "
+                             f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
+        cfg = self.config
+        x = self.embed(input_ids)
+        cos, sin = L.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        for block in self.blocks:
+            if cfg.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, attn_ctx, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_ctx)
+        h = self.norm(x)
+        if labels is not None:
+            return lm_loss(h, self.output_weight, labels, pad_mask)
+        if return_hidden:
+            return h
+        return h @ self.output_weight.t()
