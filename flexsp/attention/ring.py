@@ -1,0 +1,149 @@
+"""Causal ring attention over packed documents (head/tail load-balanced layout).
+
+Each of the ``r`` ring ranks holds, for every document, chunk ``j`` and chunk ``2r-1-j`` of
+its ``2r`` equal chunks (see sharding.py). K and V travel around the ring (one tensor,
+``batch_isend_irecv``, the next block's transfer overlapping this block's compute). At step
+``s`` rank ``j`` holds the KV of rank ``src = (j - s) mod r``, and for every document:
+
+* ``s == 0``: its own two chunks, plain causal attention over [head | tail];
+* ``src < j``: all local queries see the source's *head* chunk fully (its tail is later
+  than both local chunks);
+* ``src > j``: only the local *tail* chunk sees anything, and it sees both source chunks.
+
+So every rank does the same work every step. Partial results are merged with the
+log-sum-exp (online softmax, float32). The backward is written by hand like
+ring-flash-attention: each block's gradients are computed against the merged output and
+LSE; dq stays local, and the dk/dv accumulator travels around the ring with the KV block
+it belongs to, arriving back at its owner after ``r`` hops.
+
+``u > 1`` (hybrid): ring ranks are ``u`` apart in the group; this module only sees its own
+ring (peers are given as global ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .comm import ring_send_recv, wait
+from .local import attn_backward, attn_forward
+
+_KV_TAG, _DKV_TAG = 11, 12
+
+
+def _plan(chunk_lens, device):
+    """Index sets and cu_seqlens for full pieces (2c per doc) and halves (c per doc)."""
+    cu_full, cu_half, head, tail, off = [0], [0], [], [], 0
+    for c in chunk_lens:
+        cu_full.append(cu_full[-1] + 2 * c)
+        cu_half.append(cu_half[-1] + c)
+        head.append(torch.arange(off, off + c))
+        tail.append(torch.arange(off + c, off + 2 * c))
+        off += 2 * c
+    cat = lambda xs: (torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)).to(device)  # noqa: E731
+    return cu_full, cu_half, cat(head), cat(tail)
+
+
+def _merge(out, lse, o, l, rows=None):
+    """Online-softmax merge of a block result (o, l) into (out, lse), in place."""
+    if rows is None:
+        new = torch.logaddexp(lse, l)
+        out.mul_(torch.exp(lse - new).t().unsqueeze(-1)).add_(
+            o.float() * torch.exp(l - new).t().unsqueeze(-1))
+        lse.copy_(new)
+    else:
+        sub_out, sub_lse = out[rows], lse[:, rows]
+        _merge(sub_out, sub_lse, o, l)
+        out[rows], lse[:, rows] = sub_out, sub_lse
+
+
+class RingAttention(torch.autograd.Function):
+    """forward: ring KV rotation + block attention + LSE merge /
+    backward: ring KV rotation + block backward, dk/dv accumulators rotated home."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, chunk_lens, ring, causal, scale, backend):
+        group, j, r, nxt, prv = ring
+        cu_full, cu_half, head, tail = _plan(chunk_lens, q.device)
+        T, H, D = q.shape
+        hk = k.shape[1]
+        out = torch.zeros(T, H, D, dtype=torch.float32, device=q.device)
+        lse = torch.full((H, T), float("-inf"), dtype=torch.float32, device=q.device)
+        kv = torch.cat([k, v], dim=1)
+        for s in range(r):
+            if s + 1 < r:
+                nxt_kv, reqs = ring_send_recv(kv, nxt, prv, group, _KV_TAG)
+            ks, vs = kv[:, :hk], kv[:, hk:]
+            src = (j - s) % r
+            if s == 0 or not causal:
+                o, l = attn_forward(q, ks, vs, cu_full, cu_full, causal and s == 0, scale, backend)
+                _merge(out, lse, o, l)
+            elif src < j:
+                o, l = attn_forward(q, ks[head], vs[head], cu_full, cu_half, False, scale, backend)
+                _merge(out, lse, o, l)
+            else:
+                o, l = attn_forward(q[tail], ks, vs, cu_half, cu_full, False, scale, backend)
+                _merge(out, lse, o, l, tail)
+            if s + 1 < r:
+                wait(reqs)
+                kv = nxt_kv
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (chunk_lens, ring, causal, scale, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        chunk_lens, (group, j, r, nxt, prv), causal, scale, backend = ctx.args
+        cu_full, cu_half, head, tail = _plan(chunk_lens, q.device)
+        dout, hk = dout.contiguous(), k.shape[1]
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        kv = torch.cat([k, v], dim=1)
+        dkv, dkv_reqs = None, None
+        for s in range(r):
+            if s + 1 < r:
+                nxt_kv, reqs = ring_send_recv(kv, nxt, prv, group, _KV_TAG)
+            ks, vs = kv[:, :hk], kv[:, hk:]
+            src = (j - s) % r
+            bdkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+            if s == 0 or not causal:
+                gq, gk, gv = attn_backward(dout, q, ks, vs, out, lse, cu_full, cu_full,
+                                           causal and s == 0, scale, backend)
+                dq += gq
+                bdkv[:, :hk], bdkv[:, hk:] = gk, gv
+            elif src < j:
+                gq, gk, gv = attn_backward(dout, q, ks[head], vs[head], out, lse, cu_full,
+                                           cu_half, False, scale, backend)
+                dq += gq
+                bdkv[head, :hk], bdkv[head, hk:] = gk.float(), gv.float()
+            else:
+                gq, gk, gv = attn_backward(dout[tail], q[tail], ks, vs, out[tail], lse[:, tail],
+                                           cu_half, cu_full, False, scale, backend)
+                dq[tail] += gq.float()
+                bdkv[:, :hk], bdkv[:, hk:] = gk, gv
+            if dkv_reqs is not None:
+                wait(dkv_reqs)
+                bdkv += dkv
+            if s + 1 < r:
+                wait(reqs)
+                kv = nxt_kv
+            if r > 1:   # pass the accumulator on: after r hops it is back at its owner
+                dkv, dkv_reqs = ring_send_recv(bdkv, nxt, prv, group, _DKV_TAG)
+            else:
+                dkv = bdkv
+        if dkv_reqs is not None:
+            wait(dkv_reqs)
+        return (dq.to(q.dtype), dkv[:, :hk].to(k.dtype), dkv[:, hk:].to(v.dtype),
+                None, None, None, None, None)
+
+
+def ring_attention(q, k, v, chunk_lens, group, ring_index, ring_size, next_rank, prev_rank,
+                   causal=True, scale=None, backend=None):
+    """Ring attention over the ring ``group``-ranks; ``next_rank``/``prev_rank`` are global.
+
+    q ``[T, H, D]``, k/v ``[T, Hkv, D]`` in the head/tail layout with per-document chunk
+    lengths ``chunk_lens`` (each document occupies ``2 * c`` consecutive rows).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    ring = (group, ring_index, ring_size, next_rank, prev_rank)
+    return RingAttention.apply(q, k, v, tuple(chunk_lens), ring, causal, scale, backend)

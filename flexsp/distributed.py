@@ -1,0 +1,39 @@
+"""Process-group start-up: NCCL on CUDA, gloo otherwise; device from LOCAL_RANK.
+
+Nothing here hard-codes a backend or device: the backend follows CUDA availability (or the
+caller), and the device index comes from the launcher's ``LOCAL_RANK``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 600.0):
+    """Initialise the default process group from the env:// variables (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, LOCAL_RANK) if not already done.
+
+    Returns ``(rank, world_size, device)``. Idempotent.
+    """
+    backend = backend or default_backend()
+    valid = ("nccl", "gloo", "mpi", "ucc")
+    if backend not in valid:
+        raise ValueError(f"backend must be one of {valid}, got {backend!r}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size(), device

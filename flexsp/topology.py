@@ -1,0 +1,130 @@
+"""Sequence-parallel topology: every aligned power-of-two process group, built once.
+
+FlexSP re-partitions the devices into SP groups of different sizes at every step. Creating
+process groups is a collective over the whole world and must happen in the same order on
+every rank, so it cannot be done on the fly per step. Instead we create, once at start-up,
+every *aligned* group of every power-of-two degree: for N ranks a degree-d group is
+``ranks [k*d, (k+1)*d)`` for block ``k`` — N + N/2 + ... + 1 = 2N-1 groups in all. A plan
+then only looks groups up by ``(degree, block)``.
+
+Aligned blocks of one degree are disjoint, and blocks of different degrees are either nested
+or disjoint, so any plan that uses disjoint blocks runs its collectives on disjoint
+communicators and cannot deadlock on a shared one.
+
+Usage::
+
+    topo = SPTopology(world_size=8, devices_per_node=4).build()   # collective, all ranks
+    g = topo.group(degree=2, block=1)          # ranks {2, 3}
+    g = topo.group_of(degree=4, rank=5)        # ranks {4..7}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _is_pow2(n: int) -> bool:
+    return isinstance(n, int) and n >= 1 and (n & (n - 1)) == 0
+
+
+@dataclass
+class SPTopology:
+    """All aligned power-of-two SP groups of a world of ``world_size`` ranks.
+
+    world_size: number of ranks (a power of two).
+    devices_per_node: ranks per node (a power of two); groups of degree <= this stay inside
+        one node (see :meth:`is_intra_node`). ``None`` means one node holds everything.
+    """
+
+    world_size: int
+    devices_per_node: int | None = None
+    _groups: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not _is_pow2(self.world_size):
+            raise ValueError(
+                f"world_size must be a power of two >= 1, got {self.world_size!r} "
+                "(valid: 1, 2, 4, 8, ...)")
+        if self.devices_per_node is None:
+            self.devices_per_node = self.world_size
+        if not _is_pow2(self.devices_per_node):
+            raise ValueError(
+                f"devices_per_node must be a power of two >= 1, got {self.devices_per_node!r}")
+        if self.world_size > self.devices_per_node and self.world_size % self.devices_per_node:
+            raise ValueError(
+                f"world_size={self.world_size} is not a multiple of "
+                f"devices_per_node={self.devices_per_node}")
+
+    # ---- pure layout (no torch.distributed needed) ----
+    @property
+    def degrees(self) -> list[int]:
+        """Every SP degree: 1, 2, 4, ..., world_size."""
+        return [1 << i for i in range(self.world_size.bit_length())]
+
+    def num_blocks(self, degree: int) -> int:
+        self._check_degree(degree)
+        return self.world_size // degree
+
+    def ranks(self, degree: int, block: int) -> list[int]:
+        """Global ranks of group ``(degree, block)``: ``[block*degree, (block+1)*degree)``."""
+        self._check_degree(degree)
+        if not (isinstance(block, int) and 0 <= block < self.world_size // degree):
+            raise ValueError(
+                f"block must be in [0, {self.world_size // degree}) for degree {degree}, "
+                f"got {block!r}")
+        return list(range(block * degree, (block + 1) * degree))
+
+    def block_of(self, degree: int, rank: int) -> int:
+        self._check_degree(degree)
+        if not (isinstance(rank, int) and 0 <= rank < self.world_size):
+            raise ValueError(f"rank must be in [0, {self.world_size}), got {rank!r}")
+        return rank // degree
+
+    def all_blocks(self) -> list[tuple[int, int]]:
+        """Every ``(degree, block)`` in creation order (2N-1 entries)."""
+        return [(d, b) for d in self.degrees for b in range(self.world_size // d)]
+
+    def is_intra_node(self, degree: int) -> bool:
+        self._check_degree(degree)
+        return degree <= self.devices_per_node
+
+    def _check_degree(self, degree: int) -> None:
+        if degree not in self.degrees:
+            raise ValueError(f"degree must be one of {self.degrees}, got {degree!r}")
+
+    # ---- process groups ----
+    def build(self, backend: str | None = None) -> "SPTopology":
+        """Create every group (collective: call on all ranks, same order). Returns self.
+
+        Uses the default process group's backend unless ``backend`` is given.
+        """
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("SPTopology.build() needs torch.distributed to be initialised "
+                               "(see flexsp.distributed.init_distributed)")
+        if dist.get_world_size() != self.world_size:
+            raise ValueError(f"SPTopology(world_size={self.world_size}) but the default group "
+                             f"has {dist.get_world_size()} ranks")
+        if self._groups:
+            return self
+        groups = {}
+        for degree, block in self.all_blocks():   # identical order on every rank
+            groups[(degree, block)] = dist.new_group(self.ranks(degree, block), backend=backend)
+        self._groups = groups
+        return self
+
+    @property
+    def built(self) -> bool:
+        return bool(self._groups)
+
+    def group(self, degree: int, block: int):
+        """The ProcessGroup of ``(degree, block)`` (built by :meth:`build`)."""
+        self.ranks(degree, block)   # validates
+        if not self._groups:
+            raise RuntimeError("call SPTopology.build() before looking groups up")
+        return self._groups[(degree, block)]
+
+    def group_of(self, degree: int, rank: int):
+        """The degree-``degree`` group that contains global ``rank``."""
+        return self.group(degree, self.block_of(degree, rank))
