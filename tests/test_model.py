@@ -179,3 +179,23 @@ def test_training_reduces_loss():
         opt.zero_grad()
         losses.append((loss / count).item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_seam_ops_match_references():
+    # The model calls flexsp.ops / flexsp.attention through layers.py; they must agree with the
+    # plain-PyTorch references kept there.
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(10, 16, generator=g), torch.randn(16, generator=g)
+    torch.testing.assert_close(L.rms_norm(x, w, 1e-5), L.rms_norm_ref(x, w, 1e-5))
+    pos = positions_from_cu_seqlens(torch.tensor([0, 4, 10]))
+    cos, sin = L.rope_cos_sin(pos, 8, 10000.0, torch.float32)
+    torch.testing.assert_close((cos, sin), L.rope_cos_sin_ref(pos, 8, 10000.0, torch.float32))
+    q, k = torch.randn(10, 4, 8, generator=g), torch.randn(10, 2, 8, generator=g)
+    torch.testing.assert_close(L.apply_rope(q, k, cos, sin), L.apply_rope_ref(q, k, cos, sin))
+    torch.testing.assert_close(L.swiglu(x, x.flip(0)), L.swiglu_ref(x, x.flip(0)))
+    weight, labels = torch.randn(32, 16, generator=g), torch.randint(0, 32, (10,), generator=g)
+    labels[3] = -100
+    torch.testing.assert_close(L.linear_cross_entropy(x, weight, labels),
+                               L.linear_cross_entropy_ref(x, weight, labels))
+    cu = torch.tensor([0, 4, 10])
+    torch.testing.assert_close(L.varlen_attention(q, k, k, cu), L.varlen_attention_ref(q, k, k, cu))

@@ -1,10 +1,9 @@
 """Elementwise/fused ops the model calls, as plain PyTorch reference implementations, and the seam.
 
-The model never calls these helpers directly by their ``*_ref`` names: it calls the names bound in
-the OPS SEAM block at the bottom (``rms_norm``, ``apply_rope``, ``swiglu``,
-``linear_cross_entropy``, ``varlen_attention``). That block is the single place that picks
-``flexsp.ops`` (fused kernels) and ``flexsp.attention.local`` (single-device varlen attention) when
-they exist, and these references otherwise. The references are also the numerical ground truth the
+The model never calls these ``*_ref`` helpers: it calls the names bound in the OPS SEAM block at
+the bottom (``rms_norm``, ``rope_cos_sin``, ``apply_rope``, ``swiglu``, ``linear_cross_entropy``,
+``varlen_attention``). That block is the single place that binds them to ``flexsp.ops`` (fused
+kernels) and ``flexsp.attention.local`` (single-device varlen attention). The references are also the numerical ground truth the
 model tests compare against.
 
 Numerics: RMSNorm, RoPE angles and the cross-entropy run in fp32 whatever the activation dtype.
@@ -22,7 +21,7 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return (y * weight.float()).to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rope_cos_sin_ref(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos/sin tables ``[tokens, head_dim]`` (rotate-half layout) for integer ``positions [tokens]``.
 
     Angles are computed in fp32 from the positions themselves, so documents packed in one buffer
@@ -99,10 +98,13 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------
-# OPS SEAM: the only place that chooses between fused ops / teammates' kernels and the references.
+# OPS SEAM: the only place that chooses between the teammates' kernels and the references above.
+# flexsp.ops dispatches to liger-kernel on CUDA and to chunked PyTorch elsewhere; the references
+# stay as the test ground truth.
 # ------------------------------------------------------------------------------------------------
-rms_norm = rms_norm_ref
-apply_rope = apply_rope_ref
-swiglu = swiglu_ref
-linear_cross_entropy = linear_cross_entropy_ref
-varlen_attention = varlen_attention_ref
+from flexsp.ops import apply_rope, linear_cross_entropy, rms_norm, rope_cos_sin, swiglu  # noqa: E402
+
+try:
+    from flexsp.attention.local import varlen_attention  # noqa: E402
+except ImportError:  # attention runtime not present: per-document SDPA reference
+    varlen_attention = varlen_attention_ref

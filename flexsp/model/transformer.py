@@ -167,7 +167,7 @@ class Transformer(nn.Module):
                              f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
         cfg = self.config
         x = self.embed(input_ids)
-        cos, sin = L.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        cos, sin = L.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float32)
         for block in self.blocks:
             if cfg.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, attn_ctx, use_reentrant=False)
