@@ -32,13 +32,19 @@ STATIC_FILL = 0.9
 """Fraction of a group's token capacity the official static baseline fills per bin."""
 
 
+def usable_degrees(cm: CostModel) -> tuple[int, ...]:
+    """SP degrees some attention mode can run (Ulysses alone caps the degree at the head count)."""
+    return tuple(d for d in cm.degrees if cm.attention_modes(d))
+
+
 def check_lengths(lengths: Sequence[int], cm: CostModel, degree: int | None = None) -> np.ndarray:
-    """Lengths as an int array; ValueError for non-positive lengths or ones that cannot fit."""
+    """Lengths as an int array; ValueError for non-positive lengths or ones that cannot fit
+    ``degree`` (default: the largest usable degree) devices."""
     arr = np.asarray(lengths, dtype=np.int64).reshape(-1)
     if arr.size and arr.min() < 1:
         bad = [int(x) for x in arr[arr < 1][:5]]
         raise ValueError(f"sequence lengths must be >= 1, got {bad}")
-    limit_deg = degree or cm.num_devices
+    limit_deg = degree or max(usable_degrees(cm))
     limit = limit_deg * cm.capacity_tokens
     if arr.size and arr.max() > limit:
         bad = np.nonzero(arr > limit)[0][:5]
@@ -82,14 +88,15 @@ def static_plan(lengths: Sequence[int], cm: CostModel, degree: int | None = None
     """DeepSpeed-Ulysses-like static SP: one degree for every sequence (default N = all devices).
 
     As the official FlexSP code's "static" baseline: best-fit-decreasing packing into bins of
-    ``0.9 * C * degree`` tokens; with degree = N one bin is one micro-batch, with degree < N the
+    ``0.9 * C * degree`` tokens; with degree = N one bin is one micro-batch (the default degree is
+    the largest usable one: N, or the head count if Ulysses caps it), with degree < N the
     N/degree groups of a micro-batch take consecutive bins (BFD order). A sequence longer than
     the bin but within ``degree * C`` gets its own bin.
     """
     t0 = time.perf_counter()
-    degree = degree or cm.num_devices
-    if degree not in cm.degrees:
-        raise ValueError(f"degree must be a power of two in {cm.degrees}, got {degree}")
+    degree = degree or max(usable_degrees(cm))
+    if degree not in usable_degrees(cm):
+        raise ValueError(f"degree must be a power of two in {usable_degrees(cm)}, got {degree}")
     arr = check_lengths(lengths, cm, degree)
     cap = STATIC_FILL * cm.capacity_tokens * degree
     bins = best_fit_decreasing(arr, range(len(arr)), cap)
@@ -152,7 +159,7 @@ def best_homogeneous_plan(lengths: Sequence[int], cm: CostModel) -> Plan:
     arr = check_lengths(lengths, cm)
     lo = cm.min_degree(int(arr.max())) if arr.size else 1
     best, best_ms, best_deg = None, math.inf, lo
-    for degree in (d for d in cm.degrees if d >= lo):
+    for degree in (d for d in usable_degrees(cm) if d >= lo):
         for groups, times in _homogeneous_candidates(arr, cm, degree):
             load = [sum(float(times[i]) for i in g) for g in groups]
             ordered = [g for _, g in sorted(zip(load, groups), key=lambda t: -t[0])]

@@ -39,7 +39,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import lil_matrix
 
-from .baselines import check_lengths
+from .baselines import check_lengths, usable_degrees
 from .build import build_plan
 from .costmodel import CostModel
 from .plan import Plan
@@ -107,7 +107,7 @@ def _sp_options(lens: Sequence[int], cm: CostModel) -> list[int]:
     sp_max = max(min_sp)
     cnt_max = min_sp.count(sp_max)
     slots = []
-    for sp in (d for d in cm.degrees if d >= 2):
+    for sp in (d for d in usable_degrees(cm) if d >= 2):
         num = (n - sp_max * cnt_max) // sp if sp < sp_max else n // sp
         slots += [sp] * max(0, num)
     return slots
