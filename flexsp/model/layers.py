@@ -61,13 +61,13 @@ def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, labels:
 
 
 def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         cu_seqlens: torch.Tensor, causal: bool = True) -> torch.Tensor:
+                         cu_seqlens, causal: bool = True) -> torch.Tensor:
     """Attention within each packed document: ``q [T, H, D]``, ``k/v [T, Hkv, D]`` -> ``[T, H, D]``.
 
     A loop of per-document SDPA calls (the fastest exact option on CPU, see machine-notes); GQA via
     ``enable_gqa`` so k/v are never materialized per query head.
     """
-    bounds = cu_seqlens.tolist()
+    bounds = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:

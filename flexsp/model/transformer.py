@@ -30,8 +30,8 @@ from flexsp.model.loss import lm_loss
 class AttnContext:
     """How the attention of every layer runs for one forward pass."""
 
-    cu_seqlens: torch.Tensor | None = None
-    """Document boundaries of the local buffer (local path only): int ``[num_docs + 1]``."""
+    cu_seqlens: torch.Tensor | list[int] | None = None
+    """Document boundaries of the local buffer (local path only): ints ``[num_docs + 1]``."""
     meta: Any = None
     """Sharding meta returned by ``flexsp.attention.shard`` (SP path); None = local path."""
     group: Any = None
@@ -42,6 +42,9 @@ class AttnContext:
     def __post_init__(self) -> None:
         if self.meta is None and self.cu_seqlens is None:
             raise ValueError("AttnContext needs cu_seqlens (local attention) or meta (SP attention)")
+        # Boundaries as Python ints once per forward, not one device sync per layer.
+        self._cu_list = None if self.cu_seqlens is None else (
+            self.cu_seqlens.tolist() if torch.is_tensor(self.cu_seqlens) else list(self.cu_seqlens))
 
     @classmethod
     def local(cls, cu_seqlens: torch.Tensor) -> "AttnContext":
@@ -49,7 +52,7 @@ class AttnContext:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.meta is None:
-            return L.varlen_attention(q, k, v, self.cu_seqlens, causal=True)
+            return L.varlen_attention(q, k, v, self._cu_list, causal=True)
         from flexsp.attention import sp_attention  # teammate's runtime; imported only when used
         return sp_attention(q, k, v, self.meta, self.group, self.mode, causal=True)
 
