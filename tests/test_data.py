@@ -178,3 +178,14 @@ def test_data_config_and_build_source(tmp_path):
     (tmp_path / "a.txt").write_text("abc def")
     corpus = build_source(DataConfig(source="corpus", corpus=_cfg(tmp_path, [tmp_path / "a.txt"])))
     assert corpus.num_docs == 1
+
+
+def test_cli_builds_and_reports(tmp_path, capsys):
+    from flexsp.data.__main__ import main
+
+    (tmp_path / "a.txt").write_text("one two three")
+    main(["--paths", str(tmp_path / "a.txt"), "--tokenizer", "byte", "--cache-dir", str(tmp_path / "c")])
+    assert "1 documents, 14 tokens, vocab 257" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--paths", str(tmp_path / "missing")])
+    assert "missing does not exist" in capsys.readouterr().err

@@ -57,10 +57,6 @@ def collect_files(cfg: CorpusConfig) -> list[Path]:
     return files
 
 
-def _is_text(path: Path) -> bool:
-    return path.suffix.lower() not in (".jsonl", *PRETOKENIZED)
-
-
 def _iter_texts(path: Path) -> Iterator[str]:
     """Documents of a text or JSONL file."""
     if path.suffix.lower() != ".jsonl":
@@ -135,7 +131,7 @@ def _make_tokenizer(files: list[Path], cfg: CorpusConfig):
         return ByteTokenizer()
     if cfg.tokenizer != "bpe":
         return load_tokenizer(cfg.tokenizer)
-    text_files = [f for f in files if not f.suffix.lower() in PRETOKENIZED]
+    text_files = [f for f in files if f.suffix.lower() not in PRETOKENIZED]
     if not text_files:
         return None  # pre-tokenized only: nothing to train on, nothing to encode
 
