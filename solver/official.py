@@ -23,10 +23,16 @@ What differs from the original:
 - HiGHS (``scipy.optimize.milp``) instead of SCIP, with a short time limit per MILP (default 1 s,
   the official code uses 10 s), run one after another rather than in parallel processes.
 - No MILP warm start (scipy's milp has none): the official warm start is a balanced homogeneous
-  solution per SP size; we compute the same homogeneous solutions and keep the better of them and
-  the MILP's answer, which is what a warm-started solver returns at worst. If the MILP finds no
-  solution in time, that homogeneous fallback is used (the official code would add a micro-batch).
-- Symmetry breaking among equal-size slots (m[p] >= m[p+1]), which only speeds the search.
+  solution per SP size; we compute the same homogeneous solutions, bound M by the best of them
+  (only better solutions are sought) and keep the better of them and the MILP's answer, which is
+  what a warm-started solver returns at worst. If the MILP finds nothing better in time, that
+  homogeneous solution is used (the official code would add a micro-batch when SCIP finds none).
+  With time limits well under a second most micro-batches end there: the MILP needs ~1-10 s to
+  beat the homogeneous solution on micro-batches of 10-20 sequences.
+- Symmetry breaking among equal-size slots (m[p] >= m[p+1]) and memory-implied upper bounds on
+  A[k, p]; both only speed the search.
+- Slots use only the SP sizes some attention mode can run (``cm.attention_modes``; with the paper's
+  64 heads, all of 2..64).
 - Plans are priced by ``build.build_plan`` with real (unpadded) lengths, like every other planner.
 """
 from __future__ import annotations
