@@ -1,0 +1,225 @@
+"""Two-resource first-fit packing of sequences into SP groups inside micro-batches.
+
+The core move of the planner: given a load cap ``tau`` (ms of per-group work, the micro-batch time
+minus the overhead b), pack every sequence, longest-running first, into a group whose load and
+memory still have room, or open the cheapest new group (the smallest degree whose devices hold it
+and run it within ``tau``) in a micro-batch with free devices. Any multiset of power-of-two degrees
+that sums to <= N has an aligned layout (``build.layout_ranks``), so a micro-batch only tracks its
+free device count.
+
+Sequences that cannot run within ``tau`` at any degree ("giants") open a micro-batch of their own
+whose cap is the giant's time at the degree ``giant_policy`` picks; later sequences fill it up to
+that cap. ``pack`` is the feasibility test the planner bisects ``tau`` over.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .costmodel import CostModel
+
+
+class Workload:
+    """Per-sequence numbers the packer needs, precomputed once per batch.
+
+    ``time[k][i]`` is what sequence i adds to a group of degree ``degrees[k]`` (no overhead b).
+    """
+
+    def __init__(self, lengths, cm: CostModel):
+        self.cm = cm
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.degrees = cm.degrees
+        self.cap = cm.capacity_tokens
+        L = self.lengths.astype(np.float64)
+        self.time = np.stack([cm.seq_time_ms(L, d) for d in self.degrees])   # [degrees, n]
+        fits = self.lengths[None, :] <= np.array(self.degrees)[:, None] * self.cap
+        self.fits = fits
+        # device-ms of work at each degree (inf where memory does not allow that degree)
+        work = self.time * np.array(self.degrees, dtype=np.float64)[:, None]
+        self.work = np.where(fits, work, np.inf)
+        self.min_work = self.work.min(axis=0)
+        self.min_time = np.where(fits, self.time, np.inf).min(axis=0)
+
+
+@dataclass
+class Group:
+    sp: int
+    load: float = 0.0
+    tokens: int = 0
+    ids: list = field(default_factory=list)
+
+
+@dataclass
+class MicroBatch:
+    cap: float
+    free: int
+    groups: list = field(default_factory=list)
+
+    @property
+    def makespan(self) -> float:
+        return max((g.load for g in self.groups), default=0.0)
+
+
+def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1.0) -> list[MicroBatch] | None:
+    """First-fit-decreasing under load cap ``tau`` into at most ``max_mbs`` micro-batches.
+
+    Returns None if they do not suffice. Each sequence joins the open group with the least load
+    slack left that has room (best fit), else opens a group of the smallest degree that holds it
+    within a cap, in the fullest micro-batch with enough free devices, else in a new micro-batch.
+    giant_stretch: a sequence that exceeds ``tau`` at every degree opens a micro-batch of its own
+    at the smallest degree whose time is within ``giant_stretch * tau`` (leaving room for others
+    beside it), or else at the degree that minimises its time; that micro-batch's cap becomes the
+    giant's time. Vectorised over open groups with NumPy.
+    """
+    n_dev, cap, degrees = wl.cm.num_devices, wl.cap, wl.degrees
+    max_groups = max_mbs * n_dev
+    g_mb = np.zeros(max_groups, dtype=np.int64)
+    g_k = np.zeros(max_groups, dtype=np.int64)
+    g_load = np.zeros(max_groups)
+    g_tok = np.zeros(max_groups, dtype=np.int64)
+    g_captok = np.zeros(max_groups, dtype=np.int64)
+    mb_cap = np.zeros(max_mbs)
+    mb_free = np.zeros(max_mbs, dtype=np.int64)
+    members: list[list[int]] = []
+    ng = nm = 0
+    for i in order:
+        L = int(wl.lengths[i])
+        t = wl.time[:, i]
+        if ng:
+            add = t[g_k[:ng]]
+            slack = mb_cap[g_mb[:ng]] - g_load[:ng] - add
+            ok = (slack >= 0) & (g_tok[:ng] + L <= g_captok[:ng])
+            if ok.any():
+                j = int(np.argmin(np.where(ok, slack, np.inf)))
+                g_load[j] += add[j]
+                g_tok[j] += L
+                members[j].append(i)
+                continue
+        target = -1
+        feas = np.flatnonzero(wl.fits[:, i])
+        for k in feas:
+            room = (mb_free[:nm] >= degrees[k]) & (t[k] <= mb_cap[:nm])
+            if room.any():
+                target = int(np.argmin(np.where(room, mb_free[:nm], np.iinfo(np.int64).max)))
+                break
+        if target < 0:
+            if nm >= max_mbs:
+                return None
+            within = [k for k in feas if t[k] <= tau]
+            if within:
+                k, mb_cap[nm] = within[0], tau
+            else:  # a giant sets its own micro-batch's cap
+                stretched = [k for k in feas if t[k] <= giant_stretch * tau]
+                k = stretched[0] if stretched else int(feas[np.argmin(t[feas])])
+                mb_cap[nm] = t[k]
+            mb_free[nm] = n_dev
+            target, nm = nm, nm + 1
+        g_mb[ng], g_k[ng], g_load[ng], g_tok[ng], g_captok[ng] = target, k, t[k], L, degrees[k] * cap
+        mb_free[target] -= degrees[k]
+        members.append([i])
+        ng += 1
+    mbs = [MicroBatch(cap=float(mb_cap[j]), free=int(mb_free[j])) for j in range(nm)]
+    for j in range(ng):
+        mbs[g_mb[j]].groups.append(Group(degrees[g_k[j]], float(g_load[j]), int(g_tok[j]), members[j]))
+    return mbs
+
+
+def mbs_time(mbs: list[MicroBatch], b: float) -> float:
+    return sum(mb.makespan + b for mb in mbs if mb.groups)
+
+
+def pack_micro_batch(wl: Workload, ids, tau: float, min_sp: int = 1,
+                     forced: dict | None = None) -> list[Group] | None:
+    """Pack the sequences ``ids`` (longest-running first) into groups of one micro-batch so that
+    no group's load exceeds ``tau``; None when they need more than N devices.
+
+    Vectorised over open groups: best fit on load slack among groups with room. New groups get
+    the smallest degree >= ``min_sp`` that holds the sequence within ``tau`` (a larger ``min_sp``
+    pools memory of several devices, which packs memory-bound batches tighter at some comm cost).
+    ``forced`` maps a sequence id to the degree index its own new group must have (the MILP's
+    choice for long sequences).
+    """
+    n_dev, cap = wl.cm.num_devices, wl.cap
+    nk = len(wl.degrees)
+    g_k = np.zeros(n_dev, dtype=np.int64)        # degree index of each open group
+    g_load = np.zeros(n_dev)
+    g_tok = np.zeros(n_dev, dtype=np.int64)
+    g_captok = np.zeros(n_dev, dtype=np.int64)
+    members: list[list[int]] = []
+    ng, free = 0, n_dev
+    k_floor = min_sp.bit_length() - 1
+    for i in ids:
+        L = int(wl.lengths[i])
+        t = wl.time[:, i]
+        if forced and i in forced:
+            k = forced[i]
+            sp = wl.degrees[k]
+            if sp > free or t[k] > tau:
+                return None
+            g_k[ng], g_load[ng], g_tok[ng], g_captok[ng] = k, t[k], L, sp * cap
+            members.append([i])
+            ng += 1
+            free -= sp
+            continue
+        if ng:
+            add = t[g_k[:ng]]
+            slack = tau - g_load[:ng] - add
+            ok = (slack >= 0) & (g_tok[:ng] + L <= g_captok[:ng])
+            if ok.any():
+                j = int(np.argmin(np.where(ok, slack, np.inf)))
+                g_load[j] += add[j]
+                g_tok[j] += L
+                members[j].append(i)
+                continue
+        for k in range(k_floor, nk):
+            sp = wl.degrees[k]
+            if sp > free:
+                return None
+            if wl.fits[k, i] and t[k] <= tau:
+                g_k[ng], g_load[ng], g_tok[ng], g_captok[ng] = k, t[k], L, sp * cap
+                members.append([i])
+                ng += 1
+                free -= sp
+                break
+        else:
+            return None
+    return [Group(wl.degrees[g_k[j]], float(g_load[j]), int(g_tok[j]), members[j]) for j in range(ng)]
+
+
+def solve_micro_batch(wl: Workload, ids, deadline: float, rel_tol: float = 1e-3, forced: dict | None = None):
+    """Smallest-makespan packing of one micro-batch: bisect the cap for each ``min_sp``.
+
+    Returns (makespan, groups) or None when the sequences cannot share one micro-batch.
+    """
+    import time as _time
+    forced = forced or {}
+    key = lambda i: (-(wl.time[forced[i], i] if i in forced else wl.min_time[i]), i)  # noqa: E731
+    ids = sorted(ids, key=key)
+    n = wl.cm.num_devices
+    lo0 = max([float(wl.min_time[ids].max()), float(wl.min_work[ids].sum()) / n]
+              + [float(wl.time[k, i]) for i, k in forced.items()])
+    best = None
+    for min_sp in (1, 2, 4, 8):
+        if min_sp > min(n, wl.cm.devices_per_node) or (best is not None and _time.perf_counter() > deadline):
+            break
+        lo, hi = lo0 * (1 - 1e-9), lo0
+        groups = pack_micro_batch(wl, ids, hi, min_sp, forced)
+        while groups is None and hi < 1e12:
+            lo, hi = hi, hi * 1.25
+            groups = pack_micro_batch(wl, ids, hi, min_sp, forced)
+        if groups is None:
+            continue
+        if best is not None and lo >= best[0]:
+            continue
+        while hi - lo > rel_tol * hi:
+            mid = 0.5 * (lo + hi)
+            g = pack_micro_batch(wl, ids, mid, min_sp, forced)
+            if g is None:
+                lo = mid
+            else:
+                hi, groups = mid, g
+        span = max(g.load for g in groups)
+        if best is None or span < best[0]:
+            best = (span, groups)
+    return best

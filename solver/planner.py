@@ -1,0 +1,188 @@
+"""The FlexSP planner: one global batch in, the fastest valid plan we can find in a time box out.
+
+Method (all under the cost model of ``costmodel.py``):
+
+1. Lower bound. Any plan with m micro-batches costs at least ``m * b`` (one overhead per
+   micro-batch) plus the least device-work of every sequence spread over all N devices; m is at
+   least ``ceil(total tokens / (N * C))``. Every reported gap is against this bound.
+2. Search. For each candidate micro-batch count m (from the memory minimum upward, stopping when
+   the bound of m exceeds the best plan found), bisect the per-micro-batch load cap ``tau`` with
+   the two-resource first-fit of ``packing.py``: the smallest ``tau`` at which every sequence fits
+   in m micro-batches. Micro-batches are balanced against each other by construction (one common
+   cap), which the official planner, optimising each micro-batch alone, does not do.
+3. Polish. Each micro-batch is re-solved alone: a MILP (HiGHS) re-assigns its sequences to its
+   groups to minimise the slowest group, warm-started from the packing and time-boxed.
+4. Time box. The best plan so far is always valid, so running out of time returns it
+   (status "feasible"); a batch no search could place falls back to the greedy packing at the
+   largest cap. Everything is deterministic: ties break on sequence index.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from .build import build_plan
+from .costmodel import CostModel
+from .packing import MicroBatch, Workload, mbs_time, pack, solve_micro_batch
+from .plan import Plan
+
+
+class PlanningError(ValueError):
+    """The batch cannot be planned on this cluster (e.g. a sequence longer than it can hold)."""
+
+
+def check_lengths(lengths: Sequence[int], cm: CostModel) -> np.ndarray:
+    """Validated integer lengths; PlanningError naming the offending sequences otherwise."""
+    arr = np.asarray(lengths)
+    if arr.ndim != 1 or arr.size == 0:
+        raise PlanningError("the batch is empty: give at least one sequence length")
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise PlanningError("sequence lengths must be whole numbers")
+        arr = arr.astype(np.int64)
+    bad = np.flatnonzero(arr < 1)
+    if bad.size:
+        raise PlanningError(f"sequence lengths must be >= 1: ids {bad[:5].tolist()} have {arr[bad[:5]].tolist()}")
+    limit = cm.num_devices * cm.capacity_tokens
+    over = np.flatnonzero(arr > limit)
+    if over.size:
+        raise PlanningError(
+            f"{over.size} sequence(s) longer than the whole cluster holds ({cm.num_devices} devices x "
+            f"{cm.capacity_tokens} tokens = {limit}): ids {over[:5].tolist()} with lengths "
+            f"{arr[over[:5]].tolist()}; drop or split them, or plan with more devices/memory")
+    return arr.astype(np.int64)
+
+
+def min_micro_batches(wl: Workload) -> int:
+    cm = wl.cm
+    return max(1, math.ceil(int(wl.lengths.sum()) / (cm.num_devices * cm.capacity_tokens)))
+
+
+def lower_bound_ms(lengths: Sequence[int], cm: CostModel) -> float:
+    """A bound no valid plan beats: m_min * b + max(total least work / N, slowest single sequence)."""
+    wl = Workload(check_lengths(lengths, cm), cm)
+    return _lower_bound(wl, min_micro_batches(wl))
+
+
+def _lower_bound(wl: Workload, m: int) -> float:
+    work = float(wl.min_work.sum()) / wl.cm.num_devices
+    return m * wl.cm.b + max(work, float(wl.min_time.max()))
+
+
+def _bisect_tau(wl: Workload, order, m: int, stretch: float, deadline: float, rel_tol: float = 2e-3):
+    """Smallest load cap (to rel_tol) at which ``pack`` fits the batch in m micro-batches."""
+    n = wl.cm.num_devices
+    lo = max(float(wl.min_work.sum()) / (n * m), 1e-9)
+    # any sequence alone is at most its time at its smallest fitting degree
+    hi = lo
+    best = None
+    while time.perf_counter() < deadline:
+        mbs = pack(wl, order, hi, m, stretch)
+        if mbs is not None:
+            best = (hi, mbs)
+            break
+        lo, hi = hi, hi * 1.5
+        if hi > 1e12:
+            return None
+    if best is None:
+        return None
+    while hi - lo > rel_tol * hi and time.perf_counter() < deadline:
+        mid = 0.5 * (lo + hi)
+        mbs = pack(wl, order, mid, m, stretch)
+        if mbs is None:
+            lo = mid
+        else:
+            hi, best = mid, (mid, mbs)
+    return best
+
+
+def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0,
+               max_extra_micro_batches: int = 3, rebalance_rounds: int = 2) -> Plan:
+    """Plan one global batch: the fastest valid plan the search finds.
+
+    The search is a fixed amount of work, so the same input gives the same plan on every rank;
+    ``time_limit`` (seconds) is a safety net that cuts it short on a slow machine (status
+    "time_limit": still valid, possibly not reproducible across machines).
+    """
+    start = time.perf_counter()
+    deadline = start + time_limit
+    wl = Workload(check_lengths(lengths, cm), cm)
+    m0 = min_micro_batches(wl)
+    order = _order(wl, range(len(wl.lengths)))
+    best_cost, best_mbs, tried = math.inf, None, []
+    for m in range(m0, m0 + max_extra_micro_batches + 1):
+        if _lower_bound(wl, m) >= best_cost or time.perf_counter() > deadline:
+            break
+        for stretch in (1.0, 2.0, 4.0, math.inf):
+            found = _bisect_tau(wl, order, m, stretch, deadline)
+            if found is None:
+                break
+            tau, mbs = found
+            cost = mbs_time(mbs, cm.b)
+            tried.append({"micro_batches": m, "stretch": stretch, "tau": round(tau, 3), "ms": round(cost, 3)})
+            if cost < best_cost - 1e-9:
+                best_cost, best_mbs = cost, mbs
+            if tau >= float(wl.min_time.max()):
+                break  # no giant at this cap: other stretches give the same packing
+    status = "feasible"
+    if best_mbs is None:  # nothing found in time: one generous first-fit always succeeds
+        best_mbs = pack(wl, order, float(wl.min_time.max()) + 1.0, len(wl.lengths), 1.0)
+        status = "fallback"
+    groups = [[(g.sp, list(g.ids)) for g in mb.groups] for mb in best_mbs if mb.groups]
+    groups = _rebalance(wl, groups, rebalance_rounds, deadline)
+    groups = _polish(wl, groups, deadline)
+    if status != "fallback" and time.perf_counter() > deadline:
+        status = "time_limit"
+    return build_plan(groups, wl.lengths.tolist(), cm, method="flexsp", lower_bound_ms=_lower_bound(wl, m0),
+                      solve_seconds=time.perf_counter() - start, status=status, extra={"tried": tried[:20]})
+
+
+def _order(wl: Workload, ids) -> list[int]:
+    """Longest-running first (time at the least-work degree), ties by index."""
+    return sorted(ids, key=lambda i: (-wl.min_time[i], i))
+
+
+def _mb_time(wl: Workload, mb) -> float:
+    return max(wl.time[sp.bit_length() - 1, ids].sum() for sp, ids in mb) + wl.cm.b
+
+
+def _rebalance(wl: Workload, mbs: list, rounds: int, deadline: float) -> list:
+    """Large-neighbourhood search: re-plan the slowest micro-batch together with each other one
+    (fastest first) as a two-micro-batch problem; keep the pair's new split if it is faster."""
+    times = [_mb_time(wl, mb) for mb in mbs]
+    for _ in range(rounds):
+        improved = False
+        slow = int(np.argmax(times))
+        for other in sorted(range(len(mbs)), key=lambda j: (times[j], j)):
+            if other == slow or time.perf_counter() > deadline:
+                continue
+            ids = [i for _, g in mbs[slow] for i in g] + [i for _, g in mbs[other] for i in g]
+            found = _bisect_tau(wl, _order(wl, ids), 2, 1.0, deadline)
+            if found is None:
+                continue
+            new = [[(g.sp, list(g.ids)) for g in mb.groups] for mb in found[1] if mb.groups]
+            new_times = [_mb_time(wl, mb) for mb in new]
+            if len(new) == 2 and sum(new_times) < times[slow] + times[other] - 1e-6:
+                mbs[slow], mbs[other] = new
+                times[slow], times[other] = new_times
+                improved = True
+                slow = int(np.argmax(times))
+        if not improved:
+            break
+    return mbs
+
+
+def _polish(wl: Workload, mbs: list, deadline: float) -> list:
+    """Re-pack each micro-batch alone (its own cap, memory pooled in larger groups if that is
+    faster), slowest first, while time remains; keep whichever is faster."""
+    out = []
+    for mb in sorted(mbs, key=lambda mb: -_mb_time(wl, mb)):
+        if time.perf_counter() < deadline:
+            found = solve_micro_batch(wl, [i for _, g in mb for i in g], deadline)
+            if found is not None and found[0] + wl.cm.b < _mb_time(wl, mb) - 1e-9:
+                mb = [(g.sp, g.ids) for g in found[1]]
+        out.append(mb)
+    return out
