@@ -87,7 +87,13 @@ def split_degree(mode: str, degree: int, heads: int | None = None,
 
 
 def _layout(cu: list[int], d: int, r: int):
-    """Per group rank, the list of global indices (-1 = padding) and (doc, pos) per token."""
+    """Every group rank's tokens, built with tensor ops (no per-token Python loop).
+
+    Returns ``(index, doc, pos, padded)``: ``index``/``doc``/``pos`` are CPU int64 tensors of
+    shape ``[d, tokens_local]`` (row ``g`` = group rank ``g``): the global index of each token
+    (-1 = padding), its document and its position inside the (padded) document; ``padded``
+    lists the padded document lengths (plus the trailing padding document, if any).
+    """
     lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
     if any(n < 0 for n in lens) or cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu}")
@@ -95,45 +101,51 @@ def _layout(cu: list[int], d: int, r: int):
     padded = [-(-n // m) * m for n in lens]
     unit = m * d // math.gcd(m, d)
     tail = -(-sum(padded) // unit) * unit - sum(padded)
-    docs = list(zip(cu[:-1], lens, padded))
+    starts, real = list(cu[:-1]), list(lens)
     if tail:
-        docs.append((0, 0, tail))
+        starts.append(0)
+        real.append(0)
         padded.append(tail)
-    slots = [[] for _ in range(r)]                    # entries: (global idx, doc, pos)
-    for i, (start, n, p) in enumerate(docs):
-        c = p // m
-        for j in range(r):
-            chunks = (j, 2 * r - 1 - j) if r > 1 else (0,)
-            for ch in chunks:
-                slots[j].extend((start + t if t < n else -1, i, t)
-                                for t in range(ch * c, (ch + 1) * c))
+    lng = dict(dtype=torch.long)
+    start, n = torch.tensor(starts, **lng), torch.tensor(real, **lng)
+    c = torch.tensor(padded, **lng) // m                 # chunk length per document
+    piece = c * (2 if r > 1 else 1)                      # rows per document in every slot
+    slot_len = int(piece.sum())
+    # Every slot has the same document structure: rows [off_i, off_i + piece_i) hold doc i.
+    doc = torch.repeat_interleave(torch.arange(len(padded), **lng), piece, output_size=slot_len)
+    off = torch.cumsum(piece, 0) - piece
+    o = torch.arange(slot_len, **lng) - off[doc]         # offset inside the doc's piece
+    cd = c[doc]
+    if r > 1:   # slot j: first c rows = chunk j (head), next c rows = chunk 2r-1-j (tail)
+        j = torch.arange(r, **lng).unsqueeze(1)
+        first = o < cd
+        pos = torch.where(first, j * cd + o, (2 * r - 1 - j) * cd + (o - cd))   # [r, slot_len]
+    else:
+        pos = o.unsqueeze(0)
+    index = torch.where(pos < n[doc], start[doc] + pos, torch.full_like(pos, -1))
     u = d // r
-    per = len(slots[0]) // u
-    ranks = [slots[j][i * per:(i + 1) * per] for j in range(r) for i in range(u)]
-    return ranks, padded
+    shape = (d, slot_len // u)          # slot j's rows split contiguously over its u ranks
+    return (index.reshape(shape), doc.expand_as(pos).reshape(shape), pos.reshape(shape),
+            padded)
 
 
 def make_meta(cu_seqlens, group, mode, *, heads=None, ulysses_degree=None, device=None):
     cu = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else [int(c) for c in cu_seqlens]
     d, g = group_size(group), group_rank(group)
     r, u = split_degree(mode, d, heads, ulysses_degree)
-    ranks, padded = _layout(cu, d, r)
-    mine = ranks[g]
-    runs, prev = [0], None
-    for k, (_, doc, pos) in enumerate(mine):
-        if prev is not None and (doc, pos) != (prev[0], prev[1] + 1):
-            runs.append(k)
-        prev = (doc, pos)
-    if mine:
-        runs.append(len(mine))
-    t = lambda col: torch.tensor([e[col] for e in mine], dtype=torch.long, device=device)  # noqa: E731
-    index = t(0)
+    index_all, doc_all, pos_all, padded = _layout(cu, d, r)
+    index, doc, pos = index_all[g], doc_all[g], pos_all[g]
+    # runs of consecutive positions of one document -> local cu_seqlens
+    brk = (doc[1:] != doc[:-1]) | (pos[1:] != pos[:-1] + 1)
+    runs = [0] + (brk.nonzero().squeeze(1) + 1).tolist() + ([len(index)] if len(index) else [])
+    def dev(x):   # own storage (not a view of every rank's layout), on ``device``
+        return x.clone() if device is None or torch.device(device) == x.device else x.to(device)
+    index = dev(index)
     return ShardMeta(mode=mode, degree=d, ring_degree=r, ulysses_degree=u, rank=g,
                      num_tokens=cu[-1], cu_seqlens=tuple(cu), padded_seqlens=tuple(padded),
-                     tokens_local=len(mine), local_cu_seqlens=tuple(runs), index=index,
-                     all_index=torch.tensor([e[0] for rk in ranks for e in rk], dtype=torch.long,
-                                            device=device),
-                     valid_mask=index >= 0, position_ids=t(2), doc_ids=t(1))
+                     tokens_local=len(index), local_cu_seqlens=tuple(runs), index=index,
+                     all_index=dev(index_all.reshape(-1)), valid_mask=index >= 0,
+                     position_ids=dev(pos), doc_ids=dev(doc))
 
 
 def shard(x, cu_seqlens, group, mode, *, heads=None, ulysses_degree=None, pad_value=0,
