@@ -13,13 +13,15 @@ A few plans are cross-checked with the independent judge ``shared/tools/check_pl
     .venv/bin/python benchmarks/plan_quality.py --quick
     .venv/bin/python benchmarks/plan_quality.py                 # full grid, a few minutes on 2 cores
 
-Writes ``benchmarks/results/plan_quality[_quick].md`` (tables, command, machine, date) and a plot.
+Writes ``benchmarks/results/plan_quality[_quick].md`` (tables, command, machine, date), a plot
+(``.png``) and the raw rows (``.json``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
+import json
 import math
 import os
 import platform
@@ -247,15 +249,16 @@ def plot(rows, args, methods, path):
     ref = "ours" if have_ours else "official"
     others = [m for m in methods if m != ref]
     keys = [(d, p) for d in args.dists for p in args.presets if any(r["dist"] == d and r["preset"] == p for r in main)]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(keys) * len(others) / 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.42 * len(keys) + 1.5), 4.2))
     w = 0.8 / max(1, len(others))
     for j, m in enumerate(others):
         ys = [_gmean([r[m] / r[ref] for r in main if r["dist"] == d and r["preset"] == p and r.get(m) and r.get(ref)])
               for d, p in keys]
         ax.bar(np.arange(len(keys)) + j * w, ys, w, label=f"vs {LABELS[m]}")
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(np.arange(len(keys)) + 0.4 - w / 2)
-    ax.set_xticklabels([f"{d}\n{p.removeprefix('paper-')}" for d, p in keys], rotation=60, fontsize=7)
+    ax.set_xticks(np.arange(len(keys)) + w * (len(others) - 1) / 2)
+    ax.set_xticklabels([f"{d} {p.removeprefix('paper-')}" for d, p in keys], rotation=70, ha="right", fontsize=7)
+    ax.set_ylim(0.8, None)
     ax.set_ylabel(f"speedup of {LABELS[ref]}")
     ax.set_title(f"Predicted iteration-time speedup, {args.batch} seqs on 64 devices")
     ax.legend(fontsize=7)
@@ -320,6 +323,7 @@ def main(argv=None):
     png = out.with_suffix(".png")
     plot(rows, args, methods, png)
     out.write_text(text + f"\n![speedups]({png.name})\n")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=float) + "\n")
     print(text)
     print(f"wrote {out} and {png}")
 
