@@ -1,0 +1,68 @@
+"""``flexsp-profile``: measure this machine and model, write a calibrated cost model.
+
+Why: the planner is only as good as its cost model; hand constants (or the paper's GPU numbers)
+say nothing about the hardware at hand. The profiler times real micro-batches of the training
+code path (executor + engine) on every rank at once, fits the CostModel's terms (a1, a2, b by
+NNLS on relative error; effective Ulysses / ring bandwidth per degree), measures raw link latency
+and bandwidth and activation memory per token (CUDA allocator statistics, or an honest CPU
+estimate from the tensors saved for backward), then validates the model on held-out long-tailed
+global batches (every micro-batch and the whole step, predicted vs measured).
+
+Outputs in ``output_dir``: ``<name>.json`` (a CostModel: ``flexsp-plan --cost-model FILE`` and
+``solver.cost_model=FILE`` in training read it), ``<name>.report.json`` (raw timings, fits,
+validation), ``<name>.md`` (summary tables) and ``<name>.png`` (measured vs fitted).
+
+Usage::
+
+    flexsp-profile                                   # 2 spawned gloo ranks, tiny model
+    flexsp-profile world_size=4 name=cpu4 output_dir=benchmarks/results
+    torchrun --nproc_per_node 4 -m flexsp.profile    # reuse a launcher's world
+
+Config: ``configs/profile.yaml`` (fields documented in :class:`ProfileConfig`).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+from pathlib import Path
+
+from flexsp.profile.config import ProfileConfig
+
+__all__ = ["ProfileConfig", "main", "profile"]
+
+
+def profile(cfg: ProfileConfig | dict, cmd: str = "") -> dict | None:
+    """Run the profile; on rank 0 (or the spawning process) write the outputs and return
+    ``{"raw": ..., "paths": ...}``; other torchrun ranks return None."""
+    from dataclasses import asdict
+
+    from flexsp.profile.launch import run_ranks
+    from flexsp.profile.measure import rank_body
+    from flexsp.profile.report import summary_lines, write_outputs
+
+    if isinstance(cfg, dict):
+        cfg = ProfileConfig.from_dict(cfg)
+    results = run_ranks(rank_body, cfg.world_size, asdict(cfg), cfg.threads_per_rank, cfg.timeout_s)
+    raw = results[0]
+    if raw is None:
+        return None
+    raw["date"] = _dt.datetime.now().isoformat(timespec="seconds")
+    raw["command"] = cmd
+    paths = write_outputs(raw, Path(cfg.output_dir), cfg.name, cfg.plot, cmd)
+    print("\n".join(summary_lines(raw, cmd)), flush=True)
+    print(f"[flexsp-profile] wrote {', '.join(str(p) for p in paths.values())}", flush=True)
+    return {"raw": raw, "paths": paths}
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import OmegaConf
+
+    config_dir = str(Path(__file__).resolve().parents[2] / "configs")
+    cmd = " ".join(["flexsp-profile", *sys.argv[1:]])
+
+    @hydra.main(config_path=config_dir, config_name="profile", version_base="1.3")
+    def _app(cfg):
+        profile(OmegaConf.to_container(cfg, resolve=True), cmd)
+
+    _app()

@@ -1,0 +1,132 @@
+"""Write the profiler's outputs: cost model JSON, raw+fit JSON, a markdown summary, a plot."""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+
+def _shape(lengths) -> str:
+    lens = list(lengths)
+    if len(set(lens)) == 1:
+        return f"{len(lens)}x{lens[0]}" if len(lens) > 1 else str(lens[0])
+    return "+".join(str(x) for x in lens[:6]) + ("..." if len(lens) > 6 else "")
+
+
+def _table(header, rows) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def error_stats(rows, kind: str) -> tuple[float, float, int]:
+    errs = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in rows if r["kind"] == kind]
+    if not errs:
+        return float("nan"), float("nan"), 0
+    return float(np.median(errs)), float(np.max(errs)), len(errs)
+
+
+def summary_lines(raw: dict, cmd: str = "") -> list[str]:
+    from solver.costmodel import CostModel
+    cm = CostModel.from_dict(raw["cost_model"])
+    fit = raw["fit"]
+    c = fit["compute"]
+    lines = [f"# flexsp-profile: {cm.name}", ""]
+    if cmd:
+        lines += [f"Command: `{cmd}`", ""]
+    lines += [f"Machine: {platform.node() or '?'} {platform.machine()}, {raw['device']} ({raw['backend']}), "
+              f"{raw['world_size']} rank(s), {raw['threads_per_rank']} thread(s)/rank; model {raw['model']} "
+              f"{raw['model_config']} ({raw['num_params'] / 1e6:.2f}M params). Date: {raw.get('date', '?')}. "
+              f"CPUs: {raw.get('cpu_count')}; load average (1/5/15 min) at start {raw.get('loadavg_start')}, "
+              f"after the fit {raw.get('loadavg_end_of_fit')} (other work on the machine inflates timings).", "",
+              "## Compute fit (degree 1, every rank busy)", "",
+              f"time = a1 * sum L^2 + a2 * sum L + b: **a1 = {c['a1']:.4e} ms/token^2, a2 = {c['a2']:.4e} ms/token, "
+              f"b = {c['b']:.3f} ms**; relative fit error median {c['median_abs_rel_err']:.1%}, "
+              f"max {c['max_abs_rel_err']:.1%}.", ""]
+    rows = []
+    for (L, ms), e in zip(raw["compute"], c["rel_errors"]):
+        rows.append((_shape(L), sum(L), f"{ms:.1f}", f"{ms * (1 + e):.1f}", f"{e:+.1%}"))
+    lines += _table(["docs", "tokens", "measured ms", "fitted ms", "error"], rows)
+    if fit["comm"]:
+        lines += ["", "## Communication (effective, from timed SP micro-batches)", ""]
+        rows = [(k.split(":")[0], k.split(":")[1], f"{v['ms_per_token'] * 1e3:.3f}", f"{v['effective_gbps']:.3g}",
+                 f"{v['max_abs_rel_err']:.1%}") for k, v in fit["comm"].items()]
+        lines += _table(["mode", "degree", "us per token", "effective GB/s", "max rel err"], rows)
+    if fit["links"]:
+        lines += ["", "## Link micro-benchmarks (all groups of a degree at once)", ""]
+        rows = [(k.split(":")[0], k.split(":")[1], f"{v['latency_ms']:.3f}", f"{v['gbps']:.3g}")
+                for k, v in fit["links"].items()]
+        lines += _table(["kind", "degree", "latency ms", "GB/s"], rows)
+    act = raw["activation"]
+    lines += ["", f"Activation memory: {act['bytes_per_token'] / 2**10:.2f} KiB per token ({act['method']}); "
+              f"points {act['points']}. Capacity: {cm.capacity_tokens} tokens per device "
+              f"({'override' if cm.capacity_override else f'{cm.memory_mb:.0f} MB'}).",
+              f"Optimizer step: {raw['optimizer_ms']:.1f} ms per step (outside the CostModel's per-group form; "
+              f"added to predicted step times below).", ""]
+    val = raw.get("validation") or []
+    if val:
+        lines += ["## Validation on held-out long-tailed batches", ""]
+        for kind in ("micro-batch", "step"):
+            med, mx, n = error_stats(val, kind)
+            lines.append(f"- {kind}: median |error| {med:.1%}, max {mx:.1%} over {n}")
+        lines.append("")
+        rows = [(r["batch"], r["method"], r["kind"], r["groups"], f"{r['predicted_ms']:.1f}", f"{r['measured_ms']:.1f}",
+                 f"{(r['predicted_ms'] - r['measured_ms']) / r['measured_ms']:+.1%}") for r in val]
+        lines += _table(["batch", "plan", "kind", "groups", "predicted ms", "measured ms", "error"], rows)
+    lines += ["", f"Source: {cm.source}", ""]
+    return lines
+
+
+def plot(raw: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fit = raw["fit"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax = axes[0]
+    c = fit["compute"]
+    for label, rows, errs, marker in [("degree 1", raw["compute"], c["rel_errors"], "o")] + [
+            (k, raw["comm"][k], v["rel_errors"], "s") for k, v in fit["comm"].items()]:
+        x = [sum(L) for L, _ in rows]
+        y = [ms for _, ms in rows]
+        p = ax.scatter(x, y, marker=marker, label=f"{label} measured")
+        ax.scatter(x, [m * (1 + e) for m, e in zip(y, errs)], marker="x", color=p.get_facecolor()[0])
+    ax.set_xlabel("tokens in the micro-batch")
+    ax.set_ylabel("ms (o/s measured, x fitted)")
+    ax.set_title("micro-batch time: measured vs fitted")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    val = raw.get("validation") or []
+    for kind, m in (("micro-batch", "o"), ("step", "s")):
+        pts = [(r["measured_ms"], r["predicted_ms"]) for r in val if r["kind"] == kind]
+        if pts:
+            ax.scatter(*zip(*pts), marker=m, label=kind)
+    if val:
+        hi = max(max(r["measured_ms"], r["predicted_ms"]) for r in val) * 1.05
+        ax.plot([0, hi], [0, hi], "k--", lw=0.8)
+        ax.plot([0, hi], [0, 1.1 * hi], ":", color="grey", lw=0.8)
+        ax.plot([0, hi], [0, 0.9 * hi], ":", color="grey", lw=0.8)
+        ax.legend()
+    ax.set_xlabel("measured ms")
+    ax.set_ylabel("predicted ms")
+    ax.set_title("held-out validation (dotted: +-10%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(raw: dict, out_dir: Path, name: str, make_plot: bool = True, cmd: str = "") -> dict:
+    from solver.costmodel import CostModel
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"cost_model": out_dir / f"{name}.json", "report": out_dir / f"{name}.report.json",
+             "summary": out_dir / f"{name}.md"}
+    CostModel.from_dict(raw["cost_model"]).save(paths["cost_model"])
+    paths["report"].write_text(json.dumps(raw, indent=1, default=float) + "\n")
+    lines = summary_lines(raw, cmd)
+    paths["summary"].write_text("\n".join(lines))
+    if make_plot:
+        paths["plot"] = out_dir / f"{name}.png"
+        plot(raw, paths["plot"])
+    return paths
