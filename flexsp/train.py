@@ -160,12 +160,38 @@ def _init_world(parallel: ParallelConfig):
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None and not dist.is_initialized():
+        _init_elastic(parallel.backend, int(restart))
     rank, world, device = init_distributed(parallel.backend)
     if parallel.world_size and parallel.world_size != world:
         raise ValueError(f"parallel.world_size={parallel.world_size} but the launcher started {world} "
                          f"ranks; start {parallel.world_size} ranks (e.g. torchrun --nproc_per_node "
                          f"{parallel.world_size}) or set parallel.world_size=0")
     return rank, world, device
+
+
+def _init_elastic(backend: str | None, attempt: int) -> None:
+    """Default group under torchrun, keyed by the restart attempt.
+
+    Measured with torch 2.13 + gloo: after an elastic restart the workers reuse the agent's store,
+    and the gloo rendezvous of the new attempt read the dead attempt's addresses ("Connection
+    refused" in connectFullMesh). Prefixing every key with the attempt number isolates attempts.
+    """
+    import datetime
+
+    from flexsp.distributed import default_backend
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    timeout = datetime.timedelta(seconds=600)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=(not agent_store and rank == 0), timeout=timeout,
+                          multi_tenant=not agent_store)
+    store = dist.PrefixStore(f"flexsp/attempt_{attempt}", store)
+    if os.environ.get("LOCAL_RANK") is not None and (backend or default_backend()) == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend=backend or default_backend(), store=store, rank=rank,
+                            world_size=world, timeout=timeout)
 
 
 def _build_source(data_cfg, rank: int):
