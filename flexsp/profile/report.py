@@ -127,6 +127,9 @@ def write_outputs(raw: dict, out_dir: Path, name: str, make_plot: bool = True, c
     lines = summary_lines(raw, cmd)
     paths["summary"].write_text("\n".join(lines))
     if make_plot:
-        paths["plot"] = out_dir / f"{name}.png"
-        plot(raw, paths["plot"])
+        try:
+            plot(raw, out_dir / f"{name}.png")
+            paths["plot"] = out_dir / f"{name}.png"
+        except ImportError as exc:  # matplotlib missing: the tables still hold everything
+            print(f"[flexsp-profile] no plot: {exc}", flush=True)
     return paths
