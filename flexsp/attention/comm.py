@@ -78,6 +78,11 @@ def ring_send_recv(x, send_to: int, recv_from: int, group, tag: int = 0):
     """Start sending ``x`` to global rank ``send_to`` and receiving a tensor of the same shape
     from ``recv_from`` (``batch_isend_irecv``). Returns ``(recv_buffer, requests)``; call
     :func:`wait` on the requests before reading the buffer.
+
+    Returns without waiting, on any backend. On NCCL the two ops are one grouped launch on
+    the communicator's own stream (no send/recv ordering deadlock when ``send_to ==
+    recv_from``), and :func:`wait` only orders the caller's current stream after them, so
+    kernels launched between this call and :func:`wait` overlap the transfer.
     """
     x = x.contiguous()
     buf = torch.empty_like(x)
@@ -87,5 +92,7 @@ def ring_send_recv(x, send_to: int, recv_from: int, group, tag: int = 0):
 
 
 def wait(reqs) -> None:
+    """Wait for :func:`ring_send_recv`'s requests (NCCL: a stream dependency, not a host
+    block; gloo/MPI: blocks the host until the transfer is done)."""
     for r in reqs:
         r.wait()

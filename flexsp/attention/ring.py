@@ -18,6 +18,31 @@ it belongs to, arriving back at its owner after ``r`` hops.
 
 ``u > 1`` (hybrid): ring ranks are ``u`` apart in the group; this module only sees its own
 ring (peers are given as global ranks).
+
+Overlap of communication with compute. Every step first *issues* the transfer of the next
+block (``ring_send_recv``: ``batch_isend_irecv``, which returns at once with async work
+handles), then launches this step's attention kernel on the block already held, and only
+then waits. On NCCL the P2P ops run on the process group's internal NCCL stream, ordered
+after the work already queued on the current stream (so the send buffer is ready), and
+``work.wait()`` does not block the host: it makes the *current* stream wait for the NCCL
+stream. So the transfer of block ``s+1`` runs concurrently with block ``s``'s kernel, and the
+first dependency on the received buffer is the next step's kernel. Nothing in the loop
+synchronises the host with the device (no ``.item()``, ``.tolist()``, ``synchronize`` or
+``barrier``; cu_seqlens are Python ints, flex block masks are cached per cu_seqlens). A
+buffer still in flight is not recycled by the caching allocator: the process group keeps its
+tensors alive until the work is waited on (record_stream or stashing, depending on
+``TORCH_NCCL_AVOID_RECORD_STREAMS``), and every request here is waited on before its buffers
+are dropped. In the backward the same holds for the dk/dv accumulator: it is
+sent right after its block's gradients are added, and received (waited for) only after the
+next block's backward kernel has been launched. On gloo the same code overlaps through
+gloo's background threads (``wait`` blocks the host, after the compute was done).
+
+Precision. Partial outputs and the LSE are merged in float32, and the dk/dv accumulator that
+travels around the ring is float32 even for bf16 inputs: it sums ``r`` block contributions
+(one per ring step) for the same rows, and rounding it to bf16 at every hop would add ``r``
+roundings of 2^-8 relative error to gradients that single-device attention rounds once.
+The cost is twice the bytes of a bf16 accumulator on the dk/dv hops only (the KV hops stay in
+the input dtype); the result is cast to the input dtype once, at its owner.
 """
 
 from __future__ import annotations
@@ -127,7 +152,8 @@ class RingAttention(torch.autograd.Function):
             if s + 1 < r:
                 wait(reqs)
                 kv = nxt_kv
-            if r > 1:   # pass the accumulator on: after r hops it is back at its owner
+            if r > 1:   # pass the accumulator on (float32, see the module docstring): after
+                        # r hops it is back at its owner
                 dkv, dkv_reqs = ring_send_recv(bdkv, nxt, prv, group, _DKV_TAG)
             else:
                 dkv = bdkv
