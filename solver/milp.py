@@ -1,25 +1,26 @@
-"""The planner's MILP (HiGHS via scipy.optimize.milp): where and at which degree long sequences run.
+"""The planner's MILPs, solved with HiGHS through ``scipy.optimize.milp``.
 
-Reformulation. Exact per-sequence, per-group MILPs (the official planner's, one per micro-batch)
-are large and still optimise micro-batches one at a time. Ours makes the decisions that matter
-across micro-batches exactly and treats the rest as a fluid:
+Two models, each used where it is tractable:
 
-* the K longest-running sequences ("long") each get a binary choice z[i, j, k]: micro-batch j,
-  SP degree k (only degrees whose devices hold the sequence);
-* the remaining short sequences are a fluid: micro-batch j takes a share f_j of their work and
-  tokens (they are small next to a device's capacity, so first-fit packs them almost perfectly);
-* tau_j is micro-batch j's load cap (its time minus the overhead b), and
+* ``solve_exact`` — the whole problem, exactly, for small instances (few sequences, few devices):
+  binary u[j, s] "aligned block s is a group in micro-batch j", x[i, j, s] "sequence i runs in
+  that group", tau_j the micro-batch time:
 
-    minimise   sum_j tau_j
-    s.t.       sum_{j,k} z[i,j,k] = 1                                  every long sequence placed
-               tau_j >= time[k,i] * z[i,j,k]                           no group slower than the cap
-               sum_{i,k} work[k,i] z[i,j,k] + f_j * W_short <= N tau_j device-time of the micro-batch
-               sum_{i,k} L_i z[i,j,k] + f_j * T_short <= fill * N * C  memory of the micro-batch
-               sum_{i,k} sp_k z[i,j,k] <= N                             devices for the long groups
-               sum_j f_j = 1,  tau_1 >= tau_2 >= ... (symmetry breaking)
+      minimise  sum_j tau_j
+      s.t.      sum_{j,s} x[i,j,s] = 1                      every sequence exactly once
+                x[i,j,s] <= u[j,s]                          only in an open group
+                sum_{s contains r} u[j,s] <= 1              a rank is in one group per micro-batch
+                sum_i L_i x[i,j,s] <= sp_s * C              memory
+                tau_j >= b u[j,s] + sum_i t_s(L_i) x[i,j,s] the slowest group sets the time
+                tau_j >= tau_{j+1}                          symmetry breaking
 
-The solution fixes each long sequence's micro-batch and degree; ``packing.solve_micro_batch``
-then packs every micro-batch exactly. HiGHS gets a time limit; whatever incumbent it has is used.
+  HiGHS proves optimality (or returns its dual bound), which gives small plans a certificate.
+
+* ``reassign_micro_batch`` — large instances: one micro-batch, its groups (degrees) fixed by the
+  packer; re-deal its sequences to those groups to minimise the slowest group. The largest
+  sequences are individual binaries; the rest are bucketed into length classes with integer
+  counts per group (priced at the class's largest length for memory, its mean for time), then
+  mapped back to real sequences and priced exactly. Only a strictly faster, valid result is used.
 """
 from __future__ import annotations
 
@@ -30,93 +31,142 @@ from scipy.sparse import coo_matrix
 from .packing import Workload
 
 
-def long_short_split(wl: Workload, max_long: int) -> tuple[list[int], list[int]]:
-    """Long: every sequence that needs SP > 1, then the most work, up to ``max_long``."""
-    n = len(wl.lengths)
-    order = sorted(range(n), key=lambda i: (-wl.min_work[i], i))
-    need_sp = [i for i in order if not wl.fits[0, i]]
-    rest = [i for i in order if wl.fits[0, i]]
-    long_ids = (need_sp + rest)[:max(max_long, 0)]
-    chosen = set(long_ids)
-    return long_ids, [i for i in range(n) if i not in chosen]
+class _Rows:
+    """Sparse constraint rows built incrementally."""
 
+    def __init__(self):
+        self.rows, self.cols, self.vals, self.lo, self.hi = [], [], [], [], []
 
-def solve_long_placement(wl: Workload, m: int, long_ids: list[int], short_ids: list[int],
-                         time_limit: float, fill: float = 0.97):
-    """Solve the MILP above. Returns (objective, {seq: (mb, degree index)}, shares f) or None."""
-    if not long_ids:
-        return None
-    n_dev, cap = wl.cm.num_devices, wl.cap
-    degrees = wl.degrees
-    w_short = float(sum(wl.time[0, i] for i in short_ids))  # shorts run at SP=1 (no comm)
-    t_short = float(sum(wl.lengths[i] for i in short_ids))
-    # variable layout: z (per long seq, mb, feasible degree) | tau_j (m) | f_j (m)
-    zvars = [(i, j, k) for i in long_ids for j in range(m) for k in range(len(degrees)) if wl.fits[k, i]]
-    nz = len(zvars)
-    tau0, f0 = nz, nz + m
-    nvar = nz + 2 * m
-    rows, cols, vals, lo, hi = [], [], [], [], []
-    r = 0
-
-    def add_row(entries, lb, ub):
-        nonlocal r
+    def add(self, entries, lo, hi):
+        r = len(self.lo)
         for c, v in entries:
-            rows.append(r), cols.append(c), vals.append(v)
-        lo.append(lb), hi.append(ub)
-        r += 1
+            self.rows.append(r)
+            self.cols.append(c)
+            self.vals.append(float(v))
+        self.lo.append(lo)
+        self.hi.append(hi)
 
-    by_seq: dict[int, list[int]] = {}
-    by_mb: dict[int, list[int]] = {j: [] for j in range(m)}
-    for v, (i, j, k) in enumerate(zvars):
-        by_seq.setdefault(i, []).append(v)
-        by_mb[j].append(v)
-    for i in long_ids:
-        add_row([(v, 1.0) for v in by_seq[i]], 1.0, 1.0)
-    for v, (i, j, k) in enumerate(zvars):  # tau_j - time * z >= 0
-        add_row([(tau0 + j, 1.0), (v, -float(wl.time[k, i]))], 0.0, np.inf)
+    def constraint(self, nvar):
+        a = coo_matrix((self.vals, (self.rows, self.cols)), shape=(len(self.lo), nvar)).tocsr()
+        return LinearConstraint(a, self.lo, self.hi)
+
+
+def exact_size(n_seq: int, n_dev: int, max_mbs: int) -> int:
+    """Binary variables ``solve_exact`` would create (an upper estimate)."""
+    return max_mbs * (2 * n_dev - 1) * (n_seq + 1)
+
+
+def solve_exact(wl: Workload, max_mbs: int, time_limit: float, node_limit: int = 20000):
+    """Solve the full MILP. Returns (status, objective, dual bound, micro-batches) or None.
+
+    micro-batches: list of [(sp, [seq ids]), ...]; status "optimal" or "feasible".
+    """
+    n, n_dev, cap, b = len(wl.lengths), wl.cm.num_devices, wl.cap, wl.cm.b
+    blocks = [(k, sp, start) for k, sp in enumerate(wl.degrees) for start in range(0, n_dev, sp)]
+    m = max_mbs
+    u_index = {(j, s): j * len(blocks) + s for j in range(m) for s in range(len(blocks))}
+    x_index = {}
     for j in range(m):
-        vs = by_mb[j]
-        add_row([(v, float(wl.work[zvars[v][2], zvars[v][0]])) for v in vs]
-                + [(f0 + j, w_short), (tau0 + j, -float(n_dev))], -np.inf, 0.0)
-        add_row([(v, float(wl.lengths[zvars[v][0]])) for v in vs] + [(f0 + j, t_short)],
-                -np.inf, fill * n_dev * cap)
-        add_row([(v, float(degrees[zvars[v][2]])) for v in vs], -np.inf, float(n_dev))
+        for s, (k, sp, _) in enumerate(blocks):
+            for i in range(n):
+                if wl.fits[k, i]:
+                    x_index[i, j, s] = len(u_index) + len(x_index)
+    tau0 = len(u_index) + len(x_index)
+    nvar = tau0 + m
+    rows = _Rows()
+    for i in range(n):
+        rows.add([(v, 1) for (ii, _, _), v in x_index.items() if ii == i], 1, 1)
+    for (i, j, s), v in x_index.items():
+        rows.add([(v, 1), (u_index[j, s], -1)], -np.inf, 0)
+    for j in range(m):
+        for r in range(n_dev):
+            rows.add([(u_index[j, s], 1) for s, (_, sp, st) in enumerate(blocks) if st <= r < st + sp], -np.inf, 1)
+        for s, (k, sp, _) in enumerate(blocks):
+            members = [(i, x_index[i, j, s]) for i in range(n) if (i, j, s) in x_index]
+            rows.add([(v, wl.lengths[i]) for i, v in members], -np.inf, sp * cap)
+            rows.add([(tau0 + j, 1), (u_index[j, s], -b)] + [(v, -wl.time[k, i]) for i, v in members], 0, np.inf)
         if j + 1 < m:
-            add_row([(tau0 + j, 1.0), (tau0 + j + 1, -1.0)], 0.0, np.inf)
-    add_row([(f0 + j, 1.0) for j in range(m)], 1.0, 1.0)
-    a = coo_matrix((vals, (rows, cols)), shape=(r, nvar)).tocsr()
+            rows.add([(tau0 + j, 1), (tau0 + j + 1, -1)], 0, np.inf)
     c = np.zeros(nvar)
-    c[tau0:tau0 + m] = 1.0
-    integrality = np.zeros(nvar)
-    integrality[:nz] = 1
-    lb = np.zeros(nvar)
-    ub = np.full(nvar, np.inf)
-    ub[:nz] = 1.0
-    ub[f0:] = 1.0
-    res = milp(c, constraints=LinearConstraint(a, lo, hi), integrality=integrality,
-               bounds=Bounds(lb, ub),
-               options={"time_limit": max(time_limit, 0.01), "disp": False, "mip_rel_gap": 1e-3})
+    c[tau0:] = 1.0
+    integrality = np.ones(nvar)
+    integrality[tau0:] = 0
+    ub = np.ones(nvar)
+    ub[tau0:] = np.inf
+    res = milp(c, constraints=rows.constraint(nvar), integrality=integrality, bounds=Bounds(np.zeros(nvar), ub),
+               options={"time_limit": max(time_limit, 0.05), "node_limit": node_limit, "disp": False,
+                        "mip_rel_gap": 1e-6})
     if res.x is None:
         return None
-    x = res.x
-    placement = {}
-    for v, (i, j, k) in enumerate(zvars):
-        if x[v] > 0.5:
-            placement[i] = (j, k)
-    if len(placement) != len(long_ids):
+    mbs = []
+    for j in range(m):
+        groups = []
+        for s, (k, sp, _) in enumerate(blocks):
+            ids = [i for i in range(n) if (i, j, s) in x_index and res.x[x_index[i, j, s]] > 0.5]
+            if ids:
+                groups.append((sp, ids))
+        if groups:
+            mbs.append(groups)
+    status = "optimal" if res.status == 0 else "feasible"
+    bound = float(getattr(res, "mip_dual_bound", None) or 0.0)
+    return status, float(res.fun), bound if status != "optimal" else float(res.fun), mbs
+
+
+def reassign_micro_batch(wl: Workload, groups: list, time_limit: float, n_individual: int = 12,
+                         n_buckets: int = 12, node_limit: int = 2000):
+    """Re-deal one micro-batch's sequences over its fixed groups (see module docstring).
+
+    groups: [(sp, [ids]), ...]. Returns a faster [(sp, [ids]), ...] or None.
+    """
+    cap = wl.cap
+    ids = sorted((i for _, g in groups for i in g), key=lambda i: (-wl.lengths[i], i))
+    degs = [sp for sp, _ in groups]
+    ks = [sp.bit_length() - 1 for sp in degs]
+    ng = len(groups)
+    current = max(wl.time[k, g].sum() for k, (_, g) in zip(ks, groups))
+    singles = ids[:n_individual]
+    rest = ids[n_individual:]
+    classes = [list(c) for c in np.array_split(np.array(rest, dtype=np.int64), min(n_buckets, len(rest)))] if rest else []
+    classes = [c for c in classes if len(c)]
+    items = [[i] for i in singles] + classes          # each item: a list of interchangeable ids
+    nvar_x = len(items) * ng
+    t_var = nvar_x
+    rows = _Rows()
+    for a, members in enumerate(items):
+        rows.add([(a * ng + g, 1) for g in range(ng)], len(members), len(members))
+    for g in range(ng):
+        k = ks[g]
+        mem = [(a * ng + g, max(wl.lengths[i] for i in members)) for a, members in enumerate(items)]
+        rows.add(mem, -np.inf, degs[g] * cap)
+        tim = [(a * ng + g, -float(np.mean([wl.time[k, i] for i in members]))) for a, members in enumerate(items)]
+        rows.add([(t_var, 1)] + tim, 0, np.inf)
+    ub = np.array([len(members) for members in items for _ in range(ng)] + [np.inf], dtype=float)
+    for a, members in enumerate(items):  # a sequence only where its group's memory holds it
+        for g in range(ng):
+            if max(wl.lengths[i] for i in members) > degs[g] * cap:
+                ub[a * ng + g] = 0
+    c = np.zeros(nvar_x + 1)
+    c[t_var] = 1.0
+    integrality = np.ones(nvar_x + 1)
+    integrality[t_var] = 0
+    res = milp(c, constraints=rows.constraint(nvar_x + 1), integrality=integrality,
+               bounds=Bounds(np.zeros(nvar_x + 1), ub),
+               options={"time_limit": max(time_limit, 0.02), "node_limit": node_limit, "disp": False,
+                        "mip_rel_gap": 1e-4})
+    if res.x is None:
         return None
-    return float(res.fun), placement, np.clip(x[f0:f0 + m], 0.0, 1.0)
-
-
-def distribute_shorts(wl: Workload, short_ids: list[int], shares: np.ndarray, long_work: np.ndarray) -> list[list[int]]:
-    """Deal short sequences to micro-batches so each gets its MILP share of the short work:
-    longest first, each to the micro-batch furthest below its target."""
-    m = len(shares)
-    total = float(sum(wl.time[0, i] for i in short_ids))
-    deficit = shares * total
-    out: list[list[int]] = [[] for _ in range(m)]
-    for i in sorted(short_ids, key=lambda i: (-wl.time[0, i], i)):
-        j = int(np.argmax(deficit))
-        out[j].append(i)
-        deficit[j] -= wl.time[0, i]
-    return out
+    counts = np.rint(res.x[:nvar_x]).astype(np.int64).reshape(len(items), ng)
+    new = [[] for _ in range(ng)]
+    for a, members in enumerate(items):
+        pool = list(members)  # largest first: the MILP's memory row priced every one at the largest
+        for g in range(ng):
+            new[g].extend(pool[:counts[a, g]])
+            pool = pool[counts[a, g]:]
+        if pool:
+            return None
+    out = [(degs[g], new[g]) for g in range(ng) if new[g]]
+    for g in range(ng):
+        if sum(wl.lengths[i] for i in new[g]) > degs[g] * cap:
+            return None
+    span = max(wl.time[k, new[g]].sum() for g, k in enumerate(ks) if new[g])
+    return out if span < current - 1e-6 else None

@@ -32,8 +32,11 @@ class Workload:
         self.degrees = cm.degrees
         self.cap = cm.capacity_tokens
         L = self.lengths.astype(np.float64)
-        self.time = np.stack([cm.seq_time_ms(L, d) for d in self.degrees])   # [degrees, n]
-        fits = self.lengths[None, :] <= np.array(self.degrees)[:, None] * self.cap
+        # degrees no attention mode can run (e.g. Ulysses past the head count) are never used
+        usable = np.array([bool(cm.attention_modes(d)) for d in self.degrees])
+        self.time = np.stack([cm.seq_time_ms(L, d) if ok else np.full_like(L, np.inf)
+                              for d, ok in zip(self.degrees, usable)])   # [degrees, n]
+        fits = (self.lengths[None, :] <= np.array(self.degrees)[:, None] * self.cap) & usable[:, None]
         self.fits = fits
         # device-ms of work at each degree (inf where memory does not allow that degree)
         work = self.time * np.array(self.degrees, dtype=np.float64)[:, None]
@@ -129,16 +132,13 @@ def mbs_time(mbs: list[MicroBatch], b: float) -> float:
     return sum(mb.makespan + b for mb in mbs if mb.groups)
 
 
-def pack_micro_batch(wl: Workload, ids, tau: float, min_sp: int = 1,
-                     forced: dict | None = None) -> list[Group] | None:
+def pack_micro_batch(wl: Workload, ids, tau: float, min_sp: int = 1) -> list[Group] | None:
     """Pack the sequences ``ids`` (longest-running first) into groups of one micro-batch so that
     no group's load exceeds ``tau``; None when they need more than N devices.
 
     Vectorised over open groups: best fit on load slack among groups with room. New groups get
     the smallest degree >= ``min_sp`` that holds the sequence within ``tau`` (a larger ``min_sp``
     pools memory of several devices, which packs memory-bound batches tighter at some comm cost).
-    ``forced`` maps a sequence id to the degree index its own new group must have (the MILP's
-    choice for long sequences).
     """
     n_dev, cap = wl.cm.num_devices, wl.cap
     nk = len(wl.degrees)
@@ -152,16 +152,6 @@ def pack_micro_batch(wl: Workload, ids, tau: float, min_sp: int = 1,
     for i in ids:
         L = int(wl.lengths[i])
         t = wl.time[:, i]
-        if forced and i in forced:
-            k = forced[i]
-            sp = wl.degrees[k]
-            if sp > free or t[k] > tau:
-                return None
-            g_k[ng], g_load[ng], g_tok[ng], g_captok[ng] = k, t[k], L, sp * cap
-            members.append([i])
-            ng += 1
-            free -= sp
-            continue
         if ng:
             add = t[g_k[:ng]]
             slack = tau - g_load[:ng] - add
@@ -187,34 +177,60 @@ def pack_micro_batch(wl: Workload, ids, tau: float, min_sp: int = 1,
     return [Group(wl.degrees[g_k[j]], float(g_load[j]), int(g_tok[j]), members[j]) for j in range(ng)]
 
 
-def solve_micro_batch(wl: Workload, ids, deadline: float, rel_tol: float = 1e-3, forced: dict | None = None):
-    """Smallest-makespan packing of one micro-batch: bisect the cap for each ``min_sp``.
+def lpt_micro_batch(wl: Workload, ids, sp: int) -> list[Group] | None:
+    """N/sp groups of degree sp; each sequence (longest-running first) to the least-loaded group
+    with memory room (LPT). Balances well when memory, not time, is what binds."""
+    n_groups, k = wl.cm.num_devices // sp, sp.bit_length() - 1
+    if not wl.fits[k, list(ids)].all():
+        return None
+    load, tok = np.zeros(n_groups), np.zeros(n_groups, dtype=np.int64)
+    members: list[list[int]] = [[] for _ in range(n_groups)]
+    cap = sp * wl.cap
+    for i in ids:
+        room = tok + wl.lengths[i] <= cap
+        if not room.any():
+            return None
+        j = int(np.argmin(np.where(room, load, np.inf)))
+        load[j] += wl.time[k, i]
+        tok[j] += wl.lengths[i]
+        members[j].append(i)
+    return [Group(sp, float(load[j]), int(tok[j]), members[j]) for j in range(n_groups) if members[j]]
 
-    Returns (makespan, groups) or None when the sequences cannot share one micro-batch.
+
+def solve_micro_batch(wl: Workload, ids, deadline: float, rel_tol: float = 4e-3, target: float = np.inf):
+    """Smallest-makespan packing of one micro-batch found by: bisecting the cap of the first-fit
+    for each ``min_sp`` within a node, and LPT over equal groups of each degree. Only makespans
+    below ``target`` (the packing we already have) are searched for.
+
+    Returns (makespan, groups) or None when nothing below ``target`` was found.
     """
     import time as _time
-    forced = forced or {}
-    key = lambda i: (-(wl.time[forced[i], i] if i in forced else wl.min_time[i]), i)  # noqa: E731
-    ids = sorted(ids, key=key)
+    ids = sorted(ids, key=lambda i: (-wl.min_time[i], i))
     n = wl.cm.num_devices
-    lo0 = max([float(wl.min_time[ids].max()), float(wl.min_work[ids].sum()) / n]
-              + [float(wl.time[k, i]) for i, k in forced.items()])
+    lo0 = max(float(wl.min_time[ids].max()), float(wl.min_work[ids].sum()) / n)
     best = None
+    if lo0 >= target:
+        return None
+    for sp in wl.degrees:
+        groups = lpt_micro_batch(wl, ids, sp)
+        if groups is not None:
+            span = max(g.load for g in groups)
+            if best is None or span < best[0]:
+                best = (span, groups)
     for min_sp in (1, 2, 4, 8):
         if min_sp > min(n, wl.cm.devices_per_node) or (best is not None and _time.perf_counter() > deadline):
             break
         lo, hi = lo0 * (1 - 1e-9), lo0
-        groups = pack_micro_batch(wl, ids, hi, min_sp, forced)
-        while groups is None and hi < 1e12:
-            lo, hi = hi, hi * 1.25
-            groups = pack_micro_batch(wl, ids, hi, min_sp, forced)
+        limit = min(target, best[0] if best else np.inf)
+        groups = pack_micro_batch(wl, ids, hi, min_sp)
+        while groups is None and hi < min(limit, 1e12):
+            lo, hi = hi, min(hi * 1.25, limit)
+            groups = pack_micro_batch(wl, ids, hi, min_sp)
         if groups is None:
-            continue
-        if best is not None and lo >= best[0]:
             continue
         while hi - lo > rel_tol * hi:
             mid = 0.5 * (lo + hi)
-            g = pack_micro_batch(wl, ids, mid, min_sp, forced)
+            g = pack_micro_batch(wl, ids, mid, min_sp)
             if g is None:
                 lo = mid
             else:
@@ -222,4 +238,4 @@ def solve_micro_batch(wl: Workload, ids, deadline: float, rel_tol: float = 1e-3,
         span = max(g.load for g in groups)
         if best is None or span < best[0]:
             best = (span, groups)
-    return best
+    return best if best is not None and best[0] < target else None

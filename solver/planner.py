@@ -26,6 +26,8 @@ import numpy as np
 
 from .build import build_plan
 from .costmodel import CostModel
+from .baselines import best_homogeneous_plan, greedy_hybrid_cp_plan
+from .milp import exact_size, reassign_micro_batch, solve_exact
 from .packing import MicroBatch, Workload, mbs_time, pack, solve_micro_batch
 from .plan import Plan
 
@@ -46,11 +48,12 @@ def check_lengths(lengths: Sequence[int], cm: CostModel) -> np.ndarray:
     bad = np.flatnonzero(arr < 1)
     if bad.size:
         raise PlanningError(f"sequence lengths must be >= 1: ids {bad[:5].tolist()} have {arr[bad[:5]].tolist()}")
-    limit = cm.num_devices * cm.capacity_tokens
+    max_sp = max(d for d in cm.degrees if cm.attention_modes(d))
+    limit = max_sp * cm.capacity_tokens
     over = np.flatnonzero(arr > limit)
     if over.size:
         raise PlanningError(
-            f"{over.size} sequence(s) longer than the whole cluster holds ({cm.num_devices} devices x "
+            f"{over.size} sequence(s) longer than the largest usable SP group holds ({max_sp} devices x "
             f"{cm.capacity_tokens} tokens = {limit}): ids {over[:5].tolist()} with lengths "
             f"{arr[over[:5]].tolist()}; drop or split them, or plan with more devices/memory")
     return arr.astype(np.int64)
@@ -72,12 +75,17 @@ def _lower_bound(wl: Workload, m: int) -> float:
     return m * wl.cm.b + max(work, float(wl.min_time.max()))
 
 
-def _bisect_tau(wl: Workload, order, m: int, stretch: float, deadline: float, rel_tol: float = 2e-3):
-    """Smallest load cap (to rel_tol) at which ``pack`` fits the batch in m micro-batches."""
+def _bisect_tau(wl: Workload, order, m: int, stretch: float, deadline: float, rel_tol: float = 4e-3,
+                bracket: tuple[float, float] | None = None):
+    """Smallest load cap (to rel_tol) at which ``pack`` fits the batch in m micro-batches.
+
+    Starts at the work bound and grows by 1.5x until feasible, or from ``bracket`` (lo, hi).
+    """
     n = wl.cm.num_devices
     lo = max(float(wl.min_work.sum()) / (n * m), 1e-9)
-    # any sequence alone is at most its time at its smallest fitting degree
     hi = lo
+    if bracket is not None:
+        lo, hi = bracket
     best = None
     while time.perf_counter() < deadline:
         mbs = pack(wl, order, hi, m, stretch)
@@ -100,44 +108,104 @@ def _bisect_tau(wl: Workload, order, m: int, stretch: float, deadline: float, re
 
 
 def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0,
-               max_extra_micro_batches: int = 3, rebalance_rounds: int = 2) -> Plan:
+               max_extra_micro_batches: int = 3, rebalance_rounds: int = 2,
+               exact_max_binaries: int = 4000, milp_node_limit: int = 2000) -> Plan:
     """Plan one global batch: the fastest valid plan the search finds.
 
-    The search is a fixed amount of work, so the same input gives the same plan on every rank;
-    ``time_limit`` (seconds) is a safety net that cuts it short on a slow machine (status
-    "time_limit": still valid, possibly not reproducible across machines).
+    The search is a fixed amount of work (MILPs stop at ``milp_node_limit`` branch-and-bound
+    nodes), so the same input gives the same plan on every rank; ``time_limit`` (seconds) is a
+    safety net that cuts it short on a slow machine (status "time_limit": still valid, possibly
+    not reproducible across machines). Small instances (at most ``exact_max_binaries`` binaries
+    in the exact model) are solved exactly (status "optimal" when HiGHS proves it).
     """
     start = time.perf_counter()
     deadline = start + time_limit
     wl = Workload(check_lengths(lengths, cm), cm)
     m0 = min_micro_batches(wl)
     order = _order(wl, range(len(wl.lengths)))
-    best_cost, best_mbs, tried = math.inf, None, []
+    best_cost, best_mbs, best_key, tried = math.inf, None, None, []
+    coarse = 0.03  # survey every (m, stretch) coarsely, then refine the best one
     for m in range(m0, m0 + max_extra_micro_batches + 1):
         if _lower_bound(wl, m) >= best_cost or time.perf_counter() > deadline:
             break
         for stretch in (1.0, 2.0, 4.0, math.inf):
-            found = _bisect_tau(wl, order, m, stretch, deadline)
+            found = _bisect_tau(wl, order, m, stretch, deadline, rel_tol=coarse)
             if found is None:
                 break
             tau, mbs = found
             cost = mbs_time(mbs, cm.b)
             tried.append({"micro_batches": m, "stretch": stretch, "tau": round(tau, 3), "ms": round(cost, 3)})
             if cost < best_cost - 1e-9:
-                best_cost, best_mbs = cost, mbs
+                best_cost, best_mbs, best_key = cost, mbs, (m, stretch, tau)
             if tau >= float(wl.min_time.max()):
                 break  # no giant at this cap: other stretches give the same packing
-    status = "feasible"
+    if best_key is not None:
+        m, stretch, tau = best_key
+        found = _bisect_tau(wl, order, m, stretch, deadline, bracket=(tau * (1 - coarse), tau))
+        if found is not None and mbs_time(found[1], cm.b) < best_cost:
+            best_cost, best_mbs = mbs_time(found[1], cm.b), found[1]
+    status, method = "feasible", "first-fit"
     if best_mbs is None:  # nothing found in time: one generous first-fit always succeeds
         best_mbs = pack(wl, order, float(wl.min_time.max()) + 1.0, len(wl.lengths), 1.0)
         status = "fallback"
     groups = [[(g.sp, list(g.ids)) for g in mb.groups] for mb in best_mbs if mb.groups]
+    phases = {"first_fit": _plan_time(wl, groups)}
     groups = _rebalance(wl, groups, rebalance_rounds, deadline)
+    phases["rebalance"] = _plan_time(wl, groups)
     groups = _polish(wl, groups, deadline)
-    if status != "fallback" and time.perf_counter() > deadline:
+    phases["repack"] = _plan_time(wl, groups)
+    # the baselines are cheap: a plan never loses to them
+    for name, make in (("homogeneous", best_homogeneous_plan), ("greedy", greedy_hybrid_cp_plan)):
+        # the greedy scheduler scans rank blocks per sequence: skip it where that is slow
+        if time.perf_counter() > deadline or (name == "greedy" and len(wl.lengths) * cm.num_devices > 100_000):
+            continue
+        try:
+            other = make(wl.lengths.tolist(), cm)
+        except ValueError:
+            continue
+        other_groups = [[(g.sp, list(g.seq_ids)) for g in mb.groups] for mb in other.micro_batches]
+        if _plan_time(wl, other_groups) < _plan_time(wl, groups) - 1e-9:
+            groups, method = other_groups, name
+    phases["baselines"] = _plan_time(wl, groups)
+    groups = _milp_polish(wl, groups, deadline, milp_node_limit, time_limit)
+    phases["milp"] = _plan_time(wl, groups)
+    lower = _lower_bound(wl, m0)
+    m_cap = min(len(wl.lengths), int(_plan_time(wl, groups) // cm.b) if cm.b > 0 else len(wl.lengths))
+    if exact_size(len(wl.lengths), cm.num_devices, m_cap) <= exact_max_binaries and time.perf_counter() < deadline:
+        exact = solve_exact(wl, max(m_cap, 1), deadline - time.perf_counter())
+        if exact is not None:
+            ex_status, _, bound, ex_groups = exact
+            if _plan_time(wl, ex_groups) <= _plan_time(wl, groups) + 1e-9:
+                groups, method = ex_groups, "exact-milp"
+            lower = max(lower, bound)
+            if ex_status == "optimal":
+                status = "optimal"
+    if status not in ("fallback", "optimal") and time.perf_counter() > deadline:
         status = "time_limit"
-    return build_plan(groups, wl.lengths.tolist(), cm, method="flexsp", lower_bound_ms=_lower_bound(wl, m0),
-                      solve_seconds=time.perf_counter() - start, status=status, extra={"tried": tried[:20]})
+    return build_plan(groups, wl.lengths.tolist(), cm, method="flexsp", lower_bound_ms=min(lower, _plan_time(wl, groups)),
+                      solve_seconds=time.perf_counter() - start, status=status,
+                      extra={"search": method, "phases_ms": {k: round(v, 3) for k, v in phases.items()},
+                             "phase_seconds": round(time.perf_counter() - start, 4), "tried": tried[:20]})
+
+
+def _plan_time(wl: Workload, mbs: list) -> float:
+    return sum(_mb_time(wl, mb) for mb in mbs)
+
+
+def _milp_polish(wl: Workload, mbs: list, deadline: float, node_limit: int, budget: float) -> list:
+    """Re-deal the sequences of each micro-batch over its groups with the MILP, slowest first,
+    while more than a third of the time box is left. Skips micro-batches whose slowest group runs
+    a single sequence (no re-deal can shorten it)."""
+    out = []
+    for mb in sorted(mbs, key=lambda mb: -_mb_time(wl, mb)):
+        left = deadline - time.perf_counter()
+        slowest = max(mb, key=lambda g: wl.time[g[0].bit_length() - 1, g[1]].sum())
+        if left > budget / 3 and len(mb) > 1 and len(slowest[1]) > 1:
+            better = reassign_micro_batch(wl, mb, min(left - budget / 3, 0.2), node_limit=node_limit)
+            if better is not None:
+                mb = better
+        out.append(mb)
+    return out
 
 
 def _order(wl: Workload, ids) -> list[int]:
@@ -181,7 +249,8 @@ def _polish(wl: Workload, mbs: list, deadline: float) -> list:
     out = []
     for mb in sorted(mbs, key=lambda mb: -_mb_time(wl, mb)):
         if time.perf_counter() < deadline:
-            found = solve_micro_batch(wl, [i for _, g in mb for i in g], deadline)
+            found = solve_micro_batch(wl, [i for _, g in mb for i in g], deadline,
+                                      target=_mb_time(wl, mb) - wl.cm.b)
             if found is not None and found[0] + wl.cm.b < _mb_time(wl, mb) - 1e-9:
                 mb = [(g.sp, g.ids) for g in found[1]]
         out.append(mb)
