@@ -47,12 +47,12 @@ def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: 
             built.append(GroupPlan(
                 sp=sp, ranks=tuple(range(start, start + sp)), seq_ids=tuple(ids),
                 attention=cm.best_mode(sp), tokens=tokens,
-                predicted_ms=round(cm.group_time_ms(lens, sp), 4),
+                predicted_ms=cm.group_time_ms(lens, sp),
                 memory_mb=round(cm.memory_mb_for(tokens, sp), 2)))
         mbs.append(MicroBatchPlan(groups=tuple(built), predicted_ms=max(g.predicted_ms for g in built)))
     return Plan(num_devices=cm.num_devices, micro_batches=tuple(mbs),
-                predicted_ms=round(sum(mb.predicted_ms for mb in mbs), 4),
-                solve_seconds=round(solve_seconds, 4), lower_bound_ms=round(lower_bound_ms, 4),
+                predicted_ms=sum(mb.predicted_ms for mb in mbs),
+                solve_seconds=round(solve_seconds, 4), lower_bound_ms=lower_bound_ms,
                 method=method, status=status, cost_model=cm.name, num_sequences=len(lengths),
                 extra=dict(extra or {}))
 
