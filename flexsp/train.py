@@ -7,7 +7,7 @@ or alone (one process: a 1-rank world on gloo). Every step:
    as one object (flexsp.planning);
 2. each rank runs its share of every micro-batch (flexsp.executor), loss = sum of token losses /
    target tokens of the whole global batch;
-3. the engine (FSDP2 or DeepSpeed ZeRO-3) has summed the gradients over all ranks; clip, AdamW,
+3. the engine (FSDP2; DeepSpeed ZeRO-3 not implemented yet) has summed the gradients over all ranks; clip, AdamW,
    LR schedule;
 4. rank 0 prints a line (step, loss, tokens/s, plan summary, planner ms, memory), advances the
    progress bar and appends one JSON line to ``<output_dir>/metrics.jsonl``;
@@ -88,7 +88,8 @@ class ParallelConfig:
     static_degree: int = 0
     """Static mode: the SP degree, a power of two <= world size (0 = all ranks)."""
     engine: str = "fsdp2"
-    """fsdp2 | deepspeed (ZeRO-3): how gradients are synchronised over all ranks."""
+    """How gradients are synchronised over all ranks: fsdp2 (DeepSpeed ZeRO-3 is planned, not yet
+    implemented: 'deepspeed' is rejected with an error)."""
     world_size: int = 0
     """Expected number of ranks; a mismatch with the launcher is an error (0 = accept any)."""
     backend: str | None = None
@@ -97,7 +98,9 @@ class ParallelConfig:
     """Ranks per node (0: LOCAL_WORLD_SIZE from the launcher, else the world size)."""
 
     def __post_init__(self) -> None:
-        from flexsp.engines import ENGINES
+        from flexsp.engines import ENGINES, PLANNED_ENGINES
+        if self.engine in PLANNED_ENGINES:
+            raise ValueError(f"parallel.engine={self.engine!r} is not implemented yet; valid options: {list(ENGINES)}")
         from flexsp.planning import PARALLEL_MODES
         if self.mode not in PARALLEL_MODES:
             raise ValueError(f"parallel.mode={self.mode!r}; valid options: {list(PARALLEL_MODES)}")

@@ -13,8 +13,11 @@ the executor:
 Gradients are SUMMED over ranks (not averaged): each rank's loss is already divided by the number
 of target tokens of the whole global batch, so the sum is the single-device gradient.
 
-Engines: ``fsdp2`` (``torch.distributed.fsdp.fully_shard`` per block + root) and ``deepspeed``
-(ZeRO stage 3).
+Engines: ``fsdp2`` (``torch.distributed.fsdp.fully_shard`` per block + root). DeepSpeed ZeRO-3 is
+NOT implemented yet: ``parallel.engine=deepspeed`` is rejected with a clear error (see
+``build_engine``); the executor's lockstep zero-weight passes already suit ZeRO-3's per-module
+all-gathers, what is missing is the engine (loss/grad scaling without its 1/gas and DP averaging,
+accumulation boundaries per varying micro-batch count, checkpoint format) and its equivalence test.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import math
 
 import torch
 
-ENGINES = ("fsdp2", "deepspeed")
+ENGINES = ("fsdp2",)
+PLANNED_ENGINES = ("deepspeed",)
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
@@ -50,7 +54,6 @@ def build_engine(name: str, model, train_cfg, world_size: int, device):
     if name == "fsdp2":
         from flexsp.engines.fsdp2 import FSDP2Engine
         return FSDP2Engine(model, train_cfg, world_size, device)
-    if name == "deepspeed":
-        from flexsp.engines.deepspeed_zero3 import DeepSpeedEngine
-        return DeepSpeedEngine(model, train_cfg, world_size, device)
+    if name in PLANNED_ENGINES:
+        raise ValueError(f"parallel.engine={name!r} is not implemented yet; valid options: {list(ENGINES)}")
     raise ValueError(f"parallel.engine={name!r}; valid options: {list(ENGINES)}")
