@@ -232,20 +232,31 @@ def summarize(res: dict) -> tuple[list[str], dict]:
         a["n"] += 1
     lines = []
     for dname, methods in agg.items():
-        statics = {m: a for m, a in methods.items() if m.startswith("static-") or m == "ulysses-full"}
+        nb = max(a["n"] for a in methods.values())
+        # a static degree that cannot hold some batch's longest document (memory) is not a valid
+        # static choice for the distribution: only degrees that ran every batch compete
+        statics = {m: a for m, a in methods.items()
+                   if (m.startswith("static-") or m == "ulysses-full") and a["n"] == nb}
         best_static = min(statics, key=lambda m: statics[m]["ms"])
         full = methods["ulysses-full"]
         lines += [f"### {dname}", "",
-                  "| method | step ms (mean) | tokens/s | vs ulysses-full (measured) | predicted step ms | "
-                  "predicted speedup | pred. error |", "|---|---|---|---|---|---|---|"]
+                  "| method | batches | step ms (mean) | tokens/s | vs ulysses-full (measured) | predicted step ms | "
+                  "predicted speedup | pred. error |", "|---|---|---|---|---|---|---|---|"]
         for m, a in methods.items():
             step, pred = a["ms"] / a["n"], a["pred"] / a["n"]
             tag = " (best static)" if m == best_static else ""
-            lines.append(f"| {m}{tag} | {step:.0f} | {a['tokens'] / a['ms'] * 1e3:.0f} | {full['ms'] / a['ms']:.3f}x | "
-                         f"{pred:.0f} | {full['pred'] / a['pred']:.3f}x | {(a['pred'] - a['ms']) / a['ms']:+.1%} |")
+            if a["n"] < nb:
+                tag = " (only batches whose longest document fits)"
+                lines.append(f"| {m}{tag} | {a['n']}/{nb} | {step:.0f} | {a['tokens'] / a['ms'] * 1e3:.0f} | n/a | "
+                             f"{pred:.0f} | n/a | {(a['pred'] - a['ms']) / a['ms']:+.1%} |")
+                continue
+            lines.append(f"| {m}{tag} | {a['n']}/{nb} | {step:.0f} | {a['tokens'] / a['ms'] * 1e3:.0f} | "
+                         f"{full['ms'] / a['ms']:.3f}x | {pred:.0f} | {full['pred'] / a['pred']:.3f}x | "
+                         f"{(a['pred'] - a['ms']) / a['ms']:+.1%} |")
         fx = methods["flexsp"]
-        lines += ["", f"FlexSP vs best static ({best_static}): {statics[best_static]['ms'] / fx['ms']:.3f}x measured; "
-                  f"vs ulysses-full: {full['ms'] / fx['ms']:.3f}x measured, {full['pred'] / fx['pred']:.3f}x predicted.", ""]
+        lines += ["", f"FlexSP vs best static ({best_static}): {statics[best_static]['ms'] / fx['ms']:.3f}x measured, "
+                  f"{statics[best_static]['pred'] / fx['pred']:.3f}x predicted; vs ulysses-full: "
+                  f"{full['ms'] / fx['ms']:.3f}x measured, {full['pred'] / fx['pred']:.3f}x predicted.", ""]
         methods["_best_static"] = best_static
     errs = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in rows]
     lines += [f"Predicted vs measured step time over all {len(errs)} (batch, method) steps: median |error| "
@@ -259,10 +270,10 @@ def plot(res: dict, agg: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     dnames = list(agg)
-    methods = [m for m in agg[dnames[0]] if not m.startswith("_")]
+    methods = list(dict.fromkeys(m for d in dnames for m in agg[d] if not m.startswith("_")))
     w = 0.8 / len(methods)
     for j, m in enumerate(methods):
-        vals = [agg[d][m]["tokens"] / agg[d][m]["ms"] * 1e3 if m in agg[d] else 0 for d in dnames]
+        vals = [agg[d][m]["tokens"] / agg[d][m]["ms"] * 1e3 if isinstance(agg[d].get(m), dict) else 0 for d in dnames]
         axes[0].bar(np.arange(len(dnames)) + j * w, vals, w, label=m)
     axes[0].set_xticks(np.arange(len(dnames)) + 0.4 - w / 2, dnames)
     axes[0].set_ylabel("tokens/s (measured)")
@@ -298,26 +309,33 @@ def main(argv=None) -> int:
     p.add_argument("--threads-per-rank", type=int, default=1)
     p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed DistributedAttention baseline")
     p.add_argument("--timeout-s", type=float, default=1800)
+    p.add_argument("--summarize", default=None, metavar="JSON",
+                   help="only rewrite STEM.md/STEM.png of --out from a saved STEM.json (no runs)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "throughput_cpu"),
                    help="output stem: writes STEM.md, STEM.json, STEM.png")
     a = p.parse_args(argv)
     for name in ("world_size", "batches", "tokens", "max_len", "capacity", "repeats"):
         if getattr(a, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if a.max_len > a.world_size * a.capacity:
+    if not a.summarize and a.max_len > a.world_size * a.capacity:
         raise SystemExit(f"--max-len {a.max_len} exceeds what {a.world_size} ranks x --capacity {a.capacity} hold")
     import torch
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     from flexsp.profile.launch import run_ranks
-    cmd = "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    load0 = os.getloadavg()
-    res = run_ranks(rank_body, a.world_size, vars(a), a.threads_per_rank, a.timeout_s)[0]
-    if res is None:
-        return 0
-    res.update(command=cmd, date=_dt.datetime.now().isoformat(timespec="seconds"), args=vars(a),
-               machine=f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
-               loadavg_start=list(load0), loadavg_end=list(os.getloadavg()))
+    if a.summarize:
+        res = json.loads(Path(a.summarize).read_text())
+        a = argparse.Namespace(**res["args"])
+        cmd, load0 = res["command"], res["loadavg_start"]
+    else:
+        cmd = "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        load0 = os.getloadavg()
+        res = run_ranks(rank_body, a.world_size, vars(a), a.threads_per_rank, a.timeout_s)[0]
+        if res is None:
+            return 0
+        res.update(command=cmd, date=_dt.datetime.now().isoformat(timespec="seconds"), args=vars(a),
+                   machine=f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
+                   loadavg_start=list(load0), loadavg_end=list(os.getloadavg()))
     lines, agg = summarize(res)
     head = [f"# Throughput: FlexSP adaptive vs static SP ({res['world_size']} ranks, {res['device']})", "",
             f"Command: `{cmd}`", "",

@@ -1,0 +1,59 @@
+"""benchmarks/throughput.py without spawning ranks: the scaled batches, every method's plan, and
+the summary's rules (a static degree that cannot hold every batch does not compete)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from solver.plan import Plan
+from solver.presets import load_preset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+throughput = importlib.import_module("throughput")
+
+
+def test_scaled_batches_are_long_tailed_and_bounded():
+    batches = throughput.scaled_batches("wikipedia", 2, 4096, 512, 32768, seed=0)
+    assert len(batches) == 2
+    for b in batches:
+        assert 4096 <= sum(b) < 4096 + 512 and min(b) >= 8 and max(b) <= 512
+    assert batches == throughput.scaled_batches("wikipedia", 2, 4096, 512, 32768, seed=0)
+
+
+def test_every_method_plans_every_sequence():
+    from dataclasses import replace
+    cm = replace(load_preset("cpu-gloo-tiny"), capacity_override=256)
+    lens = [500, 100, 60, 30, 30, 20, 8]
+    plans = throughput.plans_for(lens, cm, 4)
+    assert {"ulysses-full", "deepspeed-ulysses", "best-homogeneous", "flexsp"} <= set(plans)
+    assert "static-1" not in plans  # 500 tokens do not fit one rank of 256
+    for name, d in plans.items():
+        plan = Plan.from_dict(d)
+        ids = sorted(i for mb in plan.micro_batches for g in mb.groups for i in g.seq_ids)
+        assert ids == list(range(len(lens))), name
+    full = Plan.from_dict(plans["ulysses-full"])
+    assert all(g.sp == 4 and g.attention == "ulysses" for mb in full.micro_batches for g in mb.groups)
+
+
+def test_summary_ignores_static_degrees_missing_batches():
+    def row(m, b, ms):
+        return {"distribution": "d", "batch": b, "method": m, "tokens": 1000, "predicted_ms": ms, "measured_ms": ms}
+    rows = [row(m, b, ms) for b in (0, 1) for m, ms in (("ulysses-full", 100), ("static-2", 90),
+                                                         ("deepspeed-ulysses", 110), ("best-homogeneous", 95),
+                                                         ("flexsp", 80))]
+    rows.append(row("static-1", 0, 10))  # fits only batch 0: must not be the best static
+    lines, agg = throughput.summarize({"rows": rows})
+    assert agg["d"]["_best_static"] == "static-2"
+    text = "\n".join(lines)
+    assert "FlexSP vs best static (static-2): 1.125x measured" in text
+    assert "only batches whose longest document fits" in text
+
+
+def test_bad_arguments_exit_with_the_value():
+    with pytest.raises(SystemExit, match="--repeats must be >= 1, got 0"):
+        throughput.main(["--cost-model", "x.json", "--repeats", "0"])
+    with pytest.raises(SystemExit, match="--max-len 9000 exceeds"):
+        throughput.main(["--cost-model", "x.json", "--max-len", "9000"])
