@@ -33,11 +33,11 @@ RESUME_HELP = "auto (latest checkpoint in output_dir, if any) | never | <checkpo
 
 @dataclass
 class TrainConfig:
-    steps: int = 20
+    steps: int = 10
     """Optimizer steps to train (total, counting steps of a resumed run)."""
     seed: int = 0
     """Seed of the model init, the sampler and the synthetic data."""
-    global_batch: int = 16
+    global_batch: int = 8
     """Sequences (documents) per step (fewer when data.sampler.global_batch_tokens is hit first)."""
     lr: float = 3e-3
     """Peak learning rate (AdamW)."""
