@@ -15,13 +15,15 @@ are trained, in one invocation and on the same ranks, with:
 
 Every step = ``StepExecutor.run(plan)`` (all micro-batches, FSDP2) + the optimizer step, fenced by
 barriers; each method runs every batch ``--repeats`` times, methods interleaved per repetition
-(load drift hits all alike), the fastest kept (other jobs on a shared machine only add time). Predicted step time = the plan's cost-model time + the
-optimizer step measured here. The cost model is a ``flexsp-profile`` file; the memory budget C
-(tokens per rank) is an emulated one (``--capacity``), stated in the results, because a CPU's RAM
-would let any degree hold everything and static SP would degenerate to one micro-batch.
+(load drift hits all alike), the fastest kept (other jobs on a shared machine only add time).
+Predicted step time = the plan's cost-model time + the optimizer step measured here. The cost
+model is a ``flexsp-profile`` file; the memory budget C (tokens per rank) is an emulated one
+(``--capacity``), stated in the results, because a CPU's RAM would let any degree hold
+everything and static SP would degenerate to one micro-batch.
 
+    flexsp-profile world_size=4 name=profile_cpu4 output_dir=benchmarks/results
     python benchmarks/throughput.py --cost-model benchmarks/results/profile_cpu4.json \
-        --world-size 4 --out benchmarks/results/throughput_cpu
+        --world-size 4 --batches 2 --tokens 6144 --repeats 4 --out benchmarks/results/throughput_cpu4
 
 On CPU all ranks share the cores: the gains are small; they are what they are.
 """
