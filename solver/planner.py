@@ -3,18 +3,24 @@
 Method (all under the cost model of ``costmodel.py``):
 
 1. Lower bound. Any plan with m micro-batches costs at least ``m * b`` (one overhead per
-   micro-batch) plus the least device-work of every sequence spread over all N devices; m is at
-   least ``ceil(total tokens / (N * C))``. Every reported gap is against this bound.
+   micro-batch) plus the least device-work of every sequence spread over all N devices (or the
+   slowest single sequence, if larger); m is at least ``ceil(total tokens / (N * C))``. Every
+   reported gap is against this bound (or HiGHS's dual bound, when the exact MILP ran).
 2. Search. For each candidate micro-batch count m (from the memory minimum upward, stopping when
-   the bound of m exceeds the best plan found), bisect the per-micro-batch load cap ``tau`` with
-   the two-resource first-fit of ``packing.py``: the smallest ``tau`` at which every sequence fits
-   in m micro-batches. Micro-batches are balanced against each other by construction (one common
-   cap), which the official planner, optimising each micro-batch alone, does not do.
-3. Polish. Each micro-batch is re-solved alone: a MILP (HiGHS) re-assigns its sequences to its
-   groups to minimise the slowest group, warm-started from the packing and time-boxed.
-4. Time box. The best plan so far is always valid, so running out of time returns it
-   (status "feasible"); a batch no search could place falls back to the greedy packing at the
-   largest cap. Everything is deterministic: ties break on sequence index.
+   the bound of m exceeds the best plan found) and each giant-stretch policy, bisect one load cap
+   ``tau`` shared by all micro-batches with the two-resource first fit of ``packing.py``: the
+   smallest cap at which every sequence fits in m micro-batches. Coarse for every candidate, then
+   fine for the best. One shared cap balances micro-batches against each other, which the
+   official planner, optimising each micro-batch alone, does not do.
+3. Improve. Pair search (the slowest micro-batch re-planned together with each other one), then
+   each micro-batch repacked alone (own cap; first fit per pooling degree; LPT over equal groups).
+   The baselines are priced too: a plan never loses to them.
+4. MILP (HiGHS, ``milp.py``). Small instances are solved exactly and certified ("optimal"); on
+   large ones the slowest micro-batches are re-dealt over their groups by a bucketed MILP.
+5. Determinism and time box. The search is a fixed amount of work and MILPs stop at node limits,
+   so the same input gives the same plan on every rank when it finishes inside ``time_limit``.
+   If the time box runs out, the best plan so far (always valid) is returned with status
+   "time_limit"; if nothing was found at all, a generous first fit ("fallback").
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from .build import build_plan
 from .costmodel import CostModel
 from .baselines import best_homogeneous_plan, greedy_hybrid_cp_plan
 from .milp import exact_size, reassign_micro_batch, solve_exact
-from .packing import MicroBatch, Workload, mbs_time, pack, solve_micro_batch
+from .packing import Workload, mbs_time, pack, solve_micro_batch
 from .plan import Plan
 
 
@@ -109,7 +115,8 @@ def _bisect_tau(wl: Workload, order, m: int, stretch: float, deadline: float, re
 
 def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0,
                max_extra_micro_batches: int = 3, rebalance_rounds: int = 2,
-               exact_max_binaries: int = 4000, milp_node_limit: int = 2000) -> Plan:
+               exact_max_binaries: int = 4000, milp_node_limit: int = 500,
+               milp_micro_batches: int = 2) -> Plan:
     """Plan one global batch: the fastest valid plan the search finds.
 
     The search is a fixed amount of work (MILPs stop at ``milp_node_limit`` branch-and-bound
@@ -167,7 +174,7 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
         if _plan_time(wl, other_groups) < _plan_time(wl, groups) - 1e-9:
             groups, method = other_groups, name
     phases["baselines"] = _plan_time(wl, groups)
-    groups = _milp_polish(wl, groups, deadline, milp_node_limit, time_limit)
+    groups = _milp_polish(wl, groups, deadline, milp_node_limit, milp_micro_batches)
     phases["milp"] = _plan_time(wl, groups)
     lower = _lower_bound(wl, m0)
     m_cap = min(len(wl.lengths), int(_plan_time(wl, groups) // cm.b) if cm.b > 0 else len(wl.lengths))
@@ -192,16 +199,14 @@ def _plan_time(wl: Workload, mbs: list) -> float:
     return sum(_mb_time(wl, mb) for mb in mbs)
 
 
-def _milp_polish(wl: Workload, mbs: list, deadline: float, node_limit: int, budget: float) -> list:
-    """Re-deal the sequences of each micro-batch over its groups with the MILP, slowest first,
-    while more than a third of the time box is left. Skips micro-batches whose slowest group runs
-    a single sequence (no re-deal can shorten it)."""
+def _milp_polish(wl: Workload, mbs: list, deadline: float, node_limit: int, count: int) -> list:
+    """Re-deal the sequences of the ``count`` slowest micro-batches over their groups with the
+    MILP. Skips micro-batches whose slowest group runs a single sequence (no re-deal helps)."""
     out = []
-    for mb in sorted(mbs, key=lambda mb: -_mb_time(wl, mb)):
-        left = deadline - time.perf_counter()
+    for rank, mb in enumerate(sorted(mbs, key=lambda mb: -_mb_time(wl, mb))):
         slowest = max(mb, key=lambda g: wl.time[g[0].bit_length() - 1, g[1]].sum())
-        if left > budget / 3 and len(mb) > 1 and len(slowest[1]) > 1:
-            better = reassign_micro_batch(wl, mb, min(left - budget / 3, 0.2), node_limit=node_limit)
+        if rank < count and len(mb) > 1 and len(slowest[1]) > 1 and time.perf_counter() < deadline:
+            better = reassign_micro_batch(wl, mb, max(deadline - time.perf_counter(), 0.02), node_limit=node_limit)
             if better is not None:
                 mb = better
         out.append(mb)
