@@ -51,7 +51,7 @@ def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: 
                 memory_mb=round(cm.memory_mb_for(tokens, sp), 2)))
         mbs.append(MicroBatchPlan(groups=tuple(built), predicted_ms=max(g.predicted_ms for g in built)))
     return Plan(num_devices=cm.num_devices, micro_batches=tuple(mbs),
-                predicted_ms=sum(mb.predicted_ms for mb in mbs),
+                predicted_ms=sum(mb.predicted_ms for mb in mbs) + cm.step_overhead_ms,
                 solve_seconds=round(solve_seconds, 4), lower_bound_ms=lower_bound_ms,
                 method=method, status=status, cost_model=cm.name, num_sequences=len(lengths),
                 extra=dict(extra or {}))
@@ -59,7 +59,7 @@ def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: 
 
 def price_plan(plan: Plan, lengths: Sequence[int], cm: CostModel) -> float:
     """Iteration time of ``plan`` recomputed from scratch under ``cm`` (ignores stored numbers)."""
-    total = 0.0
+    total = cm.step_overhead_ms
     for mb in plan.micro_batches:
         total += max((cm.group_time_ms([lengths[i] for i in g.seq_ids], g.sp) for g in mb.groups), default=0.0)
     return total

@@ -3,6 +3,7 @@
 The form follows the FlexSP paper (see ``shared/reference/flexsp-paper.md``), generalised:
 
     time(group)  = sum_i (a1 * L_i^2 + a2 * L_i) / sp  +  b  +  comm(sp, attention) * sum_i L_i
+                   (+ per_sequence_ms per sequence; a plan adds step_overhead_ms once)
     ulysses comm = a2a_mb_per_token / sp / bw[sp]        (0 when sp == 1; the paper's A2A term)
     ring comm    = ring_mb_per_token * (sp - 1) / sp / p2p_bw[sp]   (KV passes round the ring)
     memory(dev)  = model_states_mb + act_mb_per_token * sum_i L_i / sp     <= memory_mb
@@ -61,6 +62,12 @@ class CostModel:
     """Ring (point-to-point) bandwidth per SP degree, GB/s."""
     capacity_override: int = 0
     """If > 0, tokens per device allowed (replaces the memory formula)."""
+    per_sequence_ms: float = 0.0
+    """Time each sequence adds to its group regardless of length or degree (e.g. a per-document
+    kernel launch loop on CPU); 0 in the paper's model."""
+    step_overhead_ms: float = 0.0
+    """Fixed time per iteration whatever the plan (optimizer step, gradient sync tail); 0 in the
+    paper's model. Added once to a plan's predicted iteration time."""
     source: str = ""
     """Where the numbers come from (paper reference, profiler run...)."""
 
@@ -73,7 +80,8 @@ class CostModel:
             raise ValueError(f"devices_per_node must be a power of two >= 1, got {d}")
         if self.zero_stage not in ZERO_STAGES:
             raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage}")
-        if min(self.a1, self.a2, self.b, self.a2a_mb_per_token, self.act_mb_per_token) < 0:
+        if min(self.a1, self.a2, self.b, self.a2a_mb_per_token, self.act_mb_per_token,
+               self.per_sequence_ms, self.step_overhead_ms) < 0:
             raise ValueError(f"cost coefficients must be >= 0 (a1={self.a1}, a2={self.a2}, b={self.b})")
         if self.memory_mb <= 0:
             raise ValueError(f"memory_mb must be > 0, got {self.memory_mb}")
@@ -180,7 +188,8 @@ class CostModel:
 
     def seq_time_ms(self, length: float, sp: int) -> float:
         """Time one sequence adds to a group of degree sp (without the group overhead b)."""
-        return (self.a1 * length * length + self.a2 * length) / sp + self.comm_ms_per_token(sp) * length
+        return ((self.a1 * length * length + self.a2 * length) / sp + self.comm_ms_per_token(sp) * length
+                + self.per_sequence_ms)
 
     def group_time_ms(self, lengths, sp: int) -> float:
         """Predicted time of a group: per-sequence times + one overhead b (0 for an empty group)."""

@@ -69,11 +69,12 @@ def brute_force(lengths, cm: CostModel) -> float:
 @pytest.mark.parametrize("seed", range(8))
 def test_small_instances_are_optimal_against_brute_force(seed):
     rng = np.random.default_rng(seed)
-    cm = tiny_model(b=float(rng.choice([0.5, 5.0, 30.0])))
+    cm = tiny_model(b=float(rng.choice([0.5, 5.0, 30.0])), per_sequence_ms=float(rng.choice([0.0, 2.0])),
+                    step_overhead_ms=float(rng.choice([0.0, 7.0])))
     lengths = [int(x) for x in rng.integers(5, 380, size=int(rng.integers(2, 6)))]
     plan = plan_batch(lengths, cm, time_limit=30)
     validate_plan(plan, lengths, cm)
-    optimum = brute_force(lengths, cm)
+    optimum = brute_force(lengths, cm) + cm.step_overhead_ms
     # Both sides sum the same floating-point terms; 1e-6 relative absorbs summation order only.
     assert plan.predicted_ms == pytest.approx(optimum, rel=1e-6)
     assert plan.status == "optimal"
