@@ -110,12 +110,13 @@ def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1
             if nm >= max_mbs:
                 return None
             within = [k for k in feas if t[k] <= tau]
-            if within:
+            if within and (giant_stretch <= 1.0 or within[0] == feas[0]):
                 k, mb_cap[nm] = within[0], tau
-            else:  # a giant sets its own micro-batch's cap
+            else:  # a giant (or, when stretching, a sequence that would need more than its
+                # least-work degree to meet tau) sets its own micro-batch's cap
                 stretched = [k for k in feas if t[k] <= giant_stretch * tau]
                 k = stretched[0] if stretched else int(feas[np.argmin(t[feas])])
-                mb_cap[nm] = t[k]
+                mb_cap[nm] = max(t[k], tau)
             mb_free[nm] = n_dev
             target, nm = nm, nm + 1
         g_mb[ng], g_k[ng], g_load[ng], g_tok[ng], g_captok[ng] = target, k, t[k], L, degrees[k] * cap

@@ -145,8 +145,8 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
             tried.append({"micro_batches": m, "stretch": stretch, "tau": round(tau, 3), "ms": round(cost, 3)})
             if cost < best_cost - 1e-9:
                 best_cost, best_mbs, best_key = cost, mbs, (m, stretch, tau)
-            if tau >= float(wl.min_time.max()):
-                break  # no giant at this cap: other stretches give the same packing
+            if tau >= float(wl.time[np.argmax(wl.fits, axis=0), np.arange(len(wl.lengths))].max()):
+                break  # every sequence meets the cap at its least-work degree: stretching changes nothing
     if best_key is not None:
         m, stretch, tau = best_key
         found = _bisect_tau(wl, order, m, stretch, deadline, bracket=(tau * (1 - coarse), tau))
