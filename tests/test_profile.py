@@ -16,9 +16,9 @@ from solver.planner import plan_batch
 SHAPES = [[128], [256], [512], [1024], [2048], [64] * 8, [32] * 32, [512, 256, 128], [1024, 1024]]
 
 
-def _time(L, a1, a2, b, sp=1, c=0.0):
+def _time(L, a1, a2, b, sp=1, c=0.0, s=0.0):
     L = np.asarray(L, dtype=float)
-    return (a1 * (L * L).sum() + a2 * L.sum()) / sp + b + c * L.sum()
+    return (a1 * (L * L).sum() + a2 * L.sum()) / sp + b + c * L.sum() + s * L.size
 
 
 def test_fit_recovers_known_coefficients():
@@ -28,6 +28,69 @@ def test_fit_recovers_known_coefficients():
     assert fit.a2 == pytest.approx(a2, rel=1e-6)
     assert fit.b == pytest.approx(b, rel=1e-6)
     assert fit.max_abs_rel < 1e-6
+
+
+def test_fit_recovers_per_sequence_ms():
+    a1, a2, s, b = 3e-5, 0.11, 0.45, 17.0
+    shapes = SHAPES + [[16] * 64, [512] + [16] * 32]
+    samples = [(L, _time(L, a1, a2, b, s=s)) for L in shapes]
+    fit = fit_compute(samples)
+    assert fit.per_seq == pytest.approx(s, rel=1e-6)
+    assert (fit.a1, fit.a2, fit.b) == pytest.approx((a1, a2, b), rel=1e-6)
+    assert fit.max_abs_rel < 1e-6
+    assert set(fit.stderr) == {"a1", "a2", "per_seq", "b"} and fit.stderr["per_seq"] < 1e-6
+    # the paper's three-term form cannot express it: a visible misfit, per_seq pinned at 0
+    old = fit_compute(samples, per_sequence=False)
+    assert old.per_seq == 0.0 and old.max_abs_rel > 0.05
+    # a group's document term is paid on every rank: not divided by the degree
+    comp_c, errs = fit_comm_per_token([(L, _time(L, a1, a2, b, sp=2, s=s)) for L in shapes], fit, 2)
+    assert comp_c == pytest.approx(0.0, abs=1e-9) and max(map(abs, errs)) < 1e-6
+
+
+def test_noisy_per_sequence_fit_reports_its_uncertainty():
+    rng = np.random.default_rng(1)
+    shapes = (SHAPES + [[16] * 64, [512] + [16] * 32]) * 2
+    fit = fit_compute([(L, _time(L, 3e-5, 0.11, 17.0, s=0.45) * (1 + 0.03 * rng.standard_normal())) for L in shapes])
+    assert fit.per_seq == pytest.approx(0.45, rel=0.5)
+    assert all(v > 0 for v in fit.stderr.values())
+
+
+def _synthetic_raw(optimizer_ms=40.0):
+    a1, a2, s, b = 3e-5, 0.11, 0.45, 17.0
+    shapes = SHAPES + [[16] * 64, [512] + [16] * 32]
+    return {"world_size": 2, "device": "cpu", "backend": "gloo", "model": "tiny", "threads_per_rank": 1,
+            "model_config": {"vocab_size": 512, "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2,
+                             "intermediate": 192, "dtype": "float32"},
+            "num_params": 160000, "cpu_count": 2, "repeats": 3, "loadavg_start": [1.0, 1.0, 1.0],
+            "loadavg_end": [1.5, 1.0, 1.0], "loadavg_per_pass": [[1.2, 1, 1], [1.4, 1, 1]],
+            "compute": [(L, _time(L, a1, a2, b, s=s)) for L in shapes],
+            "comm": {"ulysses:2": [(L, _time(L, a1, a2, b, sp=2, s=s, c=0.01)) for L in SHAPES[:4]]},
+            "links": {}, "optimizer_ms": optimizer_ms, "optimizer_spread_ms": [optimizer_ms, 41.0, 45.0],
+            "activation": {"method": "synthetic", "points": [], "bytes_per_token": 4096.0}}
+
+
+def test_written_cost_model_has_per_sequence_and_step_overhead(tmp_path):
+    from flexsp.profile.build import build_cost_model
+    from flexsp.profile.report import write_outputs
+    from solver.build import price_plan
+
+    raw = _synthetic_raw(optimizer_ms=40.0)
+    cfg = ProfileConfig(name="synth", capacity_tokens=1024)
+    cm = build_cost_model(cfg, raw)
+    raw["cost_model"] = cm.to_dict()
+    raw["validation"] = []
+    paths = write_outputs(raw, tmp_path, "synth", make_plot=False)
+    data = json.loads(paths["cost_model"].read_text())
+    assert data["step_overhead_ms"] == pytest.approx(40.0)
+    assert data["per_sequence_ms"] == pytest.approx(0.45, rel=1e-6)
+    loaded = CostModel.load(paths["cost_model"])
+    assert loaded.capacity_tokens == 1024
+    plan = plan_batch([900, 100, 30, 20, 5], loaded, time_limit=0.5)
+    assert plan.predicted_ms == pytest.approx(price_plan(plan, [900, 100, 30, 20, 5], loaded))
+    assert plan.predicted_ms > 40.0
+    text = paths["summary"].read_text()
+    assert "per_sequence_ms = 0.4500" in text and "step_overhead_ms = 40.00" in text
+    assert "load average" in text.lower()
 
 
 def test_fit_with_noise_stays_close_and_non_negative():
@@ -91,10 +154,24 @@ def test_end_to_end_profile_two_ranks(tmp_path):
     assert cm.num_devices == 2 and cm.heads == 4 and cm.kv_heads == 2
     assert set(cm.bandwidth_gbps) == {2} and set(cm.p2p_bandwidth_gbps) == {2}
     assert cm.act_mb_per_token > 0 and "flexsp-profile" in cm.source
+    assert cm.step_overhead_ms > 0 and cm.per_sequence_ms >= 0
     plan = plan_batch([100, 30, 20, 5], cm, time_limit=0.5)
     assert plan.num_devices == 2 and plan.predicted_ms > 0
     assert load_cost_model(str(paths["cost_model"]), 4).num_devices == 4  # training reads it too
     report = json.loads(paths["report"].read_text())
     kinds = {r["kind"] for r in report["validation"]}
     assert kinds == {"micro-batch", "step"}
+    assert all(len(r["all_ms"]) == 1 for r in report["validation"])  # repeats=1: one interleaved run each
+    assert report["loadavg_start"] and report["loadavg_end"] and len(report["loadavg_per_pass"]) == 1
     assert "Validation" in paths["summary"].read_text()
+
+
+def test_joint_fit_recovers_compute_and_comm_terms():
+    from flexsp.profile.fit import fit_joint
+    a1, a2, s, b, c = 3e-5, 0.11, 0.45, 17.0, 0.02
+    shapes = SHAPES + [[16] * 64, [512] + [16] * 32]
+    comp, comm = fit_joint([(L, _time(L, a1, a2, b, s=s)) for L in shapes],
+                           {"ulysses:2": [(L, _time(L, a1, a2, b, sp=2, c=c, s=s)) for L in SHAPES[:5]]})
+    assert (comp.a1, comp.a2, comp.per_seq, comp.b) == pytest.approx((a1, a2, s, b), rel=1e-6)
+    assert comm["ulysses:2"]["ms_per_token"] == pytest.approx(c, rel=1e-6)
+    assert max(map(abs, comm["ulysses:2"]["rel_errors"])) < 1e-6

@@ -11,7 +11,7 @@ from solver.costmodel import CostModel
 from solver.presets import PAPER_BANDWIDTH
 
 from flexsp.profile.config import ProfileConfig
-from flexsp.profile.fit import fit_comm_per_token, fit_compute, fit_link
+from flexsp.profile.fit import fit_comm_per_token, fit_compute, fit_joint, fit_link
 
 UNMEASURED_GBPS = 1e6
 """Effective bandwidth written when the measured communication cost is ~0 (no degree penalty)."""
@@ -48,21 +48,34 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None) -> CostModel:
     """Fit every term and return the CostModel; the fits are stored in ``raw['fit']``."""
     world = int(raw["world_size"])
     mc = raw["model_config"]
-    comp = fit_compute([(L, ms) for L, ms in raw["compute"]])
+    comm_rows = {k: [(L, ms) for L, ms in rows] for k, rows in raw.get("comm", {}).items()}
+    joint = None
+    if cfg.joint_fit and comm_rows:
+        comp, joint = fit_joint([(L, ms) for L, ms in raw["compute"]], comm_rows, per_sequence=cfg.fit_per_sequence)
+    else:
+        comp = fit_compute([(L, ms) for L, ms in raw["compute"]], per_sequence=cfg.fit_per_sequence)
     a2a_mb, ring_mb = volumes_mb_per_token(mc)
-    fit = {"compute": {"a1": comp.a1, "a2": comp.a2, "b": comp.b,
+    step_ms = float(raw["optimizer_ms"])
+    fit = {"compute": {"a1": comp.a1, "a2": comp.a2, "per_seq": comp.per_seq, "b": comp.b,
+                       "stderr": comp.stderr,
                        "median_abs_rel_err": comp.median_abs_rel, "max_abs_rel_err": comp.max_abs_rel,
                        "rel_errors": comp.rel_errors},
+           "step_overhead_ms": step_ms,
+           "step_overhead_spread_ms": raw.get("optimizer_spread_ms"),
            "comm": {}, "links": {}}
     bw, p2p = {}, {}
     for key, rows in raw.get("comm", {}).items():
         mode, d = key.split(":")
         d = int(d)
-        c, errs = fit_comm_per_token(rows, comp, d)
+        if joint is not None:
+            c, errs = joint[key]["ms_per_token"], joint[key]["rel_errors"]
+        else:
+            c, errs = fit_comm_per_token(rows, comp, d)
         vol = a2a_mb / d if mode == "ulysses" else ring_mb * (d - 1) / d
         eff = vol / c if c > 0 else UNMEASURED_GBPS
         (bw if mode == "ulysses" else p2p)[d] = eff
         fit["comm"][key] = {"ms_per_token": c, "effective_gbps": eff, "rel_errors": errs,
+                            "stderr": joint[key]["stderr"] if joint is not None else None,
                             "max_abs_rel_err": max(abs(e) for e in errs)}
     for key, rows in raw.get("links", {}).items():
         lat, gbps = fit_link([s for s, _ in rows], [t for _, t in rows])
@@ -78,13 +91,18 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None) -> CostModel:
     dpn = cfg.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     source = (f"flexsp-profile on {raw['device']} ({raw['backend']}), {world} rank(s) all busy while timing, "
               f"{raw['threads_per_rank']} thread(s)/rank, engine {cfg.engine}, model {cfg.model}; "
-              f"a1/a2/b: NNLS on relative error of {len(raw['compute'])} packed micro-batches at degree 1 "
-              f"(max rel err {comp.max_abs_rel:.1%}); bandwidths: effective, from timed SP micro-batches"
+              + (f"a1/a2/per_sequence_ms/b and comm per token: one joint NNLS on relative error of "
+                 f"{len(raw['compute'])} packed micro-batches at degree 1 and "
+                 f"{sum(len(v) for v in comm_rows.values())} at degree > 1" if joint is not None else
+                 f"a1/a2/per_sequence_ms/b: NNLS on relative error of {len(raw['compute'])} packed micro-batches at "
+                 f"degree 1")
+              + f" (degree-1 max rel err {comp.max_abs_rel:.1%}); step_overhead_ms: the timed optimizer step "
+              f"(engine.step: grad norm, AdamW, zero_grad); every time the fastest of {cfg.repeats} runs; bandwidths: effective, from timed SP micro-batches"
               + (" -- NOT MEASURED (one device): paper defaults" if defaults_used else "")
               + f"; activation: {raw['activation']['method']}; memory: {mem_note}")
     return CostModel(
         name=cfg.name, num_devices=world, devices_per_node=min(dpn, world), memory_mb=float(memory_mb),
-        a1=comp.a1, a2=comp.a2, b=comp.b,
+        a1=comp.a1, a2=comp.a2, b=comp.b, per_sequence_ms=comp.per_seq, step_overhead_ms=step_ms,
         a2a_mb_per_token=a2a_mb, bandwidth_gbps=bw,
         act_mb_per_token=max(act, 1e-9), params_gi=raw["num_params"] / 2**30,
         state_bytes_per_param=4.0 * elem, zero_stage=3, heads=mc["heads"], kv_heads=mc["kv_heads"],

@@ -25,25 +25,35 @@ class ProfileConfig:
     """Training engine the micro-batches run under (its per-micro-batch collectives land in b)."""
     compute_shapes: list = field(default_factory=lambda: [
         [128], [256], [512], [1024], [1536], [2048],
-        [64] * 8, [32] * 32, [128] * 8, [256] * 4, [512] * 2, [1024, 256, 128, 64, 32, 32],
-        [2048, 512], [768, 768, 256]])
-    """Packed batches (lists of document lengths) timed at degree 1 for the a1/a2/b fit."""
-    comm_shapes: list = field(default_factory=lambda: [[512], [2048], [256] * 4, [1024, 512, 256, 128, 64, 64]])
+        [64] * 8, [32] * 32, [16] * 64, [128] * 8, [256] * 4, [512] * 2, [1024, 256, 128, 64, 32, 32],
+        [2048, 512], [768, 768, 256], [512] + [16] * 32])
+    """Packed batches (lists of document lengths) timed at degree 1 for the a1/a2/per_sequence/b fit
+    (shapes with many short documents pin the per-document term)."""
+    comm_shapes: list = field(default_factory=lambda: [[512], [1024], [1536], [2048], [256] * 4,
+                                                       [1024, 512, 256, 128, 64, 64], [1024] + [32] * 16])
     """Packed batches timed at every degree >= 2 and attention mode for the communication fit."""
+    fit_per_sequence: bool = True
+    """Fit the per-document term (CostModel.per_sequence_ms); False keeps the paper's a1/a2/b form."""
+    joint_fit: bool = True
+    """Fit compute and communication terms in one NNLS over every timed shape (degree 1 and SP
+    groups share a1/a2/per_sequence/b, as the CostModel does); False: compute first, then the
+    communication residual per degree."""
     modes: list = field(default_factory=lambda: ["ulysses", "ring"])
     """Attention modes to profile at degrees >= 2 (ring fills ring_mb_per_token/p2p bandwidth)."""
     link_mb: list = field(default_factory=lambda: [0.25, 2.0, 8.0])
     """Per-rank message sizes (MB) of the all-to-all and ring p2p micro-benchmarks."""
-    repeats: int = 3
-    """Timed repetitions per shape (median kept), after one warm-up."""
+    repeats: int = 5
+    """Timed repetitions of every item (fit shapes, optimizer step, validation micro-batches and
+    steps), interleaved round-robin after one warm-up; the fastest is kept."""
     memory_mb: float = 0.0
     """Usable memory per device, MB (0: CUDA total memory, or on CPU MemAvailable / ranks)."""
     capacity_tokens: int = 0
     """If > 0, tokens per device written as capacity_override (emulates a memory budget)."""
     devices_per_node: int = 0
     """Ranks per node (0: LOCAL_WORLD_SIZE from the launcher, else the world size)."""
-    validate_batches: int = 2
-    """Held-out long-tailed global batches to plan and run for predicted-vs-measured (0: skip)."""
+    validate_batches: int = 3
+    """Held-out long-tailed global batches to plan and run for predicted-vs-measured (0: skip).
+    Their micro-batches and steps are timed interleaved with the fit shapes (same load drift)."""
     validate_distribution: str = "wikipedia"
     """solver.workloads distribution of the held-out batches (scaled to validate_max_len)."""
     validate_tokens: int = 6144

@@ -9,14 +9,19 @@ share the cores each rank computes at the speed it will have in training):
 - communication: the same through groups of degree d = 2, 4, ... in Ulysses and ring mode;
 - links: ``all_to_all_single`` and a ring ``batch_isend_irecv`` on every aligned group of each
   degree concurrently (as the groups of one micro-batch run);
-- the optimizer step (a per-step cost outside the CostModel's per-group form);
+- the optimizer step (``engine.step``): the CostModel's ``step_overhead_ms``;
 - activation memory per token: CUDA allocator peak (``max_memory_allocated``) or, on CPU, the
   bytes of the tensors autograd saves for backward (``saved_tensors_hooks``), an estimate;
-- validation: held-out long-tailed global batches planned with the fitted model
-  (``plan_batch`` and static full-degree SP), every micro-batch and the whole step timed.
+- validation: held-out long-tailed global batches planned (``plan_batch`` and static full-degree
+  SP) with a provisional fit of the warm-up pass; every micro-batch alone and the whole step timed.
 
-Each timed region is fenced by barriers; rank 0's wall time is the slowest rank's. Every figure
-is the fastest of ``repeats`` runs: on a shared machine other jobs only add time.
+Noise control: after one warm-up pass, every item -- fit shapes, the optimizer step, held-out
+micro-batches and steps -- is timed in the same ``repeats`` passes (order reversed every other
+pass), so load drift on a shared machine hits the fit and the validation alike; each figure is the
+fastest of the ``repeats`` runs (other jobs only ever add time). The held-out predictions are
+re-priced with the final fit. Load averages are recorded at the start, after warm-up, after every
+pass and at the end. Each timed region is fenced by barriers (rank 0's wall time is the slowest
+rank's).
 """
 from __future__ import annotations
 
@@ -163,11 +168,11 @@ def rank_body(cfg_dict: dict) -> dict | None:
     executor.source = shapes.source
 
     n_links = len(degrees) * 2 * len(cfg.link_mb)
-    total = (len(compute_ids) + len(comm_ids) * len(degrees) * len(modes)) * (cfg.repeats + 1) + n_links + 2
+    n_fit = len(compute_ids) + len(comm_ids) * len(degrees) * len(modes) + 1
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
-        bar = tqdm(total=total, desc="profile", unit="run", dynamic_ncols=True)
+        bar = tqdm(total=n_fit + n_links + 1, desc="profile", unit="run", dynamic_ncols=True)
 
     def tick(n=1):
         if bar is not None:
@@ -182,44 +187,56 @@ def rank_body(cfg_dict: dict) -> dict | None:
         dist.barrier()
         return (time.perf_counter() - t0) * 1e3
 
-    def time_plans(items, repeats) -> list[float]:
-        """Fastest of ``repeats`` runs (ms) of every (plan, batch), repetitions interleaved
-        round-robin. The minimum, not the median: on a shared machine other jobs only ever add
-        time, and the validation uses the same statistic."""
-        for plan, batch in items:  # warm-up (allocator, kernels, first call)
-            timed(lambda: executor.run(plan, batch))
-            tick()
-        ts = [[] for _ in items]
-        for _ in range(repeats):
-            for k, (plan, batch) in enumerate(items):
-                ts[k].append(timed(lambda: executor.run(plan, batch)))
-                engine.optimizer.zero_grad(set_to_none=True)
+    def run_mb(plan, batch):
+        """One forward/backward of ``plan`` (gradients dropped, untimed)."""
+        def f():
+            ms = timed(lambda: executor.run(plan, batch))
+            engine.optimizer.zero_grad(set_to_none=True)
+            return ms
+        return f
+
+    def run_step(plan, batch):
+        """A whole training step: every micro-batch + the optimizer step (engine.step zeroes grads)."""
+        def body():
+            executor.run(plan, batch)
+            engine.step()
+        return lambda: timed(body)
+
+    opt_plan, opt_batch = one_mb_plan(world, 1, len(compute_ids[0]), "local"), shapes.batch(compute_ids[0])
+
+    def run_opt():
+        executor.run(opt_plan, opt_batch)  # untimed: gradients for the step to apply
+        return timed(engine.step)
+
+    def passes(items: dict, repeats: int, times: dict, loads: list | None = None) -> None:
+        """``repeats`` passes over every item, order reversed on odd passes (drift hits all alike)."""
+        keys = list(items)
+        for r in range(repeats):
+            for k in (keys if r % 2 == 0 else keys[::-1]):
+                times.setdefault(k, []).append(items[k]())
                 tick()
-        return [min(t) for t in ts]
+            if loads is not None:
+                loads.append(list(os.getloadavg()))
 
     out: dict = {"world_size": world, "device": str(device), "backend": dist.get_backend(),
                  "model": cfg.model, "model_config": {k: getattr(mcfg, k) for k in
                                                       ("vocab_size", "hidden", "layers", "heads", "kv_heads",
                                                        "intermediate", "dtype")},
                  "num_params": mcfg.num_params(), "threads_per_rank": torch.get_num_threads(),
-                 "cpu_count": os.cpu_count(), "loadavg_start": list(os.getloadavg())}
-    # -- compute at degree 1 and SP groups per degree and mode, all ranks busy ------------------
-    items, keys = [], []
-    for ids in compute_ids:
-        items.append((one_mb_plan(world, 1, len(ids), "local"), shapes.batch(ids)))
-        keys.append(None)
+                 "cpu_count": os.cpu_count(), "loadavg_start": list(os.getloadavg()), "repeats": cfg.repeats,
+                 "statistic": f"fastest of {cfg.repeats} runs per item after one warm-up; fit and validation "
+                              f"items interleaved in the same passes (order reversed every other pass)"}
+    # -- fit items: compute at degree 1, SP groups per degree and mode, the optimizer step -------
+    fit_items: dict = {}
+    for j, ids in enumerate(compute_ids):
+        fit_items[("compute", j)] = run_mb(one_mb_plan(world, 1, len(ids), "local"), shapes.batch(ids))
     for d in degrees:
         for mode in modes:
-            for ids in comm_ids:
-                items.append((one_mb_plan(world, d, len(ids), mode), shapes.batch(ids)))
-                keys.append(f"{mode}:{d}")
-    times = time_plans(items, cfg.repeats)
-    out["compute"] = [(list(b.lengths), ms) for (_, b), k, ms in zip(items, keys, times) if k is None]
-    comm: dict = {}
-    for (_, b), k, ms in zip(items, keys, times):
-        if k is not None:
-            comm.setdefault(k, []).append((list(b.lengths), ms))
-    out["comm"] = comm
+            for j, ids in enumerate(comm_ids):
+                fit_items[(f"{mode}:{d}", j)] = run_mb(one_mb_plan(world, d, len(ids), mode), shapes.batch(ids))
+    fit_items[("optimizer", 0)] = run_opt
+    warm: dict = {}
+    passes(fit_items, 1, warm)  # warm-up; also the provisional fit that plans the held-out batches
     # -- links ---------------------------------------------------------------------------------
     links = {}
     for d in degrees:
@@ -242,23 +259,12 @@ def rank_body(cfg_dict: dict) -> dict | None:
                             r.wait()
                 timed(fn)
                 ts = [timed(fn) for _ in range(cfg.repeats)]
-                ts = [min(ts)]
                 # bytes each rank sends: all-to-all keeps 1/d locally
                 sent = n * 4 * ((d - 1) / d if kind == "all_to_all" else 1)
-                rows.append((sent, statistics.median(ts)))
+                rows.append((sent, min(ts)))
                 tick()
             links[f"{kind}:{d}"] = rows
     out["links"] = links
-    # -- optimizer step (per step, outside the per-group form) ---------------------------------
-    batch = shapes.batch(compute_ids[0])
-    executor.run(one_mb_plan(world, 1, len(compute_ids[0]), "local"), batch)
-    ts = []
-    for _ in range(cfg.repeats):
-        ts.append(timed(engine.step))
-        executor.run(one_mb_plan(world, 1, len(compute_ids[0]), "local"), batch)
-    engine.optimizer.zero_grad(set_to_none=True)
-    out["optimizer_ms"] = min(ts)
-    tick()
     # -- activation memory (rank 0, a plain copy of the model: no collectives) -----------------
     if rank == 0:
         plain = Transformer(mcfg, device=device)
@@ -272,63 +278,87 @@ def rank_body(cfg_dict: dict) -> dict | None:
         del plain
     tick()
     dist.barrier()
-    # -- fit on rank 0, validate on everyone -----------------------------------------------------
     from flexsp.profile.build import build_cost_model
-    payload = [None]
-    if rank == 0:
-        payload[0] = build_cost_model(cfg, out, topo).to_dict()
+    from solver.plan import Plan
+
+    def collect(times: dict) -> None:
+        out["compute"] = [(list(shapes.batch(ids).lengths), min(times[("compute", j)]))
+                          for j, ids in enumerate(compute_ids)]
+        comm: dict = {}
+        for (key, j), ts in times.items():
+            if key not in ("compute", "optimizer") and not isinstance(key, tuple) and key.count(":") == 1:
+                comm.setdefault(key, []).append((list(shapes.batch(comm_ids[j]).lengths), min(ts)))
+        out["comm"] = comm
+        ts = times[("optimizer", 0)]
+        out["optimizer_ms"] = min(ts)
+        out["optimizer_spread_ms"] = [min(ts), statistics.median(ts), max(ts)]
+
+    # -- held-out plans from a provisional fit of the warm-up times (rank 0) ---------------------
+    box = [None]
+    if rank == 0 and held_ids:
+        collect(warm)
+        provisional = build_cost_model(cfg, dict(out), topo)
+        box[0] = plan_heldout(provisional, [shapes.batch(ids).lengths for ids in held_ids])
     if world > 1:
-        dist.broadcast_object_list(payload, src=0)
-    from solver.costmodel import CostModel
-    cm = CostModel.from_dict(payload[0])
-    out["cost_model"] = payload[0]
-    out["loadavg_end_of_fit"] = list(os.getloadavg())
+        dist.broadcast_object_list(box, src=0)
+    held_plans = [{m: Plan.from_dict(p) for m, p in d.items()} for d in (box[0] or [])]
+    val_items: dict = {}
+    for k, (ids, plans) in enumerate(zip(held_ids, held_plans)):
+        batch = shapes.batch(ids)
+        for m, plan in plans.items():
+            for i in range(len(plan.micro_batches)):
+                val_items[("val-mb", k, m, i)] = run_mb(sub_plan(plan, i), batch)
+            val_items[("val-step", k, m, -1)] = run_step(plan, batch)
+    if bar is not None:
+        bar.total += len(val_items) * (cfg.repeats + 1) + n_fit * cfg.repeats
+        bar.refresh()
+    scratch: dict = {}
+    passes(val_items, 1, scratch)  # warm-up of the held-out plans
+    out["loadavg_after_warmup"] = list(os.getloadavg())
+    # -- the measurement: fit and validation items interleaved in every pass ---------------------
+    times: dict = {}
+    loads: list = []
+    passes({**fit_items, **val_items}, cfg.repeats, times, loads)
+    out["loadavg_per_pass"] = loads
+    out["loadavg_end"] = list(os.getloadavg())
     if bar is not None:
         bar.close()
-    out["validation"] = validate(cm, held_ids, shapes, executor, engine, timed, rank, world,
-                                 out["optimizer_ms"], cfg.progress, cfg.repeats)
-    return out if rank == 0 else None
+    if rank != 0:
+        return None
+    collect({k: v for k, v in times.items() if k[0] not in ("val-mb", "val-step")})
+    cm = build_cost_model(cfg, out, topo)
+    out["cost_model"] = cm.to_dict()
+    out["validation"] = validation_rows(cm, held_ids, held_plans, shapes, times)
+    out["heldout"] = [{"lengths": list(shapes.batch(ids).lengths), "plans": plans}
+                      for ids, plans in zip(held_ids, box[0] or [])]  # to re-price with another model
+    return out
 
 
-def validate(cm, held_ids, shapes, executor, engine, timed, rank, world, optimizer_ms, progress=False,
-             repeats: int = 3) -> list:
-    """Plan each held-out batch (FlexSP and static full-degree SP), time every micro-batch alone
-    and the whole step (executor + optimizer); rows of predicted vs measured ms (rank 0)."""
+def plan_heldout(cm, batches) -> list[dict]:
+    """FlexSP and static full-degree plans of each held-out batch (as dicts, to broadcast)."""
     from solver.baselines import static_plan
-    from solver.plan import Plan
     from solver.planner import plan_batch
+    return [{"flexsp": plan_batch(lens, cm, time_limit=1.0).to_dict(), "static": static_plan(lens, cm).to_dict()}
+            for lens in batches]
 
+
+def validation_rows(cm, held_ids, held_plans, shapes, times) -> list:
+    """Predicted (final fitted model, re-priced) vs measured (fastest of the interleaved runs) for every
+    held-out micro-batch timed alone and every whole step (micro-batches + optimizer)."""
+    from solver.build import price_plan
     rows = []
-    for k, ids in enumerate(held_ids):
-        batch = shapes.batch(ids)
-        for method in ("flexsp", "static"):
-            box = [None]
-            if rank == 0:
-                plan = (plan_batch(batch.lengths, cm, time_limit=1.0) if method == "flexsp"
-                        else static_plan(batch.lengths, cm))
-                box[0] = plan.to_dict()
-            if world > 1:
-                dist.broadcast_object_list(box, src=0)
-            plan = Plan.from_dict(box[0])
-            timed(lambda: executor.run(plan, batch))  # warm-up
-            engine.optimizer.zero_grad(set_to_none=True)
+    for k, (ids, plans) in enumerate(zip(held_ids, held_plans)):
+        lengths = shapes.batch(ids).lengths
+        for method, plan in plans.items():
             for i, mb in enumerate(plan.micro_batches):
-                sub = sub_plan(plan, i)
-                ms = min(timed(lambda: executor.run(sub, batch)) for _ in range(repeats))
+                ts = times[("val-mb", k, method, i)]
+                pred = max(cm.group_time_ms([lengths[j] for j in g.seq_ids], g.sp) for g in mb.groups)
                 rows.append({"batch": k, "method": method, "kind": "micro-batch", "index": i,
                              "groups": " + ".join(f"{g.sp}" for g in mb.groups),
-                             "predicted_ms": mb.predicted_ms, "measured_ms": ms})
-            engine.optimizer.zero_grad(set_to_none=True)
-            steps = []
-            for _ in range(repeats):
-                def step():
-                    executor.run(plan, batch)
-                    engine.step()
-                steps.append(timed(step))
+                             "docs": sum(len(g.seq_ids) for g in mb.groups),
+                             "predicted_ms": pred, "measured_ms": min(ts), "all_ms": ts})
+            ts = times[("val-step", k, method, -1)]
             rows.append({"batch": k, "method": method, "kind": "step", "index": -1, "groups": plan.summary(),
-                         "tokens": batch.num_tokens, "predicted_ms": plan.predicted_ms + optimizer_ms,
-                         "measured_ms": min(steps)})
-            if rank == 0 and progress:
-                print(f"[profile] validation batch {k} {method}: {plan.summary()} predicted "
-                      f"{rows[-1]['predicted_ms']:.0f} ms, measured {rows[-1]['measured_ms']:.0f} ms", flush=True)
+                         "tokens": int(sum(lengths)), "docs": len(lengths),
+                         "predicted_ms": price_plan(plan, lengths, cm), "measured_ms": min(ts), "all_ms": ts})
     return rows

@@ -21,6 +21,18 @@ def _table(header, rows) -> list[str]:
     return out
 
 
+def _load(x) -> str:
+    return "/".join(f"{v:.2f}" for v in x) if x else "?"
+
+
+def _spread(ts):
+    return [min(ts), float(np.median(ts)), max(ts)] if ts else None
+
+
+def _ms3(x) -> str:
+    return "/".join(f"{v:.0f}" for v in x) if x else "-"
+
+
 def error_stats(rows, kind: str) -> tuple[float, float, int]:
     errs = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in rows if r["kind"] == kind]
     if not errs:
@@ -36,24 +48,43 @@ def summary_lines(raw: dict, cmd: str = "") -> list[str]:
     lines = [f"# flexsp-profile: {cm.name}", ""]
     if cmd:
         lines += [f"Command: `{cmd}`", ""]
+    se = c.get("stderr") or {}
+
+    def pm(key, fmt):
+        return f"{c.get(key, 0.0):{fmt}}" + (f" +- {se[key]:{fmt}}" if key in se else "")
+
+    loads = raw.get("loadavg_per_pass") or []
+    one_min = [x[0] for x in loads]
     lines += [f"Machine: {platform.node() or '?'} {platform.machine()}, {raw['device']} ({raw['backend']}), "
               f"{raw['world_size']} rank(s), {raw['threads_per_rank']} thread(s)/rank; model {raw['model']} "
               f"{raw['model_config']} ({raw['num_params'] / 1e6:.2f}M params). Date: {raw.get('date', '?')}. "
-              f"CPUs: {raw.get('cpu_count')}; load average (1/5/15 min) at start {raw.get('loadavg_start')}, "
-              f"after the fit {raw.get('loadavg_end_of_fit')} (other work on the machine inflates timings).", "",
+              f"CPUs: {raw.get('cpu_count')}.", "",
+              f"Load average (1/5/15 min): start {_load(raw.get('loadavg_start'))}, end {_load(raw.get('loadavg_end'))}"
+              + (f"; 1-min load after each timed pass {min(one_min):.2f}-{max(one_min):.2f}" if one_min else "")
+              + " (other work on the machine inflates timings).", "",
+              f"Statistic: {raw.get('statistic', 'fastest of N runs')}.", "",
               "## Compute fit (degree 1, every rank busy)", "",
-              f"time = a1 * sum L^2 + a2 * sum L + b: **a1 = {c['a1']:.4e} ms/token^2, a2 = {c['a2']:.4e} ms/token, "
-              f"b = {c['b']:.3f} ms**; relative fit error median {c['median_abs_rel_err']:.1%}, "
+              "time = a1 * sum L^2 + a2 * sum L + per_sequence_ms * docs + b (NNLS on relative error; "
+              "+- is the jackknife standard error, refitting without each shape):", "",
+              f"- a1 = {pm('a1', '.4e')} ms/token^2", f"- a2 = {pm('a2', '.4e')} ms/token",
+              f"- per_sequence_ms = {pm('per_seq', '.4f')} ms per document (not divided by the degree)",
+              f"- b = {pm('b', '.3f')} ms per micro-batch",
+              f"- step_overhead_ms = {fit.get('step_overhead_ms', raw.get('optimizer_ms', 0.0)):.2f} ms per step "
+              f"(timed optimizer step; min/median/max over the passes {_ms3(fit.get('step_overhead_spread_ms'))})",
+              "", f"Relative fit error over the {len(raw['compute'])} fit shapes: median {c['median_abs_rel_err']:.1%}, "
               f"max {c['max_abs_rel_err']:.1%}.", ""]
     rows = []
     for (L, ms), e in zip(raw["compute"], c["rel_errors"]):
-        rows.append((_shape(L), sum(L), f"{ms:.1f}", f"{ms * (1 + e):.1f}", f"{e:+.1%}"))
-    lines += _table(["docs", "tokens", "measured ms", "fitted ms", "error"], rows)
+        rows.append((_shape(L), len(L), sum(L), f"{ms:.1f}", f"{ms * (1 + e):.1f}", f"{e:+.1%}"))
+    lines += _table(["shape", "docs", "tokens", "measured ms", "fitted ms", "error"], rows)
     if fit["comm"]:
         lines += ["", "## Communication (effective, from timed SP micro-batches)", ""]
-        rows = [(k.split(":")[0], k.split(":")[1], f"{v['ms_per_token'] * 1e3:.3f}", f"{v['effective_gbps']:.3g}",
+        rows = [(k.split(":")[0], k.split(":")[1], f"{v['ms_per_token'] * 1e3:.3f}"
+                 + (f" +- {v['stderr'] * 1e3:.3f}" if v.get("stderr") is not None else ""),
+                 f"{v['effective_gbps']:.3g}", f"{np.median(np.abs(v['rel_errors'])):.1%}",
                  f"{v['max_abs_rel_err']:.1%}") for k, v in fit["comm"].items()]
-        lines += _table(["mode", "degree", "us per token", "effective GB/s", "max rel err"], rows)
+        lines += _table(["mode", "degree", "us per token (+- jackknife s.e.)", "effective GB/s",
+                         "median rel err", "max rel err"], rows)
     if fit["links"]:
         lines += ["", "## Link micro-benchmarks (all groups of a degree at once)", ""]
         rows = [(k.split(":")[0], k.split(":")[1], f"{v['latency_ms']:.3f}", f"{v['gbps']:.3g}")
@@ -62,19 +93,21 @@ def summary_lines(raw: dict, cmd: str = "") -> list[str]:
     act = raw["activation"]
     lines += ["", f"Activation memory: {act['bytes_per_token'] / 2**10:.2f} KiB per token ({act['method']}); "
               f"points {act['points']}. Capacity: {cm.capacity_tokens} tokens per device "
-              f"({'override' if cm.capacity_override else f'{cm.memory_mb:.0f} MB'}).",
-              f"Optimizer step: {raw['optimizer_ms']:.1f} ms per step (outside the CostModel's per-group form; "
-              f"added to predicted step times below).", ""]
+              f"({'emulated budget (capacity_tokens)' if cm.capacity_override else f'{cm.memory_mb:.0f} MB'}).", ""]
     val = raw.get("validation") or []
     if val:
-        lines += ["## Validation on held-out long-tailed batches", ""]
+        lines += ["## Validation on held-out long-tailed batches", "",
+                  "Plans from a provisional fit of the warm-up pass; predictions re-priced with the final cost "
+                  "model above (steps include step_overhead_ms); measured: fastest of the interleaved runs.", ""]
         for kind in ("micro-batch", "step"):
             med, mx, n = error_stats(val, kind)
             lines.append(f"- {kind}: median |error| {med:.1%}, max {mx:.1%} over {n}")
         lines.append("")
-        rows = [(r["batch"], r["method"], r["kind"], r["groups"], f"{r['predicted_ms']:.1f}", f"{r['measured_ms']:.1f}",
+        rows = [(r["batch"], r["method"], r["kind"], r["groups"], r.get("docs", ""), f"{r['predicted_ms']:.1f}",
+                 f"{r['measured_ms']:.1f}", _ms3(_spread(r.get("all_ms"))),
                  f"{(r['predicted_ms'] - r['measured_ms']) / r['measured_ms']:+.1%}") for r in val]
-        lines += _table(["batch", "plan", "kind", "groups", "predicted ms", "measured ms", "error"], rows)
+        lines += _table(["batch", "plan", "kind", "groups", "docs", "predicted ms", "measured ms (min)",
+                         "runs min/med/max", "error"], rows)
     lines += ["", f"Source: {cm.source}", ""]
     return lines
 
