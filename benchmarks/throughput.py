@@ -15,17 +15,22 @@ are trained, in one invocation and on the same ranks, with:
 
 Every step = ``StepExecutor.run(plan)`` (all micro-batches, FSDP2) + the optimizer step, fenced by
 barriers; each method runs every batch ``--repeats`` times, methods interleaved per repetition
-(load drift hits all alike), the fastest kept (other jobs on a shared machine only add time).
-Predicted step time = the plan's cost-model time + the optimizer step measured here. The cost
+(order reversed every other repetition, so load drift hits all alike), the fastest kept (other
+jobs on a shared machine only add time). Predicted step time = the plan's ``predicted_ms`` from
+the CostModel alone (its per-group terms plus ``step_overhead_ms``, which the profiler sets from
+the timed optimizer step); the optimizer step is also timed here, for information only. The cost
 model is a ``flexsp-profile`` file; the memory budget C (tokens per rank) is an emulated one
 (``--capacity``), stated in the results, because a CPU's RAM would let any degree hold
 everything and static SP would degenerate to one micro-batch.
 
-    flexsp-profile world_size=4 name=profile_cpu4 output_dir=benchmarks/results
-    python benchmarks/throughput.py --cost-model benchmarks/results/profile_cpu4.json \
-        --world-size 4 --batches 2 --tokens 6144 --repeats 4 --out benchmarks/results/throughput_cpu4
+Primary configuration on a 2-core CPU box: 2 ranks x 1 thread (no oversubscription)::
 
-On CPU all ranks share the cores: the gains are small; they are what they are.
+    flexsp-profile world_size=2 capacity_tokens=1024 name=profile_cpu2 output_dir=benchmarks/results
+    python benchmarks/throughput.py --cost-model benchmarks/results/profile_cpu2.json \
+        --world-size 2 --batches 2 --tokens 4096 --repeats 4 --out benchmarks/results/throughput_cpu2
+
+Secondary: the same with world_size=4 / ``--world-size 4`` (4 ranks share 2 cores: a rank idle in a
+micro-batch frees CPU for the others, which the per-group cost model cannot express).
 """
 from __future__ import annotations
 
@@ -177,7 +182,7 @@ def rank_body(args: dict):
         finally:
             ex.shard_inputs = real_shard
 
-    # optimizer step alone (a per-step cost outside the per-group cost model)
+    # optimizer step alone: for information (the predictions use the cost model's step_overhead_ms)
     b0 = GlobalBatch(0, 0, (0,), (all_lens[0],))
     p0 = Plan.from_dict(plans_for([all_lens[0]], cm, world)["flexsp"]) if rank == 0 else None
     box = [p0.to_dict() if p0 else None]
@@ -210,7 +215,7 @@ def rank_body(args: dict):
             for m, plan in plans.items():
                 rows.append({"distribution": dname, "batch": k, "method": m, "tokens": sum(lens),
                              "docs": len(lens), "max_len": max(lens), "plan": plan.summary(),
-                             "predicted_ms": plan.predicted_ms + optimizer_ms,
+                             "predicted_ms": plan.predicted_ms,
                              "measured_ms": min(times[m]), "all_ms": times[m]})
             if rank == 0:
                 print(f"[throughput] {dname} batch {k}: " + ", ".join(
@@ -311,6 +316,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads-per-rank", type=int, default=1)
     p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed DistributedAttention baseline")
     p.add_argument("--timeout-s", type=float, default=1800)
+    p.add_argument("--note", default="", help="a paragraph written under the header of STEM.md (e.g. why this setup)")
     p.add_argument("--summarize", default=None, metavar="JSON",
                    help="only rewrite STEM.md/STEM.png of --out from a saved STEM.json (no runs)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "throughput_cpu"),
@@ -339,6 +345,8 @@ def main(argv=None) -> int:
                    machine=f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
                    loadavg_start=list(load0), loadavg_end=list(os.getloadavg()))
     lines, agg = summarize(res)
+    from solver.costmodel import CostModel
+    cmd_cm = CostModel.from_dict(res["cost_model"])
     head = [f"# Throughput: FlexSP adaptive vs static SP ({res['world_size']} ranks, {res['device']})", "",
             f"Command: `{cmd}`", "",
             f"Machine: {res['machine']}; {res['device']} ({res['backend']}), {res['world_size']} ranks x "
@@ -347,8 +355,14 @@ def main(argv=None) -> int:
             f"Model {a.model}; cost model {a.cost_model} with an emulated memory budget of C = {a.capacity} tokens "
             f"per rank; batches of ~{a.tokens} tokens, document lengths of each distribution (solver.workloads, "
             f"documents over {a.ref_len} dropped) scaled by {a.max_len}/{a.ref_len}; random tokens. Step = all "
-            f"micro-batches (FSDP2) + optimizer ({res['optimizer_ms']:.1f} ms, measured here); fastest of "
-            f"{a.repeats} runs per (batch, method), methods interleaved. Totals are over {a.batches} batches.", ""]
+            f"micro-batches (FSDP2) + optimizer step; fastest of {a.repeats} runs per (batch, method), methods "
+            f"interleaved (order reversed every other run). Totals are over {a.batches} batches.", "",
+            f"Predicted = the plan's CostModel time alone: per-group terms (a1, a2, b, per_sequence_ms = "
+            f"{cmd_cm.per_sequence_ms:.3f} ms/document, communication) + step_overhead_ms = "
+            f"{cmd_cm.step_overhead_ms:.1f} ms per step (from the profile). For information, the optimizer step "
+            f"timed here: {res['optimizer_ms']:.1f} ms (not used in predictions).", ""]
+    if getattr(a, "note", None):
+        head += [a.note, ""]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     detail = ["", "## Every step", "", "| dist | batch | method | tokens | plan | predicted ms | measured ms | error |",

@@ -57,3 +57,21 @@ def test_bad_arguments_exit_with_the_value():
         throughput.main(["--cost-model", "x.json", "--repeats", "0"])
     with pytest.raises(SystemExit, match="--max-len 9000 exceeds"):
         throughput.main(["--cost-model", "x.json", "--max-len", "9000"])
+
+
+def test_predictions_come_from_the_cost_model_alone():
+    """The step overhead and per-document cost are CostModel terms: every plan prices them itself
+    (the benchmark adds nothing on the side)."""
+    import inspect
+    from dataclasses import replace
+
+    from solver.build import price_plan
+    cm = replace(load_preset("cpu-gloo-tiny"), capacity_override=256, per_sequence_ms=0.5, step_overhead_ms=40.0,
+                 ring_mb_per_token=0.0, p2p_bandwidth_gbps={})  # static plans are priced Ulysses-only
+    lens = [500, 100, 60, 30, 30, 20, 8]
+    for name, d in throughput.plans_for(lens, cm, 4).items():
+        plan = Plan.from_dict(d)
+        assert plan.predicted_ms == pytest.approx(price_plan(plan, lens, cm)), name
+        assert plan.predicted_ms > 40.0
+    src = inspect.getsource(throughput.rank_body)
+    assert '"predicted_ms": plan.predicted_ms,' in src and "+ optimizer_ms" not in src
