@@ -3,7 +3,8 @@
 The form follows the FlexSP paper (see ``shared/reference/flexsp-paper.md``), generalised:
 
     time(group)  = sum_i (a1 * L_i^2 + a2 * L_i) / sp  +  b  +  comm(sp, attention) * sum_i L_i
-                   (+ per_sequence_ms per sequence; a plan adds step_overhead_ms once)
+                   (+ per_sequence_ms per sequence, + group_latency_ms[sp] per group;
+                    a plan adds step_overhead_ms once; all 0 in the paper's model)
     ulysses comm = a2a_mb_per_token / sp / bw[sp]        (0 when sp == 1; the paper's A2A term)
     ring comm    = ring_mb_per_token * (sp - 1) / sp / p2p_bw[sp]   (KV passes round the ring)
     memory(dev)  = model_states_mb + act_mb_per_token * sum_i L_i / sp     <= memory_mb
@@ -65,6 +66,9 @@ class CostModel:
     per_sequence_ms: float = 0.0
     """Time each sequence adds to its group regardless of length or degree (e.g. a per-document
     kernel launch loop on CPU); 0 in the paper's model."""
+    group_latency_ms: dict[int, float] = field(default_factory=dict)
+    """Fixed time a group of each SP degree pays on top of b (collective launch latency, e.g. the
+    per-layer all-to-alls on gloo); {} in the paper's model. Degrees missing here pay 0."""
     step_overhead_ms: float = 0.0
     """Fixed time per iteration whatever the plan (optimizer step, gradient sync tail); 0 in the
     paper's model. Added once to a plan's predicted iteration time."""
@@ -88,6 +92,9 @@ class CostModel:
         # JSON turns int keys into strings: normalise so loaded and built models compare equal.
         object.__setattr__(self, "bandwidth_gbps", {int(k): float(v) for k, v in self.bandwidth_gbps.items()})
         object.__setattr__(self, "p2p_bandwidth_gbps", {int(k): float(v) for k, v in self.p2p_bandwidth_gbps.items()})
+        object.__setattr__(self, "group_latency_ms", {int(k): float(v) for k, v in self.group_latency_ms.items()})
+        if any(v < 0 for v in self.group_latency_ms.values()):
+            raise ValueError(f"group_latency_ms must be >= 0, got {self.group_latency_ms}")
         missing = [s for s in self.degrees if s > 1 and self._lookup(self.bandwidth_gbps, s) is None]
         if missing:
             raise ValueError(f"bandwidth_gbps has no entry for SP degrees {missing}; have {sorted(self.bandwidth_gbps)}")
@@ -196,7 +203,11 @@ class CostModel:
         lengths = list(lengths)
         if not lengths:
             return 0.0
-        return sum(self.seq_time_ms(L, sp) for L in lengths) + self.b
+        return sum(self.seq_time_ms(L, sp) for L in lengths) + self.group_overhead_ms(sp)
+
+    def group_overhead_ms(self, sp: int) -> float:
+        """Fixed time of a non-empty group of degree sp: b plus its degree's latency."""
+        return self.b + (self.group_latency_ms.get(sp, 0.0) if sp > 1 else 0.0)
 
     # -- persistence ------------------------------------------------------------------------
     def with_devices(self, num_devices: int | None = None, memory_mb: float | None = None) -> "CostModel":

@@ -84,7 +84,8 @@ def solve_exact(wl: Workload, max_mbs: int, time_limit: float, node_limit: int =
         for s, (k, sp, _) in enumerate(blocks):
             members = [(i, x_index[i, j, s]) for i in range(n) if (i, j, s) in x_index]
             rows.add([(v, wl.lengths[i]) for i, v in members], -np.inf, sp * cap)
-            rows.add([(tau0 + j, 1), (u_index[j, s], -b)] + [(v, -wl.time[k, i]) for i, v in members], 0, np.inf)
+            rows.add([(tau0 + j, 1), (u_index[j, s], -(b + wl.latency[k]))] + [(v, -wl.time[k, i]) for i, v in members],
+                     0, np.inf)
         if j + 1 < m:
             rows.add([(tau0 + j, 1), (tau0 + j + 1, -1)], 0, np.inf)
     c = np.zeros(nvar)
@@ -123,7 +124,7 @@ def reassign_micro_batch(wl: Workload, groups: list, time_limit: float, n_indivi
     degs = [sp for sp, _ in groups]
     ks = [sp.bit_length() - 1 for sp in degs]
     ng = len(groups)
-    current = max(wl.time[k, g].sum() for k, (_, g) in zip(ks, groups))
+    current = max(wl.time[k, g].sum() + wl.latency[k] for k, (_, g) in zip(ks, groups))
     singles = ids[:n_individual]
     rest = ids[n_individual:]
     classes = [list(c) for c in np.array_split(np.array(rest, dtype=np.int64), min(n_buckets, len(rest)))] if rest else []
@@ -139,7 +140,7 @@ def reassign_micro_batch(wl: Workload, groups: list, time_limit: float, n_indivi
         mem = [(a * ng + g, max(wl.lengths[i] for i in members)) for a, members in enumerate(items)]
         rows.add(mem, -np.inf, degs[g] * cap)
         tim = [(a * ng + g, -float(np.mean([wl.time[k, i] for i in members]))) for a, members in enumerate(items)]
-        rows.add([(t_var, 1)] + tim, 0, np.inf)
+        rows.add([(t_var, 1)] + tim, float(wl.latency[k]), np.inf)
     ub = np.array([len(members) for members in items for _ in range(ng)] + [np.inf], dtype=float)
     for a, members in enumerate(items):  # a sequence only where its group's memory holds it
         for g in range(ng):
@@ -168,5 +169,5 @@ def reassign_micro_batch(wl: Workload, groups: list, time_limit: float, n_indivi
     for g in range(ng):
         if sum(wl.lengths[i] for i in new[g]) > degs[g] * cap:
             return None
-    span = max(wl.time[k, new[g]].sum() for g, k in enumerate(ks) if new[g])
+    span = max(wl.time[k, new[g]].sum() + wl.latency[k] for g, k in enumerate(ks) if new[g])
     return out if span < current - 1e-6 else None

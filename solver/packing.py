@@ -43,6 +43,8 @@ class Workload:
         self.work = np.where(fits, work, np.inf)
         self.min_work = self.work.min(axis=0)
         self.min_time = np.where(fits, self.time, np.inf).min(axis=0)
+        # fixed time a new group of each degree starts with (beyond b, which every group pays)
+        self.latency = np.array([cm.group_overhead_ms(d) - cm.b for d in self.degrees])
 
 
 @dataclass
@@ -75,7 +77,7 @@ def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1
     beside it), or else at the degree that minimises its time; that micro-batch's cap becomes the
     giant's time. Vectorised over open groups with NumPy.
     """
-    n_dev, cap, degrees = wl.cm.num_devices, wl.cap, wl.degrees
+    n_dev, cap, degrees, lat = wl.cm.num_devices, wl.cap, wl.degrees, wl.latency
     max_groups = max_mbs * n_dev
     g_mb = np.zeros(max_groups, dtype=np.int64)
     g_k = np.zeros(max_groups, dtype=np.int64)
@@ -102,13 +104,14 @@ def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1
         target = -1
         feas = np.flatnonzero(wl.fits[:, i])
         for k in feas:
-            room = (mb_free[:nm] >= degrees[k]) & (t[k] <= mb_cap[:nm])
+            room = (mb_free[:nm] >= degrees[k]) & (t[k] + lat[k] <= mb_cap[:nm])
             if room.any():
                 target = int(np.argmin(np.where(room, mb_free[:nm], np.iinfo(np.int64).max)))
                 break
         if target < 0:
             if nm >= max_mbs:
                 return None
+            t = t + lat  # a new group's load starts with its latency
             within = [k for k in feas if t[k] <= tau]
             if within and (giant_stretch <= 1.0 or within[0] == feas[0]):
                 k, mb_cap[nm] = within[0], tau
@@ -119,7 +122,7 @@ def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1
                 mb_cap[nm] = max(t[k], tau)
             mb_free[nm] = n_dev
             target, nm = nm, nm + 1
-        g_mb[ng], g_k[ng], g_load[ng], g_tok[ng], g_captok[ng] = target, k, t[k], L, degrees[k] * cap
+        g_mb[ng], g_k[ng], g_load[ng], g_tok[ng], g_captok[ng] = target, k, wl.time[k, i] + lat[k], L, degrees[k] * cap
         mb_free[target] -= degrees[k]
         members.append([i])
         ng += 1
@@ -167,8 +170,8 @@ def pack_micro_batch(wl: Workload, ids, tau: float, min_sp: int = 1) -> list[Gro
             sp = wl.degrees[k]
             if sp > free:
                 return None
-            if wl.fits[k, i] and t[k] <= tau:
-                g_k[ng], g_load[ng], g_tok[ng], g_captok[ng] = k, t[k], L, sp * cap
+            if wl.fits[k, i] and t[k] + wl.latency[k] <= tau:
+                g_k[ng], g_load[ng], g_tok[ng], g_captok[ng] = k, t[k] + wl.latency[k], L, sp * cap
                 members.append([i])
                 ng += 1
                 free -= sp
@@ -184,7 +187,7 @@ def lpt_micro_batch(wl: Workload, ids, sp: int) -> list[Group] | None:
     n_groups, k = wl.cm.num_devices // sp, sp.bit_length() - 1
     if not wl.fits[k, list(ids)].all():
         return None
-    load, tok = np.zeros(n_groups), np.zeros(n_groups, dtype=np.int64)
+    load, tok = np.full(n_groups, float(wl.latency[k])), np.zeros(n_groups, dtype=np.int64)
     members: list[list[int]] = [[] for _ in range(n_groups)]
     cap = sp * wl.cap
     for i in ids:

@@ -205,7 +205,7 @@ def _milp_polish(wl: Workload, mbs: list, deadline: float, node_limit: int, coun
     MILP. Skips micro-batches whose slowest group runs a single sequence (no re-deal helps)."""
     out = []
     for rank, mb in enumerate(sorted(mbs, key=lambda mb: -_mb_time(wl, mb))):
-        slowest = max(mb, key=lambda g: wl.time[g[0].bit_length() - 1, g[1]].sum())
+        slowest = max(mb, key=lambda g: wl.time[g[0].bit_length() - 1, g[1]].sum() + wl.latency[g[0].bit_length() - 1])
         if rank < count and len(mb) > 1 and len(slowest[1]) > 1 and time.perf_counter() < deadline:
             better = reassign_micro_batch(wl, mb, max(deadline - time.perf_counter(), 0.02), node_limit=node_limit)
             if better is not None:
@@ -220,7 +220,7 @@ def _order(wl: Workload, ids) -> list[int]:
 
 
 def _mb_time(wl: Workload, mb) -> float:
-    return max(wl.time[sp.bit_length() - 1, ids].sum() for sp, ids in mb) + wl.cm.b
+    return max(wl.time[sp.bit_length() - 1, ids].sum() + wl.latency[sp.bit_length() - 1] for sp, ids in mb) + wl.cm.b
 
 
 def _rebalance(wl: Workload, mbs: list, rounds: int, deadline: float) -> list:

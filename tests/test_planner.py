@@ -70,7 +70,8 @@ def brute_force(lengths, cm: CostModel) -> float:
 def test_small_instances_are_optimal_against_brute_force(seed):
     rng = np.random.default_rng(seed)
     cm = tiny_model(b=float(rng.choice([0.5, 5.0, 30.0])), per_sequence_ms=float(rng.choice([0.0, 2.0])),
-                    step_overhead_ms=float(rng.choice([0.0, 7.0])))
+                    step_overhead_ms=float(rng.choice([0.0, 7.0])),
+                    group_latency_ms=[{}, {2: 3.0, 4: 8.0}][int(rng.integers(2))])
     lengths = [int(x) for x in rng.integers(5, 380, size=int(rng.integers(2, 6)))]
     plan = plan_batch(lengths, cm, time_limit=30)
     validate_plan(plan, lengths, cm)
