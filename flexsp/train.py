@@ -7,7 +7,7 @@ or alone (one process: a 1-rank world on gloo). Every step:
    as one object (flexsp.planning);
 2. each rank runs its share of every micro-batch (flexsp.executor), loss = sum of token losses /
    target tokens of the whole global batch;
-3. the engine (FSDP2; DeepSpeed ZeRO-3 not implemented yet) has summed the gradients over all ranks; clip, AdamW,
+3. the engine (FSDP2 or DeepSpeed ZeRO-3) has summed the gradients over all ranks; clip, AdamW,
    LR schedule;
 4. rank 0 prints a line (step, loss, tokens/s, plan summary, planner ms, memory), advances the
    progress bar and appends one JSON line to ``<output_dir>/metrics.jsonl``;
@@ -88,8 +88,8 @@ class ParallelConfig:
     static_degree: int = 0
     """Static mode: the SP degree, a power of two <= world size (0 = all ranks)."""
     engine: str = "fsdp2"
-    """How gradients are synchronised over all ranks: fsdp2 (DeepSpeed ZeRO-3 is planned, not yet
-    implemented: 'deepspeed' is rejected with an error)."""
+    """How parameters are sharded and gradients summed over all ranks: fsdp2 | deepspeed (ZeRO-3;
+    on CPU DeepSpeed needs its cpu accelerator, e.g. DS_ACCELERATOR=cpu)."""
     world_size: int = 0
     """Expected number of ranks; a mismatch with the launcher is an error (0 = accept any)."""
     backend: str | None = None
