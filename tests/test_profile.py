@@ -175,3 +175,50 @@ def test_joint_fit_recovers_compute_and_comm_terms():
     assert (comp.a1, comp.a2, comp.per_seq, comp.b) == pytest.approx((a1, a2, s, b), rel=1e-6)
     assert comm["ulysses:2"]["ms_per_token"] == pytest.approx(c, rel=1e-6)
     assert max(map(abs, comm["ulysses:2"]["rel_errors"])) < 1e-6
+
+
+def test_joint_fit_recovers_group_latency_per_degree(tmp_path):
+    """A fixed latency per group of degree d (CostModel.group_latency_ms) and the per-token cost are
+    told apart by small and large groups; the written CostModel carries the latency of the mode its
+    plans use (the cheapest per token), and its predictions reproduce the synthetic timings."""
+    from flexsp.profile.build import build_cost_model
+    from flexsp.profile.fit import fit_joint
+    from flexsp.profile.report import write_outputs
+    a1, a2, s, b = 3e-5, 0.11, 0.45, 17.0
+    c_u, lat_u, c_r, lat_r = 0.014, 16.0, 0.04, 9.0
+    shapes = SHAPES + [[16] * 64, [512] + [16] * 32]
+    comm_shapes = [[64], [128], [16] * 8, [512], [1024], [2048], [256] * 4]
+    compute = [(L, _time(L, a1, a2, b, s=s)) for L in shapes]
+    comm = {"ulysses:2": [(L, _time(L, a1, a2, b, sp=2, c=c_u, s=s) + lat_u) for L in comm_shapes],
+            "ring:2": [(L, _time(L, a1, a2, b, sp=2, c=c_r, s=s) + lat_r) for L in comm_shapes]}
+    comp, got = fit_joint(compute, comm)
+    assert (comp.a1, comp.a2, comp.per_seq, comp.b) == pytest.approx((a1, a2, s, b), rel=1e-6)
+    assert got["ulysses:2"]["ms_per_token"] == pytest.approx(c_u, rel=1e-6)
+    assert got["ulysses:2"]["latency_ms"] == pytest.approx(lat_u, rel=1e-6)
+    assert got["ring:2"]["latency_ms"] == pytest.approx(lat_r, rel=1e-6)
+    assert got["ulysses:2"]["latency_stderr"] < 1e-6
+    assert max(map(abs, got["ulysses:2"]["rel_errors"])) < 1e-6
+    # without the latency column the per-token cost absorbs it: a visible misfit on small groups
+    _, old = fit_joint(compute, comm, group_latency=False)
+    assert old["ulysses:2"]["latency_ms"] == 0.0 and max(map(abs, old["ulysses:2"]["rel_errors"])) > 0.1
+    # noisy timings: close, with a non-zero error bar
+    rng = np.random.default_rng(3)
+    noisy = {k: [(L, ms * (1 + 0.02 * rng.standard_normal())) for L, ms in v * 2] for k, v in comm.items()}
+    _, n = fit_joint([(L, ms * (1 + 0.02 * rng.standard_normal())) for L, ms in compute * 2], noisy)
+    assert n["ulysses:2"]["latency_ms"] == pytest.approx(lat_u, rel=0.5)
+    assert n["ulysses:2"]["latency_stderr"] > 0
+    # a key whose shapes all have one token count cannot separate the two terms
+    with pytest.raises(ValueError, match="at least 2 token counts"):
+        fit_joint(compute, {"ulysses:2": [([512], 100.0), ([256, 256], 110.0)]})
+    # into the CostModel file: ulysses is the cheaper mode per token, so its latency is written
+    raw = _synthetic_raw()
+    raw["compute"], raw["comm"] = compute, comm
+    cm = build_cost_model(ProfileConfig(name="lat", capacity_tokens=1024), raw)
+    assert cm.group_latency_ms == pytest.approx({2: lat_u}, rel=1e-6)
+    assert raw["fit"]["comm"]["ring:2"]["latency_ms"] == pytest.approx(lat_r, rel=1e-6)
+    for L in comm_shapes:
+        assert cm.group_time_ms(L, 2) == pytest.approx(_time(L, a1, a2, b, sp=2, c=c_u, s=s) + lat_u, rel=1e-6)
+    raw["cost_model"], raw["validation"] = cm.to_dict(), []
+    paths = write_outputs(raw, tmp_path, "lat", make_plot=False)
+    assert CostModel.load(paths["cost_model"]).group_latency_ms == pytest.approx({2: lat_u}, rel=1e-6)
+    assert "degree 2: 16.00 ms" in paths["summary"].read_text()

@@ -6,6 +6,7 @@ makes ``volume / sp / bw`` equal the measured communication cost per token (see 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from solver.costmodel import CostModel
 from solver.presets import PAPER_BANDWIDTH
@@ -51,7 +52,8 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None) -> CostModel:
     comm_rows = {k: [(L, ms) for L, ms in rows] for k, rows in raw.get("comm", {}).items()}
     joint = None
     if cfg.joint_fit and comm_rows:
-        comp, joint = fit_joint([(L, ms) for L, ms in raw["compute"]], comm_rows, per_sequence=cfg.fit_per_sequence)
+        comp, joint = fit_joint([(L, ms) for L, ms in raw["compute"]], comm_rows, per_sequence=cfg.fit_per_sequence,
+                                group_latency=cfg.fit_group_latency)
     else:
         comp = fit_compute([(L, ms) for L, ms in raw["compute"]], per_sequence=cfg.fit_per_sequence)
     a2a_mb, ring_mb = volumes_mb_per_token(mc)
@@ -63,7 +65,7 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None) -> CostModel:
            "step_overhead_ms": step_ms,
            "step_overhead_spread_ms": raw.get("optimizer_spread_ms"),
            "comm": {}, "links": {}}
-    bw, p2p = {}, {}
+    bw, p2p, lat_by_key = {}, {}, {}
     for key, rows in raw.get("comm", {}).items():
         mode, d = key.split(":")
         d = int(d)
@@ -74,8 +76,12 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None) -> CostModel:
         vol = a2a_mb / d if mode == "ulysses" else ring_mb * (d - 1) / d
         eff = vol / c if c > 0 else UNMEASURED_GBPS
         (bw if mode == "ulysses" else p2p)[d] = eff
+        lat = joint[key].get("latency_ms", 0.0) if joint is not None else 0.0
+        lat_by_key[(mode, d)] = lat
         fit["comm"][key] = {"ms_per_token": c, "effective_gbps": eff, "rel_errors": errs,
                             "stderr": joint[key]["stderr"] if joint is not None else None,
+                            "latency_ms": lat,
+                            "latency_stderr": joint[key].get("latency_stderr") if joint is not None else None,
                             "max_abs_rel_err": max(abs(e) for e in errs)}
     for key, rows in raw.get("links", {}).items():
         lat, gbps = fit_link([s for s, _ in rows], [t for _, t in rows])
@@ -87,11 +93,12 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None) -> CostModel:
     memory_mb, mem_note = (cfg.memory_mb, "configured") if cfg.memory_mb else default_memory_mb(raw["device"], world)
     act = raw["activation"]["bytes_per_token"] / 2**20
     elem = 2 if mc["dtype"] == "bfloat16" else 4
-    raw["fit"] = fit
     dpn = cfg.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     source = (f"flexsp-profile on {raw['device']} ({raw['backend']}), {world} rank(s) all busy while timing, "
               f"{raw['threads_per_rank']} thread(s)/rank, engine {cfg.engine}, model {cfg.model}; "
-              + (f"a1/a2/per_sequence_ms/b and comm per token: one joint NNLS on relative error of "
+              + (f"a1/a2/per_sequence_ms/b, comm per token"
+                 + (" and group_latency_ms per degree" if cfg.fit_group_latency else "")
+                 + ": one joint NNLS on relative error of "
                  f"{len(raw['compute'])} packed micro-batches at degree 1 and "
                  f"{sum(len(v) for v in comm_rows.values())} at degree > 1" if joint is not None else
                  f"a1/a2/per_sequence_ms/b: NNLS on relative error of {len(raw['compute'])} packed micro-batches at "
@@ -100,7 +107,7 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None) -> CostModel:
               f"(engine.step: grad norm, AdamW, zero_grad); every time the fastest of {cfg.repeats} runs; bandwidths: effective, from timed SP micro-batches"
               + (" -- NOT MEASURED (one device): paper defaults" if defaults_used else "")
               + f"; activation: {raw['activation']['method']}; memory: {mem_note}")
-    return CostModel(
+    cm = CostModel(
         name=cfg.name, num_devices=world, devices_per_node=min(dpn, world), memory_mb=float(memory_mb),
         a1=comp.a1, a2=comp.a2, b=comp.b, per_sequence_ms=comp.per_seq, step_overhead_ms=step_ms,
         a2a_mb_per_token=a2a_mb, bandwidth_gbps=bw,
@@ -108,3 +115,19 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None) -> CostModel:
         state_bytes_per_param=4.0 * elem, zero_stage=3, heads=mc["heads"], kv_heads=mc["kv_heads"],
         ring_mb_per_token=ring_mb if p2p else 0.0, p2p_bandwidth_gbps=p2p,
         capacity_override=int(cfg.capacity_tokens), source=source)
+    # one latency per degree in the CostModel: that of the mode its plans use at that degree (the
+    # cheapest per token); the other modes' latencies stay in the report
+    group_lat = {}
+    for d in sorted({d for _, d in lat_by_key}):
+        mode = cm.best_mode(d) if d in cm.degrees else None
+        if mode == "hybrid":  # Ulysses inside, ring across: pure Ulysses when the width is d
+            mode = "ulysses" if cm.ulysses_width(d) == d else None
+            lat = lat_by_key.get(("ulysses", d), 0.0) if mode else max(
+                lat_by_key.get(("ulysses", d), 0.0), lat_by_key.get(("ring", d), 0.0))
+        else:
+            lat = lat_by_key.get((mode, d), 0.0)
+        if lat > 0:
+            group_lat[d] = lat
+    fit["group_latency_ms"] = group_lat
+    raw["fit"] = fit
+    return replace(cm, group_latency_ms=group_lat) if group_lat else cm

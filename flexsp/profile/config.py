@@ -29,15 +29,20 @@ class ProfileConfig:
         [2048, 512], [768, 768, 256], [512] + [16] * 32])
     """Packed batches (lists of document lengths) timed at degree 1 for the a1/a2/per_sequence/b fit
     (shapes with many short documents pin the per-document term)."""
-    comm_shapes: list = field(default_factory=lambda: [[512], [1024], [1536], [2048], [256] * 4,
+    comm_shapes: list = field(default_factory=lambda: [[64], [128], [256], [16] * 8, [32] * 8,
+                                                       [512], [1024], [1536], [2048], [256] * 4,
                                                        [1024, 512, 256, 128, 64, 64], [1024] + [32] * 16])
-    """Packed batches timed at every degree >= 2 and attention mode for the communication fit."""
+    """Packed batches timed at every degree >= 2 and attention mode for the communication fit: small
+    groups (64-256 tokens) pin the fixed group latency, large ones the per-token cost."""
     fit_per_sequence: bool = True
     """Fit the per-document term (CostModel.per_sequence_ms); False keeps the paper's a1/a2/b form."""
     joint_fit: bool = True
     """Fit compute and communication terms in one NNLS over every timed shape (degree 1 and SP
     groups share a1/a2/per_sequence/b, as the CostModel does); False: compute first, then the
     communication residual per degree."""
+    fit_group_latency: bool = True
+    """Fit a fixed latency per group of each degree (CostModel.group_latency_ms) jointly with the
+    per-token communication cost (needs joint_fit and comm shapes of several sizes)."""
     modes: list = field(default_factory=lambda: ["ulysses", "ring"])
     """Attention modes to profile at degrees >= 2 (ring fills ring_mb_per_token/p2p bandwidth)."""
     link_mb: list = field(default_factory=lambda: [0.25, 2.0, 8.0])

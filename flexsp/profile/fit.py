@@ -12,7 +12,10 @@ predicts for that degree, ``(a1 * sum L^2 + a2 * sum L) / d + s * n + b``, is at
 mode's per-token communication cost ``c(d)`` (ms per token of the group): ``residual = c(d) * sum L``,
 a one-parameter least squares through the origin, clamped at >= 0. The bandwidth the CostModel
 stores is then the *effective* bandwidth that reproduces ``c(d)`` with the model's analytic
-volume (it includes latency, layout and sharding overhead, not just wire speed).
+volume (layout and sharding overhead, not just wire speed). The joint fit (:func:`fit_joint`, the
+profiler's default) also fits a fixed latency per group of each degree and mode (collective launch
+latency: on gloo ~16 all-to-all calls per micro-batch whatever the size), which the sequential
+one-parameter fit folds into ``c(d)``.
 
 Link micro-benchmarks: ``t = latency + bytes / bandwidth`` per degree.
 """
@@ -132,18 +135,20 @@ def fit_link(sizes_bytes, times_ms) -> tuple[float, float]:
     return float(lat), float(bw)
 
 
-def _joint_rows(samples, keys, per_sequence: bool):
+def _joint_rows(samples, keys, per_sequence: bool, latency: bool = True):
     rows = []
     for L, _, sp, key in samples:
         L = np.asarray(L, dtype=np.float64)
         row = [float((L * L).sum()) / sp, float(L.sum()) / sp, float(L.size) if per_sequence else 0.0, 1.0]
         row += [float(L.sum()) if key == k else 0.0 for k in keys]
+        if latency:  # indicator: the group is of this key's degree and mode (its fixed latency)
+            row += [1.0 if key == k else 0.0 for k in keys]
         rows.append(row)
     return np.array(rows)
 
 
-def _joint_coef(samples, keys, per_sequence: bool) -> np.ndarray:
-    A = _joint_rows(samples, keys, per_sequence)
+def _joint_coef(samples, keys, per_sequence: bool, latency: bool = True) -> np.ndarray:
+    A = _joint_rows(samples, keys, per_sequence, latency)
     y = np.array([float(ms) for _, ms, _, _ in samples])
     w = 1.0 / y
     live = [j for j in range(A.shape[1]) if np.any(A[:, j])]
@@ -153,14 +158,17 @@ def _joint_coef(samples, keys, per_sequence: bool) -> np.ndarray:
     return coef
 
 
-def fit_joint(compute_samples, comm_samples: dict, per_sequence: bool = True):
+def fit_joint(compute_samples, comm_samples: dict, per_sequence: bool = True, group_latency: bool = True):
     """One NNLS over every timed shape: degree-1 shapes ``(lengths, ms)`` and, per ``"mode:d"`` key,
     shapes at degree d. The compute terms (a1, a2, per_seq, b) are shared by all degrees, as the
-    CostModel shares them; each key adds its own communication ms per token. Relative residuals, as
-    :func:`fit_compute`; jackknife standard errors (refit leaving each shape out).
+    CostModel shares them; each key adds its own communication ms per token and (``group_latency``)
+    its own fixed latency per group (CostModel.group_latency_ms: an indicator column that is 1 for
+    the key's shapes). Both are identified only if each key's shapes span small and large token
+    counts (the intercept and the slope of the residual over the degree-1 prediction). Relative
+    residuals, as :func:`fit_compute`; jackknife standard errors (refit leaving each shape out).
 
-    Returns ``(ComputeFit, {key: {"ms_per_token", "stderr", "rel_errors"}})``; the ComputeFit's
-    ``rel_errors`` are those of the degree-1 shapes."""
+    Returns ``(ComputeFit, {key: {"ms_per_token", "stderr", "latency_ms", "latency_stderr",
+    "rel_errors"}})``; the ComputeFit's ``rel_errors`` are those of the degree-1 shapes."""
     compute_samples = [(list(L), float(ms)) for L, ms in compute_samples]
     _check_samples(compute_samples)
     keys = sorted(comm_samples)
@@ -170,17 +178,23 @@ def fit_joint(compute_samples, comm_samples: dict, per_sequence: bool = True):
         if sp < 2:
             raise ValueError(f"communication is fitted for SP degrees >= 2, got {sp} in {k!r}")
         _check_samples(list(comm_samples[k]) * 3)  # values only (a key may have < 3 shapes)
+        if group_latency and len({sum(L) for L, _ in comm_samples[k]}) < 2:
+            raise ValueError(f"{k!r}: a per-token cost and a group latency need shapes of at least 2 token "
+                             f"counts, got {sorted({sum(L) for L, _ in comm_samples[k]})}")
         samples += [(list(L), float(ms), sp, k) for L, ms in comm_samples[k]]
-    coef = _joint_coef(samples, keys, per_sequence)
+    coef = _joint_coef(samples, keys, per_sequence, group_latency)
     fit = ComputeFit(float(coef[0]), float(coef[1]), float(coef[3]), per_seq=float(coef[2]))
     n = len(samples)
-    loo = np.array([_joint_coef(samples[:i] + samples[i + 1:], keys, per_sequence) for i in range(n)])
+    loo = np.array([_joint_coef(samples[:i] + samples[i + 1:], keys, per_sequence, group_latency) for i in range(n)])
     se = np.sqrt((n - 1) / n * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0))
     fit.stderr = {"a1": float(se[0]), "a2": float(se[1]), "per_seq": float(se[2]), "b": float(se[3])}
     fit.rel_errors = [(fit.predict(L) - ms) / ms for L, ms in compute_samples]
     comm = {}
+    nk = len(keys)
     for j, k in enumerate(keys):
         c = float(coef[4 + j])
-        errs = [(fit.predict(L, sp) + c * float(np.sum(L)) - ms) / ms for L, ms, sp, kk in samples if kk == k]
-        comm[k] = {"ms_per_token": c, "stderr": float(se[4 + j]), "rel_errors": errs}
+        lat = float(coef[4 + nk + j]) if group_latency else 0.0
+        errs = [(fit.predict(L, sp) + c * float(np.sum(L)) + lat - ms) / ms for L, ms, sp, kk in samples if kk == k]
+        comm[k] = {"ms_per_token": c, "stderr": float(se[4 + j]), "latency_ms": lat,
+                   "latency_stderr": float(se[4 + nk + j]) if group_latency else None, "rel_errors": errs}
     return fit, comm

@@ -81,10 +81,19 @@ def summary_lines(raw: dict, cmd: str = "") -> list[str]:
         lines += ["", "## Communication (effective, from timed SP micro-batches)", ""]
         rows = [(k.split(":")[0], k.split(":")[1], f"{v['ms_per_token'] * 1e3:.3f}"
                  + (f" +- {v['stderr'] * 1e3:.3f}" if v.get("stderr") is not None else ""),
+                 f"{v.get('latency_ms', 0.0):.2f}"
+                 + (f" +- {v['latency_stderr']:.2f}" if v.get("latency_stderr") is not None else ""),
                  f"{v['effective_gbps']:.3g}", f"{np.median(np.abs(v['rel_errors'])):.1%}",
                  f"{v['max_abs_rel_err']:.1%}") for k, v in fit["comm"].items()]
-        lines += _table(["mode", "degree", "us per token (+- jackknife s.e.)", "effective GB/s",
+        lines += ["time(group of degree d) = (a1 * sum L^2 + a2 * sum L) / d + per_sequence_ms * docs + b "
+                  "+ c(d) * sum L + latency(d); c and latency fitted jointly with the compute terms "
+                  "(+- jackknife s.e.).", ""]
+        lines += _table(["mode", "degree", "c: us per token", "latency ms per group", "effective GB/s",
                          "median rel err", "max rel err"], rows)
+        lat = fit.get("group_latency_ms") or {}
+        lines += ["", "CostModel.group_latency_ms (the latency of the mode plans use at each degree, the "
+                  "cheapest per token): " + (", ".join(f"degree {d}: {v:.2f} ms" for d, v in lat.items())
+                                             if lat else "{} (not fitted)"), ""]
     if fit["links"]:
         lines += ["", "## Link micro-benchmarks (all groups of a degree at once)", ""]
         rows = [(k.split(":")[0], k.split(":")[1], f"{v['latency_ms']:.3f}", f"{v['gbps']:.3g}")
