@@ -27,7 +27,7 @@ Primary configuration on a 2-core CPU box: 2 ranks x 1 thread (no oversubscripti
 
     flexsp-profile world_size=2 capacity_tokens=1024 name=profile_cpu2 output_dir=benchmarks/results
     python benchmarks/throughput.py --cost-model benchmarks/results/profile_cpu2.json \
-        --world-size 2 --batches 2 --tokens 4096 --repeats 4 --out benchmarks/results/throughput_cpu2
+        --world-size 2 --batches 2 --tokens 4096 --repeats 5 --capacity 1024 --out benchmarks/results/throughput_cpu2
 
 Secondary: the same with world_size=4 / ``--world-size 4`` (4 ranks share 2 cores: a rank idle in a
 micro-batch frees CPU for the others, which the per-group cost model cannot express).
@@ -216,7 +216,8 @@ def rank_body(args: dict):
                 rows.append({"distribution": dname, "batch": k, "method": m, "tokens": sum(lens),
                              "docs": len(lens), "max_len": max(lens), "plan": plan.summary(),
                              "predicted_ms": plan.predicted_ms,
-                             "measured_ms": min(times[m]), "all_ms": times[m]})
+                             "measured_ms": min(times[m]), "all_ms": times[m],
+                             "loadavg": list(os.getloadavg())})
             if rank == 0:
                 print(f"[throughput] {dname} batch {k}: " + ", ".join(
                     f"{m} {min(t):.0f} ms" for m, t in times.items()), flush=True)
@@ -225,6 +226,12 @@ def rank_body(args: dict):
     return {"rows": rows, "optimizer_ms": optimizer_ms, "cost_model": cm.to_dict(), "world_size": world,
             "device": str(device), "backend": dist.get_backend(), "seconds": time.perf_counter() - start,
             "model": args["model"], "threads_per_rank": torch.get_num_threads()}
+
+
+def _load_range(rows) -> str:
+    """'; 1-min load after each batch A-B' from the per-row load averages (absent in old results)."""
+    one = [r["loadavg"][0] for r in rows if r.get("loadavg")]
+    return f"; 1-min load after each batch {min(one):.2f}-{max(one):.2f}" if one else ""
 
 
 def summarize(res: dict) -> tuple[list[str], dict]:
@@ -351,14 +358,16 @@ def main(argv=None) -> int:
             f"Command: `{cmd}`", "",
             f"Machine: {res['machine']}; {res['device']} ({res['backend']}), {res['world_size']} ranks x "
             f"{res['threads_per_rank']} thread(s); date {res['date']}; load average at start {load0[0]:.1f} / end "
-            f"{res['loadavg_end'][0]:.1f} (other jobs on the machine inflate and scatter timings).", "",
+            f"{res['loadavg_end'][0]:.1f}" + _load_range(res["rows"])
+            + " (other jobs on the machine inflate and scatter timings).", "",
             f"Model {a.model}; cost model {a.cost_model} with an emulated memory budget of C = {a.capacity} tokens "
             f"per rank; batches of ~{a.tokens} tokens, document lengths of each distribution (solver.workloads, "
             f"documents over {a.ref_len} dropped) scaled by {a.max_len}/{a.ref_len}; random tokens. Step = all "
             f"micro-batches (FSDP2) + optimizer step; fastest of {a.repeats} runs per (batch, method), methods "
             f"interleaved (order reversed every other run). Totals are over {a.batches} batches.", "",
             f"Predicted = the plan's CostModel time alone: per-group terms (a1, a2, b, per_sequence_ms = "
-            f"{cmd_cm.per_sequence_ms:.3f} ms/document, communication) + step_overhead_ms = "
+            f"{cmd_cm.per_sequence_ms:.3f} ms/document, communication per token, group_latency_ms = "
+            f"{ {d: round(v, 2) for d, v in cmd_cm.group_latency_ms.items()} } ms per group of degree d) + step_overhead_ms = "
             f"{cmd_cm.step_overhead_ms:.1f} ms per step (from the profile). For information, the optimizer step "
             f"timed here: {res['optimizer_ms']:.1f} ms (not used in predictions).", ""]
     if getattr(a, "note", None):

@@ -75,3 +75,9 @@ def test_predictions_come_from_the_cost_model_alone():
         assert plan.predicted_ms > 40.0
     src = inspect.getsource(throughput.rank_body)
     assert '"predicted_ms": plan.predicted_ms,' in src and "+ optimizer_ms" not in src
+
+
+def test_load_during_the_run_is_reported():
+    rows = [{"loadavg": [1.2, 1, 1]}, {"loadavg": [0.8, 1, 1]}, {}]
+    assert throughput._load_range(rows) == "; 1-min load after each batch 0.80-1.20"
+    assert throughput._load_range([{}]) == ""
