@@ -1,0 +1,127 @@
+"""Late-plan fallback of flexsp.planning.StepPlanner.
+
+The planner's solve is made "slow" by replacing ``flexsp.planning.plan_batch`` with a function that
+blocks on an event the test controls, so lateness is decided by the mechanism, not by timing: a
+solve that cannot finish is late whatever the machine's speed (no timed assertions).
+
+- unit: a blocked solve gives the fallback plan (status "fallback", counted in ``late``), which
+  places every sequence of the batch exactly once; once the solver answers again, its plan is used
+  and nothing more is counted; a job submitted for another step is not used for this one;
+- trainer (4 gloo ranks, FSDP2): with every solve blocked, 3 steps train on fallback plans, every
+  step is counted late, every document of every batch is trained on exactly once (targets and doc
+  ids in metrics.jsonl) and the losses equal 1-process training on the same batches (tolerance as
+  in test_train.py: fp32, different summation order only).
+"""
+import json
+import threading
+from dataclasses import replace
+
+import pytest
+
+from dist_harness import run_distributed
+from train_cases import base_overrides, compose, reference_training, tiny_cost_model
+
+LENGTHS = [90, 40, 33, 20, 17, 9, 5, 3]
+
+
+def _blocking_plan_batch(release: threading.Event, calls: list):
+    from solver.planner import plan_batch
+
+    def slow(lengths, cm, **kw):
+        calls.append(tuple(lengths))
+        release.wait()
+        return plan_batch(lengths, cm, **kw)
+    return slow
+
+
+def _covers_once(plan, n):
+    seen = sorted(i for mb in plan.micro_batches for g in mb.groups for i in g.seq_ids)
+    return seen == list(range(n))
+
+
+@pytest.fixture
+def planner_factory(tmp_path, monkeypatch):
+    import flexsp.planning as planning
+    release, calls = threading.Event(), []
+    monkeypatch.setattr(planning, "plan_batch", _blocking_plan_batch(release, calls))
+    cm = planning.load_cost_model(tiny_cost_model(tmp_path / "cm32.json", capacity=32), 4)
+
+    def make(**cfg):
+        return planning.StepPlanner(planning.SolverConfig(**cfg), cm, rank=0, world_size=4)
+    yield make, release, calls
+    release.set()   # let the blocked background threads finish
+
+
+def test_late_solve_falls_back_and_counts(planner_factory):
+    make, release, calls = planner_factory
+    planner = make(time_limit=0.05, wait_s=0.01)
+    planner.submit(0, LENGTHS)
+    plan, wait_ms = planner.get(0, LENGTHS, first=True)
+    assert calls == [tuple(LENGTHS)]          # the solver really was asked, and is still blocked
+    assert planner.late == 1
+    assert plan.status == "fallback" and plan.method.endswith("(fallback)"), (plan.status, plan.method)
+    assert plan.num_devices == 4 and _covers_once(plan, len(LENGTHS))
+    assert wait_ms >= 0
+
+    # the next step: the solver answers again -> its plan, not counted late (a generous wait_s, so
+    # the mechanism, not the solve's speed, is under test)
+    release.set()
+    planner.cfg = replace(planner.cfg, wait_s=60.0)
+    nxt = LENGTHS[::-1]
+    planner.submit(1, nxt)
+    plan, _ = planner.get(1, nxt)
+    assert planner.late == 1, "the released solver was counted late"
+    assert plan.status != "fallback" and _covers_once(plan, len(nxt))
+
+
+def test_job_of_another_step_is_not_used(planner_factory):
+    make, release, calls = planner_factory
+    release.set()
+    planner = make(time_limit=0.05, wait_s=5.0)
+    planner.submit(0, LENGTHS)
+    other = LENGTHS[:5]
+    plan, _ = planner.get(1, other)           # step 1 was never submitted: planned now
+    assert calls[-1] == tuple(other) and _covers_once(plan, len(other)) and planner.late == 0
+
+
+def _body(rank, world_size, cfg):
+    import threading as th
+
+    import flexsp.planning as planning
+    from flexsp.train import run
+
+    never = th.Event()                         # every solve blocks until the process exits
+    planning.plan_batch = _blocking_plan_batch(never, [])
+    s = run(cfg)
+    return {"losses": s["losses"], "late": s["late_plans"]}
+
+
+@pytest.mark.slow
+def test_trainer_continues_on_fallback_plans(tmp_path):
+    import torch
+
+    from flexsp.data import GlobalBatchSampler, build_source
+    from flexsp.executor import num_targets
+    from flexsp.train import parse_config
+
+    cm = tiny_cost_model(tmp_path / "cm32.json", capacity=32)
+    out = tmp_path / "late"
+    cfg = compose(base_overrides(out, cm, extra=["solver.time_limit=0.05", "solver.wait_s=0.01"]))
+    results = run_distributed(_body, world_size=4, args=(cfg,), timeout=150)
+    ref_losses, _ = reference_training(cfg, 3)
+
+    metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert all(m["status"] == "fallback" and "(fallback)" in m["method"] for m in metrics), metrics
+    assert results[0]["late"] == 3
+    # every document of every batch trained on exactly once
+    c = parse_config(cfg)
+    source = build_source(c["data"])
+    sampler = GlobalBatchSampler(source.lengths, c["data"].sampler)
+    for m in metrics:
+        batch = next(sampler)
+        assert m["doc_ids"] == list(batch.doc_ids)
+        assert m["targets"] == num_targets(batch.lengths)
+    for r in results:
+        got = [r["losses"][s] for s in range(3)]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
