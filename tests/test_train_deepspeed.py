@@ -5,8 +5,9 @@
   final parameters as 1-process training on the same batches (``train_cases.reference_training``);
 - fixed plans: the executor + ZeRO-3 engine driven directly with hand-made plans that the planner
   may or may not produce (its solve is time-boxed): 3, 2 and 1 micro-batches per step, idle ranks
-  (zero-weight passes) in half of the micro-batches, degrees 1, 2, 4, ulysses and ring attention; same
-  losses, gradient norms and parameters as the reference;
+  (zero-weight passes) in half of the micro-batches, degrees 1, 2, 4, ulysses and ring attention,
+  gradient buckets smaller than a weight matrix with DeepSpeed's cross-rank sanity checks on
+  (see _small_buckets); same losses, gradient norms and parameters as the reference;
 - resume: restarting from the step-2 DeepSpeed checkpoint reproduces step 3 and the final
   parameters of the uninterrupted run;
 - a checkpoint without DeepSpeed state (e.g. written by FSDP2) is rejected with a clear error.
@@ -78,11 +79,25 @@ def _fixed_plans(n_docs: list[int]):
     ]
 
 
+def _small_buckets(ds_config):
+    """ZeRO-3 reduce-scatters the gradients of a bucket of parameters, sorted by id, whenever the
+    bucket is full; which parameters share a flush follows the order their gradient hooks fire, so
+    ranks running different attention graphs (local, Ulysses, ring, zero-weight pass) must fire
+    them in the same order. A bucket smaller than one weight matrix makes nearly every parameter
+    its own flush, and DeepSpeed's sanity checks assert all ranks reduce the same parameters."""
+    def config(cfg, world_size):
+        d = ds_config(cfg, world_size)
+        d["zero_optimization"].update(reduce_bucket_size=3000, enable_sanity_checks=True)
+        return d
+    return config
+
+
 def _fixed_plan_run(cfg, steps, engine_name="deepspeed"):
     """The trainer's pieces without its planner: model, DeepSpeed engine, executor, fixed plans."""
     import torch
     import torch.distributed as dist
 
+    import flexsp.engines.deepspeed as ds_engine
     from flexsp.data import GlobalBatchSampler, build_source
     from flexsp.engines import build_engine
     from flexsp.executor import StepExecutor
@@ -100,7 +115,14 @@ def _fixed_plan_run(cfg, steps, engine_name="deepspeed"):
     mcfg = model_config(c["model_preset"], vocab_size=int(vocab), **over)
     model = Transformer(mcfg)
     model.init_weights(c["train"].seed)
-    engine = build_engine(engine_name, model, c["train"], world, torch.device("cpu"))
+    original = ds_engine.ds_config
+    ds_engine.ds_config = _small_buckets(original)
+    try:
+        engine = build_engine(engine_name, model, c["train"], world, torch.device("cpu"))
+    finally:
+        ds_engine.ds_config = original
+    zero = engine.engine.optimizer
+    assert zero.enable_sanity_checks and zero.reduce_bucket_size == 3000
     executor = StepExecutor(engine, source, SPTopology(world, world).build(), rank, torch.device("cpu"), mcfg.heads)
     losses, norms, idle = [], [], 0
     for plan, batch in zip(_fixed_plans([len(b.doc_ids) for b in batches]), batches):
