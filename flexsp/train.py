@@ -89,7 +89,8 @@ class ParallelConfig:
     """Static mode: the SP degree, a power of two <= world size (0 = all ranks)."""
     engine: str = "fsdp2"
     """How parameters are sharded and gradients summed over all ranks: fsdp2 | deepspeed (ZeRO-3;
-    on CPU DeepSpeed needs its cpu accelerator, e.g. DS_ACCELERATOR=cpu)."""
+    DeepSpeed's accelerator must match the device: it picks cpu on a machine without CUDA, and
+    DS_ACCELERATOR=cpu forces it)."""
     world_size: int = 0
     """Expected number of ranks; a mismatch with the launcher is an error (0 = accept any)."""
     backend: str | None = None
