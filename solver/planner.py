@@ -34,6 +34,7 @@ from .build import build_plan
 from .costmodel import CostModel
 from .baselines import best_homogeneous_plan, greedy_hybrid_cp_plan
 from .milp import exact_size, reassign_micro_batch, solve_exact
+from .official import chunk_global_batch
 from .packing import Workload, mbs_time, pack, solve_micro_batch
 from .plan import Plan
 
@@ -162,6 +163,10 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
     phases["rebalance"] = _plan_time(wl, groups)
     groups = _polish(wl, groups, deadline)
     phases["repack"] = _plan_time(wl, groups)
+    contiguous = _contiguous_split(wl, sorted({m0, m0 + 1, len(groups)}), deadline)
+    if contiguous is not None and _plan_time(wl, contiguous) < _plan_time(wl, groups) - 1e-9:
+        groups, method = _rebalance(wl, contiguous, rebalance_rounds, deadline), "contiguous"
+    phases["contiguous"] = _plan_time(wl, groups)
     # the baselines are cheap: a plan never loses to them
     for name, make in (("homogeneous", best_homogeneous_plan), ("greedy", greedy_hybrid_cp_plan)):
         # the greedy scheduler scans rank blocks per sequence: skip it where that is slow
@@ -247,6 +252,31 @@ def _rebalance(wl: Workload, mbs: list, rounds: int, deadline: float) -> list:
         if not improved:
             break
     return mbs
+
+
+def _contiguous_split(wl: Workload, counts, deadline: float, max_sequences: int = 2048):
+    """The official planner's micro-batch split (lengths sorted, cut into m contiguous chunks with
+    the least largest token sum), each chunk then packed by ``solve_micro_batch``; the best over
+    ``counts``. It wins on some batches where one shared cap forces long sequences to high degrees.
+    Skipped above ``max_sequences`` (the split's dynamic program is quadratic)."""
+    n = len(wl.lengths)
+    if n > max_sequences:
+        return None
+    by_length = sorted(range(n), key=lambda i: (-wl.lengths[i], i))
+    best, best_time = None, math.inf
+    for m in counts:
+        if time.perf_counter() > deadline or m > n:
+            break
+        plan = []
+        for ids in chunk_global_batch(wl.lengths, by_length, m):
+            found = solve_micro_batch(wl, ids, deadline)
+            if found is None:
+                plan = None
+                break
+            plan.append([(g.sp, list(g.ids)) for g in found[1]])
+        if plan and _plan_time(wl, plan) < best_time:
+            best, best_time = plan, _plan_time(wl, plan)
+    return best
 
 
 def _polish(wl: Workload, mbs: list, deadline: float) -> list:
