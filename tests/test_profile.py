@@ -222,3 +222,26 @@ def test_joint_fit_recovers_group_latency_per_degree(tmp_path):
     paths = write_outputs(raw, tmp_path, "lat", make_plot=False)
     assert CostModel.load(paths["cost_model"]).group_latency_ms == pytest.approx({2: lat_u}, rel=1e-6)
     assert "degree 2: 16.00 ms" in paths["summary"].read_text()
+
+
+def test_extra_per_document_cost_of_sp_groups_is_diagnosed():
+    """A document dearer in a degree-2 group than at degree 1 (no CostModel term) is fitted as a
+    diagnostic per mode:degree and reported; the written CostModel is unchanged by it."""
+    from flexsp.profile.build import build_cost_model
+    from flexsp.profile.fit import fit_joint
+    from flexsp.profile.report import summary_lines
+    a1, a2, s, b, c, lat, extra = 3e-5, 0.11, 0.45, 17.0, 0.005, 8.0, 0.8
+    shapes = SHAPES + [[16] * 64, [512] + [16] * 32]
+    comm_shapes = [[64], [128], [16] * 8, [32] * 8, [512], [1024], [2048], [256] * 4, [1024] + [32] * 16]
+    compute = [(L, _time(L, a1, a2, b, s=s)) for L in shapes]
+    comm = {"ulysses:2": [(L, _time(L, a1, a2, b, sp=2, c=c, s=s + extra) + lat) for L in comm_shapes]}
+    _, got = fit_joint(compute, comm, key_docs=True)
+    u = got["ulysses:2"]
+    assert (u["extra_doc_ms"], u["ms_per_token"], u["latency_ms"]) == pytest.approx((extra, c, lat), rel=1e-6)
+    raw = _synthetic_raw()
+    raw["compute"], raw["comm"] = compute, comm
+    cm = build_cost_model(ProfileConfig(name="doc", capacity_tokens=1024), raw)
+    assert raw["fit"]["extra_doc_diagnostic"]["ulysses:2"]["extra_doc_ms"] == pytest.approx(extra, rel=1e-6)
+    assert cm.per_sequence_ms == pytest.approx(raw["fit"]["compute"]["per_seq"])
+    raw["cost_model"], raw["validation"] = cm.to_dict(), []
+    assert any("extra ms per document" in ln for ln in summary_lines(raw))

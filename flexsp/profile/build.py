@@ -129,5 +129,15 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None) -> CostModel:
         if lat > 0:
             group_lat[d] = lat
     fit["group_latency_ms"] = group_lat
+    if joint is not None:  # diagnostic: is a document dearer in an SP group than at degree 1?
+        try:
+            _, diag = fit_joint([(L, ms) for L, ms in raw["compute"]], comm_rows, per_sequence=cfg.fit_per_sequence,
+                                group_latency=cfg.fit_group_latency, key_docs=True)
+            fit["extra_doc_diagnostic"] = {k: {"extra_doc_ms": v["extra_doc_ms"], "stderr": v["extra_doc_stderr"],
+                                               "ms_per_token": v["ms_per_token"], "latency_ms": v["latency_ms"],
+                                               "max_abs_rel_err": max(abs(e) for e in v["rel_errors"])}
+                                           for k, v in diag.items()}
+        except ValueError:
+            pass
     raw["fit"] = fit
     return replace(cm, group_latency_ms=group_lat) if group_lat else cm

@@ -135,7 +135,7 @@ def fit_link(sizes_bytes, times_ms) -> tuple[float, float]:
     return float(lat), float(bw)
 
 
-def _joint_rows(samples, keys, per_sequence: bool, latency: bool = True):
+def _joint_rows(samples, keys, per_sequence: bool, latency: bool = True, key_docs: bool = False):
     rows = []
     for L, _, sp, key in samples:
         L = np.asarray(L, dtype=np.float64)
@@ -143,12 +143,14 @@ def _joint_rows(samples, keys, per_sequence: bool, latency: bool = True):
         row += [float(L.sum()) if key == k else 0.0 for k in keys]
         if latency:  # indicator: the group is of this key's degree and mode (its fixed latency)
             row += [1.0 if key == k else 0.0 for k in keys]
+        if key_docs:  # extra time per document in this key's groups, beyond per_seq (diagnostic)
+            row += [float(L.size) if key == k else 0.0 for k in keys]
         rows.append(row)
     return np.array(rows)
 
 
-def _joint_coef(samples, keys, per_sequence: bool, latency: bool = True) -> np.ndarray:
-    A = _joint_rows(samples, keys, per_sequence, latency)
+def _joint_coef(samples, keys, per_sequence: bool, latency: bool = True, key_docs: bool = False) -> np.ndarray:
+    A = _joint_rows(samples, keys, per_sequence, latency, key_docs)
     y = np.array([float(ms) for _, ms, _, _ in samples])
     w = 1.0 / y
     live = [j for j in range(A.shape[1]) if np.any(A[:, j])]
@@ -158,13 +160,16 @@ def _joint_coef(samples, keys, per_sequence: bool, latency: bool = True) -> np.n
     return coef
 
 
-def fit_joint(compute_samples, comm_samples: dict, per_sequence: bool = True, group_latency: bool = True):
+def fit_joint(compute_samples, comm_samples: dict, per_sequence: bool = True, group_latency: bool = True,
+              key_docs: bool = False):
     """One NNLS over every timed shape: degree-1 shapes ``(lengths, ms)`` and, per ``"mode:d"`` key,
     shapes at degree d. The compute terms (a1, a2, per_seq, b) are shared by all degrees, as the
     CostModel shares them; each key adds its own communication ms per token and (``group_latency``)
     its own fixed latency per group (CostModel.group_latency_ms: an indicator column that is 1 for
     the key's shapes). Both are identified only if each key's shapes span small and large token
-    counts (the intercept and the slope of the residual over the degree-1 prediction). Relative
+    counts (the intercept and the slope of the residual over the degree-1 prediction). ``key_docs``
+    adds, per key, an extra ms per document of the group beyond ``per_seq`` (``"extra_doc_ms"``; the
+    CostModel has no such term: a diagnostic of degree-dependent per-document costs). Relative
     residuals, as :func:`fit_compute`; jackknife standard errors (refit leaving each shape out).
 
     Returns ``(ComputeFit, {key: {"ms_per_token", "stderr", "latency_ms", "latency_stderr",
@@ -182,10 +187,11 @@ def fit_joint(compute_samples, comm_samples: dict, per_sequence: bool = True, gr
             raise ValueError(f"{k!r}: a per-token cost and a group latency need shapes of at least 2 token "
                              f"counts, got {sorted({sum(L) for L, _ in comm_samples[k]})}")
         samples += [(list(L), float(ms), sp, k) for L, ms in comm_samples[k]]
-    coef = _joint_coef(samples, keys, per_sequence, group_latency)
+    coef = _joint_coef(samples, keys, per_sequence, group_latency, key_docs)
     fit = ComputeFit(float(coef[0]), float(coef[1]), float(coef[3]), per_seq=float(coef[2]))
     n = len(samples)
-    loo = np.array([_joint_coef(samples[:i] + samples[i + 1:], keys, per_sequence, group_latency) for i in range(n)])
+    loo = np.array([_joint_coef(samples[:i] + samples[i + 1:], keys, per_sequence, group_latency, key_docs)
+                    for i in range(n)])
     se = np.sqrt((n - 1) / n * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0))
     fit.stderr = {"a1": float(se[0]), "a2": float(se[1]), "per_seq": float(se[2]), "b": float(se[3])}
     fit.rel_errors = [(fit.predict(L) - ms) / ms for L, ms in compute_samples]
@@ -194,7 +200,12 @@ def fit_joint(compute_samples, comm_samples: dict, per_sequence: bool = True, gr
     for j, k in enumerate(keys):
         c = float(coef[4 + j])
         lat = float(coef[4 + nk + j]) if group_latency else 0.0
-        errs = [(fit.predict(L, sp) + c * float(np.sum(L)) + lat - ms) / ms for L, ms, sp, kk in samples if kk == k]
+        jd = 4 + (2 if group_latency else 1) * nk + j
+        doc = float(coef[jd]) if key_docs else 0.0
+        errs = [(fit.predict(L, sp) + c * float(np.sum(L)) + lat + doc * len(L) - ms) / ms
+                for L, ms, sp, kk in samples if kk == k]
         comm[k] = {"ms_per_token": c, "stderr": float(se[4 + j]), "latency_ms": lat,
                    "latency_stderr": float(se[4 + nk + j]) if group_latency else None, "rel_errors": errs}
+        if key_docs:
+            comm[k].update(extra_doc_ms=doc, extra_doc_stderr=float(se[jd]))
     return fit, comm

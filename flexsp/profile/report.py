@@ -94,6 +94,16 @@ def summary_lines(raw: dict, cmd: str = "") -> list[str]:
         lines += ["", "CostModel.group_latency_ms (the latency of the mode plans use at each degree, the "
                   "cheapest per token): " + (", ".join(f"degree {d}: {v:.2f} ms" for d, v in lat.items())
                                              if lat else "{} (not fitted)"), ""]
+        diag = fit.get("extra_doc_diagnostic") or {}
+        if diag:
+            lines += ["Diagnostic, not in the CostModel (it has one per_sequence_ms for every degree): the same "
+                      "joint fit with an extra ms per document for each mode:degree's groups:", ""]
+            lines += _table(["mode", "degree", "extra ms per document", "c: us per token", "latency ms",
+                             "max rel err"],
+                            [(k.split(":")[0], k.split(":")[1], f"{v['extra_doc_ms']:.3f} +- {v['stderr']:.3f}",
+                             f"{v['ms_per_token'] * 1e3:.3f}", f"{v['latency_ms']:.2f}", f"{v['max_abs_rel_err']:.1%}")
+                             for k, v in diag.items()])
+            lines.append("")
     if fit["links"]:
         lines += ["", "## Link micro-benchmarks (all groups of a degree at once)", ""]
         rows = [(k.split(":")[0], k.split(":")[1], f"{v['latency_ms']:.3f}", f"{v['gbps']:.3g}")
