@@ -226,7 +226,8 @@ def report(rows, args, methods, elapsed):
     # -- scale
     if scale:
         out += ["", f"## Scale: {args.scale_devices} devices, {args.scale_batch} sequences "
-                f"(gpt-7b cost model, heads={args.scale_heads or 'unlimited'} so SP may exceed 64; ours with "
+                f"(gpt-7b cost model, heads={args.scale_heads or 'unlimited'}: "
+                f"{'SP capped at the head count (Ulysses)' if args.scale_heads else 'SP may exceed 64'}; ours with "
                 f"time_limit={args.scale_time_limit} s; static: SP=64, the paper's Ulysses maximum, 16 groups "
                 "per micro-batch)", "",
                 "| workload | preset | seed | LB (s) | ours (s) | static SP=64 x16 (s) | speedup | ours gap to LB | ours solve (s) | static solve (s) |",
