@@ -32,8 +32,9 @@ def layout_ranks(degrees: Sequence[int], num_devices: int) -> list[int]:
 
 def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: CostModel, *,
                method: str, solve_seconds: float = 0.0, lower_bound_ms: float = 0.0,
-               status: str = "feasible", extra: dict | None = None) -> Plan:
-    """Lay out ranks, pick each group's attention mode, price everything; drops empty groups."""
+               status: str = "feasible", extra: dict | None = None, attention: str | None = None) -> Plan:
+    """Lay out ranks, pick each group's attention mode (``attention`` forces one for every group
+    of degree > 1, e.g. a static Ulysses baseline), price everything; drops empty groups."""
     mbs = []
     for assignment in micro_batches:
         groups = [(int(sp), sorted(int(i) for i in ids)) for sp, ids in assignment if len(ids)]
@@ -44,10 +45,13 @@ def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: 
         for (sp, ids), start in sorted(zip(groups, starts), key=lambda t: t[1]):
             lens = [lengths[i] for i in ids]
             tokens = int(sum(lens))
+            mode = cm.best_mode(sp) if sp == 1 or attention is None else attention
+            if mode not in cm.attention_modes(sp):
+                raise ValueError(f"attention={mode!r} cannot run SP degree {sp}; valid: {cm.attention_modes(sp)}")
             built.append(GroupPlan(
                 sp=sp, ranks=tuple(range(start, start + sp)), seq_ids=tuple(ids),
-                attention=cm.best_mode(sp), tokens=tokens,
-                predicted_ms=cm.group_time_ms(lens, sp),
+                attention=mode, tokens=tokens,
+                predicted_ms=cm.group_time_ms(lens, sp, mode),
                 memory_mb=round(cm.memory_mb_for(tokens, sp), 2)))
         mbs.append(MicroBatchPlan(groups=tuple(built), predicted_ms=max(g.predicted_ms for g in built)))
     return Plan(num_devices=cm.num_devices, micro_batches=tuple(mbs),
@@ -58,10 +62,13 @@ def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: 
 
 
 def price_plan(plan: Plan, lengths: Sequence[int], cm: CostModel) -> float:
-    """Iteration time of ``plan`` recomputed from scratch under ``cm`` (ignores stored numbers)."""
+    """Iteration time of ``plan`` recomputed from scratch under ``cm`` (ignores stored numbers;
+    each group priced with its own attention mode when the model can run it)."""
     total = cm.step_overhead_ms
     for mb in plan.micro_batches:
-        total += max((cm.group_time_ms([lengths[i] for i in g.seq_ids], g.sp) for g in mb.groups), default=0.0)
+        total += max((cm.group_time_ms([lengths[i] for i in g.seq_ids], g.sp,
+                                       g.attention if g.attention in cm.attention_modes(g.sp) else None)
+                      for g in mb.groups), default=0.0)
     return total
 
 

@@ -25,6 +25,23 @@ from pathlib import Path
 ZERO_STAGES = (0, 1, 2, 3)
 
 
+def _mode_degree_table(name: str, table: dict) -> dict:
+    """Normalise {degree or "mode:degree": ms} (JSON makes every key a string)."""
+    out = {}
+    for key, value in table.items():
+        mode, _, deg = str(key).rpartition(":")
+        if mode and mode not in ("ulysses", "ring", "hybrid"):
+            raise ValueError(f"{name} key {key!r}: mode must be ulysses, ring or hybrid")
+        try:
+            degree = int(deg)
+        except ValueError:
+            raise ValueError(f"{name} key {key!r}: expected a degree or 'mode:degree'") from None
+        if float(value) < 0:
+            raise ValueError(f"{name}[{key!r}] must be >= 0, got {value}")
+        out[f"{mode}:{degree}" if mode else degree] = float(value)
+    return out
+
+
 @dataclass(frozen=True)
 class CostModel:
     name: str
@@ -66,9 +83,13 @@ class CostModel:
     per_sequence_ms: float = 0.0
     """Time each sequence adds to its group regardless of length or degree (e.g. a per-document
     kernel launch loop on CPU); 0 in the paper's model."""
-    group_latency_ms: dict[int, float] = field(default_factory=dict)
-    """Fixed time a group of each SP degree pays on top of b (collective launch latency, e.g. the
-    per-layer all-to-alls on gloo); {} in the paper's model. Degrees missing here pay 0."""
+    group_latency_ms: dict = field(default_factory=dict)
+    """Fixed time a group pays on top of b (collective launch latency, e.g. the per-layer
+    all-to-alls on gloo), keyed by SP degree (any mode) or "mode:degree" (that mode only, e.g.
+    "ulysses:2"; takes precedence); {} in the paper's model. Missing entries pay 0."""
+    per_sequence_comm_ms: dict = field(default_factory=dict)
+    """Extra time per sequence in a group of degree > 1 (per-document collectives or kernels of
+    the SP attention), keyed like ``group_latency_ms``; {} in the paper's model."""
     step_overhead_ms: float = 0.0
     """Fixed time per iteration whatever the plan (optimizer step, gradient sync tail); 0 in the
     paper's model. Added once to a plan's predicted iteration time."""
@@ -92,9 +113,8 @@ class CostModel:
         # JSON turns int keys into strings: normalise so loaded and built models compare equal.
         object.__setattr__(self, "bandwidth_gbps", {int(k): float(v) for k, v in self.bandwidth_gbps.items()})
         object.__setattr__(self, "p2p_bandwidth_gbps", {int(k): float(v) for k, v in self.p2p_bandwidth_gbps.items()})
-        object.__setattr__(self, "group_latency_ms", {int(k): float(v) for k, v in self.group_latency_ms.items()})
-        if any(v < 0 for v in self.group_latency_ms.values()):
-            raise ValueError(f"group_latency_ms must be >= 0, got {self.group_latency_ms}")
+        for name in ("group_latency_ms", "per_sequence_comm_ms"):
+            object.__setattr__(self, name, _mode_degree_table(name, getattr(self, name)))
         missing = [s for s in self.degrees if s > 1 and self._lookup(self.bandwidth_gbps, s) is None]
         if missing:
             raise ValueError(f"bandwidth_gbps has no entry for SP degrees {missing}; have {sorted(self.bandwidth_gbps)}")
@@ -193,21 +213,28 @@ class CostModel:
             raise ValueError(f"no attention mode can run SP degree {sp} (heads={self.heads}, ring disabled)")
         return min(modes, key=lambda m: (self.comm_ms_per_token(sp, m), m))
 
-    def seq_time_ms(self, length: float, sp: int) -> float:
-        """Time one sequence adds to a group of degree sp (without the group overhead b)."""
-        return ((self.a1 * length * length + self.a2 * length) / sp + self.comm_ms_per_token(sp) * length
-                + self.per_sequence_ms)
+    def _mode_term(self, table: dict, sp: int, mode: str | None) -> float:
+        if sp == 1 or not table:
+            return 0.0
+        mode = mode or self.best_mode(sp)
+        return table.get(f"{mode}:{sp}", table.get(sp, 0.0))
 
-    def group_time_ms(self, lengths, sp: int) -> float:
-        """Predicted time of a group: per-sequence times + one overhead b (0 for an empty group)."""
+    def seq_time_ms(self, length: float, sp: int, mode: str | None = None) -> float:
+        """Time one sequence adds to a group of degree sp running ``mode`` (default: the best
+        mode), without the group's fixed overhead."""
+        return ((self.a1 * length * length + self.a2 * length) / sp + self.comm_ms_per_token(sp, mode) * length
+                + self.per_sequence_ms + self._mode_term(self.per_sequence_comm_ms, sp, mode))
+
+    def group_time_ms(self, lengths, sp: int, mode: str | None = None) -> float:
+        """Predicted time of a group: per-sequence times + its fixed overhead (0 when empty)."""
         lengths = list(lengths)
         if not lengths:
             return 0.0
-        return sum(self.seq_time_ms(L, sp) for L in lengths) + self.group_overhead_ms(sp)
+        return sum(self.seq_time_ms(L, sp, mode) for L in lengths) + self.group_overhead_ms(sp, mode)
 
-    def group_overhead_ms(self, sp: int) -> float:
-        """Fixed time of a non-empty group of degree sp: b plus its degree's latency."""
-        return self.b + (self.group_latency_ms.get(sp, 0.0) if sp > 1 else 0.0)
+    def group_overhead_ms(self, sp: int, mode: str | None = None) -> float:
+        """Fixed time of a non-empty group of degree sp: b plus its latency."""
+        return self.b + self._mode_term(self.group_latency_ms, sp, mode)
 
     # -- persistence ------------------------------------------------------------------------
     def with_devices(self, num_devices: int | None = None, memory_mb: float | None = None) -> "CostModel":

@@ -180,3 +180,24 @@ def test_large_cluster_uses_only_runnable_degrees():
     plan = plan_batch(lengths, cm, time_limit=5)
     validate_plan(plan, lengths, cm)
     assert max(g.sp for mb in plan.micro_batches for g in mb.groups) <= 64
+
+
+def test_mode_specific_terms_price_the_mode_a_group_runs(tmp_path):
+    cm = tiny_model(ring_mb_per_token=1.0, p2p_bandwidth_gbps={2: 10.0, 4: 2.0}, heads=4,
+                    group_latency_ms={2: 1.0, "ulysses:2": 5.0}, per_sequence_comm_ms={"ring:2": 0.5})
+    lens = [60, 70]
+    assert cm.group_time_ms(lens, 2, "ulysses") == pytest.approx(
+        sum((cm.a1 * L * L + cm.a2 * L) / 2 + cm.comm_ms_per_token(2, "ulysses") * L for L in lens) + cm.b + 5.0)
+    assert cm.group_time_ms(lens, 2, "ring") == pytest.approx(
+        sum((cm.a1 * L * L + cm.a2 * L) / 2 + cm.comm_ms_per_token(2, "ring") * L + 0.5 for L in lens) + cm.b + 1.0)
+    cm.save(tmp_path / "cm.json")
+    assert CostModel.load(tmp_path / "cm.json") == cm  # "mode:degree" and int keys survive JSON
+    from solver.build import build_plan
+    forced = build_plan([[(2, [0, 1])]], lens, cm, method="static", attention="ulysses")
+    assert forced.micro_batches[0].groups[0].attention == "ulysses"
+    assert forced.predicted_ms == pytest.approx(price_plan(forced, lens, cm))
+    assert forced.predicted_ms == pytest.approx(cm.group_time_ms(lens, 2, "ulysses"))
+    with pytest.raises(ValueError, match="mode must be"):
+        tiny_model(group_latency_ms={"warp:2": 1.0})
+    with pytest.raises(ValueError, match="cannot run SP degree"):
+        build_plan([[(2, [0, 1])]], lens, tiny_model(), method="x", attention="ring")
