@@ -210,38 +210,66 @@ def test_joint_fit_recovers_group_latency_per_degree(tmp_path):
     # a key whose shapes all have one token count cannot separate the two terms
     with pytest.raises(ValueError, match="at least 2 token counts"):
         fit_joint(compute, {"ulysses:2": [([512], 100.0), ([256, 256], 110.0)]})
-    # into the CostModel file: ulysses is the cheaper mode per token, so its latency is written
+    # into the CostModel file: every mode's latency keyed "mode:degree" (hybrid at degree 2 = Ulysses)
     raw = _synthetic_raw()
     raw["compute"], raw["comm"] = compute, comm
     cm = build_cost_model(ProfileConfig(name="lat", capacity_tokens=1024), raw)
-    assert cm.group_latency_ms == pytest.approx({2: lat_u}, rel=1e-6)
+    want = {"ulysses:2": lat_u, "ring:2": lat_r, "hybrid:2": lat_u}
+    assert cm.group_latency_ms == pytest.approx(want, rel=1e-6)
     assert raw["fit"]["comm"]["ring:2"]["latency_ms"] == pytest.approx(lat_r, rel=1e-6)
-    for L in comm_shapes:
-        assert cm.group_time_ms(L, 2) == pytest.approx(_time(L, a1, a2, b, sp=2, c=c_u, s=s) + lat_u, rel=1e-6)
+    for L in comm_shapes:  # each mode priced with its own terms
+        assert cm.group_time_ms(L, 2, "ulysses") == pytest.approx(_time(L, a1, a2, b, sp=2, c=c_u, s=s) + lat_u,
+                                                                   rel=1e-6)
+        assert cm.group_time_ms(L, 2, "ring") == pytest.approx(_time(L, a1, a2, b, sp=2, c=c_r, s=s) + lat_r,
+                                                                rel=1e-6)
     raw["cost_model"], raw["validation"] = cm.to_dict(), []
     paths = write_outputs(raw, tmp_path, "lat", make_plot=False)
-    assert CostModel.load(paths["cost_model"]).group_latency_ms == pytest.approx({2: lat_u}, rel=1e-6)
-    assert "degree 2: 16.00 ms" in paths["summary"].read_text()
+    written = json.loads(paths["cost_model"].read_text())
+    assert set(written["group_latency_ms"]) == set(want)  # mode-keyed entries in the file itself
+    loaded = CostModel.load(paths["cost_model"])
+    assert loaded.group_latency_ms == pytest.approx(want, rel=1e-6)
+    assert loaded == cm
+    assert "ulysses:2: 16.000" in paths["summary"].read_text()
 
 
-def test_extra_per_document_cost_of_sp_groups_is_diagnosed():
-    """A document dearer in a degree-2 group than at degree 1 (no CostModel term) is fitted as a
-    diagnostic per mode:degree and reported; the written CostModel is unchanged by it."""
+def test_extra_per_document_cost_of_sp_groups_is_fitted_per_mode(tmp_path):
+    """A document dearer in a degree-2 group than at degree 1 is fitted per mode:degree, written to
+    CostModel.per_sequence_comm_ms (keyed "mode:degree", with its error bar in the report) and
+    priced only for groups of that mode; the file loads back as the same CostModel."""
     from flexsp.profile.build import build_cost_model
     from flexsp.profile.fit import fit_joint
-    from flexsp.profile.report import summary_lines
+    from flexsp.profile.report import summary_lines, write_outputs
     a1, a2, s, b, c, lat, extra = 3e-5, 0.11, 0.45, 17.0, 0.005, 8.0, 0.8
+    c_r, lat_r, extra_r = 0.02, 5.0, 0.2
     shapes = SHAPES + [[16] * 64, [512] + [16] * 32]
     comm_shapes = [[64], [128], [16] * 8, [32] * 8, [512], [1024], [2048], [256] * 4, [1024] + [32] * 16]
     compute = [(L, _time(L, a1, a2, b, s=s)) for L in shapes]
-    comm = {"ulysses:2": [(L, _time(L, a1, a2, b, sp=2, c=c, s=s + extra) + lat) for L in comm_shapes]}
+    comm = {"ulysses:2": [(L, _time(L, a1, a2, b, sp=2, c=c, s=s + extra) + lat) for L in comm_shapes],
+            "ring:2": [(L, _time(L, a1, a2, b, sp=2, c=c_r, s=s + extra_r) + lat_r) for L in comm_shapes]}
     _, got = fit_joint(compute, comm, key_docs=True)
     u = got["ulysses:2"]
     assert (u["extra_doc_ms"], u["ms_per_token"], u["latency_ms"]) == pytest.approx((extra, c, lat), rel=1e-6)
     raw = _synthetic_raw()
     raw["compute"], raw["comm"] = compute, comm
     cm = build_cost_model(ProfileConfig(name="doc", capacity_tokens=1024), raw)
-    assert raw["fit"]["extra_doc_diagnostic"]["ulysses:2"]["extra_doc_ms"] == pytest.approx(extra, rel=1e-6)
-    assert cm.per_sequence_ms == pytest.approx(raw["fit"]["compute"]["per_seq"])
+    assert cm.per_sequence_ms == pytest.approx(s, rel=1e-6)
+    want = {"ulysses:2": extra, "ring:2": extra_r, "hybrid:2": extra}
+    assert cm.per_sequence_comm_ms == pytest.approx(want, rel=1e-6)
+    assert raw["fit"]["comm"]["ulysses:2"]["per_sequence_comm_ms"] == pytest.approx(extra, rel=1e-6)
+    for L in comm_shapes:
+        assert cm.group_time_ms(L, 2, "ulysses") == pytest.approx(
+            _time(L, a1, a2, b, sp=2, c=c, s=s + extra) + lat, rel=1e-6)
+        assert cm.group_time_ms(L, 2, "ring") == pytest.approx(
+            _time(L, a1, a2, b, sp=2, c=c_r, s=s + extra_r) + lat_r, rel=1e-6)
+    assert cm.group_time_ms([100] * 4, 1) == pytest.approx(_time([100] * 4, a1, a2, b, s=s), rel=1e-6)
     raw["cost_model"], raw["validation"] = cm.to_dict(), []
     assert any("extra ms per document" in ln for ln in summary_lines(raw))
+    paths = write_outputs(raw, tmp_path, "doc", make_plot=False)
+    written = json.loads(paths["cost_model"].read_text())
+    assert set(written["per_sequence_comm_ms"]) == set(want)
+    assert CostModel.load(paths["cost_model"]) == cm
+    # off: the paper-like form, no per-document communication term
+    raw2 = _synthetic_raw()
+    raw2["compute"], raw2["comm"] = compute, comm
+    cm2 = build_cost_model(ProfileConfig(name="doc", capacity_tokens=1024, fit_per_sequence_comm=False), raw2)
+    assert cm2.per_sequence_comm_ms == {}

@@ -53,7 +53,7 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None) -> CostModel:
     joint = None
     if cfg.joint_fit and comm_rows:
         comp, joint = fit_joint([(L, ms) for L, ms in raw["compute"]], comm_rows, per_sequence=cfg.fit_per_sequence,
-                                group_latency=cfg.fit_group_latency)
+                                group_latency=cfg.fit_group_latency, key_docs=cfg.fit_per_sequence_comm)
     else:
         comp = fit_compute([(L, ms) for L, ms in raw["compute"]], per_sequence=cfg.fit_per_sequence)
     a2a_mb, ring_mb = volumes_mb_per_token(mc)
@@ -65,7 +65,7 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None) -> CostModel:
            "step_overhead_ms": step_ms,
            "step_overhead_spread_ms": raw.get("optimizer_spread_ms"),
            "comm": {}, "links": {}}
-    bw, p2p, lat_by_key = {}, {}, {}
+    bw, p2p, lat_by_key, doc_by_key = {}, {}, {}, {}
     for key, rows in raw.get("comm", {}).items():
         mode, d = key.split(":")
         d = int(d)
@@ -78,11 +78,15 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None) -> CostModel:
         (bw if mode == "ulysses" else p2p)[d] = eff
         lat = joint[key].get("latency_ms", 0.0) if joint is not None else 0.0
         lat_by_key[(mode, d)] = lat
+        doc = joint[key].get("extra_doc_ms", 0.0) if joint is not None else 0.0
+        doc_by_key[(mode, d)] = doc
         fit["comm"][key] = {"ms_per_token": c, "effective_gbps": eff, "rel_errors": errs,
                             "stderr": joint[key]["stderr"] if joint is not None else None,
                             "latency_ms": lat,
                             "latency_stderr": joint[key].get("latency_stderr") if joint is not None else None,
                             "max_abs_rel_err": max(abs(e) for e in errs)}
+        if joint is not None and "extra_doc_ms" in joint[key]:
+            fit["comm"][key].update(per_sequence_comm_ms=doc, per_sequence_comm_stderr=joint[key]["extra_doc_stderr"])
     for key, rows in raw.get("links", {}).items():
         lat, gbps = fit_link([s for s, _ in rows], [t for _, t in rows])
         fit["links"][key] = {"latency_ms": lat, "gbps": gbps}
@@ -97,7 +101,9 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None) -> CostModel:
     source = (f"flexsp-profile on {raw['device']} ({raw['backend']}), {world} rank(s) all busy while timing, "
               f"{raw['threads_per_rank']} thread(s)/rank, engine {cfg.engine}, model {cfg.model}; "
               + (f"a1/a2/per_sequence_ms/b, comm per token"
-                 + (" and group_latency_ms per degree" if cfg.fit_group_latency else "")
+                 + (" and group_latency_ms" if cfg.fit_group_latency else "")
+                 + (" and per_sequence_comm_ms" if cfg.fit_per_sequence_comm else "")
+                 + (" per mode:degree" if cfg.fit_group_latency or cfg.fit_per_sequence_comm else "")
                  + ": one joint NNLS on relative error of "
                  f"{len(raw['compute'])} packed micro-batches at degree 1 and "
                  f"{sum(len(v) for v in comm_rows.values())} at degree > 1" if joint is not None else
@@ -115,29 +121,22 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None) -> CostModel:
         state_bytes_per_param=4.0 * elem, zero_stage=3, heads=mc["heads"], kv_heads=mc["kv_heads"],
         ring_mb_per_token=ring_mb if p2p else 0.0, p2p_bandwidth_gbps=p2p,
         capacity_override=int(cfg.capacity_tokens), source=source)
-    # one latency per degree in the CostModel: that of the mode its plans use at that degree (the
-    # cheapest per token); the other modes' latencies stay in the report
-    group_lat = {}
-    for d in sorted({d for _, d in lat_by_key}):
-        mode = cm.best_mode(d) if d in cm.degrees else None
-        if mode == "hybrid":  # Ulysses inside, ring across: pure Ulysses when the width is d
-            mode = "ulysses" if cm.ulysses_width(d) == d else None
-            lat = lat_by_key.get(("ulysses", d), 0.0) if mode else max(
-                lat_by_key.get(("ulysses", d), 0.0), lat_by_key.get(("ring", d), 0.0))
-        else:
-            lat = lat_by_key.get((mode, d), 0.0)
-        if lat > 0:
-            group_lat[d] = lat
+    # latency and per-document communication of every profiled mode, keyed "mode:degree" (the
+    # CostModel prices each group with the mode it runs); hybrid at a degree equal to its Ulysses
+    # width is pure Ulysses, otherwise it pays the dearer of the two
+    group_lat, seq_comm = {}, {}
+    for table, by_key in ((group_lat, lat_by_key), (seq_comm, doc_by_key)):
+        for (mode, d), v in sorted(by_key.items()):
+            if v > 0:
+                table[f"{mode}:{d}"] = v
+        for d in sorted({d for _, d in by_key}):
+            if d not in cm.degrees or "hybrid" not in cm.attention_modes(d):
+                continue
+            u, r = by_key.get(("ulysses", d), 0.0), by_key.get(("ring", d), 0.0)
+            v = u if cm.ulysses_width(d) == d else max(u, r)
+            if v > 0:
+                table[f"hybrid:{d}"] = v
     fit["group_latency_ms"] = group_lat
-    if joint is not None:  # diagnostic: is a document dearer in an SP group than at degree 1?
-        try:
-            _, diag = fit_joint([(L, ms) for L, ms in raw["compute"]], comm_rows, per_sequence=cfg.fit_per_sequence,
-                                group_latency=cfg.fit_group_latency, key_docs=True)
-            fit["extra_doc_diagnostic"] = {k: {"extra_doc_ms": v["extra_doc_ms"], "stderr": v["extra_doc_stderr"],
-                                               "ms_per_token": v["ms_per_token"], "latency_ms": v["latency_ms"],
-                                               "max_abs_rel_err": max(abs(e) for e in v["rel_errors"])}
-                                           for k, v in diag.items()}
-        except ValueError:
-            pass
+    fit["per_sequence_comm_ms"] = seq_comm
     raw["fit"] = fit
-    return replace(cm, group_latency_ms=group_lat) if group_lat else cm
+    return replace(cm, group_latency_ms=group_lat, per_sequence_comm_ms=seq_comm)

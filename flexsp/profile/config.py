@@ -43,6 +43,9 @@ class ProfileConfig:
     fit_group_latency: bool = True
     """Fit a fixed latency per group of each degree (CostModel.group_latency_ms) jointly with the
     per-token communication cost (needs joint_fit and comm shapes of several sizes)."""
+    fit_per_sequence_comm: bool = True
+    """Fit an extra time per document of each mode:degree's groups beyond per_sequence_ms
+    (CostModel.per_sequence_comm_ms, e.g. per-document collectives of Ulysses) in the joint fit."""
     modes: list = field(default_factory=lambda: ["ulysses", "ring"])
     """Attention modes to profile at degrees >= 2 (ring fills ring_mb_per_token/p2p bandwidth)."""
     link_mb: list = field(default_factory=lambda: [0.25, 2.0, 8.0])

@@ -352,7 +352,9 @@ def validation_rows(cm, held_ids, held_plans, shapes, times) -> list:
         for method, plan in plans.items():
             for i, mb in enumerate(plan.micro_batches):
                 ts = times[("val-mb", k, method, i)]
-                pred = max(cm.group_time_ms([lengths[j] for j in g.seq_ids], g.sp) for g in mb.groups)
+                pred = max(cm.group_time_ms([lengths[j] for j in g.seq_ids], g.sp,
+                                             g.attention if g.attention in cm.attention_modes(g.sp) else None)
+                           for g in mb.groups)
                 rows.append({"batch": k, "method": method, "kind": "micro-batch", "index": i,
                              "groups": " + ".join(f"{g.sp}" for g in mb.groups),
                              "docs": sum(len(g.seq_ids) for g in mb.groups),

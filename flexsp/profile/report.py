@@ -83,27 +83,22 @@ def summary_lines(raw: dict, cmd: str = "") -> list[str]:
                  + (f" +- {v['stderr'] * 1e3:.3f}" if v.get("stderr") is not None else ""),
                  f"{v.get('latency_ms', 0.0):.2f}"
                  + (f" +- {v['latency_stderr']:.2f}" if v.get("latency_stderr") is not None else ""),
+                 (f"{v['per_sequence_comm_ms']:.3f} +- {v['per_sequence_comm_stderr']:.3f}"
+                  if v.get("per_sequence_comm_ms") is not None else "not fitted"),
                  f"{v['effective_gbps']:.3g}", f"{np.median(np.abs(v['rel_errors'])):.1%}",
                  f"{v['max_abs_rel_err']:.1%}") for k, v in fit["comm"].items()]
-        lines += ["time(group of degree d) = (a1 * sum L^2 + a2 * sum L) / d + per_sequence_ms * docs + b "
-                  "+ c(d) * sum L + latency(d); c and latency fitted jointly with the compute terms "
-                  "(+- jackknife s.e.).", ""]
-        lines += _table(["mode", "degree", "c: us per token", "latency ms per group", "effective GB/s",
-                         "median rel err", "max rel err"], rows)
-        lat = fit.get("group_latency_ms") or {}
-        lines += ["", "CostModel.group_latency_ms (the latency of the mode plans use at each degree, the "
-                  "cheapest per token): " + (", ".join(f"degree {d}: {v:.2f} ms" for d, v in lat.items())
-                                             if lat else "{} (not fitted)"), ""]
-        diag = fit.get("extra_doc_diagnostic") or {}
-        if diag:
-            lines += ["Diagnostic, not in the CostModel (it has one per_sequence_ms for every degree): the same "
-                      "joint fit with an extra ms per document for each mode:degree's groups:", ""]
-            lines += _table(["mode", "degree", "extra ms per document", "c: us per token", "latency ms",
-                             "max rel err"],
-                            [(k.split(":")[0], k.split(":")[1], f"{v['extra_doc_ms']:.3f} +- {v['stderr']:.3f}",
-                             f"{v['ms_per_token'] * 1e3:.3f}", f"{v['latency_ms']:.2f}", f"{v['max_abs_rel_err']:.1%}")
-                             for k, v in diag.items()])
-            lines.append("")
+        lines += ["time(group of degree d, mode m) = (a1 * sum L^2 + a2 * sum L) / d + (per_sequence_ms + "
+                  "per_doc(m, d)) * docs + b + c(m, d) * sum L + latency(m, d); c, latency and per_doc fitted "
+                  "jointly with the compute terms (+- jackknife s.e.).", ""]
+        lines += _table(["mode", "degree", "c: us per token", "latency ms per group", "extra ms per document",
+                         "effective GB/s", "median rel err", "max rel err"], rows)
+
+        def _fmt(tab):
+            return ", ".join(f"{k}: {v:.3f}" for k, v in tab.items()) if tab else "{} (not fitted)"
+        lines += ["", "Written to the CostModel, keyed mode:degree (each group priced with the mode it runs): "
+                  f"group_latency_ms {{{_fmt(fit.get('group_latency_ms') or {})}}} ms per group; "
+                  f"per_sequence_comm_ms {{{_fmt(fit.get('per_sequence_comm_ms') or {})}}} ms per document "
+                  "(hybrid at a degree equal to its Ulysses width = Ulysses).", ""]
     if fit["links"]:
         lines += ["", "## Link micro-benchmarks (all groups of a degree at once)", ""]
         rows = [(k.split(":")[0], k.split(":")[1], f"{v['latency_ms']:.3f}", f"{v['gbps']:.3g}")
