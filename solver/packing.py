@@ -8,8 +8,11 @@ that sums to <= N has an aligned layout (``build.layout_ranks``), so a micro-bat
 free device count.
 
 Sequences that cannot run within ``tau`` at any degree ("giants") open a micro-batch of their own
-whose cap is the giant's time at the degree ``giant_policy`` picks; later sequences fill it up to
-that cap. ``pack`` is the feasibility test the planner bisects ``tau`` over.
+whose cap is the giant's time at the degree ``giant_stretch`` picks; later sequences fill it up to
+that cap. With ``giant_stretch > 1`` the same applies to sequences that would need more than their
+least-work degree to meet ``tau`` (a longer micro-batch instead of more all-to-all). ``pack`` is
+the feasibility test the planner bisects ``tau`` over; ``solve_micro_batch`` packs one
+micro-batch on its own.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ class Workload:
         self.min_work = self.work.min(axis=0)
         self.min_time = np.where(fits, self.time, np.inf).min(axis=0)
         # fixed time a new group of each degree starts with (beyond b, which every group pays)
-        self.latency = np.array([cm.group_overhead_ms(d) - cm.b for d in self.degrees])
+        self.latency = np.array([cm.group_overhead_ms(d) - cm.b if ok else 0.0
+                                 for d, ok in zip(self.degrees, usable)])
 
 
 @dataclass
