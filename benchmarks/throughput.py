@@ -2,22 +2,25 @@
 
 The same global batches (document lengths from a published long-tailed distribution of
 ``solver.workloads``, scaled down so the longest fits what this machine can run; random tokens)
-are trained, in one invocation and on the same ranks, with:
+are trained on the same ranks with (every method but DeepSpeed's in one world; DeepSpeed's baseline
+in a second, freshly spawned world afterwards, so the main run never imports or initialises
+DeepSpeed, which was measured to slow every method in the same process):
 
 - ``ulysses-full``: static Ulysses at the full degree N (DeepSpeed-Ulysses-like; the official
   FlexSP "static" packing: best-fit-decreasing into bins of 0.9 * C * N tokens);
 - ``static-d``: the same packing at every smaller degree d that holds the longest document; the
   best *measured* static degree is reported as ``best static``;
 - ``deepspeed-ulysses``: the ulysses-full plan, but attention through DeepSpeed's own
-  ``DistributedAttention`` (KV heads expanded when the degree does not divide them);
+  ``DistributedAttention`` (KV heads expanded when the degree does not divide them), in its own world;
 - ``best-homogeneous``: the official code's BatchAda (best single degree, time-balanced packing);
 - ``flexsp``: the FlexSP planner (``solver.planner.plan_batch``), degrees mixed per micro-batch.
 
 Every step = ``StepExecutor.run(plan)`` (all micro-batches, FSDP2) + the optimizer step, fenced by
 barriers; each method runs every batch ``--repeats`` times, methods interleaved per repetition
 (order reversed every other repetition, so load drift hits all alike), the fastest kept (other
-jobs on a shared machine only add time). Predicted step time = the plan's ``predicted_ms`` from
-the CostModel alone (its per-group terms plus ``step_overhead_ms``, which the profiler sets from
+jobs on a shared machine only add time). Static plans are built with ``attention="ulysses"`` (the
+mode they run). Predicted step time = ``price_plan`` of the plan each method ran (each group priced
+with its own attention mode), from the CostModel alone (its per-group terms plus ``step_overhead_ms``, which the profiler sets from
 the timed optimizer step); the optimizer step is also timed here, for information only. The cost
 model is a ``flexsp-profile`` file; the memory budget C (tokens per rank) is an emulated one
 (``--capacity``), stated in the results, because a CPU's RAM would let any degree hold
@@ -72,8 +75,19 @@ def scaled_batches(name: str, num: int, tokens: int, max_len: int, ref_len: int,
     return out
 
 
+def as_mode(plan, lengths, cm, mode: str):
+    """``plan``'s groups rebuilt under the full cost model with every degree > 1 group forced to
+    ``mode`` (solver.build.build_plan(attention=...)): what the static baselines run, priced so."""
+    from solver.build import build_plan
+    mbs = [[(g.sp, g.seq_ids) for g in mb.groups] for mb in plan.micro_batches]
+    return build_plan(mbs, lengths, cm, method=plan.method, solve_seconds=plan.solve_seconds,
+                      status=plan.status, extra=plan.extra, attention=mode)
+
+
 def plans_for(lengths, cm, world: int) -> dict:
-    """Every method's plan for one batch (rank 0). Static plans use a Ulysses-only model."""
+    """Every method's plan for one batch (rank 0). Static plans are packed with a Ulysses-only model,
+    then rebuilt under the full model with attention="ulysses" on every SP group (the mode they run,
+    and the mode their predicted_ms prices); flexsp's groups keep the planner's modes."""
     from solver.baselines import best_homogeneous_plan, static_plan, usable_degrees
     from solver.planner import plan_batch
     cm_u = replace(cm, ring_mb_per_token=0.0, p2p_bandwidth_gbps={})
@@ -81,8 +95,9 @@ def plans_for(lengths, cm, world: int) -> dict:
     for d in usable_degrees(cm_u):
         if d < world and max(lengths) <= d * cm.capacity_tokens:
             plans[f"static-{d}"] = static_plan(lengths, cm_u, d)
-    plans["deepspeed-ulysses"] = plans["ulysses-full"]
     plans["best-homogeneous"] = best_homogeneous_plan(lengths, cm_u)
+    plans = {k: as_mode(p, lengths, cm, "ulysses") for k, p in plans.items()}
+    plans["deepspeed-ulysses"] = plans["ulysses-full"]
     plans["flexsp"] = plan_batch(lengths, cm, time_limit=2.0)
     return {k: p.to_dict() for k, p in plans.items()}
 
@@ -141,10 +156,11 @@ def rank_body(args: dict):
     from flexsp.planning import load_cost_model
     from flexsp.topology import SPTopology
     from flexsp.train import TrainConfig
+    from solver.build import price_plan
     from solver.plan import Plan
 
     rank, world, device = init_distributed(None)
-    use_ds = not args["no_deepspeed"]
+    use_ds = bool(args.get("ds_only"))  # DeepSpeed only in its own world (own processes), never the main one
     if use_ds:
         import deepspeed
         deepspeed.init_distributed(dist_backend=dist.get_backend())
@@ -203,7 +219,9 @@ def rank_body(args: dict):
             box = [plans_for(lens, cm, world) if rank == 0 else None]
             dist.broadcast_object_list(box, src=0)
             plans = {m: Plan.from_dict(p) for m, p in box[0].items()}
-            if not use_ds:
+            if use_ds:
+                plans = {"deepspeed-ulysses": plans["deepspeed-ulysses"]}
+            else:
                 plans.pop("deepspeed-ulysses")
             for m, plan in plans.items():  # warm-up every plan once
                 timed(lambda: run_step(plan, batch, m == "deepspeed-ulysses"))
@@ -213,9 +231,12 @@ def rank_body(args: dict):
                 for m in order:
                     times[m].append(timed(lambda: run_step(plans[m], batch, m == "deepspeed-ulysses")))
             for m, plan in plans.items():
+                pred = price_plan(plan, lens, cm)  # the plan it runs, each group priced with its mode
+                assert abs(pred - plan.predicted_ms) <= 1e-6 * max(1.0, pred), (m, pred, plan.predicted_ms)
                 rows.append({"distribution": dname, "batch": k, "method": m, "tokens": sum(lens),
                              "docs": len(lens), "max_len": max(lens), "plan": plan.summary(),
-                             "predicted_ms": plan.predicted_ms,
+                             "predicted_ms": pred, "process": "deepspeed world" if use_ds else "main",
+                             "modes": sorted({g.attention for mb in plan.micro_batches for g in mb.groups}),
                              "measured_ms": min(times[m]), "all_ms": times[m],
                              "loadavg": list(os.getloadavg())})
             if rank == 0:
@@ -345,9 +366,14 @@ def main(argv=None) -> int:
     else:
         cmd = "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
         load0 = os.getloadavg()
-        res = run_ranks(rank_body, a.world_size, vars(a), a.threads_per_rank, a.timeout_s)[0]
+        res = run_ranks(rank_body, a.world_size, {**vars(a), "ds_only": False}, a.threads_per_rank, a.timeout_s)[0]
         if res is None:
             return 0
+        if not a.no_deepspeed:  # DeepSpeed's baseline in a fresh world of its own, after the others
+            ds = run_ranks(rank_body, a.world_size, {**vars(a), "ds_only": True}, a.threads_per_rank, a.timeout_s)[0]
+            order = {(r["distribution"], r["batch"]): i for i, r in enumerate(res["rows"])}
+            res["rows"] = sorted(res["rows"] + ds["rows"], key=lambda r: order[(r["distribution"], r["batch"])])
+            res["deepspeed_process"] = {"optimizer_ms": ds["optimizer_ms"], "seconds": ds["seconds"]}
         res.update(command=cmd, date=_dt.datetime.now().isoformat(timespec="seconds"), args=vars(a),
                    machine=f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
                    loadavg_start=list(load0), loadavg_end=list(os.getloadavg()))
@@ -367,9 +393,17 @@ def main(argv=None) -> int:
             f"interleaved (order reversed every other run). Totals are over {a.batches} batches.", "",
             f"Predicted = the plan's CostModel time alone: per-group terms (a1, a2, b, per_sequence_ms = "
             f"{cmd_cm.per_sequence_ms:.3f} ms/document, communication per token, group_latency_ms = "
-            f"{ {d: round(v, 2) for d, v in cmd_cm.group_latency_ms.items()} } ms per group of degree d) + step_overhead_ms = "
+            f"{ {d: round(v, 2) for d, v in cmd_cm.group_latency_ms.items()} } ms per group and per_sequence_comm_ms = "
+            f"{ {d: round(v, 3) for d, v in cmd_cm.per_sequence_comm_ms.items()} } ms per document of a group, "
+            f"keyed mode:degree) + step_overhead_ms = "
             f"{cmd_cm.step_overhead_ms:.1f} ms per step (from the profile). For information, the optimizer step "
-            f"timed here: {res['optimizer_ms']:.1f} ms (not used in predictions).", ""]
+            f"timed here: {res['optimizer_ms']:.1f} ms (not used in predictions). Every prediction is "
+            f"solver.build.price_plan of the plan the method ran, each group priced with the attention mode it "
+            f"ran: static baselines are built with attention=\"ulysses\" (build_plan), flexsp keeps the "
+            f"planner's per-group modes.", "",
+            ("DeepSpeed: the deepspeed-ulysses baseline ran in a separate world (fresh spawned processes, after "
+             "the other methods); the main run never imports or initialises DeepSpeed."
+             if res.get("deepspeed_process") else "DeepSpeed baseline not run (--no-deepspeed)."), ""]
     if getattr(a, "note", None):
         head += [a.note, ""]
     out = Path(a.out)

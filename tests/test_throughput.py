@@ -61,20 +61,53 @@ def test_bad_arguments_exit_with_the_value():
 
 def test_predictions_come_from_the_cost_model_alone():
     """The step overhead and per-document cost are CostModel terms: every plan prices them itself
-    (the benchmark adds nothing on the side)."""
+    (the benchmark adds nothing on the side); rows carry price_plan of the plan each method ran."""
     import inspect
     from dataclasses import replace
 
     from solver.build import price_plan
-    cm = replace(load_preset("cpu-gloo-tiny"), capacity_override=256, per_sequence_ms=0.5, step_overhead_ms=40.0,
-                 ring_mb_per_token=0.0, p2p_bandwidth_gbps={})  # static plans are priced Ulysses-only
+    cm = replace(load_preset("cpu-gloo-tiny"), capacity_override=256, per_sequence_ms=0.5, step_overhead_ms=40.0)
     lens = [500, 100, 60, 30, 30, 20, 8]
     for name, d in throughput.plans_for(lens, cm, 4).items():
         plan = Plan.from_dict(d)
         assert plan.predicted_ms == pytest.approx(price_plan(plan, lens, cm)), name
         assert plan.predicted_ms > 40.0
     src = inspect.getsource(throughput.rank_body)
-    assert '"predicted_ms": plan.predicted_ms,' in src and "+ optimizer_ms" not in src
+    assert "pred = price_plan(plan, lens, cm)" in src and '"predicted_ms": pred,' in src
+    assert "+ optimizer_ms" not in src
+
+
+def test_static_plans_are_priced_with_the_mode_they_run():
+    """Mode-keyed terms (ring cheaper than Ulysses): the static baselines run Ulysses, so their
+    groups say ulysses and their prediction pays Ulysses' latency and per-document cost."""
+    from dataclasses import replace
+
+    from solver.build import price_plan
+    base = load_preset("cpu-gloo-tiny")
+    cm = replace(base, capacity_override=256, ring_mb_per_token=base.a2a_mb_per_token / 100,
+                 p2p_bandwidth_gbps=dict(base.bandwidth_gbps),
+                 group_latency_ms={"ulysses:2": 9.0, "ulysses:4": 9.0, "ring:2": 5.0, "ring:4": 5.0},
+                 per_sequence_comm_ms={"ulysses:2": 0.8, "ulysses:4": 0.8, "ring:2": 0.2, "ring:4": 0.2})
+    lens = [500, 100, 60, 30, 30, 20, 8]
+    plans = {k: Plan.from_dict(d) for k, d in throughput.plans_for(lens, cm, 4).items()}
+    for name in ("ulysses-full", "deepspeed-ulysses", "best-homogeneous"):
+        plan = plans[name]
+        assert {g.attention for mb in plan.micro_batches for g in mb.groups if g.sp > 1} == {"ulysses"}, name
+        assert plan.predicted_ms == pytest.approx(price_plan(plan, lens, cm)), name
+    full = plans["ulysses-full"]
+    want = cm.step_overhead_ms + sum(max(cm.group_time_ms([lens[i] for i in g.seq_ids], g.sp, "ulysses")
+                                         for g in mb.groups) for mb in full.micro_batches)
+    assert full.predicted_ms == pytest.approx(want)
+    assert plans["flexsp"].predicted_ms == pytest.approx(price_plan(plans["flexsp"], lens, cm))
+
+
+def test_deepspeed_runs_only_in_its_own_world():
+    """The main world never imports DeepSpeed: only a rank_body called with ds_only does."""
+    import inspect
+    src = inspect.getsource(throughput.rank_body)
+    assert 'use_ds = bool(args.get("ds_only"))' in src
+    main_src = inspect.getsource(throughput.main)
+    assert '"ds_only": False' in main_src and '"ds_only": True' in main_src
 
 
 def test_load_during_the_run_is_reported():
