@@ -2,8 +2,9 @@
 
 Why: the planner is only as good as its cost model; hand constants (or the paper's GPU numbers)
 say nothing about the hardware at hand. The profiler times real micro-batches of the training
-code path (executor + engine) on every rank at once, fits the CostModel's terms (a1, a2, b by
-NNLS on relative error; effective Ulysses / ring bandwidth per degree), measures raw link latency
+code path (executor + engine) on every rank at once, fits the CostModel's terms (a1, a2, b,
+per_sequence_ms by one joint NNLS on relative error; per mode:degree the effective Ulysses / ring
+bandwidth, group_latency_ms and per_sequence_comm_ms), measures raw link latency
 and bandwidth and activation memory per token (CUDA allocator statistics, or an honest CPU
 estimate from the tensors saved for backward), then validates the model on held-out long-tailed
 global batches (every micro-batch and the whole step, predicted vs measured).

@@ -143,7 +143,7 @@ def _joint_rows(samples, keys, per_sequence: bool, latency: bool = True, key_doc
         row += [float(L.sum()) if key == k else 0.0 for k in keys]
         if latency:  # indicator: the group is of this key's degree and mode (its fixed latency)
             row += [1.0 if key == k else 0.0 for k in keys]
-        if key_docs:  # extra time per document in this key's groups, beyond per_seq (diagnostic)
+        if key_docs:  # extra time per document in this key's groups, beyond per_seq (CostModel.per_sequence_comm_ms)
             row += [float(L.size) if key == k else 0.0 for k in keys]
         rows.append(row)
     return np.array(rows)
@@ -169,7 +169,7 @@ def fit_joint(compute_samples, comm_samples: dict, per_sequence: bool = True, gr
     the key's shapes). Both are identified only if each key's shapes span small and large token
     counts (the intercept and the slope of the residual over the degree-1 prediction). ``key_docs``
     adds, per key, an extra ms per document of the group beyond ``per_seq`` (``"extra_doc_ms"``; the
-    CostModel has no such term: a diagnostic of degree-dependent per-document costs). Relative
+    CostModel's per_sequence_comm_ms["mode:d"]: degree- and mode-dependent per-document costs). Relative
     residuals, as :func:`fit_compute`; jackknife standard errors (refit leaving each shape out).
 
     Returns ``(ComputeFit, {key: {"ms_per_token", "stderr", "latency_ms", "latency_stderr",
