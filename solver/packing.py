@@ -95,16 +95,8 @@ def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1
     for i in order:
         L = int(wl.lengths[i])
         t = wl.time[:, i]
-        if ng:
-            add = t[g_k[:ng]]
-            slack = mb_cap[g_mb[:ng]] - g_load[:ng] - add
-            ok = (slack >= 0) & (g_tok[:ng] + L <= g_captok[:ng])
-            if ok.any():
-                j = int(np.argmin(np.where(ok, slack, np.inf)))
-                g_load[j] += add[j]
-                g_tok[j] += L
-                members[j].append(i)
-                continue
+        if ng and _join_best_fit(i, L, t, mb_cap[g_mb[:ng]], g_k, g_load, g_tok, g_captok, members, ng):
+            continue
         target = -1
         feas = np.flatnonzero(wl.fits[:, i])
         for k in feas:
@@ -136,6 +128,22 @@ def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1
     return mbs
 
 
+def _join_best_fit(i, L, t, caps, g_k, g_load, g_tok, g_captok, members, ng) -> bool:
+    """Add sequence i (L tokens, time t[k] at degree index k) to the open group left with the
+    least load slack under its cap ``caps`` (scalar or per group) that has memory room; False if
+    none has. Updates the group arrays in place."""
+    add = t[g_k[:ng]]
+    slack = caps - g_load[:ng] - add
+    ok = (slack >= 0) & (g_tok[:ng] + L <= g_captok[:ng])
+    if not ok.any():
+        return False
+    j = int(np.argmin(np.where(ok, slack, np.inf)))
+    g_load[j] += add[j]
+    g_tok[j] += L
+    members[j].append(i)
+    return True
+
+
 def mbs_time(mbs: list[MicroBatch], b: float) -> float:
     return sum(mb.makespan + b for mb in mbs if mb.groups)
 
@@ -160,16 +168,8 @@ def pack_micro_batch(wl: Workload, ids, tau: float, min_sp: int = 1) -> list[Gro
     for i in ids:
         L = int(wl.lengths[i])
         t = wl.time[:, i]
-        if ng:
-            add = t[g_k[:ng]]
-            slack = tau - g_load[:ng] - add
-            ok = (slack >= 0) & (g_tok[:ng] + L <= g_captok[:ng])
-            if ok.any():
-                j = int(np.argmin(np.where(ok, slack, np.inf)))
-                g_load[j] += add[j]
-                g_tok[j] += L
-                members[j].append(i)
-                continue
+        if ng and _join_best_fit(i, L, t, tau, g_k, g_load, g_tok, g_captok, members, ng):
+            continue
         for k in range(k_floor, nk):
             sp = wl.degrees[k]
             if sp > free:
