@@ -30,6 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from flexsp.data.config import CorpusConfig
+from flexsp.data.source import DocumentSource
 from flexsp.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
 
 PRETOKENIZED = (".npy", ".bin")
@@ -240,7 +241,7 @@ def _max_token(directory: Path, dtype: np.dtype) -> int:
     return int(np.memmap(directory / "tokens.bin", dtype=dtype, mode="r").max())
 
 
-class TokenizedCorpus:
+class TokenizedCorpus(DocumentSource):
     """A built document store, memory-mapped. ``lengths[i]`` and ``tokens(i)`` for any document."""
 
     def __init__(self, directory: str | Path):
@@ -262,21 +263,8 @@ class TokenizedCorpus:
         self.vocab_size = int(self.meta["vocab_size"])
         self._tokenizer = None
 
-    @property
-    def num_docs(self) -> int:
-        return len(self.lengths)
-
-    def __len__(self) -> int:
-        return self.num_docs
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.offsets[-1])
-
-    def tokens(self, index: int) -> np.ndarray:
+    def _read(self, index: int) -> np.ndarray:
         """Zero-copy view of document ``index``'s tokens."""
-        if not 0 <= index < self.num_docs:
-            raise IndexError(f"document {index} out of range [0, {self.num_docs})")
         return self._tokens[self.offsets[index]:self.offsets[index + 1]]
 
     @property

@@ -13,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 
+from flexsp.data.source import DocumentSource
+
 K = 1024
 
 
@@ -112,7 +114,7 @@ def sample_lengths(name: str, n: int, seed: int = 0, min_len: int = 1, max_len: 
     return np.clip(lengths, min_len, max_len if max_len is not None else None)
 
 
-class SyntheticSource:
+class SyntheticSource(DocumentSource):
     """Documents of given lengths with uniform random tokens in [0, vocab_size); document i's tokens
     depend only on (seed, i). Same interface as TokenizedCorpus: lengths, num_docs, tokens(i)."""
 
@@ -130,20 +132,7 @@ class SyntheticSource:
                           min_len: int = 2, max_len: int | None = None) -> "SyntheticSource":
         return cls(sample_lengths(name, num_docs, seed, min_len, max_len), vocab_size, seed)
 
-    @property
-    def num_docs(self) -> int:
-        return len(self.lengths)
-
-    def __len__(self) -> int:
-        return self.num_docs
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.lengths.sum())
-
-    def tokens(self, index: int) -> np.ndarray:
-        if not 0 <= index < self.num_docs:
-            raise IndexError(f"document {index} out of range [0, {self.num_docs})")
-        rng = np.random.default_rng([self.seed, int(index)])
+    def _read(self, index: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, index])
         dtype = np.uint16 if self.vocab_size <= 65536 else np.uint32
         return rng.integers(0, self.vocab_size, size=int(self.lengths[index]), dtype=dtype)
