@@ -33,88 +33,24 @@ threads_per_rank=1, env=None)``
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import queue as queue_mod
-import socket
-import time
-import traceback
+from flexsp.spawn import RankError, spawn_ranks
+
+__all__ = ["RankError", "run_distributed"]
 
 
-class RankError(RuntimeError):
-    """A rank raised; the message holds its traceback."""
+def _init_and_call(rank, world_size, fn, backend, args, kwargs):
+    import torch.distributed as dist
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child(fn, rank, world_size, port, backend, threads, env, args, kwargs, q):
-    try:
-        os.environ.update({k: str(v) for k, v in (env or {}).items()})
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        import torch
-        import torch.distributed as dist
-
-        torch.set_num_threads(threads)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                init_method=f"tcp://127.0.0.1:{port}")
-        try:
-            result = fn(rank, world_size, *args, **kwargs)
-        finally:
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
-        q.put((rank, True, result))
-    except BaseException:
-        q.put((rank, False, traceback.format_exc()))
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size)  # env:// from spawn_ranks
+    return fn(rank, world_size, *args, **kwargs)
 
 
 def run_distributed(fn, world_size, args=(), kwargs=None, timeout=120.0, backend="gloo",
                     threads_per_rank=1, env=None):
-    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned ranks.
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned ranks with a
+    ``backend`` process group (``flexsp.spawn.spawn_ranks`` does the spawning and the timeout).
 
     See the module docstring for the full contract.
     """
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_child, daemon=True,
-                         args=(fn, r, world_size, port, backend, threads_per_rank, env,
-                               tuple(args), dict(kwargs or {}), q))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results, deadline = {}, time.monotonic() + timeout
-    try:
-        while len(results) < world_size:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(results))} "
-                                   f"did not finish within {timeout}s (deadlock?)")
-            try:
-                rank, ok, value = q.get(timeout=min(left, 1.0))
-            except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs)
-                        if r not in results and p.exitcode not in (None, 0)]
-                if dead:
-                    time.sleep(0.5)   # let a traceback already in flight arrive
-                    if q.empty():
-                        raise RankError(f"rank(s) {dead} died with exit codes "
-                                        f"{[procs[r].exitcode for r in dead]} and no traceback")
-                continue
-            if not ok:
-                raise RankError(f"rank {rank} of {world_size} raised:\n{value}")
-            results[rank] = value
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.join(timeout=2 if len(results) == world_size else 0)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-    return [results[r] for r in range(world_size)]
+    return spawn_ranks(_init_and_call, world_size, args=(fn, backend, tuple(args), dict(kwargs or {})),
+                       timeout=timeout, threads_per_rank=threads_per_rank, env=env)
