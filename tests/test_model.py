@@ -106,13 +106,13 @@ def test_gqa_matches_repeated_kv_attention():
 
 def test_tied_embeddings():
     model = Transformer(model_config("tiny", tie_embeddings=True))
-    assert model.lm_head is None and model.output_weight is model.embed.weight
+    assert model.lm_head.weight is None and model.output_weight is model.embed.weight
     _, ids, cu = _packed([6, 6], model.config.vocab_size)
     loss, _ = _run(model, ids, cu, labels=lm_labels(ids, cu))
     loss.backward()
     assert model.embed.weight.grad is not None
     untied = Transformer(model_config("tiny"))
-    assert untied.lm_head is not None and untied.output_weight is not untied.embed.weight
+    assert untied.lm_head.weight is not None and untied.output_weight is not untied.embed.weight
 
 
 def test_labels_and_loss_sum_count():
@@ -199,3 +199,25 @@ def test_seam_ops_match_references():
                                L.linear_cross_entropy_ref(x, weight, labels))
     cu = torch.tensor([0, 4, 10])
     torch.testing.assert_close(L.varlen_attention(q, k, k, cu), L.varlen_attention_ref(q, k, k, cu))
+
+
+def test_init_of_any_shard_equals_the_full_init():
+    """flexsp.model.init: every element range (an FSDP2 row shard, a DeepSpeed flat partition)
+    gets exactly the values of the same slice of the full draw, so the full weights do not
+    depend on the world size; chunk boundaries (CHUNK elements) are crossed on purpose."""
+    from flexsp.model.init import CHUNK, fill_elements_, normal_elements
+    numel = 3 * CHUNK + 123
+    full = normal_elements("blocks.0.mlp.w_up.weight", numel, 0, numel, seed=5, std=0.02)
+    assert abs(full.std().item() - 0.02) < 1e-3
+    for world in (2, 3, 4, 7, 64):
+        part = -(-numel // world)
+        pieces = [normal_elements("blocks.0.mlp.w_up.weight", numel, r * part, min(numel, (r + 1) * part), 5, 0.02)
+                  for r in range(world)]
+        assert torch.equal(torch.cat(pieces), full), world
+    other = normal_elements("blocks.0.mlp.w_up.weight", numel, 0, numel, seed=6, std=0.02)
+    assert not torch.equal(other, full)
+    rows = torch.empty(4, 10)
+    fill_elements_(rows, "x.weight", 100, 30, seed=1, init_std=0.02, layers=2)
+    torch.testing.assert_close(rows.flatten(), normal_elements("x.weight", 100, 0, 100, 1, 0.02)[30:70], rtol=0, atol=0)
+    fill_elements_(rows, "blocks.1.attn_norm.weight", 100, 0, 1, 0.02, 2)
+    assert torch.equal(rows, torch.ones(4, 10))

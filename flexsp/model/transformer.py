@@ -112,6 +112,26 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class LMHead(nn.Module):
+    """The output projection, as a module of its own so a sharding wrapper (FSDP2 unit, ZeRO-3
+    module hook) sees it run: ``forward(h)`` -> logits, ``forward(h, labels)`` -> ``(loss_sum,
+    num_targets)`` through the fused linear cross-entropy (logits never materialised). Tied
+    embeddings: no weight of its own (``weight is None``); the caller passes the embedding matrix."""
+
+    def __init__(self, hidden: int, vocab_size: int, device=None, dtype=None, tied: bool = False):
+        super().__init__()
+        if tied:
+            self.register_parameter("weight", None)
+        else:
+            self.weight = nn.Parameter(torch.empty(vocab_size, hidden, device=device, dtype=dtype))
+
+    def forward(self, h, labels=None, pad_mask=None, tied_weight=None):
+        w = self.weight if tied_weight is None else tied_weight
+        if labels is not None:
+            return lm_loss(h, w, labels, pad_mask)
+        return h @ w.t()
+
+
 class Transformer(nn.Module):
     """The decoder. Build with ``Transformer(config, device=None)``, then ``init_weights(seed)``."""
 
@@ -122,32 +142,23 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden, device=device, dtype=dt)
         self.blocks = nn.ModuleList(Block(config, device) for _ in range(config.layers))
         self.norm = RMSNorm(config.hidden, config.norm_eps, device, dt)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(
-            config.hidden, config.vocab_size, bias=False, device=device, dtype=dt)
-        self.init_weights(seed=0)
+        self.lm_head = LMHead(config.hidden, config.vocab_size, device, dt, tied=config.tie_embeddings)
+        if self.embed.weight.device.type != "meta":
+            self.init_weights(seed=0)
 
     @property
     def output_weight(self) -> torch.Tensor:
         """The ``[vocab, hidden]`` LM-head matrix (the embedding matrix when tied)."""
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return self.embed.weight if self.lm_head.weight is None else self.lm_head.weight
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Deterministic init from ``seed``: every parameter is drawn on CPU from its own generator
-        seeded by (seed, parameter name), so the result is the same on any device and does not
-        shift when other parameters are added. Norm weights are 1; output projections (wo, w_down)
-        use init_std / sqrt(2 * layers)."""
-        cfg = self.config
-        out_std = cfg.init_std / math.sqrt(2 * cfg.layers)
-        for name, p in self.named_parameters():
-            if p.device.type == "meta":
-                continue
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-                continue
-            std = out_std if name.endswith(("wo.weight", "w_down.weight")) else cfg.init_std
-            gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-            p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+        """Deterministic init from ``seed`` (see flexsp.model.init): every parameter -- full, or the
+        local shard of a sharded one -- gets exactly the values it would have in an unsharded
+        model, whatever the world size and device. Norm weights are 1, biases 0; output
+        projections (wo, w_down) use init_std / sqrt(2 * layers)."""
+        from flexsp.model.init import init_module_
+        init_module_(self, seed, self.config.init_std, self.config.layers)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_ctx: AttnContext,
                 labels: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
@@ -177,8 +188,7 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, attn_ctx)
         h = self.norm(x)
-        if labels is not None:
-            return lm_loss(h, self.output_weight, labels, pad_mask)
-        if return_hidden:
+        if return_hidden and labels is None:
             return h
-        return h @ self.output_weight.t()
+        tied = self.embed.weight if self.lm_head.weight is None else None
+        return self.lm_head(h, labels, pad_mask, tied_weight=tied)
