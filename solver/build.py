@@ -55,7 +55,7 @@ def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: 
                 memory_mb=round(cm.memory_mb_for(tokens, sp), 2)))
         mbs.append(MicroBatchPlan(groups=tuple(built), predicted_ms=max(g.predicted_ms for g in built)))
     return Plan(num_devices=cm.num_devices, micro_batches=tuple(mbs),
-                predicted_ms=sum(mb.predicted_ms for mb in mbs) + cm.step_overhead_ms,
+                predicted_ms=sum(mb.predicted_ms for mb in mbs) + cm.step_fixed_ms,
                 solve_seconds=round(solve_seconds, 4), lower_bound_ms=lower_bound_ms,
                 method=method, status=status, cost_model=cm.name, num_sequences=len(lengths),
                 extra=dict(extra or {}))
@@ -64,7 +64,7 @@ def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: 
 def price_plan(plan: Plan, lengths: Sequence[int], cm: CostModel) -> float:
     """Iteration time of ``plan`` recomputed from scratch under ``cm`` (ignores stored numbers;
     each group priced with its own attention mode when the model can run it)."""
-    total = cm.step_overhead_ms
+    total = cm.step_fixed_ms
     for mb in plan.micro_batches:
         total += max((cm.group_time_ms([lengths[i] for i in g.seq_ids], g.sp,
                                        g.attention if g.attention in cm.attention_modes(g.sp) else None)

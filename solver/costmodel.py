@@ -4,10 +4,13 @@ The form follows the FlexSP paper (see ``shared/reference/flexsp-paper.md``), ge
 
     time(group)  = sum_i (a1 * L_i^2 + a2 * L_i) / sp  +  b  +  comm(sp, attention) * sum_i L_i
                    (+ per_sequence_ms per sequence, + group_latency_ms[sp] per group;
-                    a plan adds step_overhead_ms once; all 0 in the paper's model)
+                    a plan adds step_fixed_ms once = step_overhead_ms + the HSDP all-reduce;
+                    all 0 in the paper's model)
     ulysses comm = a2a_mb_per_token / sp / bw[sp]        (0 when sp == 1; the paper's A2A term)
     ring comm    = ring_mb_per_token * (sp - 1) / sp / p2p_bw[sp]   (KV passes round the ring)
     memory(dev)  = model_states_mb + act_mb_per_token * sum_i L_i / sp     <= memory_mb
+    model states = ZeRO-sharded over all devices, or over shard_size devices (HSDP)
+    HSDP step    = 2 (R-1)/R * params * grad_bytes / shard_size / replicate_gbps, R = N / shard_size
 
 ``b`` is a fixed per-group overhead (paid once per group, concurrently). Bandwidths are in GB/s and
 volumes in MB, so a volume / bandwidth ratio is in ms (the paper's units, kept exactly).
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -92,11 +95,28 @@ class CostModel:
     the SP attention), keyed like ``group_latency_ms``; {} in the paper's model."""
     step_overhead_ms: float = 0.0
     """Fixed time per iteration whatever the plan (optimizer step, gradient sync tail); 0 in the
-    paper's model. Added once to a plan's predicted iteration time."""
+    paper's model. Added once to a plan's predicted iteration time (``step_fixed_ms``: this plus the
+    HSDP gradient all-reduce)."""
     source: str = ""
     """Where the numbers come from (paper reference, profiler run...)."""
+    layers: int = 0
+    """Transformer layers of the model the numbers were measured or derived for (0 = unknown)."""
+    hidden: int = 0
+    """Hidden size of that model (0 = unknown)."""
+    activation_checkpointing: bool = False
+    """Recorded, not modelled: the profile was measured with activation checkpointing (the
+    coefficients already include the recomputation; a run without it is priced wrong)."""
+    shard_size: int = 0
+    """HSDP: ZeRO sharding within groups of this many devices (a power of two dividing
+    num_devices), replicated across num_devices / shard_size groups; 0 = shard over all devices."""
+    replicate_gbps: float = 0.0
+    """HSDP: bus bandwidth, GB/s, of the once-per-step gradient all-reduce across the replicas;
+    required > 0 when there is more than one replica."""
+    grad_bytes_per_param: float = 4.0
+    """Bytes per parameter of the gradients the HSDP all-reduce moves (fp32 reduction: 4)."""
 
     def __post_init__(self):
+        _check_types(self)
         n = self.num_devices
         if n < 1 or n & (n - 1):
             raise ValueError(f"num_devices must be a power of two >= 1, got {n}")
@@ -110,6 +130,26 @@ class CostModel:
             raise ValueError(f"cost coefficients must be >= 0 (a1={self.a1}, a2={self.a2}, b={self.b})")
         if self.memory_mb <= 0:
             raise ValueError(f"memory_mb must be > 0, got {self.memory_mb}")
+        for name in ("layers", "hidden", "heads", "kv_heads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = unknown), got {getattr(self, name)}")
+        s = self.shard_size
+        if s and (s < 1 or s & (s - 1) or s > n):
+            raise ValueError(f"shard_size must be 0 (shard over all devices) or a power of two <= "
+                             f"num_devices={n}, got {s}")
+        if self.replicate_gbps < 0 or self.grad_bytes_per_param < 0:
+            raise ValueError(f"replicate_gbps and grad_bytes_per_param must be >= 0, got "
+                             f"{self.replicate_gbps} and {self.grad_bytes_per_param}")
+        if self.replicas > 1 and self.replicate_gbps <= 0:
+            raise ValueError(f"shard_size={s} on num_devices={n} makes {self.replicas} replicas: "
+                             f"replicate_gbps (the gradient all-reduce bandwidth across them, GB/s) "
+                             f"must be > 0, got {self.replicate_gbps}")
+        if self.act_mb_per_token <= 0 and self.capacity_override <= 0:
+            raise ValueError(f"act_mb_per_token must be > 0 (or capacity_override set), got {self.act_mb_per_token}")
+        for name in ("bandwidth_gbps", "p2p_bandwidth_gbps"):
+            bad = {k: v for k, v in getattr(self, name).items() if not v > 0}
+            if bad:
+                raise ValueError(f"{name} entries must be > 0 GB/s, got {bad}")
         # JSON turns int keys into strings: normalise so loaded and built models compare equal.
         object.__setattr__(self, "bandwidth_gbps", {int(k): float(v) for k, v in self.bandwidth_gbps.items()})
         object.__setattr__(self, "p2p_bandwidth_gbps", {int(k): float(v) for k, v in self.p2p_bandwidth_gbps.items()})
@@ -139,10 +179,21 @@ class CostModel:
 
     # -- memory -----------------------------------------------------------------------------
     @property
+    def shard_devices(self) -> int:
+        """Devices the ZeRO-sharded states are split over: shard_size, or all devices."""
+        return self.shard_size or self.num_devices
+
+    @property
+    def replicas(self) -> int:
+        """HSDP replicas of the sharded model states (1 without HSDP)."""
+        return self.num_devices // self.shard_devices
+
+    @property
     def model_states_mb(self) -> float:
-        """Per-device model-state memory under the ZeRO stage (params + grads + optimizer)."""
+        """Per-device model-state memory under the ZeRO stage (params + grads + optimizer); the
+        sharded part is split over ``shard_devices`` (HSDP: shard_size, else all devices)."""
         total = self.params_gi * self.state_bytes_per_param * 1024  # MB: P * 2^30 * bytes / 2^20
-        n = self.num_devices
+        n = self.shard_devices
         if self.zero_stage == 3:
             return total / n
         per = self.state_bytes_per_param
@@ -170,6 +221,35 @@ class CostModel:
         return 0
 
     # -- time -------------------------------------------------------------------------------
+    @property
+    def replicate_allreduce_ms(self) -> float:
+        """HSDP, once per step: all-reduce of each rank's gradient shard across the R replicas,
+        ``2 (R-1)/R * params * grad_bytes / shard_size / replicate_gbps`` (MB / GB/s = ms); 0
+        without replicas."""
+        r = self.replicas
+        if r <= 1:
+            return 0.0
+        shard_mb = self.params_gi * 1024 * self.grad_bytes_per_param / self.shard_devices
+        return 2 * (r - 1) / r * shard_mb / self.replicate_gbps
+
+    @property
+    def step_fixed_ms(self) -> float:
+        """Time every plan pays once per iteration: step_overhead_ms + the HSDP all-reduce."""
+        return self.step_overhead_ms + self.replicate_allreduce_ms
+
+    def check_model_shape(self, layers: int | None = None, hidden: int | None = None,
+                          heads: int | None = None, kv_heads: int | None = None) -> None:
+        """Raise ValueError naming every field where the model being run differs from the one this
+        cost model was built for (fields that are 0 here, or None in the call, are not checked)."""
+        bad = []
+        for name, value in (("layers", layers), ("hidden", hidden), ("heads", heads), ("kv_heads", kv_heads)):
+            mine = getattr(self, name)
+            if value is not None and mine and int(value) != mine:
+                bad.append(f"{name}={mine} but the model has {name}={int(value)}")
+        if bad:
+            raise ValueError(f"cost model {self.name} was built for " + "; ".join(bad)
+                             + ": profile this model (flexsp-profile) or pick a matching cost model")
+
     def attention_modes(self, sp: int) -> tuple[str, ...]:
         """Attention modes the runtime can use for a group of degree ``sp`` under this model."""
         if sp == 1:
@@ -238,8 +318,13 @@ class CostModel:
 
     # -- persistence ------------------------------------------------------------------------
     def with_devices(self, num_devices: int | None = None, memory_mb: float | None = None) -> "CostModel":
-        """The same model on another cluster size or memory budget."""
-        return replace(self, num_devices=num_devices or self.num_devices, memory_mb=memory_mb or self.memory_mb)
+        """The same model on another cluster size or memory budget (None keeps the current one;
+        0 or a negative value is an error, not "keep")."""
+        for name, value in (("num_devices", num_devices), ("memory_mb", memory_mb)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        return replace(self, num_devices=self.num_devices if num_devices is None else int(num_devices),
+                       memory_mb=self.memory_mb if memory_mb is None else float(memory_mb))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -249,23 +334,68 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CostModel":
+        """A cost model from plain data; ValueError naming unknown, missing or mistyped fields."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a cost model must be a JSON object, got {type(data).__name__}")
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown cost-model keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ValueError(f"incomplete cost model: {exc}") from exc
+        missing = [k for k, f in cls.__dataclass_fields__.items() if k not in data
+                   and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise ValueError(f"incomplete cost model: missing required fields {missing}")
+        return cls(**data)
 
     @classmethod
     def load(cls, path: str | Path) -> "CostModel":
+        """Read a cost-model JSON file; ValueError naming the file (and the field) otherwise."""
+        p = Path(path)
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ValueError(f"cost-model file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ValueError(f"cost-model file {path} is a directory, expected a JSON file") from None
+        except PermissionError:
+            raise ValueError(f"cost-model file {path} is not readable (permission denied)") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"cost-model file {path} is not UTF-8 text (byte {exc.start}): expected JSON") from None
+        except OSError as exc:
+            raise ValueError(f"cost-model file {path} cannot be read: {exc.strerror or exc}") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"cost-model file {path} is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"cost-model file {path} must hold a JSON object")
-        return cls.from_dict(data)
+            raise ValueError(f"cost-model file {path} must hold a JSON object, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"cost-model file {path}: {exc}") from None
+
+
+def _check_types(cm: "CostModel") -> None:
+    """Field types as the dataclass declares them (JSON can hold anything): ValueError naming the
+    field, its value and the expected type. Numbers must be finite; tables map keys to numbers."""
+    for name, f in cm.__dataclass_fields__.items():
+        value, kind = getattr(cm, name), f.type
+        if kind == "str":
+            if not isinstance(value, str):
+                raise ValueError(f"field {name} must be a string, got {value!r}")
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"field {name} must be true or false, got {value!r}")
+        elif kind == "int":
+            ok = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+            if isinstance(value, bool) or not ok:
+                raise ValueError(f"field {name} must be an integer, got {value!r}")
+            object.__setattr__(cm, name, int(value))
+        elif kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"field {name} must be a finite number, got {value!r}")
+            object.__setattr__(cm, name, float(value))
+        elif kind.startswith("dict"):
+            if not isinstance(value, dict):
+                raise ValueError(f"field {name} must be an object of degree -> number, got {value!r}")
+            for k, v in value.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"field {name}[{k!r}] must be a finite number, got {v!r}")

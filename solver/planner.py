@@ -74,7 +74,7 @@ def min_micro_batches(wl: Workload) -> int:
 def lower_bound_ms(lengths: Sequence[int], cm: CostModel) -> float:
     """A bound no valid plan beats: m_min * b + max(total least work / N, slowest single sequence)."""
     wl = Workload(check_lengths(lengths, cm), cm)
-    return _lower_bound(wl, min_micro_batches(wl)) + cm.step_overhead_ms
+    return _lower_bound(wl, min_micro_batches(wl)) + cm.step_fixed_ms
 
 
 def _lower_bound(wl: Workload, m: int) -> float:
@@ -195,7 +195,7 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
                 status = "optimal"
     if status not in ("fallback", "optimal") and time.perf_counter() > deadline:
         status = "time_limit"
-    return build_plan(groups, wl.lengths.tolist(), cm, method="flexsp", lower_bound_ms=min(lower, _plan_time(wl, groups)) + cm.step_overhead_ms,
+    return build_plan(groups, wl.lengths.tolist(), cm, method="flexsp", lower_bound_ms=min(lower, _plan_time(wl, groups)) + cm.step_fixed_ms,
                       solve_seconds=time.perf_counter() - start, status=status,
                       extra={"search": method, "phases_ms": {k: round(v, 3) for k, v in phases.items()},
                              "phase_seconds": round(time.perf_counter() - start, 4), "tried": tried[:20]})
