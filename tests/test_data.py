@@ -102,12 +102,29 @@ def test_pretokenized_npy_and_bin(tmp_path):
     # sorted: docs.bin (2 docs), one.npy, raw.bin, rows.npy (2 docs)
     assert corpus.lengths.tolist() == [2, 4, 5, 7, 4, 4]
     assert corpus.tokens(1).tolist() == [2, 3, 4, 5]
-    assert corpus.vocab_size == 7
+    assert corpus.vocab_size == 8192  # the declared vocabulary (corpus.vocab_size), not max id + 1
+    small = build_corpus(_cfg(tmp_path, [tmp_path / "raw.bin"], tokenizer="bpe", vocab_size=300))
+    assert small.vocab_size == 300 and small.dtype == np.uint16
+
+
+def test_random_bytes_as_bin_rejected_beyond_declared_vocab(tmp_path):
+    # A new user's mistake: arbitrary bytes named .bin read as uint16 ids up to 65535.
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match=r"random.bin \(document 0\): token ids in \[\d+, \d+\] fall "
+                       r"outside the vocabulary \[0, 8192\) declared by corpus.vocab_size: set "
+                       r"data.corpus.vocab_size"):
+        build_corpus(_cfg(tmp_path, [tmp_path / "random.bin"], tokenizer="bpe"))
+    (tmp_path / "t.txt").write_text("text")  # with a tokenizer, its vocabulary is the bound
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 257\) of the tokenizer \(byte\)"):
+        build_corpus(_cfg(tmp_path, [tmp_path / "t.txt", tmp_path / "random.bin"]))
 
 
 @pytest.mark.parametrize("name,content,match", [
-    ("bad.jsonl", '{"text": "ok"}\n{"text": broken\n', r"bad.jsonl:2: corrupt JSONL"),
-    ("notext.jsonl", '{"body": "x"}\n', r"notext.jsonl:1: expected a JSON object with a string 'text'"),
+    ("bad.jsonl", '{"text": "ok"}\n{"text": broken\n',
+     r"bad.jsonl:2: corrupt JSONL line \(Expecting value at column 10\); each line must be one JSON "
+     r"object with a string 'text' field$"),
+    ("notext.jsonl", '{"body": "x"}\n',
+     r"notext.jsonl:1: expected a JSON object with a string 'text' field, got keys \['body'\]"),
     ("bad.npy", b"\x93NUMPY garbage", r"bad.npy: not a valid .npy"),
     ("odd.bin", b"\x01\x02\x03", r"odd.bin: size 3 bytes is not a multiple of uint16"),
 ])
@@ -136,7 +153,8 @@ def test_bad_npy_contents_and_offsets(tmp_path):
 
 
 def test_empty_and_missing_corpus(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match=r"nope does not exist \(CorpusConfig.paths: existing files "
+                       r"or directories of text \(.txt, .md.*\), .jsonl, .npy or .bin files\)$"):
         build_corpus(_cfg(tmp_path, [tmp_path / "nope"]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="corpus is empty"):

@@ -1,15 +1,17 @@
 """Data configuration dataclasses (plain str/int/float/bool/list fields, Hydra-friendly).
 
-``CorpusConfig`` says how a local corpus becomes a tokenized, memory-mapped document store;
-``SamplerConfig`` how documents are drawn into global batches; ``DataConfig`` picks the source
-(a local corpus, the CPython stdlib, or synthetic lengths) and holds the other two.
+``CorpusConfig`` says how text becomes a tokenized, memory-mapped document store (tokenizer,
+cache, long-document policy; shared by every text source); ``SamplerConfig`` how documents are
+drawn into global batches; ``DataConfig`` picks the source (a local corpus, a Hugging Face
+``datasets`` dataset or Parquet/JSONL/Arrow files, Megatron-LM indexed datasets, the CPython
+stdlib, or synthetic lengths) and holds the other two.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 LONG_DOC_POLICIES = ("split", "drop", "error")
-SOURCES = ("corpus", "stdlib", "synthetic")
+SOURCES = ("corpus", "hf", "megatron", "stdlib", "synthetic")
 BIN_DTYPES = ("uint16", "uint32", "int32", "int64")
 
 
@@ -25,10 +27,12 @@ class CorpusConfig:
     """Where the trained tokenizer and the tokenized corpus are cached, keyed by a fingerprint of the
     input files (path, size, mtime) and of every option below that changes the tokens."""
     tokenizer: str = "bpe"
-    """'bpe' (train a byte-level BPE on the corpus itself), 'byte' (UTF-8 bytes, vocab 257), or a
-    path to a tokenizer.json."""
+    """'bpe' (train a byte-level BPE on the corpus itself), 'byte' (UTF-8 bytes, vocab 257), a
+    path to a tokenizer.json, or a Hugging Face model directory (``save_pretrained`` output: a
+    tokenizer.json, its EOS token from tokenizer_config.json). Used by every text source."""
     vocab_size: int = 8192
-    """Target vocab size when training BPE (ignored otherwise)."""
+    """Target vocab size when training BPE. A corpus of only pre-tokenized files (.npy/.bin) with
+    tokenizer='bpe' takes it as its declared vocabulary: token ids must be below it."""
     bpe_train_chars: int = 20_000_000
     """At most this many characters of the corpus (in file order) are used to train BPE."""
     max_doc_tokens: int = 32768
@@ -58,6 +62,9 @@ class CorpusConfig:
                              f"min_doc_tokens={self.min_doc_tokens}, max_doc_tokens={self.max_doc_tokens}")
         if self.tokenizer == "bpe" and self.vocab_size <= 258:
             raise ValueError(f"CorpusConfig.vocab_size={self.vocab_size} must be > 258 for BPE")
+        if not self.tokenizer:
+            raise ValueError("CorpusConfig.tokenizer is empty; valid options: 'bpe', 'byte', a "
+                             "tokenizer.json path or a Hugging Face model directory")
 
 
 @dataclass
@@ -80,15 +87,50 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.max_docs_per_batch must be >= 0, got {self.max_docs_per_batch}")
 
 
+def _as_list(value, name: str) -> list[str]:
+    """A str or a list of str (Hydra gives either) as a list of non-empty str."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__") else list(value)
+    out = [str(v) for v in items]
+    if any(not v for v in out):
+        raise ValueError(f"DataConfig.{name} has an empty entry: {out}")
+    return out
+
+
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    """'corpus' (``corpus.paths``), 'stdlib' (the CPython standard library .py files), or
-    'synthetic' (lengths from ``distribution``, random tokens)."""
+    """'corpus' (``corpus.paths``), 'hf' (``hf_path``: a ``datasets.save_to_disk`` directory or
+    local Parquet/JSONL/Arrow files), 'megatron' (``megatron_prefix``: Megatron-LM .bin/.idx
+    indexed datasets), 'stdlib' (the CPython standard library .py files), or 'synthetic' (lengths
+    from ``distribution``, random tokens)."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    """Tokenization/caching options for 'corpus' and 'stdlib'."""
+    """Tokenization/caching/long-document options for 'corpus', 'hf' and 'stdlib'; 'megatron'
+    uses its max_doc_tokens, long_doc_policy and min_doc_tokens (and its tokenizer, when one is
+    named, for the vocabulary)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """Global-batch sampling options."""
+    hf_path: list[str] = field(default_factory=list)
+    """'hf': a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, or
+    .parquet / .jsonl / .json / .arrow files or directories of them (searched recursively, sorted),
+    read through ``datasets`` locally (never the Hub). A str or a list; entries are concatenated
+    in order."""
+    hf_split: str = "train"
+    """'hf': the split taken from a saved DatasetDict (a saved Dataset and data files have one)."""
+    text_column: str | None = "text"
+    """'hf': column of raw text, tokenized offline with ``corpus.tokenizer`` into the cached store.
+    When the dataset has no such column, ``ids_column`` is used; null (or '') forces ids_column."""
+    ids_column: str = "input_ids"
+    """'hf': column of pre-tokenized documents (a list of integer token ids per row), used when
+    there is no text column (or text_column is null). Needs a declared vocabulary (vocab_size)."""
+    megatron_prefix: list[str] = field(default_factory=list)
+    """'megatron': path prefix(es) of Megatron-LM indexed datasets (``<prefix>.bin`` +
+    ``<prefix>.idx``, as tools/preprocess_data.py writes). A str or a list; concatenated in order."""
+    vocab_size: int = 0
+    """Vocabulary of pre-tokenized input ('megatron', 'hf' with an ids column): every token id must
+    be below it, and the model's embedding follows it. 0 = the vocabulary of ``corpus.tokenizer``
+    when that names a tokenizer ('byte', a tokenizer.json or a model directory); required otherwise."""
     stdlib_max_files: int = 200
     """'stdlib': use a seeded subset of this many files (0 = all of them)."""
     distribution: str = "wikipedia"
@@ -107,3 +149,19 @@ class DataConfig:
             raise ValueError(f"DataConfig: num_docs={self.num_docs}, synthetic_vocab_size="
                              f"{self.synthetic_vocab_size} must be >= 1 and stdlib_max_files="
                              f"{self.stdlib_max_files} >= 0")
+        self.hf_path = _as_list(self.hf_path, "hf_path")
+        self.megatron_prefix = _as_list(self.megatron_prefix, "megatron_prefix")
+        if self.text_column == "":
+            self.text_column = None
+        if self.vocab_size < 0:
+            raise ValueError(f"DataConfig.vocab_size={self.vocab_size} must be >= 0 (0 = the tokenizer's)")
+        if not self.ids_column:
+            raise ValueError("DataConfig.ids_column is empty; give the name of a column of token-id lists")
+        if not self.hf_split:
+            raise ValueError("DataConfig.hf_split is empty; give a split name such as 'train'")
+        if self.source == "hf" and not self.hf_path:
+            raise ValueError("data.source='hf' needs data.hf_path: a save_to_disk directory or "
+                             ".parquet/.jsonl/.json/.arrow files or directories")
+        if self.source == "megatron" and not self.megatron_prefix:
+            raise ValueError("data.source='megatron' needs data.megatron_prefix: the path prefix of "
+                             "<prefix>.bin and <prefix>.idx (one or a list)")

@@ -13,6 +13,9 @@ loading or re-tokenizing the corpus. The builder tokenizes offline and writes
 the cache is written to a temporary directory and renamed into place, so a reader never sees a
 half-written store.
 
+The same store is written by the Hugging Face ``datasets`` source (flexsp.data.hf) through
+:func:`write_store`.
+
 Bad input raises ValueError naming the file and the problem (missing path, empty corpus, corrupt
 .npy/.bin/.jsonl, token ids outside the vocabulary).
 """
@@ -31,10 +34,10 @@ import numpy as np
 
 from flexsp.data.config import CorpusConfig
 from flexsp.data.source import DocumentSource
-from flexsp.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+from flexsp.data.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_files, train_bpe
 
 PRETOKENIZED = (".npy", ".bin")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pre-tokenized-only corpora take the declared vocabulary, not max id + 1
 
 
 def collect_files(cfg: CorpusConfig) -> list[Path]:
@@ -46,7 +49,9 @@ def collect_files(cfg: CorpusConfig) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, cfg.paths):
         if not p.exists():
-            raise ValueError(f"corpus path {p} does not exist")
+            raise ValueError(f"corpus path {p} does not exist (CorpusConfig.paths: existing files or "
+                             f"directories of text ({', '.join(cfg.text_extensions)}), .jsonl, .npy "
+                             f"or .bin files)")
         if p.is_file():
             files.append(p)
             continue
@@ -70,9 +75,13 @@ def _iter_texts(path: Path) -> Iterator[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: corrupt JSONL line ({exc.msg})") from exc
+                raise ValueError(f"{path}:{lineno}: corrupt JSONL line ({exc.msg} at column "
+                                 f"{exc.colno}); each line must be one JSON object with a string "
+                                 f"'text' field") from exc
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'text' field")
+                got = (f"keys {sorted(obj)[:8]}" if isinstance(obj, dict) else type(obj).__name__)
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'text' "
+                                 f"field, got {got}")
             yield obj["text"]
 
 
@@ -110,57 +119,87 @@ def _iter_token_arrays(path: Path, cfg: CorpusConfig) -> Iterator[np.ndarray]:
         yield tokens[int(s):int(e)]
 
 
-def _fingerprint(files: list[Path], cfg: CorpusConfig) -> str:
+def tokenizer_digest(cfg: CorpusConfig) -> str:
+    """What identifies ``cfg.tokenizer`` in a cache key: 'bpe'/'byte', or a hash of the tokenizer
+    file (or of the tokenizer files of a model directory)."""
+    if cfg.tokenizer in ("bpe", "byte"):
+        return cfg.tokenizer
+    p = Path(cfg.tokenizer)
+    if not p.exists():
+        raise ValueError(f"tokenizer {cfg.tokenizer} does not exist (CorpusConfig.tokenizer: 'bpe', "
+                         f"'byte', a tokenizer.json path or a Hugging Face model directory)")
+    h = hashlib.sha256()
+    for f in tokenizer_files(p):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def options_fingerprint(cfg: CorpusConfig, inputs: list[Path], extra: dict | None = None) -> str:
+    """Cache key of a store: the input files (path, size, mtime), the token-changing options of
+    ``cfg`` and ``extra`` (source-specific options)."""
     h = hashlib.sha256(f"v{FORMAT_VERSION}".encode())
-    for f in files:
+    for f in inputs:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     opts = asdict(cfg)
     for k in ("paths", "cache_dir", "text_extensions"):
         opts.pop(k)
-    if cfg.tokenizer not in ("bpe", "byte"):
-        if not Path(cfg.tokenizer).is_file():
-            raise ValueError(f"tokenizer file {cfg.tokenizer} does not exist "
-                             f"(CorpusConfig.tokenizer: 'bpe', 'byte' or a tokenizer.json path)")
-        opts["tokenizer"] = hashlib.sha256(Path(cfg.tokenizer).read_bytes()).hexdigest()
-    h.update(json.dumps(opts, sort_keys=True).encode())
+    opts["tokenizer"] = tokenizer_digest(cfg)
+    h.update(json.dumps({**opts, **(extra or {})}, sort_keys=True).encode())
     return h.hexdigest()[:20]
 
 
-def _make_tokenizer(files: list[Path], cfg: CorpusConfig):
+def _fingerprint(files: list[Path], cfg: CorpusConfig) -> str:
+    return options_fingerprint(cfg, files)
+
+
+def named_tokenizer(cfg: CorpusConfig):
+    """The tokenizer ``cfg.tokenizer`` names ('byte', a file or a model directory); None for 'bpe'
+    (trained on the data by the builder)."""
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
+    if cfg.tokenizer == "bpe":
+        return None
+    return load_tokenizer(cfg.tokenizer)
+
+
+def train_bpe_on(texts: Iterator[str], cfg: CorpusConfig):
+    """A byte-level BPE of ``cfg.vocab_size`` trained on the first ``cfg.bpe_train_chars``
+    characters of ``texts``."""
+    def budgeted():
+        budget = cfg.bpe_train_chars
+        for t in texts:
+            yield t[:budget]
+            budget -= len(t)
+            if budget <= 0:
+                return
+    return train_bpe(budgeted(), cfg.vocab_size)
+
+
+def _make_tokenizer(files: list[Path], cfg: CorpusConfig):
     if cfg.tokenizer != "bpe":
-        return load_tokenizer(cfg.tokenizer)
+        return named_tokenizer(cfg)
     text_files = [f for f in files if f.suffix.lower() not in PRETOKENIZED]
     if not text_files:
         return None  # pre-tokenized only: nothing to train on, nothing to encode
-
-    def texts():
-        budget = cfg.bpe_train_chars
-        for f in text_files:
-            for t in _iter_texts(f):
-                yield t[:budget]
-                budget -= len(t)
-                if budget <= 0:
-                    return
-    return train_bpe(texts(), cfg.vocab_size)
+    return train_bpe_on((t for f in text_files for t in _iter_texts(f)), cfg)
 
 
 class _Writer:
     """Appends documents to tokens.bin, applying the long-document policy."""
 
-    def __init__(self, directory: Path, dtype: np.dtype, vocab_size: int | None, cfg: CorpusConfig):
+    def __init__(self, directory: Path, dtype: np.dtype, vocab_size: int, cfg: CorpusConfig,
+                 vocab_origin: str = ""):
         self.fh = open(directory / "tokens.bin", "wb")
-        self.dtype, self.vocab_size, self.cfg = dtype, vocab_size, cfg
+        self.dtype, self.vocab_size, self.cfg, self.vocab_origin = dtype, vocab_size, cfg, vocab_origin
         self.offsets, self.doc_file = [0], []
         self.stats = {"dropped_short": 0, "dropped_long": 0, "split": 0}
 
     def add(self, ids: np.ndarray, file_index: int, name: str) -> None:
         cfg = self.cfg
-        if ids.size and (int(ids.min()) < 0 or (self.vocab_size and int(ids.max()) >= self.vocab_size)):
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise ValueError(f"{name}: token ids in [{int(ids.min())}, {int(ids.max())}] fall outside "
-                             f"the vocabulary [0, {self.vocab_size})")
+                             f"the vocabulary [0, {self.vocab_size}){self.vocab_origin}")
         if ids.size and int(ids.max()) > np.iinfo(self.dtype).max:
             raise ValueError(f"{name}: token id {int(ids.max())} does not fit {self.dtype}")
         chunks = [ids]
@@ -181,40 +220,30 @@ class _Writer:
             self.offsets.append(self.offsets[-1] + int(c.size))
             self.doc_file.append(file_index)
 
+    def add_texts(self, tok, texts: list[str], file_index: int, name: str) -> None:
+        """Tokenize one bounded batch of texts (appending EOS when configured) and add them."""
+        eos = [tok.eos_id] if self.cfg.append_eos and tok.eos_id is not None else []
+        for ids in tok.encode_batch(texts):
+            self.add(np.asarray(ids + eos, dtype=np.int64), file_index, name)
 
-def build_corpus(cfg: CorpusConfig, batch_docs: int = 64) -> "TokenizedCorpus":
-    """Tokenize the corpus described by ``cfg`` (or reuse its cache) and open it."""
-    files = collect_files(cfg)
-    out = Path(cfg.cache_dir) / _fingerprint(files, cfg)
-    if (out / "meta.json").exists():
-        return TokenizedCorpus(out)
-    tok = _make_tokenizer(files, cfg)
-    vocab = tok.vocab_size if tok is not None else None
-    dtype = np.dtype(np.uint16 if vocab is not None and vocab <= 65536 else np.uint32)
+
+def write_store(out: Path, cfg: CorpusConfig, tok, vocab_size: int, fill, inputs: list[str],
+                what: str, vocab_origin: str = "", extra_meta: dict | None = None) -> "TokenizedCorpus":
+    """Write a store into a temporary sibling of ``out`` and rename it into place. ``fill(writer)``
+    adds the documents (``writer.add`` / ``writer.add_texts``); ``tok`` (or None) is saved with it;
+    ``vocab_size`` is the vocabulary every token id must be below (``vocab_origin`` says where it
+    was declared, for the error message); ``what`` names the input in errors."""
+    dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
     try:
-        w = _Writer(tmp, dtype, vocab, cfg)
-        for fi, f in enumerate(files):
-            if f.suffix.lower() in PRETOKENIZED:
-                for di, ids in enumerate(_iter_token_arrays(f, cfg)):
-                    w.add(np.asarray(ids), fi, f"{f} (document {di})")
-                continue
-            if tok is None:
-                raise ValueError(f"{f}: text file needs a tokenizer")
-            batch: list[str] = []
-            texts = _iter_texts(f)
-            while True:
-                batch = [t for _, t in zip(range(batch_docs), texts)]
-                if not batch:
-                    break
-                for ids in tok.encode_batch(batch):
-                    if cfg.append_eos and tok.eos_id is not None:
-                        ids = ids + [tok.eos_id]
-                    w.add(np.asarray(ids, dtype=np.int64), fi, str(f))
-        w.fh.close()
+        w = _Writer(tmp, dtype, vocab_size, cfg, vocab_origin)
+        try:
+            fill(w)
+        finally:
+            w.fh.close()
         if len(w.offsets) == 1:
-            raise ValueError(f"corpus {cfg.paths} has no documents left after tokenization "
+            raise ValueError(f"{what} has no documents left after tokenization "
                              f"(min_doc_tokens={cfg.min_doc_tokens}, long_doc_policy="
                              f"{cfg.long_doc_policy!r}, stats {w.stats})")
         np.save(tmp / "offsets.npy", np.asarray(w.offsets, dtype=np.int64))
@@ -222,9 +251,10 @@ def build_corpus(cfg: CorpusConfig, batch_docs: int = 64) -> "TokenizedCorpus":
         if tok is not None:
             tok.save(tmp / "tokenizer.json")
         meta = dict(version=FORMAT_VERSION, num_docs=len(w.offsets) - 1, num_tokens=w.offsets[-1],
-                    dtype=dtype.name, vocab_size=vocab if vocab is not None else int(_max_token(tmp, dtype)) + 1,
+                    dtype=dtype.name, vocab_size=int(vocab_size),
                     tokenizer="tokenizer.json" if tok is not None else None,
-                    files=[str(f) for f in files], stats=w.stats, config=asdict(cfg))
+                    eos_token=getattr(tok, "eos_token", None), files=list(inputs), stats=w.stats,
+                    config=asdict(cfg), **(extra_meta or {}))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.replace(tmp, out)
@@ -237,8 +267,32 @@ def build_corpus(cfg: CorpusConfig, batch_docs: int = 64) -> "TokenizedCorpus":
     return TokenizedCorpus(out)
 
 
-def _max_token(directory: Path, dtype: np.dtype) -> int:
-    return int(np.memmap(directory / "tokens.bin", dtype=dtype, mode="r").max())
+def build_corpus(cfg: CorpusConfig, batch_docs: int = 64) -> "TokenizedCorpus":
+    """Tokenize the corpus described by ``cfg`` (or reuse its cache) and open it."""
+    files = collect_files(cfg)
+    out = Path(cfg.cache_dir) / _fingerprint(files, cfg)
+    if (out / "meta.json").exists():
+        return TokenizedCorpus(out)
+    tok = _make_tokenizer(files, cfg)
+    if tok is not None:
+        vocab, origin = tok.vocab_size, f" of the tokenizer ({cfg.tokenizer})"
+    else:  # pre-tokenized only, tokenizer='bpe': the declared vocabulary
+        vocab, origin = cfg.vocab_size, (
+            " declared by corpus.vocab_size: set data.corpus.vocab_size (or data.corpus.tokenizer) "
+            "to the vocabulary the ids come from, or check corpus.bin_dtype")
+
+    def fill(w: _Writer) -> None:
+        for fi, f in enumerate(files):
+            if f.suffix.lower() in PRETOKENIZED:
+                for di, ids in enumerate(_iter_token_arrays(f, cfg)):
+                    w.add(np.asarray(ids), fi, f"{f} (document {di})")
+                continue
+            if tok is None:
+                raise ValueError(f"{f}: text file needs a tokenizer")
+            texts = _iter_texts(f)
+            while batch := [t for _, t in zip(range(batch_docs), texts)]:
+                w.add_texts(tok, batch, fi, str(f))
+    return write_store(out, cfg, tok, vocab, fill, [str(f) for f in files], f"corpus {cfg.paths}", origin)
 
 
 class TokenizedCorpus(DocumentSource):
@@ -271,5 +325,6 @@ class TokenizedCorpus(DocumentSource):
     def tokenizer(self):
         """The tokenizer the corpus was built with (None for pre-tokenized-only corpora)."""
         if self._tokenizer is None and self.meta.get("tokenizer"):
-            self._tokenizer = load_tokenizer(self.directory / self.meta["tokenizer"])
+            self._tokenizer = load_tokenizer(self.directory / self.meta["tokenizer"],
+                                             eos_token=self.meta.get("eos_token"))
         return self._tokenizer

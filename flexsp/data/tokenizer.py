@@ -1,5 +1,6 @@
-"""Tokenizers for the offline corpus: a HF ``tokenizers`` wrapper (load a tokenizer.json, or train a
-byte-level BPE on the corpus itself) and a dependency-free byte-level fallback.
+"""Tokenizers for the offline corpus: a HF ``tokenizers`` wrapper (load a tokenizer.json or a Hugging
+Face model directory, or train a byte-level BPE on the corpus itself) and a dependency-free
+byte-level fallback.
 
 Both expose the same small interface the corpus builder needs: ``vocab_size``, ``eos_id``,
 ``encode_batch(texts) -> list[list[int]]``, ``decode(ids)``, ``save(path)`` and a ``fingerprint``
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 EOS_TOKEN = "<|endoftext|>"
+# EOS spellings of common model families, tried in order when a tokenizer names none itself.
+EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<|im_end|>", "<eos>", "<|eot_id|>")
 
 
 class ByteTokenizer:
@@ -41,16 +44,23 @@ class HFTokenizer:
 
     kind = "hf"
 
-    def __init__(self, tok, source: str = "<memory>"):
+    def __init__(self, tok, source: str = "<memory>", eos_token: str | None = None):
         self._tok = tok
         self.source = source
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        self.eos_id = tok.token_to_id(EOS_TOKEN)
+        if eos_token is not None:
+            self.eos_id = tok.token_to_id(eos_token)
+            if self.eos_id is None:
+                raise ValueError(f"tokenizer {source}: EOS token {eos_token!r} is not in its vocabulary")
+        else:  # the first known EOS spelling the vocabulary has
+            eos_token = next((t for t in EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
+            self.eos_id = tok.token_to_id(eos_token) if eos_token else None
+        self.eos_token = eos_token
         self._json = tok.to_str()
 
     @property
     def fingerprint(self) -> str:
-        return "hf-" + hashlib.sha256(self._json.encode()).hexdigest()[:16]
+        return "hf-" + hashlib.sha256(f"{self._json}|{self.eos_token}".encode()).hexdigest()[:16]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
@@ -62,20 +72,84 @@ class HFTokenizer:
         Path(path).write_text(self._json)
 
 
-def load_tokenizer(path: str | Path) -> HFTokenizer | ByteTokenizer:
-    """Load a tokenizer.json (HF ``tokenizers``) or a file written by ``ByteTokenizer.save``."""
+def load_tokenizer(path: str | Path, eos_token: str | None = None) -> HFTokenizer | ByteTokenizer:
+    """Load a tokenizer.json (HF ``tokenizers``), a file written by ``ByteTokenizer.save``, or a
+    Hugging Face model directory (see :func:`load_hf_model_tokenizer`). ``eos_token`` overrides the
+    EOS spelling (default: the directory's tokenizer_config.json, else the first of EOS_CANDIDATES
+    in the vocabulary)."""
     from tokenizers import Tokenizer
 
     path = Path(path)
+    if path.is_dir():
+        return load_hf_model_tokenizer(path, eos_token)
     if not path.is_file():
-        raise ValueError(f"tokenizer file {path} does not exist")
+        raise ValueError(f"tokenizer {path} does not exist (valid: 'bpe', 'byte', a tokenizer.json "
+                         f"file or a Hugging Face model directory holding tokenizer.json)")
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
         if json.loads(text).get("flexsp_byte_tokenizer"):
             return ByteTokenizer()
-        return HFTokenizer(Tokenizer.from_str(text), source=str(path))
+        tok = Tokenizer.from_str(text)
     except Exception as exc:  # json / tokenizers raise many types on bad files
         raise ValueError(f"tokenizer file {path} is not a valid tokenizer.json: {exc}") from exc
+    return HFTokenizer(tok, source=str(path), eos_token=eos_token)
+
+
+def _config_eos(directory: Path) -> str | None:
+    """The EOS token a model directory declares (tokenizer_config.json, then special_tokens_map.json)."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        f = directory / name
+        if not f.is_file():
+            continue
+        try:
+            conf = json.loads(f.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{f}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        eos = conf.get("eos_token") if isinstance(conf, dict) else None
+        if isinstance(eos, dict):  # {"content": "</s>", "lstrip": false, ...}
+            eos = eos.get("content")
+        if isinstance(eos, str) and eos:
+            return eos
+    return None
+
+
+def load_hf_model_tokenizer(directory: str | Path, eos_token: str | None = None) -> HFTokenizer:
+    """The tokenizer of a Hugging Face model directory (what ``save_pretrained`` writes): its
+    tokenizer.json through ``tokenizers``; a directory without one (a slow tokenizer's vocab files)
+    through ``transformers.AutoTokenizer(local_files_only=True)``, which converts it to a fast one.
+    EOS comes from tokenizer_config.json / special_tokens_map.json ("<|end_of_text|>", "</s>",
+    "<|endoftext|>", "<|im_end|>", ...), else the first of EOS_CANDIDATES the vocabulary has."""
+    from tokenizers import Tokenizer
+
+    directory = Path(directory)
+    eos = eos_token or _config_eos(directory)
+    tj = directory / "tokenizer.json"
+    if tj.is_file():
+        try:
+            tok = Tokenizer.from_file(str(tj))
+        except Exception as exc:
+            raise ValueError(f"{tj} is not a valid tokenizer.json: {exc}") from exc
+        return HFTokenizer(tok, source=str(directory), eos_token=eos)
+    try:
+        from transformers import AutoTokenizer
+        hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
+        tok = hf.backend_tokenizer
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... on odd dirs
+        raise ValueError(f"tokenizer directory {directory} has no tokenizer.json and transformers "
+                         f"could not load a fast tokenizer from it ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); expected a "
+                         f"save_pretrained directory with tokenizer.json and tokenizer_config.json") from exc
+    return HFTokenizer(tok, source=str(directory), eos_token=eos or getattr(hf, "eos_token", None))
+
+
+def tokenizer_files(path: str | Path) -> list[Path]:
+    """Files whose contents define the tokenizer at ``path`` (they key the corpus cache)."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(f for f in path.iterdir() if f.is_file() and (
+            f.suffix in (".json", ".model", ".txt", ".tiktoken") and f.name != "config.json"
+            and not f.name.startswith("generation_")))
+    return [path]
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> HFTokenizer:
