@@ -69,10 +69,10 @@ def test_rope_positions_are_per_document():
     # how far into the buffer it sits; the angles themselves restart with the positions.
     cfg = model_config("tiny")
     cu = torch.tensor([0, 4, 9])
-    cos, sin = L.rope_cos_sin(positions_from_cu_seqlens(cu), cfg.head_dim, cfg.rope_theta, torch.float32)
+    cos, sin = L.rope_cos_sin(positions_from_cu_seqlens(cu), cfg.head_size, cfg.rope_theta, torch.float32)
     torch.testing.assert_close(cos[4:8], cos[0:4])
     torch.testing.assert_close(sin[4:8], sin[0:4])
-    assert torch.equal(cos[0], torch.ones(cfg.head_dim))
+    assert torch.equal(cos[0], torch.ones(cfg.head_size))
 
 
 def test_deterministic_init():
@@ -99,7 +99,7 @@ def test_gqa_matches_repeated_kv_attention():
                                              vr[s:e].transpose(0, 1), is_causal=True).transpose(0, 1)
         torch.testing.assert_close(out[s:e], ref)
     model = Transformer(cfg)
-    assert model.blocks[0].attn.wk.weight.shape == (2 * cfg.head_dim, cfg.hidden)
+    assert model.blocks[0].attn.wk.weight.shape == (2 * cfg.head_size, cfg.hidden)
     mha = Transformer(model_config("tiny", kv_heads=4))
     assert mha.blocks[0].attn.wk.weight.shape == (cfg.hidden, cfg.hidden)
 
@@ -221,3 +221,147 @@ def test_init_of_any_shard_equals_the_full_init():
     torch.testing.assert_close(rows.flatten(), normal_elements("x.weight", 100, 0, 100, 1, 0.02)[30:70], rtol=0, atol=0)
     fill_elements_(rows, "blocks.1.attn_norm.weight", 100, 0, 1, 0.02, 2)
     assert torch.equal(rows, torch.ones(4, 10))
+
+
+# ------------------------------------------------------------------ architecture extensions
+
+
+def test_new_config_fields_validation_and_presets():
+    with pytest.raises(ValueError, match="rope_type.*valid options"):
+        ModelConfig(rope_scaling={"rope_type": "longrope", "factor": 2.0})
+    with pytest.raises(ValueError, match="needs keys"):
+        ModelConfig(rope_scaling={"rope_type": "linear"})
+    with pytest.raises(ValueError, match="head_dim"):
+        ModelConfig(head_dim=7)
+    with pytest.raises(ValueError, match="sliding_window"):
+        ModelConfig(sliding_window=-1)
+    with pytest.raises(ValueError, match="hidden=66"):
+        ModelConfig(hidden=66, heads=4, kv_heads=2)
+    assert ModelConfig(hidden=66, heads=4, kv_heads=2, head_dim=24).head_size == 24
+    assert ModelConfig(rope_scaling={"type": "linear", "factor": 2.0}).rope_scaling == {
+        "rope_type": "linear", "factor": 2.0}
+    assert ModelConfig(rope_scaling={"rope_type": "default", "rope_theta": 10000.0}).rope_scaling is None
+    assert ModelConfig(sliding_window=0).window is None
+    for name in ("1b", "7b", "13b", "30b", "70b"):
+        cfg = model_config(name)
+        assert cfg.activation_checkpointing and cfg.dtype == "bfloat16", name
+    c30 = model_config("30b")
+    assert (c30.layers, c30.hidden, c30.heads, c30.kv_heads, c30.vocab_size) == (60, 6656, 64, 64, 32000)
+    assert c30.intermediate % 256 == 0 and abs(c30.intermediate - 8 * 6656 / 3) < 256
+    # None overrides keep the preset (the yaml's nulls); a real override wins.
+    assert model_config("7b", hidden=None, dtype=None).hidden == 4096
+    assert model_config("7b", activation_checkpointing=False).activation_checkpointing is False
+    # head_dim 0 follows hidden when hidden is overridden.
+    assert model_config("tiny", hidden=128).head_size == 32
+
+
+@pytest.mark.parametrize("kw", [dict(attention_bias=True), dict(qk_norm=True, head_dim=24),
+                                dict(qk_norm=True, attention_bias=True, head_dim=8, tie_embeddings=True)])
+def test_num_params_exact_with_new_features(kw):
+    cfg = model_config("tiny", **kw)
+    model = Transformer(cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    if cfg.attention_bias:
+        assert model.blocks[0].attn.wq.bias is not None and model.blocks[0].attn.wo.bias is None
+        assert torch.equal(model.blocks[0].attn.wk.bias, torch.zeros_like(model.blocks[0].attn.wk.bias))
+    if cfg.qk_norm:
+        assert torch.equal(model.blocks[0].attn.q_norm.weight, torch.ones(cfg.head_size))
+    _, ids, cu = _packed([5, 9], cfg.vocab_size)
+    loss, _ = _run(model, ids, cu, labels=lm_labels(ids, cu))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_flops_per_token_with_window_and_head_dim():
+    cfg = model_config("tiny")
+    dense = 6 * (cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.hidden)
+    assert cfg.flops_per_token(100) == dense + 12 * cfg.layers * cfg.hidden * 50
+    win = model_config("tiny", sliding_window=10)
+    assert win.flops_per_token(10) == cfg.flops_per_token(10)
+    assert win.flops_per_token(100) == dense + 12 * cfg.layers * cfg.hidden * (50 + 90 * 10) / 100
+    wide = model_config("tiny", head_dim=32)
+    assert wide.flops_per_token(8) - 6 * (wide.num_params(False) + 512 * 64) == 12 * 2 * 4 * 32 * 4
+
+
+def test_sliding_window_packed_equals_each_document_alone_and_reference():
+    cfg = model_config("tiny", sliding_window=4)
+    model = Transformer(cfg)
+    docs, ids, cu = _packed([7, 3, 11], cfg.vocab_size)
+    packed = _run(model, ids, cu)
+    alone = torch.cat([_run(model, d, torch.tensor([0, len(d)])) for d in docs])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    full = Transformer(model_config("tiny"))
+    # short document (3 <= window): plain causal; long ones differ from full attention
+    torch.testing.assert_close(packed[7:10], _run(full, ids, cu)[7:10], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(packed[:7], _run(full, ids, cu)[:7], atol=1e-4)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(21, h, 16, generator=g, requires_grad=True) for h in (4, 2, 2))
+    out = L.varlen_attention(q, k, v, [0, 7, 10, 21], window=4)
+    ref = L.varlen_attention_ref(q, k, v, [0, 7, 10, 21], window=4)
+    torch.testing.assert_close(out, ref)
+    # explicit per-query check of the band: query i sees keys i-3..i only
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    i = 9   # 10th token of doc 3 (starts at 10) -> global 19
+    s = (q[19] * kr[16:20]).sum(-1) / 4.0    # [keys, H]
+    expect = (s.softmax(0)[..., None] * vr[16:20]).sum(0)
+    torch.testing.assert_close(out[19], expect, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    del i
+
+
+def test_sliding_window_flex_band_matches_sdpa_forward():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from flexsp.attention.local import varlen_attention
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(150, h, 16, generator=g) for h in (4, 2, 2))
+    cu = [0, 130, 150]
+    ref = varlen_attention(q, k, v, cu, window=33, backend="sdpa")
+    flex = varlen_attention(q, k, v, cu, window=33, backend="flex")
+    torch.testing.assert_close(flex, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_rope_uses_each_documents_length():
+    # dynamic NTK: a document's frequencies depend on its own length only (HF run alone).
+    cfg = model_config("tiny", max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    model = Transformer(cfg)
+    docs, ids, cu = _packed([12, 5, 20], cfg.vocab_size)
+    packed = _run(model, ids, cu)
+    alone = torch.cat([_run(model, d, torch.tensor([0, len(d)])) for d in docs])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    # the 5-token document (<= 8) uses plain RoPE, the longer ones do not
+    plain = Transformer(model_config("tiny", max_position_embeddings=8))
+    torch.testing.assert_close(packed[12:17], _run(plain, ids, cu)[12:17], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(packed[17:], _run(plain, ids, cu)[17:], atol=1e-4)
+
+
+def test_forward_makes_no_host_sync(monkeypatch):
+    # Host-side boundaries in, and no .item()/.tolist()/int()/bool()/float() on any tensor in the
+    # forward + backward (on CUDA each would be a device sync).
+    cfg = model_config("tiny", qk_norm=True, attention_bias=True, sliding_window=4,
+                       max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    model = Transformer(cfg)
+    _, ids, cu = _packed([9, 3, 12], cfg.vocab_size)
+    cu_list = cu.tolist()
+    labels = lm_labels(ids, cu_list)
+    torch.testing.assert_close(labels, lm_labels(ids, cu))
+    pos = positions_from_cu_seqlens(cu_list)
+    ctx = AttnContext.local(cu_list)
+
+    def boom(*a, **k):
+        raise AssertionError("host sync in the forward")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    loss, count = model(ids, pos, ctx, labels=labels)
+    loss.backward()
+    logits = model(ids, pos, ctx)
+    monkeypatch.undo()
+    assert logits.shape == (24, cfg.vocab_size) and int(count) == 21
+
+
+def test_lm_labels_and_positions_accept_lists_and_empty_documents():
+    ids = torch.tensor([10, 11, 12, 20, 21, 30, 99])
+    for cu in ([0, 0, 3, 3, 5, 6], torch.tensor([0, 0, 3, 3, 5, 6])):
+        assert lm_labels(ids, cu).tolist() == [11, 12, -100, 21, -100, -100, -100]
+        assert positions_from_cu_seqlens(cu, total=7).tolist() == [0, 1, 2, 0, 1, 0, 0]

@@ -237,13 +237,14 @@ FLEX_BLOCK = 128      # flex_attention's default (and tuned) block size
 _BLOCK_CHUNK = 1 << 24  # max elements of the [q-block rows x kv blocks] scratch per step
 
 
-def row_intervals(cu_q, cu_k, causal, rows=None, device=None):
+def row_intervals(cu_q, cu_k, causal, rows=None, device=None, window=None):
     """For every query row, the key interval ``[lo, hi)`` it may see (int32 tensors).
 
     Segment ``i`` of q attends segment ``i`` of k; with ``causal`` the diagonal is aligned
     bottom-right (query ``p`` of a segment with ``lq`` queries and ``lk`` keys sees keys
     ``< p + lk - lq + 1``), as in flash_attn and the math kernel. Rows past ``cu_q[-1]`` (up
-    to ``rows``) get empty intervals. Rows with nothing visible have ``lo == hi``.
+    to ``rows``) get empty intervals. Rows with nothing visible have ``lo == hi``. ``window``
+    (causal only): a row sees at most its last ``window`` visible keys (``lo = max(lo, hi - w)``).
     """
     lng = dict(dtype=torch.long, device=device)
     cq, ck = torch.as_tensor(list(cu_q), **lng), torch.as_tensor(list(cu_k), **lng)
@@ -255,6 +256,8 @@ def row_intervals(cu_q, cu_k, causal, rows=None, device=None):
     if causal:
         pos = torch.arange(tq, **lng) - cq[:-1][doc]
         hi = torch.minimum(hi, lo + pos + (lk - lq)[doc] + 1).clamp_min(lo)
+        if window:
+            lo = torch.maximum(lo, hi - window)
     pad = torch.zeros(rows - tq, **lng)
     return torch.cat([lo, pad]).to(torch.int32), torch.cat([hi, pad]).to(torch.int32)
 
@@ -300,14 +303,14 @@ def _interval_mask_mod(lo, hi):
 
 @functools.lru_cache(maxsize=16)
 def doc_block_mask(cu_q: tuple, cu_k: tuple, causal: bool, device: torch.device,
-                   block: int = FLEX_BLOCK):
+                   block: int = FLEX_BLOCK, window: int | None = None):
     """flex_attention ``BlockMask`` for packed documents (segment i of q sees segment i of k,
     causally when ``causal``). Cached per arguments (tuples of ints): every layer and ring step
     of a batch reuses it. Built with tensor ops on ``device``, no ``[Tq, Tk]`` mask."""
     from torch.nn.attention.flex_attention import BlockMask
     tq, tk = int(cu_q[-1]), int(cu_k[-1])
     rows = -(-max(tq, 1) // block) * block
-    lo, hi = row_intervals(cu_q, cu_k, causal, rows, device)
+    lo, hi = row_intervals(cu_q, cu_k, causal, rows, device, window)
     partial, full = block_sparsity(lo, hi, tk, block, block)
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
@@ -353,7 +356,7 @@ def _mark_dynamic(qh, kh, vh, bm):
             mark(t, t.dim() - 1)
 
 
-def _flex(q, k, v, cu_q, cu_k, causal, scale, return_lse):
+def _flex(q, k, v, cu_q, cu_k, causal, scale, return_lse, window=None):
     """flex_attention over packed segments: q ``[Tq,H,D]`` -> out ``[Tq,H,D]``
     (and lse ``[H,Tq]`` with ``return_lse``)."""
     gqa = q.shape[1] != k.shape[1]
@@ -362,7 +365,7 @@ def _flex(q, k, v, cu_q, cu_k, causal, scale, return_lse):
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
         return (out, lse) if return_lse else out
     bm = doc_block_mask(tuple(int(c) for c in cu_q), tuple(int(c) for c in cu_k), bool(causal),
-                        q.device)
+                        q.device, FLEX_BLOCK, window or None)
     fn = _flex_fn(q.device.type, q.dtype, q.shape[-1], gqa, return_lse)
     qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     if _compile_flex(q.device.type):
@@ -501,14 +504,49 @@ def _sdpa_loop(q, k, v, cu_q, cu_k, causal, scale):
     return torch.cat(outs) if outs else q.new_zeros(q.shape)
 
 
+def _sdpa_window_loop(q, k, v, bounds, scale, window):
+    """Causal sliding-window attention per document by SDPA (autograd through SDPA): documents
+    longer than ``window`` get a banded boolean mask (query i sees keys j, 0 <= i - j < window),
+    the others plain causal."""
+    outs, g = [], q.shape[1] // k.shape[1]
+    for qs, qe in bounds:
+        if qe == qs:
+            continue
+        qd, kd, vd = q[qs:qe].transpose(0, 1)[None], _expand(k[qs:qe], g), _expand(v[qs:qe], g)
+        if qe - qs > window:
+            i = torch.arange(qe - qs, device=q.device)
+            diff = i[:, None] - i[None, :]
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=(diff >= 0) & (diff < window),
+                                               scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
+def _flash_window(q, k, v, cu, scale, window):
+    """flash_attn's varlen kernel with ``window_size=(window - 1, 0)`` (its own autograd)."""
+    from flash_attn import flash_attn_varlen_func
+    t = _flash_cu(cu, q.device)
+    m = _max_len(_bounds(cu))
+    return flash_attn_varlen_func(q, k, v, t, t, m, m, dropout_p=0.0, softmax_scale=scale,
+                                  causal=True, window_size=(window - 1, 0))
+
+
 def varlen_attention(q, k, v, cu_seqlens, causal=True, return_lse=False, backend=None, *,
-                     cu_seqlens_k=None, scale=None):
+                     cu_seqlens_k=None, scale=None, window=None):
     """Attention over packed documents, each attending only to itself (autograd-aware).
 
     q ``[T, H, D]``, k/v ``[T, Hkv, D]`` (GQA when ``Hkv < H``), ``cu_seqlens`` list or int
     tensor ``[0, l0, l0+l1, ..., T]``. ``cu_seqlens_k`` (default: ``cu_seqlens``) lets keys be
     segmented differently from queries (non-causal blocks only). Returns out ``[T, H, D]``,
     and with ``return_lse=True`` also the log-sum-exp ``[H, T]`` float32 (not differentiable).
+
+    ``window`` (sliding-window attention, causal only; None/0 = full): query ``i`` of a document
+    sees keys ``j`` with ``0 <= i - j < window`` (HF Mistral's mask; flash_attn
+    ``window_size=(window - 1, 0)``). Documents no longer than the window are plain causal. Runs
+    on flash (CUDA), flex (block mask with the band) or a per-document SDPA loop with a banded
+    mask (CPU and elsewhere); no LSE output.
     """
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     cu_q = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
@@ -516,6 +554,18 @@ def varlen_attention(q, k, v, cu_seqlens, causal=True, return_lse=False, backend
     if causal and cu_q != cu_k:
         raise ValueError("causal attention needs cu_seqlens_k == cu_seqlens")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if window and max((e - s for s, e in zip(cu_q[:-1], cu_q[1:])), default=0) > window:
+        if not causal or return_lse or cu_q != cu_k:
+            raise ValueError("window needs causal=True, return_lse=False and cu_seqlens_k == cu_seqlens")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        _check(q, k, v, cu_q, cu_k)
+        name = pick_backend(q.device, backend)
+        if name == "flash":
+            return _flash_window(q, k, v, cu_q, scale, window)
+        if name == "flex":
+            return _flex(q, k, v, cu_q, cu_k, True, scale, False, window)
+        return _sdpa_window_loop(q, k, v, _bounds(cu_q), scale, window)
     name = pick_backend(q.device, backend, need_lse=return_lse)
     if name == "flex":       # flex's own autograd (its backward kernel), no LSE gradient
         res = _flex(q, k, v, cu_q, cu_k, causal, scale, return_lse)

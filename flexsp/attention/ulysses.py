@@ -66,8 +66,10 @@ def check_heads(heads: int, kv_heads: int, u: int, mode: str) -> int:
     return rep
 
 
-def ulysses_attention(q, k, v, meta, group, causal=True, backend=None, scale=None):
-    """Ulysses attention for tokens sharded by ``shard(..., mode='ulysses')``."""
+def ulysses_attention(q, k, v, meta, group, causal=True, backend=None, scale=None, window=None):
+    """Ulysses attention for tokens sharded by ``shard(..., mode='ulysses')``. ``window``: causal
+    sliding-window attention (see ``varlen_attention``); each rank holds whole documents for its
+    heads, so the window is exact."""
     u = meta.ulysses_degree
     rep = check_heads(q.shape[1], k.shape[1], u, meta.mode)
     if rep > 1:
@@ -76,5 +78,9 @@ def ulysses_attention(q, k, v, meta, group, causal=True, backend=None, scale=Non
     cu = [0]
     for p in meta.padded_seqlens:
         cu.append(cu[-1] + p)
-    out = varlen_attention(qh, kh, vh, cu, causal=causal, backend=backend, scale=scale)
+    if window:
+        out = varlen_attention(qh, kh, vh, cu, causal=causal, backend=backend, scale=scale,
+                               window=window)
+    else:
+        out = varlen_attention(qh, kh, vh, cu, causal=causal, backend=backend, scale=scale)
     return gather_heads(out, group, u)

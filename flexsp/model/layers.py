@@ -61,11 +61,13 @@ def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, labels:
 
 
 def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         cu_seqlens, causal: bool = True) -> torch.Tensor:
+                         cu_seqlens, causal: bool = True, window: int | None = None) -> torch.Tensor:
     """Attention within each packed document: ``q [T, H, D]``, ``k/v [T, Hkv, D]`` -> ``[T, H, D]``.
 
     A loop of per-document SDPA calls (the fastest exact option on CPU, see machine-notes); GQA via
-    ``enable_gqa`` so k/v are never materialized per query head.
+    ``enable_gqa`` so k/v are never materialized per query head. ``window`` (causal only): query
+    ``i`` sees keys ``j`` with ``0 <= i - j < window`` (HF's sliding-window mask), as an explicit
+    banded boolean mask.
     """
     bounds = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
     outs = []
@@ -73,28 +75,66 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if end == start:
             continue
         qd, kd, vd = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal,
-                                           enable_gqa=q.shape[1] != k.shape[1])
+        gqa = q.shape[1] != k.shape[1]
+        if window and causal and end - start > window:
+            i = torch.arange(end - start, device=q.device)
+            diff = i[:, None] - i[None, :]
+            mask = (diff >= 0) & (diff < window)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=gqa)
+        else:
+            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, enable_gqa=gqa)
         outs.append(o.transpose(0, 1))
     if bounds[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens ends at {bounds[-1]} but q has {q.shape[0]} tokens")
     return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
 
 
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
+def positions_from_cu_seqlens(cu_seqlens, total: int | None = None,
+                              device: torch.device | str | None = None) -> torch.Tensor:
     """Position of every token of the packed buffer inside its own document (restarts at 0).
 
-    ``total`` (>= cu_seqlens[-1]) pads the tail with positions 0.. of an extra pseudo-document.
+    ``cu_seqlens``: a Python list, a CPU tensor or a device tensor. ``total`` (>= cu_seqlens[-1])
+    pads the tail with positions 0.. of an extra pseudo-document. The result is on ``device``
+    (default: the device of ``cu_seqlens``, CPU for a list). No host sync when the boundaries are
+    host-side or ``total`` is given; a device tensor without ``total`` needs its last boundary on
+    the host (one transfer; pass host boundaries or ``total`` to avoid it).
     """
+    if not torch.is_tensor(cu_seqlens):
+        cu_seqlens = [int(c) for c in cu_seqlens]
+        total = cu_seqlens[-1] if total is None else total
+        cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int64)
     cu = cu_seqlens.to(torch.int64)
-    n = int(cu[-1]) if total is None else int(total)
-    lengths = cu[1:] - cu[:-1]
-    starts = torch.repeat_interleave(cu[:-1], lengths)
-    pos = torch.arange(n, device=cu.device, dtype=torch.int64)
-    pos[: starts.numel()] -= starts
-    if n > starts.numel():
-        pos[starts.numel():] -= starts.numel()
-    return pos
+    if device is None:
+        device = cu.device
+    if total is None:
+        total = int(cu[-1].cpu()) if cu.device.type != "cpu" else int(cu[-1])
+    n = int(total)
+    idx = torch.arange(n, device=cu.device, dtype=torch.int64)
+    # document of each token: how many boundaries cu[1:] are <= its index (the tail past
+    # cu[-1] falls into the extra pseudo-document starting at cu[-1])
+    doc = torch.searchsorted(cu[1:].contiguous(), idx, right=True)
+    pos = idx - cu[doc]
+    return pos.to(device)
+
+
+def doc_lengths_from_cu_seqlens(cu_seqlens, total: int | None = None,
+                                device: torch.device | str | None = None) -> torch.Tensor:
+    """Length of each token's document, ``[total]`` int64 (tail tokens: the tail's length);
+    same conventions as :func:`positions_from_cu_seqlens`. Used by dynamic RoPE scaling."""
+    if not torch.is_tensor(cu_seqlens):
+        cu_seqlens = [int(c) for c in cu_seqlens]
+        total = cu_seqlens[-1] if total is None else total
+        cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int64)
+    cu = cu_seqlens.to(torch.int64)
+    if device is None:
+        device = cu.device
+    if total is None:
+        total = int(cu[-1].cpu()) if cu.device.type != "cpu" else int(cu[-1])
+    n = int(total)
+    idx = torch.arange(n, device=cu.device, dtype=torch.int64)
+    doc = torch.searchsorted(cu[1:].contiguous(), idx, right=True)
+    ends = torch.cat([cu[1:], cu.new_full((1,), n)])
+    return (ends[doc] - cu[doc]).to(device)
 
 
 # ------------------------------------------------------------------------------------------------

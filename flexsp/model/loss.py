@@ -16,16 +16,25 @@ from flexsp.model import layers as L
 IGNORE_INDEX = -100
 
 
-def lm_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+def lm_labels(input_ids: torch.Tensor, cu_seqlens) -> torch.Tensor:
     """Next-token labels ``[T]`` for a packed buffer ``[T]``; -100 on each document's last token
-    (and on any tail past ``cu_seqlens[-1]``)."""
+    (and on any tail past ``cu_seqlens[-1]``). ``cu_seqlens``: list, CPU or device tensor; no host
+    sync (tensor ops only)."""
     labels = torch.full_like(input_ids, IGNORE_INDEX)
+    t = input_ids.shape[0]
+    if t == 0:
+        return labels
     labels[:-1] = input_ids[1:]
-    cu = cu_seqlens.to(torch.int64)
-    ends = cu[1:][cu[1:] > cu[:-1]] - 1  # last token of every non-empty document
+    cu = torch.as_tensor(cu_seqlens if torch.is_tensor(cu_seqlens) else list(cu_seqlens),
+                         dtype=torch.int64).to(input_ids.device)
+    # cu[i+1] - 1 is the last token of document i; for an empty document it is the last token
+    # of an earlier one (or -1 -> wrapped to T-1, which is a document end or past cu[-1]):
+    # either way a token that has no target already, so no data-dependent filtering is needed.
+    ends = cu[1:] - 1
+    ends = torch.where(ends < 0, ends + t, ends).clamp(max=t - 1)
     labels[ends] = IGNORE_INDEX
-    labels[int(cu[-1]):] = IGNORE_INDEX
-    return labels
+    tail = torch.arange(t, device=input_ids.device) >= cu[-1]
+    return labels.masked_fill(tail, IGNORE_INDEX)
 
 
 def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -7,13 +7,15 @@ single-device varlen attention over ``cu_seqlens``; with a meta from ``flexsp.at
 is the teammates' sequence-parallel attention (Ulysses/ring/hybrid) over the group. Everything but
 attention is token-local, so the rest of the block is identical in both cases.
 
-Layers: RMSNorm -> GQA attention with RoPE -> residual -> RMSNorm -> SwiGLU MLP -> residual;
-optional per-block activation checkpointing (non-reentrant); tied or untied LM head.
+Layers: RMSNorm -> GQA attention (optional q/k/v biases, per-head q/k RMSNorm, sliding window)
+with RoPE (optionally scaled: linear/dynamic/yarn/llama3) -> residual -> RMSNorm -> SwiGLU MLP ->
+residual; optional per-block activation checkpointing (non-reentrant); tied or untied LM head.
+
+No host syncs in the forward: document boundaries live on the host (:class:`AttnContext`), and
+everything computed from them on the device is built by tensor ops or host->device copies.
 """
 from __future__ import annotations
 
-import math
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +28,21 @@ from flexsp.model.config import ModelConfig
 from flexsp.model.loss import lm_loss
 
 
+def _host_bounds(cu) -> list[int]:
+    """Boundaries as Python ints. A list / CPU tensor costs nothing; a device tensor is copied to
+    the host once (a sync): pass host-side boundaries to avoid it."""
+    if torch.is_tensor(cu):
+        return [int(c) for c in (cu if cu.device.type == "cpu" else cu.cpu()).tolist()]
+    return [int(c) for c in cu]
+
+
 @dataclass
 class AttnContext:
-    """How the attention of every layer runs for one forward pass."""
+    """How the attention of every layer runs for one forward pass.
+
+    Boundaries are kept on the host (Python ints, computed once at construction), so the forward
+    never syncs with the device for them: give ``cu_seqlens`` as a list or CPU tensor (a device
+    tensor also works, copied to the host once here, outside the forward)."""
 
     cu_seqlens: torch.Tensor | list[int] | None = None
     """Document boundaries of the local buffer (local path only): ints ``[num_docs + 1]``."""
@@ -42,17 +56,63 @@ class AttnContext:
     def __post_init__(self) -> None:
         if self.meta is None and self.cu_seqlens is None:
             raise ValueError("AttnContext needs cu_seqlens (local attention) or meta (SP attention)")
-        # Boundaries as Python ints once per forward, not one device sync per layer.
-        self._cu_list = None if self.cu_seqlens is None else (
-            self.cu_seqlens.tolist() if torch.is_tensor(self.cu_seqlens) else list(self.cu_seqlens))
+        self._cu_list = None if self.cu_seqlens is None else _host_bounds(self.cu_seqlens)
+        self._doc_len_cache: dict = {}
 
     @classmethod
-    def local(cls, cu_seqlens: torch.Tensor) -> "AttnContext":
+    def local(cls, cu_seqlens) -> "AttnContext":
         return cls(cu_seqlens=cu_seqlens)
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _global_bounds(self) -> list[int]:
+        return self._cu_list if self.meta is None else [int(c) for c in self.meta.cu_seqlens]
+
+    def max_doc_len(self) -> int:
+        """Longest document of the (global) packed buffer, from host-side boundaries."""
+        b = self._global_bounds()
+        return max((e - s for s, e in zip(b[:-1], b[1:])), default=0)
+
+    def doc_lengths(self, device) -> torch.Tensor:
+        """int64 ``[T_local]``: the length of each local token's document (dynamic RoPE). Built
+        from host boundaries and copied to ``device`` (no device->host sync); cached per device."""
+        key = str(device)
+        if key not in self._doc_len_cache:
+            if self.meta is None:
+                from flexsp.model.layers import doc_lengths_from_cu_seqlens
+                lens = doc_lengths_from_cu_seqlens(self._cu_list, device="cpu")
+                self._doc_len_cache[key] = lens.to(device)
+            else:
+                b = self._global_bounds()
+                table = torch.tensor([e - s for s, e in zip(b[:-1], b[1:])] + [1], dtype=torch.int64)
+                ids = self.meta.doc_ids.to(device=device, dtype=torch.int64)
+                table = table.to(device)
+                self._doc_len_cache[key] = table[ids.clamp(max=table.numel() - 1)]
+        return self._doc_len_cache[key]
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  window: int | None = None) -> torch.Tensor:
+        """Causal attention of the local tokens; ``window`` = sliding window (None: full).
+
+        With a window, documents no longer than it are plain causal. Local and Ulysses attention
+        run the window exactly; ring/hybrid need every document to fit in the window (else a
+        ValueError: their block kernels have no window)."""
+        if window and self.max_doc_len() <= window:
+            window = None
         if self.meta is None:
+            if window:
+                return L.varlen_attention(q, k, v, self._cu_list, causal=True, window=window)
             return L.varlen_attention(q, k, v, self._cu_list, causal=True)
+        if window:
+            if self.meta.ring_degree == 1:
+                from flexsp.attention.ulysses import ulysses_attention
+                if q.shape[0] != self.meta.tokens_local or k.shape[0] != self.meta.tokens_local:
+                    raise ValueError(f"q/k have {q.shape[0]}/{k.shape[0]} tokens, meta expects "
+                                     f"{self.meta.tokens_local}")
+                return ulysses_attention(q, k, v, self.meta, self.group, True, window=window)
+            raise ValueError(
+                f"sliding_window={window} is not supported with mode={self.mode!r} (ring degree "
+                f"{self.meta.ring_degree}) when a document is longer than the window (longest: "
+                f"{self.max_doc_len()} tokens); use mode='ulysses', or documents of at most "
+                f"{window} tokens (then attention is plain causal)")
         from flexsp.attention import sp_attention  # teammate's runtime; imported only when used
         return sp_attention(q, k, v, self.meta, self.group, self.mode, causal=True)
 
@@ -68,22 +128,35 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """GQA attention: q/k/v projections (biases with ``attention_bias``), optional per-head q/k
+    RMSNorm (``qk_norm``, before RoPE), RoPE, varlen/SP attention (sliding window if set), output
+    projection (no bias)."""
+
     def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
-        kw = dict(bias=False, device=device, dtype=cfg.torch_dtype)
-        self.wq = nn.Linear(cfg.hidden, cfg.heads * cfg.head_dim, **kw)
-        self.wk = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, **kw)
-        self.wv = nn.Linear(cfg.hidden, cfg.kv_heads * cfg.head_dim, **kw)
-        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, **kw)
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_size
+        self.window = cfg.window
+        hd = cfg.head_size
+        kw = dict(device=device, dtype=cfg.torch_dtype)
+        self.wq = nn.Linear(cfg.hidden, cfg.heads * hd, bias=cfg.attention_bias, **kw)
+        self.wk = nn.Linear(cfg.hidden, cfg.kv_heads * hd, bias=cfg.attention_bias, **kw)
+        self.wv = nn.Linear(cfg.hidden, cfg.kv_heads * hd, bias=cfg.attention_bias, **kw)
+        self.wo = nn.Linear(cfg.heads * hd, cfg.hidden, bias=False, **kw)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps, device, cfg.torch_dtype)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps, device, cfg.torch_dtype)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, ctx: AttnContext):
         t = x.shape[0]
         q = self.wq(x).view(t, self.heads, self.head_dim)
         k = self.wk(x).view(t, self.kv_heads, self.head_dim)
         v = self.wv(x).view(t, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = L.apply_rope(q, k, cos, sin)
-        out = ctx.attention(q, k, v)
+        out = ctx.attention(q, k, v, self.window)
         return self.wo(out.reshape(t, self.heads * self.head_dim))
 
 
@@ -181,7 +254,10 @@ class Transformer(nn.Module):
                              f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
         cfg = self.config
         x = self.embed(input_ids)
-        cos, sin = L.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float32)
+        seq_lens = attn_ctx.doc_lengths(positions.device) if cfg.rope_type == "dynamic" else None
+        cos, sin = L.rope_cos_sin(positions, cfg.head_size, cfg.rope_theta, torch.float32,
+                                  scaling=cfg.rope_scaling,
+                                  max_position_embeddings=cfg.max_position_embeddings, seq_lens=seq_lens)
         for block in self.blocks:
             if cfg.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, attn_ctx, use_reentrant=False)

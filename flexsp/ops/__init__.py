@@ -20,6 +20,8 @@ batch dimension. ``q``/``k`` are ``[tokens, heads, head_dim]`` and ``cos``/``sin
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from flexsp.ops import torch_ops
@@ -29,6 +31,7 @@ __all__ = [
     "rms_norm",
     "apply_rope",
     "rope_cos_sin",
+    "rope_inv_freq",
     "swiglu",
     "linear_cross_entropy",
     "resolve_backend",
@@ -63,15 +66,134 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
     return torch_ops.rms_norm(x, weight, eps)
 
 
+def rope_inv_freq(
+    head_dim: int,
+    theta: float = 10000.0,
+    scaling: dict | None = None,
+    max_position_embeddings: int | None = None,
+    *,
+    seq_lens: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies and the cos/sin (attention) factor, as transformers'
+    ``modeling_rope_utils`` computes them for ``scaling`` (HF ``rope_parameters`` without
+    ``rope_theta``; None = plain RoPE).
+
+    Returns ``(inv_freq, attention_factor)``: ``inv_freq`` is float32 ``[head_dim / 2]``, or
+    ``[tokens, head_dim / 2]`` for ``rope_type="dynamic"`` when ``seq_lens`` is given.
+
+    * ``linear``: ``inv_freq / factor``.
+    * ``dynamic`` (NTK): HF rescales the base with the *current sequence length* ``L`` =
+      ``max(position) + 1``: ``base * (factor * max(L, M) / M - (factor - 1)) ** (d / (d - 2))``
+      with ``M = max_position_embeddings``. In a packed buffer a "sequence" is one document:
+      ``seq_lens`` ``[tokens]`` holds each token's *document length*, so every document gets
+      exactly the frequencies HF uses for that document run alone (from a freshly loaded HF
+      model: HF's rotary module caches the largest length it has seen). Without ``seq_lens``
+      the length is taken as ``M`` (HF's initial frequencies = plain RoPE).
+    * ``yarn``: blend of interpolated / extrapolated frequencies over HF's correction range
+      (``beta_fast``=32, ``beta_slow``=1, ``truncate``=True defaults), ``factor`` defaults to
+      ``M / original_max_position_embeddings``; attention factor ``attention_factor`` or
+      ``0.1 * ln(factor) + 1`` (or the ``mscale``/``mscale_all_dim`` ratio).
+    * ``llama3``: LLaMA-3.1 wavelength-banded scaling.
+    """
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"rope_inv_freq: head_dim must be a positive even number, got {head_dim}")
+    if theta <= 0:
+        raise ValueError(f"rope_inv_freq: theta must be > 0, got {theta}")
+    p = dict(scaling or {})
+    rope_type = p.get("rope_type", p.get("type", "default"))
+    dim = head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32) / dim
+    if rope_type == "default":
+        return 1.0 / (theta ** exponents), 1.0
+    if rope_type == "linear":
+        return 1.0 / (theta ** exponents) / p["factor"], 1.0
+    if rope_type == "dynamic":
+        if max_position_embeddings is None:
+            raise ValueError("rope_inv_freq: rope_type 'dynamic' needs max_position_embeddings")
+        factor, m = p["factor"], max_position_embeddings
+        if seq_lens is None:
+            base = theta * ((factor * m / m) - (factor - 1)) ** (dim / (dim - 2))
+            return 1.0 / (base ** exponents), 1.0
+        seq = torch.clamp(seq_lens.to(torch.int64), min=m)
+        base = theta * ((factor * seq / m) - (factor - 1)) ** (dim / (dim - 2))   # float32 [tokens]
+        return 1.0 / (base[:, None] ** exponents.to(base.device)[None, :]), 1.0
+    if rope_type == "yarn":
+        orig = p.get("original_max_position_embeddings") or max_position_embeddings
+        if orig is None:
+            raise ValueError("rope_inv_freq: rope_type 'yarn' needs original_max_position_embeddings "
+                             "or max_position_embeddings")
+        factor = p.get("factor")
+        if factor is None:
+            if max_position_embeddings is None:
+                raise ValueError("rope_inv_freq: yarn without factor needs max_position_embeddings")
+            factor = max_position_embeddings / orig
+
+        def get_mscale(scale, mscale=1.0):
+            return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+        attention_factor = p.get("attention_factor")
+        mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
+        if attention_factor is None:
+            if mscale and mscale_all_dim:
+                attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+            else:
+                attention_factor = get_mscale(factor)
+        beta_fast = p.get("beta_fast") or 32
+        beta_slow = p.get("beta_slow") or 1
+        truncate = p.get("truncate", True)
+
+        def correction_dim(num_rotations):
+            return (dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # HF: prevent singularity
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        extrapolation_factor = 1 - ramp.to(device=device, dtype=torch.float32)
+        pos_freqs = theta ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float32) / dim)
+        inv_extra, inv_inter = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+        inv_freq = inv_inter * (1 - extrapolation_factor) + inv_extra * extrapolation_factor
+        return inv_freq, float(attention_factor)
+    if rope_type == "llama3":
+        inv_freq = 1.0 / (theta ** exponents)
+        factor, low_ff, high_ff = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old = p.get("original_max_position_embeddings") or max_position_embeddings
+        if old is None:
+            raise ValueError("rope_inv_freq: rope_type 'llama3' needs original_max_position_embeddings")
+        low_wavelen, high_wavelen = old / low_ff, old / high_ff
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low_ff) / (high_ff - low_ff)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    raise ValueError(f"rope_inv_freq: rope_type {rope_type!r} is not supported; valid options: "
+                     "['default', 'linear', 'dynamic', 'yarn', 'llama3']")
+
+
 def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float = 10000.0, dtype: torch.dtype = torch.float32
+    positions: torch.Tensor,
+    head_dim: int,
+    theta: float = 10000.0,
+    dtype: torch.dtype = torch.float32,
+    *,
+    scaling: dict | None = None,
+    max_position_embeddings: int | None = None,
+    seq_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token RoPE tables ``cos, sin`` of shape ``[tokens, head_dim]`` for :func:`apply_rope`.
 
     ``positions`` is 1-D: each token's position *within its own document* (restarting at 0 for
-    every packed document). Angles are ``pos * theta ** (-2i / head_dim)`` for
-    ``i < head_dim / 2``, computed in float32 and duplicated as ``cat(freqs, freqs)`` (the
-    rotate-half layout), then cast to ``dtype``. Device follows ``positions``.
+    every packed document). Angles are ``pos * inv_freq`` with ``inv_freq = theta ** (-2i /
+    head_dim)`` for ``i < head_dim / 2`` unless ``scaling`` (HF ``rope_parameters``, see
+    :func:`rope_inv_freq`) rescales them; computed in float32 and duplicated as
+    ``cat(freqs, freqs)`` (the rotate-half layout), multiplied by the scaling's attention
+    factor (yarn), then cast to ``dtype``. ``seq_lens`` ``[tokens]`` (each token's document
+    length) is used by ``dynamic`` scaling only. Device follows ``positions``; no host sync.
     """
     if positions.dim() != 1:
         raise ValueError(f"rope_cos_sin: positions must be 1-D [tokens], got shape {tuple(positions.shape)}")
@@ -80,10 +202,22 @@ def rope_cos_sin(
     if theta <= 0:
         raise ValueError(f"rope_cos_sin: theta must be > 0, got {theta}")
     device = positions.device
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    dynamic = bool(scaling) and scaling.get("rope_type") == "dynamic"
+    if seq_lens is not None and dynamic and seq_lens.shape != positions.shape:
+        raise ValueError(f"rope_cos_sin: seq_lens {tuple(seq_lens.shape)} must match positions "
+                         f"{tuple(positions.shape)}")
+    inv_freq, factor = rope_inv_freq(head_dim, theta, scaling, max_position_embeddings,
+                                     seq_lens=seq_lens.to(device) if (dynamic and seq_lens is not None) else None,
+                                     device=device)
+    if inv_freq.dim() == 1:
+        freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    else:
+        freqs = positions.to(torch.float32)[:, None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(
