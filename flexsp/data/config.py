@@ -31,7 +31,7 @@ class CorpusConfig:
     path to a tokenizer.json, or a Hugging Face model directory (``save_pretrained`` output: a
     tokenizer.json, its EOS token from tokenizer_config.json). Used by every text source."""
     vocab_size: int = 8192
-    """Target vocab size when training BPE. A corpus of only pre-tokenized files (.npy/.bin) with
+    """Target vocab size when training BPE (> 258: 256 bytes + EOS + a merge). A corpus of only pre-tokenized files (.npy/.bin) with
     tokenizer='bpe' takes it as its declared vocabulary: token ids must be below it."""
     bpe_train_chars: int = 20_000_000
     """At most this many characters of the corpus (in file order) are used to train BPE."""
@@ -60,8 +60,8 @@ class CorpusConfig:
         if self.min_doc_tokens < 1 or self.max_doc_tokens < self.min_doc_tokens:
             raise ValueError(f"CorpusConfig needs 1 <= min_doc_tokens <= max_doc_tokens, got "
                              f"min_doc_tokens={self.min_doc_tokens}, max_doc_tokens={self.max_doc_tokens}")
-        if self.tokenizer == "bpe" and self.vocab_size <= 258:
-            raise ValueError(f"CorpusConfig.vocab_size={self.vocab_size} must be > 258 for BPE")
+        if self.vocab_size < 1:
+            raise ValueError(f"CorpusConfig.vocab_size={self.vocab_size} must be >= 1 (> 258 to train BPE)")
         if not self.tokenizer:
             raise ValueError("CorpusConfig.tokenizer is empty; valid options: 'bpe', 'byte', a "
                              "tokenizer.json path or a Hugging Face model directory")
@@ -111,7 +111,7 @@ class DataConfig:
     named, for the vocabulary)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """Global-batch sampling options."""
-    hf_path: list[str] = field(default_factory=list)
+    hf_path: list[str] | str = field(default_factory=list)
     """'hf': a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, or
     .parquet / .jsonl / .json / .arrow files or directories of them (searched recursively, sorted),
     read through ``datasets`` locally (never the Hub). A str or a list; entries are concatenated
@@ -124,7 +124,10 @@ class DataConfig:
     ids_column: str = "input_ids"
     """'hf': column of pre-tokenized documents (a list of integer token ids per row), used when
     there is no text column (or text_column is null). Needs a declared vocabulary (vocab_size)."""
-    megatron_prefix: list[str] = field(default_factory=list)
+    hf_batch_rows: int = 1000
+    """'hf': rows read and tokenized per batch; memory while building the store is bounded by one
+    batch (lower it for very long documents)."""
+    megatron_prefix: list[str] | str = field(default_factory=list)
     """'megatron': path prefix(es) of Megatron-LM indexed datasets (``<prefix>.bin`` +
     ``<prefix>.idx``, as tools/preprocess_data.py writes). A str or a list; concatenated in order."""
     vocab_size: int = 0
@@ -153,6 +156,8 @@ class DataConfig:
         self.megatron_prefix = _as_list(self.megatron_prefix, "megatron_prefix")
         if self.text_column == "":
             self.text_column = None
+        if self.hf_batch_rows < 1:
+            raise ValueError(f"DataConfig.hf_batch_rows={self.hf_batch_rows} must be >= 1")
         if self.vocab_size < 0:
             raise ValueError(f"DataConfig.vocab_size={self.vocab_size} must be >= 0 (0 = the tokenizer's)")
         if not self.ids_column:

@@ -166,6 +166,9 @@ def named_tokenizer(cfg: CorpusConfig):
 def train_bpe_on(texts: Iterator[str], cfg: CorpusConfig):
     """A byte-level BPE of ``cfg.vocab_size`` trained on the first ``cfg.bpe_train_chars``
     characters of ``texts``."""
+    if cfg.vocab_size <= 258:
+        raise ValueError(f"CorpusConfig.vocab_size={cfg.vocab_size} must be > 258 to train BPE "
+                         f"(tokenizer='bpe'); or use tokenizer='byte', a tokenizer.json or a model directory")
     def budgeted():
         budget = cfg.bpe_train_chars
         for t in texts:
@@ -328,3 +331,18 @@ class TokenizedCorpus(DocumentSource):
             self._tokenizer = load_tokenizer(self.directory / self.meta["tokenizer"],
                                              eos_token=self.meta.get("eos_token"))
         return self._tokenizer
+
+
+def declared_vocabulary(data_cfg, what: str):
+    """The vocabulary pre-tokenized input ('megatron', an 'hf' ids column) must stay below:
+    ``(vocab_size, where it was declared (for messages), the named tokenizer or None)``.
+    ``data.vocab_size`` when set, else the vocabulary of ``data.corpus.tokenizer`` when that names
+    one ('byte', a tokenizer.json, a model directory); a ValueError otherwise."""
+    tok = named_tokenizer(data_cfg.corpus)
+    if data_cfg.vocab_size:
+        return int(data_cfg.vocab_size), " declared by data.vocab_size", tok
+    if tok is not None:
+        return int(tok.vocab_size), f" of data.corpus.tokenizer ({data_cfg.corpus.tokenizer})", tok
+    raise ValueError(f"{what} is pre-tokenized: declare its vocabulary with data.vocab_size=N, or name "
+                     f"its tokenizer with data.corpus.tokenizer=/path/to/hf_model_dir (or a "
+                     f"tokenizer.json); data.corpus.tokenizer={data_cfg.corpus.tokenizer!r} names none")
