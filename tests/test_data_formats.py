@@ -262,11 +262,19 @@ def test_hf_streams_bounded_batches_into_a_memmap_and_caches(tmp_path, monkeypat
     assert isinstance(src._tokens, np.memmap) and isinstance(src.tokens(3), np.memmap)
     assert src.num_docs == n and (src.directory / "tokens.bin").stat().st_size == src.num_tokens * 2
     seen.clear()
-    again = build_source(cfg)  # cached: opened, not re-tokenized
+    import flexsp.data.hf as hf
+
+    def no_reading(*args):
+        raise AssertionError("a cached store must open without reading the dataset")
+    monkeypatch.setattr(hf, "open_input", no_reading)
+    again = build_source(cfg)  # cached: opened, not re-tokenized, no row read
     assert again.directory == src.directory and seen == []
     assert isinstance(again.tokens(0), np.memmap)
-    assert build_source(DataConfig(**{**vars(cfg), "text_column": "text", "ids_column": "x",
-                                      "hf_batch_rows": 3})).directory == src.directory  # batch size: same store
+    same = DataConfig(**{**vars(cfg), "hf_batch_rows": 3})
+    assert build_source(same).directory == src.directory  # the batch size does not change the tokens
+    monkeypatch.undo()
+    (tmp_path / "ds" / "state.json").touch()  # changed input files: a new store
+    assert build_source(cfg).directory != src.directory
 
 
 def test_hf_bad_input_is_one_clear_error(tmp_path):

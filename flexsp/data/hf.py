@@ -53,11 +53,15 @@ class HFInput:
     def name(self) -> str:
         return str(self.paths[0]) if len(self.paths) == 1 else f"{self.entry} ({len(self.paths)} {self.kind} files)"
 
-    def files(self) -> list[Path]:
-        """Every file whose contents define the data (they key the cache)."""
+    def files(self, split: str) -> list[Path]:
+        """Every file whose contents define the data (they key the cache): the data files, a saved
+        Dataset's directory, or a saved DatasetDict's manifest and ``split`` directory."""
         if self.kind != "disk":
             return list(self.paths)
-        return sorted(f for f in self.paths[0].rglob("*") if f.is_file())
+        root = self.paths[0]
+        if (root / "dataset_dict.json").is_file():
+            return [root / "dataset_dict.json", *sorted(f for f in (root / split).rglob("*") if f.is_file())]
+        return sorted(f for f in root.rglob("*") if f.is_file())
 
 
 def resolve_inputs(entries: list[str]) -> list[HFInput]:
@@ -237,6 +241,15 @@ def build_hf_corpus(data_cfg, batch_rows: int | None = None) -> TokenizedCorpus:
     cfg = data_cfg.corpus
     batch_rows = int(batch_rows or data_cfg.hf_batch_rows)
     inputs = resolve_inputs(data_cfg.hf_path)
+    # The cache key depends on the configuration and the input files only, so a later run (or
+    # another rank) opens the store without importing datasets or reading a row.
+    key = dict(source="hf", hf_split=data_cfg.hf_split, text_column=data_cfg.text_column,
+               ids_column=data_cfg.ids_column, vocab_size=data_cfg.vocab_size,
+               hf_inputs=[(i.kind, i.entry) for i in inputs])
+    files = [f for inp in inputs for f in inp.files(data_cfg.hf_split)]
+    out = Path(cfg.cache_dir) / options_fingerprint(cfg, files, key)
+    if (out / "meta.json").exists():
+        return TokenizedCorpus(out)
     opened = [(inp, open_input(inp, data_cfg.hf_split, cfg.cache_dir)) for inp in inputs]
     chosen = [choose_column(ds, inp, data_cfg.text_column, data_cfg.ids_column) for inp, ds in opened]
     kinds = {k for k, _ in chosen}
@@ -249,12 +262,7 @@ def build_hf_corpus(data_cfg, batch_rows: int | None = None) -> TokenizedCorpus:
         tok = None  # ids are used as they are; the tokenizer only declared the vocabulary
     else:
         tok = named_tokenizer(cfg)
-    extra = dict(source="hf", hf_split=data_cfg.hf_split, kind=kind, columns=[c for _, c in chosen],
-                 vocab=vocab if kind == "ids" else None, hf_inputs=[(i.kind, i.entry) for i in inputs])
-    files = [f for inp in inputs for f in inp.files()]
-    out = Path(cfg.cache_dir) / options_fingerprint(cfg, files, extra)
-    if (out / "meta.json").exists():
-        return TokenizedCorpus(out)
+    extra = dict(key, kind=kind, columns=[c for _, c in chosen])
     if kind == "text" and tok is None:  # corpus.tokenizer='bpe': train on the dataset's texts
         tok = train_bpe_on((t for (inp, ds), (_, c) in zip(opened, chosen)
                             for b in _batches(ds, inp, batch_rows, c) for t in _texts(b, c, inp) if t), cfg)

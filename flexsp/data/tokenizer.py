@@ -92,6 +92,8 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None) -> HFTokenize
         tok = Tokenizer.from_str(text)
     except Exception as exc:  # json / tokenizers raise many types on bad files
         raise ValueError(f"tokenizer file {path} is not a valid tokenizer.json: {exc}") from exc
+    if eos_token is None and path.name == "tokenizer.json":  # inside a model directory: its EOS
+        eos_token = _config_eos(path.parent)
     return HFTokenizer(tok, source=str(path), eos_token=eos_token)
 
 
@@ -142,14 +144,22 @@ def load_hf_model_tokenizer(directory: str | Path, eos_token: str | None = None)
     return HFTokenizer(tok, source=str(directory), eos_token=eos or getattr(hf, "eos_token", None))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model")
+
+
 def tokenizer_files(path: str | Path) -> list[Path]:
-    """Files whose contents define the tokenizer at ``path`` (they key the corpus cache)."""
+    """Files whose contents define the tokenizer at ``path`` (they key the corpus cache): the file
+    itself, or a model directory's tokenizer files (not its weights or training state)."""
     path = Path(path)
     if path.is_dir():
         return sorted(f for f in path.iterdir() if f.is_file() and (
-            f.suffix in (".json", ".model", ".txt", ".tiktoken") and f.name != "config.json"
-            and not f.name.startswith("generation_")))
-    return [path]
+            f.name in TOKENIZER_FILES or f.suffix == ".tiktoken"))
+    files = [path]
+    if path.name == "tokenizer.json":  # its EOS may come from the sibling config
+        files += [path.parent / n for n in ("tokenizer_config.json", "special_tokens_map.json")
+                  if (path.parent / n).is_file()]
+    return files
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> HFTokenizer:
