@@ -32,6 +32,15 @@ STATIC_FILL = 0.9
 """Fraction of a group's token capacity the official static baseline fills per bin."""
 
 
+class BaselineTimeout(TimeoutError):
+    """A baseline ran past its ``deadline`` (time.perf_counter() value) and was abandoned."""
+
+
+def _check_deadline(deadline: float | None, name: str) -> None:
+    if deadline is not None and time.perf_counter() > deadline:
+        raise BaselineTimeout(f"{name} ran past its time box")
+
+
 def usable_degrees(cm: CostModel) -> tuple[int, ...]:
     """SP degrees some attention mode can run (Ulysses alone caps the degree at the head count)."""
     return tuple(d for d in cm.degrees if cm.attention_modes(d))
@@ -84,7 +93,8 @@ def _chunk_groups(groups: list[list[int]], degree: int, cm: CostModel) -> list[l
     return [[(degree, g) for g in groups[s:s + per]] for s in range(0, len(groups), per)]
 
 
-def static_plan(lengths: Sequence[int], cm: CostModel, degree: int | None = None) -> Plan:
+def static_plan(lengths: Sequence[int], cm: CostModel, degree: int | None = None, *,
+                deadline: float | None = None) -> Plan:
     """DeepSpeed-Ulysses-like static SP: one degree for every sequence (default N = all devices).
 
     As the official FlexSP code's "static" baseline: best-fit-decreasing packing into bins of
@@ -99,13 +109,15 @@ def static_plan(lengths: Sequence[int], cm: CostModel, degree: int | None = None
         raise ValueError(f"degree must be a power of two in {usable_degrees(cm)}, got {degree}")
     arr = check_lengths(lengths, cm, degree)
     cap = STATIC_FILL * cm.capacity_tokens * degree
-    bins = best_fit_decreasing(arr, range(len(arr)), cap)
+    bins = best_fit_decreasing(arr, range(len(arr)), cap)   # O(n log n): the deadline is checked after
+    _check_deadline(deadline, "static")
     mbs = _chunk_groups(bins, degree, cm)
     return build_plan(mbs, arr.tolist(), cm, method=f"static-{degree}",
                       solve_seconds=time.perf_counter() - t0, extra={"degree": degree, "bin_tokens": cap})
 
 
-def _lpt_groups(arr: np.ndarray, times: np.ndarray, num_groups: int, capacity: int) -> list[list[int]] | None:
+def _lpt_groups(arr: np.ndarray, times: np.ndarray, num_groups: int, capacity: int,
+                deadline: float | None = None) -> list[list[int]] | None:
     """Longest-processing-time-first over ``num_groups`` groups with a token capacity each.
 
     Each sequence (by decreasing time) goes to the least-loaded group that still has memory for
@@ -114,7 +126,9 @@ def _lpt_groups(arr: np.ndarray, times: np.ndarray, num_groups: int, capacity: i
     heap = [(0.0, g) for g in range(num_groups)]
     tokens = [0] * num_groups
     groups: list[list[int]] = [[] for _ in range(num_groups)]
-    for i in sorted(range(len(arr)), key=lambda i: (-times[i], i)):
+    for step, i in enumerate(sorted(range(len(arr)), key=lambda i: (-times[i], i))):
+        if step % 512 == 0:
+            _check_deadline(deadline, "best homogeneous")
         L, popped, placed = int(arr[i]), [], False
         while heap:
             load, g = heapq.heappop(heap)
@@ -132,7 +146,7 @@ def _lpt_groups(arr: np.ndarray, times: np.ndarray, num_groups: int, capacity: i
     return groups
 
 
-def _homogeneous_candidates(arr: np.ndarray, cm: CostModel, degree: int):
+def _homogeneous_candidates(arr: np.ndarray, cm: CostModel, degree: int, deadline: float | None = None):
     """Group lists (one degree) from BFD bins and from time-balanced LPT on 1-2 more micro-batches."""
     per = cm.num_devices // degree
     capacity = degree * cm.capacity_tokens
@@ -141,26 +155,28 @@ def _homogeneous_candidates(arr: np.ndarray, cm: CostModel, degree: int):
     yield bins, times
     m_min = math.ceil(len(bins) / per)
     for m in (m_min, m_min + 1):
-        groups = _lpt_groups(arr, times, min(m * per, max(len(arr), 1)), capacity)
+        groups = _lpt_groups(arr, times, min(m * per, max(len(arr), 1)), capacity, deadline)
         if groups is not None:
             yield [g for g in groups if g], times
 
 
-def best_homogeneous_plan(lengths: Sequence[int], cm: CostModel) -> Plan:
+def best_homogeneous_plan(lengths: Sequence[int], cm: CostModel, *, deadline: float | None = None) -> Plan:
     """The best single SP degree for the whole batch (the official code's "BatchAda").
 
     For every degree that holds the longest sequence: pack with BFD into bins of degree * C tokens,
     and also balance predicted time with LPT over the groups of the fewest (and one more)
     micro-batches; in each case sort the groups by time and fill micro-batches of N/degree groups
     with consecutive ones (which minimises the sum of per-micro-batch maxima for those groups).
-    Returns the fastest plan over degrees and packings.
+    Returns the fastest plan over degrees and packings. ``deadline`` (a time.perf_counter()
+    value): raise BaselineTimeout once past it.
     """
     t0 = time.perf_counter()
     arr = check_lengths(lengths, cm)
     lo = cm.min_degree(int(arr.max())) if arr.size else 1
     best, best_ms, best_deg = None, math.inf, lo
     for degree in (d for d in usable_degrees(cm) if d >= lo):
-        for groups, times in _homogeneous_candidates(arr, cm, degree):
+        _check_deadline(deadline, "best homogeneous")
+        for groups, times in _homogeneous_candidates(arr, cm, degree, deadline):
             load = [sum(float(times[i]) for i in g) for g in groups]
             ordered = [g for _, g in sorted(zip(load, groups), key=lambda t: -t[0])]
             mbs = _chunk_groups(ordered, degree, cm)
@@ -184,7 +200,7 @@ def _free_block(free: list[bool], size: int) -> int:
     return -1
 
 
-def greedy_hybrid_cp_plan(lengths: Sequence[int], cm: CostModel) -> Plan:
+def greedy_hybrid_cp_plan(lengths: Sequence[int], cm: CostModel, *, deadline: float | None = None) -> Plan:
     """Megatron-LM hybrid/dynamic-context-parallel-style greedy scheduler (our reading of it).
 
     Megatron-LM's hybrid CP (2026) prebuilds power-of-two CP groups and schedules each batch
@@ -200,6 +216,9 @@ def greedy_hybrid_cp_plan(lengths: Sequence[int], cm: CostModel) -> Plan:
       free ranks (load 0), or an open group of degree >= cp with memory room for it.
     - A sequence that fits nowhere is deferred to the next micro-batch; each micro-batch is one
       pass over the remaining sequences in work order. Idle ranks stay idle (no re-sharding).
+
+    ``deadline`` (a time.perf_counter() value): raise BaselineTimeout once past it (the scheduler
+    is quadratic in the batch: a pass over the remaining sequences per micro-batch).
     """
     t0 = time.perf_counter()
     arr = check_lengths(lengths, cm)
@@ -212,7 +231,9 @@ def greedy_hybrid_cp_plan(lengths: Sequence[int], cm: CostModel) -> Plan:
         free = [True] * n
         groups: list[dict] = []   # {"sp", "load", "tokens", "ids"}
         deferred = []
-        for i in remaining:
+        for step, i in enumerate(remaining):
+            if step % 256 == 0:
+                _check_deadline(deadline, "greedy hybrid-CP")
             L, c = int(arr[i]), cp[i]
             best, best_load = None, math.inf
             start = _free_block(free, c)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from .costmodel import CostModel
 from .plan import GroupPlan, MicroBatchPlan, Plan
 
@@ -30,29 +32,73 @@ def layout_ranks(degrees: Sequence[int], num_devices: int) -> list[int]:
     return starts
 
 
+class _Pricer:
+    """Group times from per-(degree, mode) arrays of every sequence's time, computed once: pricing
+    a plan is then O(sequences) in NumPy, not a Python loop over sequences."""
+
+    def __init__(self, lengths: Sequence[int], cm: CostModel):
+        self.cm = cm
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.L = self.lengths.astype(np.float64)
+        self.cache: dict = {}
+
+    def group_ms(self, ids, sp: int, mode: str | None) -> float:
+        key = (sp, mode)
+        if key not in self.cache:
+            self.cache[key] = self.cm.seq_time_ms(self.L, sp, mode)
+        if not len(ids):
+            return 0.0
+        return float(self.cache[key][np.asarray(ids, dtype=np.int64)].sum()) + self.cm.group_overhead_ms(sp, mode)
+
+
 def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: CostModel, *,
                method: str, solve_seconds: float = 0.0, lower_bound_ms: float = 0.0,
                status: str = "feasible", extra: dict | None = None, attention: str | None = None) -> Plan:
     """Lay out ranks, pick each group's attention mode (``attention`` forces one for every group
-    of degree > 1, e.g. a static Ulysses baseline), price everything; drops empty groups."""
-    mbs = []
+    of degree > 1, e.g. a static Ulysses baseline), price everything; drops empty groups.
+    Vectorised: one NumPy reduction per (degree, mode) prices every group of the plan."""
+    pricer = _Pricer(lengths, cm)
+    modes: dict[int, str] = {}
+    laid = []       # per micro-batch: [(sp, start, ids array, mode)]
     for assignment in micro_batches:
-        groups = [(int(sp), sorted(int(i) for i in ids)) for sp, ids in assignment if len(ids)]
+        groups = [(int(sp), np.sort(np.asarray(ids, dtype=np.int64))) for sp, ids in assignment if len(ids)]
         if not groups:
             continue
         starts = layout_ranks([sp for sp, _ in groups], cm.num_devices)
-        built = []
+        row = []
         for (sp, ids), start in sorted(zip(groups, starts), key=lambda t: t[1]):
-            lens = [lengths[i] for i in ids]
-            tokens = int(sum(lens))
-            mode = cm.best_mode(sp) if sp == 1 or attention is None else attention
-            if mode not in cm.attention_modes(sp):
-                raise ValueError(f"attention={mode!r} cannot run SP degree {sp}; valid: {cm.attention_modes(sp)}")
+            if sp not in modes:
+                mode = cm.best_mode(sp) if sp == 1 or attention is None else attention
+                if mode not in cm.attention_modes(sp):
+                    raise ValueError(f"attention={mode!r} cannot run SP degree {sp}; valid: {cm.attention_modes(sp)}")
+                modes[sp] = mode
+            row.append((sp, start, ids, modes[sp]))
+        laid.append(row)
+    # price every group: per (sp, mode), one reduceat over the concatenated ids
+    flat = [g for row in laid for g in row]
+    times = np.zeros(len(flat))
+    tokens = np.zeros(len(flat), dtype=np.int64)
+    by_key: dict = {}
+    for n, (sp, _, ids, mode) in enumerate(flat):
+        by_key.setdefault((sp, mode), []).append(n)
+    for (sp, mode), members in by_key.items():
+        if (sp, mode) not in pricer.cache:
+            pricer.cache[sp, mode] = cm.seq_time_ms(pricer.L, sp, mode)
+        ids = [flat[n][2] for n in members]
+        cat = np.concatenate(ids)
+        offsets = np.cumsum([0] + [len(x) for x in ids[:-1]])
+        times[members] = np.add.reduceat(pricer.cache[sp, mode][cat], offsets) + cm.group_overhead_ms(sp, mode)
+        tokens[members] = np.add.reduceat(pricer.lengths[cat], offsets)
+    mbs, n = [], 0
+    for row in laid:
+        built = []
+        for sp, start, ids, mode in row:
+            tok = int(tokens[n])
             built.append(GroupPlan(
-                sp=sp, ranks=tuple(range(start, start + sp)), seq_ids=tuple(ids),
-                attention=mode, tokens=tokens,
-                predicted_ms=cm.group_time_ms(lens, sp, mode),
-                memory_mb=round(cm.memory_mb_for(tokens, sp), 2)))
+                sp=sp, ranks=tuple(range(start, start + sp)), seq_ids=tuple(ids.tolist()),
+                attention=mode, tokens=tok, predicted_ms=float(times[n]),
+                memory_mb=round(cm.memory_mb_for(tok, sp), 2)))
+            n += 1
         mbs.append(MicroBatchPlan(groups=tuple(built), predicted_ms=max(g.predicted_ms for g in built)))
     return Plan(num_devices=cm.num_devices, micro_batches=tuple(mbs),
                 predicted_ms=sum(mb.predicted_ms for mb in mbs) + cm.step_fixed_ms,
@@ -65,9 +111,9 @@ def price_plan(plan: Plan, lengths: Sequence[int], cm: CostModel) -> float:
     """Iteration time of ``plan`` recomputed from scratch under ``cm`` (ignores stored numbers;
     each group priced with its own attention mode when the model can run it)."""
     total = cm.step_fixed_ms
+    pricer = _Pricer(lengths, cm)
     for mb in plan.micro_batches:
-        total += max((cm.group_time_ms([lengths[i] for i in g.seq_ids], g.sp,
-                                       g.attention if g.attention in cm.attention_modes(g.sp) else None)
+        total += max((pricer.group_ms(g.seq_ids, g.sp, g.attention if g.attention in cm.attention_modes(g.sp) else None)
                       for g in mb.groups), default=0.0)
     return total
 

@@ -25,6 +25,8 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 ZERO_STAGES = (0, 1, 2, 3)
 
 
@@ -307,10 +309,10 @@ class CostModel:
 
     def group_time_ms(self, lengths, sp: int, mode: str | None = None) -> float:
         """Predicted time of a group: per-sequence times + its fixed overhead (0 when empty)."""
-        lengths = list(lengths)
-        if not lengths:
+        L = np.asarray(list(lengths) if not isinstance(lengths, np.ndarray) else lengths, dtype=np.float64)
+        if not L.size:
             return 0.0
-        return sum(self.seq_time_ms(L, sp, mode) for L in lengths) + self.group_overhead_ms(sp, mode)
+        return float(self.seq_time_ms(L, sp, mode).sum()) + self.group_overhead_ms(sp, mode)
 
     def group_overhead_ms(self, sp: int, mode: str | None = None) -> float:
         """Fixed time of a non-empty group of degree sp: b plus its latency."""

@@ -1,4 +1,10 @@
-"""The planner's MILPs, solved with HiGHS through ``scipy.optimize.milp``.
+"""The planner's MILPs: built once in a backend-neutral form (``MilpModel``: c, sparse A with row
+bounds, variable bounds, integrality) and solved by HiGHS through ``scipy.optimize.milp``
+(backend "highs", the default) or by any solver PuLP drives (backend "pulp": its bundled CBC by
+default, or e.g. GUROBI_CMD / CPLEX_CMD where the user has them), so both backends solve the same
+model. ``solve_model`` reports "optimal" only when the solver proved it (PuLP says "Optimal" when
+CBC stops at its time limit: its ``sol_status`` tells the two apart) and whether the time limit,
+not the node limit, ended the search (then the answer depends on the machine's speed).
 
 Two models, each used where it is tractable:
 
@@ -24,11 +30,140 @@ Two models, each used where it is tractable:
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import coo_matrix
+from scipy.sparse import coo_matrix, csr_matrix
 
 from .packing import Workload
+
+MILP_BACKENDS = ("highs", "pulp")
+DEFAULT_PULP_SOLVER = "PULP_CBC_CMD"
+
+
+@dataclass
+class MilpModel:
+    """minimise c @ x  s.t.  row_lo <= A @ x <= row_hi,  lb <= x <= ub,  x[j] integer where
+    integrality[j] == 1. The one form every backend solves."""
+    c: np.ndarray
+    A: csr_matrix
+    row_lo: np.ndarray
+    row_hi: np.ndarray
+    lb: np.ndarray
+    ub: np.ndarray
+    integrality: np.ndarray
+
+
+@dataclass
+class MilpResult:
+    x: np.ndarray | None
+    """Best solution found (None: none)."""
+    status: str
+    """"optimal" (proven), "feasible" (a solution, not proven), "none" (no solution found)."""
+    objective: float
+    dual_bound: float | None
+    """A proven bound on the objective where the backend reports one (HiGHS), else None."""
+    timed_out: bool
+    """The wall-clock limit (not the node limit) ended the search: the answer is machine-dependent."""
+    seconds: float
+
+
+def available_pulp_solvers() -> list[str]:
+    """Names of the solvers PuLP can run on this machine (``pulp.listSolvers(onlyAvailable=True)``)."""
+    import pulp
+    return list(pulp.listSolvers(onlyAvailable=True))
+
+
+def check_backend(backend: str, pulp_solver: str | None = None) -> None:
+    """ValueError naming the backend or PuLP solver and listing the valid ones."""
+    if backend not in MILP_BACKENDS:
+        raise ValueError(f"milp_backend must be one of {', '.join(MILP_BACKENDS)}, got {backend!r}")
+    if pulp_solver is not None and backend != "pulp":
+        raise ValueError(f"pulp_solver={pulp_solver!r} needs milp_backend='pulp', got {backend!r}")
+    if backend == "pulp":
+        try:
+            available = available_pulp_solvers()
+        except ImportError:
+            raise ValueError("milp_backend='pulp' needs the pulp package (pip install pulp)") from None
+        name = pulp_solver or DEFAULT_PULP_SOLVER
+        if name not in available:
+            raise ValueError(f"PuLP solver {name!r} is not available here; available: {', '.join(available) or 'none'}")
+
+
+def solve_model(model: MilpModel, *, time_limit: float, node_limit: int, mip_rel_gap: float,
+                backend: str = "highs", pulp_solver: str | None = None) -> MilpResult:
+    """Solve ``model`` with the chosen backend within ``time_limit`` s and ``node_limit`` nodes
+    (CBC and HiGHS honour the node limit; other PuLP solvers only the time limit and gap)."""
+    t0 = time.perf_counter()
+    if backend == "highs":
+        res = milp(model.c, constraints=LinearConstraint(model.A, model.row_lo, model.row_hi),
+                   integrality=model.integrality, bounds=Bounds(model.lb, model.ub),
+                   options={"time_limit": time_limit, "node_limit": node_limit, "disp": False,
+                            "mip_rel_gap": mip_rel_gap})
+        seconds = time.perf_counter() - t0
+        timed_out = res.status == 1 and "time limit" in str(res.message).lower()
+        if res.x is None:
+            return MilpResult(None, "none", float("inf"), None, timed_out, seconds)
+        bound = getattr(res, "mip_dual_bound", None)
+        status = "optimal" if res.status == 0 else "feasible"
+        return MilpResult(np.asarray(res.x), status, float(res.fun),
+                          float(res.fun) if status == "optimal" else (None if bound is None else float(bound)),
+                          timed_out, seconds)
+    if backend == "pulp":
+        return _solve_pulp(model, time_limit, node_limit, mip_rel_gap, pulp_solver or DEFAULT_PULP_SOLVER, t0)
+    raise ValueError(f"milp_backend must be one of {', '.join(MILP_BACKENDS)}, got {backend!r}")
+
+
+def _solve_pulp(model: MilpModel, time_limit: float, node_limit: int, gap: float, solver_name: str, t0: float):
+    import pulp
+    n = len(model.c)
+    prob = pulp.LpProblem("flexsp", pulp.LpMinimize)
+    xs = []
+    for j in range(n):
+        lb = None if not np.isfinite(model.lb[j]) else float(model.lb[j])
+        ub = None if not np.isfinite(model.ub[j]) else float(model.ub[j])
+        cat = pulp.LpInteger if model.integrality[j] else pulp.LpContinuous
+        xs.append(pulp.LpVariable(f"x{j}", lowBound=lb, upBound=ub, cat=cat))
+    prob += pulp.lpSum(float(v) * xs[j] for j, v in enumerate(model.c) if v)
+    A = model.A.tocsr()
+    for r in range(A.shape[0]):
+        cols, vals = A.indices[A.indptr[r]:A.indptr[r + 1]], A.data[A.indptr[r]:A.indptr[r + 1]]
+        expr = pulp.lpSum(float(v) * xs[c] for c, v in zip(cols, vals))
+        lo, hi = model.row_lo[r], model.row_hi[r]
+        if np.isfinite(lo) and np.isfinite(hi) and lo == hi:
+            prob += expr == float(lo)
+        else:
+            if np.isfinite(hi):
+                prob += expr <= float(hi)
+            if np.isfinite(lo):
+                prob += expr >= float(lo)
+    kwargs = {"msg": False, "timeLimit": max(float(time_limit), 0.01), "gapRel": mip_gap_floor(gap)}
+    if solver_name == "PULP_CBC_CMD":
+        kwargs.update(maxNodes=int(node_limit), threads=1)
+    solver = pulp.getSolver(solver_name, **kwargs)
+    t_solve = time.perf_counter()
+    prob.solve(solver)
+    solve_s = time.perf_counter() - t_solve
+    seconds = time.perf_counter() - t0
+    sol = prob.sol_status
+    values = [v.varValue for v in xs]
+    if sol not in (pulp.constants.LpSolutionOptimal, pulp.constants.LpSolutionIntegerFeasible) \
+            or any(v is None for v in values):
+        return MilpResult(None, "none", float("inf"), None, solve_s >= 0.95 * time_limit, seconds)
+    x = np.array(values, dtype=float)
+    objective = float(model.c @ x)
+    optimal = sol == pulp.constants.LpSolutionOptimal and prob.status == pulp.constants.LpStatusOptimal
+    # CBC stopped by its node limit also reports "solution found" (sol_status 2): only a proven
+    # optimum is "optimal"; the time limit, not the node limit, is what makes it machine-dependent
+    return MilpResult(x, "optimal" if optimal else "feasible", objective, objective if optimal else None,
+                      not optimal and solve_s >= 0.95 * time_limit, seconds)
+
+
+def mip_gap_floor(gap: float) -> float:
+    """Relative gap passed to PuLP solvers (CBC rejects 0)."""
+    return max(float(gap), 1e-9)
 
 
 class _Rows:
@@ -46,9 +181,10 @@ class _Rows:
         self.lo.append(lo)
         self.hi.append(hi)
 
-    def constraint(self, nvar):
-        a = coo_matrix((self.vals, (self.rows, self.cols)), shape=(len(self.lo), nvar)).tocsr()
-        return LinearConstraint(a, self.lo, self.hi)
+    def model(self, c, lb, ub, integrality) -> MilpModel:
+        a = coo_matrix((self.vals, (self.rows, self.cols)), shape=(len(self.lo), len(c))).tocsr()
+        return MilpModel(np.asarray(c, float), a, np.asarray(self.lo, float), np.asarray(self.hi, float),
+                         np.asarray(lb, float), np.asarray(ub, float), np.asarray(integrality, float))
 
 
 def exact_size(n_seq: int, n_dev: int, max_mbs: int) -> int:
@@ -56,10 +192,13 @@ def exact_size(n_seq: int, n_dev: int, max_mbs: int) -> int:
     return max_mbs * (2 * n_dev - 1) * (n_seq + 1)
 
 
-def solve_exact(wl: Workload, max_mbs: int, time_limit: float, node_limit: int = 20000):
-    """Solve the full MILP. Returns (status, objective, dual bound, micro-batches) or None.
+def solve_exact(wl: Workload, max_mbs: int, time_limit: float, node_limit: int = 20000, *,
+                backend: str = "highs", pulp_solver: str | None = None):
+    """Solve the full MILP. Returns (status, objective, dual bound, micro-batches, timed_out) or
+    None when no solution was found.
 
-    micro-batches: list of [(sp, [seq ids]), ...]; status "optimal" or "feasible".
+    micro-batches: list of [(sp, [seq ids]), ...]; status "optimal" or "feasible"; dual bound 0.0
+    when the backend reports none.
     """
     n, n_dev, cap, b = len(wl.lengths), wl.cm.num_devices, wl.cap, wl.cm.b
     blocks = [(k, sp, start) for k, sp in enumerate(wl.degrees) for start in range(0, n_dev, sp)]
@@ -94,9 +233,8 @@ def solve_exact(wl: Workload, max_mbs: int, time_limit: float, node_limit: int =
     integrality[tau0:] = 0
     ub = np.ones(nvar)
     ub[tau0:] = np.inf
-    res = milp(c, constraints=rows.constraint(nvar), integrality=integrality, bounds=Bounds(np.zeros(nvar), ub),
-               options={"time_limit": max(time_limit, 0.05), "node_limit": node_limit, "disp": False,
-                        "mip_rel_gap": 1e-6})
+    res = solve_model(rows.model(c, np.zeros(nvar), ub, integrality), time_limit=max(time_limit, 0.05),
+                      node_limit=node_limit, mip_rel_gap=1e-6, backend=backend, pulp_solver=pulp_solver)
     if res.x is None:
         return None
     mbs = []
@@ -108,16 +246,17 @@ def solve_exact(wl: Workload, max_mbs: int, time_limit: float, node_limit: int =
                 groups.append((sp, ids))
         if groups:
             mbs.append(groups)
-    status = "optimal" if res.status == 0 else "feasible"
-    bound = float(getattr(res, "mip_dual_bound", None) or 0.0)
-    return status, float(res.fun), bound if status != "optimal" else float(res.fun), mbs
+    bound = res.dual_bound if res.dual_bound is not None else 0.0
+    return res.status, res.objective, bound, mbs, res.timed_out
 
 
 def reassign_micro_batch(wl: Workload, groups: list, time_limit: float, n_individual: int = 12,
-                         n_buckets: int = 12, node_limit: int = 2000):
+                         n_buckets: int = 12, node_limit: int = 2000, *, backend: str = "highs",
+                         pulp_solver: str | None = None, report: dict | None = None):
     """Re-deal one micro-batch's sequences over its fixed groups (see module docstring).
 
-    groups: [(sp, [ids]), ...]. Returns a faster [(sp, [ids]), ...] or None.
+    groups: [(sp, [ids]), ...]. Returns a faster [(sp, [ids]), ...] or None. ``report`` (a dict)
+    gets "timed_out": True when the time limit ended the solve.
     """
     cap = wl.cap
     ids = sorted((i for _, g in groups for i in g), key=lambda i: (-wl.lengths[i], i))
@@ -150,10 +289,10 @@ def reassign_micro_batch(wl: Workload, groups: list, time_limit: float, n_indivi
     c[t_var] = 1.0
     integrality = np.ones(nvar_x + 1)
     integrality[t_var] = 0
-    res = milp(c, constraints=rows.constraint(nvar_x + 1), integrality=integrality,
-               bounds=Bounds(np.zeros(nvar_x + 1), ub),
-               options={"time_limit": max(time_limit, 0.02), "node_limit": node_limit, "disp": False,
-                        "mip_rel_gap": 1e-4})
+    res = solve_model(rows.model(c, np.zeros(nvar_x + 1), ub, integrality), time_limit=max(time_limit, 0.02),
+                      node_limit=node_limit, mip_rel_gap=1e-4, backend=backend, pulp_solver=pulp_solver)
+    if report is not None and res.timed_out:
+        report["timed_out"] = True
     if res.x is None:
         return None
     counts = np.rint(res.x[:nvar_x]).astype(np.int64).reshape(len(items), ng)

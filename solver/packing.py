@@ -205,14 +205,14 @@ def lpt_micro_batch(wl: Workload, ids, sp: int) -> list[Group] | None:
     return [Group(sp, float(load[j]), int(tok[j]), members[j]) for j in range(n_groups) if members[j]]
 
 
-def solve_micro_batch(wl: Workload, ids, deadline: float, rel_tol: float = 4e-3, target: float = np.inf):
+def solve_micro_batch(wl: Workload, ids, clock, rel_tol: float = 4e-3, target: float = np.inf):
     """Smallest-makespan packing of one micro-batch found by: bisecting the cap of the first-fit
     for each ``min_sp`` within a node, and LPT over equal groups of each degree. Only makespans
-    below ``target`` (the packing we already have) are searched for.
+    below ``target`` (the packing we already have) are searched for. ``clock.expired()`` (the
+    planner's time box) stops the search over ``min_sp`` once something was found.
 
     Returns (makespan, groups) or None when nothing below ``target`` was found.
     """
-    import time as _time
     ids = sorted(ids, key=lambda i: (-wl.min_time[i], i))
     n = wl.cm.num_devices
     lo0 = max(float(wl.min_time[ids].max()), float(wl.min_work[ids].sum()) / n)
@@ -226,7 +226,7 @@ def solve_micro_batch(wl: Workload, ids, deadline: float, rel_tol: float = 4e-3,
             if best is None or span < best[0]:
                 best = (span, groups)
     for min_sp in (1, 2, 4, 8):
-        if min_sp > min(n, wl.cm.devices_per_node) or (best is not None and _time.perf_counter() > deadline):
+        if min_sp > min(n, wl.cm.devices_per_node) or (best is not None and clock.expired()):
             break
         lo, hi = lo0 * (1 - 1e-9), lo0
         limit = min(target, best[0] if best else np.inf)
@@ -247,3 +247,62 @@ def solve_micro_batch(wl: Workload, ids, deadline: float, rel_tol: float = 4e-3,
         if best is None or span < best[0]:
             best = (span, groups)
     return best if best is not None and best[0] < target else None
+
+
+def quick_pack(wl: Workload, ids) -> list[list[tuple[int, list[int]]]]:
+    """A valid plan of the sequences ``ids`` in O(n log n), the time box's safety net.
+
+    Each sequence runs at its least-work degree; sequences of one degree are packed
+    best-fit-decreasing by tokens into groups of ``degree * C`` tokens; the groups, slowest first,
+    fill micro-batches first-fit by free devices (a few micro-batches open at a time), so groups of
+    similar time share a micro-batch. Returns [[(sp, ids), ...] per micro-batch].
+    """
+    import bisect
+
+    ids = np.asarray(list(ids), dtype=np.int64)
+    n_dev, cap = wl.cm.num_devices, wl.cap
+    k_best = np.argmin(wl.work[:, ids], axis=0)
+    groups = []  # (load, sp, ids)
+    for k in np.unique(k_best):
+        members = ids[k_best == k]
+        members = members[np.lexsort((members, -wl.lengths[members]))]      # longest first, ties by id
+        limit = int(wl.degrees[k]) * cap
+        lens = wl.lengths[members].tolist()
+        bins: list[list[int]] = []
+        room: list[tuple[int, int]] = []          # sorted (tokens left, bin index)
+        for i, L in zip(members.tolist(), lens):
+            j = bisect.bisect_left(room, (L, -1))
+            if j < len(room):
+                left, b = room.pop(j)
+                bins[b].append(i)
+                if left - L > 0:
+                    bisect.insort(room, (left - L, b))
+            else:
+                bins.append([i])
+                if limit - L > 0:
+                    bisect.insort(room, (limit - L, len(bins) - 1))
+        cat = np.concatenate([np.asarray(b, dtype=np.int64) for b in bins])
+        offsets = np.cumsum([0] + [len(b) for b in bins[:-1]])
+        loads = (np.add.reduceat(wl.time[k][cat], offsets) + float(wl.latency[k])).tolist()
+        sp = int(wl.degrees[k])
+        groups += [(load, sp, b) for load, b in zip(loads, bins)]
+    groups.sort(key=lambda g: (-g[0], -g[1], g[2][0]))
+    mbs: list[list[tuple[int, list[int]]]] = []
+    free: list[int] = []
+    open_mbs: list[int] = []                      # at most 8 micro-batches open at a time
+    for _, sp, members in groups:
+        for j in open_mbs:
+            if free[j] >= sp:
+                break
+        else:
+            j = len(mbs)
+            mbs.append([])
+            free.append(n_dev)
+            open_mbs.append(j)
+            if len(open_mbs) > 8:
+                open_mbs.pop(0)
+        mbs[j].append((sp, members))
+        free[j] -= sp
+        if free[j] == 0:
+            open_mbs.remove(j)
+    return mbs

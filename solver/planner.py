@@ -26,16 +26,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from dataclasses import replace
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from .build import build_plan
 from .costmodel import CostModel
-from .baselines import best_homogeneous_plan, greedy_hybrid_cp_plan
-from .milp import exact_size, reassign_micro_batch, solve_exact
+from .baselines import BaselineTimeout, best_homogeneous_plan, greedy_hybrid_cp_plan
+from .milp import DEFAULT_PULP_SOLVER, check_backend, exact_size, reassign_micro_batch, solve_exact
 from .official import chunk_global_batch
-from .packing import Workload, mbs_time, pack, solve_micro_batch
+from .packing import Workload, mbs_time, pack, quick_pack, solve_micro_batch
 from .plan import Plan
 
 
@@ -83,7 +84,7 @@ def _lower_bound(wl: Workload, m: int) -> float:
     return m * wl.cm.b + max(work, float(wl.min_time.max()))
 
 
-def _bisect_tau(wl: Workload, order, m: int, stretch: float, deadline: float, rel_tol: float = 4e-3,
+def _bisect_tau(wl: Workload, order, m: int, stretch: float, clock, rel_tol: float = 4e-3,
                 bracket: tuple[float, float] | None = None):
     """Smallest load cap (to rel_tol) at which ``pack`` fits the batch in m micro-batches.
 
@@ -95,7 +96,7 @@ def _bisect_tau(wl: Workload, order, m: int, stretch: float, deadline: float, re
     if bracket is not None:
         lo, hi = bracket
     best = None
-    while time.perf_counter() < deadline:
+    while not clock.expired():
         mbs = pack(wl, order, hi, m, stretch)
         if mbs is not None:
             best = (hi, mbs)
@@ -105,7 +106,7 @@ def _bisect_tau(wl: Workload, order, m: int, stretch: float, deadline: float, re
             return None
     if best is None:
         return None
-    while hi - lo > rel_tol * hi and time.perf_counter() < deadline:
+    while hi - lo > rel_tol * hi and not clock.expired():
         mid = 0.5 * (lo + hi)
         mbs = pack(wl, order, mid, m, stretch)
         if mbs is None:
@@ -115,30 +116,155 @@ def _bisect_tau(wl: Workload, order, m: int, stretch: float, deadline: float, re
     return best
 
 
+class _Clock:
+    """The time box: ``expired()`` is asked wherever work would be skipped or cut short, and
+    records that it was (``cut``): a plan whose search was never cut is a fixed amount of work,
+    the same on every run and every rank."""
+
+    def __init__(self, deadline: float, parent: "_Clock | None" = None):
+        self.deadline, self.parent, self.cut = deadline, parent, False
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def expired(self) -> bool:
+        if time.perf_counter() > self.deadline:
+            self.cut = True
+            if self.parent is not None:
+                self.parent.cut = True
+            return True
+        return False
+
+
+CHUNK_MICRO_BATCHES = 16
+"""Large batches are planned in stratified chunks of about this many micro-batches (memory minimum)..."""
+CHUNK_SEQUENCES = 8192
+"""...and at most this many sequences, so the search's cost grows linearly with the batch."""
+
+
 def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0,
                max_extra_micro_batches: int = 3, rebalance_rounds: int = 2,
                exact_max_binaries: int = 4000, milp_node_limit: int = 500,
-               milp_micro_batches: int = 2) -> Plan:
-    """Plan one global batch: the fastest valid plan the search finds.
+               milp_micro_batches: int = 2, milp_backend: str = "highs", pulp_solver: str | None = None,
+               progress: Callable[[str], None] | None = None) -> Plan:
+    """Plan one global batch: the fastest valid plan the search finds within ``time_limit`` s.
 
     The search is a fixed amount of work (MILPs stop at ``milp_node_limit`` branch-and-bound
-    nodes), so the same input gives the same plan on every rank; ``time_limit`` (seconds) is a
-    safety net that cuts it short on a slow machine (status "time_limit": still valid, possibly
-    not reproducible across machines). Small instances (at most ``exact_max_binaries`` binaries
-    in the exact model) are solved exactly (status "optimal" when HiGHS proves it).
+    nodes), so the same input gives the same plan and status on every run and rank when it
+    finishes inside ``time_limit``. The time box covers everything (search, MILPs, baselines,
+    pricing): ``plan_batch`` returns within about ``time_limit`` + 0.1 s + 3 us per sequence
+    (measured in ``benchmarks/results/planner_scaling.md``). Status: "optimal" (proven: the exact
+    MILP, or the plan meets the lower bound), "feasible" (the search ran to the end), "time_limit"
+    (the box cut the search short: valid, maybe not reproducible), "fallback" (nothing but the
+    O(n log n) safety-net packing fitted in the box).
+
+    Batches with more than ``CHUNK_MICRO_BATCHES`` x 1.5 micro-batches (memory minimum) or more
+    than ``CHUNK_SEQUENCES`` sequences are split into stratified chunks (every K-th sequence,
+    longest first) planned one after another, each with its share of the time left.
+
+    milp_backend: "highs" (scipy.optimize.milp) or "pulp" (``pulp_solver``: any name in
+    ``pulp.listSolvers(onlyAvailable=True)``, default PULP_CBC_CMD). progress: called with a short
+    line of text as chunks finish (flexsp-plan prints it on stderr).
     """
     start = time.perf_counter()
-    deadline = start + time_limit
+    if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not math.isfinite(time_limit) \
+            or time_limit <= 0:
+        raise ValueError(f"time_limit must be a finite number of seconds > 0, got {time_limit!r}")
+    check_backend(milp_backend, pulp_solver)
+    clock = _Clock(start + time_limit)
     wl = Workload(check_lengths(lengths, cm), cm)
+    n = len(wl.lengths)
+    m0 = min_micro_batches(wl)
+    order = _order(wl, range(n))
+    chunks = max(1, math.ceil(n / CHUNK_SEQUENCES))
+    if m0 > 1.5 * CHUNK_MICRO_BATCHES:
+        chunks = max(chunks, math.ceil(m0 / CHUNK_MICRO_BATCHES))
+    chunk_ids = [np.array(order[c::chunks], dtype=np.int64) for c in range(chunks)] if chunks > 1 \
+        else [np.arange(n, dtype=np.int64)]
+    sub = [Workload(wl.lengths[ids], cm) for ids in chunk_ids] if chunks > 1 else [wl]
+    plans: list = [None] * chunks
+    # reserve time for the safety-net packing of chunks the search does not reach and for pricing
+    # the merged plan (measured: ~5 us and ~4 us per sequence on a loaded 2-core machine)
+    per_seq = 5e-6
+    reserve_price = 0.02 + 4e-6 * n
+    opts = dict(max_extra=max_extra_micro_batches, rebalance_rounds=rebalance_rounds,
+                exact_max_binaries=exact_max_binaries if chunks == 1 else 0, node_limit=milp_node_limit,
+                milp_micro_batches=milp_micro_batches, backend=milp_backend, pulp_solver=pulp_solver)
+    searched, info, lower_exact, proven = 0, [], 0.0, False
+    last_report = start
+    for c, w in enumerate(sub):
+        rest = sum(len(x) for x in chunk_ids[c:])
+        left = clock.left() - reserve_price - per_seq * rest
+        if left <= 0:
+            clock.cut = True
+            break
+        share = left if c == chunks - 1 else min(left, 1.5 * left / (chunks - c))
+        chunk_clock = _Clock(time.perf_counter() + share, parent=clock)
+        result = _search(w, chunk_clock, opts)
+        if result is None:
+            continue
+        groups, meta = result
+        quick = quick_pack(w, range(len(w.lengths)))
+        if _plan_time(w, groups) <= _plan_time(w, quick) + 1e-9:
+            plans[c] = groups
+        else:
+            plans[c], meta["search"] = quick, "quick"
+        searched += 1
+        info.append(meta)
+        if chunks == 1:
+            lower_exact, proven = meta.pop("exact_bound", 0.0), meta.pop("proven", False)
+        now = time.perf_counter()
+        if progress is not None and chunks > 1 and (now - last_report > 1.0 or c == chunks - 1):
+            progress(f"planned chunk {c + 1}/{chunks} ({len(w.lengths)} sequences), "
+                     f"{now - start:.1f} s of {time_limit:g} s")
+            last_report = now
+    for c, w in enumerate(sub):   # the safety net where the search did not get to (or found nothing)
+        if plans[c] is None:
+            plans[c] = quick_pack(w, range(len(w.lengths)))
+    if chunks == 1:
+        merged = plans[0]
+    else:
+        merged = [[(sp, ids[np.asarray(g, dtype=np.int64)]) for sp, g in mb]
+                  for ids, mbs in zip(chunk_ids, plans) for mb in mbs]
+    lower = max(_lower_bound(wl, m0), lower_exact)
+    extra = {"chunks": chunks, "chunks_searched": searched, "time_limit": time_limit,
+             "milp_backend": milp_backend if milp_backend == "highs" else f"pulp:{pulp_solver or DEFAULT_PULP_SOLVER}"}
+    if chunks == 1 and info:
+        extra.update(info[0])
+    elif info:
+        extra["search"] = "chunked"
+        extra["searches"] = sorted({m["search"] for m in info})
+    else:
+        extra["search"] = "quick"
+    plan = build_plan(merged, wl.lengths, cm, method="flexsp", extra=extra)
+    plan_ms = plan.predicted_ms - cm.step_fixed_ms
+    if proven or plan_ms <= lower * (1 + 1e-12):
+        status = "optimal"
+    elif searched == 0:
+        status = "fallback"
+    elif clock.cut:
+        status = "time_limit"
+    else:
+        status = "feasible"
+    return replace(plan, status=status, lower_bound_ms=min(lower, plan_ms) + cm.step_fixed_ms,
+                   solve_seconds=round(time.perf_counter() - start, 4))
+
+
+def _search(wl: Workload, clock: _Clock, opts: dict):
+    """The full search on one batch (or chunk): ((micro-batches of (sp, ids)), diagnostics), or
+    None when the time box ended before the first packing was found."""
+    cm = wl.cm
+    backend, pulp_solver = opts["backend"], opts["pulp_solver"]
     m0 = min_micro_batches(wl)
     order = _order(wl, range(len(wl.lengths)))
     best_cost, best_mbs, best_key, tried = math.inf, None, None, []
     coarse = 0.03  # survey every (m, stretch) coarsely, then refine the best one
-    for m in range(m0, m0 + max_extra_micro_batches + 1):
-        if _lower_bound(wl, m) >= best_cost or time.perf_counter() > deadline:
+    no_stretch = float(wl.time[np.argmax(wl.fits, axis=0), np.arange(len(wl.lengths))].max())
+    for m in range(m0, m0 + opts["max_extra"] + 1):
+        if _lower_bound(wl, m) >= best_cost or clock.expired():
             break
         for stretch in (1.0, 2.0, 4.0, math.inf):
-            found = _bisect_tau(wl, order, m, stretch, deadline, rel_tol=coarse)
+            found = _bisect_tau(wl, order, m, stretch, clock, rel_tol=coarse)
             if found is None:
                 break
             tau, mbs = found
@@ -146,75 +272,84 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
             tried.append({"micro_batches": m, "stretch": stretch, "tau": round(tau, 3), "ms": round(cost, 3)})
             if cost < best_cost - 1e-9:
                 best_cost, best_mbs, best_key = cost, mbs, (m, stretch, tau)
-            if tau >= float(wl.time[np.argmax(wl.fits, axis=0), np.arange(len(wl.lengths))].max()):
+            if tau >= no_stretch:
                 break  # every sequence meets the cap at its least-work degree: stretching changes nothing
     if best_key is not None:
         m, stretch, tau = best_key
-        found = _bisect_tau(wl, order, m, stretch, deadline, bracket=(tau * (1 - coarse), tau))
+        found = _bisect_tau(wl, order, m, stretch, clock, bracket=(tau * (1 - coarse), tau))
         if found is not None and mbs_time(found[1], cm.b) < best_cost:
             best_cost, best_mbs = mbs_time(found[1], cm.b), found[1]
-    status, method = "feasible", "first-fit"
-    if best_mbs is None:  # nothing found in time: one generous first-fit always succeeds
-        best_mbs = pack(wl, order, float(wl.min_time.max()) + 1.0, len(wl.lengths), 1.0)
-        status = "fallback"
+    if best_mbs is None:
+        return None
+    method = "first-fit"
     groups = [[(g.sp, list(g.ids)) for g in mb.groups] for mb in best_mbs if mb.groups]
     phases = {"first_fit": _plan_time(wl, groups)}
-    groups = _rebalance(wl, groups, rebalance_rounds, deadline)
+    groups = _rebalance(wl, groups, opts["rebalance_rounds"], clock)
     phases["rebalance"] = _plan_time(wl, groups)
-    groups = _polish(wl, groups, deadline)
+    groups = _polish(wl, groups, clock)
     phases["repack"] = _plan_time(wl, groups)
-    contiguous = _contiguous_split(wl, sorted({m0, m0 + 1, len(groups)}), deadline)
+    contiguous = _contiguous_split(wl, sorted({m0, m0 + 1, len(groups)}), clock)
     if contiguous is not None and _plan_time(wl, contiguous) < _plan_time(wl, groups) - 1e-9:
-        groups, method = _rebalance(wl, contiguous, rebalance_rounds, deadline), "contiguous"
+        groups, method = _rebalance(wl, contiguous, opts["rebalance_rounds"], clock), "contiguous"
     phases["contiguous"] = _plan_time(wl, groups)
     # the baselines are cheap: a plan never loses to them
     for name, make in (("homogeneous", best_homogeneous_plan), ("greedy", greedy_hybrid_cp_plan)):
         # the greedy scheduler scans rank blocks per sequence: skip it where that is slow
-        if time.perf_counter() > deadline or (name == "greedy" and len(wl.lengths) * cm.num_devices > 100_000):
+        if name == "greedy" and len(wl.lengths) * cm.num_devices > 100_000:
             continue
+        if clock.expired():
+            break
         try:
-            other = make(wl.lengths.tolist(), cm)
+            other = make(wl.lengths.tolist(), cm, deadline=clock.deadline)
+        except BaselineTimeout:
+            clock.expired()
+            break
         except ValueError:
             continue
         other_groups = [[(g.sp, list(g.seq_ids)) for g in mb.groups] for mb in other.micro_batches]
         if _plan_time(wl, other_groups) < _plan_time(wl, groups) - 1e-9:
             groups, method = other_groups, name
     phases["baselines"] = _plan_time(wl, groups)
-    groups = _milp_polish(wl, groups, deadline, milp_node_limit, milp_micro_batches)
+    groups = _milp_polish(wl, groups, clock, opts["node_limit"], opts["milp_micro_batches"], backend, pulp_solver)
     phases["milp"] = _plan_time(wl, groups)
-    lower = _lower_bound(wl, m0)
     m_cap = min(len(wl.lengths), int(_plan_time(wl, groups) // cm.b) if cm.b > 0 else len(wl.lengths))
-    if exact_size(len(wl.lengths), cm.num_devices, m_cap) <= exact_max_binaries and time.perf_counter() < deadline:
-        exact = solve_exact(wl, max(m_cap, 1), deadline - time.perf_counter())
+    exact_bound, proven = 0.0, False
+    if exact_size(len(wl.lengths), cm.num_devices, m_cap) <= opts["exact_max_binaries"] and not clock.expired():
+        exact = solve_exact(wl, max(m_cap, 1), clock.left(), backend=backend, pulp_solver=pulp_solver)
         if exact is not None:
-            ex_status, _, bound, ex_groups = exact
+            ex_status, _, bound, ex_groups, timed_out = exact
+            if timed_out:
+                clock.cut = True
+                if clock.parent is not None:
+                    clock.parent.cut = True
             if _plan_time(wl, ex_groups) <= _plan_time(wl, groups) + 1e-9:
                 groups, method = ex_groups, "exact-milp"
-            lower = max(lower, bound)
-            if ex_status == "optimal":
-                status = "optimal"
-    if status not in ("fallback", "optimal") and time.perf_counter() > deadline:
-        status = "time_limit"
-    return build_plan(groups, wl.lengths.tolist(), cm, method="flexsp", lower_bound_ms=min(lower, _plan_time(wl, groups)) + cm.step_fixed_ms,
-                      solve_seconds=time.perf_counter() - start, status=status,
-                      extra={"search": method, "phases_ms": {k: round(v, 3) for k, v in phases.items()},
-                             "phase_seconds": round(time.perf_counter() - start, 4), "tried": tried[:20]})
+            exact_bound = bound
+            proven = ex_status == "optimal" and _plan_time(wl, groups) <= _plan_time(wl, ex_groups) + 1e-9
+    return groups, {"search": method, "phases_ms": {k: round(v, 3) for k, v in phases.items()},
+                    "tried": tried[:20], "exact_bound": exact_bound, "proven": proven}
 
 
 def _plan_time(wl: Workload, mbs: list) -> float:
     return sum(_mb_time(wl, mb) for mb in mbs)
 
 
-def _milp_polish(wl: Workload, mbs: list, deadline: float, node_limit: int, count: int) -> list:
+def _milp_polish(wl: Workload, mbs: list, clock, node_limit: int, count: int, backend: str = "highs",
+                 pulp_solver: str | None = None) -> list:
     """Re-deal the sequences of the ``count`` slowest micro-batches over their groups with the
     MILP. Skips micro-batches whose slowest group runs a single sequence (no re-deal helps)."""
     out = []
     for rank, mb in enumerate(sorted(mbs, key=lambda mb: -_mb_time(wl, mb))):
         slowest = max(mb, key=lambda g: wl.time[g[0].bit_length() - 1, g[1]].sum() + wl.latency[g[0].bit_length() - 1])
         # at most 16 groups keeps the model small (<= ~400 integers): HiGHS then stays in ~0.1 s
-        if rank < count and 1 < len(mb) <= 16 and len(slowest[1]) > 1 and time.perf_counter() < deadline:
-            better = reassign_micro_batch(wl, mb, min(max(deadline - time.perf_counter(), 0.02), 0.3),
-                                          node_limit=node_limit)
+        if rank < count and 1 < len(mb) <= 16 and len(slowest[1]) > 1 and not clock.expired():
+            report: dict = {}
+            better = reassign_micro_batch(wl, mb, min(max(clock.left(), 0.02), 0.3), node_limit=node_limit,
+                                          backend=backend, pulp_solver=pulp_solver, report=report)
+            if report.get("timed_out"):   # the wall clock, not the node limit, ended it
+                clock.cut = True
+                if clock.parent is not None:
+                    clock.parent.cut = True
             if better is not None:
                 mb = better
         out.append(mb)
@@ -223,14 +358,15 @@ def _milp_polish(wl: Workload, mbs: list, deadline: float, node_limit: int, coun
 
 def _order(wl: Workload, ids) -> list[int]:
     """Longest-running first (time at the least-work degree), ties by index."""
-    return sorted(ids, key=lambda i: (-wl.min_time[i], i))
+    ids = np.asarray(list(ids) if not isinstance(ids, (range, np.ndarray)) else ids, dtype=np.int64)
+    return ids[np.lexsort((ids, -wl.min_time[ids]))].tolist()
 
 
 def _mb_time(wl: Workload, mb) -> float:
     return max(wl.time[sp.bit_length() - 1, ids].sum() + wl.latency[sp.bit_length() - 1] for sp, ids in mb) + wl.cm.b
 
 
-def _rebalance(wl: Workload, mbs: list, rounds: int, deadline: float) -> list:
+def _rebalance(wl: Workload, mbs: list, rounds: int, clock) -> list:
     """Large-neighbourhood search: re-plan the slowest micro-batch together with each other one
     (fastest first) as a two-micro-batch problem; keep the pair's new split if it is faster."""
     times = [_mb_time(wl, mb) for mb in mbs]
@@ -238,10 +374,12 @@ def _rebalance(wl: Workload, mbs: list, rounds: int, deadline: float) -> list:
         improved = False
         slow = int(np.argmax(times))
         for other in sorted(range(len(mbs)), key=lambda j: (times[j], j)):
-            if other == slow or time.perf_counter() > deadline:
+            if other == slow:
                 continue
+            if clock.expired():
+                break
             ids = [i for _, g in mbs[slow] for i in g] + [i for _, g in mbs[other] for i in g]
-            found = _bisect_tau(wl, _order(wl, ids), 2, 1.0, deadline)
+            found = _bisect_tau(wl, _order(wl, ids), 2, 1.0, clock)
             if found is None:
                 continue
             new = [[(g.sp, list(g.ids)) for g in mb.groups] for mb in found[1] if mb.groups]
@@ -256,7 +394,7 @@ def _rebalance(wl: Workload, mbs: list, rounds: int, deadline: float) -> list:
     return mbs
 
 
-def _contiguous_split(wl: Workload, counts, deadline: float, max_sequences: int = 2048):
+def _contiguous_split(wl: Workload, counts, clock, max_sequences: int = 2048):
     """The official planner's micro-batch split (lengths sorted, cut into m contiguous chunks with
     the least largest token sum), each chunk then packed by ``solve_micro_batch``; the best over
     ``counts``. It wins on some batches where one shared cap forces long sequences to high degrees.
@@ -267,11 +405,11 @@ def _contiguous_split(wl: Workload, counts, deadline: float, max_sequences: int 
     by_length = sorted(range(n), key=lambda i: (-wl.lengths[i], i))
     best, best_time = None, math.inf
     for m in counts:
-        if time.perf_counter() > deadline or m > n:
+        if m > n or clock.expired():
             break
         plan = []
         for ids in chunk_global_batch(wl.lengths, by_length, m):
-            found = solve_micro_batch(wl, ids, deadline)
+            found = solve_micro_batch(wl, ids, clock)
             if found is None:
                 plan = None
                 break
@@ -281,13 +419,13 @@ def _contiguous_split(wl: Workload, counts, deadline: float, max_sequences: int 
     return best
 
 
-def _polish(wl: Workload, mbs: list, deadline: float) -> list:
+def _polish(wl: Workload, mbs: list, clock) -> list:
     """Re-pack each micro-batch alone (its own cap, memory pooled in larger groups if that is
     faster), slowest first, while time remains; keep whichever is faster."""
     out = []
     for mb in sorted(mbs, key=lambda mb: -_mb_time(wl, mb)):
-        if time.perf_counter() < deadline:
-            found = solve_micro_batch(wl, [i for _, g in mb for i in g], deadline,
+        if not clock.expired():
+            found = solve_micro_batch(wl, [i for _, g in mb for i in g], clock,
                                       target=_mb_time(wl, mb) - wl.cm.b)
             if found is not None and found[0] + wl.cm.b < _mb_time(wl, mb) - 1e-9:
                 mb = [(g.sp, g.ids) for g in found[1]]
