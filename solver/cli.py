@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from .baselines import best_homogeneous_plan, greedy_hybrid_cp_plan, static_plan
+from .baselines import BaselineTimeout, best_homogeneous_plan, greedy_hybrid_cp_plan, static_plan, usable_degrees
 from .costmodel import CostModel
+from .milp import MILP_BACKENDS, check_backend
 from .plan import Plan
+from .plot import PLOT_SUFFIXES
 from .planner import PlanningError, plan_batch
 from .presets import PRESETS, load_preset
 
@@ -29,17 +35,29 @@ def read_lengths(source: str) -> list[int]:
         if source == "-":
             text = sys.stdin.read()
         elif source.endswith(".npy"):
+            if Path(source).is_dir():
+                raise IsADirectoryError(source)
             try:
                 arr = np.load(source, allow_pickle=False)
+            except FileNotFoundError:
+                raise
             except (OSError, ValueError) as exc:
                 raise ValueError(f"{source}: not a readable .npy array ({exc})") from None
-            return _as_lengths(arr.reshape(-1).tolist(), source)
+            if arr.ndim != 1:
+                raise ValueError(f"{source}: expected a 1-D array of lengths, got shape {arr.shape}")
+            return _as_lengths(arr.tolist(), source)
         else:
-            text = Path(source).read_text()
+            text = Path(source).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ValueError(f"lengths file {source} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"--lengths {source} is a directory; give a file of lengths (or - for stdin)") from None
+    except PermissionError:
+        raise ValueError(f"lengths file {source} is not readable (permission denied)") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{source}: not a text file of lengths") from None
+        raise ValueError(f"{source}: not a text file of lengths (not UTF-8); use text, .npy or a JSON list") from None
+    except OSError as exc:
+        raise ValueError(f"lengths file {source} cannot be read: {exc.strerror or exc}") from None
     stripped = text.strip()
     if stripped.startswith("["):
         try:
@@ -71,19 +89,45 @@ def _as_lengths(values, source: str) -> list[int]:
 
 def load_cost_model(args) -> CostModel:
     cm = CostModel.load(args.cost_model) if args.cost_model else load_preset(args.preset)
-    if args.num_devices or args.memory_mb:
-        n = args.num_devices
-        if n is not None and (n < 1 or n & (n - 1)):
-            raise ValueError(f"--num-devices must be a power of two, got {n}")
-        cm = cm.with_devices(n, args.memory_mb)
-        if n is not None and n < cm.devices_per_node:
-            cm = CostModel.from_dict({**cm.to_dict(), "devices_per_node": n})
+    n = args.num_devices
+    if n is not None or args.memory_mb is not None:
+        try:
+            if n is not None and n < cm.devices_per_node:
+                cm = replace(cm, num_devices=n, devices_per_node=n)
+            cm = cm.with_devices(n, args.memory_mb)
+        except ValueError as exc:
+            raise ValueError(f"--num-devices {n} / --memory-mb {args.memory_mb}: {exc}") from None
     return cm
 
 
-def format_table(plan: Plan, baselines: dict[str, float]) -> str:
+def check_output_path(option: str, path: str, suffixes: tuple[str, ...] = ()) -> None:
+    """Before solving: the output's folder exists and is writable, and the suffix is supported."""
+    p = Path(path)
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise ValueError(f"{option} {path}: unsupported file type {p.suffix or '(none)'!r}; use one of {', '.join(suffixes)}")
+    if p.is_dir():
+        raise ValueError(f"{option} {path} is a directory; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"{option} {path}: not writable")
+
+
+TABLE_GROUPS = 64
+"""Group rows the table prints before it stops with a note (``--full`` prints them all)."""
+
+
+def format_table(plan: Plan, baselines: dict[str, float], full: bool = False) -> str:
     lines = [f"{'mb':>3} {'sp':>4} {'ranks':>11} {'attn':>8} {'seqs':>5} {'tokens':>9} {'pred ms':>10} {'mem MB':>9}"]
+    shown = 0
+    total_groups = sum(len(mb.groups) for mb in plan.micro_batches)
     for mi, mb in enumerate(plan.micro_batches):
+        if not full and shown + len(mb.groups) > TABLE_GROUPS and shown:
+            lines.append(f"... {total_groups - shown} more groups in {len(plan.micro_batches) - mi} more micro-batches "
+                         f"not shown (--full prints every group)")
+            break
+        shown += len(mb.groups)
         for g in mb.groups:
             ranks = f"{g.ranks[0]}-{g.ranks[-1]}" if g.sp > 1 else str(g.ranks[0])
             lines.append(f"{mi:>3} {g.sp:>4} {ranks:>11} {g.attention:>8} {len(g.seq_ids):>5} {g.tokens:>9} "
@@ -100,53 +144,117 @@ def format_table(plan: Plan, baselines: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def run_baselines(lengths, cm: CostModel) -> dict[str, float]:
+def run_baselines(lengths, cm: CostModel, budget_s: float = float("inf")) -> dict[str, float]:
+    """Each baseline's predicted ms; all of them share a time box of ``budget_s`` seconds: one
+    that runs past it is skipped with a note on stderr (its time is then not printed)."""
     out = {}
-    for name, fn in ((f"static SP={cm.num_devices}", static_plan), ("best homogeneous", best_homogeneous_plan),
+    deadline = time.perf_counter() + budget_s
+    for name, fn in ((f"static SP={max(usable_degrees(cm))}", static_plan), ("best homogeneous", best_homogeneous_plan),
                      ("greedy hybrid-CP", greedy_hybrid_cp_plan)):
+        if time.perf_counter() > deadline:
+            print(f"flexsp-plan: note: baseline {name} skipped: the baselines' time box ({budget_s:.1f} s) is spent",
+                  file=sys.stderr)
+            continue
         try:
-            out[name] = fn(lengths, cm).predicted_ms
+            out[name] = fn(lengths, cm, deadline=deadline).predicted_ms
+        except BaselineTimeout:
+            print(f"flexsp-plan: note: baseline {name} skipped: it ran past the baselines' time box "
+                  f"({budget_s:.1f} s; --time-limit raises it)", file=sys.stderr)
         except ValueError as exc:  # e.g. static SP=N past the head count: report, don't fail
             out[name] = float("nan")
-            print(f"note: baseline {name} not applicable: {exc}", file=sys.stderr)
+            print(f"flexsp-plan: note: baseline {name} not applicable: {exc}", file=sys.stderr)
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _power_of_two(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a power of two >= 1, got {text!r}") from None
+    if n < 1 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"expected a power of two >= 1 (1, 2, 4, ..., 1024), got {n}")
+    return n
+
+
+def _positive(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="flexsp-plan", description="Plan one global batch with adaptive SP.")
+    ap = _Parser(prog="flexsp-plan", description="Plan one global batch with adaptive SP.")
     ap.add_argument("--lengths", required=True, help="lengths file: one integer per line, .npy, JSON list, or - for stdin")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--preset", default="paper-gpt7b-192k", help=f"cost-model preset: {', '.join(sorted(PRESETS))}")
     src.add_argument("--cost-model", help="cost-model JSON file (e.g. written by flexsp-profile)")
-    ap.add_argument("--num-devices", type=int, help="override the cluster size (power of two)")
-    ap.add_argument("--memory-mb", type=float, help="override usable memory per device, MB")
-    ap.add_argument("--time-limit", type=float, default=1.0, help="planner time box, seconds (default 1.0)")
+    ap.add_argument("--num-devices", type=_power_of_two, help="override the cluster size (a power of two)")
+    ap.add_argument("--memory-mb", type=_positive, help="override usable memory per device, MB (> 0)")
+    ap.add_argument("--time-limit", type=_positive, default=1.0,
+                    help="time box of the planner, seconds (default 1.0); the baselines get a box of "
+                         "their own of max(0.5, time limit / 4) s")
+    ap.add_argument("--milp-backend", choices=MILP_BACKENDS, default="highs",
+                    help="MILP solver: highs (scipy.optimize.milp, default) or pulp")
+    ap.add_argument("--pulp-solver", help="with --milp-backend pulp: a solver PuLP can run here "
+                                          "(default PULP_CBC_CMD; e.g. GUROBI_CMD, CPLEX_CMD if installed)")
     ap.add_argument("--json", help="write the plan JSON here")
-    ap.add_argument("--plot", help="draw the plan timeline to this PNG")
+    ap.add_argument("--plot", help="draw the plan timeline to this file (.png, .svg or .pdf)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the baseline comparison")
+    ap.add_argument("--full", action="store_true", help=f"print every group (default: the first {TABLE_GROUPS} or so)")
     ap.add_argument("--quiet", action="store_true", help="print only the summary lines")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress lines on stderr (default: when stderr is a terminal or the run is long)")
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.time_limit <= 0:
-            raise ValueError(f"--time-limit must be > 0, got {args.time_limit}")
+        check_backend(args.milp_backend, args.pulp_solver)
+        if args.json:
+            check_output_path("--json", args.json)
+        if args.plot:
+            check_output_path("--plot", args.plot, PLOT_SUFFIXES)
         cm = load_cost_model(args)
         lengths = read_lengths(args.lengths)
-        plan = plan_batch(lengths, cm, time_limit=args.time_limit)
+        long_run = len(lengths) >= 20_000 or args.time_limit >= 10
+        show = args.progress if args.progress is not None else (sys.stderr.isatty() or long_run)
+        started = time.perf_counter()
+
+        def progress(message: str) -> None:
+            print(f"flexsp-plan: {message}", file=sys.stderr, flush=True)
+
+        if show:
+            progress(f"planning {len(lengths)} sequences on {cm.num_devices} devices ({cm.name}), "
+                     f"time box {args.time_limit:g} s")
+        plan = plan_batch(lengths, cm, time_limit=args.time_limit, milp_backend=args.milp_backend,
+                          pulp_solver=args.pulp_solver, progress=progress if show else None)
     except (ValueError, PlanningError) as exc:
         print(f"flexsp-plan: error: {exc}", file=sys.stderr)
         return 2
-    baselines = {} if args.no_baselines else run_baselines(lengths, cm)
+    budget = max(0.5, args.time_limit / 4)
+    if show and not args.no_baselines:
+        progress(f"plan done in {time.perf_counter() - started:.1f} s ({plan.status}); baselines (box {budget:.1f} s)")
+    baselines = {} if args.no_baselines else run_baselines(lengths, cm, budget)
     if baselines:
         plan = Plan(**{**plan.__dict__, "extra": {**plan.extra, "baselines_ms": baselines}})
-    text = format_table(plan, baselines)
+    text = format_table(plan, baselines, full=args.full)
     print("\n".join(text.splitlines()[-(2 + len(baselines)):]) if args.quiet else text)
     try:
         if args.json:
-            Path(args.json).write_text(plan.to_json(indent=1) + "\n")
+            # indented JSON goes through the pure-Python encoder: compact above 10,000 sequences
+            Path(args.json).write_text(plan.to_json(indent=1 if plan.num_sequences <= 10_000 else None) + "\n")
         if args.plot:
             from .plot import plot_plan
             plot_plan(plan, args.plot)

@@ -11,6 +11,7 @@ public contract; everything else is informative.
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -80,22 +81,47 @@ class Plan:
             return float("nan")
         return max(0.0, self.predicted_ms / self.lower_bound_ms - 1.0)
 
-    def summary(self) -> str:
-        """Compact text such as ``2 mb: 8x8 | 1x32 + 2x16`` (count x degree per micro-batch)."""
-        parts = []
+    def summary(self, max_chars: int = 200) -> str:
+        """Compact text such as ``3 mb: 8x8 | 2x(1x32 + 2x16)``: count x degree per micro-batch,
+        consecutive identical micro-batches run-length encoded as ``kx(...)``. Longer than
+        ``max_chars`` (0: no cap), it ends with ``| ... (+k more mb; G groups, S sequences)``."""
+        runs: list[list] = []
         for mb in self.micro_batches:
             counts: dict[int, int] = {}
             for g in mb.groups:
                 counts[g.sp] = counts.get(g.sp, 0) + 1
-            parts.append(" + ".join(f"{n}x{sp}" for sp, n in sorted(counts.items(), reverse=True)))
-        return f"{len(self.micro_batches)} mb: " + " | ".join(parts)
+            pattern = " + ".join(f"{n}x{sp}" for sp, n in sorted(counts.items(), reverse=True))
+            if runs and runs[-1][0] == pattern:
+                runs[-1][1] += 1
+            else:
+                runs.append([pattern, 1])
+        items = [(pat if k == 1 else f"{k}x({pat})", k) for pat, k in runs]
+        head = f"{len(self.micro_batches)} mb: "
+        text = head + " | ".join(i for i, _ in items)
+        if not max_chars or len(text) <= max_chars:
+            return text
+        groups = sum(len(mb.groups) for mb in self.micro_batches)
+        seqs = sum(len(g.seq_ids) for mb in self.micro_batches for g in mb.groups)
+        kept, shown, length = [], 0, len(head)
+        for item, k in items:
+            tail = f" | ... (+{len(self.micro_batches) - shown - k} more mb; {groups} groups, {seqs} sequences)"
+            if length + len(item) + 3 + len(tail) > max_chars and kept:
+                break
+            kept.append(item)
+            shown += k
+            length += len(item) + 3
+        rest = len(self.micro_batches) - shown
+        return head + " | ".join(kept) + f" | ... (+{rest} more mb; {groups} groups, {seqs} sequences)"
 
     def to_dict(self) -> dict:
-        out = asdict(self)
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("micro_batches", "extra")}
+        out["micro_batches"] = [
+            {"groups": [{"sp": g.sp, "ranks": list(g.ranks), "seq_ids": list(g.seq_ids), "attention": g.attention,
+                         "tokens": g.tokens, "predicted_ms": g.predicted_ms, "memory_mb": g.memory_mb}
+                        for g in mb.groups], "predicted_ms": mb.predicted_ms}
+            for mb in self.micro_batches]
+        out["extra"] = copy.deepcopy(self.extra)
         out["gap"] = None if self.lower_bound_ms <= 0 else self.gap
-        for mb in out["micro_batches"]:
-            for g in mb["groups"]:
-                g["ranks"], g["seq_ids"] = list(g["ranks"]), list(g["seq_ids"])
         return out
 
     def to_json(self, indent: int | None = None) -> str:

@@ -6,36 +6,63 @@ minimises.
 """
 from __future__ import annotations
 
+import textwrap
+
 from .plan import Plan
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+"""File types ``plot_plan`` writes (matplotlib picks the format from the suffix)."""
+MAX_HEIGHT_IN = 14.0
+"""Figure height cap, inches: 1,024 devices still give a readable page, not a 125-inch strip."""
+
+
+def plot_title(plan: Plan, width: int = 110) -> str:
+    """Title lines: the plan summary wrapped to ``width`` characters (at most 3 lines), then the
+    iteration time and gap."""
+    gap = f", gap {plan.gap * 100:.1f}% to lower bound" if plan.lower_bound_ms > 0 else ""
+    lines = textwrap.wrap(plan.summary(max_chars=3 * width), width=width, break_on_hyphens=False)
+    return "\n".join(lines[:3] + [f"{plan.predicted_ms:.0f} ms predicted{gap} | {plan.num_devices} devices, "
+                                   f"{plan.num_sequences} sequences, status {plan.status}"])
 
 
 def plot_plan(plan: Plan, path: str, title: str | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+    import numpy as np
+    from matplotlib.collections import PolyCollection
 
-    fig, ax = plt.subplots(figsize=(11, 0.12 * plan.num_devices + 2.5))
+    if not str(path).lower().endswith(PLOT_SUFFIXES):
+        raise ValueError(f"plot file {path}: unsupported type; use one of {', '.join(PLOT_SUFFIXES)}")
+    title = title or plot_title(plan)
+    n_title = title.count("\n") + 1
+    fig, ax = plt.subplots(figsize=(11, min(MAX_HEIGHT_IN, 0.12 * plan.num_devices + 2.0) + 0.18 * n_title))
     cmap = plt.get_cmap("viridis")
     max_log = max(plan.num_devices.bit_length() - 1, 1)
-    t0 = 0.0
-    for mi, mb in enumerate(plan.micro_batches):
+    x0, y0, w, h, starts, t0 = [], [], [], [], [], 0.0
+    label = len(plan.micro_batches) <= 64          # labels only where they can be read
+    for mb in plan.micro_batches:
+        starts.append(t0)
         for g in mb.groups:
-            color = cmap((g.sp.bit_length() - 1) / max_log)
-            ax.add_patch(Rectangle((t0, g.ranks[0]), g.predicted_ms, g.sp, facecolor=color,
-                                   edgecolor="black", linewidth=0.4))
-            if g.sp >= max(2, plan.num_devices // 16):
+            x0.append(t0), y0.append(g.ranks[0]), w.append(g.predicted_ms), h.append(g.sp)
+            if label and g.sp >= max(2, plan.num_devices // 16):
                 ax.text(t0 + g.predicted_ms / 2, g.ranks[0] + g.sp / 2, f"SP{g.sp}\n{len(g.seq_ids)} seq",
                         ha="center", va="center", fontsize=7, color="white")
-        ax.axvline(t0, color="red", linewidth=0.6)
         t0 += mb.predicted_ms
-    ax.axvline(t0, color="red", linewidth=0.6)
+    starts.append(t0)
+    x0, y0, w, h = (np.asarray(v, dtype=float) for v in (x0, y0, w, h))
+    verts = np.stack([np.stack([x0, y0], 1), np.stack([x0 + w, y0], 1), np.stack([x0 + w, y0 + h], 1),
+                      np.stack([x0, y0 + h], 1)], axis=1)
+    colors = cmap(np.log2(np.maximum(h, 1)) / max_log)
+    big = len(x0) > 2000
+    ax.add_collection(PolyCollection(verts, facecolors=colors, edgecolors="black",
+                                     linewidths=0.05 if big else 0.4, rasterized=big))
+    ax.vlines(starts, 0, plan.num_devices, colors="red", linewidth=0.6 if len(starts) <= 200 else 0.2)
     ax.set_xlim(0, t0 * 1.01 if t0 > 0 else 1)
     ax.set_ylim(plan.num_devices, 0)
     ax.set_xlabel("time (ms, predicted)")
     ax.set_ylabel("device (rank)")
-    gap = f", gap {plan.gap * 100:.1f}% to lower bound" if plan.lower_bound_ms > 0 else ""
-    ax.set_title(title or f"{plan.summary()[:90]}\n{plan.predicted_ms:.0f} ms{gap}", fontsize=9)
+    ax.set_title(title, fontsize=8, loc="left")
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, max_log))
     cbar = fig.colorbar(sm, ax=ax, ticks=range(max_log + 1))
     cbar.ax.set_yticklabels([str(1 << k) for k in range(max_log + 1)])

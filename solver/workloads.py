@@ -212,22 +212,60 @@ def load_lengths(path: str | Path) -> np.ndarray:
     return np.array([int(x) for x in Path(path).read_text().split()], dtype=np.int64)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Sample a global batch of sequence lengths.")
-    ap.add_argument("name", choices=NAMES)
-    ap.add_argument("n", type=int)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--context-limit", type=int, default=None)
-    ap.add_argument("--pad-to", type=int, default=1)
-    ap.add_argument("--overflow", choices=("drop", "clip"), default="drop")
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def main(argv=None) -> int:
+    ap = _Parser(prog="python -m solver.workloads",
+                 description="Sample a global batch of sequence lengths (one integer per line).")
+    ap.add_argument("name", choices=NAMES, help="length distribution: " + ", ".join(NAMES))
+    ap.add_argument("n", type=_int_at_least(1), help="number of sequences to draw (>= 1)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same lengths")
+    ap.add_argument("--context-limit", type=_int_at_least(1), default=None,
+                    help="longest allowed length in tokens (after padding); longer draws are dropped "
+                         "or clipped (--overflow); default: no limit")
+    ap.add_argument("--pad-to", type=_int_at_least(1), default=1,
+                    help="round every length up to a multiple of this (the paper: 128); default 1")
+    ap.add_argument("--overflow", choices=("drop", "clip"), default="drop",
+                    help="lengths above --context-limit: drop and redraw (default) or clip to the limit")
     ap.add_argument("-o", "--output", help="file to write (default: stdout)")
     a = ap.parse_args(argv)
-    L = sample_lengths(a.name, a.n, a.seed, a.context_limit, pad_to=a.pad_to, overflow=a.overflow)
     if a.output:
-        save_lengths(a.output, L)
+        out = Path(a.output)
+        parent = out.parent if str(out.parent) else Path(".")
+        if out.is_dir():
+            ap.error(f"argument -o/--output: {a.output} is a directory; give a file name")
+        if not parent.is_dir():
+            ap.error(f"argument -o/--output: folder {parent} does not exist")
+    try:
+        L = sample_lengths(a.name, a.n, a.seed, a.context_limit, pad_to=a.pad_to, overflow=a.overflow)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if a.output:
+        try:
+            save_lengths(a.output, L)
+        except OSError as exc:
+            ap.error(f"argument -o/--output: cannot write {a.output}: {exc.strerror or exc}")
     else:
         print("\n".join(str(int(x)) for x in L))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

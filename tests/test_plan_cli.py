@@ -71,3 +71,102 @@ def test_missing_file_and_cost_model_file(tmp_path):
     (tmp_path / "cm.json").write_text("{not json")
     proc = run_cli("--lengths", str(tmp_path / "l.txt"), "--cost-model", str(tmp_path / "cm.json"))
     assert proc.returncode == 2 and "not valid JSON" in proc.stderr
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("flexsp-plan: error: ")
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--num-devices", "0"], ["--num-devices", "power of two", "got 0"]),
+    (["--memory-mb", "0"], ["--memory-mb", "finite number > 0", "'0'"]),
+    (["--memory-mb", "inf"], ["--memory-mb", "'inf'"]),
+    (["--time-limit", "nan"], ["--time-limit", "'nan'"]),
+    (["--time-limit", "-1"], ["--time-limit", "'-1'"]),
+    (["--plot", "x.txt"], ["--plot x.txt", ".png, .svg, .pdf"]),
+    (["--plot", "/nonexistent-dir/p.png"], ["--plot", "folder /nonexistent-dir does not exist"]),
+    (["--json", "/nonexistent-dir/p.json"], ["--json", "does not exist"]),
+    (["--milp-backend", "cplex"], ["--milp-backend", "invalid choice"]),
+    (["--milp-backend", "pulp", "--pulp-solver", "NOPE_CMD"], ["NOPE_CMD", "available", "PULP_CBC_CMD"]),
+    (["--pulp-solver", "PULP_CBC_CMD"], ["needs milp_backend='pulp'"]),
+])
+def test_bad_options_are_one_line_before_solving(tmp_path, args, needles):
+    f = tmp_path / "l.txt"
+    f.write_text("100\n200\n")
+    _one_line_error(run_cli("--lengths", str(f), *args), *needles)
+
+
+def test_bad_files_are_named(tmp_path):
+    (tmp_path / "l.txt").write_text("100\n200\n")
+    _one_line_error(run_cli("--lengths", str(tmp_path)), "--lengths", "is a directory")
+    _one_line_error(run_cli("--lengths", str(tmp_path / "l.txt"), "--cost-model", str(tmp_path)),
+                    str(tmp_path), "is a directory")
+    np.save(tmp_path / "two.npy", np.ones((2, 3), dtype=np.int64))
+    _one_line_error(run_cli("--lengths", str(tmp_path / "two.npy")), "two.npy", "1-D", "(2, 3)")
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00\x01")
+    _one_line_error(run_cli("--lengths", str(tmp_path / "l.txt"), "--cost-model", str(tmp_path / "bin.json")),
+                    "bin.json", "not UTF-8")
+    from solver.presets import load_preset
+    data = load_preset("paper-gpt7b-192k").to_dict()
+    data["a2"] = "fast"
+    (tmp_path / "typed.json").write_text(json.dumps(data))
+    _one_line_error(run_cli("--lengths", str(tmp_path / "l.txt"), "--cost-model", str(tmp_path / "typed.json")),
+                    "typed.json", "field a2 must be a finite number, got 'fast'")
+    del data["a2"]
+    (tmp_path / "part.json").write_text(json.dumps(data))
+    _one_line_error(run_cli("--lengths", str(tmp_path / "l.txt"), "--cost-model", str(tmp_path / "part.json")),
+                    "part.json", "missing required fields ['a2']")
+
+
+def test_big_plan_output_is_compact_and_full_prints_all(tmp_path, capsys):
+    from solver.workloads import sample_lengths
+    lengths = sample_lengths("cpython", 3000, 0, 191872)
+    f = tmp_path / "l.txt"
+    f.write_text("\n".join(map(str, lengths)) + "\n")
+    assert main(["--lengths", str(f), "--no-baselines", "--progress", "--time-limit", "2"]) == 0
+    out, err = capsys.readouterr()
+    summary = next(line for line in out.splitlines() if line.startswith("plan: "))
+    assert len(summary) <= 210
+    assert "more groups in" in out and "--full" in out
+    assert err.startswith("flexsp-plan: planning 3000 sequences")     # progress on stderr, stdout clean
+    assert main(["--lengths", str(f), "--no-baselines", "--full", "--time-limit", "2", "--json", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    plan = json.loads((tmp_path / "p.json").read_text())
+    rows = [line for line in out.splitlines() if line[:3].strip().isdigit()]
+    assert len(rows) == sum(len(mb["groups"]) for mb in plan["micro_batches"])
+
+
+def test_plot_svg_and_title_fits(tmp_path):
+    f = tmp_path / "l.txt"
+    f.write_text("\n".join(map(str, LENGTHS)) + "\n")
+    assert main(["--lengths", str(f), "--no-baselines", "--plot", str(tmp_path / "p.svg"),
+                 "--num-devices", "1024"]) == 0
+    assert (tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
+    from solver.plot import plot_title
+    from solver.plan import Plan, MicroBatchPlan, GroupPlan
+    mbs = tuple(MicroBatchPlan(groups=(GroupPlan(sp=1, ranks=(r,), seq_ids=(i * 1024 + r,)),) * 1, predicted_ms=1.0)
+                for i in range(300) for r in (0,))
+    plan = Plan(num_devices=1024, micro_batches=mbs, predicted_ms=300.0, num_sequences=300)
+    title = plot_title(plan)
+    assert all(len(line) <= 110 for line in title.splitlines()) and len(title.splitlines()) <= 4
+    assert "300 mb: 300x(1x1)" in title
+
+
+def test_baselines_respect_their_time_box(tmp_path, capsys):
+    from solver.cli import run_baselines
+    from solver.presets import load_preset
+    from solver.workloads import sample_lengths
+    cm = load_preset("paper-gpt7b-192k")
+    lengths = sample_lengths("cpython", 20000, 0, 191872).tolist()
+    import time
+    t0 = time.perf_counter()
+    out = run_baselines(lengths, cm, budget_s=0.3)
+    assert time.perf_counter() - t0 < 0.3 + 3.0     # one static BFD pass plus one deadline check interval
+    err = capsys.readouterr().err
+    assert "static SP=64" in out
+    assert "skipped" in err and "time box" in err
