@@ -1,22 +1,32 @@
-"""Checkpoints: model + optimizer + scheduler (the engine's), sampler position, step and RNG.
+"""Checkpoints: sharded model + optimizer state, LR schedule, sampler position, step and RNG.
 
 Layout (``<output_dir>/checkpoints``)::
 
-    step_000010/engine.pt | deepspeed/     the engine's state (FSDP2: full state on rank 0)
-    step_000010/trainer.pt                  step, sampler state, config (rank 0)
-    step_000010/rng_rank<r>.pt              python/numpy/torch RNG of every rank
-    latest                                  "step_000010", written last
+    step_000010/dcp/               FSDP2: a torch.distributed.checkpoint directory; every rank wrote
+                                   its own shards (``__<rank>_0.distcp``), rank 0 the ``.metadata``
+    step_000010/deepspeed/engine/  DeepSpeed: its own partitioned format (one file per rank)
+    step_000010/trainer.pt         step, sampler state, scheduler, config, model config, world size
+    step_000010/rng_rank<r>.pt     python/numpy/torch RNG of every rank
+    latest                         "step_000010", written last
 
-A checkpoint is written into ``step_N.tmp`` and renamed once every rank has finished writing, and
-``latest`` is replaced atomically after that, so a rank killed mid-save never leaves a checkpoint
-that ``latest`` points to but that is incomplete. The sampler state saved is the one from BEFORE
-the next batch was drawn (the trainer draws step t+1's batch early to plan it), so a resumed run
-draws exactly the batches the uninterrupted run would have. Checkpoints live on a filesystem every
-rank can read (one node, or a shared filesystem for multi-node runs).
+No rank ever holds the full state: DCP writes each rank's DTensor shards and reshards them on load,
+so a checkpoint written by 4 ranks resumes on 2 or on 1 (each rank reads just the pieces of its new
+shards). A checkpoint is written into ``step_N.tmp`` and renamed once complete, and ``latest`` is
+replaced atomically after that, so a rank killed mid-save never leaves a checkpoint that ``latest``
+points to but that is incomplete. With ``async_save`` the DCP write runs in a background thread on
+its own gloo process group (training continues); the rename happens when it has completed (at the
+next checkpoint, or at the end of training).
+
+Loading checks the checkpoint first (:func:`verify_checkpoint`): a missing ``trainer.pt`` or DCP
+metadata, or a missing or truncated shard file, is a ValueError naming the file, not a traceback
+from deep inside the reader. The sampler state saved is the one from BEFORE the next batch was
+drawn (the trainer draws step t+1's batch early to plan it), so a resumed run draws exactly the
+batches of the uninterrupted one. Checkpoints live on a filesystem every rank can read.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -24,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+DCP_SUBDIR = "dcp"
 
 
 def rng_state() -> dict:
@@ -39,37 +51,82 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def _barrier():
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
-def save_checkpoint(root: Path, step: int, engine, trainer_state: dict, keep: int = 2) -> Path:
-    """Collective. ``step`` = number of completed steps. Returns the checkpoint directory."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    root = Path(root)
-    name = f"step_{step:06d}"
-    tmp, final = root / f"{name}.tmp", root / name
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    engine.save(tmp)
-    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        torch.save({"step": step, **trainer_state}, tmp / "trainer.pt")
-    _barrier()
-    if rank == 0:
+class Checkpointer:
+    """Writes checkpoints under ``root`` (collective: every rank calls :meth:`save` and :meth:`close`
+    at the same steps)."""
+
+    def __init__(self, root: Path, keep: int = 2, async_save: bool = False):
+        self.root, self.keep, self.async_save = Path(root), int(keep), bool(async_save)
+        self._pending = None       # (future, tmp, final) of an async DCP write
+        self._pg = None
+        if self.async_save and dist.is_initialized() and dist.get_world_size() > 1:
+            # the background write's collectives must not interleave with training's
+            self._pg = dist.new_group(backend="gloo")
+
+    def save(self, step: int, engine, trainer_state: dict) -> Path:
+        """Checkpoint after ``step`` completed steps; returns the final directory."""
+        self.wait()
+        name = f"step_{step:06d}"
+        tmp, final = self.root / f"{name}.tmp", self.root / name
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        extra = {}
+        if hasattr(engine, "state_dict"):
+            import torch.distributed.checkpoint as dcp
+            extra["scheduler"] = engine.scheduler.state_dict()
+            if _rank() == 0:
+                torch.save({"step": step, **trainer_state, **extra}, tmp / "trainer.pt")
+            if self.async_save:
+                self._pending = (dcp.async_save(engine.state_dict(), checkpoint_id=str(tmp / DCP_SUBDIR),
+                                                process_group=self._pg), tmp, final)
+                return final
+            dcp.save(engine.state_dict(), checkpoint_id=str(tmp / DCP_SUBDIR))
+        else:
+            engine.save(tmp)
+            if _rank() == 0:
+                torch.save({"step": step, **trainer_state}, tmp / "trainer.pt")
+        _barrier()
+        self._finalize(tmp, final)
+        _barrier()
+        return final
+
+    def wait(self) -> None:
+        """Complete a pending async write (this rank's part; rank 0 then publishes it)."""
+        if self._pending is None:
+            return
+        future, tmp, final = self._pending
+        self._pending = None
+        result = future.upload_completion if hasattr(future, "upload_completion") else future
+        result.result()
+        _barrier()
+        self._finalize(tmp, final)
+        _barrier()
+
+    close = wait
+
+    def _finalize(self, tmp: Path, final: Path) -> None:
+        if _rank() != 0:
+            return
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        with open(root / "latest.tmp", "w") as fh:
-            fh.write(name)
-        os.replace(root / "latest.tmp", root / "latest")
-        done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[:-keep] if keep > 0 else []:
+        with open(self.root / "latest.tmp", "w") as fh:
+            fh.write(final.name)
+        os.replace(self.root / "latest.tmp", self.root / "latest")
+        done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[:-self.keep] if self.keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -78,19 +135,78 @@ def latest_checkpoint(root: Path) -> Path | None:
         return None
     d = Path(root) / p.read_text().strip()
     if not (d / "trainer.pt").is_file():
-        raise ValueError(f"{p} points to {d}, which is not a complete checkpoint")
+        raise ValueError(f"{p} points to {d}, which is not a complete checkpoint (no trainer.pt); "
+                         f"delete {p} to start over or set train.resume=<an older step_* directory>")
     return d
 
 
-def load_checkpoint(directory: Path, engine) -> dict:
+def verify_checkpoint(directory: Path) -> None:
+    """ValueError naming the first missing or truncated file of checkpoint ``directory``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"checkpoint {directory} does not exist (train.resume expects a step_* directory "
+                         f"or auto | never)")
+    if not (directory / "trainer.pt").is_file():
+        raise ValueError(f"{directory} is not a checkpoint: {directory / 'trainer.pt'} is missing")
+    dcp_dir = directory / DCP_SUBDIR
+    if not dcp_dir.is_dir():
+        return                        # a DeepSpeed checkpoint: DeepSpeed checks its own files
+    from torch.distributed.checkpoint import FileSystemReader
+    meta_file = dcp_dir / ".metadata"
+    if not meta_file.is_file():
+        raise ValueError(f"checkpoint {directory} is incomplete: {meta_file} is missing")
+    try:
+        metadata = FileSystemReader(str(dcp_dir)).read_metadata()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
+        raise ValueError(f"checkpoint metadata {meta_file} is corrupt ({type(exc).__name__}: {exc})") from None
+    need: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    for rel, size in sorted(need.items()):
+        f = dcp_dir / rel
+        if not f.is_file():
+            raise ValueError(f"checkpoint {directory} is incomplete: shard file {f} is missing")
+        if f.stat().st_size < size:
+            raise ValueError(f"checkpoint shard file {f} is truncated: {f.stat().st_size} bytes, the metadata "
+                             f"needs at least {size}")
+
+
+def read_trainer_state(directory: Path) -> dict:
+    try:
+        return torch.load(Path(directory) / "trainer.pt", map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        raise ValueError(f"{Path(directory) / 'trainer.pt'} is corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def load_checkpoint(directory: Path, engine, world_size: int) -> dict:
     """Collective. Restores the engine and this rank's RNG; returns the trainer state."""
     directory = Path(directory)
-    if not (directory / "trainer.pt").is_file():
-        raise ValueError(f"{directory} is not a checkpoint (no trainer.pt)")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    engine.load(directory)
-    state = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False)
-    rng = directory / f"rng_rank{rank}.pt"
+    verify_checkpoint(directory)
+    state = read_trainer_state(directory)
+    has_dcp = (directory / DCP_SUBDIR).is_dir()
+    if hasattr(engine, "state_dict"):
+        if not has_dcp:
+            raise ValueError(f"{directory} holds no FSDP2 state ({directory / DCP_SUBDIR} missing): it was "
+                             f"written with parallel.engine={state.get('engine', 'deepspeed')}; resume with that engine")
+        import torch.distributed.checkpoint as dcp
+        sd = engine.state_dict()
+        dcp.load(sd, checkpoint_id=str(directory / DCP_SUBDIR))
+        engine.load_state_dict(sd)
+        engine.scheduler.load_state_dict(state["scheduler"])
+    else:
+        saved_world = state.get("world_size")
+        if has_dcp:
+            raise ValueError(f"{directory} was written with parallel.engine=fsdp2 (a DCP checkpoint); resume it "
+                             f"with parallel.engine=fsdp2")
+        if saved_world is not None and saved_world != world_size:
+            raise ValueError(
+                f"{directory} is a DeepSpeed ZeRO-3 checkpoint of {saved_world} ranks and this run has {world_size}: "
+                f"DeepSpeed partitions resume only at their world size. Convert it with DeepSpeed's universal "
+                f"checkpoint (python -m deepspeed.checkpoint.ds_to_universal --input_folder "
+                f"{directory / 'deepspeed'} --output_folder <dir>), or restart with {saved_world} ranks, or train "
+                f"with parallel.engine=fsdp2 (its checkpoints reshard to any world size)")
+        engine.load(directory)
+    rng = directory / f"rng_rank{_rank()}.pt"
     if rng.is_file():
         set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
     return state

@@ -23,6 +23,7 @@ completes. A group that finishes its micro-batch early just waits in the next wo
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -40,19 +41,25 @@ def num_targets(lengths) -> int:
 
 @dataclass
 class StepResult:
-    loss_sum: float
-    """This rank's summed token loss over the step (all micro-batches)."""
-    targets: int
-    """This rank's target tokens over the step."""
-    tokens: int
-    """Tokens this rank processed (its shards, real tokens only)."""
+    loss_sum: torch.Tensor
+    """This rank's summed token loss over the step (all micro-batches), fp32 on the device."""
+    targets: torch.Tensor
+    """This rank's target tokens over the step, on the device."""
+    tokens: torch.Tensor
+    """Tokens this rank processed (its shards, real tokens only), on the device."""
     idle_passes: int
     """Micro-batches this rank ran the zero-weight pass in."""
     seconds: float
+    """Host time of the loop (the device may still be running: nothing here synchronises)."""
 
 
 class StepExecutor:
-    """Runs one plan on this rank. ``engine`` provides ``module`` (forward) and ``backward(loss)``."""
+    """Runs one plan on this rank. ``engine`` provides ``module`` (forward), ``backward(loss)`` and
+    ``begin_micro_batch(last)``.
+
+    No host synchronisation inside the micro-batch loop: document boundaries are known on the host
+    (from the batch's lengths), and loss, target and token counts accumulate on the device; the
+    trainer reads them once per step."""
 
     def __init__(self, engine, source, topology, rank: int, device: torch.device, heads: int):
         self.engine, self.source, self.topo = engine, source, topology
@@ -73,25 +80,31 @@ class StepExecutor:
             raise ValueError(f"global batch {batch.step} has no target tokens (lengths {batch.lengths[:8]})")
         scale = 1.0 / total_targets
         model = self.engine.module
-        loss_sum, targets, tokens, idle = 0.0, 0, 0, 0
-        for mb in plan.micro_batches:
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        loss_sum, targets, tokens, idle = zero.clone(), zero.clone(), zero.clone(), 0
+        last = len(plan.micro_batches) - 1
+        for index, mb in enumerate(plan.micro_batches):
+            self.engine.begin_micro_batch(index == last)
             g = mb.group_of_rank(self.rank)
             if g is None:
                 # zero-weight pass: keeps the world collectives of FSDP/ZeRO-3 in lockstep
                 ids = torch.zeros(2, dtype=torch.long, device=self.device)
-                cu = torch.tensor([0, 2], dtype=torch.int32, device=self.device)
-                inputs = shard_inputs(ids, cu)
+                inputs = shard_inputs(ids, torch.tensor([0, 2], dtype=torch.int32))
                 ls, _ = inputs.loss(model)
                 self.engine.backward(ls * 0.0)
                 idle += 1
                 continue
             packed = pack_documents(self.source, batch.select(g.seq_ids), device=self.device)
+            # boundaries on the host (from the known lengths): sharding never reads the device
+            lengths = [int(batch.lengths[i]) for i in g.seq_ids]
+            cu_host = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
             mode = "ulysses" if g.attention == "local" else g.attention
-            inputs = shard_inputs(packed.input_ids, packed.cu_seqlens, self._group(g), mode,
+            inputs = shard_inputs(packed.input_ids, cu_host, self._group(g), mode,
                                   labels=packed.labels, heads=self.heads)
             ls, cnt = inputs.loss(model)
             self.engine.backward(ls * scale)
-            loss_sum += float(ls.detach())
-            targets += int(cnt)
-            tokens += int(inputs.input_ids.numel() - (0 if inputs.pad_mask is None else int(inputs.pad_mask.sum())))
+            loss_sum += ls.detach().float()
+            targets += cnt
+            n_local = inputs.input_ids.numel()
+            tokens += n_local if inputs.pad_mask is None else (~inputs.pad_mask).sum()
         return StepResult(loss_sum, targets, tokens, idle, time.perf_counter() - t0)

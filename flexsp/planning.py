@@ -1,15 +1,20 @@
-"""Per-step planning for the trainer: rank 0 plans step t+1 in a background thread while step t
-trains; every rank receives the plan as ONE object (a broadcast of ``plan.to_dict()``).
+"""Per-step planning for the trainer: rank 0 plans step t+1 while step t trains, OUT of its own
+interpreter (a planner subprocess, so the solve's Python work never holds the GIL of the rank that
+every world collective waits for); every rank receives the plan as ONE object (a broadcast of
+``plan.to_dict()``).
 
 Time box: ``plan_batch`` gets ``time_limit`` seconds. When the trainer asks for the plan of step
-t+1 (right after step t finished), rank 0 waits at most ``wait_s`` more for the background solve;
-if it is still running, rank 0 uses a fast fallback plan instead (``fallback``: the greedy
-hybrid-CP baseline, a few ms) and the late solve is discarded. A late plan therefore never stalls
+t+1 (right after step t finished), rank 0 waits at most ``wait_s`` more for the solve; if it is
+still running, rank 0 uses a fast fallback plan instead (``fallback``: the greedy hybrid-CP
+baseline, a few ms, computed in-process) and the late solve is discarded (the subprocess is
+restarted if it is still busy when the next batch arrives). A late plan therefore never stalls
 training by more than ``wait_s``. The broadcast happens on the main thread at the step boundary,
 so it is ordered with every other world collective identically on all ranks.
 
-Static mode (``mode="static"``) uses ``solver.baselines.static_plan`` with one SP degree for
-every sequence (DeepSpeed-Ulysses-like) and needs no background thread.
+``background``: ``process`` (default, a spawned planner process), ``thread`` (a thread of rank 0:
+shares its GIL) or ``off`` (solve synchronously at the step boundary). Static mode
+(``mode="static"``) uses ``solver.baselines.static_plan`` (one SP degree for every sequence,
+DeepSpeed-Ulysses-like) synchronously: it takes milliseconds.
 """
 from __future__ import annotations
 
@@ -25,6 +30,10 @@ from solver.planner import PlanningError, check_lengths, plan_batch
 PARALLEL_MODES = ("adaptive", "static")
 
 
+BACKGROUND_MODES = ("process", "thread", "off")
+MILP_BACKENDS = ("highs", "pulp")
+
+
 @dataclass
 class SolverConfig:
     cost_model: str = "cpu-gloo-tiny"
@@ -36,15 +45,126 @@ class SolverConfig:
     """Extra seconds the trainer waits at the step boundary for a late plan before falling back."""
     fallback: str = "greedy-hybrid-cp"
     """Fast planner used when the solve is late: one of solver.baselines.BASELINES."""
-    background: bool = True
-    """Plan step t+1 in a thread while step t trains (False: plan synchronously at the boundary)."""
+    background: str = "process"
+    """Where rank 0 plans step t+1 while step t trains: process (a planner subprocess) | thread |
+    off (synchronously at the step boundary)."""
+    milp_backend: str = "highs"
+    """MILP solver of the planner: highs (scipy/HiGHS) | pulp (CBC by default, or pulp_solver)."""
+    pulp_solver: str | None = None
+    """With milp_backend=pulp: the PuLP solver name (e.g. PULP_CBC_CMD, GUROBI_CMD, HiGHS_CMD);
+    None = PuLP's bundled CBC."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.background, bool):   # older configs: true/false
+            self.background = "process" if self.background else "off"
+        if self.background not in BACKGROUND_MODES:
+            raise ValueError(f"solver.background={self.background!r}; valid options: {list(BACKGROUND_MODES)}")
         if self.fallback not in BASELINES:
             raise ValueError(f"solver.fallback={self.fallback!r}; valid options: {sorted(BASELINES)}")
-        if not self.time_limit > 0 or self.wait_s < 0:
-            raise ValueError(f"solver.time_limit={self.time_limit} must be > 0 and solver.wait_s="
-                             f"{self.wait_s} >= 0")
+        if self.milp_backend not in MILP_BACKENDS:
+            raise ValueError(f"solver.milp_backend={self.milp_backend!r}; valid options: {list(MILP_BACKENDS)}")
+        if not self.time_limit > 0 or not self.time_limit < float("inf") or not self.wait_s >= 0:
+            raise ValueError(f"solver.time_limit={self.time_limit} must be a finite number > 0 and "
+                             f"solver.wait_s={self.wait_s} >= 0")
+
+
+def solve_plan(lengths, cm: CostModel, time_limit: float, milp_backend: str = "highs",
+               pulp_solver: str | None = None) -> Plan:
+    """The planner call the trainer makes (``plan_batch`` with the configured backend)."""
+    import inspect
+    kwargs = {}
+    params = inspect.signature(plan_batch).parameters
+    if "milp_backend" in params:
+        kwargs["milp_backend"] = milp_backend
+    if "pulp_solver" in params and pulp_solver:
+        kwargs["pulp_solver"] = pulp_solver
+    return plan_batch(lengths, cm, time_limit=time_limit, **kwargs)
+
+
+SOLVE_FN = solve_plan
+"""What the planner process / thread calls (``fn(lengths, cm, time_limit, milp_backend,
+pulp_solver) -> Plan``): a module-level function, named to the subprocess as ``module:name``."""
+
+
+class PlannerProcess:
+    """The planner subprocess (flexsp.planner_worker) of rank 0: one job at a time, answers read by
+    a thread into a queue (so waiting for one has a timeout)."""
+
+    def __init__(self, solve_fn, cm: CostModel):
+        self.target = f"{solve_fn.__module__}:{solve_fn.__qualname__}"
+        self.cm = cm
+        self.busy = None
+        self._start()
+
+    def _start(self) -> None:
+        import os
+        import pickle
+        import queue
+        import subprocess
+        import sys
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.proc = subprocess.Popen([sys.executable, "-m", "flexsp.planner_worker", self.target],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.replies = queue.Queue()
+        pickle.dump(self.cm.to_dict(), self.proc.stdin)
+        self.proc.stdin.flush()
+
+        def read(stream, replies):
+            while True:
+                try:
+                    replies.put(pickle.load(stream))
+                except Exception:   # end of stream: the process exited
+                    replies.put(None)
+                    return
+        threading.Thread(target=read, args=(self.proc.stdout, self.replies), daemon=True,
+                         name="flexsp-planner-reader").start()
+
+    def submit(self, job_id: int, lengths: tuple, kwargs: dict) -> None:
+        import pickle
+        if self.busy is not None:   # a late job still running: start afresh rather than queue behind it
+            self.close()
+            self._start()
+        try:
+            pickle.dump((job_id, lengths, kwargs), self.proc.stdin)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass                    # reported by result(): the process died
+        self.busy = job_id
+
+    def result(self, job_id: int, timeout: float):
+        """``(ok, payload)`` of ``job_id`` within ``timeout`` seconds, or None (still running)."""
+        import queue
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reply = self.replies.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                return None
+            if reply is None:
+                self.busy = None
+                return False, f"the planner process died (exit code {self.proc.wait()})"
+            jid, ok, payload = reply
+            if jid == self.busy:
+                self.busy = None
+            if jid == job_id:
+                return ok, payload
+
+    def close(self) -> None:
+        import pickle
+        try:
+            if self.busy is None:
+                pickle.dump(None, self.proc.stdin)
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        try:
+            self.proc.wait(timeout=0.5 if self.busy is None else 0.0)
+        except Exception:
+            pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self.busy = None
 
 
 def load_cost_model(spec: str, world_size: int) -> CostModel:
@@ -90,13 +210,21 @@ class StepPlanner:
         self.cfg, self.cm, self.rank, self.world_size = cfg, cm, rank, world_size
         self.mode, self.static_degree = mode, static_degree
         self._job: _Job | None = None
+        self._proc: PlannerProcess | None = None
         self.late = 0
+        if rank == 0 and mode == "adaptive" and cfg.background == "process":
+            self._proc = PlannerProcess(SOLVE_FN, cm)   # starts now: its imports overlap the set-up
+
+    @property
+    def _kwargs(self) -> dict:
+        return {"time_limit": self.cfg.time_limit, "milp_backend": self.cfg.milp_backend,
+                "pulp_solver": self.cfg.pulp_solver}
 
     # -- solving (rank 0) -----------------------------------------------------------------------
     def _solve(self, lengths) -> Plan:
         if self.mode == "static":
             return static_plan(lengths, self.cm, self.static_degree)
-        return plan_batch(lengths, self.cm, time_limit=self.cfg.time_limit)
+        return SOLVE_FN(lengths, self.cm, **self._kwargs)
 
     def _fallback(self, lengths) -> Plan:
         plan = BASELINES[self.cfg.fallback](lengths, self.cm)
@@ -107,19 +235,42 @@ class StepPlanner:
         if self.rank != 0:
             return
         job = _Job(step, tuple(int(x) for x in lengths))
-
-        def work():
-            try:
-                job.result["plan"] = self._solve(job.lengths)
-            except BaseException as exc:  # reported on the main thread
-                job.result["error"] = exc
-
-        if self.cfg.background and self.mode == "adaptive":
+        background = self.cfg.background if self.mode == "adaptive" else "off"
+        if background == "process":
+            if self._proc is None:
+                self._proc = PlannerProcess(SOLVE_FN, self.cm)
+            self._proc.submit(step, job.lengths, self._kwargs)
+        elif background == "thread":
+            def work():
+                try:
+                    job.result["plan"] = self._solve(job.lengths)
+                except BaseException as exc:  # reported on the main thread
+                    job.result["error"] = exc
             job.thread = threading.Thread(target=work, name=f"flexsp-plan-{step}", daemon=True)
             job.thread.start()
         else:
-            work()
+            try:
+                job.result["plan"] = self._solve(job.lengths)
+            except ValueError as exc:
+                job.result["error"] = exc
         self._job = job
+
+    def _collect(self, job: _Job, timeout: float):
+        """Rank 0: the payload of ``job`` (plan dict or error dict), or None if still running."""
+        if self._proc is not None and job.thread is None and not job.result:
+            got = self._proc.result(job.step, timeout)
+            if got is None:
+                return None
+            ok, payload = got
+            return payload if ok else {"error": payload}
+        if job.thread is not None:
+            job.thread.join(timeout=timeout)
+        if "error" in job.result:
+            err = job.result["error"]
+            return {"error": f"{type(err).__name__}: {err}"}
+        if "plan" in job.result:
+            return job.result["plan"].to_dict()
+        return None
 
     def get(self, step: int, lengths, first: bool = False) -> tuple[Plan, float]:
         """The plan of ``step`` on every rank (collective) and rank 0's wait in ms at the boundary.
@@ -137,16 +288,11 @@ class StepPlanner:
             if job is None or job.step != step or job.lengths != tuple(int(x) for x in lengths):
                 self.submit(step, lengths)
                 job = self._job
-            if job.thread is not None:
-                # the first plan of a run has no training step to hide behind: give it its time box
-                grace = self.cfg.time_limit * 1.5 if first else 0.0
-                job.thread.join(timeout=self.cfg.wait_s + grace)
-            if "error" in job.result:
-                err = job.result["error"]
-                payload[0] = {"error": f"{type(err).__name__}: {err}"}
-            elif "plan" in job.result:
-                payload[0] = job.result["plan"].to_dict()
-            else:  # late: never stall training
+            # the first plan of a run has no training step to hide behind: give it its time box
+            # (and the planner process its start-up)
+            grace = self.cfg.time_limit * 1.5 + (5.0 if self._proc is not None else 0.0) if first else 0.0
+            payload[0] = self._collect(job, self.cfg.wait_s + grace)
+            if payload[0] is None:   # late: never stall training
                 self.late += 1
                 try:
                     payload[0] = self._fallback(job.lengths).to_dict()
@@ -159,6 +305,12 @@ class StepPlanner:
         if "error" in payload[0]:
             raise PlanningError(f"step {step}: {payload[0]['error']}")
         return Plan.from_dict(payload[0]), wait_ms
+
+    def close(self) -> None:
+        """Stop the planner process (rank 0)."""
+        if self._proc is not None:
+            self._proc.close()
+            self._proc = None
 
 
 def check_fits(lengths, cm: CostModel) -> None:

@@ -1,152 +1,73 @@
-"""FlexSP training entry point: ``python -m flexsp.train [hydra overrides]`` / ``flexsp-train``.
+"""FlexSP training entry point: ``flexsp-train [launcher options] [hydra overrides]``.
 
-Launch with torchrun (``torchrun --nproc_per_node 4 -m flexsp.train``), Ray (``launch/ray_job.py``)
-or alone (one process: a 1-rank world on gloo). Every step:
+Launch alone (one process: a 1-rank world), under torchrun (``torchrun --nproc_per_node 4 -m
+flexsp.train ...``), through Ray (``launch/ray_job.py``), or let ``flexsp-train`` be the launcher
+(``flexsp-train --nproc-per-node 4 ...``: torchrun's own elastic agent, in-process, with the config
+validated before any rank starts and a failure reported as one line, without torchrun's summary).
 
-1. the plan of this step, computed by rank 0 while the previous step trained, arrives on every rank
-   as one object (flexsp.planning);
-2. each rank runs its share of every micro-batch (flexsp.executor), loss = sum of token losses /
-   target tokens of the whole global batch;
-3. the engine (FSDP2 or DeepSpeed ZeRO-3) has summed the gradients over all ranks; clip, AdamW,
-   LR schedule;
-4. rank 0 prints a line (step, loss, tokens/s, plan summary, planner ms, memory), advances the
-   progress bar and appends one JSON line to ``<output_dir>/metrics.jsonl``;
-5. every ``train.checkpoint_every`` steps: a checkpoint (flexsp.checkpoint).
+``run(cfg)`` is a sequence of named phases:
 
-The plan is applied at exactly one place: ``StepExecutor.run(plan, batch)``.
+1. ``_setup``: typed config, process group, output directory, topology, cost model (its model
+   shape checked against the model's), planner -- all before any data work;
+2. ``_data``: the document source (tokenized once, memory-mapped) and the global-batch sampler;
+3. ``_build``: the model built sharded (on ``meta`` / under ``zero.Init``), materialised, and only
+   the local shards filled (seeded init or a Hugging Face checkpoint), in the configured precision;
+4. ``_resume``: the latest (or given) checkpoint, resharded to this world size;
+5. ``_loop``: every step the plan (computed by the planner process while the previous step
+   trained) arrives on every rank as one object; each rank runs its share of every micro-batch
+   (flexsp.executor: the plan is applied at exactly this one hook); the engine has summed the
+   gradients over all ranks; clip, AdamW, schedule; one host sync per step; rank 0 logs
+   (console, metrics.jsonl, TensorBoard/W&B, plan pictures); checkpoints; SIGINT/SIGTERM finish
+   the step, checkpoint and stop;
+6. ``_finish``: summary line and summary.json.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
+import signal
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-RESUME_HELP = "auto (latest checkpoint in output_dir, if any) | never | <checkpoint directory>"
+from flexsp.config import RESUME_HELP, ParallelConfig, TrainConfig, parse_config  # noqa: F401 (re-exported)
+
+_RUNS = itertools.count()
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 10
-    """Optimizer steps to train (total, counting steps of a resumed run)."""
-    seed: int = 0
-    """Seed of the model init, the sampler and the synthetic data."""
-    global_batch: int = 8
-    """Sequences (documents) per step (fewer when data.sampler.global_batch_tokens is hit first)."""
-    lr: float = 3e-3
-    """Peak learning rate (AdamW)."""
-    min_lr_ratio: float = 0.1
-    """Cosine decay ends at lr * min_lr_ratio at the last step."""
-    warmup_steps: int = 2
-    """Linear warmup steps."""
-    weight_decay: float = 0.01
-    """AdamW decoupled weight decay."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0: no clipping)."""
-    checkpoint_every: int = 10
-    """Checkpoint every this many steps (0: only at the end)."""
-    keep_checkpoints: int = 2
-    """How many checkpoints to keep (older ones are deleted)."""
-    resume: str = "auto"
-    """auto (latest checkpoint in output_dir, if any) | never | <checkpoint directory>."""
-    progress: bool = True
-    """Show a tqdm progress bar on rank 0."""
-    log_doc_ids: bool = True
-    """Write each step's document ids into metrics.jsonl (lets tests check no sample is lost/repeated)."""
-    kill_at_step: int = -1
-    """Testing elastic restarts: rank ``kill_rank`` exits (code 13) before this step, first attempt only."""
-    kill_rank: int = 0
-    """See kill_at_step."""
+class RunState:
+    """What the phases hand each other."""
 
-    def __post_init__(self) -> None:
-        for name in ("steps", "global_batch"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.checkpoint_every < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError(f"train.checkpoint_every={self.checkpoint_every}, warmup_steps={self.warmup_steps}, "
-                             f"grad_clip={self.grad_clip} must be >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+    c: dict
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    topo: object = None
+    cm: object = None
+    planner: object = None
+    mcfg: object = None
+    source: object = None
+    sampler: object = None
+    engine: object = None
+    executor: object = None
+    start: int = 0
+    losses: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    interrupted: str = ""
+    last_checkpoint: Path | None = None
 
 
-@dataclass
-class ParallelConfig:
-    mode: str = "adaptive"
-    """adaptive (FlexSP planner each step) | static (one SP degree for every sequence)."""
-    static_degree: int = 0
-    """Static mode: the SP degree, a power of two <= world size (0 = all ranks)."""
-    engine: str = "fsdp2"
-    """How parameters are sharded and gradients summed over all ranks: fsdp2 | deepspeed (ZeRO-3;
-    DeepSpeed's accelerator must match the device: it picks cpu on a machine without CUDA, and
-    DS_ACCELERATOR=cpu forces it)."""
-    world_size: int = 0
-    """Expected number of ranks; a mismatch with the launcher is an error (0 = accept any)."""
-    backend: str | None = None
-    """torch.distributed backend (None: nccl with CUDA, gloo otherwise)."""
-    devices_per_node: int = 0
-    """Ranks per node (0: LOCAL_WORLD_SIZE from the launcher, else the world size)."""
-
-    def __post_init__(self) -> None:
-        from flexsp.engines import ENGINES, PLANNED_ENGINES
-        if self.engine in PLANNED_ENGINES:
-            raise ValueError(f"parallel.engine={self.engine!r} is not implemented yet; valid options: {list(ENGINES)}")
-        from flexsp.planning import PARALLEL_MODES
-        if self.mode not in PARALLEL_MODES:
-            raise ValueError(f"parallel.mode={self.mode!r}; valid options: {list(PARALLEL_MODES)}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"parallel.engine={self.engine!r}; valid options: {list(ENGINES)}")
-        if self.world_size < 0 or self.static_degree < 0:
-            raise ValueError(f"parallel.world_size={self.world_size} and static_degree={self.static_degree} must be >= 0")
-
-
-def _section(cls, data, name):
-    data = dict(data or {})
-    valid = {f.name for f in fields(cls)}
-    bad = sorted(set(data) - valid)
-    if bad:
-        raise ValueError(f"unknown {name} keys {bad}; valid keys: {sorted(valid)}")
-    return cls(**data)
-
-
-def parse_config(cfg) -> dict:
-    """Hydra/OmegaConf config (or plain dict) -> validated dataclasses."""
-    from omegaconf import OmegaConf
-
-    from flexsp.data import CorpusConfig, DataConfig, SamplerConfig
-    from flexsp.planning import SolverConfig
-
-    raw = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
-    for key in ("model", "data", "parallel", "solver", "train", "output_dir"):
-        if key not in raw:
-            raise ValueError(f"config has no '{key}' section; expected model, data, parallel, solver, train, output_dir")
-    train = _section(TrainConfig, raw["train"], "train")
-    parallel = _section(ParallelConfig, raw["parallel"], "parallel")
-    solver = _section(SolverConfig, raw["solver"], "solver")
-    d = dict(raw["data"])
-    corpus = _section(CorpusConfig, d.pop("corpus", {}), "data.corpus")
-    sampler_raw = dict(d.pop("sampler", {}))
-    sampler_raw["max_docs_per_batch"] = train.global_batch
-    sampler = _section(SamplerConfig, sampler_raw, "data.sampler")
-    data = _section(DataConfig, {**d, "corpus": corpus, "sampler": sampler}, "data")
-    model = dict(raw["model"])
-    preset = model.pop("preset", "tiny")
-    model = {k: v for k, v in model.items() if v is not None}
-    return dict(train=train, parallel=parallel, solver=solver, data=data, model_preset=preset,
-                model_overrides=model, output_dir=Path(str(raw["output_dir"])), raw=raw)
-
-
+# -- phase 1: setup ----------------------------------------------------------------------------------
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -198,6 +119,81 @@ def _init_elastic(backend: str | None, attempt: int) -> None:
                             world_size=world, timeout=timeout)
 
 
+def check_output_dir(out: Path) -> None:
+    """ValueError unless ``output_dir`` can be created and written (checked before any work)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".flexsp-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"output_dir={out} cannot be created or written ({exc.strerror or exc}); "
+                         f"give a writable directory") from None
+
+
+def model_config_of(c: dict, vocab_size: int | None = None):
+    """The ModelConfig to train (preset + overrides, or a Hugging Face checkpoint's config), with
+    parameters in the dtype the precision keeps them in; and the resolved precision."""
+    from flexsp.engines import param_dtype
+    from flexsp.model import model_config
+    over = dict(c["model_overrides"])
+    over.pop("vocab_size", None)
+    if c["hf_checkpoint"]:
+        from flexsp.model.hf import config_from_hf
+        base = config_from_hf(c["hf_checkpoint"])
+        allowed = {"activation_checkpointing", "dtype"}
+        bad = sorted(set(over) - allowed)
+        if bad:
+            raise ValueError(f"model fields {bad} cannot be overridden with model.hf_checkpoint (the shape "
+                             f"comes from {c['hf_checkpoint']}/config.json); overridable: {sorted(allowed)}")
+        mcfg = replace(base, **over)
+    else:
+        mcfg = model_config(c["model_preset"], **over)
+    precision = c["train"].precision
+    if precision == "auto":
+        precision = "bf16" if mcfg.dtype == "bfloat16" else "fp32"
+    if precision == "bf16-pure" and c["parallel"].engine != "fsdp2":
+        raise ValueError("train.precision=bf16-pure needs parallel.engine=fsdp2; valid with deepspeed: fp32, bf16")
+    if vocab_size is not None:
+        mcfg = replace(mcfg, vocab_size=int(vocab_size))
+    return replace(mcfg, dtype=param_dtype(precision)), precision
+
+
+def _setup(cfg) -> RunState:
+    from flexsp.planning import StepPlanner, load_cost_model
+    from flexsp.topology import SPTopology
+
+    c = parse_config(cfg)
+    parallel, solver = c["parallel"], c["solver"]
+    out = c["output_dir"]
+    rank, world, device = _init_world(parallel)
+    if rank == 0:
+        check_output_dir(out)
+    mcfg_shape, precision = model_config_of(c)
+    c["train"] = replace(c["train"], precision=precision)
+    if parallel.shard_size and (parallel.shard_size > world or world % parallel.shard_size):
+        raise ValueError(f"parallel.shard_size={parallel.shard_size} must divide the {world} ranks")
+    dpn = parallel.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    topo = SPTopology(world, min(dpn, world)).build()
+    cm = load_cost_model(solver.cost_model, world)
+    if hasattr(cm, "check_model_shape"):
+        try:
+            cm.check_model_shape(mcfg_shape.layers, mcfg_shape.hidden, mcfg_shape.heads, mcfg_shape.kv_heads)
+        except ValueError as exc:
+            raise ValueError(f"solver.cost_model={solver.cost_model}: {exc}; profile this model "
+                             f"(flexsp-profile model={c['model_preset']}) or pick a cost model built for it") from None
+    elif cm.heads and mcfg_shape.heads != cm.heads:
+        raise ValueError(f"solver.cost_model={solver.cost_model} was built for heads={cm.heads} but the model "
+                         f"has heads={mcfg_shape.heads}")
+    planner = StepPlanner(solver, cm, rank, world, parallel.mode, parallel.static_degree)
+    st = RunState(c=c, rank=rank, world=world, device=device, out=out, topo=topo, cm=cm, planner=planner)
+    if rank == 0:
+        from omegaconf import OmegaConf
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(c["raw"])))
+    return st
+
+
+# -- phase 2: data -----------------------------------------------------------------------------------
 def _build_source(data_cfg, rank: int):
     """Rank 0 builds (tokenizes, caches) the corpus first; the others then open the cache."""
     from flexsp.data import build_source
@@ -220,190 +216,309 @@ def _build_source(data_cfg, rank: int):
     return build_source(data_cfg)
 
 
-def run(cfg, return_state: bool = False) -> dict:
-    """Train as ``cfg`` says (an OmegaConf config from Hydra/compose, or a plain dict). Returns the
-    summary dict on every rank (losses per step, final step, ...); ``return_state`` adds the full
-    final model state dict under "state_dict" (collective; rank 0 holds the tensors)."""
-    from omegaconf import OmegaConf
+def _data(st: RunState) -> None:
+    from solver.planner import PlanningError
 
-    from flexsp.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from flexsp.data import GlobalBatchSampler
-    from flexsp.engines import build_engine
-    from flexsp.executor import StepExecutor
-    from flexsp.model import Transformer, model_config
-    from flexsp.planning import StepPlanner, load_cost_model
-    from flexsp.topology import SPTopology
-    from solver.planner import PlanningError, check_lengths
-
-    c = parse_config(cfg)
-    train, parallel, solver = c["train"], c["parallel"], c["solver"]
-    rank, world, device = _init_world(parallel)
-    out = c["output_dir"]
-    ckpt_root = out / "checkpoints"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(c["raw"])))
-
-    # -- topology, cost model, planner (validated before any data work) ------------------------
-    dpn = parallel.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    topo = SPTopology(world, min(dpn, world)).build()
-    cm = load_cost_model(solver.cost_model, world)
-    planner = StepPlanner(solver, cm, rank, world, parallel.mode, parallel.static_degree)
-
-    # -- data -----------------------------------------------------------------------------------
-    source = _build_source(c["data"], rank)
+    c, cm, planner = st.c, st.cm, st.planner
+    data_cfg = c["data"]
+    if c["hf_checkpoint"] and data_cfg.corpus.tokenizer == "bpe" and data_cfg.source in ("corpus", "stdlib", "hf"):
+        # the tokenizer of the checkpoint, unless one is configured explicitly
+        data_cfg = replace(data_cfg, corpus=replace(data_cfg.corpus, tokenizer=c["hf_checkpoint"]))
+    source = _build_source(data_cfg, st.rank)
     limit = cm.num_devices * cm.capacity_tokens
-    if parallel.mode == "static":
+    if c["parallel"].mode == "static":
         limit = planner.static_degree * cm.capacity_tokens
     too_long = (source.lengths > limit).nonzero()[0]
     if too_long.size:
         i = int(too_long[0])
         raise PlanningError(
             f"{too_long.size} document(s) are longer than the cluster can hold ({limit} tokens = "
-            f"{planner.static_degree if parallel.mode == 'static' else world} ranks x {cm.capacity_tokens} "
+            f"{planner.static_degree if c['parallel'].mode == 'static' else st.world} ranks x {cm.capacity_tokens} "
             f"tokens per rank under cost model {cm.name}), e.g. document {i} with {int(source.lengths[i])} "
             f"tokens. Policy: they are never silently dropped; lower data.corpus.max_doc_tokens (long "
             f"documents are then split, data.corpus.long_doc_policy=split) or add ranks/memory")
-    sampler = GlobalBatchSampler(source.lengths, c["data"].sampler)
+    st.source = source
+    st.sampler = GlobalBatchSampler(source.lengths, data_cfg.sampler)
 
-    # -- model + engine -------------------------------------------------------------------------
-    overrides = dict(c["model_overrides"])
-    vocab = overrides.pop("vocab_size", None) or source.vocab_size
-    if vocab < source.vocab_size:
+
+# -- phase 3: model + engine -------------------------------------------------------------------------
+def _build(st: RunState) -> None:
+    from flexsp.engines import HFWeights, RandomWeights, build_engine
+    from flexsp.executor import StepExecutor
+    from flexsp.model import Transformer
+    c = st.c
+    vocab = c["model_overrides"].get("vocab_size") or st.source.vocab_size
+    if c["hf_checkpoint"]:
+        from flexsp.model.hf import config_from_hf
+        vocab = config_from_hf(c["hf_checkpoint"]).vocab_size
+    if vocab < st.source.vocab_size:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary "
-                         f"({source.vocab_size}); set model.vocab_size=null to follow the data")
-    mcfg = model_config(c["model_preset"], vocab_size=int(vocab), **overrides)
-    torch.manual_seed(train.seed)
-    model = Transformer(mcfg, device=device)
-    model.init_weights(train.seed)
-    engine = build_engine(parallel.engine, model, train, world, device)
-    executor = StepExecutor(engine, source, topo, rank, device, mcfg.heads)
+                         f"({st.source.vocab_size}); set model.vocab_size=null to follow the data")
+    mcfg, _ = model_config_of(c, vocab)
+    if c["hf_checkpoint"]:
+        from flexsp.model.hf import HFCheckpointReader
+        weights = HFWeights(HFCheckpointReader(c["hf_checkpoint"]))
+    else:
+        weights = RandomWeights(c["train"].seed, mcfg.init_std, mcfg.layers)
+    torch.manual_seed(c["train"].seed)
+    st.mcfg = mcfg
+    st.engine = build_engine(c["parallel"].engine, lambda device: Transformer(mcfg, device=device), weights,
+                             c["train"], c["parallel"], st.world, st.device)
+    st.executor = StepExecutor(st.engine, st.source, st.topo, st.rank, st.device, mcfg.heads)
 
-    # -- resume ---------------------------------------------------------------------------------
-    start = 0
-    if train.resume != "never":
-        ck = latest_checkpoint(ckpt_root) if train.resume == "auto" else Path(train.resume)
-        if ck is not None:
-            state = load_checkpoint(ck, engine)
-            sampler.load_state_dict(state["sampler"])
-            start = int(state["step"])
-            if rank == 0:
-                _truncate_metrics(out / "metrics.jsonl", start)
-                print(f"[flexsp] resumed from {ck} at step {start}", flush=True)
-    elif rank == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
 
-    if rank == 0:
-        nparams = mcfg.num_params()
-        print(f"[flexsp] {world} rank(s) on {device.type} ({dist.get_backend()}), engine {parallel.engine}, "
-              f"mode {parallel.mode}, model {c['model_preset']} {nparams / 1e6:.2f}M params, "
-              f"data {c['data'].source}: {source.num_docs} docs / {int(source.lengths.sum())} tokens, "
-              f"cost model {cm.name} (C={cm.capacity_tokens} tokens/rank), output {out}", flush=True)
-
-    bar = None
-    if rank == 0 and train.progress and start < train.steps:
-        from tqdm import tqdm
-        bar = tqdm(total=train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                   file=sys.stderr)
-    losses, history = {}, []
-    t_run = time.perf_counter()
-    tokens_run = 0
-    batch = next(sampler) if start < train.steps else None
-    if batch is not None:
-        check_lengths(batch.lengths, cm)
-        planner.submit(start, batch.lengths)
-    metrics_fh = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    try:
-        for step in range(start, train.steps):
-            if (train.kill_at_step == step and rank == train.kill_rank
-                    and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0):
-                print(f"[flexsp] rank {rank}: simulated failure at step {step}", flush=True)
-                os._exit(13)
-            t0 = time.perf_counter()
-            plan, wait_ms = planner.get(step, batch.lengths, first=(step == start))
-            # draw (and start planning) the next batch now: it is planned while this step trains
-            sampler_state = sampler.state_dict()
-            nxt = None
-            if step + 1 < train.steps:
-                nxt = next(sampler)
-                planner.submit(step + 1, nxt.lengths)
-            res = executor.run(plan, batch)
-            gnorm = engine.step()
-            stats = torch.tensor([res.loss_sum, res.targets, res.tokens], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(stats)
-            loss = float(stats[0] / stats[1])
-            dt = time.perf_counter() - t0
-            ntok = batch.num_tokens
-            tokens_run += ntok
-            losses[step] = loss
-            if rank == 0:
-                rec = {"step": step, "loss": round(loss, 6), "tokens": ntok, "targets": int(stats[1]),
-                       "docs": len(batch.doc_ids), "plan": plan.summary(), "method": plan.method,
-                       "status": plan.status, "planner_ms": round(plan.solve_seconds * 1e3, 2),
-                       "plan_wait_ms": round(wait_ms, 2), "predicted_ms": plan.predicted_ms,
-                       "step_s": round(dt, 4), "tokens_per_s": round(ntok / dt, 1),
-                       "grad_norm": round(gnorm, 6), "lr": engine.lr, "memory_mb": round(_memory_mb(device), 1),
-                       "epoch": batch.epoch}
-                if train.log_doc_ids:
-                    rec["doc_ids"] = list(batch.doc_ids)
-                metrics_fh.write(json.dumps(rec) + "\n")
-                metrics_fh.flush()
-                history.append(rec)
-                line = (f"step {step + 1:>4}/{train.steps} | loss {loss:7.4f} | {ntok / dt:8.0f} tok/s | "
-                        f"plan {plan.summary()} [{plan.method}] | planner {rec['planner_ms']:.0f} ms "
-                        f"(wait {wait_ms:.0f} ms) | mem {rec['memory_mb']:.0f} MB")
-                (bar.write(line) if bar is not None else print(line, flush=True))
-                if bar is not None:
-                    bar.update(1)
-            done = step + 1
-            if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == train.steps:
-                save_checkpoint(ckpt_root, done, engine,
-                                {"sampler": sampler_state, "config": c["raw"]}, keep=train.keep_checkpoints)
-            batch = nxt
-    finally:
-        if bar is not None:
-            bar.close()
-        if metrics_fh is not None:
-            metrics_fh.close()
-    elapsed = time.perf_counter() - t_run
-    summary = {"start_step": start, "steps": train.steps, "losses": losses, "seconds": elapsed,
-               "tokens": tokens_run, "late_plans": planner.late, "world_size": world}
-    if return_state:
-        summary["state_dict"] = {k: v.detach().clone() for k, v in engine.full_state_dict().items()}
-    if rank == 0 and history:
-        first, last = history[0]["loss"], history[-1]["loss"]
-        print(f"[flexsp] done: steps {start + 1}-{train.steps} in {elapsed:.1f} s, "
-              f"{tokens_run / max(elapsed, 1e-9):.0f} tok/s, loss {first:.4f} -> {last:.4f}, "
-              f"late plans {planner.late}, metrics {out / 'metrics.jsonl'}, checkpoints {ckpt_root}", flush=True)
-        (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "state_dict")}
-                                                      | {"first_loss": first, "last_loss": last}, indent=2))
-    return summary
+# -- phase 4: resume ---------------------------------------------------------------------------------
+def _resume(st: RunState) -> None:
+    from flexsp.checkpoint import latest_checkpoint, load_checkpoint
+    train, out = st.c["train"], st.out
+    if train.resume == "never":
+        if st.rank == 0:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        return
+    ck = latest_checkpoint(out / "checkpoints") if train.resume == "auto" else Path(train.resume)
+    if ck is None:
+        return
+    state = load_checkpoint(ck, st.engine, st.world)
+    st.sampler.load_state_dict(state["sampler"])
+    st.start = int(state["step"])
+    if st.rank == 0:
+        _truncate_metrics(out / "metrics.jsonl", st.start)
+        saved = state.get("world_size")
+        note = f" (written by {saved} ranks, resharded to {st.world})" if saved and saved != st.world else ""
+        print(f"[flexsp] resumed from {ck} at step {st.start}{note}", flush=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines of steps >= ``step`` (written after the checkpoint we resume from)."""
+    """Drop metric lines of steps > ``step`` (written after the checkpoint we resume from)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def main() -> None:
-    import hydra
+# -- phase 5: the loop -------------------------------------------------------------------------------
+class _Interrupt:
+    """SIGINT/SIGTERM during training: finish the step, checkpoint, stop (a second signal: now)."""
 
-    config_dir = str(Path(__file__).resolve().parent.parent / "configs")
+    def __init__(self):
+        self.signal = 0
+        self._old = {}
 
-    @hydra.main(config_path=config_dir, config_name="config", version_base="1.3")
-    def _app(cfg):
-        try:
-            run(cfg)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
 
-    _app()
+    def _handle(self, signum, frame):
+        if self.signal:
+            os._exit(128 + signum)
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _header(st: RunState) -> None:
+    c, cm = st.c, st.cm
+    nparams = st.mcfg.num_params()
+    origin = f"from {c['hf_checkpoint']}" if c["hf_checkpoint"] else f"{c['model_preset']}"
+    print(f"[flexsp] {st.world} rank(s) on {st.device.type} ({dist.get_backend()}), engine {c['parallel'].engine}"
+          f"{' HSDP ' + str(c['parallel'].shard_size) if c['parallel'].shard_size else ''}, precision "
+          f"{c['train'].precision}, mode {c['parallel'].mode}, model {origin} {nparams / 1e6:.2f}M params, "
+          f"data {c['data'].source}: {st.source.num_docs} docs / {int(st.source.lengths.sum())} tokens, "
+          f"cost model {cm.name} (C={cm.capacity_tokens} tokens/rank), output {st.out}", flush=True)
+
+
+def _loop(st: RunState) -> None:
+    from solver.planner import check_lengths
+
+    from flexsp.checkpoint import Checkpointer
+    from flexsp.failure import AbortWatch
+    c, train = st.c, st.c["train"]
+    rank, planner, sampler = st.rank, st.planner, st.sampler
+    if rank == 0:
+        _header(st)
+    ckpt = Checkpointer(st.out / "checkpoints", keep=train.keep_checkpoints, async_save=train.async_checkpoint)
+    log = _RankZeroLog(st) if rank == 0 else None
+    batch = next(sampler) if st.start < train.steps else None
+    if batch is not None:
+        check_lengths(batch.lengths, st.cm)
+        planner.submit(st.start, batch.lengths)
+    t_run = time.perf_counter()
+    watch = AbortWatch(rank, st.world, tag=f"/{next(_RUNS)}")
+    step = st.start
+    try:
+        with watch, _Interrupt() as interrupt:
+            try:
+                for step in range(st.start, train.steps):
+                    if (train.kill_at_step == step and rank == train.kill_rank
+                            and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0):
+                        print(f"[flexsp] rank {rank}: simulated failure at step {step}", flush=True)
+                        os._exit(13)
+                    batch = _one_step(st, step, batch, ckpt, log, interrupt)
+                    if st.interrupted:
+                        break
+            except BaseException as exc:
+                exc.flexsp_first = watch.post(f"step {step + 1}: {type(exc).__name__}: {exc}")
+                raise
+        ckpt.close()
+    finally:
+        planner.close()
+        if log is not None:
+            log.close()
+    st.seconds = time.perf_counter() - t_run
+
+
+def _one_step(st: RunState, step: int, batch, ckpt, log, interrupt):
+    """Train ``step`` on ``batch``; returns the next batch (drawn and submitted to the planner
+    before this step trains)."""
+    c, train = st.c, st.c["train"]
+    t0 = time.perf_counter()
+    plan, wait_ms = st.planner.get(step, batch.lengths, first=(step == st.start))
+    sampler_state = st.sampler.state_dict()       # before the next batch is drawn
+    nxt = None
+    if step + 1 < train.steps:
+        nxt = next(st.sampler)
+        st.planner.submit(step + 1, nxt.lengths)
+    if train.fail_at_step == step and st.rank == train.kill_rank:
+        raise RuntimeError(f"simulated failure inside a micro-batch of step {step + 1} on rank {st.rank}")
+    res = st.executor.run(plan, batch)
+    gnorm = st.engine.step()
+    # the step's one host sync: loss/targets/tokens summed over ranks, plus "stop" (any rank
+    # signalled) so every rank stops after the same step
+    stats = torch.stack([res.loss_sum.double(), res.targets.double(), res.tokens.double(),
+                         torch.tensor(float(interrupt.signal), dtype=torch.float64, device=st.device)])
+    if st.world > 1:
+        dist.all_reduce(stats)
+    loss_sum, targets, _, stop = stats.tolist()
+    gnorm = float(gnorm)
+    loss = loss_sum / targets
+    dt = time.perf_counter() - t0
+    st.tokens += batch.num_tokens
+    st.losses[step] = loss
+    done = step + 1
+    if log is not None:
+        log.step(done, loss, gnorm, int(targets), dt, plan, wait_ms, batch)
+    if stop:
+        st.interrupted = signal.Signals(interrupt.signal).name if interrupt.signal else "a signal on another rank"
+    if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == train.steps or stop:
+        state = {"sampler": sampler_state, "config": c["raw"], "world_size": st.world,
+                 "engine": c["parallel"].engine, "precision": train.precision,
+                 "model_config": _asdict(st.mcfg), "tokenizer": _tokenizer_of(st)}
+        st.last_checkpoint = ckpt.save(done, st.engine, state)
+    return nxt
+
+
+def _asdict(mcfg) -> dict:
+    from dataclasses import asdict
+    return asdict(mcfg)
+
+
+def _tokenizer_of(st: RunState):
+    """The tokenizer an export should ship: the HF checkpoint's, the configured file, or the corpus
+    cache's tokenizer.json."""
+    if st.c["hf_checkpoint"]:
+        return str(st.c["hf_checkpoint"])
+    directory = getattr(st.source, "directory", None)
+    if directory is not None and (Path(directory) / "tokenizer.json").is_file():
+        return str(Path(directory) / "tokenizer.json")
+    return None
+
+
+class _RankZeroLog:
+    """Rank 0's outputs per step: console line (a progress bar only on a terminal), metrics.jsonl,
+    the tracker (TensorBoard/W&B) and plan pictures."""
+
+    def __init__(self, st: RunState):
+        from flexsp.tracking import Tracker
+        self.st, train = st, st.c["train"]
+        self.fh = open(st.out / "metrics.jsonl", "a")
+        self.bar = None
+        if train.progress and sys.stderr.isatty() and st.start < train.steps:
+            from tqdm import tqdm
+            self.bar = tqdm(total=train.steps, initial=st.start, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+        self.tracker = Tracker(train.logger, st.out, run_name=st.out.name, config=st.c["raw"],
+                               plot_plan_every=train.plot_plan_every, wandb_project=train.wandb_project)
+
+    def step(self, done, loss, gnorm, targets, dt, plan, wait_ms, batch) -> None:
+        st, train = self.st, self.st.c["train"]
+        ntok = batch.num_tokens
+        rec = {"step": done, "loss": round(loss, 6), "tokens": ntok, "targets": targets,
+               "docs": len(batch.doc_ids), "plan": plan.summary(), "method": plan.method,
+               "status": plan.status, "planner_ms": round(plan.solve_seconds * 1e3, 2),
+               "plan_wait_ms": round(wait_ms, 2), "predicted_ms": plan.predicted_ms,
+               "step_s": round(dt, 4), "tokens_per_s": round(ntok / dt, 1),
+               "grad_norm": round(gnorm, 6), "lr": st.engine.lr, "memory_mb": round(_memory_mb(st.device), 1),
+               "epoch": batch.epoch, "late_plans": st.planner.late}
+        if train.log_doc_ids:
+            rec["doc_ids"] = list(batch.doc_ids)
+        self.fh.write(json.dumps(rec) + "\n")
+        self.fh.flush()
+        st.history.append(rec)
+        line = (f"step {done:>4}/{train.steps} | loss {loss:7.4f} | {ntok / dt:8.0f} tok/s | "
+                f"plan {plan.summary()} [{plan.method}] | pred {plan.predicted_ms:.0f} ms, took {dt * 1e3:.0f} ms | "
+                f"planner {rec['planner_ms']:.0f} ms (wait {wait_ms:.0f} ms) | mem {rec['memory_mb']:.0f} MB")
+        if self.bar is not None:
+            self.bar.write(line)
+            self.bar.update(1)
+        else:
+            print(line, flush=True)
+        self.tracker.log_step(done, {**rec, "measured_ms": dt * 1e3}, plan=plan)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.fh.close()
+        self.tracker.close()
+
+
+# -- phase 6: summary --------------------------------------------------------------------------------
+def _finish(st: RunState, return_state: bool) -> dict:
+    train = st.c["train"]
+    last_step = max(st.losses) + 1 if st.losses else st.start
+    summary = {"start_step": st.start, "steps": train.steps, "last_step": last_step, "losses": st.losses,
+               "seconds": st.seconds, "tokens": st.tokens,
+               "tokens_per_s": st.tokens / st.seconds if st.seconds > 0 else 0.0,
+               "late_plans": st.planner.late, "world_size": st.world, "interrupted": st.interrupted,
+               "checkpoint": str(st.last_checkpoint) if st.last_checkpoint else None}
+    if return_state:
+        summary["state_dict"] = {k: v.detach().clone() for k, v in st.engine.full_state_dict().items()}
+    if st.rank == 0 and st.interrupted:
+        print(f"[flexsp] interrupted at step {last_step} ({st.interrupted}), checkpoint {st.last_checkpoint}; "
+              f"run the same command again (train.resume=auto) to continue", flush=True)
+    if st.rank == 0 and st.history:
+        first, last = st.history[0]["loss"], st.history[-1]["loss"]
+        print(f"[flexsp] done: steps {st.start + 1}-{last_step} in {st.seconds:.1f} s, "
+              f"{summary['tokens_per_s']:.0f} tok/s, loss {first:.4f} -> {last:.4f}, "
+              f"late plans {st.planner.late}, metrics {st.out / 'metrics.jsonl'}, checkpoints {st.out / 'checkpoints'}",
+              flush=True)
+        keep = {k: v for k, v in summary.items() if k not in ("losses", "state_dict")}
+        (st.out / "summary.json").write_text(json.dumps(keep | {"first_loss": first, "last_loss": last}, indent=2))
+    return summary
+
+
+def run(cfg, return_state: bool = False) -> dict:
+    """Train as ``cfg`` says (an OmegaConf config from Hydra/compose, or a plain dict). Returns the
+    summary dict on every rank (losses per step, final step, ...); ``return_state`` adds the full
+    final model state dict under "state_dict" (collective)."""
+    st = _setup(cfg)
+    _data(st)
+    _build(st)
+    _resume(st)
+    _loop(st)
+    return _finish(st, return_state)
+
+
+# -- command line ------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    from flexsp.launcher import main as launcher_main
+    return launcher_main(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -58,7 +58,7 @@ def test_torchrun_elastic_restart_loses_and_repeats_no_sample(tmp_path):
     assert rc == 0, log[-4000:]
     assert "simulated failure at step 3" in log and "resumed from" in log and "at step 2" in log, log[-3000:]
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     c = parse_config(compose(overrides))
     source = build_source(c["data"])
     sampler = GlobalBatchSampler(source.lengths, c["data"].sampler)
@@ -75,5 +75,5 @@ def test_ray_job_trains_two_steps_on_two_workers(tmp_path):
     assert rc == 0, log[-4000:]
     assert "local Ray node address: 127.0.0.1" in log, log[-3000:]
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1]
+    assert [r["step"] for r in rows] == [1, 2]
     assert all(r["plan"].startswith("1 mb") or " mb: " in r["plan"] for r in rows)

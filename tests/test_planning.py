@@ -1,13 +1,17 @@
 """Late-plan fallback of flexsp.planning.StepPlanner.
 
-The planner's solve is made "slow" by replacing ``flexsp.planning.plan_batch`` with a function that
-blocks on an event the test controls, so lateness is decided by the mechanism, not by timing: a
-solve that cannot finish is late whatever the machine's speed (no timed assertions).
+The planner's solve is made "slow" by replacing it with a function that blocks (on an event the
+test controls in thread mode; forever in the planner subprocess), so lateness is decided by the
+mechanism, not by timing: a solve that cannot finish is late whatever the machine's speed (no timed
+assertions).
 
-- unit: a blocked solve gives the fallback plan (status "fallback", counted in ``late``), which
-  places every sequence of the batch exactly once; once the solver answers again, its plan is used
-  and nothing more is counted; a job submitted for another step is not used for this one;
-- trainer (4 gloo ranks, FSDP2): with every solve blocked, 3 steps train on fallback plans, every
+- unit (thread mode): a blocked solve gives the fallback plan (status "fallback", counted in
+  ``late``), which places every sequence of the batch exactly once; once the solver answers again,
+  its plan is used and nothing more is counted; a job submitted for another step is not used;
+- unit (process mode, the default): the solve runs in a separate process (its pid differs); a
+  solve that never returns is late and the fallback is used; the next batch restarts the busy
+  process and is planned by it; a solve that raises is reported with the step;
+- trainer (4 gloo ranks, FSDP2, planner subprocess): with every solve blocked, 3 steps train on fallback plans, every
   step is counted late, every document of every batch is trained on exactly once (targets and doc
   ids in metrics.jsonl) and the losses equal 1-process training on the same batches (tolerance as
   in test_train.py: fp32, different summation order only).
@@ -47,7 +51,7 @@ def planner_factory(tmp_path, monkeypatch):
     cm = planning.load_cost_model(tiny_cost_model(tmp_path / "cm32.json", capacity=32), 4)
 
     def make(**cfg):
-        return planning.StepPlanner(planning.SolverConfig(**cfg), cm, rank=0, world_size=4)
+        return planning.StepPlanner(planning.SolverConfig(background="thread", **cfg), cm, rank=0, world_size=4)
     yield make, release, calls
     release.set()   # let the blocked background threads finish
 
@@ -84,14 +88,62 @@ def test_job_of_another_step_is_not_used(planner_factory):
     assert calls[-1] == tuple(other) and _covers_once(plan, len(other)) and planner.late == 0
 
 
-def _body(rank, world_size, cfg):
-    import threading as th
+def never_returns(lengths, cm, **kwargs):
+    """A solve that never finishes (run in the planner subprocess, which is killed at the end)."""
+    import time
+    time.sleep(3600)
 
+
+def solve_and_report_pid(lengths, cm, **kwargs):
+    """A real solve that records the pid of the process it ran in."""
+    import os
+    from dataclasses import replace
+
+    from flexsp.planning import solve_plan
+    plan = solve_plan(lengths, cm, **kwargs)
+    return replace(plan, extra={**plan.extra, "pid": os.getpid()})
+
+
+def raises(lengths, cm, **kwargs):
+    raise ValueError("no plan for you")
+
+
+def test_planner_process_late_restart_and_errors(tmp_path, monkeypatch):
+    import os
+
+    import flexsp.planning as planning
+    from solver.planner import PlanningError
+    cm = planning.load_cost_model(tiny_cost_model(tmp_path / "cm32.json", capacity=32), 4)
+    monkeypatch.setattr(planning, "SOLVE_FN", never_returns)
+    planner = planning.StepPlanner(planning.SolverConfig(time_limit=0.05, wait_s=0.01), cm, rank=0, world_size=4)
+    try:
+        planner.submit(0, LENGTHS)
+        plan, _ = planner.get(0, LENGTHS)         # not first: no start-up grace, the solve never ends
+        assert plan.status == "fallback" and planner.late == 1 and _covers_once(plan, len(LENGTHS))
+        busy_pid = planner._proc.proc.pid
+        # the next batch is planned by a fresh process (the busy one is replaced), for real
+        planner._proc.target = f"{__name__}:solve_and_report_pid"
+        planner.cfg = replace(planner.cfg, wait_s=60.0)
+        nxt = LENGTHS[::-1]
+        planner.submit(1, nxt)
+        plan, _ = planner.get(1, nxt)
+        assert planner.late == 1 and plan.status != "fallback" and _covers_once(plan, len(nxt))
+        assert plan.extra["pid"] not in (os.getpid(), busy_pid), "the solve did not run in a new subprocess"
+        planner._proc.close()
+        planner._proc.target = f"{__name__}:raises"
+        planner._proc._start()
+        planner.submit(2, nxt)
+        with pytest.raises(PlanningError, match="step 2: ValueError: no plan for you"):
+            planner.get(2, nxt)
+    finally:
+        planner.close()
+
+
+def _body(rank, world_size, cfg):
     import flexsp.planning as planning
     from flexsp.train import run
 
-    never = th.Event()                         # every solve blocks until the process exits
-    planning.plan_batch = _blocking_plan_batch(never, [])
+    planning.SOLVE_FN = never_returns          # every solve (in the planner subprocess) blocks
     s = run(cfg)
     return {"losses": s["losses"], "late": s["late_plans"]}
 
@@ -111,7 +163,7 @@ def test_trainer_continues_on_fallback_plans(tmp_path):
     ref_losses, _ = reference_training(cfg, 3)
 
     metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["status"] == "fallback" and "(fallback)" in m["method"] for m in metrics), metrics
     assert results[0]["late"] == 3
     # every document of every batch trained on exactly once

@@ -37,6 +37,7 @@ import importlib.util
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 
@@ -48,7 +49,8 @@ pytestmark = [pytest.mark.slow,
                                  reason="deepspeed is not installed (pip install -e .[dist])")]
 
 WORLD = 4
-DS = ["parallel.engine=deepspeed"]
+# every parameter partitioned: with DeepSpeed's default threshold the tiny model would stay whole
+DS = ["parallel.engine=deepspeed", "parallel.deepspeed_persistence_threshold=0"]
 
 
 def _np(state):
@@ -85,8 +87,8 @@ def _small_buckets(ds_config):
     ranks running different attention graphs (local, Ulysses, ring, zero-weight pass) must fire
     them in the same order. A bucket smaller than one weight matrix makes nearly every parameter
     its own flush, and DeepSpeed's sanity checks assert all ranks reduce the same parameters."""
-    def config(cfg, world_size):
-        d = ds_config(cfg, world_size)
+    def config(cfg, world_size, persistence_threshold=None):
+        d = ds_config(cfg, world_size, persistence_threshold)
         d["zero_optimization"].update(reduce_bucket_size=3000, enable_sanity_checks=True)
         return d
     return config
@@ -99,7 +101,7 @@ def _fixed_plan_run(cfg, steps, engine_name="deepspeed"):
 
     import flexsp.engines.deepspeed as ds_engine
     from flexsp.data import GlobalBatchSampler, build_source
-    from flexsp.engines import build_engine
+    from flexsp.engines import RandomWeights, build_engine
     from flexsp.executor import StepExecutor
     from flexsp.model import Transformer, model_config
     from flexsp.topology import SPTopology
@@ -113,12 +115,13 @@ def _fixed_plan_run(cfg, steps, engine_name="deepspeed"):
     over = dict(c["model_overrides"])
     vocab = over.pop("vocab_size", None) or source.vocab_size
     mcfg = model_config(c["model_preset"], vocab_size=int(vocab), **over)
-    model = Transformer(mcfg)
-    model.init_weights(c["train"].seed)
+    train = replace(c["train"], precision="fp32")
+    weights = RandomWeights(train.seed, mcfg.init_std, mcfg.layers)
     original = ds_engine.ds_config
     ds_engine.ds_config = _small_buckets(original)
     try:
-        engine = build_engine(engine_name, model, c["train"], world, torch.device("cpu"))
+        engine = build_engine(engine_name, lambda device: Transformer(mcfg, device=device), weights, train,
+                              c["parallel"], world, torch.device("cpu"))
     finally:
         ds_engine.ds_config = original
     zero = engine.engine.optimizer
@@ -127,8 +130,8 @@ def _fixed_plan_run(cfg, steps, engine_name="deepspeed"):
     losses, norms, idle = [], [], 0
     for plan, batch in zip(_fixed_plans([len(b.doc_ids) for b in batches]), batches):
         res = executor.run(plan, batch)
-        norms.append(engine.step())
-        stats = torch.tensor([res.loss_sum, res.targets], dtype=torch.float64)
+        norms.append(float(engine.step()))
+        stats = torch.stack([res.loss_sum.double(), res.targets.double()])
         dist.all_reduce(stats)
         losses.append(float(stats[0] / stats[1]))
         idle += res.idle_passes

@@ -36,5 +36,5 @@ def hybrid_attention(q, k, v, meta, group, causal=True, backend=None, scale=None
     nxt = global_rank(group, ((j + 1) % r) * u + i)
     prv = global_rank(group, ((j - 1) % r) * u + i)
     out = ring_attention(qh, kh, vh, meta.slot_chunk_lens, group, j, r, nxt, prv,
-                         causal=causal, scale=scale, backend=backend)
+                         causal=causal, scale=scale, backend=backend, plan=meta.ring_plan(q.device))
     return gather_heads(out, group, u)

@@ -55,8 +55,10 @@ from .local import attn_backward, attn_forward
 _KV_TAG, _DKV_TAG = 11, 12
 
 
-def _plan(chunk_lens, device):
-    """Index sets and cu_seqlens for full pieces (2c per doc) and halves (c per doc)."""
+def make_plan(chunk_lens, device):
+    """Index sets and cu_seqlens for full pieces (2c per doc) and halves (c per doc). Built once
+    per micro-batch (``ShardMeta.ring_plan`` caches it): every layer's forward and backward reuse
+    it."""
     cu_full, cu_half, head, tail, off = [0], [0], [], [], 0
     for c in chunk_lens:
         cu_full.append(cu_full[-1] + 2 * c)
@@ -86,9 +88,9 @@ class RingAttention(torch.autograd.Function):
     backward: ring KV rotation + block backward, dk/dv accumulators rotated home."""
 
     @staticmethod
-    def forward(ctx, q, k, v, chunk_lens, ring, causal, scale, backend):
+    def forward(ctx, q, k, v, plan, ring, causal, scale, backend):
         group, j, r, nxt, prv = ring
-        cu_full, cu_half, head, tail = _plan(chunk_lens, q.device)
+        cu_full, cu_half, head, tail = plan
         T, H, D = q.shape
         hk = k.shape[1]
         out = torch.zeros(T, H, D, dtype=torch.float32, device=q.device)
@@ -113,14 +115,14 @@ class RingAttention(torch.autograd.Function):
                 kv = nxt_kv
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (chunk_lens, ring, causal, scale, backend)
+        ctx.args = (plan, ring, causal, scale, backend)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        chunk_lens, (group, j, r, nxt, prv), causal, scale, backend = ctx.args
-        cu_full, cu_half, head, tail = _plan(chunk_lens, q.device)
+        plan, (group, j, r, nxt, prv), causal, scale, backend = ctx.args
+        cu_full, cu_half, head, tail = plan
         dout, hk = dout.contiguous(), k.shape[1]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.cat([k, v], dim=1)
@@ -164,12 +166,14 @@ class RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q, k, v, chunk_lens, group, ring_index, ring_size, next_rank, prev_rank,
-                   causal=True, scale=None, backend=None):
+                   causal=True, scale=None, backend=None, plan=None):
     """Ring attention over the ring ``group``-ranks; ``next_rank``/``prev_rank`` are global.
 
     q ``[T, H, D]``, k/v ``[T, Hkv, D]`` in the head/tail layout with per-document chunk
-    lengths ``chunk_lens`` (each document occupies ``2 * c`` consecutive rows).
+    lengths ``chunk_lens`` (each document occupies ``2 * c`` consecutive rows). ``plan``: the
+    precomputed :func:`make_plan` of ``chunk_lens`` (built here when not given).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     ring = (group, ring_index, ring_size, next_rank, prev_rank)
-    return RingAttention.apply(q, k, v, tuple(chunk_lens), ring, causal, scale, backend)
+    plan = make_plan(tuple(chunk_lens), q.device) if plan is None else plan
+    return RingAttention.apply(q, k, v, plan, ring, causal, scale, backend)

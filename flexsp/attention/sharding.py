@@ -18,7 +18,7 @@ One layout covers all three modes. A group of degree ``d = ring_degree * ulysses
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,6 +59,16 @@ class ShardMeta:
     valid_mask: torch.Tensor
     position_ids: torch.Tensor
     doc_ids: torch.Tensor
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def ring_plan(self, device):
+        """Ring attention's per-document index sets (flexsp.attention.ring.make_plan), built once
+        per micro-batch (this layout) and device, not once per layer and pass."""
+        key = ("ring_plan", str(device))
+        if key not in self._cache:
+            from .ring import make_plan
+            self._cache[key] = make_plan(self.slot_chunk_lens, device)
+        return self._cache[key]
 
     @property
     def slot_chunk_lens(self) -> tuple:

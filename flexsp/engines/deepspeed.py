@@ -21,9 +21,19 @@ How the FSDP2 semantics are obtained from DeepSpeed (0.19.x, read from its sourc
   partitions (element-wise, so identical to the unpartitioned update). Clipping is DeepSpeed's
   ``gradient_clipping`` on the global norm of the summed gradients (same formula as
   ``clip_grad_norm_``: scale by ``max / (norm + 1e-6)`` when that is < 1).
-- **fp32** (no fp16/bf16 section): the fp32 master partitions equal the parameters.
-- **Every parameter partitioned** (``stage3_param_persistence_threshold = 0``): the tiny CPU models
-  would otherwise keep all parameters unpartitioned and test nothing.
+- **Precision** (``train.precision``): ``fp32`` (no bf16 section: the fp32 master partitions equal
+  the parameters); ``bf16`` = DeepSpeed's ``bf16`` section (bf16 parameters for compute, fp32
+  master partitions and AdamW states in the optimizer) with ``communication_data_type: fp32``, so
+  gradients are reduced in fp32; ``bf16-pure`` is not offered on this engine.
+- **Built partitioned**: the model is constructed under ``deepspeed.zero.Init``, so every
+  parameter is partitioned as soon as its module is built (one parameter at a time is ever whole),
+  then each rank fills only its own flat partition (``param.ds_tensor``: elements
+  ``[rank * part, (rank + 1) * part)`` of the flattened parameter) from the weight source, before
+  ``deepspeed.initialize`` copies them into the fp32 master partitions.
+- **Communication**: ``overlap_comm`` on and DeepSpeed's default persistence thresholds (small
+  parameters such as norms stay unpartitioned); ``parallel.deepspeed_persistence_threshold=0``
+  partitions every parameter (the tiny CPU test models would otherwise keep all of them whole and
+  test nothing).
 - **Lockstep:** ZeRO-3 gathers each module's parameters on the world group in forward and
   reduce-scatters gradients after every backward; the executor's zero-weight passes keep every rank
   at one forward/backward per micro-batch (see flexsp.executor). The LM head weight is used by the
@@ -34,8 +44,10 @@ How the FSDP2 semantics are obtained from DeepSpeed (0.19.x, read from its sourc
 is what lets ZeRO-3 fetch parameters touched outside their own module.
 
 Checkpoints: DeepSpeed's own ``save_checkpoint`` / ``load_checkpoint`` under
-``<checkpoint>/deepspeed`` (every rank writes its parameter/optimizer partition; resuming needs
-the same world size), which holds model, fp32 master weights, AdamW moments and the LR scheduler.
+``<checkpoint>/deepspeed`` (every rank writes its parameter/optimizer partition), which holds model,
+fp32 master weights, AdamW moments and the LR scheduler. Resuming needs the same world size: a
+checkpoint of another world size is refused with the conversion to run (DeepSpeed's universal
+checkpoint, or parallel.engine=fsdp2 whose DCP checkpoints reshard).
 """
 from __future__ import annotations
 
@@ -51,9 +63,13 @@ CKPT_SUBDIR = "deepspeed"
 CKPT_TAG = "engine"
 
 
-def ds_config(cfg, world_size: int) -> dict:
+def ds_config(cfg, world_size: int, persistence_threshold: int | None = None) -> dict:
     """The DeepSpeed config of this engine (see the module docstring for every choice)."""
-    return {
+    zero = {"stage": 3, "reduce_scatter": True, "overlap_comm": True, "contiguous_gradients": True}
+    if persistence_threshold is not None:
+        zero.update(stage3_param_persistence_threshold=int(persistence_threshold),
+                    stage3_model_persistence_threshold=int(persistence_threshold))
+    out = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "train_batch_size": world_size,
@@ -62,23 +78,23 @@ def ds_config(cfg, world_size: int) -> dict:
         "prescale_gradients": False,
         "gradient_predivide_factor": 1.0,
         "zero_allow_untested_optimizer": True,
-        "zero_optimization": {
-            "stage": 3,
-            "reduce_scatter": True,
-            "overlap_comm": False,
-            "contiguous_gradients": True,
-            "stage3_param_persistence_threshold": 0,
-            "stage3_model_persistence_threshold": 0,
-        },
+        "zero_optimization": zero,
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
+    if cfg.precision == "bf16":
+        out["bf16"] = {"enabled": True}
+        out["communication_data_type"] = "fp32"
+    elif cfg.precision != "fp32":
+        raise ValueError(f"train.precision={cfg.precision!r} is not offered with parallel.engine=deepspeed; "
+                         f"valid options: ['fp32', 'bf16']")
+    return out
 
 
 class DeepSpeedEngine:
     name = "deepspeed"
 
-    def __init__(self, model, cfg, world_size: int, device: torch.device):
+    def __init__(self, make_model, weights, cfg, parallel_cfg, world_size: int, device: torch.device):
         try:
             import deepspeed
             from deepspeed.accelerator import get_accelerator
@@ -97,16 +113,21 @@ class DeepSpeedEngine:
                                 r"reduce_scatter_tensor)` is deprecated", category=FutureWarning)
         # reuses the process group flexsp.distributed created (backend chosen there)
         deepspeed.init_distributed(dist_backend=dist.get_backend())
+        config = ds_config(cfg, world_size, getattr(parallel_cfg, "deepspeed_persistence_threshold", None))
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        with deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype, remote_device=device.type):
+            model = make_model(device)
+        fill_partitions(model, weights)
+        if model.lm_head.weight is None:   # tied: the head's forward uses the embedding's weight
+            deepspeed.zero.register_external_parameter(model.lm_head, model.embed.weight)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=list(model.parameters()),
             optimizer=lambda params: build_optimizer(params, cfg),
             lr_scheduler=lambda opt: build_scheduler(opt, cfg),
-            config=ds_config(cfg, world_size),
+            config=config,
             dist_init_required=False,
         )
-        # used by Transformer.forward (logits / loss), not by lm_head.forward
-        deepspeed.zero.register_external_parameter(model, model.output_weight)
         self.model = model
         self.module = self.engine
         # the torch AdamW that ZeRO-3 steps on its fp32 partitions (holds lr)
@@ -116,14 +137,17 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self._basic.param_groups[0]["lr"]
 
+    def begin_micro_batch(self, last: bool) -> None:
+        pass
+
     def backward(self, loss: torch.Tensor) -> None:
         # x world: ZeRO-3's reduce-scatter averages, we want the sum (exact for a power-of-two world)
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
-    def step(self) -> float:
+    def step(self):
         self.engine.step()          # boundary: clip (global norm), AdamW, LR scheduler, zero grads
         norm = self.engine.get_global_grad_norm()
-        return float(norm)
+        return norm.detach() if torch.is_tensor(norm) else torch.tensor(float(norm))
 
     # -- full parameters (tests, return_state) --------------------------------------------------
     def full_state_dict(self) -> dict:
@@ -152,3 +176,21 @@ class DeepSpeedEngine:
                                                    load_lr_scheduler_states=True)
         if load_path is None:
             raise ValueError(f"DeepSpeed could not load the checkpoint in {path}")
+
+
+@torch.no_grad()
+def fill_partitions(model, weights) -> None:
+    """Fill every ZeRO-3 partition (``param.ds_tensor``, this rank's slice of the flattened,
+    alignment-padded parameter) with exactly those elements of the full parameter; persistent
+    (unpartitioned) parameters are filled whole."""
+    for name, p in model.named_parameters():
+        numel, part = int(p.ds_numel), p.ds_tensor
+        size = int(part.ds_numel)
+        start = size * dist.get_rank(group=p.ds_process_group)
+        valid = max(0, min(start + size, numel) - start)
+        if valid:
+            weights.fill_(part.narrow(0, 0, valid), name, numel, start)
+        if valid < size:   # alignment padding past the parameter's end
+            part.narrow(0, valid, size - valid).zero_()
+        if p.data.numel() == numel:   # persistent (small) parameters are also kept whole
+            weights.fill_(p.data, name, numel, 0)

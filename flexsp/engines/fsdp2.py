@@ -1,48 +1,99 @@
-"""FSDP2 engine: ``fully_shard`` on every transformer block and on the root, over a 1-D mesh of all
-ranks. Gradients are reduce-scattered after every backward (every micro-batch) and summed
-(``set_gradient_divide_factor(1.0)``); see flexsp.executor for why all ranks stay in lockstep."""
+"""FSDP2 engine: build on ``meta`` -> ``fully_shard`` -> materialise -> fill only local shards.
+
+Units (each its own all-gather / reduce-scatter): the token embedding, every transformer block, and
+the final norm + LM head together; the root holds nothing else (tied embeddings: embedding and head
+share a weight, so they stay in the root unit together). Sharding is over all ranks (ZeRO-3), or
+HSDP with ``parallel.shard_size = s``: shard within aligned groups of ``s`` ranks, replicate across
+them (2-D mesh ``(replicate, shard)``); the gradient all-reduce across replicas runs once per step,
+on the last micro-batch (``set_requires_all_reduce``), which the cost model prices.
+
+Precision (``train.precision``): ``fp32``; ``bf16`` = fp32 master parameters and AdamW states, bf16
+compute (``MixedPrecisionPolicy(param_dtype=bf16)``), fp32 gradient reduction
+(``reduce_dtype=fp32``); ``bf16-pure`` = bf16 parameters, gradients and AdamW states (kept for
+comparison only: late small updates round away).
+
+Gradients are summed over ranks (``set_gradient_divide_factor(1.0)`` and sum-only reductions, since
+gloo has no PREMUL_SUM/AVG reduce-scatter): each rank's loss is already divided by the global
+number of target tokens. See flexsp.executor for why all ranks stay in lockstep.
+
+Checkpoints: ``torch.distributed.checkpoint`` (flexsp.checkpoint): every rank writes its own shards.
+"""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from flexsp.engines import build_optimizer, build_scheduler
+from flexsp.engines import build_optimizer, build_scheduler, precision_dtypes
+
+
+def data_parallel_mesh(device_type: str, world_size: int, shard_size: int):
+    """1-D mesh of all ranks, or the HSDP mesh ``(replicate, shard)`` when 0 < shard_size < world."""
+    if not shard_size or shard_size >= world_size:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(device_type, (world_size // shard_size, shard_size),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def shard_model(model, mesh, precision: str, reshard_after_forward: bool = True):
+    """Apply ``fully_shard`` unit by unit (see the module docstring); returns the FSDP modules."""
+    param_dtype, reduce_dtype = precision_dtypes(precision)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    units = []
+    tied = model.lm_head.weight is None
+    if not tied:
+        units.append(fully_shard(model.embed, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward))
+    for block in model.blocks:
+        units.append(fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward))
+    if not tied:
+        # norm + head are used right before backward starts: keeping them gathered saves a re-gather
+        fully_shard([model.norm, model.lm_head], mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        units.append(model.norm)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    units.append(model)
+    for m in units:
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)
+    return units
 
 
 class FSDP2Engine:
     name = "fsdp2"
 
-    def __init__(self, model, cfg, world_size: int, device: torch.device):
-        self.cfg = cfg
-        mesh = init_device_mesh(device.type, (world_size,))
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        # Sum over ranks, never average (each rank's loss is already / global targets). Sum-only
-        # reductions plus a divide factor of 1: gloo has no PREMUL_SUM/AVG reduce-scatter.
-        for m in [*model.blocks, model]:
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)
+    def __init__(self, make_model, weights, train_cfg, parallel_cfg, world_size: int, device: torch.device):
+        """``make_model(device)`` builds the (unsharded) Transformer; it is called with ``meta``.
+        ``weights.fill_(dest, name, numel, start)`` fills a parameter's flat element range."""
+        self.cfg, self.device = train_cfg, device
+        self.precision = train_cfg.precision
+        shard_size = getattr(parallel_cfg, "shard_size", 0)
+        self.mesh = data_parallel_mesh(device.type, world_size, shard_size)
+        self.hsdp = self.mesh.ndim == 2
+        with torch.device("meta"):
+            model = make_model(torch.device("meta"))
+        self.units = shard_model(model, self.mesh, self.precision)
+        model.to_empty(device=device)
+        fill_local_shards(model, weights)
         self.module = model
-        self.optimizer = build_optimizer(model.parameters(), cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.optimizer = build_optimizer(model.parameters(), train_cfg)
+        self.scheduler = build_scheduler(self.optimizer, train_cfg)
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def begin_micro_batch(self, last: bool) -> None:
+        """HSDP: all-reduce gradients across replicas only with the step's last micro-batch."""
+        if self.hsdp:
+            self.module.set_requires_all_reduce(last)
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
+        """Clip, AdamW, schedule, zero grads; returns the pre-clip global gradient norm as a device
+        tensor (no host sync here: the caller reads it once per step)."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
@@ -53,24 +104,45 @@ class FSDP2Engine:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
-    # -- checkpoints: full (unsharded) state on rank 0, loaded by every rank ----------------------
-    _OPTS = dict(full_state_dict=True, cpu_offload=True)
+    # -- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Sharded (DTensor) model + optimizer state for ``torch.distributed.checkpoint``."""
+        return {"model": get_model_state_dict(self.module),
+                "optim": get_optimizer_state_dict(self.module, self.optimizer)}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_model_state_dict(self.module, state["model"])
+        set_optimizer_state_dict(self.module, self.optimizer, state["optim"])
 
     def full_state_dict(self) -> dict:
-        return get_model_state_dict(self.module, options=StateDictOptions(**self._OPTS))
+        """Unsharded fp32 parameters on every rank's CPU (collective; tests and exports)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                           broadcast_from_rank0=False))
 
-    def save(self, directory: Path) -> None:
-        model_sd = get_model_state_dict(self.module, options=StateDictOptions(**self._OPTS))
-        optim_sd = get_optimizer_state_dict(self.module, self.optimizer, options=StateDictOptions(**self._OPTS))
-        if dist.get_rank() == 0:
-            torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict()},
-                       directory / "engine.pt")
+    def local_bytes(self) -> dict:
+        """Bytes this rank holds of parameters (its shards), for memory reports."""
+        total = 0
+        for p in self.module.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            total += local.numel() * local.element_size()
+        return {"params": total}
 
-    def load(self, directory: Path) -> None:
-        state = torch.load(directory / "engine.pt", map_location="cpu", weights_only=False)
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.module, state["model"], options=opts)
-        set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"], options=opts)
-        self.scheduler.load_state_dict(state["scheduler"])
+
+@torch.no_grad()
+def fill_local_shards(model, weights) -> None:
+    """Every parameter's local shard (a dim-0 row range of a DTensor, or a full tensor) filled by
+    ``weights`` with exactly the elements it holds in the full tensor."""
+    import math
+
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    for name, p in model.named_parameters():
+        if hasattr(p, "to_local"):
+            _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            local = p.to_local()
+            if local.numel():
+                weights.fill_(local, name, p.numel(), offset[0] * math.prod(p.shape[1:]))
+        else:
+            weights.fill_(p.data, name, p.numel(), 0)

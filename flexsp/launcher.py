@@ -1,0 +1,203 @@
+"""``flexsp-train``: compose the config, then train in this process or launch the ranks.
+
+    flexsp-train [hydra overrides]                          # one process (a 1-rank world), or a
+                                                            # worker under torchrun / Ray
+    flexsp-train --nproc-per-node 4 [torchrun options] [hydra overrides]
+    flexsp-train --help                                     # config groups, keys and launcher options
+    flexsp-train --cfg [hydra overrides]                    # print the resolved config and exit
+
+With torchrun options (``--nproc-per-node``, ``--nnodes``, ``--rdzv-endpoint``, ``--max-restarts``,
+...; torchrun's own parser reads them) this process is the launcher: the config is composed and
+validated here first (a bad value is one line and exit status 2 before any rank starts), then
+torchrun's elastic agent runs ``python -m flexsp.train`` on every rank, in-process, with its log
+quieted: a rank that fails prints its own one line (flexsp.failure) and the launcher exits with its
+status, without torchrun's summary. Plain ``torchrun ... -m flexsp.train`` works too (torchrun then
+adds its own summary of a failed rank).
+
+Exit status: 0 done, 2 a user error (bad config value, missing or corrupt file, ...), 1 a bug (its
+traceback is printed once), 3 a rank stopped because another rank failed, 130/143 interrupted by
+SIGINT/SIGTERM after writing a checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PROG = "flexsp-train"
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _say(msg: str) -> None:
+    if _rank() == 0:
+        print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+
+
+NO_VALUE_OPTIONS = {"--standalone", "--no-python", "--no_python", "--run-path", "--run_path"}
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
+    """(torchrun options, hydra overrides, flexsp flags ``help`` / ``cfg``) of the command line."""
+    launcher, overrides, flags = [], [], set()
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-h", "--help"):
+            flags.add("help")
+        elif a == "--cfg":
+            flags.add("cfg")
+        elif a == "--":
+            overrides += argv[i + 1:]
+            break
+        elif a.startswith("--"):
+            launcher.append(a)
+            if ("=" not in a and a not in NO_VALUE_OPTIONS and i + 1 < len(argv)
+                    and not argv[i + 1].startswith("-") and not _is_override(argv[i + 1])):
+                launcher.append(argv[i + 1])
+                i += 1
+        else:
+            overrides.append(a)
+        i += 1
+    return launcher, overrides, flags
+
+
+def _is_override(a: str) -> bool:
+    """Hydra overrides look like key=value, +key=value, ~key, group=option."""
+    body = a.lstrip("+~")
+    return "=" in body and not a.startswith("--")
+
+
+def compose(overrides: list[str]) -> dict:
+    """The resolved config (plain dict); ValueError with one line for a bad override."""
+    from hydra import compose as h_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = h_compose(config_name="config", overrides=list(overrides))
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ValueError(_hydra_message(exc, overrides)) from None
+
+
+def _hydra_message(exc, overrides) -> str:
+    text = " ".join(str(exc).split())
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        group_dir = CONFIG_DIR / key
+        if group_dir.is_dir() and f"'{key}/{value}'" in text:
+            options = sorted(p.stem for p in group_dir.glob("*.yaml"))
+            return f"{key}={value}: no such config; valid options for {key}: {options}"
+        if f"'{key}'" in text and "Could not override" in text:
+            section, _, leaf = key.rpartition(".")
+            return (f"unknown config key {key!r}{' in section ' + section if section else ''}; use one of the "
+                    f"keys in configs/ (flexsp-train --help lists them), or +{key}=... to add a new one")
+    return f"bad override: {text}"
+
+
+def print_help() -> None:
+    groups = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in sorted(CONFIG_DIR.iterdir()) if p.is_dir()
+              and p.name != "costmodels"}
+    print(__doc__)
+    print("Config groups (group=option):")
+    for g, opts in groups.items():
+        print(f"  {g}: {', '.join(opts)}")
+    print("Keys: every field of flexsp.config.TrainConfig (train.*), ParallelConfig (parallel.*),\n"
+          "flexsp.planning.SolverConfig (solver.*), flexsp.data.DataConfig (data.*), flexsp.model.ModelConfig\n"
+          "(model.*) and output_dir; each is documented where it is defined. `--cfg` prints the resolved config.")
+
+
+def main(argv: list[str]) -> int:
+    launcher, overrides, flags = split_args(argv)
+    if "help" in flags:
+        print_help()
+        return 0
+    try:
+        cfg = compose(overrides)
+        if "cfg" in flags:
+            from omegaconf import OmegaConf
+            print(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+            return 0
+        from flexsp.config import parse_config
+        c = parse_config(cfg)                      # typed and validated before anything starts
+    except ValueError as exc:
+        _say(" ".join(str(exc).split()))
+        return 2
+    if launcher and "RANK" not in os.environ:
+        from flexsp.train import check_output_dir
+        try:
+            check_output_dir(c["output_dir"])
+        except ValueError as exc:
+            _say(str(exc))
+            return 2
+        return _launch(launcher, overrides)
+    return _run_here(cfg)
+
+
+def _run_here(cfg) -> int:
+    import torch.distributed as dist
+
+    from flexsp.failure import report
+    from flexsp.train import run
+    code = 0
+    try:
+        summary = run(cfg)
+        if summary.get("interrupted"):
+            code = 143 if summary["interrupted"] == "SIGTERM" else 130
+    except KeyboardInterrupt:
+        if _rank() == 0:
+            print(f"{PROG}: interrupted before training started (no checkpoint written)", file=sys.stderr, flush=True)
+        code = 130
+    except BaseException as exc:   # noqa: BLE001 - every failure becomes one report and a status
+        first = getattr(exc, "flexsp_first", None)
+        printer = first if first is not None else _rank() == 0
+        code = report(exc, PROG, printer=printer)
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+    return code
+
+
+def _launch(launcher: list[str], overrides: list[str]) -> int:
+    """torchrun's elastic agent in this process, its log quieted; the failed rank's status."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")       # torchrun would warn and set it
+    if not os.environ.get("FLEXSP_LAUNCHER_VERBOSE"):
+        for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        args = get_args_parser().parse_args([*launcher, "-m", "flexsp.train", *overrides])
+    except SystemExit as exc:
+        return int(exc.code or 2)
+    config, cmd, cmd_args = config_from_args(args)
+    try:
+        elastic_launch(config, cmd)(*cmd_args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode < 0:
+            import signal
+            name = signal.Signals(-failure.exitcode).name
+            print(f"{PROG}: error: rank {rank} was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else ""),
+                  file=sys.stderr, flush=True)
+            return 128 - failure.exitcode
+        return failure.exitcode
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:   # torchrun's SignalException on SIGINT/SIGTERM of the launcher
+        sig = getattr(exc, "sigval", None)
+        if sig is not None:
+            return 128 + int(sig)
+        raise
+    return 0
