@@ -197,6 +197,8 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
         left = clock.left() - reserve_price - per_seq * rest
         if left <= 0:
             clock.cut = True
+            if progress is not None:
+                progress(f"time box reached after {c}/{chunks} chunks; the rest get the safety-net packing")
             break
         share = left if c == chunks - 1 else min(left, 1.5 * left / (chunks - c))
         chunk_clock = _Clock(time.perf_counter() + share, parent=clock)
@@ -214,7 +216,7 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
         if chunks == 1:
             lower_exact, proven = meta.pop("exact_bound", 0.0), meta.pop("proven", False)
         now = time.perf_counter()
-        if progress is not None and chunks > 1 and (now - last_report > 1.0 or c == chunks - 1):
+        if progress is not None and chunks > 1 and (c == 0 or now - last_report > 1.0 or c == chunks - 1):
             progress(f"planned chunk {c + 1}/{chunks} ({len(w.lengths)} sequences), "
                      f"{now - start:.1f} s of {time_limit:g} s")
             last_report = now
