@@ -242,6 +242,21 @@ def test_hf_pretokenized_ids_column_matches_the_bin_path(tmp_path):
         build_source(_hf(tmp_path, path, "byte", text_column="", ids_column="tokens"))
 
 
+def test_hf_null_rows_and_arrow_list_types(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"text": "abc"}\n{"other": 1}\n{"text": null}\n{"text": "de"}\n')
+    src = build_source(_hf(tmp_path, tmp_path / "t.jsonl", "byte"))
+    assert _docs(src) == [[97, 98, 99, 256], [100, 101, 256]] and src.meta["stats"]["null_rows"] == 2
+    for name, typ in [("large", pa.large_list(pa.int64())), ("fixed", pa.list_(pa.uint16(), 3)),
+                      ("plain", pa.list_(pa.int8()))]:
+        rows = [[1, 2, 3], None, [4, 5, 6]]
+        pq.write_table(pa.table({"input_ids": pa.array(rows, type=typ)}), tmp_path / f"{name}.parquet")
+        ids = build_source(_hf(tmp_path, tmp_path / f"{name}.parquet", "bpe", vocab_size=10))
+        assert _docs(ids) == [[1, 2, 3], [4, 5, 6]] and ids.meta["stats"]["null_rows"] == 1, name
+    pq.write_table(pa.table({"input_ids": pa.array([[1, None]], type=pa.list_(pa.int32()))}), tmp_path / "n.parquet")
+    with pytest.raises(ValueError, match=r"n.parquet: column 'input_ids' holds null token ids"):
+        build_source(_hf(tmp_path, tmp_path / "n.parquet", "bpe", vocab_size=10))
+
+
 def test_hf_streams_bounded_batches_into_a_memmap_and_caches(tmp_path, monkeypatch):
     n, batch = 50, 7
     rows = [{"text": f"document number {i} " * (1 + i % 5)} for i in range(n)]
@@ -291,7 +306,8 @@ def test_hf_bad_input_is_one_clear_error(tmp_path):
     err(pqf, r"data.parquet: no column 'text'; expected a text column 'text' \(data.text_column\) or a "
              r"token-id column 'input_ids' \(data.ids_column\); its columns: \['body', 'n'\]")
     err(pqf, r"no column 'input_ids'; expected a token-id column", text_column=None)
-    err(pqf, r"data.parquet: column 'n' has type int64, expected strings \(data.text_column\)", text_column="n")
+    err(pqf, r"data.parquet: column 'n' has type int64 \(not all values are strings\), expected strings "
+             r"\(data.text_column\)", text_column="n")
     err(pqf, r"column 'body' has type string, expected lists of integer token ids", text_column=None,
         ids_column="body", vocab_size=10)
     nested = tmp_path / "nested"
@@ -312,6 +328,10 @@ def test_hf_bad_input_is_one_clear_error(tmp_path):
     err(empty, r"empty: empty dataset \(0 rows\)")
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "none.parquet")
     err(tmp_path / "none.parquet", r"none.parquet: empty dataset \(0 rows\)")
+    (tmp_path / "none.jsonl").write_text("")
+    err(tmp_path / "none.jsonl", r"none.jsonl: empty dataset \(0 rows\)")
+    (tmp_path / "mixed.jsonl").write_text('{"text": "a"}\n{"text": 5}\n')
+    err(tmp_path / "mixed.jsonl", r"mixed.jsonl: column 'text' has type .* \(not all values are strings\)")
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": []}),
                           "test": datasets.Dataset.from_dict({"text": ["a b"]})}).save_to_disk(str(tmp_path / "ed"))
     err(tmp_path / "ed", r"ed/train: empty dataset \(0 rows\)")

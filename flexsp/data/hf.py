@@ -125,8 +125,10 @@ def open_input(inp: HFInput, split: str, cache_dir: str):
     files = [str(f) for f in inp.paths]
     if inp.kind == "parquet":  # datasets fails on zero-row Parquet files: leave them out
         files = [f for f in files if _parquet_rows(Path(f)) > 0]
-        if not files:
-            raise ValueError(f"{inp.name}: empty dataset (0 rows)")
+    elif inp.kind == "json":  # ... and on empty JSON files
+        files = [f for f in files if Path(f).stat().st_size > 0]
+    if not files:
+        raise ValueError(f"{inp.name}: empty dataset (0 rows)")
     try:
         if inp.kind == "disk":
             ds = datasets.load_from_disk(str(directory), keep_in_memory=False)
@@ -209,7 +211,8 @@ def _texts(table, column: str, inp: HFInput) -> list:
     col = table.column(column)
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
             or pa.types.is_string_view(col.type)):
-        raise ValueError(f"{inp.name}: column {column!r} has type {col.type}, expected strings "
+        raise ValueError(f"{inp.name}: column {column!r} has type {col.type} (not all values are "
+                         f"strings), expected strings "
                          f"(data.text_column); for token ids set data.text_column=null and "
                          f"data.ids_column={column!r}")
     return col.to_pylist()
@@ -218,6 +221,7 @@ def _texts(table, column: str, inp: HFInput) -> list:
 def _id_rows(table, column: str, inp: HFInput) -> Iterator[np.ndarray | None]:
     """Row token arrays (None for null rows) of an Arrow list<int> column, without Python lists."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     col = table.column(column).combine_chunks()
     typ = col.type
     if pa.types.is_fixed_size_list(typ):
@@ -226,11 +230,12 @@ def _id_rows(table, column: str, inp: HFInput) -> Iterator[np.ndarray | None]:
     if not ((pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_integer(typ.value_type)):
         raise ValueError(f"{inp.name}: column {column!r} has type {typ}, expected lists of integer "
                          f"token ids (data.ids_column), e.g. list<int32>")
-    if col.values.null_count:
+    flat = col.flatten()  # the values of the non-null rows, in order
+    if flat.null_count:
         raise ValueError(f"{inp.name}: column {column!r} holds null token ids")
-    values = col.values.to_numpy(zero_copy_only=False)
-    offsets = col.offsets.to_numpy()
-    valid = ~col.is_null().to_numpy(zero_copy_only=False)
+    values = flat.to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(col).fill_null(0).to_numpy())])
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
     for i in range(len(col)):
         yield values[offsets[i]:offsets[i + 1]] if valid[i] else None
 
