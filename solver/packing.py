@@ -82,23 +82,48 @@ def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1
     giant's time. Vectorised over open groups with NumPy.
     """
     n_dev, cap, degrees, lat = wl.cm.num_devices, wl.cap, wl.degrees, wl.latency
-    max_groups = max_mbs * n_dev
+    order = np.asarray(order, dtype=np.int64)
+    n = len(order)
+    max_groups = min(max_mbs * n_dev, n)
     g_mb = np.zeros(max_groups, dtype=np.int64)
     g_k = np.zeros(max_groups, dtype=np.int64)
+    g_cap = np.zeros(max_groups)
     g_load = np.zeros(max_groups)
     g_tok = np.zeros(max_groups, dtype=np.int64)
     g_captok = np.zeros(max_groups, dtype=np.int64)
     mb_cap = np.zeros(max_mbs)
     mb_free = np.zeros(max_mbs, dtype=np.int64)
     members: list[list[int]] = []
+    # Groups that no remaining sequence can join (load slack below the least remaining time at
+    # their degree, or token room below the shortest remaining length) leave the scan: the same
+    # result as scanning every group, in time that no longer grows with the groups already full.
+    suf_len = np.minimum.accumulate(wl.lengths[order][::-1])[::-1]
+    suf_time = np.minimum.accumulate(wl.time[:, order][:, ::-1], axis=1)[:, ::-1]
+    alive = np.zeros(max_groups, dtype=np.int64)
+    na = 0
     ng = nm = 0
-    for i in order:
-        L = int(wl.lengths[i])
-        t = wl.time[:, i]
-        if ng and _join_best_fit(i, L, t, mb_cap[g_mb[:ng]], g_k, g_load, g_tok, g_captok, members, ng):
-            continue
+    lengths, fits, time_ = wl.lengths, wl.fits, wl.time
+    for pos, i in enumerate(order.tolist()):
+        if pos % 64 == 0 and na:
+            act = alive[:na]
+            keep = (g_cap[act] - g_load[act] >= suf_time[g_k[act], pos]) & (g_captok[act] - g_tok[act] >= suf_len[pos])
+            na = int(keep.sum())
+            alive[:na] = act[keep]
+        L = int(lengths[i])
+        t = time_[:, i]
+        if na:
+            act = alive[:na]
+            add = t[g_k[act]]
+            slack = g_cap[act] - g_load[act] - add
+            ok = (slack >= 0) & (g_tok[act] + L <= g_captok[act])
+            if ok.any():
+                j = int(act[int(np.argmin(np.where(ok, slack, np.inf)))])
+                g_load[j] += t[g_k[j]]
+                g_tok[j] += L
+                members[j].append(i)
+                continue
         target = -1
-        feas = np.flatnonzero(wl.fits[:, i])
+        feas = np.flatnonzero(fits[:, i])
         for k in feas:
             room = (mb_free[:nm] >= degrees[k]) & (t[k] + lat[k] <= mb_cap[:nm])
             if room.any():
@@ -118,9 +143,12 @@ def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1
                 mb_cap[nm] = max(t[k], tau)
             mb_free[nm] = n_dev
             target, nm = nm, nm + 1
-        g_mb[ng], g_k[ng], g_load[ng], g_tok[ng], g_captok[ng] = target, k, wl.time[k, i] + lat[k], L, degrees[k] * cap
+        g_mb[ng], g_k[ng], g_load[ng], g_tok[ng], g_captok[ng] = target, k, time_[k, i] + lat[k], L, degrees[k] * cap
+        g_cap[ng] = mb_cap[target]
         mb_free[target] -= degrees[k]
         members.append([i])
+        alive[na] = ng
+        na += 1
         ng += 1
     mbs = [MicroBatch(cap=float(mb_cap[j]), free=int(mb_free[j])) for j in range(nm)]
     for j in range(ng):
