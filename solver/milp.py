@@ -31,6 +31,7 @@ Two models, each used where it is tractable:
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,7 +126,10 @@ def _solve_pulp(model: MilpModel, time_limit: float, node_limit: int, gap: float
         lb = None if not np.isfinite(model.lb[j]) else float(model.lb[j])
         ub = None if not np.isfinite(model.ub[j]) else float(model.ub[j])
         cat = pulp.LpInteger if model.integrality[j] else pulp.LpContinuous
-        xs.append(pulp.LpVariable(f"x{j}", lowBound=lb, upBound=ub, cat=cat))
+        if hasattr(prob, "add_variable"):    # PuLP >= 3.3; LpVariable(...) alone is deprecated there
+            xs.append(prob.add_variable(f"x{j}", lowBound=lb, upBound=ub, cat=cat))
+        else:
+            xs.append(pulp.LpVariable(f"x{j}", lowBound=lb, upBound=ub, cat=cat))
     prob += pulp.lpSum(float(v) * xs[j] for j, v in enumerate(model.c) if v)
     A = model.A.tocsr()
     for r in range(A.shape[0]):
@@ -142,7 +146,9 @@ def _solve_pulp(model: MilpModel, time_limit: float, node_limit: int, gap: float
     kwargs = {"msg": False, "timeLimit": max(float(time_limit), 0.01), "gapRel": mip_gap_floor(gap)}
     if solver_name == "PULP_CBC_CMD":
         kwargs.update(maxNodes=int(node_limit), threads=1)
-    solver = pulp.getSolver(solver_name, **kwargs)
+    with warnings.catch_warnings():   # PuLP 3.3 flags PULP_CBC_CMD for removal in 4.0: still the bundled CBC
+        warnings.simplefilter("ignore", DeprecationWarning)
+        solver = pulp.getSolver(solver_name, **kwargs)
     t_solve = time.perf_counter()
     prob.solve(solver)
     solve_s = time.perf_counter() - t_solve
