@@ -101,7 +101,11 @@ def resolve_inputs(entries: list[str]) -> list[HFInput]:
 def _import_datasets():
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import datasets
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ValueError(f"data.source='hf' needs the datasets package ({exc}); install it with "
+                         f"pip install datasets") from exc
     datasets.disable_progress_bars()
     return datasets
 
