@@ -47,10 +47,11 @@ def make_checkpoint(root: Path, model: Transformer, step: int = 7, tokenizer=Non
 def _trained_model(**kw) -> Transformer:
     model = Transformer(model_config("tiny", vocab_size=100, **kw))
     model.init_weights(11)
+    g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith(("norm.weight", ".bias")):
-                p.add_(torch.randn_like(p) * 0.1)
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
     return model
 
 
@@ -132,3 +133,32 @@ def test_export_errors_are_one_line_exit_2(tmp_path, capsys):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and shard.name in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def _ds_body(rank, world_size, root):
+    import deepspeed
+
+    model = _trained_model(tie_embeddings=True)
+    config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world_size,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                    "stage3_model_persistence_threshold": 0},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10**12}
+    deepspeed.init_distributed(dist_backend="gloo")
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                      optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3), config=config,
+                                      dist_init_required=False)
+    step = Path(root) / "step_000003"
+    engine.save_checkpoint(str(step / "deepspeed"), tag="engine", save_latest=False)
+    if rank == 0:
+        torch.save({"step": 3, "config": {"model": {"preset": "tiny", "hf_checkpoint": None}},
+                    "model_config": dataclasses.asdict(model.config), "tokenizer": None}, step / "trainer.pt")
+    return True
+
+
+@pytest.mark.slow
+def test_export_deepspeed_zero3_checkpoint(tmp_path):
+    pytest.importorskip("deepspeed")
+    from dist_harness import run_distributed
+    run_distributed(_ds_body, world_size=2, args=(str(tmp_path),), timeout=300, env={"DS_ACCELERATOR": "cpu"})
+    assert main([str(tmp_path / "step_000003"), str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    _logits_equal(_trained_model(tie_embeddings=True), tmp_path / "hf")
