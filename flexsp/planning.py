@@ -45,7 +45,7 @@ class SolverConfig:
     """Extra seconds the trainer waits at the step boundary for a late plan before falling back."""
     fallback: str = "greedy-hybrid-cp"
     """Fast planner used when the solve is late: one of solver.baselines.BASELINES."""
-    background: str = "process"
+    background: str | bool = "process"
     """Where rank 0 plans step t+1 while step t trains: process (a planner subprocess) | thread |
     off (synchronously at the step boundary)."""
     milp_backend: str = "highs"

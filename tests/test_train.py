@@ -4,6 +4,9 @@
   (a cost model with 32 tokens per rank and documents up to 100 tokens force it) give the same per-step losses and final
   parameters as 1-process training on the same batches;
 - static mode (degree 2) gives the same losses too;
+- bf16 mixed precision (fp32 master parameters and AdamW states, bf16 compute, fp32 gradient
+  reduction) on the same plans stays within bf16 rounding of the fp32 reference, and its resume
+  from the step-2 checkpoint equals its uninterrupted run;
 - resume: restarting from the step-2 checkpoint of that run reproduces its step 3 and parameters;
 - bad input: a config asking for more ranks than exist, a static degree above the world size, a
   document longer than the cluster holds, an empty corpus: clear errors on every rank, no hang.
@@ -17,6 +20,14 @@ embed.weight[224, 43], differs by 4.2e-5 with eps=1e-6, lr=1e-2; every other ele
 Asserted, as in test_train_deepspeed.py: every element within atol 1e-4 (lr / 100) and every
 tensor's relative Frobenius difference below 1e-4. A wrong loss scale or a lost micro-batch moves
 most elements by ~lr (1e-2), two orders of magnitude beyond.
+
+bf16 against the fp32 reference: activations and matmul outputs are rounded to bf16 (unit roundoff
+2^-8 = 3.9e-3) while the loss is an fp32 mean over ~1000 target tokens, so per-token rounding
+mostly averages out: measured |loss difference| 4.6e-5 at step 1 and 2.4e-4 at steps 2-3 (the
+parameters drift apart by bf16-rounded updates). Asserted atol 1e-3: four times the measured drift,
+while a wrong gradient scale or a lost micro-batch changes the step-2/3 loss by the size of a whole
+update (measured 1.2e-2 between steps 1 and 2). The bf16 resume runs the same computations from
+restored fp32 master weights, so it matches its uninterrupted run to 1e-6.
 """
 import json
 
@@ -54,6 +65,8 @@ def _body(rank, world_size, cfgs):
     s = run(cfgs["resume"], return_state=True)
     out["resume"] = {"losses": s["losses"], "start": s["start_step"], "state": _np(s.get("state_dict")) if rank == 0 else None}
     out["static"] = {"losses": run(cfgs["static"])["losses"]}
+    out["bf16"] = {"losses": run(cfgs["bf16"])["losses"]}
+    out["bf16_resume"] = {"losses": run(cfgs["bf16_resume"])["losses"]}
     out["errors"] = {name: _expect_error(cfgs[name], *needles) for name, needles in (
         ("too_many_ranks", ["parallel.world_size=8", "started 4"]),
         ("static_degree", ["static_degree=8", "[1, 2, 4]"]),
@@ -72,6 +85,9 @@ def test_train_4_ranks_matches_single_process(tmp_path):
         "resume": compose(base_overrides(tmp_path / "resumed", cm,
                                          extra=[f"train.resume={a_dir}/checkpoints/step_000002"])),
         "static": compose(base_overrides(tmp_path / "static", cm, extra=["parallel=static", "parallel.static_degree=4"])),
+        "bf16": compose(base_overrides(tmp_path / "bf16", cm, extra=["train.precision=bf16", "train.checkpoint_every=2"])),
+        "bf16_resume": compose(base_overrides(tmp_path / "bf16_resumed", cm, extra=[
+            "train.precision=bf16", f"train.resume={tmp_path}/bf16/checkpoints/step_000002"])),
         "too_many_ranks": compose(base_overrides(tmp_path / "e1", cm, extra=["parallel.world_size=8"])),
         "static_degree": compose(base_overrides(tmp_path / "e2", cm, extra=["parallel=static", "parallel.static_degree=8"])),
         "too_long": compose(base_overrides(tmp_path / "e3", tiny_cost_model(tmp_path / "cm8.json", 8))),
@@ -92,6 +108,11 @@ def test_train_4_ranks_matches_single_process(tmp_path):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
         got = [rank_out["static"]["losses"][s] for s in range(3)]
         torch.testing.assert_close(torch.tensor(got), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+        bf16 = [rank_out["bf16"]["losses"][s] for s in range(3)]
+        torch.testing.assert_close(torch.tensor(bf16), torch.tensor(ref_losses), rtol=0, atol=1e-3)
+        assert bf16 != got, "bf16 training computed exactly the fp32 losses: no bf16 compute happened"
+        torch.testing.assert_close(torch.tensor(rank_out["bf16_resume"]["losses"][2]), torch.tensor(bf16[2]),
+                                   rtol=1e-6, atol=1e-6)
     state = {k: torch.from_numpy(v) for k, v in r0["adaptive"]["state"].items()}
     resumed = {k: torch.from_numpy(v) for k, v in r0["resume"]["state"].items()}
     assert set(state) == set(ref_state)
