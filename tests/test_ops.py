@@ -299,3 +299,36 @@ def test_dispatch_liger_on_cpu_is_rejected_outside_interpreter(monkeypatch):
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------- RoPE scaling
+
+
+def test_rope_scaling_tables():
+    pos = packed_positions([5, 40])
+    base_c, base_s = ops.rope_cos_sin(pos, 16, 10000.0)
+    # linear: angles of position p / factor
+    lc, _ = ops.rope_cos_sin(pos, 16, 10000.0, scaling={"rope_type": "linear", "factor": 4.0})
+    ref, _ = ops.rope_cos_sin(pos.float() / 4.0, 16, 10000.0)
+    torch.testing.assert_close(lc, ref, **FP32_TOL)
+    # yarn: cos/sin carry the attention factor 0.1 ln(factor) + 1
+    yc, ys = ops.rope_cos_sin(pos, 16, 10000.0, scaling={"rope_type": "yarn", "factor": 4.0,
+                                                         "original_max_position_embeddings": 16})
+    att = 0.1 * math.log(4.0) + 1.0
+    torch.testing.assert_close(yc[0], torch.full((16,), att))
+    torch.testing.assert_close((yc ** 2 + ys ** 2), torch.full_like(yc, att * att), **FP32_TOL)
+    # dynamic: per-token document length; documents within max_position_embeddings = plain RoPE
+    dyn = {"rope_type": "dynamic", "factor": 2.0}
+    lens = torch.tensor([5] * 5 + [40] * 40)
+    dc, _ = ops.rope_cos_sin(pos, 16, 10000.0, scaling=dyn, max_position_embeddings=16, seq_lens=lens)
+    torch.testing.assert_close(dc[:5], base_c[:5], **FP32_TOL)
+    alone, _ = ops.rope_cos_sin(pos[5:], 16, 10000.0, scaling=dyn, max_position_embeddings=16,
+                                seq_lens=torch.full((40,), 40))
+    torch.testing.assert_close(dc[5:], alone, rtol=0, atol=0)
+    assert not torch.allclose(dc[5:], base_c[5:], atol=1e-3)
+    with pytest.raises(ValueError, match="seq_lens"):
+        ops.rope_cos_sin(pos, 16, scaling=dyn, max_position_embeddings=16, seq_lens=lens[:3])
+    with pytest.raises(ValueError, match="longrope"):
+        ops.rope_cos_sin(pos, 16, scaling={"rope_type": "longrope"})
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ops.rope_cos_sin(pos, 16, scaling=dyn, seq_lens=lens)
