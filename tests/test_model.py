@@ -365,3 +365,9 @@ def test_lm_labels_and_positions_accept_lists_and_empty_documents():
     for cu in ([0, 0, 3, 3, 5, 6], torch.tensor([0, 0, 3, 3, 5, 6])):
         assert lm_labels(ids, cu).tolist() == [11, 12, -100, 21, -100, -100, -100]
         assert positions_from_cu_seqlens(cu, total=7).tolist() == [0, 1, 2, 0, 1, 0, 0]
+    from flexsp.model import shard_inputs
+    model = Transformer(model_config("tiny"))
+    toks = torch.randint(0, 512, (12,), generator=torch.Generator().manual_seed(0))
+    a, b = shard_inputs(toks, [0, 5, 12]), shard_inputs(toks, torch.tensor([0, 5, 12], dtype=torch.int32))
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.positions, b.positions)
+    torch.testing.assert_close(a.logits(model), b.logits(model), rtol=0, atol=0)
