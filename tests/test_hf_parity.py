@@ -17,8 +17,11 @@ tokens) and are longer and shorter than the sliding window (8).
 
 Tolerances: fp32 on both sides, same math in a different order (our fused/chunked linear
 cross-entropy, per-document SDPA vs eager softmax, GQA via expand vs repeat_kv): differences are a
-few ulps of O(1) values propagated through 2 layers; measured max |diff| is ~1e-6 for logits and
-~1e-6 for gradients (printed with -s); the asserts allow 1e-4 absolute / 1e-4 relative.
+few ulps of O(1) values propagated through 2 layers. Measured (printed with -s), over all cases:
+logits max |diff| <= 8.4e-7, gradients <= 9.6e-6, summed loss (~320 over 65 targets) <= 3.1e-5
+absolute (1e-7 relative). Asserted: logits and gradients within 1e-4 absolute + 1e-4 relative,
+loss within 1e-4 relative -- 10-100x the measured rounding, far below what a wrong frequency,
+mask, bias or norm causes (O(0.1-1) logit differences).
 """
 from __future__ import annotations
 
