@@ -245,6 +245,7 @@ def test_sharded_checkpoint_reader_rows_elements_and_errors(tmp_path):
     other = Transformer(model_config("tiny", vocab_size=128, attention_bias=True, hidden=64, intermediate=64))
     with pytest.raises(ValueError, match="shape mismatches.*w_gate"):
         reader.load_into_(other)
+    reader.check(Transformer(config_from_hf(tmp_path / "m"), device="meta"))   # meta: global shapes, fine
     nobias = Transformer(config_from_hf(tmp_path / "m", attention_bias=False))
     with pytest.raises(ValueError, match="unexpected keys.*q_proj.bias"):
         reader.load_into_(nobias)

@@ -360,14 +360,16 @@ class HFCheckpointReader:
 
     def check(self, module: torch.nn.Module) -> None:
         """ValueError naming every missing key, unexpected key and shape mismatch of the
-        checkpoint against ``module``'s parameters (global shapes, also for DTensors)."""
-        params = dict(module.named_parameters())
+        checkpoint against ``module``'s parameters (global shapes: also for meta tensors, FSDP2
+        DTensors and DeepSpeed ZeRO-3 partitioned parameters, whose ``ds_shape`` is used). Call it
+        before filling shards with :meth:`read_elements` / :meth:`read_rows`."""
+        params = {n: tuple(getattr(p, "ds_shape", None) or p.shape) for n, p in module.named_parameters()}
         tied = "lm_head.weight" not in params and "embed.weight" in params
         missing = [n for n in params if n not in self.names]
         unexpected = [self.names[n] for n in self.names if n not in params
                       and not (tied and n == "lm_head.weight")] + self.unknown
-        shapes = [f"{n}: checkpoint {self.shape(n)} vs model {tuple(p.shape)}"
-                  for n, p in params.items() if n in self.names and self.shape(n) != tuple(p.shape)]
+        shapes = [f"{n}: checkpoint {self.shape(n)} vs model {shape}"
+                  for n, shape in params.items() if n in self.names and self.shape(n) != shape]
         msgs = []
         if missing:
             msgs.append(f"missing keys (HF names): {[hf_name(n) for n in missing]}")
