@@ -4,6 +4,7 @@ plans here, so they are laid out and priced identically.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,9 +60,10 @@ def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: 
     Vectorised: one NumPy reduction per (degree, mode) prices every group of the plan."""
     pricer = _Pricer(lengths, cm)
     modes: dict[int, str] = {}
-    laid = []       # per micro-batch: [(sp, start, ids array, mode)]
+    laid = []       # per micro-batch: [(sp, start, sorted ids, mode)]
     for assignment in micro_batches:
-        groups = [(int(sp), np.sort(np.asarray(ids, dtype=np.int64))) for sp, ids in assignment if len(ids)]
+        groups = [(int(sp), sorted(ids.tolist() if isinstance(ids, np.ndarray) else map(int, ids)))
+                  for sp, ids in assignment if len(ids)]
         if not groups:
             continue
         starts = layout_ranks([sp for sp, _ in groups], cm.num_devices)
@@ -84,20 +86,20 @@ def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: 
     for (sp, mode), members in by_key.items():
         if (sp, mode) not in pricer.cache:
             pricer.cache[sp, mode] = cm.seq_time_ms(pricer.L, sp, mode)
-        ids = [flat[n][2] for n in members]
-        cat = np.concatenate(ids)
-        offsets = np.cumsum([0] + [len(x) for x in ids[:-1]])
+        sizes = [len(flat[n][2]) for n in members]
+        cat = np.fromiter(itertools.chain.from_iterable(flat[n][2] for n in members), dtype=np.int64, count=sum(sizes))
+        offsets = np.cumsum([0] + sizes[:-1])
         times[members] = np.add.reduceat(pricer.cache[sp, mode][cat], offsets) + cm.group_overhead_ms(sp, mode)
         tokens[members] = np.add.reduceat(pricer.lengths[cat], offsets)
+    sps = np.array([g[0] for g in flat], dtype=np.float64)
+    memory = np.round(cm.model_states_mb + cm.act_mb_per_token * tokens / np.maximum(sps, 1), 2).tolist()
+    times_l, tokens_l = times.tolist(), tokens.tolist()
     mbs, n = [], 0
     for row in laid:
         built = []
         for sp, start, ids, mode in row:
-            tok = int(tokens[n])
-            built.append(GroupPlan(
-                sp=sp, ranks=tuple(range(start, start + sp)), seq_ids=tuple(ids.tolist()),
-                attention=mode, tokens=tok, predicted_ms=float(times[n]),
-                memory_mb=round(cm.memory_mb_for(tok, sp), 2)))
+            built.append(GroupPlan(sp=sp, ranks=tuple(range(start, start + sp)), seq_ids=tuple(ids), attention=mode,
+                                   tokens=tokens_l[n], predicted_ms=times_l[n], memory_mb=memory[n]))
             n += 1
         mbs.append(MicroBatchPlan(groups=tuple(built), predicted_ms=max(g.predicted_ms for g in built)))
     return Plan(num_devices=cm.num_devices, micro_batches=tuple(mbs),

@@ -54,10 +54,11 @@ NUM_BUCKETS = 16
 EXTRA_MICRO_BATCHES = 4
 
 
-def chunk_global_batch(lengths: np.ndarray, order: list[int], m: int) -> list[list[int]]:
+def chunk_global_batch(lengths: np.ndarray, order: list[int], m: int, should_stop=None) -> list[list[int]] | None:
     """Split ``order`` (ids, longest first) into m contiguous chunks minimising the largest token sum.
 
     The official DP: dp[i][k] = min over j of max(dp[j][k-1], tokens(j..i)), first minimiser kept.
+    ``should_stop`` (optional, asked once per chunk count k): True abandons the DP (returns None).
     """
     n = len(order)
     prefix = np.concatenate([[0], np.cumsum([int(lengths[i]) for i in order])]).astype(np.float64)
@@ -65,6 +66,8 @@ def chunk_global_batch(lengths: np.ndarray, order: list[int], m: int) -> list[li
     part = np.zeros((n + 1, m + 1), dtype=np.int64)
     dp[0, 0] = 0.0
     for k in range(1, m + 1):
+        if should_stop is not None and should_stop():
+            return None
         for i in range(k, n + 1):
             j = np.arange(k - 1, i)
             cost = np.maximum(dp[j, k - 1], prefix[i] - prefix[j])

@@ -70,7 +70,8 @@ class MicroBatch:
         return max((g.load for g in self.groups), default=0.0)
 
 
-def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1.0) -> list[MicroBatch] | None:
+def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1.0,
+         clock=None) -> list[MicroBatch] | None:
     """First-fit-decreasing under load cap ``tau`` into at most ``max_mbs`` micro-batches.
 
     Returns None if they do not suffice. Each sequence joins the open group with the least load
@@ -79,7 +80,8 @@ def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1
     giant_stretch: a sequence that exceeds ``tau`` at every degree opens a micro-batch of its own
     at the smallest degree whose time is within ``giant_stretch * tau`` (leaving room for others
     beside it), or else at the degree that minimises its time; that micro-batch's cap becomes the
-    giant's time. Vectorised over open groups with NumPy.
+    giant's time. Vectorised over open groups with NumPy. ``clock``: the planner's time box;
+    once ``clock.expired()`` (asked every 128 sequences) the packing is abandoned (None).
     """
     n_dev, cap, degrees, lat = wl.cm.num_devices, wl.cap, wl.degrees, wl.latency
     order = np.asarray(order, dtype=np.int64)
@@ -104,6 +106,8 @@ def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1
     ng = nm = 0
     lengths, fits, time_ = wl.lengths, wl.fits, wl.time
     for pos, i in enumerate(order.tolist()):
+        if clock is not None and pos % 128 == 127 and clock.expired():
+            return None
         if pos % 64 == 0 and na:
             act = alive[:na]
             keep = (g_cap[act] - g_load[act] >= suf_time[g_k[act], pos]) & (g_captok[act] - g_tok[act] >= suf_len[pos])
@@ -248,6 +252,8 @@ def solve_micro_batch(wl: Workload, ids, clock, rel_tol: float = 4e-3, target: f
     if lo0 >= target:
         return None
     for sp in wl.degrees:
+        if best is not None and clock.expired():
+            break
         groups = lpt_micro_batch(wl, ids, sp)
         if groups is not None:
             span = max(g.load for g in groups)
@@ -259,12 +265,12 @@ def solve_micro_batch(wl: Workload, ids, clock, rel_tol: float = 4e-3, target: f
         lo, hi = lo0 * (1 - 1e-9), lo0
         limit = min(target, best[0] if best else np.inf)
         groups = pack_micro_batch(wl, ids, hi, min_sp)
-        while groups is None and hi < min(limit, 1e12):
+        while groups is None and hi < min(limit, 1e12) and not clock.expired():
             lo, hi = hi, min(hi * 1.25, limit)
             groups = pack_micro_batch(wl, ids, hi, min_sp)
         if groups is None:
             continue
-        while hi - lo > rel_tol * hi:
+        while hi - lo > rel_tol * hi and not clock.expired():
             mid = 0.5 * (lo + hi)
             g = pack_micro_batch(wl, ids, mid, min_sp)
             if g is None:

@@ -97,7 +97,7 @@ def _bisect_tau(wl: Workload, order, m: int, stretch: float, clock, rel_tol: flo
         lo, hi = bracket
     best = None
     while not clock.expired():
-        mbs = pack(wl, order, hi, m, stretch)
+        mbs = pack(wl, order, hi, m, stretch, clock)
         if mbs is not None:
             best = (hi, mbs)
             break
@@ -108,7 +108,7 @@ def _bisect_tau(wl: Workload, order, m: int, stretch: float, clock, rel_tol: flo
         return None
     while hi - lo > rel_tol * hi and not clock.expired():
         mid = 0.5 * (lo + hi)
-        mbs = pack(wl, order, mid, m, stretch)
+        mbs = pack(wl, order, mid, m, stretch, clock)
         if mbs is None:
             lo = mid
         else:
@@ -182,35 +182,34 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
     chunk_ids = [np.array(order[c::chunks], dtype=np.int64) for c in range(chunks)] if chunks > 1 \
         else [np.arange(n, dtype=np.int64)]
     sub = [Workload(wl.lengths[ids], cm) for ids in chunk_ids] if chunks > 1 else [wl]
-    plans: list = [None] * chunks
-    # reserve time for the safety-net packing of chunks the search does not reach and for pricing
-    # the merged plan (measured: ~5 us and ~4 us per sequence on a loaded 2-core machine)
-    per_seq = 5e-6
-    reserve_price = 0.02 + 4e-6 * n
+    # the safety net first, timed: every chunk has a valid plan before any search starts, and
+    # pricing the merged plan at the end costs about 2.5x this packing (measured), so that much
+    # of the box is kept for it
+    t_quick = time.perf_counter()
+    plans: list = [quick_pack(w, range(len(w.lengths))) for w in sub]
+    reserve = 0.02 + 2.5 * (time.perf_counter() - t_quick)
     opts = dict(max_extra=max_extra_micro_batches, rebalance_rounds=rebalance_rounds,
                 exact_max_binaries=exact_max_binaries if chunks == 1 else 0, node_limit=milp_node_limit,
                 milp_micro_batches=milp_micro_batches, backend=milp_backend, pulp_solver=pulp_solver)
     searched, info, lower_exact, proven = 0, [], 0.0, False
     last_report = start
     for c, w in enumerate(sub):
-        rest = sum(len(x) for x in chunk_ids[c:])
-        left = clock.left() - reserve_price - per_seq * rest
+        left = clock.left() - reserve
         if left <= 0:
             clock.cut = True
             if progress is not None:
                 progress(f"time box reached after {c}/{chunks} chunks; the rest get the safety-net packing")
             break
-        share = left if c == chunks - 1 else min(left, 1.5 * left / (chunks - c))
+        share = left / (chunks - c)   # an even share of what is left; time a chunk leaves rolls over
         chunk_clock = _Clock(time.perf_counter() + share, parent=clock)
         result = _search(w, chunk_clock, opts)
         if result is None:
             continue
         groups, meta = result
-        quick = quick_pack(w, range(len(w.lengths)))
-        if _plan_time(w, groups) <= _plan_time(w, quick) + 1e-9:
+        if _plan_time(w, groups) <= _plan_time(w, plans[c]) + 1e-9:
             plans[c] = groups
         else:
-            plans[c], meta["search"] = quick, "quick"
+            meta["search"] = "quick"
         searched += 1
         info.append(meta)
         if chunks == 1:
@@ -220,14 +219,13 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
             progress(f"planned chunk {c + 1}/{chunks} ({len(w.lengths)} sequences), "
                      f"{now - start:.1f} s of {time_limit:g} s")
             last_report = now
-    for c, w in enumerate(sub):   # the safety net where the search did not get to (or found nothing)
-        if plans[c] is None:
-            plans[c] = quick_pack(w, range(len(w.lengths)))
     if chunks == 1:
         merged = plans[0]
     else:
-        merged = [[(sp, ids[np.asarray(g, dtype=np.int64)]) for sp, g in mb]
-                  for ids, mbs in zip(chunk_ids, plans) for mb in mbs]
+        merged = []
+        for ids, mbs in zip(chunk_ids, plans):
+            ids = ids.tolist()
+            merged += [[(sp, [ids[x] for x in g]) for sp, g in mb] for mb in mbs]
     lower = max(_lower_bound(wl, m0), lower_exact)
     extra = {"chunks": chunks, "chunks_searched": searched, "time_limit": time_limit,
              "milp_backend": milp_backend if milp_backend == "highs" else f"pulp:{pulp_solver or DEFAULT_PULP_SOLVER}"}
@@ -410,7 +408,10 @@ def _contiguous_split(wl: Workload, counts, clock, max_sequences: int = 2048):
         if m > n or clock.expired():
             break
         plan = []
-        for ids in chunk_global_batch(wl.lengths, by_length, m):
+        split = chunk_global_batch(wl.lengths, by_length, m, should_stop=clock.expired)
+        if split is None:
+            break
+        for ids in split:
             found = solve_micro_batch(wl, ids, clock)
             if found is None:
                 plan = None
