@@ -24,7 +24,6 @@ Config: ``configs/profile.yaml`` (fields documented in :class:`ProfileConfig`).
 from __future__ import annotations
 
 import datetime as _dt
-import sys
 from pathlib import Path
 
 from flexsp.profile.config import ProfileConfig
@@ -55,15 +54,7 @@ def profile(cfg: ProfileConfig | dict, cmd: str = "") -> dict | None:
     return {"raw": raw, "paths": paths}
 
 
-def main() -> None:
-    import hydra
-    from omegaconf import OmegaConf
-
-    config_dir = str(Path(__file__).resolve().parents[2] / "configs")
-    cmd = " ".join(["flexsp-profile", *sys.argv[1:]])
-
-    @hydra.main(config_path=config_dir, config_name="profile", version_base="1.3")
-    def _app(cfg):
-        profile(OmegaConf.to_container(cfg, resolve=True), cmd)
-
-    _app()
+def main(argv: list[str] | None = None) -> int:
+    """``flexsp-profile [key=value ...]`` (see flexsp.profile.cli); returns the exit status."""
+    from flexsp.profile.cli import main as cli_main
+    return cli_main(argv)

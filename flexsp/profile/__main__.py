@@ -1,5 +1,7 @@
-"""``python -m flexsp.profile [hydra overrides]`` = ``flexsp-profile``."""
+"""``python -m flexsp.profile [key=value ...]`` = ``flexsp-profile``."""
+import sys
+
 from flexsp.profile import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,17 @@
-"""Hydra structured config of ``flexsp-profile`` (``configs/profile.yaml`` mirrors it)."""
+"""Typed config of ``flexsp-profile`` (``configs/profile.yaml`` mirrors it; flexsp.profile.cli reads both).
+
+Every invalid value raises ``ValueError`` naming the field, the value and what is valid (the CLI
+turns it into one ``flexsp-profile: error: ...`` line, exit status 2).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
+MODES = ("ulysses", "ring")
 
 
 @dataclass
@@ -12,41 +22,51 @@ class ProfileConfig:
     """Where ``<name>.json`` (the CostModel), ``<name>.report.json``, ``<name>.md`` and
     ``<name>.png`` are written."""
     model: str = "tiny"
-    """Model preset (flexsp.model.PRESETS) to profile; the same one training will run."""
+    """Model preset (flexsp.model.PRESETS: tiny, small, 1b, 7b, 13b, 30b, 70b) to profile: the one
+    training will run. A plain string here (``flexsp-profile model=small``)."""
     model_overrides: dict = field(default_factory=dict)
-    """ModelConfig fields to override (e.g. {layers: 2, dtype: bfloat16})."""
+    """ModelConfig fields to override (e.g. {dtype: bfloat16, activation_checkpointing: true,
+    max_position_embeddings: 131072}); describe the FULL model (its depth goes into the cost model)."""
+    precision: str = "auto"
+    """As train.precision: auto (bf16 for a bfloat16 preset, else fp32) | fp32 | bf16 (fp32 master
+    params, bf16 compute) | bf16-pure. Sets the activation and communication element size."""
+    profile_layers: int = 2
+    """Transformer layers actually built and timed (0 or >= the model's layers: the full model).
+    With fewer, the model is also built with ``profile_layers // 2`` layers (sharded like training,
+    no unsharded copy anywhere); the two depths separate the per-layer work from the fixed
+    embedding/head part, and the cost model is scaled to the full depth."""
+    max_len: int = 0
+    """Longest profiled document and most tokens of one profiled micro-batch (0: the model's
+    max_position_embeddings). The generated shapes (long single documents, equal splits, long-tailed
+    mixes, many short documents) are fractions of it, so a1 is pinned at the lengths trained."""
     world_size: int = 2
     """Ranks to spawn (ignored when launched by torchrun: the launcher's world is used)."""
     threads_per_rank: int = 1
     """torch threads per spawned rank (torchrun sets OMP_NUM_THREADS=1; keep 1 to match training)."""
     backend: str | None = None
-    """torch.distributed backend (None: nccl with CUDA, gloo otherwise)."""
+    """torch.distributed backend: null (nccl with CUDA, gloo otherwise) | nccl | gloo."""
     engine: str = "fsdp2"
-    """Training engine the micro-batches run under (its per-micro-batch collectives land in b)."""
-    compute_shapes: list = field(default_factory=lambda: [
-        [128], [256], [512], [1024], [1536], [2048],
-        [64] * 8, [32] * 32, [16] * 64, [128] * 8, [256] * 4, [512] * 2, [1024, 256, 128, 64, 32, 32],
-        [2048, 512], [768, 768, 256], [512] + [16] * 32])
+    """Training engine the micro-batches run under (fsdp2 | deepspeed); its per-layer collectives
+    land in the per-layer part of b."""
+    compute_shapes: list | None = None
     """Packed batches (lists of document lengths) timed at degree 1 for the a1/a2/per_sequence/b fit
-    (shapes with many short documents pin the per-document term)."""
-    comm_shapes: list = field(default_factory=lambda: [[64], [128], [256], [16] * 8, [32] * 8,
-                                                       [512], [1024], [1536], [2048], [256] * 4,
-                                                       [1024, 512, 256, 128, 64, 64], [1024] + [32] * 16])
-    """Packed batches timed at every degree >= 2 and attention mode for the communication fit: small
-    groups (64-256 tokens) pin the fixed group latency, large ones the per-token cost."""
+    (null: generated from max_len)."""
+    comm_shapes: list | None = None
+    """Packed batches timed at every degree >= 2 and attention mode for the communication fit
+    (null: generated from max_len; small groups pin the group latency, large ones the per-token cost)."""
     fit_per_sequence: bool = True
     """Fit the per-document term (CostModel.per_sequence_ms); False keeps the paper's a1/a2/b form."""
     joint_fit: bool = True
     """Fit compute and communication terms in one NNLS over every timed shape (degree 1 and SP
     groups share a1/a2/per_sequence/b, as the CostModel does); False: compute first, then the
-    communication residual per degree."""
+    communication residual per degree (only with the full model: profile_layers=0)."""
     fit_group_latency: bool = True
     """Fit a fixed latency per group of each degree (CostModel.group_latency_ms) jointly with the
     per-token communication cost (needs joint_fit and comm shapes of several sizes)."""
     fit_per_sequence_comm: bool = True
     """Fit an extra time per document of each mode:degree's groups beyond per_sequence_ms
     (CostModel.per_sequence_comm_ms, e.g. per-document collectives of Ulysses) in the joint fit."""
-    modes: list = field(default_factory=lambda: ["ulysses", "ring"])
+    modes: list = field(default_factory=lambda: list(MODES))
     """Attention modes to profile at degrees >= 2 (ring fills ring_mb_per_token/p2p bandwidth)."""
     link_mb: list = field(default_factory=lambda: [0.25, 2.0, 8.0])
     """Per-rank message sizes (MB) of the all-to-all and ring p2p micro-benchmarks."""
@@ -54,50 +74,80 @@ class ProfileConfig:
     """Timed repetitions of every item (fit shapes, optimizer step, validation micro-batches and
     steps), interleaved round-robin after one warm-up; the fastest is kept."""
     memory_mb: float = 0.0
-    """Usable memory per device, MB (0: CUDA total memory, or on CPU MemAvailable / ranks)."""
+    """Usable memory per device, MB (0: 90% of the CUDA device's memory, or on CPU MemAvailable / ranks)."""
     capacity_tokens: int = 0
     """If > 0, tokens per device written as capacity_override (emulates a memory budget)."""
     devices_per_node: int = 0
     """Ranks per node (0: LOCAL_WORLD_SIZE from the launcher, else the world size)."""
+    num_devices: int = 0
+    """Devices the written cost model describes (0: the profiled world size). Model states are
+    ZeRO-3 sharded over them; degrees beyond the profiled ones reuse the largest measured bandwidth
+    (one profiled device: the paper's defaults, said in the source)."""
     validate_batches: int = 3
     """Held-out long-tailed global batches to plan and run for predicted-vs-measured (0: skip).
-    Their micro-batches and steps are timed interleaved with the fit shapes (same load drift)."""
+    Run at the profiled depth and priced with the cost model at that depth."""
     validate_distribution: str = "wikipedia"
     """solver.workloads distribution of the held-out batches (scaled to validate_max_len)."""
-    validate_tokens: int = 6144
-    """Tokens per held-out global batch (approximately)."""
-    validate_max_len: int = 2048
-    """Longest held-out document (lengths are scaled so the distribution's 8K maps to this)."""
+    validate_tokens: int = 0
+    """Tokens per held-out global batch, approximately (0: 3 x validate_max_len)."""
+    validate_max_len: int = 0
+    """Longest held-out document (0: max_len); lengths are scaled so the distribution's 8K maps to it."""
     plot: bool = True
     """Write a plot of measured vs fitted times."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
     seed: int = 0
-    """Seed of the synthetic tokens and the held-out batches."""
+    """Seed of the synthetic tokens, the weights and the held-out batches."""
     timeout_s: float = 900.0
     """Spawned ranks are killed after this many seconds (a hang never blocks forever)."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.world_size < 1 or self.world_size & (self.world_size - 1):
-            raise ValueError(f"profile world_size must be a power of two >= 1, got {self.world_size}")
-        if self.repeats < 1 or self.threads_per_rank < 1:
-            raise ValueError(f"repeats={self.repeats} and threads_per_rank={self.threads_per_rank} must be >= 1")
+            raise ValueError(f"world_size={self.world_size} must be a power of two >= 1")
+        for key in ("repeats", "threads_per_rank"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        for key in ("profile_layers", "max_len", "capacity_tokens", "validate_batches", "validate_tokens",
+                    "validate_max_len", "devices_per_node", "num_devices"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 0 (0: {_ZERO[key]})")
+        for key in ("devices_per_node", "num_devices"):
+            v = getattr(self, key)
+            if v & (v - 1):
+                raise ValueError(f"{key}={v} must be 0 or a power of two")
+        if self.max_len and self.max_len < 16:
+            raise ValueError(f"max_len={self.max_len} must be 0 (the model's max_position_embeddings) or >= 16")
+        if self.memory_mb < 0 or self.timeout_s <= 0:
+            raise ValueError(f"memory_mb={self.memory_mb} must be >= 0 and timeout_s={self.timeout_s} > 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; valid options: {list(PRECISIONS)}")
+        if self.backend not in (None, "nccl", "gloo"):
+            raise ValueError(f"backend={self.backend!r}; valid options: [null, nccl, gloo]")
+        from flexsp.engines import ENGINES
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r}; valid options: {list(ENGINES)}")
         for key in ("compute_shapes", "comm_shapes"):
             shapes = getattr(self, key)
+            if shapes is None:
+                continue
             bad = [s for s in shapes if not isinstance(s, (list, tuple)) or not s
-                   or any(int(x) < 2 for x in s)]
+                   or any(isinstance(x, bool) or not isinstance(x, int) or x < 2 for x in s)]
             if bad:
-                raise ValueError(f"{key} must be lists of document lengths >= 2, got {bad[:3]}")
-        if len(self.compute_shapes) < 3:
+                raise ValueError(f"{key} must be null or lists of integer document lengths >= 2, got {bad[:3]}")
+        if self.compute_shapes is not None and len(self.compute_shapes) < 3:
             raise ValueError(f"compute_shapes needs >= 3 shapes for a 3-term fit, got {len(self.compute_shapes)}")
-        bad = [m for m in self.modes if m not in ("ulysses", "ring")]
-        if bad:
-            raise ValueError(f"modes {bad} are not profiled; valid options: ['ulysses', 'ring']")
-        if len(self.link_mb) < 2 or min(self.link_mb) <= 0:
-            raise ValueError(f"link_mb needs >= 2 positive sizes, got {self.link_mb}")
-        if self.memory_mb < 0 or self.capacity_tokens < 0 or self.validate_batches < 0:
-            raise ValueError(f"memory_mb={self.memory_mb}, capacity_tokens={self.capacity_tokens}, "
-                             f"validate_batches={self.validate_batches} must be >= 0")
+        if self.comm_shapes is not None and not self.comm_shapes:
+            raise ValueError("comm_shapes must be null (generated) or a non-empty list of shapes")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"modes={self.modes} are not profiled; valid options: {list(MODES)} (one or both)")
+        if len(self.link_mb) < 2 or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0
+                                        for x in self.link_mb):
+            raise ValueError(f"link_mb={self.link_mb} needs >= 2 positive sizes (MB)")
+        if self.validate_distribution not in _DISTRIBUTIONS:
+            raise ValueError(f"validate_distribution={self.validate_distribution!r}; valid options: "
+                             f"{list(_DISTRIBUTIONS)}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProfileConfig":
@@ -106,3 +156,138 @@ class ProfileConfig:
         if bad:
             raise ValueError(f"unknown profile config keys {bad}; valid keys: {sorted(valid)}")
         return cls(**data)
+
+    # -- derived ---------------------------------------------------------------------------------
+    def model_config(self):
+        """The FULL model (preset + overrides; parameter dtype as ``precision`` keeps it) and the
+        resolved precision; ValueError naming ``model`` / ``model_overrides`` otherwise."""
+        from flexsp.engines import param_dtype
+        from flexsp.model import PRESETS, model_config
+        if self.model.lower().removeprefix("llama-") not in PRESETS:
+            raise ValueError(f"model={self.model!r} is not a model preset; valid options: {sorted(PRESETS)}")
+        try:
+            mcfg = model_config(self.model, **dict(self.model_overrides))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"model_overrides={dict(self.model_overrides)}: {exc}") from None
+        precision = self.precision
+        if precision == "auto":
+            precision = "bf16" if mcfg.dtype == "bfloat16" else "fp32"
+        if precision == "bf16-pure" and self.engine != "fsdp2":
+            raise ValueError("precision=bf16-pure needs engine=fsdp2; valid with deepspeed: auto, fp32, bf16")
+        return replace(mcfg, dtype=param_dtype(precision)), precision
+
+    def depths(self, layers: int) -> list[int]:
+        """Depths built and timed for a model of ``layers`` layers: [layers] (full model), or
+        [profile_layers // 2, profile_layers] (then scaled to ``layers``)."""
+        n = self.profile_layers
+        if not n or n >= layers:
+            return [layers]
+        if n < 2:
+            raise ValueError(f"profile_layers={n} cannot separate the per-layer work from the fixed "
+                             f"embedding/head part (it builds profile_layers // 2 = 0 layers too); "
+                             f"valid: 0 (the full model, {layers} layers) or 2..{layers}")
+        return [n // 2, n]
+
+    def resolved_max_len(self, mcfg) -> int:
+        return self.max_len or int(mcfg.max_position_embeddings)
+
+    def shapes(self, mcfg) -> tuple[list, list]:
+        m = self.resolved_max_len(mcfg)
+        comp = self.compute_shapes if self.compute_shapes is not None else default_compute_shapes(m)
+        comm = self.comm_shapes if self.comm_shapes is not None else default_comm_shapes(m)
+        return [[int(x) for x in s] for s in comp], [[int(x) for x in s] for s in comm]
+
+    def validation_lengths(self, mcfg) -> tuple[int, int]:
+        """(longest held-out document, tokens per held-out batch)."""
+        vmax = self.validate_max_len or self.resolved_max_len(mcfg)
+        return vmax, self.validate_tokens or 3 * vmax
+
+
+_ZERO = {"profile_layers": "the full model", "max_len": "the model's max_position_embeddings",
+         "capacity_tokens": "from memory_mb", "validate_batches": "no validation",
+         "validate_tokens": "3 x validate_max_len", "validate_max_len": "max_len",
+         "devices_per_node": "LOCAL_WORLD_SIZE or the world size", "num_devices": "the profiled world size"}
+_DISTRIBUTIONS = ("wikipedia", "github", "commoncrawl")
+
+
+def _dedupe(shapes) -> list:
+    out, seen = [], set()
+    for s in shapes:
+        key = tuple(s)
+        if key not in seen:
+            seen.add(key)
+            out.append(list(s))
+    return out
+
+
+def default_compute_shapes(max_len: int) -> list:
+    """Degree-1 fit shapes, every one at most ``max_len`` tokens: long single documents (M .. M/64:
+    the a1 vs a2 split), equal splits of M (same tokens, 1/k of the sum of squares), many short
+    documents (per_sequence_ms) and long-tailed mixes."""
+    M = int(max_len)
+
+    def f(k):
+        return max(16, M // k)
+    singles = [[f(k)] for k in (1, 2, 4, 8, 16, 64)]
+    splits = [[f(2)] * 2, [f(8)] * 8, [f(32)] * min(32, max(1, M // 16)), [16] * max(2, min(64, M // 32))]
+    mixes = [[f(2), f(4), f(8), f(16), f(32), f(32)], [f(2), f(8)], [3 * M // 8, 3 * M // 8, f(8)],
+             [f(4)] + [16] * max(2, min(32, M // 64))]
+    return _dedupe(singles + splits + mixes)
+
+
+def default_comm_shapes(max_len: int) -> list:
+    """Shapes timed at every degree >= 2 and mode: small groups (64-128 tokens, 8 short documents:
+    group latency, per-document cost) and large ones up to ``max_len`` (per-token cost)."""
+    M = int(max_len)
+
+    def f(k):
+        return max(16, M // k)
+    small = [[min(64, M)], [min(128, M)], [16] * 8, [32] * 8]
+    large = [[f(16)], [f(4)], [f(2)], [M], [f(16)] * 4, [f(4), f(8), f(16), f(32), f(64), f(64)],
+             [f(4)] + [32] * 16]
+    return _dedupe(small + large)
+
+
+# -- types -------------------------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+             list: "a list", dict: "a mapping", type(None): "null"}
+    args = typing.get_args(tp)
+    if args and typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    return names.get(typing.get_origin(tp) or tp, str(tp))
+
+
+def _matches(tp, value) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(a, value) for a in typing.get_args(tp))
+    tp = origin or tp
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is list:
+        return isinstance(value, (list, tuple))
+    if tp is dict:
+        return isinstance(value, dict)
+    return isinstance(value, tp)
+
+
+def check_types(cfg: ProfileConfig) -> None:
+    """Every field of the declared type (ints accepted for floats); ValueError naming the field."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value, tp = getattr(cfg, f.name), hints[f.name]
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(cfg, f.name, float(value))
+            continue
+        if not _matches(tp, value):
+            raise ValueError(f"{f.name}={value!r} must be {_type_name(tp)}")
+        if tp is list or tp == (list | None):
+            if value is not None:
+                setattr(cfg, f.name, list(value))

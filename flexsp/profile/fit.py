@@ -209,3 +209,187 @@ def fit_joint(compute_samples, comm_samples: dict, per_sequence: bool = True, gr
         if key_docs:
             comm[k].update(extra_doc_ms=doc, extra_doc_stderr=float(se[jd]))
     return fit, comm
+
+
+# -- depth: per-layer and fixed (embedding / head / loss) parts ----------------------------------------
+_LAYER = ("a1", "a2", "per_seq", "b")
+_FIXED = ("a2", "per_seq", "b")
+
+
+def _depth_rows(samples, keys, per_sequence: bool, latency: bool, key_docs: bool, two: bool) -> np.ndarray:
+    """Rows of the depth-aware joint fit. A sample ``(lengths, ms, sp, key, n)`` ran a model of ``n``
+    layers in a group of degree ``sp`` (key None: degree 1). Columns: per layer a1, a2, per_seq, b
+    (times n); with ``two`` depths the fixed part a2, per_seq, b (embedding, head, loss: once per
+    model); per key (per layer, SP communication is issued by every attention layer): ms per token,
+    group latency, extra ms per document."""
+    rows = []
+    for L, _, sp, key, n in samples:
+        L = np.asarray(L, dtype=np.float64)
+        s2, s1, docs = float((L * L).sum()), float(L.sum()), float(L.size)
+        d = docs if per_sequence else 0.0
+        row = [n * s2 / sp, n * s1 / sp, n * d, float(n)]
+        if two:
+            row += [s1 / sp, d, 1.0]
+        row += [n * s1 if key == k else 0.0 for k in keys]
+        if latency:
+            row += [float(n) if key == k else 0.0 for k in keys]
+        if key_docs:
+            row += [n * docs if key == k else 0.0 for k in keys]
+        rows.append(row)
+    return np.array(rows)
+
+
+def _depth_coef(samples, keys, per_sequence, latency, key_docs, two) -> np.ndarray:
+    A = _depth_rows(samples, keys, per_sequence, latency, key_docs, two)
+    y = np.array([float(s[1]) for s in samples])
+    w = 1.0 / y
+    live = [j for j in range(A.shape[1]) if np.any(A[:, j])]
+    scale = A[:, live].max(axis=0)
+    coef = np.zeros(A.shape[1])
+    coef[live] = _nnls(A[:, live] / scale * w[:, None], y * w) / scale
+    return coef
+
+
+@dataclass
+class DepthFit:
+    """Coefficients per transformer layer and of the fixed part, from shapes timed at one or two
+    depths; :meth:`compute_at` / :meth:`comm_at` give the CostModel's terms for any depth (with
+    jackknife standard errors of the scaled values). One depth: only that depth (no split)."""
+    depths: list
+    keys: list
+    coef: np.ndarray
+    loo: np.ndarray | None
+    flags: tuple
+    """(per_sequence, latency, key_docs, two)."""
+    rel_errors: list = field(default_factory=list)
+    """Relative errors of the degree-1 samples, in input order."""
+    comm_rel_errors: dict = field(default_factory=dict)
+    comm_fixed: dict | None = None
+    """Sequential fit (joint_fit=False): per key (ms per token per layer, relative errors)."""
+
+    @property
+    def two(self) -> bool:
+        return self.flags[3]
+
+    def _base(self) -> int:
+        return 7 if self.two else 4
+
+    def layer_terms(self, vec=None) -> dict:
+        v = self.coef if vec is None else vec
+        return dict(zip(_LAYER, (float(x) for x in v[:4])))
+
+    def fixed_terms(self, vec=None) -> dict:
+        v = self.coef if vec is None else vec
+        return dict(zip(_FIXED, (float(x) for x in v[4:7]))) if self.two else dict.fromkeys(_FIXED, 0.0)
+
+    def _check(self, depth: int) -> None:
+        if not self.two and depth != self.depths[0]:
+            raise ValueError(f"shapes were timed at one depth ({self.depths[0]} layers): no per-layer / fixed "
+                             f"split to scale to {depth} layers; profile two depths (profile_layers)")
+
+    def _compute_vec(self, vec, depth: int) -> np.ndarray:
+        lt, ft = self.layer_terms(vec), self.fixed_terms(vec)
+        return np.array([depth * lt["a1"], depth * lt["a2"] + ft["a2"], depth * lt["per_seq"] + ft["per_seq"],
+                         depth * lt["b"] + ft["b"]])
+
+    def _se(self, fn) -> list:
+        if self.loo is None or len(self.loo) < 2:
+            return []
+        vals = np.array([fn(v) for v in self.loo])
+        n = len(vals)
+        return list(np.sqrt((n - 1) / n * np.sum((vals - vals.mean(axis=0)) ** 2, axis=0)))
+
+    def compute_at(self, depth: int) -> ComputeFit:
+        self._check(depth)
+        a1, a2, s, b = (float(x) for x in self._compute_vec(self.coef, depth))
+        fit = ComputeFit(a1, a2, b, per_seq=s)
+        se = self._se(lambda v: self._compute_vec(v, depth))
+        if se:
+            fit.stderr = dict(zip(("a1", "a2", "per_seq", "b"), (float(x) for x in se)))
+        fit.rel_errors = list(self.rel_errors)
+        return fit
+
+    def comm_at(self, depth: int) -> dict:
+        """{key: {"ms_per_token", "latency_ms", "extra_doc_ms" (key_docs), their stderr, "rel_errors"}} for
+        a model of ``depth`` layers (every term is per layer: depth x the fitted value)."""
+        self._check(depth)
+        out = {}
+        if self.comm_fixed is not None:
+            for k, (c, errs) in self.comm_fixed.items():
+                out[k] = {"ms_per_token": depth * c, "stderr": None, "latency_ms": 0.0, "latency_stderr": None,
+                          "rel_errors": errs}
+            return out
+        per_seq, latency, key_docs, _ = self.flags
+        nk, base = len(self.keys), self._base()
+        for j, k in enumerate(self.keys):
+            idx = [base + j] + ([base + nk + j] if latency else []) \
+                + ([base + (2 if latency else 1) * nk + j] if key_docs else [])
+            se = self._se(lambda v: depth * v[idx])
+            vals = depth * self.coef[idx]
+            rec = {"ms_per_token": float(vals[0]), "stderr": float(se[0]) if se else None,
+                   "latency_ms": float(vals[1]) if latency else 0.0,
+                   "latency_stderr": (float(se[1]) if se else None) if latency else None,
+                   "rel_errors": list(self.comm_rel_errors.get(k, []))}
+            if key_docs:
+                i = 2 if latency else 1
+                rec.update(extra_doc_ms=float(vals[i]), extra_doc_stderr=float(se[i]) if se else None)
+            out[k] = rec
+        return out
+
+
+def fit_depth(compute_samples, comm_samples: dict, per_sequence: bool = True, group_latency: bool = True,
+              key_docs: bool = False, joint: bool = True) -> DepthFit:
+    """One NNLS (relative residuals, jackknife errors) over shapes timed on models of one or two
+    depths. ``compute_samples``: [(lengths, ms, layers)] at degree 1; ``comm_samples``:
+    {"mode:d": [(lengths, ms, layers)]}. With two depths the time of a degree-d group is
+
+        n * ((a1' sum L^2 + a2' sum L) / d + s' docs + b') + a2_f sum L / d + s_f docs + b_f
+          + n * (c'(m, d) sum L + lat'(m, d) + doc'(m, d) docs)
+
+    (primes: per layer; _f: the fixed embedding / head / loss part, measured once per model), so the
+    per-layer and fixed parts are told apart by the depth; one depth fits the combined terms
+    (:func:`fit_joint`'s model). ``joint=False``: compute terms from degree 1 alone, then each key's
+    per-token cost from its residual (:func:`fit_comm_per_token`) at the deepest depth."""
+    compute_samples = [(list(L), float(ms), int(n)) for L, ms, n in compute_samples]
+    _check_samples([(L, ms) for L, ms, _ in compute_samples])
+    depths = sorted({n for *_, n in compute_samples} | {n for v in comm_samples.values() for *_, n in v})
+    if len(depths) > 2:
+        raise ValueError(f"shapes at depths {depths}: at most two depths are fitted")
+    two = len(depths) == 2
+    if two and len({n for *_, n in compute_samples}) < 2:
+        raise ValueError(f"two depths {depths} need degree-1 shapes at both (got only "
+                         f"{sorted({n for *_, n in compute_samples})})")
+    keys = sorted(comm_samples) if joint else []
+    samples = [(L, ms, 1, None, n) for L, ms, n in compute_samples]
+    for k in keys:
+        sp = int(k.split(":")[1])
+        if sp < 2:
+            raise ValueError(f"communication is fitted for SP degrees >= 2, got {sp} in {k!r}")
+        rows = [(list(L), float(ms), int(n)) for L, ms, n in comm_samples[k]]
+        _check_samples([(L, ms) for L, ms, _ in rows] * 3)
+        if group_latency and len({sum(L) for L, _, _ in rows}) < 2:
+            raise ValueError(f"{k!r}: a per-token cost and a group latency need shapes of at least 2 token "
+                             f"counts, got {sorted({sum(L) for L, _, _ in rows})}")
+        samples += [(L, ms, sp, k, n) for L, ms, n in rows]
+    lat, kd = bool(group_latency and keys), bool(key_docs and keys)
+    flags = (per_sequence, lat, kd, two)
+    coef = _depth_coef(samples, keys, *flags)
+    n = len(samples)
+    loo = np.array([_depth_coef(samples[:i] + samples[i + 1:], keys, *flags) for i in range(n)]) if n > 4 else None
+    fit = DepthFit(depths=depths, keys=keys, coef=coef, loo=loo, flags=flags)
+    A = _depth_rows(samples, keys, *flags)
+    pred = A @ coef
+    y = np.array([s[1] for s in samples])
+    rel = (pred - y) / y
+    fit.rel_errors = [float(e) for e, s in zip(rel, samples) if s[3] is None]
+    for k in keys:
+        fit.comm_rel_errors[k] = [float(e) for e, s in zip(rel, samples) if s[3] == k]
+    if not joint and comm_samples:
+        deep = depths[-1]
+        comp = fit.compute_at(deep)
+        fit.comm_fixed = {}
+        for k, rows in sorted(comm_samples.items()):
+            at = [(L, ms) for L, ms, m in rows if m == deep]
+            c, errs = fit_comm_per_token(at, comp, int(k.split(":")[1]))
+            fit.comm_fixed[k] = (c / deep, errs)
+    return fit

@@ -82,8 +82,10 @@ class Shapes:
         return self._source
 
 
-def heldout_batches(cfg: ProfileConfig) -> list[list[int]]:
-    """Long-tailed global batches from a published distribution, scaled so 8K maps to max_len."""
+def heldout_batches(cfg: ProfileConfig, mcfg) -> list[list[int]]:
+    """Long-tailed global batches from a published distribution, scaled so 8K maps to the longest
+    held-out document (validate_max_len, default max_len)."""
+    vmax, vtok = cfg.validation_lengths(mcfg)
     try:
         from solver.workloads import sample_lengths
     except ImportError:  # no scipy (e.g. a bare GPU image): the data package's samplers
@@ -91,10 +93,10 @@ def heldout_batches(cfg: ProfileConfig) -> list[list[int]]:
     out = []
     for k in range(cfg.validate_batches):
         raw = sample_lengths(cfg.validate_distribution, 512, seed=cfg.seed + 1000 + k)
-        scaled = np.clip(np.rint(raw * cfg.validate_max_len / 8192), 8, cfg.validate_max_len).astype(int)
+        scaled = np.clip(np.rint(raw * vmax / 8192), 8, vmax).astype(int)
         batch, total = [], 0
         for n in scaled:
-            if total >= cfg.validate_tokens:
+            if total >= vtok:
                 break
             batch.append(int(n))
             total += int(n)
@@ -102,73 +104,174 @@ def heldout_batches(cfg: ProfileConfig) -> list[list[int]]:
     return out
 
 
-def activation_bytes(model, lengths, device) -> int:
-    """Bytes of activations one forward keeps for backward: CUDA allocator peak growth, or on CPU
-    the distinct storages autograd saves (parameters excluded)."""
+def _inputs(lengths, vocab: int, device):
     from flexsp.model import shard_inputs
     T = int(sum(lengths))
-    ids = torch.randint(0, model.config.vocab_size, (T,), device=device)
-    cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device=device)
-    inputs = shard_inputs(ids, cu)
+    g = torch.Generator().manual_seed(T)
+    ids = torch.randint(0, vocab, (T,), generator=g).to(device)
+    cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32)
+    return shard_inputs(ids, cu)
+
+
+def activation_bytes(engine, lengths, device) -> dict:
+    """Activation bytes of one degree-1 forward/backward of ``lengths`` on the SHARDED training
+    module (every rank at once: the engine's all-gathers are collectives), with the model's own
+    activation-checkpointing setting.
+
+    CUDA: the allocator's peak growth over forward + backward (``max_memory_allocated``: with
+    activation checkpointing that peak is in backward, while a block is recomputed). Returns
+    ``{"total": bytes}``.
+
+    CPU (an estimate): the distinct storages autograd saves for backward (``saved_tensors_hooks``,
+    parameters excluded), attributed to inside / outside the transformer blocks, with checkpointing
+    switched off for the measurement, and every block's input. Returns ``{"outside", "blocks",
+    "inputs"}`` (bytes; ``blocks``: all blocks together, ``inputs``: all blocks' inputs)."""
+    model = engine.module
+    vocab = model.config.vocab_size
+    inputs = _inputs(lengths, vocab, device)
     if device.type == "cuda":
         sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         loss, _ = inputs.loss(model)
+        engine.backward(loss * 0.0)
         sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return int(peak)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+        engine.optimizer.zero_grad(set_to_none=True)
+        return {"total": int(peak)}
+    from dataclasses import replace
+    seen: dict[int, tuple[str, int]] = {}
+    where = ["outside"]
+    block_inputs: dict[int, int] = {}
 
-    def pack(t):
+    def key_size(t):
         try:
             st = t.untyped_storage()
-            key, size = st.data_ptr(), st.nbytes()
+            return st.data_ptr(), st.nbytes()
         except Exception:  # tensors without storage (e.g. wrapped subclasses)
-            key, size = id(t), t.numel() * t.element_size()
-        if key not in params and key not in seen:
-            seen[key] = size
+            return id(t), t.numel() * t.element_size()
+
+    def pack(t):
+        if isinstance(t, torch.nn.Parameter) or isinstance(getattr(t, "_base", None), torch.nn.Parameter):
+            return t
+        key, size = key_size(t)
+        if key not in seen:
+            seen[key] = (where[0], size)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = inputs.loss(model)
-    del loss
-    return int(sum(seen.values()))
+    def pre(mod, args):
+        where[0] = "blocks"
+        x = args[0]
+        key, _ = key_size(x)
+        block_inputs.setdefault(key, x.numel() * x.element_size())
+
+    def post(mod, args, out):
+        where[0] = "outside"
+
+    hooks = []
+    for blk in model.blocks:
+        hooks += [blk.register_forward_pre_hook(pre), blk.register_forward_hook(post)]
+    cfg = model.config
+    model.config = replace(cfg, activation_checkpointing=False)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = inputs.loss(model)
+    finally:
+        model.config = cfg
+        for h in hooks:
+            h.remove()
+    engine.backward(loss * 0.0)
+    engine.optimizer.zero_grad(set_to_none=True)
+    out = {"outside": 0, "blocks": 0}
+    for kind, size in seen.values():
+        out[kind] += size
+    out["inputs"] = int(sum(block_inputs.values()))
+    return out
+
+
+def activation_profile(engines: dict, ac: bool, max_len: int, device) -> dict:
+    """Activation bytes per token: measured at two token counts (the slope: parameters, gathered
+    shards and other fixed buffers cancel) on each built depth, split into a fixed part (embedding,
+    head, loss) and a per-layer part, so the cost model gets ``fixed + layers * per_layer`` at the
+    full depth. With activation checkpointing a block keeps only its input; one block at a time is
+    recomputed in backward (depth-independent: in the fixed part)."""
+    doc = max(8, min(1024 if device.type == "cuda" else 256, max_len // 8))
+    sizes = [[doc] * 4, [doc] * 12]
+    dT = (sum(sizes[1]) - sum(sizes[0]))
+    points = {n: [(int(sum(s)), activation_bytes(e, s, device)) for s in sizes] for n, e in engines.items()}
+
+    def slope(n, key):
+        (_, a), (_, b) = points[n]
+        return (b[key] - a[key]) / dT
+
+    depths = sorted(engines)
+    if device.type == "cuda":
+        method = ("CUDA max_memory_allocated growth over forward + backward of the sharded model"
+                  + (" (activation checkpointing on: the recompute peak included)" if ac else ""))
+        if len(depths) == 1:
+            n = depths[0]
+            return {"method": method, "points": points, "bytes_per_token": slope(n, "total"), "depth": n}
+        lo, hi = depths
+        per_layer = max(0.0, (slope(hi, "total") - slope(lo, "total")) / (hi - lo))
+        fixed = max(0.0, slope(hi, "total") - hi * per_layer)
+    else:
+        n = depths[-1]
+        outside, blocks, kept = slope(n, "outside"), slope(n, "blocks") / n, slope(n, "inputs") / n
+        if ac:
+            per_layer, fixed = kept, outside + blocks
+        else:
+            per_layer, fixed = blocks, outside
+        method = ("CPU estimate: bytes of tensors saved for backward (saved_tensors_hooks, params excluded) on "
+                  "the sharded model" + (", with activation checkpointing: each block's kept input per layer "
+                                         "+ one block's saved tensors (its recompute)" if ac else ""))
+    return {"method": method, "points": points, "per_layer_bytes_per_token": per_layer,
+            "fixed_bytes_per_token": fixed, "bytes_per_token": fixed + max(depths) * per_layer,
+            "depth": max(depths)}
 
 
 def rank_body(cfg_dict: dict) -> dict | None:
     """Run every measurement on this rank; rank 0 returns the raw results (others None)."""
+    from dataclasses import replace
+
+    from flexsp.config import ParallelConfig, TrainConfig
     from flexsp.distributed import init_distributed
-    from flexsp.engines import build_engine
+    from flexsp.engines import RandomWeights, build_engine
     from flexsp.executor import StepExecutor
-    from flexsp.model import Transformer, model_config
+    from flexsp.model import Transformer
     from flexsp.topology import SPTopology
-    from flexsp.train import TrainConfig
 
     cfg = ProfileConfig.from_dict(cfg_dict)
+    full, precision = cfg.model_config()
+    depths = cfg.depths(full.layers)
+    deep = depths[-1]
+    compute_shapes, comm_shapes = cfg.shapes(full)
     rank, world, device = init_distributed(cfg.backend)
     dpn = cfg.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     topo = SPTopology(world, min(dpn, world)).build()
-    mcfg = model_config(cfg.model, **dict(cfg.model_overrides))
+    train_cfg = TrainConfig(steps=10**6, warmup_steps=0, precision=precision, seed=cfg.seed)
+    parallel = ParallelConfig(engine=cfg.engine, backend=cfg.backend)
+    # the first n layers of the full model, its init (scale of the output projections included)
+    weights = RandomWeights(cfg.seed, full.init_std, full.layers)
     torch.manual_seed(cfg.seed)
-    model = Transformer(mcfg, device=device)
-    engine = build_engine(cfg.engine, model, TrainConfig(steps=10**6, warmup_steps=0), world, device)
-    executor = StepExecutor(engine, None, topo, rank, device, mcfg.heads)
-    shapes = Shapes(mcfg.vocab_size, cfg.seed)
+    engines, executors = {}, {}
+    shapes = Shapes(full.vocab_size, cfg.seed)
+    for n in depths:
+        mcfg = replace(full, layers=n)
+        engines[n] = build_engine(cfg.engine, lambda dev, m=mcfg: Transformer(m, device=dev), weights, train_cfg,
+                                  parallel, world, device)
+        executors[n] = StepExecutor(engines[n], None, topo, rank, device, full.heads)
 
     degrees = [d for d in topo.degrees if d > 1]
     modes = [m for m in cfg.modes]
-    compute_ids = [shapes.add(s) for s in cfg.compute_shapes]
-    comm_ids = [shapes.add(s) for s in cfg.comm_shapes]
-    held = heldout_batches(cfg) if cfg.validate_batches else []
+    compute_ids = [shapes.add(s) for s in compute_shapes]
+    comm_ids = [shapes.add(s) for s in comm_shapes]
+    held = heldout_batches(cfg, full) if cfg.validate_batches else []
     held_ids = [shapes.add(b) for b in held]
-    executor.source = shapes.source
+    for ex in executors.values():
+        ex.source = shapes.source
 
     n_links = len(degrees) * 2 * len(cfg.link_mb)
-    n_fit = len(compute_ids) + len(comm_ids) * len(degrees) * len(modes) + 1
+    n_fit = len(compute_ids) * len(depths) + len(comm_ids) * len(degrees) * len(modes) + len(depths)
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
@@ -187,26 +290,28 @@ def rank_body(cfg_dict: dict) -> dict | None:
         dist.barrier()
         return (time.perf_counter() - t0) * 1e3
 
-    def run_mb(plan, batch):
-        """One forward/backward of ``plan`` (gradients dropped, untimed)."""
+    def run_mb(n, plan, batch):
+        """One forward/backward of ``plan`` on the ``n``-layer build (gradients dropped, untimed)."""
         def f():
-            ms = timed(lambda: executor.run(plan, batch))
-            engine.optimizer.zero_grad(set_to_none=True)
+            ms = timed(lambda: executors[n].run(plan, batch))
+            engines[n].optimizer.zero_grad(set_to_none=True)
             return ms
         return f
 
-    def run_step(plan, batch):
+    def run_step(n, plan, batch):
         """A whole training step: every micro-batch + the optimizer step (engine.step zeroes grads)."""
         def body():
-            executor.run(plan, batch)
-            engine.step()
+            executors[n].run(plan, batch)
+            engines[n].step()
         return lambda: timed(body)
 
     opt_plan, opt_batch = one_mb_plan(world, 1, len(compute_ids[0]), "local"), shapes.batch(compute_ids[0])
 
-    def run_opt():
-        executor.run(opt_plan, opt_batch)  # untimed: gradients for the step to apply
-        return timed(engine.step)
+    def run_opt(n):
+        def f():
+            executors[n].run(opt_plan, opt_batch)  # untimed: gradients for the step to apply
+            return timed(engines[n].step)
+        return f
 
     def passes(items: dict, repeats: int, times: dict, loads: list | None = None) -> None:
         """``repeats`` passes over every item, order reversed on odd passes (drift hits all alike)."""
@@ -218,23 +323,36 @@ def rank_body(cfg_dict: dict) -> dict | None:
             if loads is not None:
                 loads.append(list(os.getloadavg()))
 
+    def layers_params(n):
+        return replace(full, layers=n).num_params()
+
+    one, two = replace(full, layers=1).num_params(), replace(full, layers=2).num_params()
+    mc = {k: getattr(full, k) for k in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "intermediate",
+                                        "dtype", "activation_checkpointing", "max_position_embeddings")}
+    mc.update(head_size=full.head_size, precision=precision,
+              compute_dtype="bfloat16" if precision in ("bf16", "bf16-pure") else "float32")
     out: dict = {"world_size": world, "device": str(device), "backend": dist.get_backend(),
-                 "model": cfg.model, "model_config": {k: getattr(mcfg, k) for k in
-                                                      ("vocab_size", "hidden", "layers", "heads", "kv_heads",
-                                                       "intermediate", "dtype")},
-                 "num_params": mcfg.num_params(), "threads_per_rank": torch.get_num_threads(),
+                 "model": cfg.model, "model_config": mc, "profile_depths": depths,
+                 "max_len": cfg.resolved_max_len(full),
+                 "num_params": full.num_params(), "params_per_layer": two - one, "params_fixed": 2 * one - two,
+                 "threads_per_rank": torch.get_num_threads(),
                  "cpu_count": os.cpu_count(), "loadavg_start": list(os.getloadavg()), "repeats": cfg.repeats,
                  "statistic": f"fastest of {cfg.repeats} runs per item after one warm-up; fit and validation "
                               f"items interleaved in the same passes (order reversed every other pass)"}
-    # -- fit items: compute at degree 1, SP groups per degree and mode, the optimizer step -------
+    out["params_by_depth"] = {n: layers_params(n) for n in depths}
+    # -- fit items: compute at degree 1 (every depth), SP groups per degree and mode (deepest), the
+    #    optimizer step (every depth) ---------------------------------------------------------------
     fit_items: dict = {}
-    for j, ids in enumerate(compute_ids):
-        fit_items[("compute", j)] = run_mb(one_mb_plan(world, 1, len(ids), "local"), shapes.batch(ids))
+    for n in depths:
+        for j, ids in enumerate(compute_ids):
+            fit_items[("compute", n, j)] = run_mb(n, one_mb_plan(world, 1, len(ids), "local"), shapes.batch(ids))
     for d in degrees:
         for mode in modes:
             for j, ids in enumerate(comm_ids):
-                fit_items[(f"{mode}:{d}", j)] = run_mb(one_mb_plan(world, d, len(ids), mode), shapes.batch(ids))
-    fit_items[("optimizer", 0)] = run_opt
+                fit_items[(f"{mode}:{d}", deep, j)] = run_mb(deep, one_mb_plan(world, d, len(ids), mode),
+                                                             shapes.batch(ids))
+    for n in depths:
+        fit_items[("optimizer", n, 0)] = run_opt(n)
     warm: dict = {}
     passes(fit_items, 1, warm)  # warm-up; also the provisional fit that plans the held-out batches
     # -- links ---------------------------------------------------------------------------------
@@ -265,39 +383,31 @@ def rank_body(cfg_dict: dict) -> dict | None:
                 tick()
             links[f"{kind}:{d}"] = rows
     out["links"] = links
-    # -- activation memory (rank 0, a plain copy of the model: no collectives) -----------------
-    if rank == 0:
-        plain = Transformer(mcfg, device=device)
-        sizes = [(1024, [256] * 4), (4096, [512] * 8)]
-        mem = [(T, activation_bytes(plain, lens, device)) for T, lens in sizes]
-        slope = (mem[1][1] - mem[0][1]) / (mem[1][0] - mem[0][0])
-        out["activation"] = {"method": ("CUDA max_memory_allocated growth in forward" if device.type == "cuda"
-                                        else "CPU estimate: bytes of tensors saved for backward "
-                                             "(saved_tensors_hooks), params excluded"),
-                             "points": mem, "bytes_per_token": slope}
-        del plain
+    # -- activation memory: the sharded training modules, every rank at once --------------------
+    out["activation"] = activation_profile(engines, full.activation_checkpointing, out["max_len"], device)
     tick()
     dist.barrier()
     from flexsp.profile.build import build_cost_model
     from solver.plan import Plan
 
     def collect(times: dict) -> None:
-        out["compute"] = [(list(shapes.batch(ids).lengths), min(times[("compute", j)]))
-                          for j, ids in enumerate(compute_ids)]
+        out["compute"] = [(list(shapes.batch(ids).lengths), min(times[("compute", n, j)]), n)
+                          for n in depths for j, ids in enumerate(compute_ids)]
         comm: dict = {}
-        for (key, j), ts in times.items():
-            if key not in ("compute", "optimizer") and not isinstance(key, tuple) and key.count(":") == 1:
-                comm.setdefault(key, []).append((list(shapes.batch(comm_ids[j]).lengths), min(ts)))
+        for (key, n, j), ts in times.items():
+            if key not in ("compute", "optimizer") and key.count(":") == 1:
+                comm.setdefault(key, []).append((list(shapes.batch(comm_ids[j]).lengths), min(ts), n))
         out["comm"] = comm
-        ts = times[("optimizer", 0)]
+        out["optimizer"] = [(n, layers_params(n), min(times[("optimizer", n, 0)])) for n in depths]
+        ts = times[("optimizer", deep, 0)]
         out["optimizer_ms"] = min(ts)
         out["optimizer_spread_ms"] = [min(ts), statistics.median(ts), max(ts)]
 
-    # -- held-out plans from a provisional fit of the warm-up times (rank 0) ---------------------
+    # -- held-out plans from a provisional fit of the warm-up times (rank 0), at the timed depth ---
     box = [None]
     if rank == 0 and held_ids:
         collect(warm)
-        provisional = build_cost_model(cfg, dict(out), topo)
+        provisional = build_cost_model(cfg, dict(out), topo, depth=deep)
         box[0] = plan_heldout(provisional, [shapes.batch(ids).lengths for ids in held_ids])
     if world > 1:
         dist.broadcast_object_list(box, src=0)
@@ -307,8 +417,8 @@ def rank_body(cfg_dict: dict) -> dict | None:
         batch = shapes.batch(ids)
         for m, plan in plans.items():
             for i in range(len(plan.micro_batches)):
-                val_items[("val-mb", k, m, i)] = run_mb(sub_plan(plan, i), batch)
-            val_items[("val-step", k, m, -1)] = run_step(plan, batch)
+                val_items[("val-mb", k, m, i)] = run_mb(deep, sub_plan(plan, i), batch)
+            val_items[("val-step", k, m, -1)] = run_step(deep, plan, batch)
     if bar is not None:
         bar.total += len(val_items) * (cfg.repeats + 1) + n_fit * cfg.repeats
         bar.refresh()
@@ -328,7 +438,9 @@ def rank_body(cfg_dict: dict) -> dict | None:
     collect({k: v for k, v in times.items() if k[0] not in ("val-mb", "val-step")})
     cm = build_cost_model(cfg, out, topo)
     out["cost_model"] = cm.to_dict()
-    out["validation"] = validation_rows(cm, held_ids, held_plans, shapes, times)
+    at_depth = cm if deep == full.layers else build_cost_model(cfg, dict(out), topo, depth=deep)
+    out["validation_depth"] = deep
+    out["validation"] = validation_rows(at_depth, held_ids, held_plans, shapes, times)
     out["heldout"] = [{"lengths": list(shapes.batch(ids).lengths), "plans": plans}
                       for ids, plans in zip(held_ids, box[0] or [])]  # to re-price with another model
     return out

@@ -73,10 +73,31 @@ def summary_lines(raw: dict, cmd: str = "") -> list[str]:
               f"(timed optimizer step; min/median/max over the passes {_ms3(fit.get('step_overhead_spread_ms'))})",
               "", f"Relative fit error over the {len(raw['compute'])} fit shapes: median {c['median_abs_rel_err']:.1%}, "
               f"max {c['max_abs_rel_err']:.1%}.", ""]
+    full = raw["model_config"]["layers"]
+    depths = raw.get("profile_depths", [full])
     rows = []
-    for (L, ms), e in zip(raw["compute"], c["rel_errors"]):
-        rows.append((_shape(L), len(L), sum(L), f"{ms:.1f}", f"{ms * (1 + e):.1f}", f"{e:+.1%}"))
-    lines += _table(["shape", "docs", "tokens", "measured ms", "fitted ms", "error"], rows)
+    for r, e in zip(raw["compute"], c["rel_errors"]):
+        L, ms = r[0], r[1]
+        rows.append((_shape(L), r[2] if len(r) > 2 else full, len(L), sum(L), f"{ms:.1f}", f"{ms * (1 + e):.1f}",
+                     f"{e:+.1%}"))
+    lines += _table(["shape", "layers", "docs", "tokens", "measured ms", "fitted ms (at its depth)", "error"], rows)
+    mc = raw["model_config"]
+    lines += ["", "## Model shape and depth scaling", "",
+              f"Written for the full model: layers={full}, hidden={mc['hidden']}, heads={mc['heads']}, "
+              f"kv_heads={mc['kv_heads']}, activation_checkpointing={mc.get('activation_checkpointing', False)}, "
+              f"precision {mc.get('precision', mc['dtype'])}; longest profiled document {raw.get('max_len', '?')} "
+              "tokens.", ""]
+    if len(depths) > 1:
+        pl, fx = fit.get("per_layer", {}), fit.get("fixed", {})
+        lines += [f"Timed on {depths[0]}- and {depths[1]}-layer builds (sharded like training): time = layers x "
+                  "per-layer part + fixed part (embedding, head, loss), fitted jointly; the coefficients above "
+                  f"are at {full} layers. Per layer: a1 = {pl.get('a1', 0):.4e}, a2 = {pl.get('a2', 0):.4e}, "
+                  f"per_sequence_ms = {pl.get('per_seq', 0):.4f}, b = {pl.get('b', 0):.3f}; fixed: "
+                  f"a2 = {fx.get('a2', 0):.4e}, per_sequence_ms = {fx.get('per_seq', 0):.4f}, b = {fx.get('b', 0):.3f}. "
+                  "SP communication is per layer (x layers). Optimizer step: "
+                  f"{fit.get('step_overhead_how', 'timed')}.", ""]
+    else:
+        lines += [f"Timed on the full {full}-layer model (no depth scaling).", ""]
     if fit["comm"]:
         lines += ["", "## Communication (effective, from timed SP micro-batches)", ""]
         rows = [(k.split(":")[0], k.split(":")[1], f"{v['ms_per_token'] * 1e3:.3f}"
@@ -105,14 +126,18 @@ def summary_lines(raw: dict, cmd: str = "") -> list[str]:
                 for k, v in fit["links"].items()]
         lines += _table(["kind", "degree", "latency ms", "GB/s"], rows)
     act = raw["activation"]
-    lines += ["", f"Activation memory: {act['bytes_per_token'] / 2**10:.2f} KiB per token ({act['method']}); "
-              f"points {act['points']}. Capacity: {cm.capacity_tokens} tokens per device "
+    split = (f" = {act['fixed_bytes_per_token'] / 2**10:.2f} KiB fixed + layers x "
+             f"{act['per_layer_bytes_per_token'] / 2**10:.3f} KiB per layer; at the full depth "
+             f"{cm.act_mb_per_token * 2**10:.2f} KiB" if "per_layer_bytes_per_token" in act else "")
+    lines += ["", f"Activation memory: {act['bytes_per_token'] / 2**10:.2f} KiB per token at {act.get('depth', full)} "
+              f"layers{split} ({act['method']}). Capacity: {cm.capacity_tokens} tokens per device "
               f"({'emulated budget (capacity_tokens)' if cm.capacity_override else f'{cm.memory_mb:.0f} MB'}).", ""]
     val = raw.get("validation") or []
     if val:
         lines += ["## Validation on held-out long-tailed batches", "",
                   "Plans from a provisional fit of the warm-up pass; predictions re-priced with the final cost "
-                  "model above (steps include step_overhead_ms); measured: fastest of the interleaved runs.", ""]
+                  f"model at the timed depth ({raw.get('validation_depth', full)} layers; steps include "
+                  "step_overhead_ms); measured: fastest of the interleaved runs.", ""]
         for kind in ("micro-batch", "step"):
             med, mx, n = error_stats(val, kind)
             lines.append(f"- {kind}: median |error| {med:.1%}, max {mx:.1%} over {n}")
@@ -136,8 +161,8 @@ def plot(raw: dict, path: Path) -> None:
     c = fit["compute"]
     for label, rows, errs, marker in [("degree 1", raw["compute"], c["rel_errors"], "o")] + [
             (k, raw["comm"][k], v["rel_errors"], "s") for k, v in fit["comm"].items()]:
-        x = [sum(L) for L, _ in rows]
-        y = [ms for _, ms in rows]
+        x = [sum(r[0]) for r in rows]
+        y = [r[1] for r in rows]
         p = ax.scatter(x, y, marker=marker, label=f"{label} measured")
         ax.scatter(x, [m * (1 + e) for m, e in zip(y, errs)], marker="x", color=p.get_facecolor()[0])
     ax.set_xlabel("tokens in the micro-batch")
