@@ -1,0 +1,609 @@
+"""``flexsp-dryrun``: will this model train on N devices, and what would one step look like?
+
+    flexsp-dryrun model.preset=70b dryrun.world_size=64 dryrun.device_memory_gb=80
+    python -m flexsp.dryrun model=7b parallel.shard_size=8 output_dir=outputs/dry7b
+    flexsp-dryrun --help | --cfg [overrides]
+
+Composes the training config exactly as ``flexsp-train`` does (``configs/``, Hydra overrides from
+the command line) plus the ``dryrun`` section (:class:`DryRunConfig`, ``configs/dryrun/default.yaml``),
+then, in ONE process:
+
+1. starts a fake ``dryrun.world_size``-rank world (``torch.testing._internal.distributed.fake_pg``:
+   ``FakeStore`` + ``init_process_group(backend="fake")``; every collective is a no-op) as rank 0;
+2. builds the model on ``meta`` and shards it exactly as training does
+   (:func:`flexsp.engines.fsdp2.data_parallel_mesh` + :func:`flexsp.engines.fsdp2.shard_model`
+   with ``train.precision`` and ``parallel.shard_size``): nothing is materialised, a 70B dry run
+   peaks at a few hundred MB of host memory;
+3. counts rank 0's bytes (:func:`model_state_bytes`, :func:`unsharded_bytes`) and measures the
+   activation bytes per token (:func:`activation_bytes_per_token`: one block and the head run
+   forward on meta tensors under ``saved_tensors_hooks``);
+4. picks the cost model: ``solver.cost_model`` when it was built for this model shape (and HSDP
+   layout), else an ANALYTIC one (:func:`solver.presets.analytic_cost_model`) whose memory side is
+   the measured bytes (model states + unsharded buffers, activation bytes per token);
+5. plans one sampled global batch (``dryrun.workload``, ``num_sequences``, ``context_tokens``) at that
+   scale with the trainer's planner;
+6. prints a summary and writes ``<output_dir>/dryrun.json`` (keys: ``world_size``, ``model_params``,
+   ``per_rank_bytes`` {params, grads, optimizer, activations, unsharded, total},
+   ``device_memory_bytes``, ``fits``, ``plan``, ... and the dry run's own ``wall_seconds`` and
+   ``peak_rss_bytes``).
+
+"GB" is 2^30 bytes here, as in the solver (``memory_mb = GB x 1024``). Exit status: 0 done (also
+when the model does not fit: read ``fits``), 2 a user error (one line ``flexsp-dryrun: error: ...``),
+1 a bug (traceback).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+PROG = "flexsp-dryrun"
+_T_START = time.perf_counter()     # the dry run's wall time counts from this module's import
+GIB = 2**30
+MIB = 2**20
+
+
+@dataclass
+class DryRunConfig:
+    world_size: int = 64
+    """Ranks of the fake world (a power of two)."""
+    devices_per_node: int = 8
+    """Ranks per node (a power of two; capped at world_size)."""
+    device_memory_gb: float = 80.0
+    """Usable memory per device, GB (2^30 bytes, as the solver's memory_mb = GB x 1024)."""
+    workload: str = "github"
+    """Length distribution of the sampled batch: a solver.workloads name (cpython = real lengths)."""
+    num_sequences: int = 512
+    """Sequences in the sampled global batch."""
+    context_tokens: int = 131072
+    """Longest sequence of the sampled batch, tokens (longer draws are redrawn, as the paper drops them)."""
+    seed: int = 0
+    """Seed of the sampled batch."""
+    time_limit: float = 2.0
+    """Planner time box for the sampled batch, seconds."""
+    peak_tflops: float = 312.0
+    """Analytic cost model: dense peak per device, TFLOP/s."""
+    mfu: float = 0.5
+    """Analytic cost model: model FLOPs utilisation, in (0, 1]."""
+    zero_gbps: float = 50.0
+    """Analytic cost model: FSDP all-gather / reduce-scatter bandwidth, GB/s."""
+    replicate_gbps: float = 25.0
+    """Analytic cost model, HSDP: gradient all-reduce bandwidth across replicas, GB/s."""
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "devices_per_node"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"dryrun.{name}={v} must be a power of two >= 1")
+        for name in ("device_memory_gb", "time_limit", "peak_tflops", "zero_gbps", "replicate_gbps"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"dryrun.{name}={v} must be a finite number > 0")
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"dryrun.mfu={self.mfu} must be in (0, 1]")
+        from solver.workloads import NAMES
+        if self.workload not in NAMES:
+            raise ValueError(f"dryrun.workload={self.workload!r}; valid options: {list(NAMES)}")
+        if self.num_sequences < 1:
+            raise ValueError(f"dryrun.num_sequences={self.num_sequences} must be >= 1")
+        if self.context_tokens < 1:
+            raise ValueError(f"dryrun.context_tokens={self.context_tokens} must be >= 1")
+        if self.seed < 0:
+            raise ValueError(f"dryrun.seed={self.seed} must be >= 0")
+
+    @property
+    def device_memory_bytes(self) -> int:
+        return int(self.device_memory_gb * GIB)
+
+
+# -- config ------------------------------------------------------------------------------------------
+def _has_dryrun_default() -> bool:
+    from omegaconf import OmegaConf
+
+    from flexsp.launcher import CONFIG_DIR
+    defaults = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml")).get("defaults", [])
+    return any(isinstance(d, dict) and "dryrun" in d for d in defaults)
+
+
+def compose(overrides: list[str]) -> dict:
+    """The training config (flexsp.launcher.compose) with the ``dryrun`` group added when
+    configs/config.yaml does not list it; ValueError (one line) for a bad override."""
+    from flexsp.launcher import compose as train_compose
+    overrides = list(overrides)
+    if not _has_dryrun_default():
+        picked = [i for i, o in enumerate(overrides) if o.split("=", 1)[0].lstrip("+") == "dryrun"]
+        if picked:
+            for i in picked:
+                overrides[i] = "+" + overrides[i].lstrip("+")
+        else:
+            overrides.insert(0, "+dryrun=default")
+    return train_compose(overrides)
+
+
+def parse(cfg: dict) -> tuple[dict, DryRunConfig]:
+    """(flexsp.config.parse_config of the training sections, the typed dryrun section)."""
+    from flexsp.config import parse_config, typed_section
+    c = parse_config(cfg)
+    d = typed_section(DryRunConfig, cfg.get("dryrun") or {}, "dryrun")
+    if c["parallel"].engine != "fsdp2":
+        raise ValueError(f"parallel.engine={c['parallel'].engine!r}: flexsp-dryrun shards with FSDP2 as training "
+                         f"does with parallel.engine=fsdp2; valid: fsdp2")
+    s = c["parallel"].shard_size
+    if s and (s > d.world_size or d.world_size % s):
+        raise ValueError(f"parallel.shard_size={s} must divide dryrun.world_size={d.world_size}")
+    return c, d
+
+
+# -- fake world + sharded meta model -----------------------------------------------------------------
+class FakeWorld:
+    """Rank 0 of a fake ``world_size``-rank default process group (collectives are no-ops);
+    destroyed on exit."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def __enter__(self):
+        import torch.distributed as dist
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+        if dist.is_initialized():
+            raise RuntimeError("a default process group already exists; run the dry run in a fresh process")
+        dist.init_process_group(backend="fake", rank=0, world_size=self.world_size, store=FakeStore())
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def build_sharded(mcfg, precision: str, world_size: int, shard_size: int):
+    """The Transformer built on meta and sharded as FSDP2Engine does; (model, units, mesh)."""
+    import torch
+
+    from flexsp.engines.fsdp2 import data_parallel_mesh, shard_model
+    from flexsp.model import Transformer
+    mesh = data_parallel_mesh("cpu", world_size, shard_size)
+    with torch.device("meta"):
+        model = Transformer(mcfg, device=torch.device("meta"))
+    units = shard_model(model, mesh, precision)
+    return model, units, mesh
+
+
+def _dtype_bytes(dtype) -> int:
+    import torch
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def model_state_bytes(model, precision: str) -> dict:
+    """Rank 0's sharded model states, from the real sharded (meta) parameters.
+
+    - ``params``: sum over parameters of the local shard's numel x its element size (the fp32
+      master copy for ``bf16`` mixed precision; bf16 for ``bf16-pure``);
+    - ``grads``: the same (FSDP2 keeps the reduced gradient sharded, in the parameter's dtype);
+    - ``optimizer``: AdamW ``exp_avg`` + ``exp_avg_sq``, 2 x local numel x the parameter's element
+      size (4 B with an fp32 master, 2 B with bf16-pure); the scalar ``step`` tensors are ignored.
+    Rank 0 holds the largest shards (FSDP2 gives the padding to the last ranks)."""
+    numel = nbytes = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        numel += local.numel()
+        nbytes += local.numel() * local.element_size()
+    return {"local_numel": numel, "params": nbytes, "grads": nbytes, "optimizer": 2 * nbytes}
+
+
+def _unit_table(model, units) -> list[dict]:
+    """Every FSDP2 unit in forward order: name, full numel, padded numel (reduce-scatter input)."""
+    names = {id(model.embed): "embed", id(model.norm): "norm+lm_head", id(model): "root"}
+    for i, b in enumerate(model.blocks):
+        names[id(b)] = f"blocks.{i}"
+    table = []
+    for u in units:
+        full = padded = 0
+        holds_head = False
+        for group in u._get_fsdp_state()._fsdp_param_groups:
+            for fp in group.fsdp_params:
+                n = math.prod(fp._orig_size)
+                full += n
+                shards = fp.mesh_info.shard_mesh_size
+                padded += math.prod(fp.padded_sharded_param_size) * shards
+                if fp._module_info.param_name == "weight" and fp._module_info.module is model.lm_head:
+                    holds_head = True
+                if (model.lm_head.weight is None and fp._module_info.module is model.embed):
+                    holds_head = True   # tied: the embedding matrix is the head's weight
+        table.append({"unit": names.get(id(u), type(u).__name__), "numel": full, "padded_numel": padded,
+                      "holds_head": holds_head})
+    return table
+
+
+def unsharded_bytes(model, units, precision: str) -> dict:
+    """Peak bytes FSDP2 holds unsharded at once (rank 0), the worst backward phase.
+
+    Accounting (torch 2.13 FSDP2, ``reshard_after_forward=True`` for embed and blocks, False for
+    [norm, lm_head]; one reduce-scatter input buffer in flight, FSDP2's default): while unit ``u``
+    runs backward (order: norm+lm_head, blocks L-1..0, embed) the rank holds
+
+    - ``gathered_params``: ``u``'s full parameters in the compute dtype (bf16 under mixed
+      precision: FSDP2 all-gathers in ``param_dtype``);
+    - ``prefetched_params``: the next unit's full parameters (FSDP2's implicit backward prefetch);
+    - ``unsharded_grads``: ``u``'s full gradients in the compute dtype, before reduce-scatter;
+    - ``reduce_scatter_input``: the copy-in buffer of the reduce-scatter, padded, in the reduce
+      dtype (fp32 under bf16 mixed precision);
+    - ``root_params``: the root unit's parameters (tied embeddings: embedding + head), which stay
+      gathered from forward to the end of backward;
+    - ``head_grad_fp32``: for the unit that holds the LM head weight, the fp32 weight-gradient
+      accumulator of the chunked linear cross-entropy (flexsp.ops, torch path).
+
+    The forward holds at most gathered + prefetched (no gradients), so the backward bounds it.
+    Returns the worst phase's parts, its unit, the total, and the unit sizes."""
+    from flexsp.engines import precision_dtypes
+    mp_param, mp_reduce = precision_dtypes(precision)
+    param_dtype = next(model.parameters()).dtype
+    cb = _dtype_bytes(mp_param or param_dtype)
+    rb = _dtype_bytes(mp_reduce or param_dtype)
+    table = _unit_table(model, units)
+    root = next((u for u in table if u["unit"] == "root"), None)
+    order = [u for u in reversed(table) if u["unit"] != "root" and u["numel"]]
+    root_resident = root["numel"] * cb if root and root["numel"] else 0
+    head_numel = model.output_weight.shape[0] * model.output_weight.shape[1]
+    phases = []
+    for k, u in enumerate(order + ([root] if root_resident else [])):
+        is_root = u is root
+        nxt = order[k + 1] if not is_root and k + 1 < len(order) else None
+        parts = {
+            "gathered_params": u["numel"] * cb if not is_root else 0,
+            "prefetched_params": nxt["numel"] * cb if nxt else 0,
+            "unsharded_grads": u["numel"] * cb,
+            "reduce_scatter_input": u["padded_numel"] * rb,
+            "root_params": root_resident,
+            "head_grad_fp32": head_numel * 4 if u["holds_head"] else 0,
+        }
+        phases.append({"unit": u["unit"], "parts": parts, "total": sum(parts.values())})
+    worst = max(phases, key=lambda p: p["total"]) if phases else {"unit": None, "parts": {}, "total": 0}
+    return {"phase": worst["unit"], "parts": worst["parts"], "total": worst["total"],
+            "compute_dtype_bytes": cb, "reduce_dtype_bytes": rb,
+            "units": _compress_units(table)}
+
+
+def _compress_units(table: list[dict]) -> list[dict]:
+    """Consecutive equal-sized blocks as one row (``blocks.0-31`` x 32)."""
+    rows: list[dict] = []
+    for u in table:
+        row = {"unit": u["unit"], "count": 1, "numel": u["numel"], "padded_numel": u["padded_numel"]}
+        last = rows[-1] if rows else None
+        if (last and last["unit"].startswith("blocks.") and row["unit"].startswith("blocks.")
+                and (last["numel"], last["padded_numel"]) == (row["numel"], row["padded_numel"])):
+            last["count"] += 1
+            last["unit"] = f"{last['unit'].split('-')[0]}-{row['unit'].split('.')[1]}"
+        else:
+            rows.append(row)
+    return rows
+
+
+# -- activations -------------------------------------------------------------------------------------
+def activation_bytes_per_token(mcfg, compute_dtype, tokens: tuple[int, int] = (4096, 8192)) -> dict:
+    """Activation bytes per token held for backward on one rank, MEASURED on meta tensors.
+
+    Each piece runs forward on ``meta`` under ``torch.autograd.graph.saved_tensors_hooks``, which
+    sees every tensor autograd saves for backward; distinct storages are summed, parameters (and
+    the RoPE cos/sin shared by all blocks, counted once in ``stem``) excluded. Each piece runs at
+    two token counts; the per-token figure is the slope (constant terms drop out).
+
+    - ``stem``: embedding (saves the token ids) + RoPE cos/sin (fp32, saved by every block's RoPE:
+      one copy);
+    - ``block``: one transformer block in the compute dtype (bf16 under mixed precision). Attention
+      runs through flexsp.attention.local's autograd Function (``_VarlenAttention``, the one the
+      FlashAttention path uses on CUDA: it saves q, k, v, out and the fp32 log-sum-exp; its kernel
+      runs as "math" on meta); norms/RoPE/SwiGLU are flexsp.ops' torch path (what meta dispatches
+      to; liger on CUDA saves no more);
+    - ``block_input``: the block's input, what activation checkpointing keeps per block;
+    - ``head``: final RMSNorm + the chunked linear cross-entropy (logits are never saved).
+
+    Total per token: ``stem + layers x block + head`` without activation checkpointing; with it
+    ``stem + layers x block_input + block + head`` (every block keeps only its input; the block
+    being recomputed in backward holds its full set once). Transient backward buffers (activation
+    gradients, one logits chunk) are not included.
+    """
+    import torch
+
+    from flexsp.attention.local import varlen_attention
+    from flexsp.model import layers as L
+    from flexsp.model.transformer import AttnContext, Block, LMHead, RMSNorm
+
+    class _Ctx(AttnContext):
+        def attention(self, q, k, v, window=None):
+            return varlen_attention(q, k, v, self._cu_list, causal=True, backend="math")
+
+    cfg = replace(mcfg, dtype="bfloat16" if compute_dtype == torch.bfloat16 else "float32")
+    meta = torch.device("meta")
+    with meta:
+        embed = torch.nn.Embedding(cfg.vocab_size, cfg.hidden, dtype=cfg.torch_dtype)
+        block = Block(cfg, device=meta)
+        norm = RMSNorm(cfg.hidden, cfg.norm_eps, meta, cfg.torch_dtype)
+        head = LMHead(cfg.hidden, cfg.vocab_size, meta, cfg.torch_dtype)
+    param_keys = {p.untyped_storage()._cdata for m in (embed, block, norm, head) for p in m.parameters()}
+
+    def saved(fn, exclude=()):
+        seen, keep = {}, []
+        skip = param_keys | {t.untyped_storage()._cdata for t in exclude}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s._cdata not in skip:
+                keep.append(t)
+                seen[s._cdata] = max(seen.get(s._cdata, 0), s.nbytes())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        del out, keep
+        return sum(seen.values())
+
+    def measure(T: int) -> dict:
+        ids = torch.zeros(T, dtype=torch.int64, device=meta)
+        labels = torch.zeros(T, dtype=torch.int64, device=meta)
+        pos = torch.arange(T, device=meta)
+        cu = [0, T // 2, T]
+        cos, sin = L.rope_cos_sin(pos, cfg.head_size, cfg.rope_theta, torch.float32, scaling=cfg.rope_scaling,
+                                  max_position_embeddings=cfg.max_position_embeddings,
+                                  seq_lens=torch.full((T,), T // 2, dtype=torch.int64, device=meta))
+        x = torch.empty(T, cfg.hidden, dtype=cfg.torch_dtype, device=meta, requires_grad=True)
+        return {
+            "stem": saved(lambda: embed(ids)) + cos.untyped_storage().nbytes() + sin.untyped_storage().nbytes(),
+            "block": saved(lambda: block(x, cos, sin, _Ctx(cu_seqlens=cu)), exclude=(cos, sin)),
+            "block_input": x.untyped_storage().nbytes(),
+            "head": saved(lambda: head(norm(x), labels)),
+        }
+
+    method = ("measured: saved_tensors_hooks on meta tensors (attention: flexsp.attention.local._VarlenAttention, "
+              "the FlashAttention path's autograd Function; ops: flexsp.ops torch path)")
+    try:
+        lo, hi = measure(tokens[0]), measure(tokens[1])
+        per = {k: (hi[k] - lo[k]) / (tokens[1] - tokens[0]) for k in lo}
+    except Exception as exc:   # noqa: BLE001 - a kernel without a meta implementation
+        per = _fallback_per_token(cfg, torch.tensor([], dtype=compute_dtype).element_size())
+        method = (f"FALLBACK FORMULA (meta forward failed: {type(exc).__name__}: {str(exc)[:160]}): "
+                  f"LLaMA block with flash-style attention, see flexsp.dryrun._fallback_per_token")
+    ac = bool(mcfg.activation_checkpointing)
+    if ac:
+        total = per["stem"] + mcfg.layers * per["block_input"] + per["block"] + per["head"]
+    else:
+        total = per["stem"] + mcfg.layers * per["block"] + per["head"]
+    return {"bytes_per_token": total, "parts_per_token": per, "activation_checkpointing": ac,
+            "layers": mcfg.layers, "method": method, "measured_at_tokens": list(tokens)}
+
+
+def _fallback_per_token(cfg, c: int) -> dict:
+    """ROUGH per-token bytes of a LLaMA block (used only if the meta forward fails): norm inputs
+    and fp32 upcasts, q/k/v/out + fp32 LSE per head, RoPE inputs, SwiGLU gate/up/product, the
+    projections' inputs."""
+    h, q = cfg.hidden, cfg.heads * cfg.head_size
+    kv = cfg.kv_heads * cfg.head_size
+    block = c * (2 * h + 2 * h + 2 * (q + kv) + (q + 2 * kv) + q + 3 * cfg.intermediate) + 4 * (2 * h + cfg.heads)
+    return {"stem": 8 + 2 * 4 * cfg.head_size, "block": block, "block_input": c * h,
+            "head": c * h + 4 * h + 8}
+
+
+# -- cost model --------------------------------------------------------------------------------------
+def pick_cost_model(c: dict, d: DryRunConfig, mcfg, states_bytes: int, act_bytes_per_token: float):
+    """(cost model, how it was chosen): the configured ``solver.cost_model`` if it was built for this
+    model's shape and HSDP layout, else an analytic one whose memory side is the measured bytes."""
+    from flexsp.planning import load_cost_model
+    from solver.presets import analytic_cost_model
+    spec, world = c["solver"].cost_model, d.world_size
+    shard_size = c["parallel"].shard_size if c["parallel"].shard_size < world else 0
+    cm = load_cost_model(spec, world)
+    reason = None
+    try:
+        cm.check_model_shape(mcfg.layers, mcfg.hidden, mcfg.heads, mcfg.kv_heads)
+    except ValueError as exc:
+        reason = str(exc).split(": profile")[0]
+    if reason is None and not (cm.layers and cm.hidden):
+        reason = f"cost model {cm.name} does not record the model shape it was built for"
+    if reason is None and (cm.shard_size if cm.shard_size < world else 0) != shard_size:
+        reason = f"cost model {cm.name} has shard_size={cm.shard_size}, the run parallel.shard_size={shard_size}"
+    if reason is None:
+        return cm, {"choice": "configured", "spec": spec}
+    free = d.device_memory_bytes - states_bytes
+    if free < act_bytes_per_token:
+        return None, {"choice": "none", "spec": spec,
+                      "why": f"solver.cost_model={spec}: {reason}; and no analytic model either: model states + "
+                             f"unsharded buffers ({states_bytes / GIB:.2f} GiB) leave no room for one token's "
+                             f"activations in {d.device_memory_gb:g} GiB"}
+    params = mcfg.num_params()
+    sbpp = states_bytes * (shard_size or world) / params      # so that model_states_mb == measured
+    cm = analytic_cost_model(
+        f"analytic-{c['model_preset']}-{world}", layers=mcfg.layers, hidden=mcfg.hidden, heads=mcfg.heads,
+        kv_heads=mcfg.kv_heads, params=float(params), num_devices=world,
+        devices_per_node=min(d.devices_per_node, world), memory_mb=d.device_memory_gb * 1024,
+        act_mb_per_token=act_bytes_per_token / MIB, peak_tflops=d.peak_tflops, mfu=d.mfu,
+        bytes_per_element=2 if c["train"].precision != "fp32" else 4, zero_gbps=d.zero_gbps,
+        activation_checkpointing=bool(mcfg.activation_checkpointing), shard_size=shard_size,
+        replicate_gbps=d.replicate_gbps if shard_size else 0.0)
+    cm = replace(cm, state_bytes_per_param=sbpp, source=cm.source + "; memory: flexsp-dryrun's measured model "
+                 "states + unsharded buffers and activation bytes per token")
+    return cm, {"choice": "analytic", "spec": spec, "why": f"solver.cost_model={spec}: {reason}"}
+
+
+# -- the dry run -------------------------------------------------------------------------------------
+def run(cfg: dict) -> dict:
+    """The dry run of a composed config (plain dict); returns the report written to dryrun.json."""
+    import torch
+
+    from flexsp.engines import precision_dtypes
+    from flexsp.planning import solve_plan
+    from flexsp.train import check_output_dir, model_config_of
+    from solver.planner import PlanningError
+    from solver.workloads import sample_lengths
+
+    c, d = parse(cfg)
+    out = c["output_dir"]
+    check_output_dir(out)
+    mcfg, precision = model_config_of(c, c["model_overrides"].get("vocab_size"))
+    c["train"] = replace(c["train"], precision=precision)
+    shard_size = c["parallel"].shard_size
+    with FakeWorld(d.world_size):
+        model, units, mesh = build_sharded(mcfg, precision, d.world_size, shard_size)
+        states = model_state_bytes(model, precision)
+        unsh = unsharded_bytes(model, units, precision)
+        mesh_shape = list(mesh.shape)
+        del model, units, mesh
+    compute = precision_dtypes(precision)[0] or mcfg.torch_dtype
+    act = activation_bytes_per_token(mcfg, compute)
+    model_states = states["params"] + states["grads"] + states["optimizer"]
+    cm, cm_choice = pick_cost_model(c, d, mcfg, model_states + unsh["total"], act["bytes_per_token"])
+    free = d.device_memory_bytes - model_states - unsh["total"]
+    measured_capacity = max(0, math.floor(free / act["bytes_per_token"]))
+    capacity = cm.capacity_tokens if cm is not None else 0
+    activations = int(capacity * act["bytes_per_token"])
+    total = model_states + unsh["total"] + activations
+    fits = capacity >= 1 and total <= d.device_memory_bytes
+    lengths = sample_lengths(d.workload, d.num_sequences, d.seed, context_limit=d.context_tokens)
+    batch = {"workload": d.workload, "num_sequences": int(lengths.size), "seed": d.seed,
+             "context_tokens": d.context_tokens, "tokens": int(lengths.sum()), "longest": int(lengths.max()),
+             "mean": round(float(lengths.mean()), 1)}
+    plan_out = None
+    try:
+        if cm is None:
+            raise PlanningError(f"nothing to plan: {cm_choice['why'].split('either: ')[-1]}")
+        plan = solve_plan(lengths, cm, d.time_limit, c["solver"].milp_backend, c["solver"].pulp_solver)
+        plan_out = {"summary": plan.summary(), "micro_batches": len(plan.micro_batches),
+                    "groups": sum(len(mb.groups) for mb in plan.micro_batches),
+                    "predicted_ms": round(plan.predicted_ms, 3), "lower_bound_ms": round(plan.lower_bound_ms, 3),
+                    "gap": round(plan.gap, 4), "status": plan.status, "solve_seconds": plan.solve_seconds,
+                    "degrees": sorted({g.sp for mb in plan.micro_batches for g in mb.groups}),
+                    "max_group_memory_mb": round(max(g.memory_mb for mb in plan.micro_batches for g in mb.groups), 1)}
+        try:
+            from solver.baselines import static_plan
+            plan_out["static_sp_ms"] = round(static_plan(lengths, cm).predicted_ms, 3)
+            plan_out["speedup_over_static"] = round(plan_out["static_sp_ms"] / plan.predicted_ms, 3)
+        except (ValueError, PlanningError):
+            pass
+        plan_out["plan"] = plan.to_dict()
+    except PlanningError as exc:
+        plan_out = {"error": " ".join(str(exc).split())}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_rss = rss * 1024 if sys.platform != "darwin" else rss
+    report = {
+        "world_size": d.world_size,
+        "devices_per_node": min(d.devices_per_node, d.world_size),
+        "model": {"preset": c["model_preset"], "hf_checkpoint": c["hf_checkpoint"], "layers": mcfg.layers,
+                  "hidden": mcfg.hidden, "heads": mcfg.heads, "kv_heads": mcfg.kv_heads,
+                  "intermediate": mcfg.intermediate, "vocab_size": mcfg.vocab_size,
+                  "tie_embeddings": mcfg.tie_embeddings, "activation_checkpointing": mcfg.activation_checkpointing},
+        "model_params": mcfg.num_params(),
+        "precision": precision,
+        "sharding": {"engine": "fsdp2", "mesh": mesh_shape, "shard_size": shard_size or d.world_size,
+                     "replicas": d.world_size // (shard_size or d.world_size), "local_numel": states["local_numel"],
+                     "param_dtype": str(mcfg.torch_dtype).replace("torch.", ""),
+                     "compute_dtype": str(compute).replace("torch.", "")},
+        "per_rank_bytes": {"params": states["params"], "grads": states["grads"], "optimizer": states["optimizer"],
+                           "activations": activations, "unsharded": unsh["total"], "total": total},
+        "unsharded_parts": {"phase": unsh["phase"], **unsh["parts"]},
+        "units": unsh["units"],
+        "activation": act,
+        "device_memory_bytes": d.device_memory_bytes,
+        "capacity_tokens": capacity,
+        "capacity_tokens_measured": measured_capacity,
+        "fits": bool(fits),
+        "cost_model": {**cm_choice, **({"name": cm.name, "source": cm.source, "memory_mb": cm.memory_mb,
+                                         "model_states_mb": round(cm.model_states_mb, 1),
+                                         "act_mb_per_token": cm.act_mb_per_token, "capacity_tokens": cm.capacity_tokens,
+                                         "a1": cm.a1, "a2": cm.a2, "b": cm.b} if cm is not None else {"name": None})},
+        "batch": batch,
+        "plan": plan_out,
+        "dryrun": asdict(d),
+        "wall_seconds": 0.0,
+        "peak_rss_bytes": int(peak_rss),
+        "torch": torch.__version__,
+    }
+    report["wall_seconds"] = round(time.perf_counter() - _T_START, 3)
+    path = out / "dryrun.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    report["path"] = str(path)
+    return report
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def _gib(n: float) -> str:
+    """Bytes as GiB, MiB or KiB, whichever reads best."""
+    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_report(r: dict) -> str:
+    b, m = r["per_rank_bytes"], r["model"]
+    act, u = r["activation"], r["unsharded_parts"]
+    lines = [
+        f"{PROG}: {m['preset']} ({_count(r['model_params'])} params) on {r['world_size']} ranks "
+        f"({r['devices_per_node']}/node), {r['precision']}, FSDP2 mesh {r['sharding']['mesh']}, "
+        f"{r['device_memory_bytes'] / GIB:g} GiB per device",
+        f"  per rank: params {_gib(b['params'])} | grads {_gib(b['grads'])} | optimizer {_gib(b['optimizer'])} | "
+        f"unsharded {_gib(b['unsharded'])} (backward of {u['phase']}) | activations {_gib(b['activations'])} "
+        f"(C = {r['capacity_tokens']:,} tokens x {act['bytes_per_token'] / MIB:.3f} MiB/token, "
+        f"AC {'on' if act['activation_checkpointing'] else 'off'}) | total {_gib(b['total'])}: "
+        f"{'fits' if r['fits'] else 'DOES NOT FIT'}",
+        f"  cost model: {r['cost_model']['name']} ({r['cost_model']['choice']}"
+        + (f"; {r['cost_model']['why']}" if r["cost_model"].get("why") else "") + ")",
+    ]
+    bt, p = r["batch"], r["plan"]
+    head = (f"  plan of one batch ({bt['workload']}, {bt['num_sequences']} sequences, {bt['tokens']:,} tokens, "
+            f"longest {bt['longest']:,}): ")
+    if p and "error" in p:
+        lines.append(head + f"NONE: {p['error']}")
+    elif p:
+        extra = f", {p['speedup_over_static']}x over static SP" if "speedup_over_static" in p else ""
+        lines.append(head + f"{p['summary']}; predicted {p['predicted_ms']:.1f} ms (lower bound "
+                     f"{p['lower_bound_ms']:.1f}, gap {100 * p['gap']:.1f}%{extra}), {p['status']}, "
+                     f"solved in {p['solve_seconds']:.2f} s")
+    lines.append(f"  dry run: {r['wall_seconds']:.1f} s, peak RSS {_gib(r['peak_rss_bytes'])} -> {r.get('path', '')}")
+    return "\n".join(lines)
+
+
+def _say(msg: str) -> None:
+    print(f"{PROG}: error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print("dryrun.* keys (flexsp.dryrun.DryRunConfig):")
+        from dataclasses import fields
+        for f in fields(DryRunConfig):
+            print(f"  dryrun.{f.name} (default {f.default!r})")
+        print("Every training key works too (model=..., train.precision=..., parallel.shard_size=..., "
+              "solver.cost_model=..., output_dir=...); see flexsp-train --help.")
+        return 0
+    show_cfg = "--cfg" in argv
+    overrides = [a for a in argv if a != "--cfg"]
+    bad = [a for a in overrides if a.startswith("-")]
+    try:
+        if bad:
+            raise ValueError(f"unknown option {bad[0]!r}; options: --help, --cfg; everything else is a "
+                             f"Hydra override (key=value)")
+        cfg = compose(overrides)
+        if show_cfg:
+            from omegaconf import OmegaConf
+            print(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+            return 0
+        parse(cfg)                       # every field validated before any work
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        report = run(cfg)
+    except ValueError as exc:
+        _say(str(exc))
+        return 2
+    print(format_report(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
