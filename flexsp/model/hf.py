@@ -163,8 +163,11 @@ def config_from_hf(path_or_dict, **overrides) -> ModelConfig:
     except ValueError as exc:
         problems.append(str(exc).replace("ModelConfig.rope_scaling", "rope_parameters"))
     if scaling is not None and scaling["rope_type"] in ("yarn", "llama3"):
-        scaling.setdefault("original_max_position_embeddings",
-                           d.get("original_max_position_embeddings") or max_pos)
+        # as HF's standardize_rope_params: a top-level original_max_position_embeddings wins,
+        # else the rope dict's, else max_position_embeddings
+        if d.get("original_max_position_embeddings"):
+            scaling["original_max_position_embeddings"] = int(d["original_max_position_embeddings"])
+        scaling.setdefault("original_max_position_embeddings", max_pos)
     if problems:
         raise ValueError(f"{src}: {arch} with unsupported features: " + "; ".join(problems))
     hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
