@@ -32,6 +32,11 @@ Backends (``backend=None`` picks automatically, any name overrides):
 Auto choice: CPU -> sdpa; CUDA -> flash if importable, else flex (compiled), else sdpa
 (LSE kernels: flash, else flex, else math); other devices -> sdpa (LSE kernels: math).
 
+Sliding window (``varlen_attention(..., window=w)``, causal, no LSE): query ``i`` of a document
+sees keys ``i - w < j <= i`` (HF Mistral's mask). flash: ``window_size=(w - 1, 0)``; flex: the
+band is folded into the per-row key intervals of the block mask; elsewhere a per-document SDPA
+loop with a banded mask for documents longer than ``w`` (shorter ones are plain causal).
+
 Shapes: q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]`` with ``H % Hkv == 0`` (GQA: kv heads are
 expanded inside the kernel, gradients summed back). LSE: ``[H, Tq]`` float32.
 """
