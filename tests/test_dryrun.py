@@ -1,0 +1,164 @@
+"""flexsp-dryrun: a fake 64-rank world in one process, the model sharded on meta as training does.
+
+Full dry runs go through subprocesses (fresh interpreter: the fake default process group and the
+peak RSS are the run's own): the tiny preset (configured cost model), the 7b preset (bf16 mixed
+precision: params + grads + AdamW = 16 B x parameters / 64 per rank; peak RSS far below the 7B's
+fp32 size, so nothing was materialised), HSDP on the tiny preset, and bad dryrun fields (one error
+line, exit status 2). The activation measurement is cross-checked in-process against the bytes
+autograd saves in a real CPU forward of the whole tiny model.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+KEYS = {"world_size", "model_params", "per_rank_bytes", "device_memory_bytes", "fits", "plan",
+        "capacity_tokens", "unsharded_parts", "activation", "cost_model", "batch", "wall_seconds",
+        "peak_rss_bytes", "sharding", "precision"}
+BYTES_KEYS = {"params", "grads", "optimizer", "activations", "unsharded", "total"}
+
+
+def _dryrun(tmp_path, *overrides, timeout=240):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "flexsp.dryrun", *overrides, f"output_dir={tmp_path}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def _report(tmp_path, *overrides):
+    proc = _dryrun(tmp_path, *overrides)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    r = json.loads((tmp_path / "dryrun.json").read_text())
+    assert KEYS <= set(r), KEYS - set(r)
+    assert BYTES_KEYS == set(r["per_rank_bytes"]), r["per_rank_bytes"]
+    b = r["per_rank_bytes"]
+    assert b["total"] == sum(b[k] for k in BYTES_KEYS - {"total"})
+    parts = {k: v for k, v in r["unsharded_parts"].items() if k != "phase"}
+    assert b["unsharded"] == sum(parts.values()) > 0, r["unsharded_parts"]
+    assert r["fits"] == (r["capacity_tokens"] >= 1 and b["total"] <= r["device_memory_bytes"])
+    assert "dry run:" in proc.stdout and "per rank:" in proc.stdout, proc.stdout
+    return r
+
+
+def test_tiny_at_64_ranks_uses_the_configured_cost_model(tmp_path):
+    r = _report(tmp_path, "dryrun.world_size=64", "dryrun.num_sequences=64")
+    assert r["world_size"] == 64 and r["sharding"]["mesh"] == [64]
+    assert r["cost_model"]["choice"] == "configured" and r["cost_model"]["name"] == "cpu-gloo-tiny"
+    # fp32: params + grads + AdamW = 16 B per parameter, sharded over 64 ranks (tiny shards pad a little)
+    b = r["per_rank_bytes"]
+    assert b["params"] == b["grads"] == b["optimizer"] / 2
+    assert 16 * r["model_params"] / 64 <= b["params"] + b["grads"] + b["optimizer"] <= 1.1 * 16 * r["model_params"] / 64
+    assert b["activations"] == int(r["capacity_tokens"] * r["activation"]["bytes_per_token"])
+    assert r["plan"]["plan"]["num_devices"] == 64 and r["plan"]["predicted_ms"] > 0
+    assert sum(len(g["seq_ids"]) for mb in r["plan"]["plan"]["micro_batches"] for g in mb["groups"]) == 64
+
+
+@pytest.mark.slow
+def test_7b_at_64_ranks_bf16_nothing_materialised(tmp_path):
+    r = _report(tmp_path, "model=7b", "dryrun.world_size=64", "dryrun.device_memory_gb=80")
+    p, b = r["model_params"], r["per_rank_bytes"]
+    assert r["precision"] == "bf16" and r["sharding"]["param_dtype"] == "float32"
+    assert r["sharding"]["compute_dtype"] == "bfloat16"
+    # fp32 master (4) + fp32 grads (4) + AdamW exp_avg/exp_avg_sq (8) = 16 B per parameter / 64 ranks
+    states = b["params"] + b["grads"] + b["optimizer"]
+    assert abs(states - 16 * p / 64) <= 0.1 * 16 * p / 64, (states, 16 * p / 64)
+    # unsharded: a block (the largest unit) gathered in bf16, the next prefetched, its bf16 grads, fp32 RS input
+    block = next(u for u in r["units"] if u["unit"].startswith("blocks."))
+    u = r["unsharded_parts"]
+    assert u["phase"].startswith("blocks.") and u["gathered_params"] == u["prefetched_params"] == 2 * block["numel"]
+    assert u["unsharded_grads"] == 2 * block["numel"] and u["reduce_scatter_input"] == 4 * block["padded_numel"]
+    assert r["activation"]["activation_checkpointing"] and r["activation"]["method"].startswith("measured")
+    assert r["cost_model"]["choice"] == "analytic" and "ANALYTIC" in r["cost_model"]["source"]
+    assert r["capacity_tokens"] > 1000 and r["fits"]
+    assert b["total"] <= r["device_memory_bytes"]
+    assert "error" not in r["plan"] and r["plan"]["predicted_ms"] > 0
+    # a 7B model in fp32 is 25 GiB; the dry run's whole process stays far below it
+    assert r["peak_rss_bytes"] < 3 * 2**30, r["peak_rss_bytes"]
+
+
+@pytest.mark.slow
+def test_hsdp_shards_within_groups(tmp_path):
+    r = _report(tmp_path, "parallel.shard_size=8", "train.precision=bf16", "dryrun.num_sequences=32")
+    assert r["sharding"]["mesh"] == [8, 8] and r["sharding"]["replicas"] == 8
+    b, p = r["per_rank_bytes"], r["model_params"]
+    assert abs(b["params"] - 4 * p / 8) <= 0.1 * 4 * p / 8
+    assert r["cost_model"]["choice"] == "analytic"       # cpu-gloo-tiny is not an HSDP model
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dryrun.world_size=48", "dryrun.world_size=48 must be a power of two"),
+    ("dryrun.device_memory_gb=abc", "dryrun.device_memory_gb='abc' must be a number"),
+    ("dryrun.workload=nope", "dryrun.workload='nope'; valid options"),
+    ("dryrun.nope=1", "unknown config key 'dryrun.nope'"),
+    ("parallel.shard_size=128", "parallel.shard_size=128 must divide dryrun.world_size=64"),
+])
+def test_bad_dryrun_field_is_one_line_and_exit_2(tmp_path, override, message):
+    proc = _dryrun(tmp_path, override, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flexsp-dryrun: error: ") and message in lines[0], proc.stderr
+    assert not (tmp_path / "dryrun.json").exists()
+
+
+def test_dryrun_config_validation_in_process():
+    from flexsp.dryrun import DryRunConfig
+    assert DryRunConfig().world_size == 64
+    for bad in (dict(world_size=0), dict(devices_per_node=3), dict(mfu=0.0), dict(num_sequences=0),
+                dict(context_tokens=0), dict(time_limit=float("inf")), dict(seed=-1)):
+        with pytest.raises(ValueError, match="dryrun."):
+            DryRunConfig(**bad)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct non-parameter storages autograd saves while ``fn`` runs (real CPU tensors)."""
+    seen, keep = {}, []
+
+    def pack(t):
+        s = t.untyped_storage()
+        keep.append(t)
+        seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return seen
+
+
+def test_measured_activations_match_a_real_cpu_forward_of_the_whole_model():
+    """stem + layers x block + head (measured on meta) == what a real forward of the tiny model
+    (no activation checkpointing, the CPU path of the same attention Function) saves, per token."""
+    from flexsp.dryrun import activation_bytes_per_token
+    from flexsp.model import Transformer, model_config
+    from flexsp.model.layers import positions_from_cu_seqlens
+    from flexsp.model.transformer import AttnContext
+    cfg = model_config("tiny", layers=3)
+    measured = activation_bytes_per_token(cfg, torch.float32)
+    assert measured["method"].startswith("measured") and not measured["activation_checkpointing"]
+    model = Transformer(cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def real(T):
+        cu = [0, T // 2, T]
+        ids = torch.randint(0, cfg.vocab_size, (T,))
+        pos = positions_from_cu_seqlens(cu)
+        seen = _saved_bytes(lambda: model(ids, pos, AttnContext.local(cu), labels=ids))
+        return sum(v for k, v in seen.items() if k not in params)
+    per_token = (real(512) - real(256)) / 256
+    assert abs(per_token - measured["bytes_per_token"]) <= 0.01 * per_token, (per_token, measured)
+
+
+def test_in_process_run_destroys_the_fake_world(tmp_path):
+    import torch.distributed as dist
+
+    from flexsp.dryrun import compose, run
+    assert not dist.is_initialized()
+    r = run(compose(["dryrun.num_sequences=16", "dryrun.world_size=16", f"output_dir={tmp_path}"]))
+    assert r["world_size"] == 16 and r["sharding"]["mesh"] == [16]
+    assert not dist.is_initialized()            # the fake default group is gone
+    assert json.loads((tmp_path / "dryrun.json").read_text())["per_rank_bytes"] == r["per_rank_bytes"]
