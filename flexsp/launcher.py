@@ -96,9 +96,21 @@ def _hydra_message(exc, overrides) -> str:
             return f"{key}={value}: no such config; valid options for {key}: {options}"
         if f"'{key}'" in text and "Could not override" in text:
             section, _, leaf = key.rpartition(".")
-            return (f"unknown config key {key!r}{' in section ' + section if section else ''}; use one of the "
-                    f"keys in configs/ (flexsp-train --help lists them), or +{key}=... to add a new one")
+            valid = _section_keys(section, [x for x in overrides if x != o])
+            return (f"unknown config key {key!r}; valid keys of {section or 'the config'}: {valid}"
+                    if valid else f"unknown config key {key!r} (flexsp-train --cfg prints the config)")
     return f"bad override: {text}"
+
+
+def _section_keys(section: str, overrides: list[str]) -> list[str]:
+    """The keys of ``section`` in the config composed without the bad override (best effort)."""
+    try:
+        node = compose(overrides)
+        for part in filter(None, section.split(".")):
+            node = node[part]
+        return sorted(node) if isinstance(node, dict) else []
+    except (ValueError, KeyError, TypeError):
+        return []
 
 
 def print_help() -> None:
@@ -130,11 +142,11 @@ def main(argv: list[str]) -> int:
         _say(" ".join(str(exc).split()))
         return 2
     if launcher and "RANK" not in os.environ:
-        from flexsp.train import check_output_dir
+        from flexsp.train import validate
         try:
-            check_output_dir(c["output_dir"])
+            validate(c, _launched_world(launcher))
         except ValueError as exc:
-            _say(str(exc))
+            _say(" ".join(str(exc).split()))
             return 2
         return _launch(launcher, overrides)
     return _run_here(cfg)
@@ -167,23 +179,40 @@ def _run_here(cfg) -> int:
     return code
 
 
+def _launched_world(launcher: list[str]) -> int | None:
+    """nproc-per-node x nnodes of the torchrun options, when both are plain integers."""
+    opts = {}
+    for i, a in enumerate(launcher):
+        key, eq, value = a.partition("=")
+        if not eq and i + 1 < len(launcher):
+            value = launcher[i + 1]
+        opts[key.replace("_", "-")] = value
+    try:
+        return int(opts.get("--nproc-per-node", "1")) * int(opts.get("--nnodes", "1"))
+    except ValueError:
+        return None
+
+
 def _launch(launcher: list[str], overrides: list[str]) -> int:
     """torchrun's elastic agent in this process, its log quieted; the failed rank's status."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-    from torch.distributed.run import config_from_args, get_args_parser
+    from torch.distributed.run import get_args_parser, run
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")       # torchrun would warn and set it
     if not os.environ.get("FLEXSP_LAUNCHER_VERBOSE"):
-        for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+        # torchrun's loggers each set their own level: quiet every one of them (the ranks report)
+        for name, logger in list(logging.Logger.manager.loggerDict.items()):
+            if name.startswith("torch.distributed") and isinstance(logger, logging.Logger):
+                logger.setLevel(logging.CRITICAL)
+    names = {a.partition("=")[0].replace("_", "-") for a in launcher}
+    if not names & {"--nnodes", "--rdzv-endpoint", "--rdzv-backend", "--master-addr", "--master-port", "--standalone"}:
+        launcher = ["--standalone", *launcher]       # one node: a free port, no fixed 29500
     try:
         args = get_args_parser().parse_args([*launcher, "-m", "flexsp.train", *overrides])
     except SystemExit as exc:
         return int(exc.code or 2)
-    config, cmd, cmd_args = config_from_args(args)
     try:
-        elastic_launch(config, cmd)(*cmd_args)
+        run(args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         if failure.exitcode < 0:

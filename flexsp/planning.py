@@ -87,14 +87,24 @@ pulp_solver) -> Plan``): a module-level function, named to the subprocess as ``m
 
 
 class PlannerProcess:
-    """The planner subprocess (flexsp.planner_worker) of rank 0: one job at a time, answers read by
-    a thread into a queue (so waiting for one has a timeout)."""
+    """The planner subprocess (flexsp.planner_worker) of rank 0: jobs are solved one at a time in
+    submission order, answers read by a thread into a queue (so waiting for one has a timeout).
 
-    def __init__(self, solve_fn, cm: CostModel):
+    A late job is not killed: its solve is time-boxed, so the next job just queues behind it for
+    at most the rest of that box (cheaper than restarting the process, which re-imports the
+    solver). Only a job still running ``stuck_s`` after submission is treated as stuck: the
+    process is then replaced. It runs in its own session, so a terminal's Ctrl-C does not reach
+    it (the trainer decides how to stop), and it exits when its input closes (the trainer died)."""
+
+    def __init__(self, solve_fn, cm: CostModel, stuck_s: float = 30.0):
         self.target = f"{solve_fn.__module__}:{solve_fn.__qualname__}"
-        self.cm = cm
-        self.busy = None
+        self.cm, self.stuck_s = cm, stuck_s
+        self.outstanding: dict[int, float] = {}
         self._start()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.outstanding)
 
     def _start(self) -> None:
         import os
@@ -104,7 +114,8 @@ class PlannerProcess:
         import sys
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.proc = subprocess.Popen([sys.executable, "-m", "flexsp.planner_worker", self.target],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                     start_new_session=True)
         self.replies = queue.Queue()
         pickle.dump(self.cm.to_dict(), self.proc.stdin)
         self.proc.stdin.flush()
@@ -121,15 +132,16 @@ class PlannerProcess:
 
     def submit(self, job_id: int, lengths: tuple, kwargs: dict) -> None:
         import pickle
-        if self.busy is not None:   # a late job still running: start afresh rather than queue behind it
-            self.close()
+        now = time.monotonic()
+        if any(now - t > self.stuck_s for t in self.outstanding.values()):
+            self.close()            # a stuck solve: start afresh rather than queue behind it
             self._start()
         try:
             pickle.dump((job_id, lengths, kwargs), self.proc.stdin)
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass                    # reported by result(): the process died
-        self.busy = job_id
+        self.outstanding[job_id] = now
 
     def result(self, job_id: int, timeout: float):
         """``(ok, payload)`` of ``job_id`` within ``timeout`` seconds, or None (still running)."""
@@ -141,47 +153,61 @@ class PlannerProcess:
             except queue.Empty:
                 return None
             if reply is None:
-                self.busy = None
+                self.outstanding.clear()
                 return False, f"the planner process died (exit code {self.proc.wait()})"
             jid, ok, payload = reply
-            if jid == self.busy:
-                self.busy = None
+            self.outstanding.pop(jid, None)
             if jid == job_id:
                 return ok, payload
 
     def close(self) -> None:
         import pickle
+        busy = self.busy
         try:
-            if self.busy is None:
+            if not busy:
                 pickle.dump(None, self.proc.stdin)
             self.proc.stdin.close()
         except (BrokenPipeError, OSError, ValueError):
             pass
         try:
-            self.proc.wait(timeout=0.5 if self.busy is None else 0.0)
+            self.proc.wait(timeout=0.5 if not busy else 0.0)
         except Exception:
             pass
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=5)
-        self.busy = None
+        self.outstanding.clear()
 
 
-def load_cost_model(spec: str, world_size: int) -> CostModel:
-    """The cost model ``spec`` (preset name or JSON path) for ``world_size`` devices."""
+def load_cost_model(spec: str, world_size: int, shape=None) -> CostModel:
+    """The cost model ``spec`` (preset name or JSON path) for ``world_size`` devices.
+
+    ``shape`` (an object with layers, hidden, heads, kv_heads: the ModelConfig to train) is checked
+    against the shape the cost model was built for BEFORE it is resized to the world, so a cost
+    model of another model fails with that mismatch, not with whatever it implies at this size."""
     from pathlib import Path
 
     from solver.presets import PRESETS, load_preset
     if spec in PRESETS:
         cm = load_preset(spec)
     elif Path(spec).suffix == ".json" or Path(spec).exists():
+        if Path(spec).is_dir():
+            raise ValueError(f"solver.cost_model={spec} is a directory; give a cost-model JSON file or a preset "
+                             f"({', '.join(sorted(PRESETS))})")
         cm = CostModel.load(spec)
     else:
         raise ValueError(f"solver.cost_model={spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                          f"nor an existing cost-model JSON file")
+    if shape is not None and hasattr(cm, "check_model_shape"):
+        try:
+            cm.check_model_shape(shape.layers, shape.hidden, shape.heads, shape.kv_heads)
+        except ValueError as exc:
+            raise ValueError(f"solver.cost_model={spec}: {exc}") from None
     if cm.num_devices != world_size:
-        cm = replace(cm, num_devices=world_size,
-                     devices_per_node=min(cm.devices_per_node, world_size))
+        try:
+            cm = replace(cm, num_devices=world_size, devices_per_node=min(cm.devices_per_node, world_size))
+        except ValueError as exc:
+            raise ValueError(f"solver.cost_model={spec} on {world_size} rank(s): {exc}") from None
     return cm
 
 

@@ -159,6 +159,23 @@ def model_config_of(c: dict, vocab_size: int | None = None):
     return replace(mcfg, dtype=param_dtype(precision)), precision
 
 
+def validate(c: dict, world_size: int | None = None) -> None:
+    """The checks that need no process group, data or model (the launcher runs them before any
+    rank starts): output directory, model config, precision, cost model and its model shape."""
+    from flexsp.planning import load_cost_model
+    from flexsp.topology import SPTopology
+    check_output_dir(c["output_dir"])
+    mcfg, _ = model_config_of(c)
+    if world_size:
+        try:
+            SPTopology(world_size)
+        except ValueError as exc:
+            raise ValueError(f"{world_size} ranks: {exc}") from None
+        if c["parallel"].world_size and c["parallel"].world_size != world_size:
+            raise ValueError(f"parallel.world_size={c['parallel'].world_size} but {world_size} ranks are launched")
+    load_cost_model(c["solver"].cost_model, world_size or 1, shape=mcfg)
+
+
 def _setup(cfg) -> RunState:
     from flexsp.planning import StepPlanner, load_cost_model
     from flexsp.topology import SPTopology
@@ -175,16 +192,7 @@ def _setup(cfg) -> RunState:
         raise ValueError(f"parallel.shard_size={parallel.shard_size} must divide the {world} ranks")
     dpn = parallel.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     topo = SPTopology(world, min(dpn, world)).build()
-    cm = load_cost_model(solver.cost_model, world)
-    if hasattr(cm, "check_model_shape"):
-        try:
-            cm.check_model_shape(mcfg_shape.layers, mcfg_shape.hidden, mcfg_shape.heads, mcfg_shape.kv_heads)
-        except ValueError as exc:
-            raise ValueError(f"solver.cost_model={solver.cost_model}: {exc}; profile this model "
-                             f"(flexsp-profile model={c['model_preset']}) or pick a cost model built for it") from None
-    elif cm.heads and mcfg_shape.heads != cm.heads:
-        raise ValueError(f"solver.cost_model={solver.cost_model} was built for heads={cm.heads} but the model "
-                         f"has heads={mcfg_shape.heads}")
+    cm = load_cost_model(solver.cost_model, world, shape=mcfg_shape)
     planner = StepPlanner(solver, cm, rank, world, parallel.mode, parallel.static_degree)
     st = RunState(c=c, rank=rank, world=world, device=device, out=out, topo=topo, cm=cm, planner=planner)
     if rank == 0:
@@ -299,10 +307,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 # -- phase 5: the loop -------------------------------------------------------------------------------
 class _Interrupt:
-    """SIGINT/SIGTERM during training: finish the step, checkpoint, stop (a second signal: now)."""
+    """SIGINT/SIGTERM during training: finish the step, checkpoint, stop. A second signal more than
+    ``DUPLICATE_S`` later stops at once; one within it is the same interrupt delivered twice (a
+    terminal's Ctrl-C reaches the rank directly and again through torchrun's agent)."""
+
+    DUPLICATE_S = 2.0
 
     def __init__(self):
         self.signal = 0
+        self._at = 0.0
         self._old = {}
 
     def __enter__(self):
@@ -314,8 +327,10 @@ class _Interrupt:
 
     def _handle(self, signum, frame):
         if self.signal:
-            os._exit(128 + signum)
-        self.signal = signum
+            if time.monotonic() - self._at > self.DUPLICATE_S:
+                os._exit(128 + signum)
+            return
+        self.signal, self._at = signum, time.monotonic()
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():

@@ -62,6 +62,9 @@ class RandomWeights:
     def __init__(self, seed: int, init_std: float, layers: int):
         self.seed, self.init_std, self.layers = int(seed), float(init_std), int(layers)
 
+    def check(self, module) -> None:
+        pass
+
     def fill_(self, dest: torch.Tensor, name: str, numel: int, start: int) -> None:
         from flexsp.model.init import fill_elements_
         fill_elements_(dest, name, numel, start, self.seed, self.init_std, self.layers)
@@ -72,6 +75,11 @@ class HFWeights:
 
     def __init__(self, reader):
         self.reader = reader
+
+    def check(self, module) -> None:
+        """Every parameter of ``module`` present with its shape, no checkpoint key left over (one
+        error listing them all), before anything is filled."""
+        self.reader.check(module)
 
     @torch.no_grad()
     def fill_(self, dest: torch.Tensor, name: str, numel: int, start: int) -> None:

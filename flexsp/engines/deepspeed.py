@@ -183,6 +183,7 @@ def fill_partitions(model, weights) -> None:
     """Fill every ZeRO-3 partition (``param.ds_tensor``, this rank's slice of the flattened,
     alignment-padded parameter) with exactly those elements of the full parameter; persistent
     (unpartitioned) parameters are filled whole."""
+    weights.check(model)
     for name, p in model.named_parameters():
         numel, part = int(p.ds_numel), p.ds_tensor
         size = int(part.ds_numel)

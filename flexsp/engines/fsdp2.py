@@ -138,6 +138,7 @@ def fill_local_shards(model, weights) -> None:
     import math
 
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    weights.check(model)
     for name, p in model.named_parameters():
         if hasattr(p, "to_local"):
             _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
