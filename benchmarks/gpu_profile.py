@@ -1,17 +1,23 @@
 """GPU variant of ``flexsp-profile`` + a planning comparison, for ONE CUDA device, < 8 minutes.
 
-NOT RUN YET: written and smoke-tested on CPU only (``--smoke``); the task that wrote it had no GPU.
+NOT RUN YET: written and smoke-tested on CPU only (``--smoke``); the tasks that wrote it had no GPU.
 Its outputs (``benchmarks/results/profile_gpu_<date>_<device>.{json,report.json,md,png}`` and
 ``..._plan.md``) are kept with the date and the device name once it runs.
 
 What it does on one device (``benchmarks/gpu_profile.sh`` wraps it in a hard timeout):
 
-1. profile at degree 1 (one device: no SP group exists, so **no communication is measured**; the
-   cost model's bandwidth table is left at the documented defaults, the paper cluster's all-to-all
-   bandwidths ``solver.presets.PAPER_BANDWIDTH``, and says so in its ``source``): fwd+bwd of a
-   2-layer LLaMA-3.2-1B-shaped model (bf16) on packed batches of 1K-32K tokens under the real
-   executor, NNLS fit of a1/a2/b with its error, activation bytes per token from the CUDA
-   allocator; validation on held-out long-tailed batches (micro-batches and whole steps);
+1. profile a LLaMA-3-8B-shaped model (32 layers, hidden 4096, 32/8 heads, SwiGLU 14336, vocab
+   128256, context 128K; bf16 compute with fp32 master weights, activation checkpointing on) the way
+   training builds it (FSDP2, on meta, local shards filled): only ``profile_layers=2`` -> 1- and
+   2-layer builds are timed, the per-layer and the fixed embedding/head part fitted jointly and the
+   cost model scaled to the 32 layers. Packed batches generated from ``max_len=131072``: single
+   documents of 2K-128K, equal splits of 128K (same tokens, 1/k of the attention work), long-tailed
+   mixes, many short documents -- so a1 is pinned at the lengths trained. Activation memory per
+   token from the CUDA allocator peak over forward + backward (with the recompute). One device:
+   no SP group exists, so **no communication is measured**; the bandwidth table is the documented
+   default (``solver.presets.PAPER_BANDWIDTH``) and the ``source`` says so. The written model is
+   for 8 devices (``num_devices=8``: the 8B model's states ZeRO-3 sharded over a node).
+   Validation on held-out long-tailed batches at the timed depth (2 layers).
 2. planning comparison with the calibrated compute terms on an emulated 8-GPU node (predicted
    only, clearly labelled): static Ulysses-8, the best static degree, FlexSP.
 
@@ -38,21 +44,26 @@ if str(REPO) not in sys.path:
 K = 1024
 
 
+LLAMA3_8B = dict(vocab_size=128256, hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336,
+                 rope_theta=500000.0, max_position_embeddings=128 * K, dtype="bfloat16",
+                 activation_checkpointing=True)
+"""ModelConfig overrides of the 7b preset: LLaMA-3-8B's shape (plain RoPE: the scaling costs nothing)."""
+
+
 def config(smoke: bool, out: Path, name: str, budget_s: float) -> dict:
     have_scipy = importlib.util.find_spec("scipy") is not None
-    if smoke:
-        return dict(name=name, output_dir=str(out), model="tiny", world_size=1, repeats=1, progress=False,
-                    compute_shapes=[[64], [128], [256], [64, 64, 128]], comm_shapes=[[64]],
+    plot = importlib.util.find_spec("matplotlib") is not None
+    if smoke:  # the same code path on CPU: depth scaling (4-layer model, 1+2 layers timed) and AC
+        return dict(name=name, output_dir=str(out), model="tiny",
+                    model_overrides={"layers": 4, "activation_checkpointing": True}, profile_layers=2,
+                    max_len=256, world_size=1, repeats=1, progress=False,
+                    compute_shapes=[[64], [128], [256], [64, 64, 128], [16] * 8], comm_shapes=[[64]],
                     validate_batches=1 if have_scipy else 0, validate_tokens=512, validate_max_len=256,
-                    timeout_s=budget_s, plot=importlib.util.find_spec("matplotlib") is not None)
-    return dict(name=name, output_dir=str(out), model="1b", model_overrides={"layers": 2}, world_size=1,
-                repeats=3, progress=False,
-                compute_shapes=[[1 * K], [2 * K], [4 * K], [8 * K], [16 * K], [32 * K], [512] * 16, [1 * K] * 16,
-                                [2 * K] * 8, [4 * K] * 4, [8 * K, 4 * K, 2 * K, 1 * K, 512, 512],
-                                [16 * K, 8 * K], [24 * K, 4 * K, 4 * K]],
-                comm_shapes=[[1 * K]], validate_batches=3 if have_scipy else 0, validate_tokens=48 * K,
-                validate_max_len=32 * K, timeout_s=budget_s,
-                plot=importlib.util.find_spec("matplotlib") is not None)
+                    timeout_s=budget_s, plot=plot)
+    return dict(name=name, output_dir=str(out), model="7b", model_overrides=dict(LLAMA3_8B), profile_layers=2,
+                max_len=128 * K, world_size=1, repeats=2, progress=False, num_devices=8,
+                validate_batches=2 if have_scipy else 0, validate_tokens=192 * K, validate_max_len=128 * K,
+                timeout_s=min(budget_s, 330.0), plot=plot)
 
 
 def plan_comparison(cm_path: Path, out: Path, devices: int = 8) -> list[str]:

@@ -118,52 +118,75 @@ def test_bad_input_names_the_value():
         fit_compute([([10], 1.0), ([20], -1.0), ([30], 2.0)])
     with pytest.raises(ValueError, match="degrees >= 2, got 1"):
         fit_comm_per_token([([10], 1.0)], fit_compute([(L, _time(L, 1e-5, 0.1, 1)) for L in SHAPES]), 1)
-    with pytest.raises(ValueError, match="power of two >= 1, got 3"):
+    with pytest.raises(ValueError, match="world_size=3 must be a power of two >= 1"):
         ProfileConfig(world_size=3)
     with pytest.raises(ValueError, match="'hybrid'"):
         ProfileConfig(modes=["hybrid"])
+    with pytest.raises(ValueError, match="repeats='x' must be an integer"):
+        ProfileConfig(repeats="x")
     with pytest.raises(ValueError, match="unknown profile config keys \\['bogus'\\]"):
         ProfileConfig.from_dict({"bogus": 1})
 
 
-def test_hydra_config_matches_dataclass():
-    from pathlib import Path
+def test_yaml_matches_dataclass():
+    """configs/profile.yaml holds exactly the dataclass's fields with its defaults."""
+    from dataclasses import MISSING, fields
 
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
-        cfg = compose(config_name="profile", overrides=["world_size=4"])
-    pc = ProfileConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
-    assert pc.world_size == 4 and pc.model == "tiny"
+    from flexsp.profile.cli import YAML, load_defaults
+    data = load_defaults()
+    assert YAML.is_file()
+    want = {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(ProfileConfig)}
+    assert data == want
+    pc = ProfileConfig.from_dict(data)
+    assert pc.model == "tiny" and pc.profile_layers == 2 and pc.max_len == 0 and pc.compute_shapes is None
 
 
 @pytest.mark.slow
-def test_end_to_end_profile_two_ranks(tmp_path):
+def test_end_to_end_profile_two_ranks_two_depths_with_checkpointing(tmp_path):
+    """One spawn of 2 gloo ranks: a 4-layer tiny model with activation checkpointing, timed on 1- and
+    2-layer builds through the training engine (sharded, no unsharded copy), both SP modes,
+    validation; the written cost model is the FULL model's (shape, AC, activations scaled)."""
     from flexsp.planning import load_cost_model
     from flexsp.profile import profile
+    from flexsp.profile.build import volumes_mb_per_token
 
     cfg = ProfileConfig(name="e2e", output_dir=str(tmp_path), world_size=2, repeats=1, progress=False,
-                        compute_shapes=[[32], [64], [128], [32, 32, 64]], comm_shapes=[[64], [32, 96]],
-                        link_mb=[0.01, 0.1], validate_batches=1, validate_tokens=256, validate_max_len=128,
-                        timeout_s=120)
+                        model_overrides={"layers": 4, "activation_checkpointing": True}, profile_layers=2,
+                        max_len=128, compute_shapes=[[32], [64], [128], [32, 32, 64], [16] * 8],
+                        comm_shapes=[[64], [32, 96]], link_mb=[0.01, 0.1], validate_batches=1,
+                        validate_tokens=256, validate_max_len=128, timeout_s=150)
     res = profile(cfg)
     paths = res["paths"]
     for key in ("cost_model", "report", "summary", "plot"):
         assert paths[key].is_file(), key
     cm = CostModel.load(paths["cost_model"])
-    assert cm.num_devices == 2 and cm.heads == 4 and cm.kv_heads == 2
+    assert (cm.layers, cm.hidden, cm.heads, cm.kv_heads, cm.activation_checkpointing) == (4, 64, 4, 2, True)
+    cm.check_model_shape(4, 64, 4, 2)
+    with pytest.raises(ValueError, match="layers=4 but the model has layers=2"):
+        cm.check_model_shape(layers=2)
+    assert cm.num_devices == 2
     assert set(cm.bandwidth_gbps) == {2} and set(cm.p2p_bandwidth_gbps) == {2}
-    assert cm.act_mb_per_token > 0 and "flexsp-profile" in cm.source
+    assert cm.act_mb_per_token > 0 and "flexsp-profile" in cm.source and "scaled to 4 layers" in cm.source
     assert cm.step_overhead_ms > 0 and cm.per_sequence_ms >= 0
+    report = json.loads(paths["report"].read_text())
+    assert report["profile_depths"] == [1, 2] and report["model_config"]["layers"] == 4
+    assert {r[2] for r in report["compute"]} == {1, 2}
+    assert {r[2] for rows in report["comm"].values() for r in rows} == {2}
+    act = report["activation"]
+    # CPU estimate under AC: a block keeps only its input (hidden x 4 bytes per token per layer)
+    assert act["per_layer_bytes_per_token"] == pytest.approx(64 * 4)
+    assert cm.act_mb_per_token * 2**20 == pytest.approx(act["fixed_bytes_per_token"] + 4 * 64 * 4)
+    assert cm.a2a_mb_per_token == pytest.approx(volumes_mb_per_token(report["model_config"])[0])
     plan = plan_batch([100, 30, 20, 5], cm, time_limit=0.5)
     assert plan.num_devices == 2 and plan.predicted_ms > 0
     assert load_cost_model(str(paths["cost_model"]), 4).num_devices == 4  # training reads it too
-    report = json.loads(paths["report"].read_text())
+    assert report["validation_depth"] == 2
     kinds = {r["kind"] for r in report["validation"]}
     assert kinds == {"micro-batch", "step"}
     assert all(len(r["all_ms"]) == 1 for r in report["validation"])  # repeats=1: one interleaved run each
     assert report["loadavg_start"] and report["loadavg_end"] and len(report["loadavg_per_pass"]) == 1
-    assert "Validation" in paths["summary"].read_text()
+    text = paths["summary"].read_text()
+    assert "Validation" in text and "Timed on 1- and 2-layer builds" in text
 
 
 def test_joint_fit_recovers_compute_and_comm_terms():
@@ -273,3 +296,232 @@ def test_extra_per_document_cost_of_sp_groups_is_fitted_per_mode(tmp_path):
     raw2["compute"], raw2["comm"] = compute, comm
     cm2 = build_cost_model(ProfileConfig(name="doc", capacity_tokens=1024, fit_per_sequence_comm=False), raw2)
     assert cm2.per_sequence_comm_ms == {}
+
+
+# -- depth scaling, activation checkpointing, generated shapes -----------------------------------------
+PER_LAYER = dict(a1=3e-6, a2=0.01, s=0.05, b=2.0)
+FIXED = dict(a2=0.03, s=0.1, b=9.0)
+
+
+def _depth_time(L, n, sp=1, c=0.0, lat=0.0, doc=0.0):
+    L = np.asarray(L, dtype=float)
+    p, f = PER_LAYER, FIXED
+    return (n * ((p["a1"] * (L * L).sum() + p["a2"] * L.sum()) / sp + p["s"] * L.size + p["b"]
+                 + c * L.sum() + lat + doc * L.size) + f["a2"] * L.sum() / sp + f["s"] * L.size + f["b"])
+
+
+def _depth_raw():
+    from flexsp.model import model_config
+    full = model_config("7b", kv_heads=8, max_position_embeddings=131072)
+    shapes = SHAPES + [[16] * 64, [512] + [16] * 32, [8192], [4096, 4096]]
+    comm_shapes = [[64], [128], [16] * 8, [32] * 8, [512], [1024], [2048], [256] * 4, [1024] + [32] * 16]
+    one, two = (model_config("7b", kv_heads=8, layers=n).num_params() for n in (1, 2))
+    raw = _synthetic_raw()
+    raw.update(model_config={"vocab_size": full.vocab_size, "hidden": 4096, "layers": 32, "heads": 32,
+                             "kv_heads": 8, "intermediate": 11008, "dtype": "float32", "head_size": 128,
+                             "activation_checkpointing": True, "precision": "bf16", "compute_dtype": "bfloat16"},
+               profile_depths=[1, 2], num_params=full.num_params(), params_per_layer=two - one,
+               params_fixed=2 * one - two,
+               compute=[(L, _depth_time(L, n), n) for n in (1, 2) for L in shapes],
+               comm={"ulysses:2": [(L, _depth_time(L, 2, 2, c=0.004, lat=3.0, doc=0.2), 2) for L in comm_shapes],
+                     "ring:2": [(L, _depth_time(L, 2, 2, c=0.009, lat=1.0, doc=0.05), 2) for L in comm_shapes]},
+               optimizer=[(1, one, 5.0 + 1e-8 * one), (2, two, 5.0 + 1e-8 * two)],
+               activation={"method": "synthetic", "points": {}, "per_layer_bytes_per_token": 8192.0,
+                           "fixed_bytes_per_token": 50000.0, "bytes_per_token": 50000.0 + 2 * 8192, "depth": 2})
+    return raw
+
+
+def test_two_depth_fit_scales_to_the_full_model(tmp_path):
+    """Shapes timed on 1- and 2-layer builds: the per-layer and fixed parts are recovered, the written
+    cost model is the 32-layer model's (a1 = 32 a1', a2 = 32 a2' + fixed, communication x 32, optimizer
+    linear in parameters, activations fixed + 32 x per layer) and records the full model's shape;
+    priced at depth 2 it reproduces the timings it was fitted on."""
+    from flexsp.profile.build import build_cost_model, volumes_mb_per_token
+    from flexsp.profile.fit import fit_depth
+    from flexsp.profile.report import write_outputs
+    raw = _depth_raw()
+    fit = fit_depth(raw["compute"], raw["comm"], key_docs=True)
+    assert fit.layer_terms() == pytest.approx({"a1": 3e-6, "a2": 0.01, "per_seq": 0.05, "b": 2.0}, rel=1e-6)
+    assert fit.fixed_terms() == pytest.approx({"a2": 0.03, "per_seq": 0.1, "b": 9.0}, rel=1e-6)
+    cfg = ProfileConfig(name="deep", capacity_tokens=65536)
+    cm = build_cost_model(cfg, raw)
+    assert (cm.layers, cm.hidden, cm.heads, cm.kv_heads, cm.activation_checkpointing) == (32, 4096, 32, 8, True)
+    assert cm.a1 == pytest.approx(32 * 3e-6, rel=1e-6)
+    assert cm.a2 == pytest.approx(32 * 0.01 + 0.03, rel=1e-6)
+    assert cm.per_sequence_ms == pytest.approx(32 * 0.05 + 0.1, rel=1e-6)
+    assert cm.b == pytest.approx(32 * 2.0 + 9.0, rel=1e-6)
+    for L in ([128], [65536], [32768, 16384, 512, 512], [1024] * 16):
+        assert cm.group_time_ms(L, 1) == pytest.approx(_depth_time(L, 32), rel=1e-6)
+        assert cm.group_time_ms(L, 2, "ulysses") == pytest.approx(
+            _depth_time(L, 32, 2, c=0.004, lat=3.0, doc=0.2), rel=1e-6)
+        assert cm.group_time_ms(L, 2, "ring") == pytest.approx(
+            _depth_time(L, 32, 2, c=0.009, lat=1.0, doc=0.05), rel=1e-6)
+    assert cm.step_overhead_ms == pytest.approx(5.0 + 1e-8 * raw["num_params"], rel=1e-6)
+    assert cm.params_gi == pytest.approx(raw["num_params"] / 2**30)
+    assert cm.act_mb_per_token == pytest.approx((50000.0 + 32 * 8192) / 2**20)
+    assert cm.a2a_mb_per_token == pytest.approx(volumes_mb_per_token(raw["model_config"])[0])
+    cm.check_model_shape(32, 4096, 32, 8)
+    with pytest.raises(ValueError, match="layers=32 but the model has layers=2"):
+        cm.check_model_shape(2, 4096, 32, 8)
+    # the model at a timed depth (validation): reproduces what was measured there
+    cm2 = build_cost_model(cfg, raw, depth=2)
+    assert cm2.layers == 2
+    for L, ms, n in raw["compute"]:
+        if n == 2:
+            assert cm2.group_time_ms(L, 1) == pytest.approx(ms, rel=1e-6)
+    assert cm2.bandwidth_gbps == pytest.approx(cm.bandwidth_gbps)  # effective bandwidth: depth-free
+    assert raw["fit"]["depth"] == 32 and raw["fit"]["profile_depths"] == [1, 2]
+    raw["cost_model"], raw["validation"] = cm.to_dict(), []
+    paths = write_outputs(raw, tmp_path, "deep", make_plot=True)
+    loaded = CostModel.load(paths["cost_model"])
+    assert loaded == cm and loaded.layers == 32
+    text = paths["summary"].read_text()
+    assert "Timed on 1- and 2-layer builds" in text and "layers=32, hidden=4096, heads=32, kv_heads=8" in text
+    # one depth cannot be scaled
+    one = fit_depth([(L, ms, n) for L, ms, n in raw["compute"] if n == 2], {})
+    with pytest.raises(ValueError, match="one depth"):
+        one.compute_at(32)
+
+
+def test_checkpointing_doubles_the_forward_collectives_in_the_volumes():
+    from flexsp.profile.build import volumes_mb_per_token
+    mc = {"hidden": 4096, "heads": 32, "kv_heads": 8, "layers": 32, "dtype": "float32", "compute_dtype": "bfloat16",
+          "head_size": 128}
+    a2a, ring = volumes_mb_per_token(mc)
+    a2a_ac, ring_ac = volumes_mb_per_token({**mc, "activation_checkpointing": True})
+    q, kv = 32 * 128, 8 * 128
+    assert a2a == pytest.approx(2 * 32 * 2 * (2 * q + 2 * kv) / 2**20)  # bf16, fwd + bwd
+    assert a2a_ac / a2a == pytest.approx(1.5)  # forward all-to-alls twice (forward + recompute) + backward
+    assert ring_ac / ring == pytest.approx(8 / 6)  # k, v forward twice + k, v, dk, dv backward
+    assert volumes_mb_per_token(mc, 2)[0] == pytest.approx(a2a / 16)
+
+
+def test_generated_shapes_reach_the_context_length():
+    """Default shapes come from max_len (0: the model's max_position_embeddings): a single document
+    of max_len, equal splits (same tokens, 1/k of the squares: a1 identifiable), long-tailed mixes,
+    many short documents; none over max_len tokens."""
+    from flexsp.profile.config import default_comm_shapes, default_compute_shapes
+    for M in (128, 2048, 131072):
+        comp, comm = default_compute_shapes(M), default_comm_shapes(M)
+        assert [M] in comp and [M] in comm and len(comp) >= 10 and len(comm) >= 8
+        assert all(sum(s) <= M for s in comp + comm) and all(min(s) >= 2 for s in comp + comm)
+        tok = {sum(s) for s in comp}
+        ratios = [sum(x * x for x in s) / sum(s) ** 2 for s in comp if sum(s) == M]
+        assert max(ratios) == 1.0 and min(ratios) <= (0.125 if M < 1024 else 1 / 32) and len(tok) >= 5
+        assert any(len(s) >= 16 for s in comp) and any(len(set(s)) > 2 for s in comp)
+    cfg = ProfileConfig(model="1b")
+    full, precision = cfg.model_config()
+    assert precision == "bf16" and full.dtype == "float32" and full.activation_checkpointing
+    assert cfg.resolved_max_len(full) == 131072 and max(map(sum, cfg.shapes(full)[0])) == 131072
+    assert cfg.depths(full.layers) == [1, 2] and ProfileConfig(profile_layers=0).depths(16) == [16]
+    assert ProfileConfig(profile_layers=40).depths(16) == [16] and ProfileConfig(profile_layers=8).depths(16) == [4, 8]
+    with pytest.raises(ValueError, match="profile_layers=1 cannot separate"):
+        ProfileConfig(profile_layers=1).depths(16)
+    assert ProfileConfig(max_len=512).validation_lengths(full) == (512, 1536)
+
+
+def test_gpu_profile_config_is_long_and_bounded():
+    """benchmarks/gpu_profile.py (GPU only, never run here): its configuration is valid, profiles a
+    few layers of an 8B shape with documents up to 128K, and fits its own time budget."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_profile.py"
+    spec = importlib.util.spec_from_file_location("gpu_profile", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    d = mod.config(False, Path("/tmp/x"), "gpu", 330.0)
+    cfg = ProfileConfig.from_dict(d)
+    full, precision = cfg.model_config()
+    assert full.layers == 32 and full.hidden == 4096 and full.kv_heads == 8 and full.activation_checkpointing
+    assert precision == "bf16" and cfg.depths(full.layers) == [1, 2] and cfg.timeout_s <= 330
+    comp, _ = cfg.shapes(full)
+    assert max(map(sum, comp)) == 131072 and [131072] in comp
+    smoke = ProfileConfig.from_dict(mod.config(True, Path("/tmp/x"), "s", 60.0))
+    assert smoke.world_size == 1 and smoke.max_len <= 512
+
+
+# -- the command line: one-line errors, exit 2, a preset name for model, --help of the profile ---------
+_DRIVER = r"""
+import contextlib, io, json, os, sys
+from flexsp.profile.cli import main
+out = []
+for env, argv in json.loads(sys.argv[1]):
+    os.environ.update(env)
+    err, so = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(so):
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code
+        except BaseException as e:
+            rc = "raised " + repr(e)
+    for k in env:
+        os.environ.pop(k)
+    out.append([rc, err.getvalue(), so.getvalue()])
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_cli_user_errors_are_one_line_with_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = str(tmp_path / "out")
+    cases = [
+        (["model=nope"], "model='nope' is not a model preset; valid options: ['13b', '1b', '30b', '70b', '7b', "
+                         "'small', 'tiny']"),
+        (["world_size=3"], "world_size=3 must be a power of two >= 1"),
+        (["bogus=1"], "unknown field 'bogus' in 'bogus=1'; valid fields: name, output_dir, model"),
+        (["repeats=abc"], "repeats='abc' must be an integer"),
+        (["model_overrides={layerz: 2}"], "model_overrides={'layerz': 2}: unknown ModelConfig fields ['layerz']"),
+        (["model_overrides.heads=3"], "model_overrides={'heads': 3}:"),
+        (["profile_layers=1", "model_overrides.layers=4"], "profile_layers=1 cannot separate"),
+        (["compute_shapes=[[1]]"], "compute_shapes must be null or lists of integer document lengths >= 2"),
+        (["max_len=4"], "max_len=4 must be 0 (the model's max_position_embeddings) or >= 16"),
+        (["oops"], "argument 'oops' is not key=value"),
+        (["compute_shapes=[[1,"], "compute_shapes: cannot parse value '[[1,' as YAML"),
+        (["precision=fp16"], "precision='fp16'; valid options: ['auto', 'fp32', 'bf16', 'bf16-pure']"),
+        (["engine=megatron"], "engine='megatron'; valid options: ['fsdp2', 'deepspeed']"),
+        (["modes=[hybrid]"], "modes=['hybrid'] are not profiled; valid options: ['ulysses', 'ring']"),
+        ([f"output_dir={blocker}/sub"], f"output_dir={blocker}/sub cannot be created or written"),
+        (["hydra.run.dir=x"], "unknown field 'hydra'"),
+    ]
+    runs = [[{}, argv + ([f"output_dir={out}"] if not any(a.startswith("output_dir") for a in argv) else [])]
+            for argv, _ in cases]
+    runs.append([{"RANK": "1", "WORLD_SIZE": "2"}, ["world_size=3"]])  # torchrun rank 1: silent, exit 2
+    runs.append([{}, ["model=small", "--help"]])
+    env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(runs)], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.split("RESULT", 1)[1])
+    for (argv, want), (rc, err, _) in zip(cases, got):
+        assert rc == 2, (argv, rc, err)
+        assert err.count("\n") == 1 and err.startswith("flexsp-profile: error: "), (argv, err)
+        assert want in err, (argv, err)
+        assert "Traceback" not in err
+    rc, err, so = got[len(cases)]
+    assert rc == 2 and err == ""
+    rc, err, so = got[len(cases) + 1]
+    assert rc == 0 and err == "" and so.startswith("usage: flexsp-profile")
+    for name in ("profile_layers=2", "max_len=0", "model=tiny", "num_devices=0", "precision=auto"):
+        assert f"  {name}" in so, name
+    assert "Config groups" not in so and "== Config" not in so and "hydra" not in so.lower()
+    # the real entry point, a separate process: same line, exit status 2
+    proc = subprocess.run([sys.executable, "-m", "flexsp.profile", "model=small", "world_size=3"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and proc.stderr == "flexsp-profile: error: world_size=3 must be a power of two >= 1\n"
+
+
+def test_cli_model_is_a_preset_name(tmp_path):
+    from flexsp.profile.cli import check, parse
+    cfg = parse(["model=small", f"output_dir={tmp_path}", "model_overrides.activation_checkpointing=true",
+                 "compute_shapes=[[64],[128],[32,32]]", "backend=null", "name=2024"])
+    assert cfg.model == "small" and cfg.model_overrides == {"activation_checkpointing": True}
+    assert cfg.compute_shapes == [[64], [128], [32, 32]] and cfg.backend is None and cfg.name == "2024"
+    check(cfg)
+    full, _ = cfg.model_config()
+    assert full.layers == 4 and full.activation_checkpointing and cfg.depths(full.layers) == [1, 2]
+    assert parse(["model=7b", f"output_dir={tmp_path}"]).model == "7b"

@@ -42,6 +42,8 @@ def profile(cfg: ProfileConfig | dict, cmd: str = "") -> dict | None:
 
     if isinstance(cfg, dict):
         cfg = ProfileConfig.from_dict(cfg)
+    full, _ = cfg.model_config()  # ValueErrors of the model and the depth before any rank starts
+    cfg.depths(full.layers)
     results = run_ranks(rank_body, cfg.world_size, asdict(cfg), cfg.threads_per_rank, cfg.timeout_s)
     raw = results[0]
     if raw is None:

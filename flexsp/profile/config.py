@@ -210,9 +210,14 @@ _ZERO = {"profile_layers": "the full model", "max_len": "the model's max_positio
 _DISTRIBUTIONS = ("wikipedia", "github", "commoncrawl")
 
 
-def _dedupe(shapes) -> list:
+def _dedupe(shapes, max_len: int) -> list:
+    """Shapes trimmed to at most ``max_len`` tokens (short documents dropped from the end), unique."""
     out, seen = [], set()
     for s in shapes:
+        s = list(s)
+        while len(s) > 1 and sum(s) > max_len:
+            s.pop()
+        s = [min(x, max_len) for x in s]
         key = tuple(s)
         if key not in seen:
             seen.add(key)
@@ -228,11 +233,12 @@ def default_compute_shapes(max_len: int) -> list:
 
     def f(k):
         return max(16, M // k)
+    short = max(2, min(16, M // 16))
     singles = [[f(k)] for k in (1, 2, 4, 8, 16, 64)]
-    splits = [[f(2)] * 2, [f(8)] * 8, [f(32)] * min(32, max(1, M // 16)), [16] * max(2, min(64, M // 32))]
+    splits = [[f(2)] * 2, [f(8)] * 8, [f(32)] * min(32, max(1, M // 16)), [short] * min(64, M // short)]
     mixes = [[f(2), f(4), f(8), f(16), f(32), f(32)], [f(2), f(8)], [3 * M // 8, 3 * M // 8, f(8)],
-             [f(4)] + [16] * max(2, min(32, M // 64))]
-    return _dedupe(singles + splits + mixes)
+             [f(4)] + [short] * min(32, M // 2 // short)]
+    return _dedupe(singles + splits + mixes, M)
 
 
 def default_comm_shapes(max_len: int) -> list:
@@ -245,7 +251,7 @@ def default_comm_shapes(max_len: int) -> list:
     small = [[min(64, M)], [min(128, M)], [16] * 8, [32] * 8]
     large = [[f(16)], [f(4)], [f(2)], [M], [f(16)] * 4, [f(4), f(8), f(16), f(32), f(64), f(64)],
              [f(4)] + [32] * 16]
-    return _dedupe(small + large)
+    return _dedupe(small + large, M)
 
 
 # -- types -------------------------------------------------------------------------------------------
