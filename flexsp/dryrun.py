@@ -568,6 +568,33 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def table(paths) -> str:
+    """A markdown table of dry runs: each path is a dryrun.json or its output_dir."""
+    head = ("| run | params/rank | grads | optimizer | unsharded | activations | total | fits | C (tokens/rank) "
+            "| act/token | plan of the batch | predicted iteration | vs static SP=N | dry run: time, peak RSS |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for p in paths:
+        p = Path(p)
+        r = json.loads((p / "dryrun.json" if p.is_dir() else p).read_text())
+        b, plan = r["per_rank_bytes"], r["plan"] or {}
+        mesh = "x".join(str(x) for x in r["sharding"]["mesh"])
+        name = (f"{r['model']['preset']} {r['precision']} {r['world_size']} ranks, mesh {mesh}"
+                + ("" if r["model"]["activation_checkpointing"] else ", AC off"))
+        g = lambda n: f"{n / GIB:.2f} GiB"   # noqa: E731
+        if "error" in plan:
+            summary, ms, vs = "none: " + plan["error"][:90], "-", "-"
+        else:
+            summary = f"{plan['summary']} ({plan['status']}, {plan['solve_seconds']:.2f} s)".replace("|", "\\|")
+            ms = f"{plan['predicted_ms'] / 1000:.2f} s"
+            vs = f"{plan['speedup_over_static']}x" if "speedup_over_static" in plan else "-"
+        rows.append(f"| {name} | {g(b['params'])} | {g(b['grads'])} | {g(b['optimizer'])} | {g(b['unsharded'])} "
+                    f"| {g(b['activations'])} | {g(b['total'])} | {'yes' if r['fits'] else '**no**'} "
+                    f"| {r['capacity_tokens']:,} | {r['activation']['bytes_per_token'] / MIB:.3f} MiB | {summary} "
+                    f"| {ms} | {vs} | {r['wall_seconds']:.1f} s, {r['peak_rss_bytes'] / MIB:.0f} MiB |")
+    return head + "\n".join(rows) + "\n"
+
+
 def _say(msg: str) -> None:
     print(f"{PROG}: error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
 
