@@ -286,45 +286,47 @@ def solve_micro_batch(wl: Workload, ids, clock, rel_tol: float = 4e-3, target: f
 def quick_pack(wl: Workload, ids) -> list[list[tuple[int, list[int]]]]:
     """A valid plan of the sequences ``ids`` in O(n log n), the time box's safety net.
 
-    Each sequence runs at its least-work degree; sequences of one degree are packed
-    best-fit-decreasing by tokens into groups of ``degree * C`` tokens; the groups, slowest first,
-    fill micro-batches first-fit by free devices (a few micro-batches open at a time), so groups of
+    Each sequence runs at its least-work degree. Sequences of one degree fill groups of
+    ``degree * C`` tokens: each group takes the longest sequence left, then as many of the shortest
+    left as still fit (one ``searchsorted`` per group). The groups, slowest first, fill
+    micro-batches first-fit by free devices (a few micro-batches open at a time), so groups of
     similar time share a micro-batch. Returns [[(sp, ids), ...] per micro-batch].
     """
     import bisect
 
-    ids = np.asarray(list(ids), dtype=np.int64)
+    ids = np.asarray(list(ids) if not isinstance(ids, (range, np.ndarray)) else ids, dtype=np.int64)
     n_dev, cap = wl.cm.num_devices, wl.cap
     k_best = np.argmin(wl.work[:, ids], axis=0)
-    groups = []  # (load, sp, ids)
-    for k in np.unique(k_best):
+    loads, sps, bins = [], [], []
+    for k in np.unique(k_best).tolist():
         members = ids[k_best == k]
         members = members[np.lexsort((members, -wl.lengths[members]))]      # longest first, ties by id
+        lens = wl.lengths[members]
         limit = int(wl.degrees[k]) * cap
-        lens = wl.lengths[members].tolist()
-        bins: list[list[int]] = []
-        room: list[tuple[int, int]] = []          # sorted (tokens left, bin index)
-        for i, L in zip(members.tolist(), lens):
-            j = bisect.bisect_left(room, (L, -1))
-            if j < len(room):
-                left, b = room.pop(j)
-                bins[b].append(i)
-                if left - L > 0:
-                    bisect.insort(room, (left - L, b))
-            else:
-                bins.append([i])
-                if limit - L > 0:
-                    bisect.insort(room, (limit - L, len(bins) - 1))
-        cat = np.concatenate([np.asarray(b, dtype=np.int64) for b in bins])
-        offsets = np.cumsum([0] + [len(b) for b in bins[:-1]])
-        loads = (np.add.reduceat(wl.time[k][cat], offsets) + float(wl.latency[k])).tolist()
-        sp = int(wl.degrees[k])
-        groups += [(load, sp, b) for load, b in zip(loads, bins)]
-    groups.sort(key=lambda g: (-g[0], -g[1], g[2][0]))
+        n = len(members)
+        asc = np.concatenate([[0], np.cumsum(lens[::-1])]).tolist()            # shortest first
+        order = members.tolist()
+        lens_l = lens.tolist()
+        t_desc = wl.time[k][members]
+        cum_t = np.concatenate([[0.0], np.cumsum(t_desc)]).tolist()
+        t_desc = t_desc.tolist()
+        lat, sp = float(wl.latency[k]), int(wl.degrees[k])
+        lo, hi = 0, n - 1
+        while lo <= hi:
+            q0 = n - 1 - hi
+            c = bisect.bisect_right(asc, asc[q0] + limit - lens_l[lo]) - 1 - q0
+            c = max(0, min(c, hi - lo))
+            a, b = hi - c + 1, hi + 1
+            bins.append([order[lo]] + order[a:b])
+            loads.append(t_desc[lo] + (cum_t[b] - cum_t[a]) + lat)
+            sps.append(sp)
+            lo, hi = lo + 1, hi - c
+    rank = sorted(range(len(bins)), key=lambda g: (-loads[g], -sps[g], bins[g][0]))
     mbs: list[list[tuple[int, list[int]]]] = []
     free: list[int] = []
     open_mbs: list[int] = []                      # at most 8 micro-batches open at a time
-    for _, sp, members in groups:
+    for g in rank:
+        sp = sps[g]
         for j in open_mbs:
             if free[j] >= sp:
                 break
@@ -335,7 +337,7 @@ def quick_pack(wl: Workload, ids) -> list[list[tuple[int, list[int]]]]:
             open_mbs.append(j)
             if len(open_mbs) > 8:
                 open_mbs.pop(0)
-        mbs[j].append((sp, members))
+        mbs[j].append((sp, bins[g]))
         free[j] -= sp
         if free[j] == 0:
             open_mbs.remove(j)

@@ -15,12 +15,20 @@ Method (all under the cost model of ``costmodel.py``):
 3. Improve. Pair search (the slowest micro-batch re-planned together with each other one), then
    each micro-batch repacked alone (own cap; first fit per pooling degree; LPT over equal groups).
    The baselines are priced too: a plan never loses to them.
-4. MILP (HiGHS, ``milp.py``). Small instances are solved exactly and certified ("optimal"); on
-   large ones the slowest micro-batches are re-dealt over their groups by a bucketed MILP.
-5. Determinism and time box. The search is a fixed amount of work and MILPs stop at node limits,
-   so the same input gives the same plan on every rank when it finishes inside ``time_limit``.
-   If the time box runs out, the best plan so far (always valid) is returned with status
-   "time_limit"; if nothing was found at all, a generous first fit ("fallback").
+4. MILP (``milp.py``: HiGHS, or any solver PuLP drives, on the same models). Small instances are
+   solved exactly and certified ("optimal"); on large ones the slowest micro-batches are re-dealt
+   over their groups by a bucketed MILP.
+5. Large batches. Above ~24 micro-batches (memory minimum) or 8,192 sequences the batch is split
+   into stratified chunks (every K-th sequence, longest first: each chunk looks like the whole)
+   of ~16 micro-batches, each searched as above with an even share of the time left; their
+   micro-batches are concatenated. The search's cost then grows linearly with the batch.
+6. Determinism and time box. Before any search every chunk gets an O(n log n) safety-net plan
+   (``packing.quick_pack``). The search is a fixed amount of work and MILPs stop at node limits;
+   every loop that could run long asks the clock, and a search cut short is marked. So the same
+   input gives the same plan and status on every run and rank when it finishes inside
+   ``time_limit`` ("feasible", or "optimal" when proven); when the box cut something short the
+   best plan so far (always valid) comes back as "time_limit", and as "fallback" when only the
+   safety net fitted in the box.
 """
 from __future__ import annotations
 
