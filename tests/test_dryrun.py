@@ -162,3 +162,23 @@ def test_in_process_run_destroys_the_fake_world(tmp_path):
     assert r["world_size"] == 16 and r["sharding"]["mesh"] == [16]
     assert not dist.is_initialized()            # the fake default group is gone
     assert json.loads((tmp_path / "dryrun.json").read_text())["per_rank_bytes"] == r["per_rank_bytes"]
+
+
+def test_activation_fallback_formula_is_labelled(monkeypatch):
+    import flexsp.attention.local as local
+
+    from flexsp.dryrun import activation_bytes_per_token
+    from flexsp.model import model_config
+
+    def broken(*a, **k):
+        raise NotImplementedError("no meta kernel")
+    monkeypatch.setattr(local, "varlen_attention", broken)
+    r = activation_bytes_per_token(model_config("7b"), torch.bfloat16)
+    assert r["method"].startswith("FALLBACK FORMULA") and "no meta kernel" in r["method"]
+    assert r["bytes_per_token"] > 32 * 4096 * 2          # at least every block's bf16 input
+
+
+def test_bad_cost_model_is_an_error_before_any_work(tmp_path):
+    proc = _dryrun(tmp_path, "solver.cost_model=/nonexistent/cm.json", timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "flexsp-dryrun: error: cost-model file /nonexistent/cm.json does not exist" in proc.stderr
