@@ -56,7 +56,7 @@ def config(smoke: bool, out: Path, name: str, budget_s: float) -> dict:
     if smoke:  # the same code path on CPU: depth scaling (4-layer model, 1+2 layers timed) and AC
         return dict(name=name, output_dir=str(out), model="tiny",
                     model_overrides={"layers": 4, "activation_checkpointing": True}, profile_layers=2,
-                    max_len=256, world_size=1, repeats=1, progress=False,
+                    max_len=256, world_size=1, num_devices=8, repeats=1, progress=False,
                     compute_shapes=[[64], [128], [256], [64, 64, 128], [16] * 8], comm_shapes=[[64]],
                     validate_batches=1 if have_scipy else 0, validate_tokens=512, validate_max_len=256,
                     timeout_s=budget_s, plot=plot)

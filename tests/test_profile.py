@@ -149,12 +149,13 @@ def test_end_to_end_profile_two_ranks_two_depths_with_checkpointing(tmp_path):
     from flexsp.planning import load_cost_model
     from flexsp.profile import profile
     from flexsp.profile.build import volumes_mb_per_token
+    from solver.plan import Plan
 
     cfg = ProfileConfig(name="e2e", output_dir=str(tmp_path), world_size=2, repeats=1, progress=False,
                         model_overrides={"layers": 4, "activation_checkpointing": True}, profile_layers=2,
                         max_len=128, compute_shapes=[[32], [64], [128], [32, 32, 64], [16] * 8],
                         comm_shapes=[[64], [32, 96]], link_mb=[0.01, 0.1], validate_batches=1,
-                        validate_tokens=256, validate_max_len=128, timeout_s=150)
+                        validate_tokens=256, validate_max_len=128, timeout_s=150, num_devices=4)
     res = profile(cfg)
     paths = res["paths"]
     for key in ("cost_model", "report", "summary", "plot"):
@@ -164,7 +165,7 @@ def test_end_to_end_profile_two_ranks_two_depths_with_checkpointing(tmp_path):
     cm.check_model_shape(4, 64, 4, 2)
     with pytest.raises(ValueError, match="layers=4 but the model has layers=2"):
         cm.check_model_shape(layers=2)
-    assert cm.num_devices == 2
+    assert cm.num_devices == 4 and "written for 4 devices (profiled on 2)" in cm.source  # validation: 2 ranks
     assert set(cm.bandwidth_gbps) == {2} and set(cm.p2p_bandwidth_gbps) == {2}
     assert cm.act_mb_per_token > 0 and "flexsp-profile" in cm.source and "scaled to 4 layers" in cm.source
     assert cm.step_overhead_ms > 0 and cm.per_sequence_ms >= 0
@@ -178,9 +179,10 @@ def test_end_to_end_profile_two_ranks_two_depths_with_checkpointing(tmp_path):
     assert cm.act_mb_per_token * 2**20 == pytest.approx(act["fixed_bytes_per_token"] + 4 * 64 * 4)
     assert cm.a2a_mb_per_token == pytest.approx(volumes_mb_per_token(report["model_config"])[0])
     plan = plan_batch([100, 30, 20, 5], cm, time_limit=0.5)
-    assert plan.num_devices == 2 and plan.predicted_ms > 0
-    assert load_cost_model(str(paths["cost_model"]), 4).num_devices == 4  # training reads it too
+    assert plan.num_devices == 4 and plan.predicted_ms > 0
+    assert load_cost_model(str(paths["cost_model"]), 8).num_devices == 8  # training reads it too
     assert report["validation_depth"] == 2
+    assert all(Plan.from_dict(p).num_devices == 2 for h in report["heldout"] for p in h["plans"].values())
     kinds = {r["kind"] for r in report["validation"]}
     assert kinds == {"micro-batch", "step"}
     assert all(len(r["all_ms"]) == 1 for r in report["validation"])  # repeats=1: one interleaved run each

@@ -97,11 +97,13 @@ def activation_at(raw: dict, depth: int) -> float:
     return float(act["bytes_per_token"])
 
 
-def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None, depth: int | None = None) -> CostModel:
+def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None, depth: int | None = None,
+                     profiled_world: bool = False) -> CostModel:
     """Fit every term and return the CostModel of the model at ``depth`` layers (default: the FULL
-    model of ``raw["model_config"]``: what is written); the fits are stored in ``raw['fit']``
-    (always at the full depth). ``depth`` = a profiled depth gives the model validated against the
-    timed held-out batches."""
+    model of ``raw["model_config"]``: what is written) for ``cfg.num_devices`` devices; the fits are
+    stored in ``raw['fit']`` (always at the full depth). ``depth`` = a profiled depth and
+    ``profiled_world`` give the model that plans and prices the timed held-out batches (the
+    profiled world, not num_devices)."""
     world = int(raw["world_size"])
     mc = raw["model_config"]
     full = int(mc["layers"])
@@ -145,7 +147,7 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None, depth: int | None
     if world == 1 or not bw:  # one device: nothing to measure; documented defaults
         bw = dict(PAPER_BANDWIDTH)
         defaults_used = True
-    n_dev = int(cfg.num_devices or world)
+    n_dev = world if profiled_world else int(cfg.num_devices or world)
     memory_mb, mem_note = (cfg.memory_mb, "configured") if cfg.memory_mb else default_memory_mb(raw["device"], world)
     act = activation_at(raw, depth) / 2**20
     ac = bool(mc.get("activation_checkpointing", False))
@@ -202,6 +204,6 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None, depth: int | None
                 table[f"hybrid:{d}"] = v
     fit["group_latency_ms"] = group_lat
     fit["per_sequence_comm_ms"] = seq_comm
-    if depth == full:
+    if depth == full and not profiled_world:
         raw["fit"] = fit
     return replace(cm, group_latency_ms=group_lat, per_sequence_comm_ms=seq_comm)

@@ -407,7 +407,7 @@ def rank_body(cfg_dict: dict) -> dict | None:
     box = [None]
     if rank == 0 and held_ids:
         collect(warm)
-        provisional = build_cost_model(cfg, dict(out), topo, depth=deep)
+        provisional = build_cost_model(cfg, dict(out), topo, depth=deep, profiled_world=True)
         box[0] = plan_heldout(provisional, [shapes.batch(ids).lengths for ids in held_ids])
     if world > 1:
         dist.broadcast_object_list(box, src=0)
@@ -438,7 +438,7 @@ def rank_body(cfg_dict: dict) -> dict | None:
     collect({k: v for k, v in times.items() if k[0] not in ("val-mb", "val-step")})
     cm = build_cost_model(cfg, out, topo)
     out["cost_model"] = cm.to_dict()
-    at_depth = cm if deep == full.layers else build_cost_model(cfg, dict(out), topo, depth=deep)
+    at_depth = build_cost_model(cfg, dict(out), topo, depth=deep, profiled_world=True)
     out["validation_depth"] = deep
     out["validation"] = validation_rows(at_depth, held_ids, held_plans, shapes, times)
     out["heldout"] = [{"lengths": list(shapes.batch(ids).lengths), "plans": plans}
