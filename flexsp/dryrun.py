@@ -199,7 +199,10 @@ def model_state_bytes(model, precision: str) -> dict:
 
 
 def _unit_table(model, units) -> list[dict]:
-    """Every FSDP2 unit in forward order: name, full numel, padded numel (reduce-scatter input)."""
+    """Every FSDP2 unit in forward order: name, full numel, padded numel (reduce-scatter input).
+    Reads FSDP2's own bookkeeping (torch 2.13: ``FSDPState._fsdp_param_groups``, ``FSDPParam.
+    _orig_size`` / ``padded_sharded_param_size`` / ``mesh_info`` / ``_module_info``), so the units
+    are exactly the ones shard_model made."""
     names = {id(model.embed): "embed", id(model.norm): "norm+lm_head", id(model): "root"}
     for i, b in enumerate(model.blocks):
         names[id(b)] = f"blocks.{i}"
