@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU variant of flexsp-profile on ONE CUDA device, hard-limited to < 8 minutes (see
-# benchmarks/gpu_profile.py; not run yet: written without a GPU). Outputs land in
+# benchmarks/gpu_profile.py; not run yet: written without a GPU): 1+2 layers of a LLaMA-3-8B shape
+# (bf16, activation checkpointing) on documents up to 128K, scaled to 32 layers. Outputs land in
 # benchmarks/results/profile_gpu_<date>_<device>.* by default.
 #   benchmarks/gpu_profile.sh [OUT_DIR]
 # Env: PYTHON (default python3), GPU_PROFILE_TIMEOUT_S (hard limit, default 450).

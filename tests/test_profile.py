@@ -437,7 +437,8 @@ def test_gpu_profile_config_is_long_and_bounded():
     assert full.layers == 32 and full.hidden == 4096 and full.kv_heads == 8 and full.activation_checkpointing
     assert precision == "bf16" and cfg.depths(full.layers) == [1, 2] and cfg.timeout_s <= 330
     comp, _ = cfg.shapes(full)
-    assert max(map(sum, comp)) == 131072 and [131072] in comp
+    assert max(map(sum, comp)) == 131072 and [131072] in comp and len(comp) <= 12
+    assert cfg.repeats <= 2 and cfg.validate_batches <= 1 and cfg.num_devices == 8
     smoke = ProfileConfig.from_dict(mod.config(True, Path("/tmp/x"), "s", 60.0))
     assert smoke.world_size == 1 and smoke.max_len <= 512
 

@@ -2,12 +2,23 @@
 
 Why: the planner is only as good as its cost model; hand constants (or the paper's GPU numbers)
 say nothing about the hardware at hand. The profiler times real micro-batches of the training
-code path (executor + engine) on every rank at once, fits the CostModel's terms (a1, a2, b,
+code path (executor + engine, the model built on meta and sharded exactly as training builds it:
+no unsharded copy anywhere) on every rank at once, fits the CostModel's terms (a1, a2, b,
 per_sequence_ms by one joint NNLS on relative error; per mode:degree the effective Ulysses / ring
-bandwidth, group_latency_ms and per_sequence_comm_ms), measures raw link latency
-and bandwidth and activation memory per token (CUDA allocator statistics, or an honest CPU
-estimate from the tensors saved for backward), then validates the model on held-out long-tailed
-global batches (every micro-batch and the whole step, predicted vs measured).
+bandwidth, group_latency_ms and per_sequence_comm_ms), measures raw link latency and bandwidth and
+activation memory per token (CUDA allocator peak, or an honest CPU estimate from the tensors saved
+for backward), then validates the model on held-out long-tailed global batches (every micro-batch
+and the whole step, predicted vs measured).
+
+At scale: only ``profile_layers`` transformer layers are built (and ``profile_layers // 2``): the
+two depths separate the per-layer work from the fixed embedding/head/loss part, and the written
+cost model is scaled to the model's full depth (a1, a2, b, per_sequence_ms, every communication
+term, the optimizer step, activations). Shapes are generated up to ``max_len`` (default the model's
+context length: long single documents, equal splits, long-tailed mixes), so a1 is pinned where long
+documents live. Activation checkpointing is profiled as configured: the timed work includes the
+recompute and the SP collectives it re-issues, the activation memory is the checkpointed one, the
+analytic volumes count the forward collectives twice, and the cost model records it (with the
+model shape: layers, hidden, heads, kv_heads of the FULL model).
 
 Outputs in ``output_dir``: ``<name>.json`` (a CostModel: ``flexsp-plan --cost-model FILE`` and
 ``solver.cost_model=FILE`` in training read it), ``<name>.report.json`` (raw timings, fits,
@@ -16,10 +27,13 @@ validation), ``<name>.md`` (summary tables) and ``<name>.png`` (measured vs fitt
 Usage::
 
     flexsp-profile                                   # 2 spawned gloo ranks, tiny model
-    flexsp-profile world_size=4 name=cpu4 output_dir=benchmarks/results
-    torchrun --nproc_per_node 4 -m flexsp.profile    # reuse a launcher's world
+    flexsp-profile model=small world_size=4 name=cpu4 output_dir=benchmarks/results
+    flexsp-profile model=7b profile_layers=2 max_len=131072 num_devices=64   # under torchrun on GPUs
+    torchrun --nproc_per_node 8 -m flexsp.profile model=7b   # reuse a launcher's world
+    flexsp-profile --help                            # every field, its default and meaning
 
-Config: ``configs/profile.yaml`` (fields documented in :class:`ProfileConfig`).
+Config: ``configs/profile.yaml`` (fields documented in :class:`ProfileConfig`; key=value overrides,
+see flexsp.profile.cli).
 """
 from __future__ import annotations
 

@@ -3,15 +3,23 @@
 Every measurement runs the way training runs, on every rank at once (so on a CPU box whose ranks
 share the cores each rank computes at the speed it will have in training):
 
+- the model: built by the training engine (``flexsp.engines.build_engine``: on meta, sharded,
+  local shards filled by ``RandomWeights``) at ``profile_layers`` layers and at half that (the
+  first layers of the full model, its init), with the model's activation-checkpointing setting;
+  no rank ever holds an unsharded copy;
 - compute: a one-micro-batch plan whose every group has degree 1 and the same packed documents,
-  run by :class:`flexsp.executor.StepExecutor` under the training engine (FSDP2: its per-layer
-  all-gathers / reduce-scatters are part of every micro-batch, so they land in ``b``);
-- communication: the same through groups of degree d = 2, 4, ... in Ulysses and ring mode;
+  run by :class:`flexsp.executor.StepExecutor` under the training engine on both depths (FSDP2: its
+  per-layer all-gathers / reduce-scatters are part of every micro-batch, so they land in ``b``,
+  per layer);
+- communication: the same through groups of degree d = 2, 4, ... in Ulysses and ring mode, on
+  the deeper build (every SP collective is per layer);
 - links: ``all_to_all_single`` and a ring ``batch_isend_irecv`` on every aligned group of each
   degree concurrently (as the groups of one micro-batch run);
-- the optimizer step (``engine.step``): the CostModel's ``step_overhead_ms``;
-- activation memory per token: CUDA allocator peak (``max_memory_allocated``) or, on CPU, the
-  bytes of the tensors autograd saves for backward (``saved_tensors_hooks``), an estimate;
+- the optimizer step (``engine.step``) on both depths: the CostModel's ``step_overhead_ms``;
+- activation memory per token on the sharded modules, all ranks at once: CUDA allocator peak
+  over forward + backward (``max_memory_allocated``; with activation checkpointing the recompute
+  peak) or, on CPU, the bytes of the tensors autograd saves for backward (``saved_tensors_hooks``),
+  an estimate;
 - validation: held-out long-tailed global batches planned (``plan_batch`` and static full-degree
   SP) with a provisional fit of the warm-up pass; every micro-batch alone and the whole step timed.
 
