@@ -87,8 +87,8 @@ class AbortWatch:
     ``with AbortWatch(rank, world):`` around the training loop; ``post(message)`` from a failing
     rank returns True if it is the first (the one that should print)."""
 
-    def __init__(self, rank: int, world_size: int, poll_s: float = 1.0, tag: str = ""):
-        self.rank, self.world, self.poll_s = rank, world_size, poll_s
+    def __init__(self, rank: int, world_size: int, poll_s: float = 1.0, tag: str = "", grace_s: float = 3.0):
+        self.rank, self.world, self.poll_s, self.grace_s = rank, world_size, poll_s, grace_s
         self.key = _abort_key() + tag
         self._store = None
         self._stop = threading.Event()
@@ -118,6 +118,11 @@ class AbortWatch:
             except Exception:          # the store is gone: its host (rank 0) died
                 aborted = not self._stop.is_set()
             if aborted and not self._stop.is_set():
+                # let the failing rank finish its report and exit first (launchers report the
+                # first rank to exit as the cause), then go
+                self._stop.wait(self.grace_s)
+                if self._stop.is_set():
+                    return
                 sys.stderr.flush()
                 os._exit(ABORTED_EXIT_CODE)
 

@@ -170,6 +170,12 @@ def _run_here(cfg) -> int:
         first = getattr(exc, "flexsp_first", None)
         printer = first if first is not None else _rank() == 0
         code = report(exc, PROG, printer=printer)
+        if first is not None:
+            # failed inside the training loop: peers are being stopped, tearing the process group
+            # down could wait for them; leave now with the status
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     finally:
         if dist.is_initialized():
             try:
@@ -214,7 +220,11 @@ def _launch(launcher: list[str], overrides: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        from flexsp.failure import ABORTED_EXIT_CODE
+        # the rank that failed, not one the abort watch stopped because of it
+        failures = sorted(exc.failures.items(), key=lambda kv: (kv[1].exitcode == ABORTED_EXIT_CODE,
+                                                                kv[1].exitcode < 0, kv[1].timestamp))
+        rank, failure = failures[0]
         if failure.exitcode < 0:
             import signal
             name = signal.Signals(-failure.exitcode).name
