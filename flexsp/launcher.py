@@ -115,7 +115,7 @@ def _section_keys(section: str, overrides: list[str]) -> list[str]:
 
 def print_help() -> None:
     groups = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in sorted(CONFIG_DIR.iterdir()) if p.is_dir()
-              and p.name != "costmodels"}
+              and p.name not in ("costmodels", "dryrun")}
     print(__doc__)
     print("Config groups (group=option):")
     for g, opts in groups.items():
