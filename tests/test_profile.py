@@ -379,6 +379,14 @@ def test_two_depth_fit_scales_to_the_full_model(tmp_path):
     assert loaded == cm and loaded.layers == 32
     text = paths["summary"].read_text()
     assert "Timed on 1- and 2-layer builds" in text and "layers=32, hidden=4096, heads=32, kv_heads=8" in text
+    # noisy optimizer timings of two close depths never extrapolate beyond proportional scaling
+    (_, p1, _), (_, p2, _) = raw["optimizer"]
+    raw["optimizer"] = [(1, p1, 100.0), (2, p2, 160.0)]
+    from flexsp.profile.build import optimizer_ms_at
+    ms, how = optimizer_ms_at(raw, 32)
+    assert ms == pytest.approx(160.0 * raw["num_params"] / p2) and "clamped" in how
+    raw["optimizer"] = [(1, p1, 100.0), (2, p2, 90.0)]
+    assert optimizer_ms_at(raw, 32)[0] == pytest.approx(90.0)
     # one depth cannot be scaled
     one = fit_depth([(L, ms, n) for L, ms, n in raw["compute"] if n == 2], {})
     with pytest.raises(ValueError, match="one depth"):

@@ -74,19 +74,21 @@ def params_at(raw: dict, depth: int) -> float:
 
 
 def optimizer_ms_at(raw: dict, depth: int) -> tuple[float, str]:
-    """The optimizer step at ``depth`` layers: timed at each profiled depth, linear in the number of
-    parameters (grad norm, AdamW and zero_grad touch every parameter once) through the timings."""
+    """The optimizer step at ``depth`` layers: timed at each profiled depth, then linear in the
+    number of parameters (grad norm, AdamW and zero_grad touch every parameter once). The slope is
+    clamped between 0 (a constant step) and time / parameters of the deeper build (no fixed part), so
+    timing noise between two close depths never extrapolates beyond proportional scaling."""
     opt = raw.get("optimizer")
     if not opt:
         return float(raw["optimizer_ms"]), "timed"
     pts = sorted((float(p), float(ms)) for _, p, ms in opt)
-    if len(pts) == 1 or pts[-1][0] == pts[0][0]:
-        p = params_at(raw, depth)
-        return pts[-1][1] * p / pts[-1][0], ("timed" if p == pts[-1][0] else "timed, scaled with the parameter count")
+    p = params_at(raw, depth)
     (p0, t0), (p1, t1) = pts[0], pts[-1]
-    slope = max(0.0, (t1 - t0) / (p1 - p0))
-    base = max(0.0, t1 - slope * p1)
-    return base + slope * params_at(raw, depth), "linear in the parameter count through the two timed depths"
+    if len(pts) == 1 or p1 == p0:
+        return t1 * p / p1, ("timed" if p == p1 else "timed, scaled with the parameter count")
+    slope = min(max(0.0, (t1 - t0) / (p1 - p0)), t1 / p1)
+    return t1 + slope * (p - p1), ("linear in the parameter count through the two timed depths (slope clamped "
+                                   "to [0, time / parameters])")
 
 
 def activation_at(raw: dict, depth: int) -> float:
