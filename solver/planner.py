@@ -32,6 +32,7 @@ Method (all under the cost model of ``costmodel.py``):
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import replace
@@ -160,8 +161,10 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
     The search is a fixed amount of work (MILPs stop at ``milp_node_limit`` branch-and-bound
     nodes), so the same input gives the same plan and status on every run and rank when it
     finishes inside ``time_limit``. The time box covers everything (search, MILPs, baselines,
-    pricing): ``plan_batch`` returns within about ``time_limit`` + 0.1 s + 3 us per sequence
-    (measured in ``benchmarks/results/planner_scaling.md``). Status: "optimal" (proven: the exact
+    pricing): ``plan_batch`` returns within ``time_limit`` plus one search step (under ~0.5 s
+    measured on a loaded 2-core machine), or, where that is longer, the O(n) floor any plan costs
+    (checking, safety-net packing, pricing: ~10 us of CPU per sequence, ~1 s at 100,000); see
+    ``benchmarks/results/planner_scaling.md``. Status: "optimal" (proven: the exact
     MILP, or the plan meets the lower bound), "feasible" (the search ran to the end), "time_limit"
     (the box cut the search short: valid, maybe not reproducible), "fallback" (nothing but the
     O(n log n) safety-net packing fitted in the box).
@@ -190,16 +193,18 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
     chunk_ids = [np.array(order[c::chunks], dtype=np.int64) for c in range(chunks)] if chunks > 1 \
         else [np.arange(n, dtype=np.int64)]
     sub = [Workload(wl.lengths[ids], cm) for ids in chunk_ids] if chunks > 1 else [wl]
-    # the safety net first, timed: every chunk has a valid plan before any search starts, and
-    # pricing the merged plan at the end costs about 2.5x this packing (measured), so that much
-    # of the box is kept for it
+    # The safety net first, timed: the whole batch packed in O(n log n) (a plan never loses to
+    # it). The end of the run re-packs what the search did not improve in one piece and prices
+    # the result (~2.5x a packing): that much of the box is kept for it.
     t_quick = time.perf_counter()
-    plans: list = [quick_pack(w, range(len(w.lengths))) for w in sub]
-    reserve = 0.02 + 2.5 * (time.perf_counter() - t_quick)
+    whole = quick_pack(wl, range(n))
+    plans: list = [whole if chunks == 1 else None] + [None] * (chunks - 1)
+    reserve = 0.02 + (time.perf_counter() - t_quick) * (4.0 if chunks > 1 else 2.5)
+    improved = [False] * chunks
     opts = dict(max_extra=max_extra_micro_batches, rebalance_rounds=rebalance_rounds,
                 exact_max_binaries=exact_max_binaries if chunks == 1 else 0, node_limit=milp_node_limit,
                 milp_micro_batches=milp_micro_batches, backend=milp_backend, pulp_solver=pulp_solver)
-    searched, info, lower_exact, proven = 0, [], 0.0, False
+    searched, info, lower_exact, proven, starved, whole_won = 0, [], 0.0, False, 0, False
     last_report = start
     for c, w in enumerate(sub):
         left = clock.left() - reserve
@@ -208,14 +213,19 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
             if progress is not None:
                 progress(f"time box reached after {c}/{chunks} chunks; the rest get the safety-net packing")
             break
-        share = left / (chunks - c)   # an even share of what is left; time a chunk leaves rolls over
+        # an even share of what is left (time a chunk leaves rolls over); each chunk whose share
+        # was too short to find even its first packing doubles the shares after it
+        share = min(left, left / (chunks - c) * 2 ** starved)
         chunk_clock = _Clock(time.perf_counter() + share, parent=clock)
         result = _search(w, chunk_clock, opts)
         if result is None:
+            starved += 1
             continue
         groups, meta = result
+        if plans[c] is None:
+            plans[c] = quick_pack(w, range(len(w.lengths)))
         if _plan_time(w, groups) <= _plan_time(w, plans[c]) + 1e-9:
-            plans[c] = groups
+            plans[c], improved[c] = groups, True
         else:
             meta["search"] = "quick"
         searched += 1
@@ -231,15 +241,21 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
         merged = plans[0]
     else:
         merged = []
-        for ids, mbs in zip(chunk_ids, plans):
-            ids = ids.tolist()
-            merged += [[(sp, [ids[x] for x in g]) for sp, g in mb] for mb in mbs]
+        for ids, mbs, done in zip(chunk_ids, plans, improved):
+            if done:
+                ids = ids.tolist()
+                merged += [[(sp, [ids[x] for x in g]) for sp, g in mb] for mb in mbs]
+        rest = [c for c in range(chunks) if not improved[c]]
+        if rest and len(rest) < chunks:   # one safety net over the chunks the search did not improve
+            merged += quick_pack(wl, np.concatenate([chunk_ids[c] for c in rest]))
+        if len(rest) == chunks or _plan_time(wl, whole) < _plan_time(wl, merged):
+            merged, whole_won = whole, True
     lower = max(_lower_bound(wl, m0), lower_exact)
     extra = {"chunks": chunks, "chunks_searched": searched, "time_limit": time_limit,
              "milp_backend": milp_backend if milp_backend == "highs" else f"pulp:{pulp_solver or DEFAULT_PULP_SOLVER}"}
     if chunks == 1 and info:
         extra.update(info[0])
-    elif info:
+    elif info and not whole_won:
         extra["search"] = "chunked"
         extra["searches"] = sorted({m["search"] for m in info})
     else:
@@ -339,7 +355,30 @@ def _search(wl: Workload, clock: _Clock, opts: dict):
 
 
 def _plan_time(wl: Workload, mbs: list) -> float:
-    return sum(_mb_time(wl, mb) for mb in mbs)
+    """Sum of micro-batch times (slowest group + b), vectorised: one reduction per degree."""
+    sizes, ks, mb_of, cat = [], [], [], []
+    for j, mb in enumerate(mbs):
+        for sp, ids in mb:
+            if not len(ids):
+                continue
+            sizes.append(len(ids))
+            ks.append(sp.bit_length() - 1)
+            mb_of.append(j)
+            cat.append(ids)
+    if not sizes:
+        return 0.0
+    ks_a, mb_a = np.asarray(ks), np.asarray(mb_of)
+    loads = np.empty(len(sizes))
+    for k in np.unique(ks_a).tolist():
+        sel = np.flatnonzero(ks_a == k)
+        ids = np.fromiter(itertools.chain.from_iterable(cat[g] for g in sel.tolist()), dtype=np.int64,
+                          count=int(sum(sizes[g] for g in sel.tolist())))
+        offsets = np.cumsum([0] + [sizes[g] for g in sel.tolist()[:-1]])
+        loads[sel] = np.add.reduceat(wl.time[k][ids], offsets) + wl.latency[k]
+    worst = np.full(len(mbs), -np.inf)
+    np.maximum.at(worst, mb_a, loads)
+    used = np.isfinite(worst)
+    return float(worst[used].sum() + wl.cm.b * used.sum())
 
 
 def _milp_polish(wl: Workload, mbs: list, clock, node_limit: int, count: int, backend: str = "highs",

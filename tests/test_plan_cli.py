@@ -170,3 +170,21 @@ def test_baselines_respect_their_time_box(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "static SP=64" in out
     assert "skipped" in err and "time box" in err
+
+
+def test_flexsp_plan_as_a_whole_finishes_near_its_time_limit(tmp_path):
+    """50,000 sequences on 1,024 devices with the baselines: planner box 1 s, baselines box 0.5 s;
+    generous bound for start-up, reading, O(n) pricing and printing on a shared machine."""
+    import time
+    from solver.workloads import sample_lengths
+    f = tmp_path / "l.txt"
+    f.write_text("\n".join(map(str, sample_lengths("cpython", 50_000, 0, 191872))) + "\n")
+    t0 = time.perf_counter()
+    proc = run_cli("--lengths", str(f), "--num-devices", "1024", "--time-limit", "1")
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr
+    assert wall < 1.0 + 0.5 + 12.0
+    summary = next(line for line in proc.stdout.splitlines() if line.startswith("plan: "))
+    assert len(summary) <= 210
+    assert len(proc.stdout) < 20_000                  # the table is truncated, not 50,000 rows
+    assert "flexsp-plan: planning 50000 sequences" in proc.stderr   # a long run shows progress
