@@ -179,8 +179,13 @@ class PlannerProcess:
         self.outstanding.clear()
 
 
-def load_cost_model(spec: str, world_size: int, shape=None) -> CostModel:
+def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0) -> CostModel:
     """The cost model ``spec`` (preset name or JSON path) for ``world_size`` devices.
+
+    ``shard_size`` (HSDP, parallel.shard_size): model states sharded within groups of that many
+    ranks, the once-per-step gradient all-reduce across the replicas priced at the cost model's
+    ``replicate_gbps`` (or, when it has none, its slowest measured link: an estimate, noted in
+    ``source``).
 
     ``shape`` (an object with layers, hidden, heads, kv_heads: the ModelConfig to train) is checked
     against the shape the cost model was built for BEFORE it is resized to the world, so a cost
@@ -208,6 +213,16 @@ def load_cost_model(spec: str, world_size: int, shape=None) -> CostModel:
             cm = replace(cm, num_devices=world_size, devices_per_node=min(cm.devices_per_node, world_size))
         except ValueError as exc:
             raise ValueError(f"solver.cost_model={spec} on {world_size} rank(s): {exc}") from None
+    if shard_size and shard_size < world_size and cm.shard_size != shard_size:
+        gbps, note = cm.replicate_gbps, ""
+        if not gbps > 0:
+            links = [*cm.bandwidth_gbps.values(), *cm.p2p_bandwidth_gbps.values()]
+            gbps = min(links) if links else 1.0
+            note = f"; HSDP all-reduce priced at {gbps:g} GB/s (its slowest link: no replicate_gbps measured)"
+        try:
+            cm = replace(cm, shard_size=shard_size, replicate_gbps=gbps, source=cm.source + note)
+        except ValueError as exc:
+            raise ValueError(f"solver.cost_model={spec} with parallel.shard_size={shard_size}: {exc}") from None
     return cm
 
 

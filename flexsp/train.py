@@ -192,7 +192,7 @@ def _setup(cfg) -> RunState:
         raise ValueError(f"parallel.shard_size={parallel.shard_size} must divide the {world} ranks")
     dpn = parallel.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     topo = SPTopology(world, min(dpn, world)).build()
-    cm = load_cost_model(solver.cost_model, world, shape=mcfg_shape)
+    cm = load_cost_model(solver.cost_model, world, shape=mcfg_shape, shard_size=parallel.shard_size)
     planner = StepPlanner(solver, cm, rank, world, parallel.mode, parallel.static_degree)
     st = RunState(c=c, rank=rank, world=world, device=device, out=out, topo=topo, cm=cm, planner=planner)
     if rank == 0:

@@ -3,7 +3,8 @@
 - equivalence: 3 steps of adaptive FlexSP training with FSDP2, whose plans mix SP degrees 1, 2 and 4
   (a cost model with 32 tokens per rank and documents up to 100 tokens force it) give the same per-step losses and final
   parameters as 1-process training on the same batches;
-- static mode (degree 2) gives the same losses too;
+- static mode (degree 2) gives the same losses too, and so does HSDP (parallel.shard_size=2: shard
+  within rank pairs, replicate across them; gradients all-reduced across replicas once per step);
 - bf16 mixed precision (fp32 master parameters and AdamW states, bf16 compute, fp32 gradient
   reduction) on the same plans stays within bf16 rounding of the fp32 reference, and its resume
   from the step-2 checkpoint equals its uninterrupted run;
@@ -65,6 +66,7 @@ def _body(rank, world_size, cfgs):
     s = run(cfgs["resume"], return_state=True)
     out["resume"] = {"losses": s["losses"], "start": s["start_step"], "state": _np(s.get("state_dict")) if rank == 0 else None}
     out["static"] = {"losses": run(cfgs["static"])["losses"]}
+    out["hsdp"] = {"losses": run(cfgs["hsdp"])["losses"]}
     out["bf16"] = {"losses": run(cfgs["bf16"])["losses"]}
     out["bf16_resume"] = {"losses": run(cfgs["bf16_resume"])["losses"]}
     out["errors"] = {name: _expect_error(cfgs[name], *needles) for name, needles in (
@@ -85,6 +87,7 @@ def test_train_4_ranks_matches_single_process(tmp_path):
         "resume": compose(base_overrides(tmp_path / "resumed", cm,
                                          extra=[f"train.resume={a_dir}/checkpoints/step_000002"])),
         "static": compose(base_overrides(tmp_path / "static", cm, extra=["parallel=static", "parallel.static_degree=4"])),
+        "hsdp": compose(base_overrides(tmp_path / "hsdp", cm, extra=["parallel.shard_size=2"])),
         "bf16": compose(base_overrides(tmp_path / "bf16", cm, extra=["train.precision=bf16", "train.checkpoint_every=2"])),
         "bf16_resume": compose(base_overrides(tmp_path / "bf16_resumed", cm, extra=[
             "train.precision=bf16", f"train.resume={tmp_path}/bf16/checkpoints/step_000002"])),
@@ -107,6 +110,8 @@ def test_train_4_ranks_matches_single_process(tmp_path):
         got = [rank_out["adaptive"]["losses"][s] for s in range(3)]
         torch.testing.assert_close(torch.tensor(got), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
         got = [rank_out["static"]["losses"][s] for s in range(3)]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+        got = [rank_out["hsdp"]["losses"][s] for s in range(3)]
         torch.testing.assert_close(torch.tensor(got), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
         bf16 = [rank_out["bf16"]["losses"][s] for s in range(3)]
         torch.testing.assert_close(torch.tensor(bf16), torch.tensor(ref_losses), rtol=0, atol=1e-3)
