@@ -10,8 +10,11 @@ On a cluster (the script connects to the cluster's Ray; output_dir must be share
         model=small output_dir=/shared/runs/flexsp
 
 The config is composed once on the driver (Hydra compose API, the same configs/ and overrides as
-``python -m flexsp.train``) and handed to every worker as a plain dict. Ray Train starts the
-torch.distributed group (gloo on CPU, nccl on GPU); the trainer reuses it.
+``python -m flexsp.train``), validated there (a bad value is one line ``ray_job: error: ...`` and exit
+status 2 before Ray starts) and handed to every worker as a plain dict. Ray Train starts the
+torch.distributed group (gloo on CPU, nccl on GPU); the trainer reuses it. A user error found by the
+workers (a missing corpus, ...) is printed once, by the worker that found it first, and the driver
+exits with status 2 without Ray's traceback; a bug keeps its traceback.
 """
 from __future__ import annotations
 
@@ -24,19 +27,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def compose_config(overrides: list[str]) -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+USER_ERROR = "flexsp user error (reported above)"
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
+
+def compose_config(overrides: list[str]) -> dict:
+    sys.path.insert(0, str(REPO))
+    from flexsp.launcher import compose
+    return compose(overrides)
 
 
 def train_loop_per_worker(config: dict) -> None:
     sys.path.insert(0, config["repo"])
+    import torch.distributed as dist
+
+    from flexsp.failure import is_user_error, report
     from flexsp.train import run
-    run(config["cfg"])
+    try:
+        run(config["cfg"])
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        first = getattr(exc, "flexsp_first", None)
+        report(exc, "flexsp-train", printer=first if first is not None else dist.get_rank() == 0)
+        raise RuntimeError(USER_ERROR) from None
 
 
 def main(argv=None) -> int:
@@ -58,11 +71,16 @@ def main(argv=None) -> int:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg = compose_config(args.overrides)
-    out = Path(cfg["output_dir"]).resolve()
-    cfg["output_dir"] = str(out)
-    if cfg["parallel"]["world_size"] and cfg["parallel"]["world_size"] != args.num_workers:
-        raise ValueError(f"parallel.world_size={cfg['parallel']['world_size']} but --num-workers={args.num_workers}")
+    try:
+        cfg = compose_config(args.overrides)
+        out = Path(cfg["output_dir"]).resolve()
+        cfg["output_dir"] = str(out)
+        from flexsp.config import parse_config
+        from flexsp.train import validate
+        validate(parse_config(cfg), args.num_workers)
+    except ValueError as exc:
+        print(f"ray_job: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        return 2
     if not local:                            # ray job submit / existing cluster
         ray.init()
     else:                                    # local: bound to loopback
@@ -78,7 +96,13 @@ def main(argv=None) -> int:
     )
     if local:
         print(f"[ray_job] local Ray node address: {ray.util.get_node_ip_address()}", flush=True)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as exc:
+        if USER_ERROR in str(exc):
+            ray.shutdown()
+            return 2
+        raise
     metrics = out / "metrics.jsonl"
     lines = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.is_file() else []
     print(f"[ray_job] {len(lines)} steps logged in {metrics}; losses {[ln['loss'] for ln in lines]}", flush=True)

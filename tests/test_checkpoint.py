@@ -107,3 +107,41 @@ def test_checkpoint_of_4_ranks_resumes_on_2_and_1(tmp_path):
     assert "missing" in broken("shard", remove("dcp/__3_0.distcp"))
     assert "missing" in broken("meta", remove("dcp/.metadata"))
     assert "trainer.pt" in broken("trainer", remove("trainer.pt"))
+
+
+class _DeepSpeedLike:
+    """Stands for the DeepSpeed engine's checkpoint interface (save/load of its own format); only
+    the refusal paths are exercised: they must raise before DeepSpeed is asked to load."""
+
+    def load(self, directory):
+        raise AssertionError("load must not be reached")
+
+
+class _FSDP2Like(_DeepSpeedLike):
+    def state_dict(self):
+        raise AssertionError("state_dict must not be reached")
+
+
+def test_checkpoint_engine_and_world_size_mismatches_are_clear(tmp_path):
+    import torch
+
+    from flexsp.checkpoint import load_checkpoint
+    ds = tmp_path / "ds" / "step_000002"
+    (ds / "deepspeed" / "engine").mkdir(parents=True)
+    torch.save({"step": 2, "world_size": 4, "engine": "deepspeed"}, ds / "trainer.pt")
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(ds, _DeepSpeedLike(), world_size=2)
+    msg = str(err.value)
+    assert "DeepSpeed ZeRO-3 checkpoint of 4 ranks and this run has 2" in msg and "ds_to_universal" in msg, msg
+    with pytest.raises(ValueError, match="written with parallel.engine=deepspeed"):
+        load_checkpoint(ds, _FSDP2Like(), world_size=4)
+    fsdp = tmp_path / "fsdp" / "step_000002"
+    (fsdp / "dcp").mkdir(parents=True)
+    torch.save({"step": 2, "world_size": 4, "engine": "fsdp2"}, fsdp / "trainer.pt")
+    import torch.distributed.checkpoint as dcp
+    dcp.save({"model": {"w": torch.zeros(3)}}, checkpoint_id=str(fsdp / "dcp"), no_dist=True)
+    with pytest.raises(ValueError, match="written with parallel.engine=fsdp2"):
+        load_checkpoint(fsdp, _DeepSpeedLike(), world_size=4)
+    (fsdp / "trainer.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="trainer.pt is corrupt"):
+        load_checkpoint(fsdp, _FSDP2Like(), world_size=4)
