@@ -150,7 +150,8 @@ def rank_body(args: dict):
     import flexsp.executor as ex
     from flexsp.data import GlobalBatch, SyntheticSource
     from flexsp.distributed import init_distributed
-    from flexsp.engines import build_engine
+    from flexsp.config import ParallelConfig
+    from flexsp.engines import RandomWeights, build_engine
     from flexsp.executor import StepExecutor
     from flexsp.model import Transformer, model_config
     from flexsp.planning import load_cost_model
@@ -168,8 +169,9 @@ def rank_body(args: dict):
     cm = replace(load_cost_model(args["cost_model"], world), capacity_override=args["capacity"])
     mcfg = model_config(args["model"])
     torch.manual_seed(0)
-    model = Transformer(mcfg, device=device)
-    engine = build_engine("fsdp2", model, TrainConfig(steps=10**6, warmup_steps=0, lr=1e-4), world, device)
+    engine = build_engine("fsdp2", lambda dev: Transformer(mcfg, device=dev), RandomWeights(0, mcfg.init_std, mcfg.layers),
+                          TrainConfig(steps=10**6, warmup_steps=0, lr=1e-4, precision="fp32"), ParallelConfig(), world,
+                          device)
     dists = {d: scaled_batches(d, args["batches"], args["tokens"], args["max_len"], args["ref_len"], args["seed"])
              for d in args["distributions"]}
     all_lens = [n for bs in dists.values() for b in bs for n in b]
