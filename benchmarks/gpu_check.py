@@ -46,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-SECTIONS = ("env", "peak", "tests", "fused_ops", "attention", "profile")
+SECTIONS = ("env", "peak", "tests", "train", "fused_ops", "attention", "profile")
 TARGET_FWD = 0.50  # varlen causal attention fwd, >= 32K tokens per document, fraction of bf16 peak
 TARGET_FWD_BWD = 0.40
 TARGET_CE_MEMORY_RATIO = 4.0
@@ -247,6 +247,23 @@ def section_tests(cfg, entry, deadline):
     entry["lines"] = [f"`{' '.join(cmd[1:])}` -> exit {rc}", "", "```", *tail, "```"]
     if rc not in (0, 5):  # 5 = no tests collected
         raise RuntimeError(f"pytest -m gpu exited {rc}")
+
+
+def section_train(cfg, entry, deadline):
+    """1-GPU NCCL training smoke run: meta init, FSDP2, bf16 mixed precision, DCP checkpoint + resume
+    (benchmarks/gpu_train_smoke.py)."""
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_train_smoke.py"), "/tmp/flexsp_gpu_train"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=max(min(deadline.left(), 180), 1))
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired:
+        rc, out = "timeout", ""
+    entry["data"]["returncode"] = rc
+    entry["lines"] = [f"`{' '.join(cmd[1:])}` -> exit {rc}", "", "```", *out.strip().splitlines()[-25:], "```"]
+    if rc != 0:
+        raise RuntimeError(f"training smoke run exited {rc}")
 
 
 def _fused_cases(cfg):
@@ -563,7 +580,7 @@ def make_config(args) -> dict:
             attn_heads=(4, 2, 32), attn_dtype=torch.float32, attn_min_doc=32, compile_flex=False,
             attn_configs=[("longtail", 256), ("single", 128)],
             profile_model=("tiny", {}), profile_batches=[[64], [32] * 4, [256], [96, 32]],
-            budgets=dict(env=10, peak=5, tests=5, fused_ops=10, attention=15, profile=15),
+            budgets=dict(env=10, peak=5, tests=5, train=5, fused_ops=10, attention=15, profile=15),
         )
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke for the CPU smoke mode")
@@ -579,7 +596,7 @@ def make_config(args) -> dict:
                       ("longtail", 128 * K), ("longtail", 16 * K), ("longtail", 64 * K), ("single", 64 * K)],
         profile_model=("1b", dict(layers=2)),
         profile_batches=[[2 * K], [4 * K], [8 * K], [16 * K], [1 * K] * 8, [512] * 32, [4 * K] * 4, [8 * K, 2 * K, 1 * K, 1 * K, 512, 512]],
-        budgets=dict(env=30, peak=20, tests=110, fused_ops=60, attention=200, profile=50),
+        budgets=dict(env=30, peak=20, tests=100, train=60, fused_ops=50, attention=170, profile=40),
     )
 
 
@@ -596,6 +613,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--budget-s must be > 0, got {args.budget_s}")
     if args.smoke and "tests" not in args.skip:
         args.skip.append("tests")  # pytest -m gpu from inside the test suite: recursion, and no GPU
+    if args.smoke and "train" not in args.skip:
+        args.skip.append("train")  # needs CUDA + NCCL
     cfg = make_config(args)
     deadline = Deadline(args.budget_s)
     rep = Report(args.out_dir, args)
@@ -603,6 +622,7 @@ def main(argv=None) -> int:
     rep.run("env", lambda e, d: section_env(cfg, e, d), budgets["env"], deadline)
     rep.run("peak", lambda e, d: section_peak(cfg, e, d), budgets["peak"], deadline)
     rep.run("tests", lambda e, d: section_tests(cfg, e, d), budgets["tests"], deadline)
+    rep.run("train", lambda e, d: section_train(cfg, e, d), budgets["train"], deadline)
     rep.run("fused_ops", lambda e, d: section_fused_ops(cfg, e, d), budgets["fused_ops"], deadline)
     rep.run("attention", lambda e, d: section_attention(cfg, e, d), budgets["attention"], deadline)
     rep.run("profile", lambda e, d: section_profile(cfg, e, d), budgets["profile"], deadline)

@@ -191,12 +191,14 @@ def typed_section(cls, data, name: str, skip=()):
 
 def parse_config(cfg) -> dict:
     """Hydra/OmegaConf config (or plain dict) -> validated dataclasses."""
-    from omegaconf import OmegaConf
-
     from flexsp.data import CorpusConfig, DataConfig, SamplerConfig
     from flexsp.planning import SolverConfig
 
-    raw = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
+    if isinstance(cfg, dict):
+        raw = cfg
+    else:
+        from omegaconf import OmegaConf
+        raw = OmegaConf.to_container(cfg, resolve=True)
     for key in ("model", "data", "parallel", "solver", "train", "output_dir"):
         if key not in raw:
             raise ValueError(f"config has no '{key}' section; expected model, data, parallel, solver, train, output_dir")

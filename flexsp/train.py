@@ -196,8 +196,11 @@ def _setup(cfg) -> RunState:
     planner = StepPlanner(solver, cm, rank, world, parallel.mode, parallel.static_degree)
     st = RunState(c=c, rank=rank, world=world, device=device, out=out, topo=topo, cm=cm, planner=planner)
     if rank == 0:
-        from omegaconf import OmegaConf
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(c["raw"])))
+        try:
+            from omegaconf import OmegaConf
+            (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(c["raw"])))
+        except ImportError:   # a plain-dict config on a machine without Hydra (e.g. a GPU image)
+            (out / "config.json").write_text(json.dumps(c["raw"], indent=1, default=str))
     return st
 
 
