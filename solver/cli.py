@@ -137,7 +137,8 @@ def format_table(plan: Plan, baselines: dict[str, float], full: bool = False) ->
     lines += [
         f"plan: {plan.summary()}",
         f"iteration time {plan.predicted_ms:.1f} ms | lower bound {plan.lower_bound_ms:.1f} ms | gap {gap} | "
-        f"status {plan.status} | solve {plan.solve_seconds:.3f} s",
+        f"status {plan.status}{' (' + ', '.join(plan.extra['cut']) + ')' if plan.status == 'time_limit' and plan.extra.get('cut') else ''} | "
+        f"solve {plan.solve_seconds:.3f} s",
     ]
     for name, ms in baselines.items():
         lines.append(f"  vs {name:<22} {ms:>12.1f} ms   speedup {ms / plan.predicted_ms:.3f}x")

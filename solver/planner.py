@@ -132,15 +132,21 @@ class _Clock:
 
     def __init__(self, deadline: float, parent: "_Clock | None" = None):
         self.deadline, self.parent, self.cut = deadline, parent, False
+        self.reasons: set[str] = set()
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
 
+    def mark(self, reason: str) -> None:
+        """Record that ``reason`` cut work short (here and in the enclosing clock)."""
+        self.cut = True
+        self.reasons.add(reason)
+        if self.parent is not None:
+            self.parent.mark(reason)
+
     def expired(self) -> bool:
         if time.perf_counter() > self.deadline:
-            self.cut = True
-            if self.parent is not None:
-                self.parent.cut = True
+            self.mark("time box")
             return True
         return False
 
@@ -203,13 +209,16 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
     improved = [False] * chunks
     opts = dict(max_extra=max_extra_micro_batches, rebalance_rounds=rebalance_rounds,
                 exact_max_binaries=exact_max_binaries if chunks == 1 else 0, node_limit=milp_node_limit,
-                milp_micro_batches=milp_micro_batches, backend=milp_backend, pulp_solver=pulp_solver)
+                milp_micro_batches=milp_micro_batches, backend=milp_backend, pulp_solver=pulp_solver,
+                # each re-deal MILP may use a tenth of the box (at least 0.3 s): on a slow or busy
+                # machine the node limit, not the clock, should still end it
+                milp_cap_s=max(0.3, 0.1 * time_limit))
     searched, info, lower_exact, proven, starved, whole_won = 0, [], 0.0, False, 0, False
     last_report = start
     for c, w in enumerate(sub):
         left = clock.left() - reserve
         if left <= 0:
-            clock.cut = True
+            clock.mark("time box")
             if progress is not None:
                 progress(f"time box reached after {c}/{chunks} chunks; the rest get the safety-net packing")
             break
@@ -252,6 +261,7 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
             merged, whole_won = whole, True
     lower = max(_lower_bound(wl, m0), lower_exact)
     extra = {"chunks": chunks, "chunks_searched": searched, "time_limit": time_limit,
+             "cut": sorted(clock.reasons),
              "milp_backend": milp_backend if milp_backend == "highs" else f"pulp:{pulp_solver or DEFAULT_PULP_SOLVER}"}
     if chunks == 1 and info:
         extra.update(info[0])
@@ -334,7 +344,8 @@ def _search(wl: Workload, clock: _Clock, opts: dict):
         if _plan_time(wl, other_groups) < _plan_time(wl, groups) - 1e-9:
             groups, method = other_groups, name
     phases["baselines"] = _plan_time(wl, groups)
-    groups = _milp_polish(wl, groups, clock, opts["node_limit"], opts["milp_micro_batches"], backend, pulp_solver)
+    groups = _milp_polish(wl, groups, clock, opts["node_limit"], opts["milp_micro_batches"], backend, pulp_solver,
+                          cap_s=opts["milp_cap_s"])
     phases["milp"] = _plan_time(wl, groups)
     m_cap = min(len(wl.lengths), int(_plan_time(wl, groups) // cm.b) if cm.b > 0 else len(wl.lengths))
     exact_bound, proven = 0.0, False
@@ -343,9 +354,7 @@ def _search(wl: Workload, clock: _Clock, opts: dict):
         if exact is not None:
             ex_status, _, bound, ex_groups, timed_out = exact
             if timed_out:
-                clock.cut = True
-                if clock.parent is not None:
-                    clock.parent.cut = True
+                clock.mark("exact MILP stopped on the clock")
             if _plan_time(wl, ex_groups) <= _plan_time(wl, groups) + 1e-9:
                 groups, method = ex_groups, "exact-milp"
             exact_bound = bound
@@ -382,21 +391,20 @@ def _plan_time(wl: Workload, mbs: list) -> float:
 
 
 def _milp_polish(wl: Workload, mbs: list, clock, node_limit: int, count: int, backend: str = "highs",
-                 pulp_solver: str | None = None) -> list:
+                 pulp_solver: str | None = None, cap_s: float = 0.3) -> list:
     """Re-deal the sequences of the ``count`` slowest micro-batches over their groups with the
-    MILP. Skips micro-batches whose slowest group runs a single sequence (no re-deal helps)."""
+    MILP (each solve capped at ``cap_s`` s; the node limit normally ends it first). Skips
+    micro-batches whose slowest group runs a single sequence (no re-deal helps)."""
     out = []
     for rank, mb in enumerate(sorted(mbs, key=lambda mb: -_mb_time(wl, mb))):
         slowest = max(mb, key=lambda g: wl.time[g[0].bit_length() - 1, g[1]].sum() + wl.latency[g[0].bit_length() - 1])
         # at most 16 groups keeps the model small (<= ~400 integers): HiGHS then stays in ~0.1 s
         if rank < count and 1 < len(mb) <= 16 and len(slowest[1]) > 1 and not clock.expired():
             report: dict = {}
-            better = reassign_micro_batch(wl, mb, min(max(clock.left(), 0.02), 0.3), node_limit=node_limit,
+            better = reassign_micro_batch(wl, mb, min(max(clock.left(), 0.02), cap_s), node_limit=node_limit,
                                           backend=backend, pulp_solver=pulp_solver, report=report)
             if report.get("timed_out"):   # the wall clock, not the node limit, ended it
-                clock.cut = True
-                if clock.parent is not None:
-                    clock.parent.cut = True
+                clock.mark("re-deal MILP stopped on its time cap")
             if better is not None:
                 mb = better
         out.append(mb)

@@ -26,6 +26,7 @@ def test_100k_sequences_on_1024_devices_respect_the_time_box():
     assert wall < 2.0 + 5.0            # generous: the stated overshoot is ~0.1 s + a few us per sequence
     validate_plan(plan, lengths, cm)
     assert plan.status in ("time_limit", "fallback")
+    assert "time box" in plan.extra["cut"]
     assert plan.extra["chunks"] > 1
     assert plan.predicted_ms == pytest.approx(price_plan(plan, lengths, cm), rel=1e-9)
     assert lower_bound_ms(lengths, cm) == pytest.approx(plan.lower_bound_ms) and plan.lower_bound_ms < plan.predicted_ms
@@ -59,7 +60,7 @@ def test_chunked_search_is_deterministic_and_beats_the_safety_net():
     a = plan_batch(lengths, cm, time_limit=120)
     b = plan_batch(lengths, cm, time_limit=120)
     assert a.extra["chunks"] > 1 and a.extra["chunks_searched"] == a.extra["chunks"]
-    assert a.status == b.status == "feasible"
+    assert a.status == b.status == "feasible" and a.extra["cut"] == []
     assert [mb.groups for mb in a.micro_batches] == [mb.groups for mb in b.micro_batches]
     validate_plan(a, lengths, cm)
     wl = Workload(np.asarray(lengths), cm)
