@@ -58,7 +58,7 @@ def config(smoke: bool, out: Path, name: str, budget_s: float) -> dict:
                     model_overrides={"layers": 4, "activation_checkpointing": True}, profile_layers=2,
                     max_len=256, world_size=1, num_devices=8, repeats=1, progress=False,
                     compute_shapes=[[64], [128], [256], [64, 64, 128], [16] * 8], comm_shapes=[[64]],
-                    validate_batches=1 if have_scipy else 0, validate_tokens=512, validate_max_len=256,
+                    validate_batches=1 if have_scipy else 0, validate_tokens=256, validate_max_len=256,
                     timeout_s=budget_s, plot=plot)
     # 11 of the generated shapes (flexsp.profile.config.default_compute_shapes(128K)), most of them
     # 128K tokens: ~2-4 s per 2-layer run (the 128K-vocab head alone ~1 s), x 2 depths x 3 passes
@@ -67,7 +67,7 @@ def config(smoke: bool, out: Path, name: str, budget_s: float) -> dict:
               [M // 2, M // 4, M // 8, M // 16, M // 32, M // 32], [M // 4] + [16] * 32]
     return dict(name=name, output_dir=str(out), model="7b", model_overrides=dict(LLAMA3_8B), profile_layers=2,
                 max_len=M, compute_shapes=shapes, comm_shapes=[[1 * K]], world_size=1, repeats=2, progress=False,
-                num_devices=8, validate_batches=1 if have_scipy else 0, validate_tokens=192 * K,
+                num_devices=8, validate_batches=1 if have_scipy else 0, validate_tokens=M,
                 validate_max_len=M, timeout_s=min(budget_s, 330.0), plot=plot)
 
 

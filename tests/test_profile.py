@@ -427,7 +427,7 @@ def test_generated_shapes_reach_the_context_length():
     assert ProfileConfig(profile_layers=40).depths(16) == [16] and ProfileConfig(profile_layers=8).depths(16) == [4, 8]
     with pytest.raises(ValueError, match="profile_layers=1 cannot separate"):
         ProfileConfig(profile_layers=1).depths(16)
-    assert ProfileConfig(max_len=512).validation_lengths(full) == (512, 1536)
+    assert ProfileConfig(max_len=512).validation_lengths(full, 2) == (512, 1024)
 
 
 def test_gpu_profile_config_is_long_and_bounded():

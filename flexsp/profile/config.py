@@ -89,7 +89,8 @@ class ProfileConfig:
     validate_distribution: str = "wikipedia"
     """solver.workloads distribution of the held-out batches (scaled to validate_max_len)."""
     validate_tokens: int = 0
-    """Tokens per held-out global batch, approximately (0: 3 x validate_max_len)."""
+    """Tokens per held-out global batch, approximately (0: world size x validate_max_len, so a rank's
+    share stays within the profiled token counts)."""
     validate_max_len: int = 0
     """Longest held-out document (0: max_len); lengths are scaled so the distribution's 8K maps to it."""
     plot: bool = True
@@ -197,15 +198,15 @@ class ProfileConfig:
         comm = self.comm_shapes if self.comm_shapes is not None else default_comm_shapes(m)
         return [[int(x) for x in s] for s in comp], [[int(x) for x in s] for s in comm]
 
-    def validation_lengths(self, mcfg) -> tuple[int, int]:
-        """(longest held-out document, tokens per held-out batch)."""
+    def validation_lengths(self, mcfg, world: int = 1) -> tuple[int, int]:
+        """(longest held-out document, tokens per held-out batch) on ``world`` ranks."""
         vmax = self.validate_max_len or self.resolved_max_len(mcfg)
-        return vmax, self.validate_tokens or 3 * vmax
+        return vmax, self.validate_tokens or world * vmax
 
 
 _ZERO = {"profile_layers": "the full model", "max_len": "the model's max_position_embeddings",
          "capacity_tokens": "from memory_mb", "validate_batches": "no validation",
-         "validate_tokens": "3 x validate_max_len", "validate_max_len": "max_len",
+         "validate_tokens": "world size x validate_max_len", "validate_max_len": "max_len",
          "devices_per_node": "LOCAL_WORLD_SIZE or the world size", "num_devices": "the profiled world size"}
 _DISTRIBUTIONS = ("wikipedia", "github", "commoncrawl")
 

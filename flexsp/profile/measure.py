@@ -90,10 +90,10 @@ class Shapes:
         return self._source
 
 
-def heldout_batches(cfg: ProfileConfig, mcfg) -> list[list[int]]:
+def heldout_batches(cfg: ProfileConfig, mcfg, world: int = 1) -> list[list[int]]:
     """Long-tailed global batches from a published distribution, scaled so 8K maps to the longest
     held-out document (validate_max_len, default max_len)."""
-    vmax, vtok = cfg.validation_lengths(mcfg)
+    vmax, vtok = cfg.validation_lengths(mcfg, world)
     try:
         from solver.workloads import sample_lengths
     except ImportError:  # no scipy (e.g. a bare GPU image): the data package's samplers
@@ -273,7 +273,7 @@ def rank_body(cfg_dict: dict) -> dict | None:
     modes = [m for m in cfg.modes]
     compute_ids = [shapes.add(s) for s in compute_shapes]
     comm_ids = [shapes.add(s) for s in comm_shapes]
-    held = heldout_batches(cfg, full) if cfg.validate_batches else []
+    held = heldout_batches(cfg, full, world) if cfg.validate_batches else []
     held_ids = [shapes.add(b) for b in held]
     for ex in executors.values():
         ex.source = shapes.source
