@@ -193,6 +193,10 @@ def _setup(cfg) -> RunState:
     dpn = parallel.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     topo = SPTopology(world, min(dpn, world)).build()
     cm = load_cost_model(solver.cost_model, world, shape=mcfg_shape, shard_size=parallel.shard_size)
+    if rank == 0 and getattr(cm, "layers", 0) and cm.activation_checkpointing != mcfg_shape.activation_checkpointing:
+        print(f"[flexsp] warning: cost model {cm.name} was measured with activation_checkpointing="
+              f"{cm.activation_checkpointing} but the model trains with {mcfg_shape.activation_checkpointing}: "
+              f"its times and memory per token are off (re-profile with the model's setting)", flush=True)
     planner = StepPlanner(solver, cm, rank, world, parallel.mode, parallel.static_degree)
     st = RunState(c=c, rank=rank, world=world, device=device, out=out, topo=topo, cm=cm, planner=planner)
     if rank == 0:
