@@ -67,11 +67,18 @@ CONFIG_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("override,needle", CONFIG_ERRORS, ids=[o for o, _ in CONFIG_ERRORS])
-def test_bad_config_value_is_one_line(tmp_path, override, needle):
-    launcher = ["--nproc-per-node", "2"] if override.startswith(("train.steps", "output_dir")) else []
-    args = [*launcher, *TINY, f"output_dir={tmp_path / 'out'}", override]
-    _one_clean_line(*_train(args), needle)
+def test_bad_config_values_are_one_line(tmp_path, capsys):
+    """Every case through the real entry function (flexsp.launcher.main, what flexsp-train runs),
+    in this process: config errors are found before any rank or process group exists; one case
+    also as a real subprocess with the launcher's torchrun options."""
+    from flexsp.launcher import main
+    for override, needle in CONFIG_ERRORS:
+        launcher = ["--nproc-per-node", "2"] if override.startswith(("train.steps", "output_dir")) else []
+        rc = main([*launcher, *TINY, f"output_dir={tmp_path / 'out'}", override])
+        captured = capsys.readouterr()
+        _one_clean_line(rc, captured.out + captured.err, needle)
+    _one_clean_line(*_train(["--nproc-per-node", "2", *TINY, f"output_dir={tmp_path / 'out'}", "train.steps=abc"]),
+                    "train.steps='abc' must be an integer")
 
 
 def test_rank_errors_are_printed_once(tmp_path):
