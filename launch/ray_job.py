@@ -27,7 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-USER_ERROR = "flexsp user error (reported above)"
+ERROR_MARKER = ".flexsp_user_error"
+"""Written into output_dir by the worker that printed a user error: the workers then return
+normally (no Ray traceback of an error already explained) and the driver exits with status 2."""
 
 
 def compose_config(overrides: list[str]) -> dict:
@@ -48,8 +50,14 @@ def train_loop_per_worker(config: dict) -> None:
         if not is_user_error(exc):
             raise
         first = getattr(exc, "flexsp_first", None)
-        report(exc, "flexsp-train", printer=first if first is not None else dist.get_rank() == 0)
-        raise RuntimeError(USER_ERROR) from None
+        printer = first if first is not None else dist.get_rank() == 0
+        report(exc, "flexsp-train", printer=printer)
+        if not printer:
+            return
+        try:
+            (Path(config["cfg"]["output_dir"]) / ERROR_MARKER).write_text(str(exc))
+        except OSError:            # no shared output_dir to tell the driver through: let Ray report it
+            raise exc from None
 
 
 def main(argv=None) -> int:
@@ -96,13 +104,11 @@ def main(argv=None) -> int:
     )
     if local:
         print(f"[ray_job] local Ray node address: {ray.util.get_node_ip_address()}", flush=True)
-    try:
-        trainer.fit()
-    except Exception as exc:
-        if USER_ERROR in str(exc):
-            ray.shutdown()
-            return 2
-        raise
+    (out / ERROR_MARKER).unlink(missing_ok=True)
+    trainer.fit()
+    if (out / ERROR_MARKER).is_file():
+        ray.shutdown()
+        return 2
     metrics = out / "metrics.jsonl"
     lines = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.is_file() else []
     print(f"[ray_job] {len(lines)} steps logged in {metrics}; losses {[ln['loss'] for ln in lines]}", flush=True)

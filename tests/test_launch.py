@@ -77,3 +77,10 @@ def test_ray_job_trains_two_steps_on_two_workers(tmp_path):
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["plan"].startswith("1 mb") or " mb: " in r["plan"] for r in rows)
+
+
+def test_ray_job_bad_config_is_one_line_before_ray_starts(tmp_path):
+    rc, log = _run([sys.executable, str(REPO / "launch" / "ray_job.py"), "--num-workers", "2", "--",
+                    *DATA, "train.steps=abc", f"output_dir={tmp_path / 'ray'}"], timeout=120)
+    assert rc == 2, log[-3000:]
+    assert log.strip().splitlines() == ["ray_job: error: train.steps='abc' must be an integer"], log[-3000:]
