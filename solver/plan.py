@@ -66,7 +66,8 @@ class Plan:
     method: str = ""
     """Which planner produced the plan (e.g. flexsp, static-64, greedy-hybrid-cp)."""
     status: str = ""
-    """optimal | feasible | fallback: how the solve ended."""
+    """optimal (proven) | feasible (search ran to the end) | time_limit (cut short; ``extra["cut"]``
+    says by what) | fallback (only the safety-net packing fitted in the time box)."""
     cost_model: str = ""
     """Name of the cost model the plan was priced with."""
     num_sequences: int = 0
