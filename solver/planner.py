@@ -347,7 +347,11 @@ def _search(wl: Workload, clock: _Clock, opts: dict):
     groups = _milp_polish(wl, groups, clock, opts["node_limit"], opts["milp_micro_batches"], backend, pulp_solver,
                           cap_s=opts["milp_cap_s"])
     phases["milp"] = _plan_time(wl, groups)
-    m_cap = min(len(wl.lengths), int(_plan_time(wl, groups) // cm.b) if cm.b > 0 else len(wl.lengths))
+    # the exact model needs only the micro-batch counts that could still beat this plan: m more
+    # micro-batches cost at least m * b on top of the m-independent part of the bound
+    m_cap = len(wl.lengths)
+    if cm.b > 0:
+        m_cap = min(m_cap, max(min_micro_batches(wl), int((_plan_time(wl, groups) - _lower_bound(wl, 0)) // cm.b)))
     exact_bound, proven = 0.0, False
     if exact_size(len(wl.lengths), cm.num_devices, m_cap) <= opts["exact_max_binaries"] and not clock.expired():
         exact = solve_exact(wl, max(m_cap, 1), clock.left(), backend=backend, pulp_solver=pulp_solver)
