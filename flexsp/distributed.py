@@ -17,9 +17,11 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 600.0):
+def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *, single: bool = False):
     """Initialise the default process group from the env:// variables (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT, LOCAL_RANK) if not already done.
+    MASTER_ADDR, MASTER_PORT, LOCAL_RANK) if not already done; ``single``: a 1-rank world on a free
+    localhost port, without touching the environment (a plain ``python -m flexsp.train`` or a
+    library call), so nothing leaks into subprocesses started later from this process.
 
     Returns ``(rank, world_size, device)``. Idempotent.
     """
@@ -34,6 +36,13 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0):
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        if single:
+            import socket
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size(), device

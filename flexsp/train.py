@@ -78,17 +78,11 @@ def _memory_mb(device: torch.device) -> float:
 def _init_world(parallel: ParallelConfig):
     """Initialise torch.distributed; a plain `python -m flexsp.train` becomes a 1-rank world."""
     from flexsp.distributed import init_distributed
-    if not dist.is_initialized() and "RANK" not in os.environ:
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    single = not dist.is_initialized() and "RANK" not in os.environ   # a 1-rank world of its own
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if restart is not None and not dist.is_initialized():
         _init_elastic(parallel.backend, int(restart))
-    rank, world, device = init_distributed(parallel.backend)
+    rank, world, device = init_distributed(parallel.backend, single=single)
     if parallel.world_size and parallel.world_size != world:
         raise ValueError(f"parallel.world_size={parallel.world_size} but the launcher started {world} "
                          f"ranks; start {parallel.world_size} ranks (e.g. torchrun --nproc_per_node "

@@ -36,7 +36,10 @@ TINY = [*SYNTH, *BASE]
 
 def _env():
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env.pop("RAY_ADDRESS", None)
+    # a clean launch: nothing of a process group this test process may have had
+    for key in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
+        env.pop(key, None)
     return env
 
 
