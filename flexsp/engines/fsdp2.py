@@ -122,14 +122,6 @@ class FSDP2Engine:
         return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                            broadcast_from_rank0=False))
 
-    def local_bytes(self) -> dict:
-        """Bytes this rank holds of parameters (its shards), for memory reports."""
-        total = 0
-        for p in self.module.parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p
-            total += local.numel() * local.element_size()
-        return {"params": total}
-
 
 @torch.no_grad()
 def fill_local_shards(model, weights) -> None:
