@@ -138,19 +138,21 @@ class ParallelConfig:
 
 
 # -- typed sections ----------------------------------------------------------------------------------
-def _type_name(tp) -> str:
+def type_name(tp) -> str:
+    """How an annotation reads in an error message ("an integer", "a string or null", ...)."""
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
              dict: "a mapping", type(None): "null"}
     args = typing.get_args(tp)
     if args and typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
+        return " or ".join(type_name(a) for a in args)
     return names.get(typing.get_origin(tp) or tp, getattr(tp, "__name__", str(tp)))
 
 
-def _matches(tp, value) -> bool:
+def matches_type(tp, value) -> bool:
+    """Whether ``value`` (from YAML / the command line) fits annotation ``tp`` (finite floats only)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return any(_matches(a, value) for a in typing.get_args(tp))
+        return any(matches_type(a, value) for a in typing.get_args(tp))
     tp = origin or tp
     if tp is type(None):
         return value is None
@@ -183,9 +185,9 @@ def typed_section(cls, data, name: str, skip=()):
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             data[key] = float(value)
             continue
-        if not _matches(tp, value):
+        if not matches_type(tp, value):
             extra = " (finite)" if tp is float and isinstance(value, float) else ""
-            raise ValueError(f"{name}.{key}={value!r} must be {_type_name(tp)}{extra}")
+            raise ValueError(f"{name}.{key}={value!r} must be {type_name(tp)}{extra}")
     return cls(**data)
 
 

@@ -5,10 +5,10 @@ turns it into one ``flexsp-profile: error: ...`` line, exit status 2).
 """
 from __future__ import annotations
 
-import math
-import types
 import typing
 from dataclasses import dataclass, field, fields, replace
+
+from flexsp.config import matches_type, type_name
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
 MODES = ("ulysses", "ring")
@@ -255,36 +255,7 @@ def default_comm_shapes(max_len: int) -> list:
     return _dedupe(small + large, M)
 
 
-# -- types -------------------------------------------------------------------------------------------
-def _type_name(tp) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-             list: "a list", dict: "a mapping", type(None): "null"}
-    args = typing.get_args(tp)
-    if args and typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    return names.get(typing.get_origin(tp) or tp, str(tp))
-
-
-def _matches(tp, value) -> bool:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(a, value) for a in typing.get_args(tp))
-    tp = origin or tp
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if tp is list:
-        return isinstance(value, (list, tuple))
-    if tp is dict:
-        return isinstance(value, dict)
-    return isinstance(value, tp)
-
-
+# -- types: the training config's checks (flexsp.config) ---------------------------------------------
 def check_types(cfg: ProfileConfig) -> None:
     """Every field of the declared type (ints accepted for floats); ValueError naming the field."""
     hints = typing.get_type_hints(type(cfg))
@@ -293,8 +264,8 @@ def check_types(cfg: ProfileConfig) -> None:
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(cfg, f.name, float(value))
             continue
-        if not _matches(tp, value):
-            raise ValueError(f"{f.name}={value!r} must be {_type_name(tp)}")
+        if not matches_type(tp, value):
+            raise ValueError(f"{f.name}={value!r} must be {type_name(tp)}")
         if tp is list or tp == (list | None):
             if value is not None:
                 setattr(cfg, f.name, list(value))
