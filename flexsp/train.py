@@ -354,7 +354,7 @@ def _loop(st: RunState) -> None:
 
     from flexsp.checkpoint import Checkpointer
     from flexsp.failure import AbortWatch
-    c, train = st.c, st.c["train"]
+    train = st.c["train"]
     rank, planner, sampler = st.rank, st.planner, st.sampler
     if rank == 0:
         _header(st)

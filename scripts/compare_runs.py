@@ -32,7 +32,6 @@ def main(argv: list[str]) -> int:
         sys.exit("compare_runs: error: the two runs did not train the same batches")
     diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
     ra, rb = rate(a), rate(b)
-    degree = b[0]["plan"]
     print(f"[flexsp] same {len(a)} batches, same losses (max |diff| {diff:.1e}): {a_dir.name} {ra:,.0f} tok/s vs "
           f"{b_dir.name} {rb:,.0f} tok/s ({b[0]['method']}) -> {ra / rb:.2f}x "
           f"(measured on this machine; other load on it shows up in both)")

@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from train_cases import REPO
+from train_cases import REPO, launch_env
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +35,7 @@ TINY = [*SYNTH, *BASE]
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    # a clean launch: nothing of a process group this test process may have had
-    for key in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
-        env.pop(key, None)
-    return env
+    return launch_env()
 
 
 def _train(args, timeout=120, **kw):
@@ -199,7 +194,7 @@ def test_sigint_writes_a_checkpoint_and_resume_continues_exactly(tmp_path):
     assert 3 <= stopped < steps and (out_dir / "checkpoints" / f"step_{stopped:06d}" / "trainer.pt").is_file()
 
     rc, out = _train([*common, f"output_dir={out_dir}", "train.resume=auto"], timeout=180)
-    assert rc == 0 and f"resumed from" in out and f"at step {stopped}" in out, out[-3000:]
+    assert rc == 0 and "resumed from" in out and f"at step {stopped}" in out, out[-3000:]
     got, ref = _losses(out_dir), _losses(ref_dir)
     assert sorted(got) == list(range(1, steps + 1))
     assert got == pytest.approx(ref, rel=1e-5)

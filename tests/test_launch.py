@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from train_cases import REPO, compose
+from train_cases import REPO, compose, launch_env
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +22,7 @@ DATA = ["data=synthetic", "data.num_docs=40", "data.corpus.max_doc_tokens=64", "
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    # a clean launch: nothing of a process group this test process may have had
-    for key in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
-        env.pop(key, None)
-    return env
+    return launch_env()
 
 
 def _run(cmd, timeout):

@@ -6,6 +6,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def launch_env() -> dict:
+    """Environment for a subprocess launch of flexsp: this repo importable, one thread per rank, and
+    nothing of a process group this test process may have had (RANK, MASTER_* ...)."""
+    import os
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for key in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
+        env.pop(key, None)
+    return env
+
+
 def compose(overrides: list[str]) -> dict:
     """The resolved config (plain dict) that `python -m flexsp.train <overrides>` would see."""
     from hydra import compose as h_compose, initialize_config_dir
