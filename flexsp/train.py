@@ -410,8 +410,8 @@ def _one_step(st: RunState, step: int, batch, ckpt, log, interrupt):
                          torch.tensor(float(interrupt.signal), dtype=torch.float64, device=st.device)])
     if st.world > 1:
         dist.all_reduce(stats)
-    loss_sum, targets, _, stop = stats.tolist()
-    gnorm = float(gnorm)
+    # the global grad norm is the same on every rank: read with the sums, in the same sync
+    loss_sum, targets, _, stop, gnorm = torch.cat([stats, gnorm.detach().double().reshape(1).to(stats.device)]).tolist()
     loss = loss_sum / targets
     dt = time.perf_counter() - t0
     st.tokens += batch.num_tokens
