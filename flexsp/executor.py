@@ -64,6 +64,9 @@ class StepExecutor:
     def __init__(self, engine, source, topology, rank: int, device: torch.device, heads: int):
         self.engine, self.source, self.topo = engine, source, topology
         self.rank, self.device, self.heads = rank, device, heads
+        self.fail_after_forward = ""
+        """Testing the abort path (train.fail_at_step): raise this message after the forward of this
+        rank's next micro-batch, while its peers are inside the micro-batch's collectives."""
 
     def _group(self, g):
         if g.sp == 1:
@@ -102,6 +105,8 @@ class StepExecutor:
             inputs = shard_inputs(packed.input_ids, cu_host, self._group(g), mode,
                                   labels=packed.labels, heads=self.heads)
             ls, cnt = inputs.loss(model)
+            if self.fail_after_forward:
+                raise RuntimeError(self.fail_after_forward)
             self.engine.backward(ls * scale)
             loss_sum += ls.detach().float()
             targets += cnt

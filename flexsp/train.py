@@ -400,8 +400,9 @@ def _one_step(st: RunState, step: int, batch, ckpt, log, interrupt):
     if step + 1 < train.steps:
         nxt = next(st.sampler)
         st.planner.submit(step + 1, nxt.lengths)
-    if train.fail_at_step == step and st.rank == train.kill_rank:
-        raise RuntimeError(f"simulated failure inside a micro-batch of step {step + 1} on rank {st.rank}")
+    # testing the abort path: this rank raises after the forward of its first micro-batch
+    st.executor.fail_after_forward = (f"simulated failure inside a micro-batch of step {step + 1} on rank {st.rank}"
+                                      if train.fail_at_step == step and st.rank == train.kill_rank else "")
     res = st.executor.run(plan, batch)
     gnorm = st.engine.step()
     # the step's one host sync: loss/targets/tokens summed over ranks, plus "stop" (any rank
