@@ -137,6 +137,19 @@ class ParallelConfig:
             raise ValueError(f"parallel.shard_size={self.shard_size} (HSDP) needs parallel.engine=fsdp2")
 
 
+def check_output_dir(out: Path, field: str = "output_dir") -> None:
+    """ValueError unless ``out`` can be created and written (checked before any work)."""
+    import os
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".flexsp-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"{field}={out} cannot be created or written ({exc.strerror or exc}); "
+                         f"give a writable directory") from None
+
+
 # -- typed sections ----------------------------------------------------------------------------------
 def type_name(tp) -> str:
     """How an annotation reads in an error message ("an integer", "a string or null", ...)."""

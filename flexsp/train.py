@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from flexsp.config import RESUME_HELP, ParallelConfig, TrainConfig, parse_config  # noqa: F401 (re-exported)
+from flexsp.config import (RESUME_HELP, ParallelConfig, TrainConfig, check_output_dir,  # noqa: F401 (re-exported)
+                           parse_config)
 
 _RUNS = itertools.count()
 
@@ -111,18 +112,6 @@ def _init_elastic(backend: str | None, attempt: int) -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend=backend or default_backend(), store=store, rank=rank,
                             world_size=world, timeout=timeout)
-
-
-def check_output_dir(out: Path) -> None:
-    """ValueError unless ``output_dir`` can be created and written (checked before any work)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".flexsp-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"output_dir={out} cannot be created or written ({exc.strerror or exc}); "
-                         f"give a writable directory") from None
 
 
 def model_config_of(c: dict, vocab_size: int | None = None):

@@ -146,15 +146,11 @@ def check(cfg: ProfileConfig) -> None:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if _rank0():
-        out = Path(cfg.output_dir)
+        from flexsp.config import check_output_dir
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".flexsp-profile-write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise UsageError(f"output_dir={cfg.output_dir} cannot be created or written "
-                             f"({exc.strerror or exc}); give a writable directory") from None
+            check_output_dir(Path(cfg.output_dir))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
 
 def _rank_value_error(exc) -> str | None:
