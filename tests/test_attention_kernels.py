@@ -21,6 +21,8 @@ import pytest
 import torch
 
 from attn_cases import BF16_TOL, FP32_TOL, make_inputs, reference_grads
+from flexsp.attention import flash as FA
+from flexsp.attention import flex as FX
 from flexsp.attention import local as L
 
 CPU, CUDA, XPU = torch.device("cpu"), torch.device("cuda"), torch.device("xpu")
@@ -28,15 +30,24 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 # ------------------------------------------------------------------ dispatch
-@pytest.mark.parametrize("flash,flex,lse,want", [
-    (True, True, False, "flash"), (True, True, True, "flash"),
-    (False, True, False, "flex"), (False, True, True, "flex"),
-    (False, False, False, "sdpa"), (False, False, True, "math"),
+@pytest.mark.parametrize("flash,aten,flex,lse,want", [
+    (True, True, True, False, "flash"), (True, True, True, True, "flash"),
+    (False, True, True, False, "aten_flash"), (False, True, True, True, "aten_flash"),
+    (False, False, True, False, "flex"), (False, False, True, True, "flex"),
+    (False, False, False, False, "sdpa"), (False, False, False, True, "math"),
 ])
-def test_auto_backend_on_cuda(monkeypatch, flash, flex, lse, want):
+def test_auto_backend_on_cuda(monkeypatch, flash, aten, flex, lse, want):
     monkeypatch.setattr(L, "_have_flash", lambda: flash)
     monkeypatch.setattr(L, "_have_flex", lambda: flex)
-    assert L.pick_backend(CUDA, None, need_lse=lse) == want
+    monkeypatch.setattr(FA, "aten_flash_usable", lambda device, dtype, dim, gqa: aten)
+    assert L.pick_backend(CUDA, None, need_lse=lse, dtype=torch.bfloat16, head_dim=64) == want
+
+
+def test_aten_flash_refuses_inputs_it_cannot_run():
+    assert "not CUDA" in FA.aten_flash_shape_ok(CPU, torch.bfloat16, 64)
+    assert not FA.aten_flash_usable(CPU, torch.bfloat16, 64, False)
+    # without the input description the flash kernels are never picked
+    assert not L._aten_flash_ok(CUDA, None, None, False)
 
 
 def test_auto_backend_off_cuda_ignores_cuda_kernels(monkeypatch):
@@ -55,10 +66,13 @@ def test_explicit_backend():
         L.pick_backend(CUDA, "cudnn")
 
 
-def test_flex_compiled_only_on_cuda():
-    assert L._compile_flex("cuda") and not L._compile_flex("cpu")
-    from torch.nn.attention.flex_attention import flex_attention
-    assert L._flex_fn("cpu", torch.float32, 16, False, False) is flex_attention
+def test_flex_compiled_only_on_cuda_by_default():
+    kernels = FX.FlexKernels()
+    q = torch.randn(1, 2, 8, 16)
+    bm = FX.doc_block_mask((0, 3, 8), (0, 3, 8), True, CPU)
+    with torch.no_grad():
+        kernels(q, q, q, bm, None, False, False)
+    assert [path for (_, path) in kernels.paths] == ["eager"]
 
 
 # ------------------------------------------------------------------ block mask
@@ -98,7 +112,7 @@ def test_flex_block_mask_matches_dense_and_create_block_mask(causal):
         for block in (16, 128):
             bm = L.doc_block_mask(tuple(cu_q), tuple(cu_k), causal, CPU, block)
             rows = -(-cu_q[-1] // block) * block
-            mod = L._interval_mask_mod(*L.row_intervals(cu_q, cu_k, causal, rows))
+            mod = FX.interval_mask_mod(*L.row_intervals(cu_q, cu_k, causal, rows))
             ref = create_block_mask(mod, 1, 1, cu_q[-1], cu_k[-1], device=CPU, BLOCK_SIZE=block)
             assert torch.equal(bm.to_dense(), ref.to_dense()), (cu_q, cu_k, block)
             for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks",
@@ -238,7 +252,7 @@ def test_flash_adapter_refuses_unknown_required_parameter():
     def f(q, mystery):
         return q
     with pytest.raises(TypeError, match="mystery"):
-        L._call_by_name(f, q=1)
+        FA.call_by_name(f, q=1)
 
 
 # ------------------------------------------------------------------ real CUDA
@@ -271,7 +285,7 @@ def test_compiled_flex_on_cuda_matches_reference_without_recompiling():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("backend", ["flex", "math"] + (["flash"] if L._have_flash() else []))
+@pytest.mark.parametrize("backend", ["aten_flash", "flex", "math"] + (["flash"] if L._have_flash() else []))
 def test_lse_kernels_on_cuda_match_cpu_math(backend):
     cu_q, cu_k = [0, 300, 300, 1000], [0, 100, 100, 700]
     q, k, v, dout = make_inputs([0, 1000], 8, 2, 64, torch.bfloat16, seed=2)
