@@ -17,6 +17,12 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _bound(device: torch.device) -> dict:
+    """``device_id`` for a CUDA rank: NCCL binds its communicators to the device at init (eager
+    init, communicator splitting for subgroups) and barriers use it instead of guessing."""
+    return {"device_id": device} if device.type == "cuda" else {}
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *, single: bool = False):
     """Initialise the default process group from the env:// variables (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT, LOCAL_RANK) if not already done; ``single``: a 1-rank world on a free
@@ -42,7 +48,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *, si
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+                                    timeout=datetime.timedelta(seconds=timeout_s), **_bound(device))
         else:
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **_bound(device))
     return dist.get_rank(), dist.get_world_size(), device

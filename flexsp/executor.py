@@ -23,14 +23,13 @@ completes. A group that finishes its micro-batch early just waits in the next wo
 """
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass
 
 import torch
 
-from flexsp.data import GlobalBatch, pack_documents
-from flexsp.model import shard_inputs
+from flexsp.data import GlobalBatch
+from flexsp.pipeline import InputPipeline
 from solver.plan import Plan
 
 
@@ -43,10 +42,10 @@ def num_targets(lengths) -> int:
 class StepResult:
     loss_sum: torch.Tensor
     """This rank's summed token loss over the step (all micro-batches), fp32 on the device."""
-    targets: torch.Tensor
-    """This rank's target tokens over the step, on the device."""
-    tokens: torch.Tensor
-    """Tokens this rank processed (its shards, real tokens only), on the device."""
+    targets: int
+    """This rank's target tokens over the step (known on the host from the layout)."""
+    tokens: int
+    """Tokens this rank processed (its shards, real tokens only; known on the host)."""
     idle_passes: int
     """Micro-batches this rank ran the zero-weight pass in."""
     seconds: float
@@ -57,21 +56,25 @@ class StepExecutor:
     """Runs one plan on this rank. ``engine`` provides ``module`` (forward), ``backward(loss)`` and
     ``begin_micro_batch(last)``.
 
-    No host synchronisation inside the micro-batch loop: document boundaries are known on the host
-    (from the batch's lengths), and loss, target and token counts accumulate on the device; the
-    trainer reads them once per step."""
+    No host synchronisation in the step: every micro-batch's inputs, boundaries and counts are
+    prepared on the host by :class:`flexsp.pipeline.InputPipeline` (a background thread) and copied
+    asynchronously; the loss accumulates on the device, and the trainer reads it once per step."""
 
     def __init__(self, engine, source, topology, rank: int, device: torch.device, heads: int):
-        self.engine, self.source, self.topo = engine, source, topology
-        self.rank, self.device, self.heads = rank, device, heads
+        self.engine, self.topo, self.rank, self.device = engine, topology, rank, device
+        self.pipeline = InputPipeline(source, topology, rank, device, heads)
         self.fail_after_forward = ""
         """Testing the abort path (train.fail_at_step): raise this message after the forward of this
         rank's next micro-batch, while its peers are inside the micro-batch's collectives."""
 
-    def _group(self, g):
-        if g.sp == 1:
-            return None
-        return self.topo.group(g.sp, g.ranks[0] // g.sp)
+    @property
+    def source(self):
+        """Where the documents' tokens are read from (TokenizedCorpus, SyntheticSource, ...)."""
+        return self.pipeline.source
+
+    @source.setter
+    def source(self, source) -> None:
+        self.pipeline.source = source
 
     def run(self, plan: Plan, batch: GlobalBatch) -> StepResult:
         """Forward/backward of every micro-batch of ``plan`` on this rank (gradients accumulate)."""
@@ -82,34 +85,32 @@ class StepExecutor:
         if total_targets < 1:
             raise ValueError(f"global batch {batch.step} has no target tokens (lengths {batch.lengths[:8]})")
         scale = 1.0 / total_targets
-        model = self.engine.module
-        zero = torch.zeros((), dtype=torch.float32, device=self.device)
-        loss_sum, targets, tokens, idle = zero.clone(), zero.clone(), zero.clone(), 0
+        model, pipe = self.engine.module, self.pipeline
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        targets = tokens = idle = 0
+        futures = pipe.submit(plan, batch)
         last = len(plan.micro_batches) - 1
-        for index, mb in enumerate(plan.micro_batches):
+        ready = pipe.copy(futures[0]) if futures else None
+        for index in range(len(plan.micro_batches)):
+            current = ready
+            if index < last:        # queue the next copy before this micro-batch's compute
+                ready = pipe.copy(futures[index + 1])
             self.engine.begin_micro_batch(index == last)
-            g = mb.group_of_rank(self.rank)
-            if g is None:
+            inputs = pipe.wait(current)
+            if inputs is None:
                 # zero-weight pass: keeps the world collectives of FSDP/ZeRO-3 in lockstep
-                ids = torch.zeros(2, dtype=torch.long, device=self.device)
-                inputs = shard_inputs(ids, torch.tensor([0, 2], dtype=torch.int32))
-                ls, _ = inputs.loss(model)
+                ls, _ = pipe.idle_inputs().loss(model)
                 self.engine.backward(ls * 0.0)
                 idle += 1
                 continue
-            packed = pack_documents(self.source, batch.select(g.seq_ids), device=self.device)
-            # boundaries on the host (from the known lengths): sharding never reads the device
-            lengths = [int(batch.lengths[i]) for i in g.seq_ids]
-            cu_host = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-            mode = "ulysses" if g.attention == "local" else g.attention
-            inputs = shard_inputs(packed.input_ids, cu_host, self._group(g), mode,
-                                  labels=packed.labels, heads=self.heads)
-            ls, cnt = inputs.loss(model)
+            ls, _ = inputs.loss(model)
             if self.fail_after_forward:
                 raise RuntimeError(self.fail_after_forward)
             self.engine.backward(ls * scale)
             loss_sum += ls.detach().float()
-            targets += cnt
-            n_local = inputs.input_ids.numel()
-            tokens += n_local if inputs.pad_mask is None else (~inputs.pad_mask).sum()
+            targets += current.host.num_targets
+            tokens += current.host.num_tokens
         return StepResult(loss_sum, targets, tokens, idle, time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.pipeline.close()

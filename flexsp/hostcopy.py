@@ -32,3 +32,17 @@ def pin(t: torch.Tensor) -> torch.Tensor:
     if t.device.type == "cpu" and torch.cuda.is_available() and not t.is_pinned():
         return t.pin_memory()
     return t
+
+
+def read_to_host(t: torch.Tensor) -> list:
+    """``t.tolist()`` as THE explicit host sync of a step: on CUDA an asynchronous copy into pinned
+    memory and a wait on an event recorded after it (only this stream's work up to the copy, and
+    invisible to ``torch.cuda.set_sync_debug_mode``, which guards everything else)."""
+    if t.device.type != "cuda":
+        return t.tolist()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(t.device))
+    done.synchronize()
+    return host.tolist()

@@ -238,7 +238,9 @@ class StepPlanner:
     """Produces the plan of every step; the same object on every rank (only rank 0 solves)."""
 
     def __init__(self, cfg: SolverConfig, cm: CostModel, rank: int, world_size: int,
-                 mode: str = "adaptive", static_degree: int = 0):
+                 mode: str = "adaptive", static_degree: int = 0, group=None):
+        """``group``: the process group the plan is broadcast on (a gloo group under NCCL, so the
+        handoff never touches the device; None = the default group)."""
         if mode not in PARALLEL_MODES:
             raise ValueError(f"parallel.mode={mode!r}; valid options: {list(PARALLEL_MODES)}")
         if mode == "static":
@@ -249,7 +251,7 @@ class StepPlanner:
                                  f"{world_size} ranks that exist; valid options: {valid} (0 = all ranks)")
             static_degree = degree
         self.cfg, self.cm, self.rank, self.world_size = cfg, cm, rank, world_size
-        self.mode, self.static_degree = mode, static_degree
+        self.mode, self.static_degree, self.group = mode, static_degree, group
         self._job: _Job | None = None
         self._proc: PlannerProcess | None = None
         self.late = 0
@@ -342,7 +344,7 @@ class StepPlanner:
             self._job = None
             wait_ms = (time.perf_counter() - t0) * 1e3
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(payload, src=0)
+            dist.broadcast_object_list(payload, src=0, group=self.group)
         if "error" in payload[0]:
             raise PlanningError(f"step {step}: {payload[0]['error']}")
         return Plan.from_dict(payload[0]), wait_ms

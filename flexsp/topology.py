@@ -3,9 +3,13 @@
 FlexSP re-partitions the devices into SP groups of different sizes at every step. Creating
 process groups is a collective over the whole world and must happen in the same order on
 every rank, so it cannot be done on the fly per step. Instead we create, once at start-up,
-every *aligned* group of every power-of-two degree: for N ranks a degree-d group is
-``ranks [k*d, (k+1)*d)`` for block ``k`` — N + N/2 + ... + 1 = 2N-1 groups in all. A plan
-then only looks groups up by ``(degree, block)``.
+every *aligned* group of every power-of-two degree a plan can use: for N ranks a degree-d
+group is ``ranks [k*d, (k+1)*d)`` for block ``k``. Degree 1 needs no communicator (attention is
+local) and degree N is the default group itself, so N/2 + N/4 + ... + 2 = N - 2 groups are
+created (a 64-rank world: 62, where one per (degree, block) including singletons and a second
+world group made 127). A plan then only looks groups up by ``(degree, block)``. Besides, one
+gloo group over the world (``host_group``) carries host objects (the step's plan) without
+touching the device when the default backend is NCCL.
 
 Aligned blocks of one degree are disjoint, and blocks of different degrees are either nested
 or disjoint, so any plan that uses disjoint blocks runs its collectives on disjoint
@@ -21,6 +25,11 @@ Usage::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+def dist_world():
+    import torch.distributed as dist
+    return dist.group.WORLD
 
 
 def _is_pow2(n: int) -> bool:
@@ -39,6 +48,8 @@ class SPTopology:
     world_size: int
     devices_per_node: int | None = None
     _groups: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    host_group: object = field(default=None, init=False, repr=False, compare=False)
+    """A gloo group over the world for host objects (the default group when it is gloo)."""
 
     def __post_init__(self) -> None:
         if not _is_pow2(self.world_size):
@@ -110,16 +121,29 @@ class SPTopology:
             return self
         groups = {}
         for degree, block in self.all_blocks():   # identical order on every rank
-            groups[(degree, block)] = dist.new_group(self.ranks(degree, block), backend=backend)
+            if degree == 1:
+                groups[(degree, block)] = None          # local attention: no communicator
+            elif degree == self.world_size:
+                groups[(degree, block)] = dist.group.WORLD
+            else:
+                groups[(degree, block)] = dist.new_group(self.ranks(degree, block), backend=backend)
+        self.host_group = (dist.group.WORLD if dist.get_backend() == "gloo"
+                           else dist.new_group(backend="gloo"))
         self._groups = groups
         return self
+
+    @property
+    def num_communicators(self) -> int:
+        """Process groups this topology created (not counting the default group)."""
+        made = [g for (d, _), g in self._groups.items() if 1 < d < self.world_size]
+        return len(made) + (self.host_group is not dist_world())
 
     @property
     def built(self) -> bool:
         return bool(self._groups)
 
     def group(self, degree: int, block: int):
-        """The ProcessGroup of ``(degree, block)`` (built by :meth:`build`)."""
+        """The ProcessGroup of ``(degree, block)`` (built by :meth:`build`); None for degree 1."""
         self.ranks(degree, block)   # validates
         if not self._groups:
             raise RuntimeError("call SPTopology.build() before looking groups up")

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from flexsp.hostcopy import read_to_host, to_device
 from flexsp.config import (RESUME_HELP, ParallelConfig, TrainConfig, check_output_dir,  # noqa: F401 (re-exported)
                            parse_config)
 
@@ -108,10 +109,13 @@ def _init_elastic(backend: str | None, attempt: int) -> None:
                           is_master=(not agent_store and rank == 0), timeout=timeout,
                           multi_tenant=not agent_store)
     store = dist.PrefixStore(f"flexsp/attempt_{attempt}", store)
-    if os.environ.get("LOCAL_RANK") is not None and (backend or default_backend()) == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    bound = {}
+    if (backend or default_backend()) == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        bound = {"device_id": device}     # eager NCCL init on this device; barriers use it
     dist.init_process_group(backend=backend or default_backend(), store=store, rank=rank,
-                            world_size=world, timeout=timeout)
+                            world_size=world, timeout=timeout, **bound)
 
 
 def model_config_of(c: dict, vocab_size: int | None = None):
@@ -180,7 +184,7 @@ def _setup(cfg) -> RunState:
         print(f"[flexsp] warning: cost model {cm.name} was measured with activation_checkpointing="
               f"{cm.activation_checkpointing} but the model trains with {mcfg_shape.activation_checkpointing}: "
               f"its times and memory per token are off (re-profile with the model's setting)", flush=True)
-    planner = StepPlanner(solver, cm, rank, world, parallel.mode, parallel.static_degree)
+    planner = StepPlanner(solver, cm, rank, world, parallel.mode, parallel.static_degree, group=topo.host_group)
     st = RunState(c=c, rank=rank, world=world, device=device, out=out, topo=topo, cm=cm, planner=planner)
     if rank == 0:
         try:
@@ -373,6 +377,7 @@ def _loop(st: RunState) -> None:
         ckpt.close()
     finally:
         planner.close()
+        st.executor.close()
         if log is not None:
             log.close()
     st.seconds = time.perf_counter() - t_run
@@ -396,12 +401,12 @@ def _one_step(st: RunState, step: int, batch, ckpt, log, interrupt):
     gnorm = st.engine.step()
     # the step's one host sync: loss/targets/tokens summed over ranks, plus "stop" (any rank
     # signalled) so every rank stops after the same step
-    stats = torch.stack([res.loss_sum.double(), res.targets.double(), res.tokens.double(),
-                         torch.tensor(float(interrupt.signal), dtype=torch.float64, device=st.device)])
+    counts = to_device(torch.tensor([res.targets, res.tokens, interrupt.signal], dtype=torch.float64), st.device)
+    stats = torch.cat([res.loss_sum.double().reshape(1), counts])
     if st.world > 1:
         dist.all_reduce(stats)
     # the global grad norm is the same on every rank: read with the sums, in the same sync
-    loss_sum, targets, _, stop, gnorm = torch.cat([stats, gnorm.detach().double().reshape(1).to(stats.device)]).tolist()
+    loss_sum, targets, _, stop, gnorm = read_to_host(torch.cat([stats, to_device(gnorm.detach().double().reshape(1), st.device)]))
     loss = loss_sum / targets
     dt = time.perf_counter() - t0
     st.tokens += batch.num_tokens

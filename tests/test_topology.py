@@ -32,18 +32,21 @@ def _body(rank, world):
     import torch.distributed as dist
 
     topo = SPTopology(world).build()
-    assert len(topo._groups) == 2 * world - 1
+    # degree 1: no communicator; degree == world: the default group; in between: the 2 pairs.
+    # On gloo the host group is the default group too: 2 communicators for 4 ranks (7 before).
+    assert topo.num_communicators == 2 and topo.host_group is dist.group.WORLD
+    assert topo.group(4, 0) is dist.group.WORLD and topo.group(1, rank) is None
     seen = {}
     for (d, b) in topo.all_blocks():
         g = topo.group(d, b)
-        if rank in topo.ranks(d, b):
+        if rank in topo.ranks(d, b) and d > 1:
             assert dist.get_world_size(g) == d
             assert [dist.get_global_rank(g, i) for i in range(d)] == topo.ranks(d, b)
             assert topo.group_of(d, rank) is g
     # groups of different sizes at the same time on disjoint ranks: {0,1}, {2}, {3}
     t = torch.ones(1) * (rank + 1)
-    g = topo.group_of(2, rank) if rank < 2 else topo.group_of(1, rank)
-    for _ in range(20):
+    g = topo.group_of(2, rank) if rank < 2 else None
+    for _ in range(20 if g is not None else 0):
         dist.all_reduce(t, group=g)
     seen["mixed"] = t.item()
     t = torch.ones(1)

@@ -131,7 +131,7 @@ def _fixed_plan_run(cfg, steps, engine_name="deepspeed"):
     for plan, batch in zip(_fixed_plans([len(b.doc_ids) for b in batches]), batches):
         res = executor.run(plan, batch)
         norms.append(float(engine.step()))
-        stats = torch.stack([res.loss_sum.double(), res.targets.double()])
+        stats = torch.stack([res.loss_sum.double(), torch.tensor(float(res.targets), dtype=torch.float64)])
         dist.all_reduce(stats)
         losses.append(float(stats[0] / stats[1]))
         idle += res.idle_passes

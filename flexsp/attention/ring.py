@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import torch
 
+from flexsp.hostcopy import to_device
+
 from .comm import ring_send_recv, wait
 from .local import attn_backward, attn_forward
 
@@ -66,7 +68,7 @@ def make_plan(chunk_lens, device):
         head.append(torch.arange(off, off + c))
         tail.append(torch.arange(off + c, off + 2 * c))
         off += 2 * c
-    cat = lambda xs: (torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)).to(device)  # noqa: E731
+    cat = lambda xs: to_device(torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long), device)  # noqa: E731
     return cu_full, cu_half, cat(head), cat(tail)
 
 

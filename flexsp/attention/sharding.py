@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexsp.hostcopy import to_device
+
 from .comm import AllGather, group_rank, group_size
 
 MODES = ("ulysses", "ring", "hybrid")
@@ -171,7 +173,7 @@ def shard(x, cu_seqlens, group, mode, *, heads=None, ulysses_degree=None, pad_va
                          device=x.device)
     if x.shape[0] != meta.num_tokens:
         raise ValueError(f"x has {x.shape[0]} tokens but cu_seqlens ends at {meta.num_tokens}")
-    idx = meta.index.to(x.device)
+    idx = to_device(meta.index, x.device)
     pad = torch.full((1,) + tuple(x.shape[1:]), pad_value, dtype=x.dtype, device=x.device)
     src = torch.cat([x, pad])
     return src[torch.where(idx >= 0, idx, x.shape[0])], meta
@@ -183,7 +185,7 @@ def unshard(x_local, meta: ShardMeta, group):
     if x_local.shape[0] != meta.tokens_local:
         raise ValueError(f"x_local has {x_local.shape[0]} rows, meta expects {meta.tokens_local}")
     full = x_local if meta.degree == 1 else AllGather.apply(x_local, group)
-    idx = meta.all_index.to(x_local.device)
+    idx = to_device(meta.all_index, x_local.device)
     keep = (idx >= 0).nonzero().squeeze(1)
     out = full.new_zeros((meta.num_tokens,) + tuple(full.shape[1:]))
     return out.index_copy(0, idx[keep], full[keep])

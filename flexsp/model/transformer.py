@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from flexsp.hostcopy import to_device
 from flexsp.model import layers as L
 from flexsp.model.config import ModelConfig
 from flexsp.model.loss import lm_loss
@@ -79,12 +80,12 @@ class AttnContext:
             if self.meta is None:
                 from flexsp.model.layers import doc_lengths_from_cu_seqlens
                 lens = doc_lengths_from_cu_seqlens(self._cu_list, device="cpu")
-                self._doc_len_cache[key] = lens.to(device)
+                self._doc_len_cache[key] = to_device(lens, device)
             else:
                 b = self._global_bounds()
                 table = torch.tensor([e - s for s, e in zip(b[:-1], b[1:])] + [1], dtype=torch.int64)
-                ids = self.meta.doc_ids.to(device=device, dtype=torch.int64)
-                table = table.to(device)
+                ids = to_device(self.meta.doc_ids.to(torch.int64), device)
+                table = to_device(table, device)
                 self._doc_len_cache[key] = table[ids.clamp(max=table.numel() - 1)]
         return self._doc_len_cache[key]
 

@@ -103,7 +103,7 @@ def rope_inv_freq(
     p = dict(scaling or {})
     rope_type = p.get("rope_type", p.get("type", "default"))
     dim = head_dim
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32) / dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(torch.float32) / dim
     if rope_type == "default":
         return 1.0 / (theta ** exponents), 1.0
     if rope_type == "linear":
@@ -152,9 +152,10 @@ def rope_inv_freq(
         low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001  # HF: prevent singularity
-        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-        extrapolation_factor = 1 - ramp.to(device=device, dtype=torch.float32)
-        pos_freqs = theta ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float32) / dim)
+        # built on the device (no host->device copy in the forward)
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
+        extrapolation_factor = 1 - ramp
+        pos_freqs = theta ** (torch.arange(0, dim, 2, device=device).to(torch.float32) / dim)
         inv_extra, inv_inter = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
         inv_freq = inv_inter * (1 - extrapolation_factor) + inv_extra * extrapolation_factor
         return inv_freq, float(attention_factor)
