@@ -36,9 +36,12 @@ MILP_BACKENDS = ("highs", "pulp")
 
 @dataclass
 class SolverConfig:
-    cost_model: str = "cpu-gloo-tiny"
-    """A preset name (see solver.presets) or a path to a cost-model JSON (``CostModel.save``). Its
-    num_devices is adapted to the world size when they differ."""
+    cost_model: str = "auto"
+    """auto (CPU: the cpu-gloo-tiny preset; CUDA: an analytic ESTIMATE for this GPU and model, see
+    flexsp.costmodels), a preset name (see solver.presets) or a path to a cost-model JSON
+    (``CostModel.save``, e.g. from flexsp-profile). Its num_devices is adapted to the world size."""
+    allow_foreign_cost_model: bool = False
+    """Let a CUDA run plan with a cost model measured on another device type (e.g. CPU timings)."""
     time_limit: float = 0.2
     """Seconds the planner may spend on one global batch."""
     wait_s: float = 0.05
@@ -179,8 +182,13 @@ class PlannerProcess:
         self.outstanding.clear()
 
 
-def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0) -> CostModel:
-    """The cost model ``spec`` (preset name or JSON path) for ``world_size`` devices.
+def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0, *, device=None,
+                    devices_per_node: int | None = None, allow_foreign: bool = False) -> CostModel:
+    """The cost model ``spec`` (preset name, JSON path or ``auto``) for ``world_size`` devices.
+
+    ``device`` (default CPU) is where the run trains: ``auto`` means ``cpu-gloo-tiny`` on the CPU
+    and an analytic estimate for the GPU and the model ``shape`` on CUDA (flexsp.costmodels); a
+    CUDA run refuses a cost model measured on another device type unless ``allow_foreign``.
 
     ``shard_size`` (HSDP, parallel.shard_size): model states sharded within groups of that many
     ranks, the once-per-step gradient all-reduce across the replicas priced at the cost model's
@@ -192,7 +200,20 @@ def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0)
     model of another model fails with that mismatch, not with whatever it implies at this size."""
     from pathlib import Path
 
+    import torch
+
+    from flexsp.costmodels import check_device, gpu_estimate
     from solver.presets import PRESETS, load_preset
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if spec == "auto" and device.type == "cuda":
+        if shape is None:
+            raise ValueError("solver.cost_model=auto on CUDA estimates the model being trained: give its shape")
+        return gpu_estimate(shape, torch.cuda.get_device_name(device),
+                            torch.cuda.get_device_properties(device).total_memory, world_size,
+                            devices_per_node or world_size, shard_size)
+    spec_in = spec
+    if spec == "auto":
+        spec = "cpu-gloo-tiny"
     if spec in PRESETS:
         cm = load_preset(spec)
     elif Path(spec).suffix == ".json" or Path(spec).exists():
@@ -203,6 +224,7 @@ def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0)
     else:
         raise ValueError(f"solver.cost_model={spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                          f"nor an existing cost-model JSON file")
+    check_device(cm, spec_in, device, allow_foreign)
     if shape is not None and hasattr(cm, "check_model_shape"):
         try:
             cm.check_model_shape(shape.layers, shape.hidden, shape.heads, shape.kv_heads)

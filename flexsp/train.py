@@ -160,7 +160,11 @@ def validate(c: dict, world_size: int | None = None) -> None:
             raise ValueError(f"{world_size} ranks: {exc}") from None
         if c["parallel"].world_size and c["parallel"].world_size != world_size:
             raise ValueError(f"parallel.world_size={c['parallel'].world_size} but {world_size} ranks are launched")
-    load_cost_model(c["solver"].cost_model, world_size or 1, shape=mcfg)
+    from flexsp.distributed import default_backend
+    device = torch.device("cuda" if (c["parallel"].backend or default_backend()) == "nccl" else "cpu")
+    if not (c["solver"].cost_model == "auto" and device.type == "cuda"):   # the estimate is built per rank
+        load_cost_model(c["solver"].cost_model, world_size or 1, shape=mcfg, device=device,
+                        allow_foreign=c["solver"].allow_foreign_cost_model)
 
 
 def _setup(cfg) -> RunState:
@@ -179,7 +183,10 @@ def _setup(cfg) -> RunState:
         raise ValueError(f"parallel.shard_size={parallel.shard_size} must divide the {world} ranks")
     dpn = parallel.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     topo = SPTopology(world, min(dpn, world)).build()
-    cm = load_cost_model(solver.cost_model, world, shape=mcfg_shape, shard_size=parallel.shard_size)
+    cm = load_cost_model(solver.cost_model, world, shape=mcfg_shape, shard_size=parallel.shard_size, device=device,
+                         devices_per_node=min(dpn, world), allow_foreign=solver.allow_foreign_cost_model)
+    if rank == 0 and cm.source.startswith("ESTIMATE"):
+        print(f"[flexsp] cost model {cm.name}: {cm.source}", flush=True)
     if rank == 0 and getattr(cm, "layers", 0) and cm.activation_checkpointing != mcfg_shape.activation_checkpointing:
         print(f"[flexsp] warning: cost model {cm.name} was measured with activation_checkpointing="
               f"{cm.activation_checkpointing} but the model trains with {mcfg_shape.activation_checkpointing}: "

@@ -101,6 +101,10 @@ class CostModel:
     HSDP gradient all-reduce)."""
     source: str = ""
     """Where the numbers come from (paper reference, profiler run...)."""
+    device: str = ""
+    """The device the compute terms were measured on or derived for: ``cpu``, ``cuda:<GPU name>``
+    ('' = not recorded, e.g. files written before this field). A CUDA run refuses a cost model of
+    another device type unless ``solver.allow_foreign_cost_model`` is set."""
     layers: int = 0
     """Transformer layers of the model the numbers were measured or derived for (0 = unknown)."""
     hidden: int = 0

@@ -46,6 +46,7 @@ def _paper(model: str, limit_k: int) -> CostModel:
         kv_heads=64,
         layers=layers, hidden=hidden,
         source="FlexSP (ASPLOS'25) official planner constants, shared/reference/flexsp-paper.md",
+        device="cuda:the FlexSP paper's 64-GPU cluster",
     )
 
 
@@ -58,6 +59,7 @@ def _cpu_tiny() -> CostModel:
         act_mb_per_token=0.05, params_gi=0.0001, zero_stage=3, heads=4, kv_heads=2, layers=2, hidden=64,
         ring_mb_per_token=0.001, p2p_bandwidth_gbps={2: 1.0, 4: 0.8},
         source="hand estimate for the CPU demo; run flexsp-profile for a measured model",
+        device="cpu",
     )
 
 
@@ -100,7 +102,7 @@ def analytic_cost_model(name: str, *, layers: int, hidden: int, heads: int, kv_h
                         mfu: float = 0.5, bytes_per_element: int = 2, zero_gbps: float = 50.0,
                         bandwidth_gbps: dict | None = None, p2p_bandwidth_gbps: dict | None = None,
                         ring: bool = True, activation_checkpointing: bool = False,
-                        shard_size: int = 0, replicate_gbps: float = 0.0) -> CostModel:
+                        shard_size: int = 0, replicate_gbps: float = 0.0, device: str = "") -> CostModel:
     """A roofline-style cost model for an arbitrary model shape at cluster scale (a dry run of the
     planner before anything was profiled). ANALYTIC: no measurement; profile for real numbers.
 
@@ -148,6 +150,6 @@ def analytic_cost_model(name: str, *, layers: int, hidden: int, heads: int, kv_h
         params_gi=params_gi, heads=heads, kv_heads=kv_heads, layers=layers, hidden=hidden,
         ring_mb_per_token=ring_bytes / 2**20, p2p_bandwidth_gbps=p2p_bandwidth_gbps or dict(table),
         activation_checkpointing=activation_checkpointing, shard_size=shard_size,
-        replicate_gbps=replicate_gbps,
+        replicate_gbps=replicate_gbps, device=device,
         source=(f"ANALYTIC roofline estimate (no measurement): {peak_tflops:g} TFLOP/s peak at MFU {mfu:g}, "
                 f"ZeRO traffic at {zero_gbps:g} GB/s, paper-like all-to-all bandwidths; profile for real numbers"))

@@ -105,7 +105,7 @@ def test_cuda_training_step_runs_under_sync_debug_error(tmp_path):
     cfg = {"model": {"preset": "tiny", "hf_checkpoint": None}, "parallel": {"mode": "adaptive", "engine": "fsdp2"},
            "data": {"source": "synthetic", "num_docs": 64, "synthetic_vocab_size": 512,
                     "corpus": {"max_doc_tokens": 1024}, "sampler": {"global_batch_tokens": 8192}},
-           "solver": {"cost_model": "cpu-gloo-tiny", "allow_foreign_cost_model": True, "time_limit": 0.5},
+           "solver": {"cost_model": "auto", "time_limit": 0.5},
            "train": {"steps": 4, "global_batch": 8, "precision": "bf16", "checkpoint_every": 0, "progress": False},
            "output_dir": str(tmp_path / "run")}
     original = T._one_step

@@ -39,6 +39,14 @@ def volumes_mb_per_token(mc: dict, layers: int | None = None) -> tuple[float, fl
     return a2a, ring
 
 
+def _device_kind(device: str) -> str:
+    """``cpu`` or ``cuda:<GPU name>`` for the CostModel's ``device`` field."""
+    if device.startswith("cuda"):
+        import torch
+        return f"cuda:{torch.cuda.get_device_name(torch.device(device))}"
+    return device.split(":")[0]
+
+
 def default_memory_mb(device: str, world: int) -> tuple[float, str]:
     if device.startswith("cuda"):
         import torch
@@ -188,7 +196,7 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None, depth: int | None
         state_bytes_per_param=state_bytes, zero_stage=3, heads=mc["heads"], kv_heads=mc["kv_heads"],
         layers=depth, hidden=mc["hidden"], activation_checkpointing=ac,
         ring_mb_per_token=ring_mb if p2p else 0.0, p2p_bandwidth_gbps=p2p,
-        capacity_override=int(cfg.capacity_tokens), source=source)
+        capacity_override=int(cfg.capacity_tokens), source=source, device=_device_kind(raw["device"]))
     # latency and per-document communication of every profiled mode, keyed "mode:degree" (the
     # CostModel prices each group with the mode it runs); hybrid at a degree equal to its Ulysses
     # width is pure Ulysses, otherwise it pays the dearer of the two
