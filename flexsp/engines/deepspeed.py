@@ -114,8 +114,10 @@ class DeepSpeedEngine:
         # reuses the process group flexsp.distributed created (backend chosen there)
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         config = ds_config(cfg, world_size, getattr(parallel_cfg, "deepspeed_persistence_threshold", None))
-        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        with deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype, remote_device=device.type):
+        # dtype=None: zero.Init then takes it from the config (bf16 section -> bf16, none -> fp32). An
+        # explicit dtype hits DeepSpeed 0.19's `dtype or fp16 if fp16_supported() else bf16 if
+        # is_bf16_supported else fp32` (precedence: on a CPU without mkldnn fp16 that is bf16, always)
+        with deepspeed.zero.Init(config_dict_or_path=config, dtype=None, remote_device=device.type):
             model = make_model(device)
         fill_partitions(model, weights)
         if model.lm_head.weight is None:   # tied: the head's forward uses the embedding's weight
