@@ -17,9 +17,10 @@ Where each check runs:
     liger's module-level ``rsqrt`` to ``tl.math.rsqrt`` (the same function, which the
     interpreter implements) -- only there; everything else in the kernel is liger's. The GPU
     tests run the real libdevice call.
-  - fused linear + cross-entropy with triton < 3.7: the interpreter converts a runtime integer
-    kernel argument used as a ``range()`` bound (liger's ``for i in range(0, n_cols,
-    BLOCK_SIZE)``) with ``int()`` of a shape-(1,) NumPy array, which NumPy 2.4 rejects
+  - fused linear + cross-entropy and RMSNorm with triton < 3.7 (the GPU image's 3.6, say): the
+    interpreter converts a runtime integer kernel argument used as a ``range()`` bound (liger's
+    ``for i in range(0, n_cols, BLOCK_SIZE)`` in cross-entropy, ``range(row_start, row_end)``
+    in RMSNorm's backward) with ``int()`` of a shape-(1,) NumPy array, which NumPy 2.4 rejects
     ("only 0-dimensional arrays can be converted to Python scalars"); triton 3.7 squeezes the
     array first. Those checks are skipped, with that reason, only on such a combination.
 * GPU-only (``@pytest.mark.gpu``, skipped without CUDA): every op in bfloat16 (the training dtype)
@@ -203,7 +204,8 @@ def check_linear_ce_weight_grad_accumulation(device, tokens=256, hidden=4, vocab
     def errors(loss_fn):
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
         loss_fn(hh, ww).backward()
-        return [((g.double() - ref).norm() / ref.norm()).item() for g, ref in ((ww.grad, w64.grad), (hh.grad, h64.grad))]
+        pairs = ((ww.grad, w64.grad), (hh.grad, h64.grad))
+        return [((g.double() - ref).norm() / ref.norm()).item() for g, ref in pairs]
 
     ours_w, ours_h = errors(lambda hh, ww: ops.linear_cross_entropy(hh, ww, y, backend="liger"))
     assert ours_w <= 2 * ours_h, f"weight grad rel. error {ours_w:.2e} > 2 x hidden grad's {ours_h:.2e}"
@@ -220,28 +222,37 @@ INTERPRETER_CHECKS = {
     "linear_ce": lambda dev: check_linear_ce(dev, torch.float32),
     "linear_ce_weight_grad_accumulation": check_linear_ce_weight_grad_accumulation,
 }
-GPU_CHECKS = {"rope": check_rope, "swiglu": check_swiglu, "rms_norm": check_rms_norm, "linear_ce": check_linear_ce}
+GPU_CHECKS = {
+    "rope": check_rope, "swiglu": check_swiglu, "rms_norm": check_rms_norm, "linear_ce": check_linear_ce,
+}
 
 
 # ------------------------------------------------------------------ CPU: Triton interpreter
 
 
+# Checks whose liger kernels loop over a runtime integer kernel argument, and where.
+RUNTIME_RANGE_BOUNDS = {
+    "rms_norm": "RMSNorm backward's range(row_start, row_end)",
+    "linear_ce": "cross-entropy's range(0, n_cols, BLOCK_SIZE)",
+    "linear_ce_weight_grad_accumulation": "cross-entropy's range(0, n_cols, BLOCK_SIZE)",
+}
+
+
 def interpreter_skip_reason(name: str) -> str | None:
     """Why the interpreter cannot run check ``name`` with the installed triton, or None."""
-    if not name.startswith("linear_ce"):
+    if name not in RUNTIME_RANGE_BOUNDS:
         return None
     import numpy as np
 
-    triton_version = tuple(int(p) for p in importlib.metadata.version("triton").split(".")[:2])
+    triton_version = importlib.metadata.version("triton")
     try:
         int(np.ones(1))
         numpy_rejects = False
     except TypeError:
         numpy_rejects = True
-    if triton_version < (3, 7) and numpy_rejects:
-        return (f"triton {importlib.metadata.version('triton')}'s interpreter takes int() of a shape-(1,) "
-                f"array for liger's range(0, n_cols, BLOCK_SIZE) bound, which NumPy {np.__version__} "
-                "rejects; fixed in triton 3.7")
+    if tuple(int(p) for p in triton_version.split(".")[:2]) < (3, 7) and numpy_rejects:
+        return (f"triton {triton_version}'s interpreter takes int() of a shape-(1,) array for liger's "
+                f"{RUNTIME_RANGE_BOUNDS[name]}, which NumPy {np.__version__} rejects; fixed in triton 3.7")
     return None
 
 

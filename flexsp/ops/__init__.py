@@ -286,10 +286,11 @@ def linear_cross_entropy(
 
     Backend: ``"auto"`` picks the torch path on CUDA too. liger-kernel 0.8.0's fused version is
     about 10% faster (measured on an H200 at 8192 tokens, hidden 4096, vocab 128K, with liger's
-    default bf16 weight-gradient accumulation: 155.7 vs 174.1 ms fwd+bwd) but calls ``.item()`` in every forward and ``torch.equal`` in every
-    backward, two host syncs per step that stall the CPU's kernel queue, and it has no argument
-    to avoid them; the torch path is sync-free. ``backend="liger"`` (or
-    ``FLEXSP_OPS_BACKEND=liger``) still selects it, with float32 weight-gradient accumulation
+    default bf16 weight-gradient accumulation: 155.7 vs 174.1 ms fwd+bwd) but calls ``.item()``
+    in every forward and ``torch.equal`` in every backward, two host syncs per step that stall
+    the CPU's kernel queue, and it has no argument to avoid them; the torch path is sync-free.
+    ``backend="liger"`` (or ``FLEXSP_OPS_BACKEND=liger``) still selects it, with float32
+    weight-gradient accumulation
     (see :func:`flexsp.ops.liger_ops.linear_cross_entropy`).
     """
     if reduction not in _REDUCTIONS:

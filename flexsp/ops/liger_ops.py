@@ -93,7 +93,8 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index: int, reduction: s
     :func:`flexsp.ops.linear_cross_entropy`): liger 0.8.0's forward calls
     ``(target != ignore_index).sum().item()`` unconditionally (needed for ``"mean"`` only), and
     its backward tests ``torch.equal(grad_output, torch.tensor(1.0))`` -- two device-to-host
-    syncs per step, with no argument to avoid either.
+    syncs per step, with no argument to avoid either (upstream pull request #1292 of
+    linkedin/Liger-Kernel, open, moves both onto the device; revisit ``auto`` when it ships).
     """
     args = _positional_args(
         LigerFusedLinearCrossEntropyFunction.forward,
