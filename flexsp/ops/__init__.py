@@ -290,8 +290,7 @@ def linear_cross_entropy(
     in every forward and ``torch.equal`` in every backward, two host syncs per step that stall
     the CPU's kernel queue, and it has no argument to avoid them; the torch path is sync-free.
     ``backend="liger"`` (or ``FLEXSP_OPS_BACKEND=liger``) still selects it, with float32
-    weight-gradient accumulation
-    (see :func:`flexsp.ops.liger_ops.linear_cross_entropy`).
+    weight-gradient accumulation (see :func:`flexsp.ops.liger_ops.linear_cross_entropy`).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
