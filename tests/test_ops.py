@@ -278,6 +278,38 @@ def test_dispatch_liger_on_cpu_is_rejected_outside_interpreter(monkeypatch):
         ops.swiglu(x, x, backend="cuda")
 
 
+def test_dispatch_auto_picks_liger_only_on_cuda_and_only_where_the_op_allows(monkeypatch):
+    from flexsp.ops import _dispatch
+
+    monkeypatch.setattr(_dispatch, "liger_available", lambda: True)  # as on a CUDA machine with liger
+    assert _dispatch.auto_backend(on_cuda=True) == "liger"
+    assert _dispatch.auto_backend(on_cuda=True, auto_liger=False) == "torch"
+    assert _dispatch.auto_backend(on_cuda=False) == "torch"
+    monkeypatch.setattr(_dispatch, "liger_available", lambda: False)
+    assert _dispatch.auto_backend(on_cuda=True) == "torch"
+
+
+def test_linear_ce_opts_out_of_liger_under_auto_and_the_others_do_not(monkeypatch):
+    # liger-kernel 0.8.0's fused linear CE syncs the host per step (flexsp/ops/liger_ops.py), so
+    # "auto" keeps it on the torch path; RMSNorm/RoPE/SwiGLU take liger on CUDA. Records the
+    # auto_liger each public op passes to the real resolve_backend.
+    seen = {}
+    real = ops.resolve_backend
+
+    def recording(backend, *tensors, auto_liger=True):
+        seen[len(seen)] = auto_liger
+        return real(backend, *tensors, auto_liger=auto_liger)
+
+    monkeypatch.setattr(ops, "resolve_backend", recording)
+    x, w = torch.randn(4, 8), torch.randn(8)
+    cos, sin = ops.rope_cos_sin(torch.arange(4), 8)
+    ops.rms_norm(x, w)
+    ops.apply_rope(x.view(4, 1, 8), x.view(4, 1, 8), cos, sin)
+    ops.swiglu(x, x)
+    ops.linear_cross_entropy(x, torch.randn(5, 8), torch.zeros(4, dtype=torch.long))
+    assert list(seen.values()) == [True, True, True, False]
+
+
 @pytest.mark.parametrize(
     "call, match",
     [

@@ -7,7 +7,10 @@ one a call uses, in this order:
 1. the ``backend=`` keyword of the call (``"auto"``/None, ``"torch"`` or ``"liger"``);
 2. the environment variable ``FLEXSP_OPS_BACKEND`` (same values), read at every call so tests
    and launch scripts can switch without re-importing;
-3. ``"auto"``: liger when every tensor is on CUDA and liger-kernel imports, else torch.
+3. ``"auto"``: liger when every tensor is on CUDA and liger-kernel imports, else torch -- except
+   for ops whose liger version costs more than it saves, which pass ``auto_liger=False`` and get
+   torch under ``"auto"`` (today: linear + cross-entropy, whose liger 0.8.0 kernel syncs the host
+   twice per step; see :mod:`flexsp.ops.liger_ops`). Forcing ``"liger"`` still selects it.
 
 Forcing ``"liger"`` on tensors that are not on CUDA is accepted only under Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the CPU equivalence tests run liger's kernels; anywhere
@@ -42,8 +45,17 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
-    """Return ``"torch"`` or ``"liger"`` for a call on ``tensors`` (see the module docstring)."""
+def auto_backend(on_cuda: bool, auto_liger: bool = True) -> str:
+    """What ``"auto"`` resolves to: liger for CUDA tensors when liger-kernel imports and the op
+    allows it (``auto_liger``), else torch."""
+    return "liger" if auto_liger and on_cuda and liger_available() else "torch"
+
+
+def resolve_backend(backend: str | None, *tensors: torch.Tensor, auto_liger: bool = True) -> str:
+    """Return ``"torch"`` or ``"liger"`` for a call on ``tensors`` (see the module docstring).
+
+    ``auto_liger=False``: ``"auto"`` resolves to torch even on CUDA (the op's liger version is
+    used only when forced)."""
     requested = backend
     source = "backend="
     if requested is None:
@@ -58,7 +70,7 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     if requested == "torch":
         return "torch"
     if requested == "auto":
-        return "liger" if on_cuda and liger_available() else "torch"
+        return auto_backend(on_cuda, auto_liger)
     # requested == "liger"
     if not liger_available():
         raise ValueError(
