@@ -127,7 +127,8 @@ class SPTopology:
                 groups[(degree, block)] = dist.group.WORLD
             else:
                 groups[(degree, block)] = dist.new_group(self.ranks(degree, block), backend=backend)
-        self.host_group = (dist.group.WORLD if dist.get_backend() == "gloo"
+        # gloo (and the dry run's fake backend) already carry host objects without a device
+        self.host_group = (dist.group.WORLD if dist.get_backend() in ("gloo", "fake")
                            else dist.new_group(backend="gloo"))
         self._groups = groups
         return self

@@ -60,3 +60,17 @@ def test_build_groups_4_ranks():
     res = run_distributed(_body, 4, timeout=90)
     assert res[0]["mixed"] == 3 * 2 ** 19 and res[2]["mixed"] == 3 and res[3]["mixed"] == 4
     assert all(r["all"] == 4 for r in res)
+
+
+def test_communicators_for_64_ranks():
+    """A 64-rank world (fake process group, rank 0): the SP groups a plan can use are the aligned
+    blocks of degree 2..32 (32 + 16 + 8 + 4 + 2 = 62); degree 1 has no communicator, degree 64 is the
+    default group. (Under NCCL one gloo group for host objects comes on top: 63; the fake backend,
+    like gloo, carries them itself.) Before: one group per (degree, block), 2 * 64 - 1 = 127."""
+    import torch.distributed as dist
+
+    from flexsp.dryrun import FakeWorld
+    with FakeWorld(64):
+        topo = SPTopology(64, 8).build()
+        assert topo.num_communicators == 62
+        assert topo.group(1, 5) is None and topo.group(64, 0) is dist.group.WORLD
