@@ -48,6 +48,9 @@ class TrainConfig:
     """auto (the model preset's / checkpoint's dtype: bfloat16 -> bf16, else fp32) | fp32 | bf16
     (fp32 master parameters and AdamW states, bf16 compute, fp32 gradient reduction) | bf16-pure
     (bf16 parameters and optimizer states; FSDP2 only, for comparison: small updates round away)."""
+    compile: bool = False
+    """``torch.compile`` every transformer block (flexsp.parallelize; the attention kernels stay
+    opaque to it). Off by default: the first steps pay the compile time."""
     checkpoint_every: int = 10
     """Checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 2

@@ -317,7 +317,8 @@ def activation_bytes_per_token(mcfg, compute_dtype, tokens: tuple[int, int] = (4
 
     from flexsp.attention.local import varlen_attention
     from flexsp.model import layers as L
-    from flexsp.model.transformer import AttnContext, Block, LMHead, RMSNorm
+    from flexsp.attention.context import AttnContext
+    from flexsp.model.transformer import Block, LMHead, RMSNorm
 
     class _Ctx(AttnContext):
         def attention(self, q, k, v, window=None):

@@ -198,7 +198,8 @@ def test_seam_ops_match_references():
     torch.testing.assert_close(L.linear_cross_entropy(x, weight, labels),
                                L.linear_cross_entropy_ref(x, weight, labels))
     cu = torch.tensor([0, 4, 10])
-    torch.testing.assert_close(L.varlen_attention(q, k, k, cu), L.varlen_attention_ref(q, k, k, cu))
+    from flexsp.attention.local import varlen_attention
+    torch.testing.assert_close(varlen_attention(q, k, k, cu), L.varlen_attention_ref(q, k, k, cu))
 
 
 def test_init_of_any_shard_equals_the_full_init():
@@ -296,7 +297,8 @@ def test_sliding_window_packed_equals_each_document_alone_and_reference():
     assert not torch.allclose(packed[:7], _run(full, ids, cu)[:7], atol=1e-4)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(21, h, 16, generator=g, requires_grad=True) for h in (4, 2, 2))
-    out = L.varlen_attention(q, k, v, [0, 7, 10, 21], window=4)
+    from flexsp.attention.local import varlen_attention
+    out = varlen_attention(q, k, v, [0, 7, 10, 21], window=4)
     ref = L.varlen_attention_ref(q, k, v, [0, 7, 10, 21], window=4)
     torch.testing.assert_close(out, ref)
     # explicit per-query check of the band: query i sees keys i-3..i only
@@ -371,3 +373,35 @@ def test_lm_labels_and_positions_accept_lists_and_empty_documents():
     a, b = shard_inputs(toks, [0, 5, 12]), shard_inputs(toks, torch.tensor([0, 5, 12], dtype=torch.int32))
     assert torch.equal(a.labels, b.labels) and torch.equal(a.positions, b.positions)
     torch.testing.assert_close(a.logits(model), b.logits(model), rtol=0, atol=0)
+
+
+def test_activation_checkpointing_applied_from_outside_keeps_names_and_gradients():
+    # flexsp.parallelize checkpoints each block with composable hooks: same parameter names, and
+    # the same loss and gradients (the recompute runs the identical fp32 ops: exact up to ~1 ulp)
+    from flexsp.parallelize import ParallelizeConfig, activation_checkpointing_disabled, parallelize
+    cfg = model_config("tiny", layers=3)
+    plain, ckpt = Transformer(cfg), Transformer(cfg)
+    ckpt.load_state_dict(plain.state_dict())
+    parallelize(ckpt, None, ParallelizeConfig(activation_checkpointing=True))
+    assert [n for n, _ in ckpt.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    _, ids, cu = _packed([9, 5, 12], cfg.vocab_size)
+    labels, pos, ctx = lm_labels(ids, cu), positions_from_cu_seqlens(cu), AttnContext.local(cu.tolist())
+
+    def count_saved(model):
+        n = [0]
+
+        def pack(t):
+            n[0] += t.numel()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = model(ids, pos, ctx, labels=labels)
+        loss.backward()
+        return loss.detach(), n[0]
+
+    (l0, n0), (l1, n1) = count_saved(plain), count_saved(ckpt)
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert n1 < n0          # the blocks' internals are recomputed, not saved
+    with activation_checkpointing_disabled(ckpt):
+        assert count_saved(ckpt)[1] == n0

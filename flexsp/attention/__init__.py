@@ -35,12 +35,13 @@ Single-device attention: :func:`flexsp.attention.local.varlen_attention`.
 
 from __future__ import annotations
 
+from .context import AttnContext
 from .hybrid import hybrid_attention
 from .local import varlen_attention
 from .sharding import MODES, ShardMeta, shard, unshard
 from .ulysses import ulysses_attention
 
-__all__ = ["shard", "unshard", "sp_attention", "ShardMeta", "varlen_attention", "MODES"]
+__all__ = ["AttnContext", "shard", "unshard", "sp_attention", "ShardMeta", "varlen_attention", "MODES"]
 
 
 def sp_attention(q, k, v, meta: ShardMeta, group, mode, causal=True, *, backend=None,

@@ -119,6 +119,9 @@ class DeepSpeedEngine:
         # is_bf16_supported else fp32` (precedence: on a CPU without mkldnn fp16 that is bf16, always)
         with deepspeed.zero.Init(config_dict_or_path=config, dtype=None, remote_device=device.type):
             model = make_model(device)
+        from flexsp.engines.fsdp2 import parallelize_config
+        from flexsp.parallelize import parallelize
+        parallelize(model, None, parallelize_config(model, cfg))   # checkpointing, compile (ZeRO-3 shards)
         fill_partitions(model, weights)
         if model.lm_head.weight is None:   # tied: the head's forward uses the embedding's weight
             deepspeed.zero.register_external_parameter(model.lm_head, model.embed.weight)

@@ -1,8 +1,9 @@
-"""FSDP2 engine: build on ``meta`` -> ``fully_shard`` -> materialise -> fill only local shards.
+"""FSDP2 engine: build on ``meta`` -> parallelize -> materialise -> fill only local shards.
 
-Units (each its own all-gather / reduce-scatter): the token embedding, every transformer block, and
-the final norm + LM head together; the root holds nothing else (tied embeddings: embedding and head
-share a weight, so they stay in the root unit together). Sharding is over all ranks (ZeRO-3), or
+``flexsp.parallelize`` applies activation checkpointing, optional ``torch.compile`` of the blocks
+and the FSDP2 units (each its own all-gather / reduce-scatter): the token embedding, every
+transformer block, and the final norm + LM head together; the root holds nothing else (tied
+embeddings: embedding and head share a weight, so they stay in the root unit together). Sharding is over all ranks (ZeRO-3), or
 HSDP with ``parallel.shard_size = s``: shard within aligned groups of ``s`` ranks, replicate across
 them (2-D mesh ``(replicate, shard)``); the gradient all-reduce across replicas runs once per step,
 on the last micro-batch (``set_requires_all_reduce``), which the cost model prices.
@@ -24,9 +25,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from flexsp.engines import build_optimizer, build_scheduler, precision_dtypes
+from flexsp.engines import build_optimizer, build_scheduler
+from flexsp.parallelize import parallelize
 
 
 def data_parallel_mesh(device_type: str, world_size: int, shard_size: int):
@@ -37,26 +38,18 @@ def data_parallel_mesh(device_type: str, world_size: int, shard_size: int):
                             mesh_dim_names=("replicate", "shard"))
 
 
-def shard_model(model, mesh, precision: str, reshard_after_forward: bool = True):
-    """Apply ``fully_shard`` unit by unit (see the module docstring); returns the FSDP modules."""
-    param_dtype, reduce_dtype = precision_dtypes(precision)
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    units = []
-    tied = model.lm_head.weight is None
-    if not tied:
-        units.append(fully_shard(model.embed, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward))
-    for block in model.blocks:
-        units.append(fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward))
-    if not tied:
-        # norm + head are used right before backward starts: keeping them gathered saves a re-gather
-        fully_shard([model.norm, model.lm_head], mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-        units.append(model.norm)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    units.append(model)
-    for m in units:
-        m.set_gradient_divide_factor(1.0)
-        m.set_force_sum_reduction_for_comms(True)
-    return units
+def parallelize_config(model, train_cfg) -> "ParallelizeConfig":
+    """What flexsp.parallelize applies to ``model`` for this training config."""
+    from flexsp.parallelize import ParallelizeConfig
+    return ParallelizeConfig(activation_checkpointing=bool(getattr(model.config, "activation_checkpointing", False)),
+                             compile=bool(getattr(train_cfg, "compile", False)), precision=train_cfg.precision)
+
+
+def shard_model(model, mesh, precision: str, reshard_after_forward: bool = True) -> list:
+    """The FSDP2 units alone (no checkpointing or compile), as training shards them."""
+    from flexsp.parallelize import ParallelizeConfig, shard_units
+    return shard_units(model, mesh, ParallelizeConfig(precision=precision,
+                                                      reshard_after_forward=reshard_after_forward))
 
 
 class FSDP2Engine:
@@ -72,7 +65,7 @@ class FSDP2Engine:
         self.hsdp = self.mesh.ndim == 2
         with torch.device("meta"):
             model = make_model(torch.device("meta"))
-        self.units = shard_model(model, self.mesh, self.precision)
+        self.units = parallelize(model, self.mesh, parallelize_config(model, train_cfg))
         model.to_empty(device=device)
         fill_local_shards(model, weights)
         self.module = model

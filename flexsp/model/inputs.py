@@ -21,7 +21,7 @@ import torch
 from flexsp.hostcopy import pin, to_device
 from flexsp.model.layers import positions_from_cu_seqlens
 from flexsp.model.loss import IGNORE_INDEX, lm_labels
-from flexsp.model.transformer import AttnContext
+from flexsp.attention.context import AttnContext
 
 
 @dataclass

@@ -138,5 +138,4 @@ def doc_lengths_from_cu_seqlens(cu_seqlens, total: int | None = None,
 # flexsp.ops dispatches to liger-kernel on CUDA and to chunked PyTorch elsewhere; the references
 # stay as the test ground truth.
 # ------------------------------------------------------------------------------------------------
-from flexsp.attention.local import varlen_attention  # noqa: E402,F401
 from flexsp.ops import apply_rope, linear_cross_entropy, rms_norm, rope_cos_sin, swiglu  # noqa: E402,F401

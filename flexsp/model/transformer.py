@@ -1,121 +1,29 @@
 """LLaMA-style decoder over a packed buffer of variable-length documents.
 
 The model sees only this rank's local tokens: ``input_ids [T_local]`` and ``positions [T_local]``
-(each document's positions restart at 0, so RoPE never mixes documents), plus an
-:class:`AttnContext` saying how attention runs. With no sharding meta, attention is plain
-single-device varlen attention over ``cu_seqlens``; with a meta from ``flexsp.attention.shard`` it
-is the teammates' sequence-parallel attention (Ulysses/ring/hybrid) over the group. Everything but
-attention is token-local, so the rest of the block is identical in both cases.
+(each document's positions restart at 0, so RoPE never mixes documents), plus the ATTENTION it
+calls, injected by the runtime: any callable ``attention(q, k, v, window=None) -> out`` over the
+local tokens (``q [T_local, H, D]``, ``k/v [T_local, Hkv, D]``), closing over the micro-batch's
+document boundaries, SP group and shard layout (``flexsp.attention.AttnContext``: local varlen
+attention, or Ulysses/ring/hybrid over a group), with a ``doc_lengths(device)`` method for dynamic
+RoPE. The model knows nothing of process groups; everything but attention is token-local.
+Activation checkpointing, compile and sharding are applied from outside (flexsp.parallelize).
 
 Layers: RMSNorm -> GQA attention (optional q/k/v biases, per-head q/k RMSNorm, sliding window)
 with RoPE (optionally scaled: linear/dynamic/yarn/llama3) -> residual -> RMSNorm -> SwiGLU MLP ->
-residual; optional per-block activation checkpointing (non-reentrant); tied or untied LM head.
+residual; tied or untied LM head.
 
-No host syncs in the forward: document boundaries live on the host (:class:`AttnContext`), and
-everything computed from them on the device is built by tensor ops or host->device copies.
+No host syncs in the forward: document boundaries live on the host (in the attention object), and
+everything computed from them on the device is built by tensor ops or asynchronous copies.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
-from flexsp.hostcopy import to_device
 from flexsp.model import layers as L
 from flexsp.model.config import ModelConfig
 from flexsp.model.loss import lm_loss
-
-
-def _host_bounds(cu) -> list[int]:
-    """Boundaries as Python ints. A list / CPU tensor costs nothing; a device tensor is copied to
-    the host once (a sync): pass host-side boundaries to avoid it."""
-    if torch.is_tensor(cu):
-        return [int(c) for c in (cu if cu.device.type == "cpu" else cu.cpu()).tolist()]
-    return [int(c) for c in cu]
-
-
-@dataclass
-class AttnContext:
-    """How the attention of every layer runs for one forward pass.
-
-    Boundaries are kept on the host (Python ints, computed once at construction), so the forward
-    never syncs with the device for them: give ``cu_seqlens`` as a list or CPU tensor (a device
-    tensor also works, copied to the host once here, outside the forward)."""
-
-    cu_seqlens: torch.Tensor | list[int] | None = None
-    """Document boundaries of the local buffer (local path only): ints ``[num_docs + 1]``."""
-    meta: Any = None
-    """Sharding meta returned by ``flexsp.attention.shard`` (SP path); None = local path."""
-    group: Any = None
-    """The SP process group (None or a 1-rank group: local attention)."""
-    mode: str = "local"
-    """SP attention mode passed to ``sp_attention``: local, ulysses, ring or hybrid."""
-
-    def __post_init__(self) -> None:
-        if self.meta is None and self.cu_seqlens is None:
-            raise ValueError("AttnContext needs cu_seqlens (local attention) or meta (SP attention)")
-        self._cu_list = None if self.cu_seqlens is None else _host_bounds(self.cu_seqlens)
-        self._doc_len_cache: dict = {}
-
-    @classmethod
-    def local(cls, cu_seqlens) -> "AttnContext":
-        return cls(cu_seqlens=cu_seqlens)
-
-    def _global_bounds(self) -> list[int]:
-        return self._cu_list if self.meta is None else [int(c) for c in self.meta.cu_seqlens]
-
-    def max_doc_len(self) -> int:
-        """Longest document of the (global) packed buffer, from host-side boundaries."""
-        b = self._global_bounds()
-        return max((e - s for s, e in zip(b[:-1], b[1:])), default=0)
-
-    def doc_lengths(self, device) -> torch.Tensor:
-        """int64 ``[T_local]``: the length of each local token's document (dynamic RoPE). Built
-        from host boundaries and copied to ``device`` (no device->host sync); cached per device."""
-        key = str(device)
-        if key not in self._doc_len_cache:
-            if self.meta is None:
-                from flexsp.model.layers import doc_lengths_from_cu_seqlens
-                lens = doc_lengths_from_cu_seqlens(self._cu_list, device="cpu")
-                self._doc_len_cache[key] = to_device(lens, device)
-            else:
-                b = self._global_bounds()
-                table = torch.tensor([e - s for s, e in zip(b[:-1], b[1:])] + [1], dtype=torch.int64)
-                ids = to_device(self.meta.doc_ids.to(torch.int64), device)
-                table = to_device(table, device)
-                self._doc_len_cache[key] = table[ids.clamp(max=table.numel() - 1)]
-        return self._doc_len_cache[key]
-
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  window: int | None = None) -> torch.Tensor:
-        """Causal attention of the local tokens; ``window`` = sliding window (None: full).
-
-        With a window, documents no longer than it are plain causal. Local and Ulysses attention
-        run the window exactly; ring/hybrid need every document to fit in the window (else a
-        ValueError: their block kernels have no window)."""
-        if window and self.max_doc_len() <= window:
-            window = None
-        if self.meta is None:
-            if window:
-                return L.varlen_attention(q, k, v, self._cu_list, causal=True, window=window)
-            return L.varlen_attention(q, k, v, self._cu_list, causal=True)
-        if window:
-            if self.meta.ring_degree == 1:
-                from flexsp.attention.ulysses import ulysses_attention
-                if q.shape[0] != self.meta.tokens_local or k.shape[0] != self.meta.tokens_local:
-                    raise ValueError(f"q/k have {q.shape[0]}/{k.shape[0]} tokens, meta expects "
-                                     f"{self.meta.tokens_local}")
-                return ulysses_attention(q, k, v, self.meta, self.group, True, window=window)
-            raise ValueError(
-                f"sliding_window={window} is not supported with mode={self.mode!r} (ring degree "
-                f"{self.meta.ring_degree}) when a document is longer than the window (longest: "
-                f"{self.max_doc_len()} tokens); use mode='ulysses', or documents of at most "
-                f"{window} tokens (then attention is plain causal)")
-        from flexsp.attention import sp_attention  # teammate's runtime; imported only when used
-        return sp_attention(q, k, v, self.meta, self.group, self.mode, causal=True)
 
 
 class RMSNorm(nn.Module):
@@ -149,7 +57,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, ctx: AttnContext):
+    def forward(self, x, cos, sin, attention):
         t = x.shape[0]
         q = self.wq(x).view(t, self.heads, self.head_dim)
         k = self.wk(x).view(t, self.kv_heads, self.head_dim)
@@ -157,9 +65,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = L.apply_rope(q, k, cos, sin)
-        # the window is passed only when set, so AttnContext stand-ins with attention(q, k, v)
-        # (e.g. benchmarks/throughput.py's DeepSpeed-Ulysses context) keep working
-        out = ctx.attention(q, k, v, self.window) if self.window else ctx.attention(q, k, v)
+        # the window is passed only when set: attention callables without one keep working
+        out = attention(q, k, v, window=self.window) if self.window else attention(q, k, v)
         return self.wo(out.reshape(t, self.heads * self.head_dim))
 
 
@@ -183,8 +90,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps, device, cfg.torch_dtype)
         self.mlp = MLP(cfg, device)
 
-    def forward(self, x, cos, sin, ctx: AttnContext):
-        x = x + self.attn(self.attn_norm(x), cos, sin, ctx)
+    def forward(self, x, cos, sin, attention):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attention)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -236,7 +143,16 @@ class Transformer(nn.Module):
         from flexsp.model.init import init_module_
         init_module_(self, seed, self.config.init_std, self.config.layers)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_ctx: AttnContext,
+    def input_embedding(self) -> nn.Module:
+        return self.embed
+
+    def final_norm(self) -> nn.Module:
+        return self.norm
+
+    def output_head(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_ctx,
                 labels: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
                 return_hidden: bool = False):
         """Run the local tokens.
@@ -244,7 +160,8 @@ class Transformer(nn.Module):
         Args:
             input_ids: ``[T_local]`` token ids (this rank's shard of the packed buffer).
             positions: ``[T_local]`` position of each token inside its document.
-            attn_ctx: how attention runs (local varlen or SP over a group).
+            attn_ctx: the injected attention (see the module docstring): how attention runs for
+                these tokens (local varlen or SP over a group).
             labels: optional ``[T_local]`` targets (-100 = none); when given, returns
                 ``(loss_sum, num_targets)`` via the fused linear cross-entropy instead of logits.
             pad_mask: optional ``[T_local]`` bool, True on padding tokens (excluded from the loss).
@@ -262,10 +179,7 @@ class Transformer(nn.Module):
                                   scaling=cfg.rope_scaling,
                                   max_position_embeddings=cfg.max_position_embeddings, seq_lens=seq_lens)
         for block in self.blocks:
-            if cfg.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, attn_ctx, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, attn_ctx)
+            x = block(x, cos, sin, attn_ctx)
         h = self.norm(x)
         if return_hidden and labels is None:
             return h

@@ -147,7 +147,6 @@ def activation_bytes(engine, lengths, device) -> dict:
         peak = torch.cuda.max_memory_allocated(device) - base
         engine.optimizer.zero_grad(set_to_none=True)
         return {"total": int(peak)}
-    from dataclasses import replace
     seen: dict[int, tuple[str, int]] = {}
     where = ["outside"]
     block_inputs: dict[int, int] = {}
@@ -179,13 +178,11 @@ def activation_bytes(engine, lengths, device) -> dict:
     hooks = []
     for blk in model.blocks:
         hooks += [blk.register_forward_pre_hook(pre), blk.register_forward_hook(post)]
-    cfg = model.config
-    model.config = replace(cfg, activation_checkpointing=False)
+    from flexsp.parallelize import activation_checkpointing_disabled
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with activation_checkpointing_disabled(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss, _ = inputs.loss(model)
     finally:
-        model.config = cfg
         for h in hooks:
             h.remove()
     engine.backward(loss * 0.0)
