@@ -260,21 +260,24 @@ def _launch(launcher: list[str], overrides: list[str], c: dict) -> int:
 def _report_failed_ranks(failures: dict, c: dict, started: float) -> int:
     """The launcher's exit status for torchrun's failed ranks (``{global rank: ProcessFailure}``).
 
-    The cause is, in order: a rank that died without reporting (a signal, or a status no flexsp
-    rank exits with), which gets its one line here (flexsp.failure.dead_rank_line); else a rank
-    that reported its own failure (its line or traceback is already printed); else a rank stopped
-    because of another. Earliest first within each kind."""
+    The cause is, in order: a rank that died without reporting (a signal other than SIGTERM/SIGINT,
+    or a status no flexsp rank exits with), which gets its one line here
+    (flexsp.failure.dead_rank_line); else a rank that reported its own failure (its line or
+    traceback is already printed); else a rank stopped because of another (exit status 3, or
+    SIGTERM/SIGINT: how torchrun's agent stops the other ranks once one failed). Earliest first
+    within each kind. A signal is reported here even as the last resort (nobody else did)."""
+    import signal
     import socket
 
     from flexsp.checkpoint import latest_checkpoint
     from flexsp.failure import ABORTED_EXIT_CODE, REPORTED_EXIT_CODES, dead_rank_line, last_logged_step
 
     def kind(f) -> int:
-        if f.exitcode < 0 or f.exitcode not in REPORTED_EXIT_CODES:
-            return 0
-        return 2 if f.exitcode == ABORTED_EXIT_CODE else 1
+        if f.exitcode in (ABORTED_EXIT_CODE, -signal.SIGTERM, -signal.SIGINT):
+            return 2
+        return 0 if f.exitcode < 0 or f.exitcode not in REPORTED_EXIT_CODES else 1
     rank, failure = min(failures.items(), key=lambda kv: (kind(kv[1]), kv[1].timestamp))
-    if kind(failure):
+    if kind(failure) and failure.exitcode > 0:
         return failure.exitcode
     out = c["output_dir"]
     try:
