@@ -54,7 +54,8 @@ def dry_run(model: str, gb: int, shard: int, out: Path) -> tuple[list[str], int]
     proc = subprocess.run([sys.executable, "-m", "flexsp.dryrun", *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     if proc.returncode not in (0, 4):
-        raise RuntimeError(f"flexsp.dryrun {' '.join(overrides)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"flexsp.dryrun {' '.join(overrides)} failed ({proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
     return overrides, proc.returncode
 
 
@@ -63,13 +64,13 @@ def _git(*args: str) -> str:
 
 
 def stamp(argv: list[str]) -> dict:
-    dirty = [ln[3:] for ln in _git("status", "--porcelain").splitlines() if ln[3:].startswith(("flexsp/", "solver/",
-                                                                                               "configs/"))]
+    changed = [ln[3:] for ln in _git("status", "--porcelain").splitlines()]
+    dirty = [f for f in changed if f.startswith(("flexsp/", "solver/", "configs/"))]
     import torch
     return {"commit": _git("rev-parse", "--short", "HEAD"), "uncommitted_changes": dirty,
             "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            "machine": f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                       f"{platform.system()} {platform.release()}",
+            "machine": f"{platform.node()}: {platform.processor() or platform.machine()}, "
+                       f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
             "loadavg": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
             "torch": torch.__version__, "command": " ".join(["python", "benchmarks/dryrun_table.py", *argv])}
 
@@ -83,12 +84,14 @@ def _drop_groups(report: dict) -> dict:
 def markdown(st: dict, runs: list[dict], tab: str) -> str:
     r0 = runs[0]["report"]
     res = r0["reserve"]
+    changes = st["uncommitted_changes"]
+    dirty = f" (uncommitted changes to {', '.join(changes)})" if changes else ""
     lines = [
-        f"# flexsp-dryrun at {WORLD} ranks: 7B-70B on 80 GB and 141 GB devices, C before and after the reserve", "",
-        f"Made by `{st['command']}` at commit {st['commit']}"
-        + (f" (uncommitted changes to {', '.join(st['uncommitted_changes'])})" if st["uncommitted_changes"] else "")
-        + f", {st['date']}, on {st['machine']} (load average {st['loadavg'][0]} at the end: a shared machine, "
-          f"so the dry-run and solve times are loaded times), Python {st['python']}, torch {st['torch']}, no GPU.",
+        f"# flexsp-dryrun at {WORLD} ranks: 7B-70B on 80 GB and 141 GB devices, C before and after the "
+        f"reserve", "",
+        f"Made by `{st['command']}` at commit {st['commit']}{dirty}, {st['date']}, on {st['machine']} (load "
+        f"average {st['loadavg'][0]} at the end: a shared machine, so the dry-run and solve times are loaded "
+        f"times), Python {st['python']}, torch {st['torch']}, no GPU.",
         "",
         "Every row is ONE CPU process acting as rank 0 of a fake 64-rank world (`fake` process group): the "
         "model is built on `meta` and sharded exactly as training shards it (FSDP2; `train.precision=auto` "
@@ -107,11 +110,13 @@ def markdown(st: dict, runs: list[dict], tab: str) -> str:
         "## Commands", "", "```bash",
         *[f"python -m flexsp.dryrun {' '.join(r['overrides'])}" for r in runs],
         "```", "",
-        f"(`python` = `.venv/bin/python`.) Sampled batch: {r0['batch']['num_sequences']} `{r0['batch']['workload']}` "
-        f"sequences of at most {r0['batch']['context_tokens']:,} tokens (seed {r0['batch']['seed']}: "
-        f"{r0['batch']['tokens']:,} tokens, longest {r0['batch']['longest']:,}), planner time box "
-        f"{r0['dryrun']['time_limit']:g} s. All reports: `benchmarks/results/dryrun_64.json` (the plans' group "
-        "lists dropped).", "",
+        f"(`python` = `.venv/bin/python`.) Sampled batch: {r0['batch']['num_sequences']} "
+        f"`{r0['batch']['workload']}` sequences of at most {r0['batch']['context_tokens']:,} tokens "
+        f"(seed {r0['batch']['seed']}: {r0['batch']['tokens']:,} tokens, "
+        f"longest {r0['batch']['longest']:,}), "
+        f"planner time box "
+        f"{r0['dryrun']['time_limit']:g} s. All reports: `benchmarks/results/dryrun_64.json` (the plans' "
+        "group lists dropped).", "",
         "## Per rank", "", tab,
     ]
     return "\n".join(lines)
@@ -130,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(tmp) / f"{model}-{gb}gb{f'-hsdp{shard}' if shard else ''}"
             overrides, rc = dry_run(model, gb, shard, out)
             print(f"{' '.join(overrides[:-1])}: exit {rc}", flush=True)
-            runs.append({"overrides": [o for o in overrides if not o.startswith("output_dir=")], "exit_status": rc,
-                         "report": json.loads((out / "dryrun.json").read_text()), "path": out})
+            runs.append({"overrides": [o for o in overrides if not o.startswith("output_dir=")],
+                         "exit_status": rc, "report": json.loads((out / "dryrun.json").read_text()),
+                         "path": out})
         tab = table([r["path"] for r in runs])
     st = stamp(argv)
     for r in runs:

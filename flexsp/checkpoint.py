@@ -237,9 +237,9 @@ def check_resumable(directory: Path, state: dict, expect: dict, auto: bool) -> N
         raise ValueError(f"{where} of another model or setup (checkpoint -> this run: {'; '.join(diffs)}); "
                          f"resuming would continue a changed model: {ways}")
     if unknown and _rank() == 0:
-        print(f"[flexsp] warning: checkpoint {directory} records no {', '.join(unknown)} (written by an older "
-              f"FlexSP): resuming without checking them against this run (tensor shapes are still checked)",
-              flush=True)
+        print(f"[flexsp] warning: checkpoint {directory} records no {', '.join(unknown)} (written by an "
+              f"older FlexSP): resuming without checking them against this run (tensor shapes are still "
+              f"checked)", flush=True)
 
 
 def describe_dcp_mismatch(dcp_dir: Path, state_dict: dict) -> str | None:

@@ -472,14 +472,16 @@ def pick_cost_model(c: dict, d: DryRunConfig, mcfg, states_bytes: int, act_bytes
     cm = analytic_cost_model(
         f"analytic-{short}-{world}", layers=mcfg.layers, hidden=mcfg.hidden, heads=mcfg.heads,
         kv_heads=mcfg.kv_heads, params=float(params), num_devices=world,
-        devices_per_node=min(d.devices_per_node, world), memory_mb=(d.device_memory_bytes - reserve_bytes) / MIB,
+        devices_per_node=min(d.devices_per_node, world),
+        memory_mb=(d.device_memory_bytes - reserve_bytes) / MIB,
         act_mb_per_token=act_bytes_per_token / MIB, peak_tflops=d.peak_tflops, mfu=d.mfu,
         bytes_per_element=2 if c["train"].precision != "fp32" else 4, zero_gbps=d.zero_gbps,
         activation_checkpointing=bool(mcfg.activation_checkpointing), shard_size=shard_size,
         replicate_gbps=d.replicate_gbps if shard_size else 0.0)
     cm = replace(cm, state_bytes_per_param=sbpp, source=cm.source + "; memory: flexsp-dryrun's measured model "
                  "states + unsharded buffers and activation bytes per token, on the device minus the reserve")
-    return cm, {"choice": "analytic", "spec": spec, "note": note, "why": f"solver.cost_model={spec}: {reason}"}
+    return cm, {"choice": "analytic", "spec": spec, "note": note,
+                "why": f"solver.cost_model={spec}: {reason}"}
 
 
 # -- the dry run -------------------------------------------------------------------------------------
@@ -519,8 +521,8 @@ def run(cfg: dict, t0: float | None = None) -> dict:
     resident = model_states + unsh["total"]
     capacity_no_reserve = sizing.capacity(d.device_memory_bytes - resident, per_token)
     loss = sizing.loss_transient_bytes(mcfg.vocab_size, mcfg.hidden, _dtype_bytes(compute))
-    reserve = {"fixed": d.reserve_bytes, "loss_chunk": loss["bytes"], "total": d.reserve_bytes + loss["bytes"],
-               "loss": loss}
+    reserve = {"fixed": d.reserve_bytes, "loss_chunk": loss["bytes"],
+               "total": d.reserve_bytes + loss["bytes"], "loss": loss}
     cm, cm_choice = pick_cost_model(c, d, mcfg, resident, per_token, reserve["total"])
     measured_capacity = sizing.capacity(d.device_memory_bytes - reserve["total"] - resident, per_token)
     capacity = cm.capacity_tokens if cm is not None else 0
@@ -571,8 +573,8 @@ def run(cfg: dict, t0: float | None = None) -> dict:
                      "param_dtype": str(mcfg.torch_dtype).replace("torch.", ""),
                      "compute_dtype": str(compute).replace("torch.", "")},
         "per_rank_bytes": {"params": states["params"], "grads": states["grads"], "optimizer": states["optimizer"],
-                           "activations": activations, "unsharded": unsh["total"], "reserve": reserve["total"],
-                           "total": total},
+                           "activations": activations, "unsharded": unsh["total"],
+                           "reserve": reserve["total"], "total": total},
         "unsharded_parts": {"phase": unsh["phase"], **unsh["parts"]},
         "units": unsh["units"],
         "activation": act,

@@ -36,78 +36,98 @@ def suggestion_text(r: dict) -> str:
     s, world = r.get("fit_suggestion"), r["world_size"]
     hsdp = r["sharding"]["shard_size"] < world
     if s is None:
-        return (f"no world size fits: the unsharded buffers ({_gib(r['per_rank_bytes']['unsharded'])}) and the "
-                f"reserve ({_gib(r['reserve']['total'])}) leave no room for one token in "
+        return (f"no world size fits: the unsharded buffers ({_gib(r['per_rank_bytes']['unsharded'])}) and "
+                f"the reserve ({_gib(r['reserve']['total'])}) leave no room for one token in "
                 f"{device_text(r['device_memory_bytes'])}; use devices with more memory or a smaller "
                 f"dryrun.reserve_gb")
+    c = f"C = {s['capacity_tokens']:,} tokens/rank"
     if s["world_size"] == world and s["shard_size"]:
-        return (f"it fits with parallel.shard_size={s['shard_size']} on these {world} ranks "
-                f"(C = {s['capacity_tokens']:,} tokens/rank)")
-    where = f"{s['world_size']} ranks" + (" sharding over all of them (parallel.shard_size=0)" if hsdp else "")
-    return (f"the smallest world size that fits is {where} (dryrun.world_size={s['world_size']}: "
-            f"C = {s['capacity_tokens']:,} tokens/rank)")
+        return f"it fits with parallel.shard_size={s['shard_size']} on these {world} ranks ({c})"
+    where = f"{s['world_size']} ranks"
+    if hsdp:
+        where += " sharding over all of them (parallel.shard_size=0)"
+    return f"the smallest world size that fits is {where} (dryrun.world_size={s['world_size']}: {c})"
+
+
+def _per_rank_line(r: dict) -> str:
+    b, act, u, res = r["per_rank_bytes"], r["activation"], r["unsharded_parts"], r["reserve"]
+    ac = "on" if act["activation_checkpointing"] else "off"
+    return " | ".join([
+        f"  per rank: params {_gib(b['params'])}", f"grads {_gib(b['grads'])}",
+        f"optimizer {_gib(b['optimizer'])}", f"unsharded {_gib(b['unsharded'])} (backward of {u['phase']})",
+        f"reserve {_gib(b['reserve'])} (dryrun.reserve_gb {res['fixed'] / GB:g} GB + loss chunk "
+        f"{_gib(res['loss_chunk'])})",
+        f"activations {_gib(b['activations'])} (C = {r['capacity_tokens']:,} tokens x "
+        f"{act['bytes_per_token'] / MIB:.3f} MiB/token, AC {ac}; {r['capacity_tokens_no_reserve']:,} without "
+        f"the reserve)",
+        f"total {_gib(b['total'])} (reserve included) of {_gib(r['device_memory_bytes'])}: "
+        f"{'fits' if r['fits'] else 'DOES NOT FIT'}"])
+
+
+def _plan_line(r: dict) -> str | None:
+    bt, p = r["batch"], r["plan"]
+    head = (f"  plan of one batch ({bt['workload']}, {bt['num_sequences']} sequences, {bt['tokens']:,} "
+            f"tokens, longest {bt['longest']:,}): ")
+    if p and "error" in p:
+        return head + f"NONE: {p['error']}"
+    if not p:
+        return None
+    extra = f", {p['speedup_over_static']}x over static SP" if "speedup_over_static" in p else ""
+    return head + (f"{p['summary']}; predicted {p['predicted_ms']:.1f} ms (lower bound "
+                   f"{p['lower_bound_ms']:.1f}, gap {100 * p['gap']:.1f}%{extra}), {p['status']}, "
+                   f"solved in {p['solve_seconds']:.2f} s")
 
 
 def format_report(r: dict) -> str:
-    b, m = r["per_rank_bytes"], r["model"]
-    act, u, res = r["activation"], r["unsharded_parts"], r["reserve"]
-    cm = r["cost_model"]
+    m, cm = r["model"], r["cost_model"]
     lines = [
         f"{PROG}: {m['name']} ({_count(r['model_params'])} params) on {r['world_size']} ranks "
         f"({r['devices_per_node']}/node), {r['precision']}, FSDP2 mesh {r['sharding']['mesh']}, "
         f"device {device_text(r['device_memory_bytes'])}",
-        f"  per rank: params {_gib(b['params'])} | grads {_gib(b['grads'])} | optimizer {_gib(b['optimizer'])} | "
-        f"unsharded {_gib(b['unsharded'])} (backward of {u['phase']}) | reserve {_gib(b['reserve'])} "
-        f"(dryrun.reserve_gb {res['fixed'] / GB:g} GB + loss chunk {_gib(res['loss_chunk'])}) | "
-        f"activations {_gib(b['activations'])} (C = {r['capacity_tokens']:,} tokens x "
-        f"{act['bytes_per_token'] / MIB:.3f} MiB/token, AC {'on' if act['activation_checkpointing'] else 'off'}; "
-        f"{r['capacity_tokens_no_reserve']:,} without the reserve) | total {_gib(b['total'])} (reserve included) of "
-        f"{_gib(r['device_memory_bytes'])}: {'fits' if r['fits'] else 'DOES NOT FIT'}",
+        _per_rank_line(r),
         f"  cost model: {cm['name'] or 'none'} ({cm['note']})",
     ]
-    bt, p = r["batch"], r["plan"]
-    head = (f"  plan of one batch ({bt['workload']}, {bt['num_sequences']} sequences, {bt['tokens']:,} tokens, "
-            f"longest {bt['longest']:,}): ")
-    if p and "error" in p:
-        lines.append(head + f"NONE: {p['error']}")
-    elif p:
-        extra = f", {p['speedup_over_static']}x over static SP" if "speedup_over_static" in p else ""
-        lines.append(head + f"{p['summary']}; predicted {p['predicted_ms']:.1f} ms (lower bound "
-                     f"{p['lower_bound_ms']:.1f}, gap {100 * p['gap']:.1f}%{extra}), {p['status']}, "
-                     f"solved in {p['solve_seconds']:.2f} s")
+    plan = _plan_line(r)
+    if plan:
+        lines.append(plan)
     if not r["fits"]:
         lines.append(f"  DOES NOT FIT on {r['world_size']} x {device_text(r['device_memory_bytes'])}: "
                      f"{suggestion_text(r)}")
-    lines.append(f"  dry run: {r['wall_seconds']:.1f} s, peak RSS {_gib(r['peak_rss_bytes'])} -> {r.get('path', '')}")
+    lines.append(f"  dry run: {r['wall_seconds']:.1f} s, peak RSS {_gib(r['peak_rss_bytes'])} -> "
+                 f"{r.get('path', '')}")
     return "\n".join(lines)
+
+
+TABLE_HEAD = ("| run | device | params + grads + optimizer | unsharded | reserve (fixed + loss chunk) "
+              "| activations | total | fits | C before the reserve | C after the reserve | act/token "
+              "| plan of the batch | predicted iteration | vs static SP=N | dry run: time, peak RSS |\n"
+              + "|---" * 15 + "|\n")
+
+
+def _table_row(r: dict) -> str:
+    b, plan, res = r["per_rank_bytes"], r["plan"] or {}, r["reserve"]
+    mesh = "x".join(str(x) for x in r["sharding"]["mesh"])
+    name = (f"{r['model']['name']} {r['precision']} {r['world_size']} ranks, mesh {mesh}"
+            + ("" if r["model"]["activation_checkpointing"] else ", AC off"))
+    g = lambda n: f"{n / GIB:.2f} GiB"   # noqa: E731
+    if "error" in plan:
+        summary, ms, vs = "none: " + plan["error"][:90], "-", "-"
+    else:
+        summary = f"{plan['summary']} ({plan['status']}, {plan['solve_seconds']:.2f} s)".replace("|", "\\|")
+        ms = f"{plan['predicted_ms'] / 1000:.2f} s"
+        vs = f"{plan['speedup_over_static']}x" if "speedup_over_static" in plan else "-"
+    cells = [name, device_text(r["device_memory_bytes"]), g(b["params"] + b["grads"] + b["optimizer"]),
+             g(b["unsharded"]),
+             f"{g(b['reserve'])} ({res['fixed'] / GB:g} GB + {res['loss_chunk'] / GIB:.2f} GiB)",
+             g(b["activations"]), g(b["total"]), "yes" if r["fits"] else f"**no**: {suggestion_text(r)}",
+             f"{r['capacity_tokens_no_reserve']:,}", f"{r['capacity_tokens']:,}",
+             f"{r['activation']['bytes_per_token'] / MIB:.3f} MiB", summary, ms, vs,
+             f"{r['wall_seconds']:.1f} s, {r['peak_rss_bytes'] / MIB:.0f} MiB"]
+    return "| " + " | ".join(cells) + " |"
 
 
 def table(paths) -> str:
     """A markdown table of dry runs: each path is a dryrun.json or its output_dir."""
-    head = ("| run | device | params + grads + optimizer | unsharded | reserve (fixed + loss chunk) | activations "
-            "| total | fits | C before the reserve | C after the reserve | act/token | plan of the batch "
-            "| predicted iteration | vs static SP=N | dry run: time, peak RSS |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    rows = []
-    for p in paths:
-        p = Path(p)
-        r = json.loads((p / "dryrun.json" if p.is_dir() else p).read_text())
-        b, plan, res = r["per_rank_bytes"], r["plan"] or {}, r["reserve"]
-        mesh = "x".join(str(x) for x in r["sharding"]["mesh"])
-        name = (f"{r['model']['name']} {r['precision']} {r['world_size']} ranks, mesh {mesh}"
-                + ("" if r["model"]["activation_checkpointing"] else ", AC off"))
-        g = lambda n: f"{n / GIB:.2f} GiB"   # noqa: E731
-        if "error" in plan:
-            summary, ms, vs = "none: " + plan["error"][:90], "-", "-"
-        else:
-            summary = f"{plan['summary']} ({plan['status']}, {plan['solve_seconds']:.2f} s)".replace("|", "\\|")
-            ms = f"{plan['predicted_ms'] / 1000:.2f} s"
-            vs = f"{plan['speedup_over_static']}x" if "speedup_over_static" in plan else "-"
-        fits = "yes" if r["fits"] else f"**no**: {suggestion_text(r)}"
-        rows.append(f"| {name} | {device_text(r['device_memory_bytes'])} "
-                    f"| {g(b['params'] + b['grads'] + b['optimizer'])} | {g(b['unsharded'])} "
-                    f"| {g(b['reserve'])} ({res['fixed'] / GB:g} GB + {res['loss_chunk'] / GIB:.2f} GiB) "
-                    f"| {g(b['activations'])} | {g(b['total'])} | {fits} | {r['capacity_tokens_no_reserve']:,} "
-                    f"| {r['capacity_tokens']:,} | {r['activation']['bytes_per_token'] / MIB:.3f} MiB | {summary} "
-                    f"| {ms} | {vs} | {r['wall_seconds']:.1f} s, {r['peak_rss_bytes'] / MIB:.0f} MiB |")
-    return head + "\n".join(rows) + "\n"
+    files = [Path(p) / "dryrun.json" if Path(p).is_dir() else Path(p) for p in paths]
+    reports = [json.loads(f.read_text()) for f in files]
+    return TABLE_HEAD + "\n".join(_table_row(r) for r in reports) + "\n"

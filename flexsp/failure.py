@@ -94,7 +94,8 @@ def report(exc: BaseException, prog: str = "flexsp-train", *, printer: bool = Tr
 
 
 _PEER_LOST = re.compile(r"gloo/transport|Connection (reset|closed) by peer|Broken pipe|Connection refused|"
-                        r"NCCL communicator was aborted|remote process exited|ProcessGroupNCCL.*(abort|[Tt]imeout)")
+                        r"NCCL communicator was aborted|remote process exited|"
+                        r"ProcessGroupNCCL.*(abort|[Tt]imeout)")
 
 
 def is_peer_lost(exc: BaseException) -> bool:

@@ -173,14 +173,14 @@ def _run_here(cfg) -> int:
     except BaseException as exc:   # noqa: BLE001 - every failure becomes one report and a status
         first = getattr(exc, "flexsp_first", None)
         printer = first if first is not None else _rank() == 0
-        if is_peer_lost(exc):
-            # another rank vanished: its death is the cause, this error is secondary (no traceback);
-            # flexsp-train's launcher reports the dead rank, other launchers get one line
+        if dist.is_initialized() and is_peer_lost(exc):
+            # another rank vanished (the world had been formed): its death is the cause, this error is
+            # secondary (no traceback); flexsp-train's launcher reports the dead rank, others get one line
             code = ABORTED_EXIT_CODE
             if printer and not os.environ.get(LAUNCHER_ENV):
                 print(f"{PROG}: error: rank {_rank()} lost its connection to another rank "
-                      f"({type(exc).__name__}: {_first_line(exc)}): that rank died first; its launcher's report "
-                      f"(torchrun: the failed rank's exitcode or signal) says which and why",
+                      f"({type(exc).__name__}: {_first_line(exc)}): that rank died first; its launcher's "
+                      f"report (torchrun: the failed rank's exitcode or signal) says which and why",
                       file=sys.stderr, flush=True)
         else:
             code = report(exc, PROG, printer=printer)

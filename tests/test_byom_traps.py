@@ -67,7 +67,8 @@ def test_resume_over_another_models_checkpoint_is_one_line(tmp_path):
     shutil.copytree(out, old_style)
 
     # equal shapes, another model: refused before anything is loaded (the run's log is untouched)
-    rc, log = _train([*SMALL, "train.steps=4", "model.rope_theta=1e6", "model.norm_eps=1e-6", f"output_dir={out}"])
+    rc, log = _train([*SMALL, "train.steps=4", "model.rope_theta=1e6", "model.norm_eps=1e-6",
+                      f"output_dir={out}"])
     line = _error_line(rc, log)
     assert f"output_dir holds checkpoint {ckpt} (train.resume=auto) of another model" in line, line
     assert "model.rope_theta 10000.0 -> 1000000.0; model.norm_eps 1e-05 -> 1e-06" in line, line
@@ -77,7 +78,8 @@ def test_resume_over_another_models_checkpoint_is_one_line(tmp_path):
     rc, log = _train([*SMALL, "train.steps=4", "train.precision=bf16", f"output_dir={out}"])
     assert "train.precision fp32 -> bf16" in _error_line(rc, log)
     # the second way out works
-    rc, log = _train([*SMALL, "train.steps=2", "model.rope_theta=1e6", "train.resume=never", f"output_dir={out}"])
+    rc, log = _train([*SMALL, "train.steps=2", "model.rope_theta=1e6", "train.resume=never",
+                      f"output_dir={out}"])
     assert rc == 0 and "resumed from" not in log, log[-3000:]
 
     # an older checkpoint (no model_config/engine/precision recorded) of another shape: the DCP
@@ -89,8 +91,8 @@ def test_resume_over_another_models_checkpoint_is_one_line(tmp_path):
     torch.save(state, old_ckpt / "trainer.pt")
     rc, log = _train([*SMALL, "train.steps=4", "model.intermediate=96", f"output_dir={old_style}"])
     line = _error_line(rc, log)
-    assert f"cannot load checkpoint {old_ckpt}: tensor model.blocks.0.mlp.w_gate.weight has shape (192, 64) " \
-           f"in the checkpoint and (96, 64) in this run" in line, line
+    assert (f"cannot load checkpoint {old_ckpt}: tensor model.blocks.0.mlp.w_gate.weight has shape "
+            f"(192, 64) in the checkpoint and (96, 64) in this run") in line, line
     assert "records no engine, precision, model_config" in log    # the warning that nothing could be compared
 
 
@@ -98,9 +100,9 @@ def _qwen3_without_tokenizer(d: Path, vocab: int) -> Path:
     """A tiny random Qwen3 saved like a hub download whose tokenizer files were not copied."""
     import torch
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                   max_position_embeddings=512, tie_word_embeddings=False)
+    cfg = transformers.Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=16, max_position_embeddings=512, tie_word_embeddings=False)
     torch.manual_seed(0)
     transformers.Qwen3ForCausalLM(cfg).float().save_pretrained(d)
     return d
@@ -121,14 +123,14 @@ def test_hf_directory_without_a_usable_tokenizer_is_refused(tmp_path):
     assert "has no tokenizer files at all" in line, line
     # a real tokenizer, but far smaller than the model's 1024 embedding rows: not the model's
     line = _error_line(*_train([*data, "data.corpus.tokenizer=byte"]))
-    assert f"tokenizer byte has a vocabulary of 257 but the model {model_dir} has 1024 embedding rows" in line, line
+    assert f"tokenizer byte has a vocabulary of 257 but the model {model_dir} has 1024 embedding rows" in line
 
 
 def test_hf_checkpoint_must_be_a_directory(tmp_path):
     model_dir = _qwen3_without_tokenizer(tmp_path / "qwen3", vocab=300)
-    for path, what in ((model_dir / "model.safetensors", f"is a file; it must be a directory: a Hugging Face model "
-                                                         f"directory holding config.json, *.safetensors and the "
-                                                         f"tokenizer files (e.g. model.hf_checkpoint={model_dir})"),
+    hint = (f"is a file; it must be a directory: a Hugging Face model directory holding config.json, "
+            f"*.safetensors and the tokenizer files (e.g. model.hf_checkpoint={model_dir})")
+    for path, what in ((model_dir / "model.safetensors", hint),
                        (model_dir / "config.json", "is a file; it must be a directory"),
                        (tmp_path / "nope", "does not exist; it must be a directory")):
         line = _error_line(*_train([*SMALL, f"model.hf_checkpoint={path}", f"output_dir={tmp_path / 'out'}"]))
@@ -170,7 +172,8 @@ def test_rank_killed_by_sigkill_is_one_line(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "flexsp.train", "--nproc-per-node", "2", *TWO_RANKS,
                              "train.steps=200", f"output_dir={out}"], cwd=REPO, env=launch_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         _wait_for_steps(proc, out / "metrics.jsonl", 3)
         pid = _rank_pids(proc.pid)[1]

@@ -250,14 +250,14 @@ def test_hf_checkpoint_is_named_and_the_cost_model_line_reads_as_no_error(tmp_pa
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                                    max_position_embeddings=512)
     transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "my-qwen3")
-    proc = _dryrun(tmp_path / "out", f"model.hf_checkpoint={tmp_path / 'my-qwen3'}", "dryrun.num_sequences=16",
-                   "dryrun.context_tokens=4096")
+    proc = _dryrun(tmp_path / "out", f"model.hf_checkpoint={tmp_path / 'my-qwen3'}",
+                   "dryrun.num_sequences=16", "dryrun.context_tokens=4096")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     head, *rest = proc.stdout.splitlines()
     assert head.startswith("flexsp-dryrun: Qwen3ForCausalLM (my-qwen3) (") and " tiny " not in head, head
     cm_line = next(ln for ln in rest if ln.startswith("  cost model:"))
-    assert cm_line == ("  cost model: analytic-my-qwen3-64 (solver.cost_model=cpu-gloo-tiny is for another model "
-                       "shape: an analytic roofline with the memory measured here is used)"), cm_line
+    assert cm_line == ("  cost model: analytic-my-qwen3-64 (solver.cost_model=cpu-gloo-tiny is for another "
+                       "model shape: an analytic roofline with the memory measured here is used)"), cm_line
     r = json.loads((tmp_path / "out" / "dryrun.json").read_text())
     assert "was built for hidden=64 but the model has hidden=96" in r["cost_model"]["why"]
     assert r["model"]["name"] == "Qwen3ForCausalLM (my-qwen3)"

@@ -81,7 +81,8 @@ def test_export_dcp_checkpoint_loads_in_transformers(tmp_path, capsys):
     assert transformers.AutoTokenizer.from_pretrained(str(out)).eos_token == "<|endoftext|>"
     # the checkpoints root (its `latest`) works too; bf16 on request, sharded on request
     out16 = tmp_path / "hf16"
-    assert main([str(tmp_path / "checkpoints"), str(out16), "--max-shard-size", "40000", "--dtype", "bf16"]) == 0
+    assert main([str(tmp_path / "checkpoints"), str(out16), "--max-shard-size", "40000",
+                 "--dtype", "bf16"]) == 0
     assert (out16 / "model.safetensors.index.json").is_file()
     hf16 = transformers.AutoModelForCausalLM.from_pretrained(str(out16))
     assert next(hf16.parameters()).dtype == torch.bfloat16

@@ -30,7 +30,8 @@ PROBE_TEXT = "Hello, world! def f(x): return x + 1"
 MIN_VOCAB_FRACTION = 0.5
 """A tokenizer's vocabulary below this fraction of the model's embedding rows is refused."""
 # files a Hugging Face tokenizer is built from: the fast file, or a slow tokenizer's vocabulary
-_TOKENIZER_SOURCES = ("tokenizer.json", "vocab.json + merges.txt", "tokenizer.model", "vocab.txt", "*.tiktoken")
+_TOKENIZER_SOURCES = ("tokenizer.json", "vocab.json + merges.txt", "tokenizer.model", "vocab.txt",
+                      "*.tiktoken")
 
 
 class ByteTokenizer:
@@ -156,15 +157,15 @@ def load_hf_model_tokenizer(directory: str | Path, eos_token: str | None = None)
                          f"could not load a fast tokenizer from it ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); expected a "
                          f"save_pretrained directory with tokenizer.json and tokenizer_config.json") from exc
-    return check_encodes(HFTokenizer(tok, source=str(directory), eos_token=eos or getattr(hf, "eos_token", None)),
-                         directory)
+    eos = eos or getattr(hf, "eos_token", None)
+    return check_encodes(HFTokenizer(tok, source=str(directory), eos_token=eos), directory)
 
 
 def _missing_sources(directory: Path) -> str:
     """What a model directory lacks to define a tokenizer, and what tokenizer files it has."""
     have = [f.name for f in tokenizer_files(directory)]
     found = {"tokenizer.json": (directory / "tokenizer.json").is_file(),
-             "vocab.json + merges.txt": (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file(),
+             "vocab.json + merges.txt": all((directory / n).is_file() for n in ("vocab.json", "merges.txt")),
              "tokenizer.model": (directory / "tokenizer.model").is_file(),
              "vocab.txt": (directory / "vocab.txt").is_file(),
              "*.tiktoken": any(directory.glob("*.tiktoken"))}
@@ -180,21 +181,23 @@ def check_encodes(tok: HFTokenizer, path: Path) -> HFTokenizer:
         return tok
     empty = f"it encodes {PROBE_TEXT!r} to no token ids (a vocabulary of {tok.vocab_size})"
     if path.is_dir():
-        raise ValueError(f"model directory {path} has no usable tokenizer: {empty}; {_missing_sources(path)}. "
-                         f"Copy the model's tokenizer files (tokenizer.json, tokenizer_config.json) into it, or set "
-                         f"data.corpus.tokenizer=<a directory or tokenizer.json that has them>")
-    raise ValueError(f"tokenizer file {path} is not a usable tokenizer: {empty}; use the model's tokenizer.json "
-                     f"(data.corpus.tokenizer)")
+        raise ValueError(f"model directory {path} has no usable tokenizer: {empty}; "
+                         f"{_missing_sources(path)}. Copy the model's tokenizer files (tokenizer.json, "
+                         f"tokenizer_config.json) into it, or set data.corpus.tokenizer=<a directory or "
+                         f"tokenizer.json that has them>")
+    raise ValueError(f"tokenizer file {path} is not a usable tokenizer: {empty}; use the model's "
+                     f"tokenizer.json (data.corpus.tokenizer)")
 
 
 def check_vocabulary(tokenizer_vocab: int, model_vocab: int, tokenizer: str, model: str) -> None:
     """ValueError if the tokenizer's vocabulary is far smaller than the model's embedding needs
     (below :data:`MIN_VOCAB_FRACTION` of its rows): it is not the model's tokenizer."""
     if tokenizer_vocab < MIN_VOCAB_FRACTION * model_vocab:
-        raise ValueError(f"tokenizer {tokenizer} has a vocabulary of {tokenizer_vocab} but the model {model} has "
-                         f"{model_vocab} embedding rows: it is not this model's tokenizer (a model's tokenizer "
-                         f"covers at least {MIN_VOCAB_FRACTION:.0%} of them); set data.corpus.tokenizer to the "
-                         f"model's tokenizer (a directory with tokenizer.json, or the file)")
+        raise ValueError(f"tokenizer {tokenizer} has a vocabulary of {tokenizer_vocab} but the model {model} "
+                         f"has {model_vocab} embedding rows: it is not this model's tokenizer (a model's "
+                         f"tokenizer covers at least {MIN_VOCAB_FRACTION:.0%} of them); set "
+                         f"data.corpus.tokenizer to the model's tokenizer (a directory with tokenizer.json, "
+                         f"or the file)")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
