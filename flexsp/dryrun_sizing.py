@@ -31,14 +31,15 @@ def loss_transient_bytes(vocab: int, hidden: int, compute_bytes: int) -> dict:
     The chunk is a full one, ``flexsp.ops.torch_ops.default_chunk_size`` for a micro-batch of at
     least that many tokens: ``2^25 // vocab`` tokens (2^25 float32 logits; a micro-batch of fewer
     tokens allocates less, the reserve budgets the most). Backward, per chunk, holds at its peak
-    either
+    either (the buffers, as tests/test_dryrun_sizing.py tracks them)
 
-    - ``logits``: the chunk's logits in the compute dtype, their float32 copy and the float32
-      softmax at once: ``chunk x vocab x (compute + 4 + 4)`` bytes (fp32 compute: the float32
-      "copy" is the same tensor, ``chunk x vocab x 8``);
-    - ``weight_grad``: the chunk's gradient cast to the compute dtype, and the head-weight gradient
-      of the chunk (``vocab x hidden`` in the compute dtype, then its float32 copy) before it is
-      added to the float32 accumulator (counted with the unsharded buffers):
+    - ``logits``: the previous chunk's gradient in the compute dtype (its variable still refers to
+      it while the next chunk's logits are formed), the chunk's float32 logits and their float32
+      softmax: ``chunk x vocab x (compute + 4 + 4)`` bytes (bf16: the bf16 product is freed once its
+      float32 copy exists; fp32: the product is the float32 logits);
+    - ``weight_grad``: the chunk's gradient in the compute dtype, and the head-weight gradient of
+      the chunk (``vocab x hidden`` in the compute dtype, plus its float32 copy under bf16) before it
+      is added to the float32 accumulator (counted with the unsharded buffers):
       ``chunk x vocab x compute + vocab x hidden x (compute + 4)`` (fp32: ``+ vocab x hidden x 4``).
 
     liger's fused kernel (CUDA, when installed) chunks by tokens x hidden instead; this is the
@@ -46,7 +47,7 @@ def loss_transient_bytes(vocab: int, hidden: int, compute_bytes: int) -> dict:
     from flexsp.ops.torch_ops import DEFAULT_CHUNK_ELEMENTS, default_chunk_size
     chunk = default_chunk_size(DEFAULT_CHUNK_ELEMENTS, vocab)
     upcast = 4 if compute_bytes != 4 else 0          # .float() of a float32 tensor is the tensor itself
-    logits = chunk * vocab * (compute_bytes + upcast + 4)
+    logits = chunk * vocab * (compute_bytes + 4 + 4)
     weight_grad = chunk * vocab * compute_bytes + vocab * hidden * (compute_bytes + upcast)
     return {"chunk_tokens": chunk, "vocab": vocab, "logits": logits, "weight_grad": weight_grad,
             "bytes": max(logits, weight_grad)}

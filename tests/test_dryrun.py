@@ -81,9 +81,10 @@ def test_7b_at_64_ranks_bf16_nothing_materialised(tmp_path):
     assert r["capacity_tokens"] > 1000 and r["fits"]
     assert b["total"] <= r["device_memory_bytes"]
     # "80 GB" is 80e9 bytes; the reserve (6 GB + the loss's chunk, computed from the model) is set
-    # aside before C: the torch path's backward holds a chunk of 2^25 // vocab tokens' logits
-    # (bf16 + fp32 copy + fp32 softmax = 10 B each) or, later, that chunk's bf16 gradient and the
-    # head's weight gradient in bf16 and its fp32 copy (6 B per vocab x hidden element)
+    # aside before C: the torch path's backward holds, per chunk of 2^25 // vocab tokens, the last
+    # chunk's bf16 gradient + fp32 logits + fp32 softmax (10 B each) or, later, the chunk's bf16
+    # gradient and the head's weight gradient in bf16 and its fp32 copy (6 B per vocab x hidden);
+    # tests/test_dryrun_sizing.py checks these against a tracked backward
     assert r["device_memory_bytes"] == 80 * 10**9 and r["reserve"]["fixed"] == 6 * 10**9
     vocab, hidden = r["model"]["vocab_size"], r["model"]["hidden"]
     chunk = 2**25 // vocab
