@@ -103,10 +103,10 @@ def markdown(st: dict, runs: list[dict], tab: str) -> str:
         f"= {res['fixed'] / 1e9:g} GB (CUDA context and library workspaces ~1, NCCL buffers ~2, allocator "
         "fragmentation ~3) plus the loss's transient chunk computed from the model (a chunk of "
         "2^25 // vocab tokens: the previous chunk's bf16 gradient + its fp32 logits + their fp32 "
-        "softmax, "
-        "or its gradient and the LM head's weight gradient in bf16 + fp32, whichever is larger; "
-        "`tests/test_dryrun_sizing.py` checks it against the bytes a real backward allocates). **C before the reserve** fills the "
-        "device with activations (what the earlier table, with \"80 GB\" read as 80 GiB, reported); "
+        "softmax, or its gradient and the LM head's weight gradient in bf16 + fp32, whichever is "
+        "larger; `tests/test_dryrun_sizing.py` checks it against the bytes a real backward allocates). "
+        "**C before the reserve** fills the device with activations (what the earlier table, with "
+        "\"80 GB\" read as 80 GiB, reported); "
         "**C after the reserve** is what the planner uses now. A model that does not fit exits with "
         "status 4 and its row names the smallest world size / HSDP shard size that fits.", "",
         "## Commands", "", "```bash",
