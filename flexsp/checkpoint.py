@@ -19,7 +19,18 @@ next checkpoint, or at the end of training).
 
 Loading checks the checkpoint first (:func:`verify_checkpoint`): a missing ``trainer.pt`` or DCP
 metadata, or a missing or truncated shard file, is a ValueError naming the file, not a traceback
-from deep inside the reader. The sampler state saved is the one from BEFORE the next batch was
+from deep inside the reader. Before anything is loaded, the checkpoint's model config, engine and precision
+are compared with the run's (:func:`check_resumable`; ``train.resume=auto`` resumes any checkpoint
+an ``output_dir`` holds, which may be another model's): a difference is one ValueError listing the
+differing fields (old -> new) and the two ways out. The vocabulary is the model config's
+``vocab_size`` (the embedding rows, which follow the data's tokenizer). ``activation_checkpointing``
+(no effect on the weights) and ``dtype`` (the precision's parameter dtype: compared as
+``precision``) are not compared. A checkpoint written before these fields were recorded is resumed
+with a warning naming what could not be checked; its tensors' shapes are still checked by the
+load. A DCP load failure of any kind is one ValueError naming the checkpoint and the first tensor
+whose name or shape does not match the run's (:func:`describe_dcp_mismatch`).
+
+The sampler state saved is the one from BEFORE the next batch was
 drawn (the trainer draws step t+1's batch early to plan it), so a resumed run draws exactly the
 batches of the uninterrupted one. Checkpoints live on a filesystem every rank can read.
 """
@@ -178,19 +189,119 @@ def read_trainer_state(directory: Path) -> dict:
         raise ValueError(f"{Path(directory) / 'trainer.pt'} is corrupt ({type(exc).__name__}: {exc})") from None
 
 
-def load_checkpoint(directory: Path, engine, world_size: int) -> dict:
-    """Collective. Restores the engine and this rank's RNG; returns the trainer state."""
+UNCOMPARED_MODEL_FIELDS = ("activation_checkpointing", "dtype")
+"""Model config fields a resume may change: recomputation, and the parameter dtype (which follows
+``precision``, compared on its own)."""
+
+
+def resume_identity(model_config: dict, engine: str, precision: str) -> dict:
+    """What a checkpoint must share with the run that resumes it (the keys trainer.pt stores)."""
+    return {"model_config": dict(model_config), "engine": engine, "precision": precision}
+
+
+def _differences(saved: dict, expect: dict) -> tuple[list[str], list[str]]:
+    """(``field old -> new`` for every difference, the fields the checkpoint does not record)."""
+    diffs, unknown = [], []
+    for key, field in (("engine", "parallel.engine"), ("precision", "train.precision")):
+        if saved.get(key) is None:
+            unknown.append(key)
+        elif saved[key] != expect[key]:
+            diffs.append(f"{field} {saved[key]} -> {expect[key]}")
+    old_model = saved.get("model_config")
+    if old_model is None:
+        unknown.append("model_config")
+        return diffs, unknown
+    if not isinstance(old_model, dict):          # a dataclass pickled by an older trainer
+        from dataclasses import asdict
+        old_model = asdict(old_model)
+    new_model = expect["model_config"]
+    for name in [*new_model, *(k for k in old_model if k not in new_model)]:
+        old, new = old_model.get(name), new_model.get(name)
+        if name not in UNCOMPARED_MODEL_FIELDS and old != new:
+            diffs.append(f"model.{name} {old!r} -> {new!r}")
+    return diffs, unknown
+
+
+def check_resumable(directory: Path, state: dict, expect: dict, auto: bool) -> None:
+    """ValueError (one line) if checkpoint ``directory`` (its trainer state ``state``) is of another
+    model, engine or precision than ``expect`` (:func:`resume_identity`); ``auto``: found by
+    ``train.resume=auto`` in the run's output_dir (else named by ``train.resume``). Fields the
+    checkpoint does not record are skipped with a warning (printed by rank 0)."""
+    diffs, unknown = _differences(state, expect)
+    if diffs:
+        where = (f"output_dir holds checkpoint {directory} (train.resume=auto)" if auto
+                 else f"train.resume={directory} is a checkpoint")
+        ways = ("train with another output_dir, or set train.resume=never to start over in this one "
+                "(its checkpoints are then overwritten)" if auto else
+                "point train.resume at a checkpoint of this model, or set train.resume=never to start over")
+        raise ValueError(f"{where} of another model or setup (checkpoint -> this run: {'; '.join(diffs)}); "
+                         f"resuming would continue a changed model: {ways}")
+    if unknown and _rank() == 0:
+        print(f"[flexsp] warning: checkpoint {directory} records no {', '.join(unknown)} (written by an "
+              f"older FlexSP): resuming without checking them against this run (tensor shapes are still "
+              f"checked)", flush=True)
+
+
+def describe_dcp_mismatch(dcp_dir: Path, state_dict: dict) -> str | None:
+    """The first tensor of ``state_dict`` (in its order) that the DCP checkpoint ``dcp_dir`` lacks
+    or holds with another shape, as ``name: why``; None when every tensor matches."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    saved = FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata
+    flat, _ = flatten_state_dict(state_dict)
+    bad = []
+    for name, value in flat.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        meta = saved.get(name)
+        if meta is None:
+            bad.append(f"tensor {name} is not in the checkpoint")
+        elif isinstance(meta, TensorStorageMetadata) and tuple(meta.size) != tuple(value.shape):
+            bad.append(f"tensor {name} has shape {tuple(meta.size)} in the checkpoint and "
+                       f"{tuple(value.shape)} in this run")
+    if not bad:
+        return None
+    return bad[0] + (f" (the first of {len(bad)} mismatching tensors)" if len(bad) > 1 else "")
+
+
+def _dcp_load(directory: Path, sd: dict) -> None:
+    """``dcp.load`` of ``sd``; any failure is one ValueError naming the checkpoint and the first
+    mismatching tensor (a peer rank lost mid-load is left as it is: flexsp.failure handles it)."""
+    import torch.distributed.checkpoint as dcp
+
+    from flexsp.failure import is_peer_lost
+    dcp_dir = directory / DCP_SUBDIR
+    try:
+        dcp.load(sd, checkpoint_id=str(dcp_dir))
+    except BaseException as exc:   # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or is_peer_lost(exc):
+            raise
+        try:
+            first = describe_dcp_mismatch(dcp_dir, sd)
+        except Exception:      # noqa: BLE001 - the metadata itself is unreadable: say what DCP said
+            first = None
+        detail = first or f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        raise ValueError(f"cannot load checkpoint {directory}: {detail}; it does not fit this run's model "
+                         f"(train with another output_dir, or set train.resume=never)") from None
+
+
+def load_checkpoint(directory: Path, engine, world_size: int, expect: dict | None = None,
+                    auto: bool = False) -> dict:
+    """Collective. Restores the engine and this rank's RNG; returns the trainer state. ``expect``
+    (:func:`resume_identity`): checked against the checkpoint before anything is loaded."""
     directory = Path(directory)
     verify_checkpoint(directory)
     state = read_trainer_state(directory)
+    if expect is not None:
+        check_resumable(directory, state, expect, auto)
     has_dcp = (directory / DCP_SUBDIR).is_dir()
     if hasattr(engine, "state_dict"):
         if not has_dcp:
             raise ValueError(f"{directory} holds no FSDP2 state ({directory / DCP_SUBDIR} missing): it was "
                              f"written with parallel.engine={state.get('engine', 'deepspeed')}; resume with that engine")
-        import torch.distributed.checkpoint as dcp
         sd = engine.state_dict()
-        dcp.load(sd, checkpoint_id=str(directory / DCP_SUBDIR))
+        _dcp_load(directory, sd)
         engine.load_state_dict(sd)
         engine.scheduler.load_state_dict(state["scheduler"])
     else:

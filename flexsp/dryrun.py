@@ -17,19 +17,29 @@ then, in ONE process:
 3. counts rank 0's bytes (:func:`model_state_bytes`, :func:`unsharded_bytes`) and measures the
    activation bytes per token (:func:`activation_bytes_per_token`: one block and the head run
    forward on meta tensors under ``saved_tensors_hooks``);
-4. picks the cost model: ``solver.cost_model`` when it was built for this model shape (and HSDP
+4. sets the reserve aside: ``dryrun.reserve_gb`` (CUDA context, NCCL buffers, allocator
+   fragmentation) plus the loss's transient logits/gradient chunk computed from the model
+   (:func:`flexsp.dryrun_sizing.loss_transient_bytes`); C, the tokens per rank, is what is left
+   after it (the report also gives C before the reserve);
+5. picks the cost model: ``solver.cost_model`` when it was built for this model shape (and HSDP
    layout), else an ANALYTIC one (:func:`solver.presets.analytic_cost_model`) whose memory side is
-   the measured bytes (model states + unsharded buffers, activation bytes per token);
-5. plans one sampled global batch (``dryrun.workload``, ``num_sequences``, ``context_tokens``) at that
+   the measured bytes (model states + unsharded buffers, activation bytes per token) on the device
+   minus the reserve;
+6. plans one sampled global batch (``dryrun.workload``, ``num_sequences``, ``context_tokens``) at that
    scale with the trainer's planner;
-6. prints a summary and writes ``<output_dir>/dryrun.json`` (keys: ``world_size``, ``model_params``,
-   ``per_rank_bytes`` {params, grads, optimizer, activations, unsharded, total},
-   ``device_memory_bytes``, ``fits``, ``plan``, ... and the dry run's own ``wall_seconds`` and
-   ``peak_rss_bytes``).
+7. prints a summary and writes ``<output_dir>/dryrun.json`` (keys: ``world_size``, ``model_params``,
+   ``per_rank_bytes`` {params, grads, optimizer, activations, unsharded, reserve, total},
+   ``device_memory_bytes``, ``reserve``, ``capacity_tokens`` (after the reserve),
+   ``capacity_tokens_no_reserve``, ``fits``, ``fit_suggestion``, ``plan``, ... and the dry run's own
+   ``wall_seconds`` and ``peak_rss_bytes``). When the model does not fit, the summary names the
+   smallest world size (with HSDP: the smallest shard size) at which it would
+   (:func:`flexsp.dryrun_sizing.smallest_fit`).
 
-"GB" is 2^30 bytes here, as in the solver (``memory_mb = GB x 1024``). Exit status: 0 done (also
-when the model does not fit: read ``fits``), 2 a user error (one line ``flexsp-dryrun: error: ...``),
-1 a bug (traceback).
+Units: ``dryrun.device_memory_gb`` and ``dryrun.reserve_gb`` are GB, 10^9 bytes (an "80 GB" H100 has
+80e9 bytes = 74.5 GiB); the device is printed in both GB and GiB, per-rank parts in GiB (2^30).
+
+Exit status: 0 the model fits, 4 (``DOES_NOT_FIT_EXIT_CODE``) it does not (the report is still
+printed and written), 2 a user error (one line ``flexsp-dryrun: error: ...``), 1 a bug (traceback).
 """
 from __future__ import annotations
 
@@ -42,10 +52,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-PROG = "flexsp-dryrun"
+from flexsp.dryrun_report import PROG, format_report, table  # noqa: F401 (re-exported)
+
 _T_START = time.perf_counter()     # the command's wall time counts from this module's import
 GIB = 2**30
 MIB = 2**20
+GB = 10**9
+DOES_NOT_FIT_EXIT_CODE = 4
+"""Exit status of a dry run whose model does not fit the devices (its report is still written)."""
 
 
 @dataclass
@@ -55,7 +69,14 @@ class DryRunConfig:
     devices_per_node: int = 8
     """Ranks per node (a power of two; capped at world_size)."""
     device_memory_gb: float = 80.0
-    """Usable memory per device, GB (2^30 bytes, as the solver's memory_mb = GB x 1024)."""
+    """Memory per device, GB (10^9 bytes: an "80 GB" H100 has 80e9 bytes = 74.5 GiB; an H200 141 GB)."""
+    reserve_gb: float = 6.0
+    """Memory per device kept free, GB (10^9 bytes), besides the loss's transient chunk (computed
+    from the model and added on top): the CUDA context and library workspaces (~1 GB: 0.75 GiB of
+    non-PyTorch memory was measured in one process on the H200, benchmarks/results/gpu/
+    gpu_check_2026-12-04a.md), NCCL buffers of the FSDP and SP communicators (~2 GB: up to a few
+    hundred MB per communicator at NCCL's 4 MiB per channel and peer, a rank being in one per SP
+    degree), and the caching allocator's fragmentation (~3 GB, ~4% of an 80 GB device)."""
     workload: str = "github"
     """Length distribution of the sampled batch: a solver.workloads name (cpython = real lengths)."""
     num_sequences: int = 512
@@ -84,6 +105,9 @@ class DryRunConfig:
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"dryrun.{name}={v} must be a finite number > 0")
+        if not (0 <= self.reserve_gb < self.device_memory_gb and math.isfinite(self.reserve_gb)):
+            raise ValueError(f"dryrun.reserve_gb={self.reserve_gb} must be >= 0 and below "
+                             f"dryrun.device_memory_gb={self.device_memory_gb}")
         if not 0 < self.mfu <= 1:
             raise ValueError(f"dryrun.mfu={self.mfu} must be in (0, 1]")
         from solver.workloads import NAMES
@@ -98,7 +122,11 @@ class DryRunConfig:
 
     @property
     def device_memory_bytes(self) -> int:
-        return int(self.device_memory_gb * GIB)
+        return round(self.device_memory_gb * GB)
+
+    @property
+    def reserve_bytes(self) -> int:
+        return round(self.reserve_gb * GB)
 
 
 # -- config ------------------------------------------------------------------------------------------
@@ -394,44 +422,67 @@ def _fallback_per_token(cfg, c: int) -> dict:
 
 
 # -- cost model --------------------------------------------------------------------------------------
-def pick_cost_model(c: dict, d: DryRunConfig, mcfg, states_bytes: int, act_bytes_per_token: float):
+def model_name(c: dict) -> str:
+    """The model as the user knows it: the preset, or the HF checkpoint's architecture and directory."""
+    hf = c["hf_checkpoint"]
+    if not hf:
+        return c["model_preset"]
+    try:
+        arch = (json.loads((Path(hf) / "config.json").read_text()).get("architectures") or ["?"])[0]
+    except (OSError, ValueError):
+        arch = "?"
+    return f"{arch} ({Path(hf).name})"
+
+
+def pick_cost_model(c: dict, d: DryRunConfig, mcfg, states_bytes: int, act_bytes_per_token: float,
+                    reserve_bytes: int):
     """(cost model, how it was chosen): the configured ``solver.cost_model`` if it was built for this
-    model's shape and HSDP layout, else an analytic one whose memory side is the measured bytes."""
+    model's shape and HSDP layout, else an analytic one whose memory side is the measured bytes on
+    the device minus ``reserve_bytes``. The choice's ``note`` says it in a few neutral words (the
+    full reason is in ``why``)."""
     from flexsp.planning import load_cost_model
     from solver.presets import analytic_cost_model
     spec, world = c["solver"].cost_model, d.world_size
     shard_size = c["parallel"].shard_size if c["parallel"].shard_size < world else 0
     cm = load_cost_model(spec, world)
-    reason = None
+    reason = note = None
     try:
         cm.check_model_shape(mcfg.layers, mcfg.hidden, mcfg.heads, mcfg.kv_heads)
     except ValueError as exc:
-        reason = str(exc).split(": profile")[0]
+        reason, note = str(exc).split(": profile")[0], "is for another model shape"
     if reason is None and not (cm.layers and cm.hidden):
         reason = f"cost model {cm.name} does not record the model shape it was built for"
+        note = "records no model shape"
     if reason is None and (cm.shard_size if cm.shard_size < world else 0) != shard_size:
         reason = f"cost model {cm.name} has shard_size={cm.shard_size}, the run parallel.shard_size={shard_size}"
+        note = "is for another HSDP layout"
     if reason is None:
-        return cm, {"choice": "configured", "spec": spec}
-    free = d.device_memory_bytes - states_bytes
+        return cm, {"choice": "configured", "spec": spec, "note": "built for this model shape"}
+    free = d.device_memory_bytes - reserve_bytes - states_bytes
     if free < act_bytes_per_token:
         return None, {"choice": "none", "spec": spec,
+                      "note": f"solver.cost_model={spec} {note}, and no token fits for an analytic one",
                       "why": f"solver.cost_model={spec}: {reason}; and no analytic model either: model states + "
-                             f"unsharded buffers ({states_bytes / GIB:.2f} GiB) leave no room for one token's "
-                             f"activations in {d.device_memory_gb:g} GiB"}
+                             f"unsharded buffers ({states_bytes / GIB:.2f} GiB) and the reserve "
+                             f"({reserve_bytes / GIB:.2f} GiB) leave no room for one token's activations in "
+                             f"{d.device_memory_gb:g} GB ({d.device_memory_bytes / GIB:.2f} GiB)"}
+    note = f"solver.cost_model={spec} {note}: an analytic roofline with the memory measured here is used"
     params = mcfg.num_params()
     sbpp = states_bytes * (shard_size or world) / params      # so that model_states_mb == measured
+    short = Path(c["hf_checkpoint"]).name if c["hf_checkpoint"] else c["model_preset"]
     cm = analytic_cost_model(
-        f"analytic-{c['model_preset']}-{world}", layers=mcfg.layers, hidden=mcfg.hidden, heads=mcfg.heads,
+        f"analytic-{short}-{world}", layers=mcfg.layers, hidden=mcfg.hidden, heads=mcfg.heads,
         kv_heads=mcfg.kv_heads, params=float(params), num_devices=world,
-        devices_per_node=min(d.devices_per_node, world), memory_mb=d.device_memory_gb * 1024,
+        devices_per_node=min(d.devices_per_node, world),
+        memory_mb=(d.device_memory_bytes - reserve_bytes) / MIB,
         act_mb_per_token=act_bytes_per_token / MIB, peak_tflops=d.peak_tflops, mfu=d.mfu,
         bytes_per_element=2 if c["train"].precision != "fp32" else 4, zero_gbps=d.zero_gbps,
         activation_checkpointing=bool(mcfg.activation_checkpointing), shard_size=shard_size,
         replicate_gbps=d.replicate_gbps if shard_size else 0.0)
     cm = replace(cm, state_bytes_per_param=sbpp, source=cm.source + "; memory: flexsp-dryrun's measured model "
-                 "states + unsharded buffers and activation bytes per token")
-    return cm, {"choice": "analytic", "spec": spec, "why": f"solver.cost_model={spec}: {reason}"}
+                 "states + unsharded buffers and activation bytes per token, on the device minus the reserve")
+    return cm, {"choice": "analytic", "spec": spec, "note": note,
+                "why": f"solver.cost_model={spec}: {reason}"}
 
 
 # -- the dry run -------------------------------------------------------------------------------------
@@ -441,7 +492,10 @@ def run(cfg: dict, t0: float | None = None) -> dict:
     t0 = time.perf_counter() if t0 is None else t0
     import torch
 
+    from flexsp import dryrun_sizing as sizing
+    from flexsp.dryrun_sizing import param_shapes
     from flexsp.engines import precision_dtypes
+    from flexsp.model import Transformer
     from flexsp.planning import solve_plan
     from flexsp.train import check_output_dir, model_config_of
     from solver.planner import PlanningError
@@ -453,6 +507,8 @@ def run(cfg: dict, t0: float | None = None) -> dict:
     mcfg, precision = model_config_of(c, c["model_overrides"].get("vocab_size"))
     c["train"] = replace(c["train"], precision=precision)
     shard_size = c["parallel"].shard_size
+    with torch.device("meta"):
+        shapes = param_shapes(Transformer(mcfg, device=torch.device("meta")))
     with FakeWorld(d.world_size):
         model, units, mesh = build_sharded(mcfg, precision, d.world_size, shard_size)
         states = model_state_bytes(model, precision)
@@ -461,14 +517,22 @@ def run(cfg: dict, t0: float | None = None) -> dict:
         del model, units, mesh
     compute = precision_dtypes(precision)[0] or mcfg.torch_dtype
     act = activation_bytes_per_token(mcfg, compute)
+    per_token = act["bytes_per_token"]
     model_states = states["params"] + states["grads"] + states["optimizer"]
-    cm, cm_choice = pick_cost_model(c, d, mcfg, model_states + unsh["total"], act["bytes_per_token"])
-    free = d.device_memory_bytes - model_states - unsh["total"]
-    measured_capacity = max(0, math.floor(free / act["bytes_per_token"]))
+    resident = model_states + unsh["total"]
+    capacity_no_reserve = sizing.capacity(d.device_memory_bytes - resident, per_token)
+    loss = sizing.loss_transient_bytes(mcfg.vocab_size, mcfg.hidden, _dtype_bytes(compute))
+    reserve = {"fixed": d.reserve_bytes, "loss_chunk": loss["bytes"],
+               "total": d.reserve_bytes + loss["bytes"], "loss": loss}
+    cm, cm_choice = pick_cost_model(c, d, mcfg, resident, per_token, reserve["total"])
+    measured_capacity = sizing.capacity(d.device_memory_bytes - reserve["total"] - resident, per_token)
     capacity = cm.capacity_tokens if cm is not None else 0
-    activations = int(capacity * act["bytes_per_token"])
-    total = model_states + unsh["total"] + activations
+    activations = int(capacity * per_token)
+    total = resident + activations + reserve["total"]
     fits = capacity >= 1 and total <= d.device_memory_bytes
+    suggestion = None if fits else sizing.smallest_fit(shapes, unsh["total"], per_token,
+                                                       d.device_memory_bytes - reserve["total"], d.world_size,
+                                                       shard_size if shard_size < d.world_size else 0)
     lengths = sample_lengths(d.workload, d.num_sequences, d.seed, context_limit=d.context_tokens)
     batch = {"workload": d.workload, "num_sequences": int(lengths.size), "seed": d.seed,
              "context_tokens": d.context_tokens, "tokens": int(lengths.sum()), "longest": int(lengths.max()),
@@ -498,7 +562,8 @@ def run(cfg: dict, t0: float | None = None) -> dict:
     report = {
         "world_size": d.world_size,
         "devices_per_node": min(d.devices_per_node, d.world_size),
-        "model": {"preset": c["model_preset"], "hf_checkpoint": c["hf_checkpoint"], "layers": mcfg.layers,
+        "model": {"name": model_name(c), "preset": None if c["hf_checkpoint"] else c["model_preset"],
+                  "hf_checkpoint": c["hf_checkpoint"], "layers": mcfg.layers,
                   "hidden": mcfg.hidden, "heads": mcfg.heads, "kv_heads": mcfg.kv_heads,
                   "intermediate": mcfg.intermediate, "vocab_size": mcfg.vocab_size,
                   "tie_embeddings": mcfg.tie_embeddings, "activation_checkpointing": mcfg.activation_checkpointing},
@@ -509,14 +574,18 @@ def run(cfg: dict, t0: float | None = None) -> dict:
                      "param_dtype": str(mcfg.torch_dtype).replace("torch.", ""),
                      "compute_dtype": str(compute).replace("torch.", "")},
         "per_rank_bytes": {"params": states["params"], "grads": states["grads"], "optimizer": states["optimizer"],
-                           "activations": activations, "unsharded": unsh["total"], "total": total},
+                           "activations": activations, "unsharded": unsh["total"],
+                           "reserve": reserve["total"], "total": total},
         "unsharded_parts": {"phase": unsh["phase"], **unsh["parts"]},
         "units": unsh["units"],
         "activation": act,
         "device_memory_bytes": d.device_memory_bytes,
+        "reserve": reserve,
         "capacity_tokens": capacity,
         "capacity_tokens_measured": measured_capacity,
+        "capacity_tokens_no_reserve": capacity_no_reserve,
         "fits": bool(fits),
+        "fit_suggestion": suggestion,
         "cost_model": {**cm_choice, **({"name": cm.name, "source": cm.source, "memory_mb": cm.memory_mb,
                                          "model_states_mb": round(cm.model_states_mb, 1),
                                          "act_mb_per_token": cm.act_mb_per_token, "capacity_tokens": cm.capacity_tokens,
@@ -533,74 +602,6 @@ def run(cfg: dict, t0: float | None = None) -> dict:
     path.write_text(json.dumps(report, indent=1) + "\n")
     report["path"] = str(path)
     return report
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
-
-
-def _gib(n: float) -> str:
-    """Bytes as GiB, MiB or KiB, whichever reads best."""
-    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def format_report(r: dict) -> str:
-    b, m = r["per_rank_bytes"], r["model"]
-    act, u = r["activation"], r["unsharded_parts"]
-    lines = [
-        f"{PROG}: {m['preset']} ({_count(r['model_params'])} params) on {r['world_size']} ranks "
-        f"({r['devices_per_node']}/node), {r['precision']}, FSDP2 mesh {r['sharding']['mesh']}, "
-        f"{r['device_memory_bytes'] / GIB:g} GiB per device",
-        f"  per rank: params {_gib(b['params'])} | grads {_gib(b['grads'])} | optimizer {_gib(b['optimizer'])} | "
-        f"unsharded {_gib(b['unsharded'])} (backward of {u['phase']}) | activations {_gib(b['activations'])} "
-        f"(C = {r['capacity_tokens']:,} tokens x {act['bytes_per_token'] / MIB:.3f} MiB/token, "
-        f"AC {'on' if act['activation_checkpointing'] else 'off'}) | total {_gib(b['total'])}: "
-        f"{'fits' if r['fits'] else 'DOES NOT FIT'}",
-        f"  cost model: {r['cost_model']['name']} ({r['cost_model']['choice']}"
-        + (f"; {r['cost_model']['why']}" if r["cost_model"].get("why") else "") + ")",
-    ]
-    bt, p = r["batch"], r["plan"]
-    head = (f"  plan of one batch ({bt['workload']}, {bt['num_sequences']} sequences, {bt['tokens']:,} tokens, "
-            f"longest {bt['longest']:,}): ")
-    if p and "error" in p:
-        lines.append(head + f"NONE: {p['error']}")
-    elif p:
-        extra = f", {p['speedup_over_static']}x over static SP" if "speedup_over_static" in p else ""
-        lines.append(head + f"{p['summary']}; predicted {p['predicted_ms']:.1f} ms (lower bound "
-                     f"{p['lower_bound_ms']:.1f}, gap {100 * p['gap']:.1f}%{extra}), {p['status']}, "
-                     f"solved in {p['solve_seconds']:.2f} s")
-    lines.append(f"  dry run: {r['wall_seconds']:.1f} s, peak RSS {_gib(r['peak_rss_bytes'])} -> {r.get('path', '')}")
-    return "\n".join(lines)
-
-
-def table(paths) -> str:
-    """A markdown table of dry runs: each path is a dryrun.json or its output_dir."""
-    head = ("| run | params/rank | grads | optimizer | unsharded | activations | total | fits | C (tokens/rank) "
-            "| act/token | plan of the batch | predicted iteration | vs static SP=N | dry run: time, peak RSS |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    rows = []
-    for p in paths:
-        p = Path(p)
-        r = json.loads((p / "dryrun.json" if p.is_dir() else p).read_text())
-        b, plan = r["per_rank_bytes"], r["plan"] or {}
-        mesh = "x".join(str(x) for x in r["sharding"]["mesh"])
-        name = (f"{r['model']['preset']} {r['precision']} {r['world_size']} ranks, mesh {mesh}"
-                + ("" if r["model"]["activation_checkpointing"] else ", AC off"))
-        g = lambda n: f"{n / GIB:.2f} GiB"   # noqa: E731
-        if "error" in plan:
-            summary, ms, vs = "none: " + plan["error"][:90], "-", "-"
-        else:
-            summary = f"{plan['summary']} ({plan['status']}, {plan['solve_seconds']:.2f} s)".replace("|", "\\|")
-            ms = f"{plan['predicted_ms'] / 1000:.2f} s"
-            vs = f"{plan['speedup_over_static']}x" if "speedup_over_static" in plan else "-"
-        rows.append(f"| {name} | {g(b['params'])} | {g(b['grads'])} | {g(b['optimizer'])} | {g(b['unsharded'])} "
-                    f"| {g(b['activations'])} | {g(b['total'])} | {'yes' if r['fits'] else '**no**'} "
-                    f"| {r['capacity_tokens']:,} | {r['activation']['bytes_per_token'] / MIB:.3f} MiB | {summary} "
-                    f"| {ms} | {vs} | {r['wall_seconds']:.1f} s, {r['peak_rss_bytes'] / MIB:.0f} MiB |")
-    return head + "\n".join(rows) + "\n"
 
 
 def _say(msg: str) -> None:
@@ -640,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(report), flush=True)
     except BrokenPipeError:          # e.g. `flexsp-dryrun ... | head -1`
         sys.stdout = open(os.devnull, "w")
-    return 0
+    return 0 if report["fits"] else DOES_NOT_FIT_EXIT_CODE
 
 
 if __name__ == "__main__":

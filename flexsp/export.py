@@ -3,6 +3,10 @@
     flexsp-export CHECKPOINT_DIR OUT_DIR [--dtype bf16|fp32] [--architecture NAME]
                   [--max-shard-size BYTES] [--tokenizer PATH]
 
+The weights are written in the dtype the model was trained in (:func:`trained_dtype`: fp32 for
+``train.precision=fp32``, bf16 for ``bf16`` / ``bf16-pure``; fp32 for a checkpoint that does not
+record its precision), and the dtype is printed; ``--dtype`` writes another one.
+
 ``CHECKPOINT_DIR`` is a ``step_N/`` directory written by the trainer at any world size (or a
 checkpoints root / run directory, then its ``latest`` is used). It holds ``trainer.pt`` (``step``,
 ``config`` = the resolved Hydra config, ``model_config`` = ``dataclasses.asdict(ModelConfig)``,
@@ -118,19 +122,35 @@ def load_model_state(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
     raise ExportError(f"{ckpt} holds no model weights: neither {dcp_dir} nor {ds_dir / 'engine'} exists")
 
 
+TRAINED_DTYPE = {"fp32": "fp32", "bf16": "bf16", "bf16-pure": "bf16"}
+"""Export dtype of each train.precision: fp32 training keeps fp32; bf16 mixed precision computed in
+bf16 (its fp32 masters exist for the optimizer's small updates), bf16-pure kept bf16 throughout."""
+
+
+def trained_dtype(state: dict) -> tuple[str, str]:
+    """(export dtype, why) for a checkpoint's trainer state: its train.precision (trainer.pt's
+    ``precision``, else the resolved ``config.train.precision``), else fp32 (never lossy)."""
+    precision = state.get("precision") or ((state.get("config") or {}).get("train") or {}).get("precision")
+    if precision in TRAINED_DTYPE:
+        return TRAINED_DTYPE[precision], f"trained with train.precision={precision}"
+    return "fp32", "the checkpoint records no train.precision"
+
+
 def _origin(state: dict) -> Path | None:
     hf = ((state.get("config") or {}).get("model") or {}).get("hf_checkpoint")
     return Path(hf) if hf else None
 
 
-def export(checkpoint, out_dir, *, dtype: str = "bf16", architecture: str | None = None,
+def export(checkpoint, out_dir, *, dtype: str | None = None, architecture: str | None = None,
            max_shard_bytes: int | None = None, tokenizer=None, log=None) -> Path:
-    """Export ``checkpoint`` to the HF directory ``out_dir``; raises :class:`ExportError`."""
+    """Export ``checkpoint`` to the HF directory ``out_dir``; raises :class:`ExportError`.
+    ``dtype`` None: the dtype the model was trained in (:func:`trained_dtype`)."""
     from flexsp.model.hf import DEFAULT_MAX_SHARD_BYTES, SUPPORTED_ARCHITECTURES, to_hf
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}; valid options: bf16, fp32")
     ckpt = resolve_checkpoint(checkpoint)
     state = _verify(ckpt)
+    dtype, why = (dtype, "--dtype") if dtype is not None else trained_dtype(state)
     cfg = _model_config(state, ckpt)
     origin = _origin(state)
     if architecture is None and origin is not None and (origin / "config.json").is_file():
@@ -156,7 +176,8 @@ def export(checkpoint, out_dir, *, dtype: str = "bf16", architecture: str | None
     except (ValueError, FileNotFoundError) as exc:
         raise ExportError(str(exc)) from None
     if log:
-        log(f"exported {ckpt} (step {state.get('step')}) -> {out}")
+        name = str(DTYPES[dtype]).replace("torch.", "")
+        log(f"exported {ckpt} (step {state.get('step')}) -> {out}, weights in {name} ({why})")
     return out
 
 
@@ -164,7 +185,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="flexsp-export", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a step_N checkpoint directory (or a checkpoints root with `latest`)")
     ap.add_argument("out_dir", help="the HF model directory to write")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights dtype on disk")
+    ap.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
+                    help="weights dtype on disk (default: the dtype the model was trained in: fp32 for "
+                         "train.precision=fp32, bf16 for bf16 / bf16-pure)")
     ap.add_argument("--architecture", default=None,
                     help="HF architecture (default: the HF origin's, else LLaMA / Qwen3 / Qwen2 / Mistral as the "
                          "config needs)")

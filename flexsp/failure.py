@@ -18,18 +18,36 @@ Two problems this module solves:
    (``os._exit(ABORTED_EXIT_CODE)``), whatever collective it is blocked in. Its own exception, if
    any, is not printed: the message was printed once, by the first rank. A rank whose store
    vanished (rank 0 died while hosting it) exits the same way.
+
+3. **A rank that dies is the one line, not its peers' errors.** A rank killed by a signal (the
+   out-of-memory killer's SIGKILL) or exiting without reporting leaves the others with a secondary
+   error in their next collective (gloo: "Connection reset by peer"; NCCL: a communicator abort).
+   :func:`is_peer_lost` recognises it: such a rank prints no traceback and exits with
+   ``ABORTED_EXIT_CODE`` (under ``flexsp-train``'s own launcher it prints nothing at all; under
+   another launcher the first such rank prints one line saying a peer died). ``flexsp-train``'s
+   launcher then prints :func:`dead_rank_line` for the rank that died: which rank, host and pid,
+   the signal or exit status, the step it died in, a hint (SIGKILL: out of memory?), and the
+   checkpoint the same command resumes from. The step needs no per-step reporting: every step
+   ends in an all-reduce over all ranks, so the last step rank 0 logged to metrics.jsonl is the
+   last step every rank, the dead one included, completed.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
 import threading
 import traceback
 from pathlib import Path
 
 ABORTED_EXIT_CODE = 3
-"""Exit status of a rank stopped because another rank failed."""
+"""Exit status of a rank stopped because another rank failed (or vanished)."""
+REPORTED_EXIT_CODES = (1, 2, 3, 130, 143)
+"""Exit statuses of a rank that reported its own end (a bug's traceback, a user error's line, stopped
+by another rank's failure, interrupted); any other status or a signal is a rank that died silently."""
+LAUNCHER_ENV = "FLEXSP_LAUNCHER"
+"""Set (to "1") in the ranks' environment by flexsp-train's launcher, which reports a dead rank itself."""
 USER_ERROR_EXIT_CODE = 2
 BUG_EXIT_CODE = 1
 _OUR_CODE = (str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "solver"))
@@ -73,6 +91,63 @@ def report(exc: BaseException, prog: str = "flexsp-train", *, printer: bool = Tr
             traceback.print_exception(exc, file=stream)
             stream.flush()
     return USER_ERROR_EXIT_CODE if user else BUG_EXIT_CODE
+
+
+_PEER_LOST = re.compile(r"gloo/transport|Connection (reset|closed) by peer|Broken pipe|Connection refused|"
+                        r"NCCL communicator was aborted|remote process exited|"
+                        r"ProcessGroupNCCL.*(abort|[Tt]imeout)")
+
+
+def is_peer_lost(exc: BaseException) -> bool:
+    """True for the error a rank gets in a collective when another rank has vanished: a
+    torch.distributed DistError (backend, network or store) or a RuntimeError of the gloo/NCCL
+    transport ("Connection reset by peer", "Connection closed by peer", a communicator abort)."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if names & {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}:
+        return True
+    return isinstance(exc, RuntimeError) and bool(_PEER_LOST.search(str(exc)))
+
+
+def last_logged_step(metrics: Path, since: float) -> int | None:
+    """The last step in ``metrics`` (rank 0's metrics.jsonl) if the file was written at or after
+    ``since`` (time.time()), else None: the run logged no step (a file of an earlier run)."""
+    import json
+    try:
+        if metrics.stat().st_mtime < since:
+            return None
+        lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+        return int(json.loads(lines[-1])["step"]) if lines else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def dead_rank_line(rank: int, host: str, pid: int, exitcode: int, done_steps: int | None,
+                   total_steps: int, checkpoint: Path | None) -> str:
+    """The one line for a rank that died without reporting (``exitcode`` < 0: killed by that
+    signal). ``done_steps``: steps every rank completed (None: none in this run)."""
+    import signal
+    if exitcode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"was killed by signal {-exitcode}"
+    else:
+        how = f"exited with status {exitcode} without reporting an error"
+    if done_steps is None:
+        when = "before its first step of this run"
+    elif done_steps >= total_steps:
+        when = f"after the last step ({done_steps}), while finishing"
+    else:
+        when = f"during step {done_steps + 1} ({done_steps} completed)"
+    hint = ""
+    if exitcode == -signal.SIGKILL:
+        hint = (" -- out of memory? (the kernel's OOM killer sends SIGKILL: see `dmesg` or the job's memory "
+                "limit)")
+    elif exitcode in (-signal.SIGSEGV, -signal.SIGBUS, -signal.SIGABRT):
+        hint = " -- a crash in native code (a driver, a kernel, a library)"
+    resume = (f"the same command resumes from {checkpoint} (train.resume=auto)" if checkpoint
+              else "no checkpoint was written: the same command starts over")
+    return f"rank {rank} (host {host}, pid {pid}) {how} {when}{hint}; {resume}"
 
 
 def _abort_key() -> str:

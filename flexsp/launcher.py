@@ -11,12 +11,16 @@ With torchrun options (``--nproc-per-node``, ``--nnodes``, ``--rdzv-endpoint``, 
 validated here first (a bad value is one line and exit status 2 before any rank starts), then
 torchrun's elastic agent runs ``python -m flexsp.train`` on every rank, in-process, with its log
 quieted: a rank that fails prints its own one line (flexsp.failure) and the launcher exits with its
-status, without torchrun's summary. Plain ``torchrun ... -m flexsp.train`` works too (torchrun then
-adds its own summary of a failed rank).
+status, without torchrun's summary. A rank that dies without reporting (killed by a signal, e.g. the
+out-of-memory killer's SIGKILL, or exiting early) is one line from the launcher: rank, host, pid,
+signal or status, the step, a hint, the checkpoint to resume from (flexsp.failure.dead_rank_line);
+the other ranks' secondary errors ("Connection reset by peer") are not printed. Plain ``torchrun ...
+-m flexsp.train`` works too (torchrun then adds its own summary of a failed rank).
 
 Exit status: 0 done, 2 a user error (bad config value, missing or corrupt file, ...), 1 a bug (its
 traceback is printed once), 3 a rank stopped because another rank failed, 130/143 interrupted by
-SIGINT/SIGTERM after writing a checkpoint.
+SIGINT/SIGTERM after writing a checkpoint, 128 + N a rank killed by signal N (137: SIGKILL), or the
+status of a rank that exited without reporting.
 """
 from __future__ import annotations
 
@@ -148,14 +152,14 @@ def main(argv: list[str]) -> int:
         except ValueError as exc:
             _say(" ".join(str(exc).split()))
             return 2
-        return _launch(launcher, overrides)
+        return _launch(launcher, overrides, c)
     return _run_here(cfg)
 
 
 def _run_here(cfg) -> int:
     import torch.distributed as dist
 
-    from flexsp.failure import report
+    from flexsp.failure import ABORTED_EXIT_CODE, LAUNCHER_ENV, is_peer_lost, report
     from flexsp.train import run
     code = 0
     try:
@@ -169,7 +173,17 @@ def _run_here(cfg) -> int:
     except BaseException as exc:   # noqa: BLE001 - every failure becomes one report and a status
         first = getattr(exc, "flexsp_first", None)
         printer = first if first is not None else _rank() == 0
-        code = report(exc, PROG, printer=printer)
+        if dist.is_initialized() and is_peer_lost(exc):
+            # another rank vanished (the world had been formed): its death is the cause, this error is
+            # secondary (no traceback); flexsp-train's launcher reports the dead rank, others get one line
+            code = ABORTED_EXIT_CODE
+            if printer and not os.environ.get(LAUNCHER_ENV):
+                print(f"{PROG}: error: rank {_rank()} lost its connection to another rank "
+                      f"({type(exc).__name__}: {_first_line(exc)}): that rank died first; its launcher's "
+                      f"report (torchrun: the failed rank's exitcode or signal) says which and why",
+                      file=sys.stderr, flush=True)
+        else:
+            code = report(exc, PROG, printer=printer)
         if first is not None:
             # failed inside the training loop: peers are being stopped, tearing the process group
             # down could wait for them; leave now with the status
@@ -183,6 +197,12 @@ def _run_here(cfg) -> int:
             except Exception:
                 pass
     return code
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of a transport error: its first line, without gloo's source location prefix."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return text.split("] ", 1)[-1].split(". This is typically")[0][:200]
 
 
 def _launched_world(launcher: list[str]) -> int | None:
@@ -199,12 +219,17 @@ def _launched_world(launcher: list[str]) -> int | None:
         return None
 
 
-def _launch(launcher: list[str], overrides: list[str]) -> int:
+def _launch(launcher: list[str], overrides: list[str], c: dict) -> int:
     """torchrun's elastic agent in this process, its log quieted; the failed rank's status."""
+    import time
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    from flexsp.failure import LAUNCHER_ENV
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")       # torchrun would warn and set it
+    os.environ[LAUNCHER_ENV] = "1"                      # the ranks leave a dead peer to us
     if not os.environ.get("FLEXSP_LAUNCHER_VERBOSE"):
         # torchrun's loggers each set their own level: quiet every one of them (the ranks report)
         for name, logger in list(logging.Logger.manager.loggerDict.items()):
@@ -217,21 +242,11 @@ def _launch(launcher: list[str], overrides: list[str]) -> int:
         args = get_args_parser().parse_args([*launcher, "-m", "flexsp.train", *overrides])
     except SystemExit as exc:
         return int(exc.code or 2)
+    started = time.time()
     try:
         run(args)
     except ChildFailedError as exc:
-        from flexsp.failure import ABORTED_EXIT_CODE
-        # the rank that failed, not one the abort watch stopped because of it
-        failures = sorted(exc.failures.items(), key=lambda kv: (kv[1].exitcode == ABORTED_EXIT_CODE,
-                                                                kv[1].exitcode < 0, kv[1].timestamp))
-        rank, failure = failures[0]
-        if failure.exitcode < 0:
-            import signal
-            name = signal.Signals(-failure.exitcode).name
-            print(f"{PROG}: error: rank {rank} was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else ""),
-                  file=sys.stderr, flush=True)
-            return 128 - failure.exitcode
-        return failure.exitcode
+        return _report_failed_ranks(exc.failures, c, started)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:   # torchrun's SignalException on SIGINT/SIGTERM of the launcher
@@ -240,3 +255,36 @@ def _launch(launcher: list[str], overrides: list[str]) -> int:
             return 128 + int(sig)
         raise
     return 0
+
+
+def _report_failed_ranks(failures: dict, c: dict, started: float) -> int:
+    """The launcher's exit status for torchrun's failed ranks (``{global rank: ProcessFailure}``).
+
+    The cause is, in order: a rank that died without reporting (a signal other than SIGTERM/SIGINT,
+    or a status no flexsp rank exits with), which gets its one line here
+    (flexsp.failure.dead_rank_line); else a rank that reported its own failure (its line or
+    traceback is already printed); else a rank stopped because of another (exit status 3, or
+    SIGTERM/SIGINT: how torchrun's agent stops the other ranks once one failed). Earliest first
+    within each kind. A signal is reported here even as the last resort (nobody else did)."""
+    import signal
+    import socket
+
+    from flexsp.checkpoint import latest_checkpoint
+    from flexsp.failure import ABORTED_EXIT_CODE, REPORTED_EXIT_CODES, dead_rank_line, last_logged_step
+
+    def kind(f) -> int:
+        if f.exitcode in (ABORTED_EXIT_CODE, -signal.SIGTERM, -signal.SIGINT):
+            return 2
+        return 0 if f.exitcode < 0 or f.exitcode not in REPORTED_EXIT_CODES else 1
+    rank, failure = min(failures.items(), key=lambda kv: (kind(kv[1]), kv[1].timestamp))
+    if kind(failure) and failure.exitcode > 0:
+        return failure.exitcode
+    out = c["output_dir"]
+    try:
+        checkpoint = latest_checkpoint(out / "checkpoints")
+    except ValueError:                    # `latest` names an incomplete checkpoint
+        checkpoint = None
+    done = last_logged_step(out / "metrics.jsonl", since=started)
+    print(f"{PROG}: error: " + dead_rank_line(rank, socket.gethostname(), failure.pid, failure.exitcode, done,
+                                              c["train"].steps, checkpoint), file=sys.stderr, flush=True)
+    return 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode

@@ -126,8 +126,8 @@ def model_config_of(c: dict, vocab_size: int | None = None):
     over = dict(c["model_overrides"])
     over.pop("vocab_size", None)
     if c["hf_checkpoint"]:
-        from flexsp.model.hf import config_from_hf
-        base = config_from_hf(c["hf_checkpoint"])
+        from flexsp.model.hf import checkpoint_dir, config_from_hf
+        base = config_from_hf(checkpoint_dir(c["hf_checkpoint"]))
         allowed = {"activation_checkpointing", "dtype"}
         bad = sorted(set(over) - allowed)
         if bad:
@@ -261,6 +261,11 @@ def _build(st: RunState) -> None:
     if c["hf_checkpoint"]:
         from flexsp.model.hf import config_from_hf
         vocab = config_from_hf(c["hf_checkpoint"]).vocab_size
+        if c["data"].source in ("corpus", "stdlib", "hf"):       # the data's tokenizer must be the model's
+            from flexsp.data.tokenizer import check_vocabulary
+            tok = c["data"].corpus.tokenizer
+            check_vocabulary(st.source.vocab_size, vocab, c["hf_checkpoint"] if tok == "bpe" else tok,
+                             c["hf_checkpoint"])
     if vocab < st.source.vocab_size:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary "
                          f"({st.source.vocab_size}); set model.vocab_size=null to follow the data")
@@ -279,7 +284,7 @@ def _build(st: RunState) -> None:
 
 # -- phase 4: resume ---------------------------------------------------------------------------------
 def _resume(st: RunState) -> None:
-    from flexsp.checkpoint import latest_checkpoint, load_checkpoint
+    from flexsp.checkpoint import latest_checkpoint, load_checkpoint, resume_identity
     train, out = st.c["train"], st.out
     if train.resume == "never":
         if st.rank == 0:
@@ -288,7 +293,8 @@ def _resume(st: RunState) -> None:
     ck = latest_checkpoint(out / "checkpoints") if train.resume == "auto" else Path(train.resume)
     if ck is None:
         return
-    state = load_checkpoint(ck, st.engine, st.world)
+    expect = resume_identity(_asdict(st.mcfg), st.c["parallel"].engine, train.precision)
+    state = load_checkpoint(ck, st.engine, st.world, expect=expect, auto=train.resume == "auto")
     st.sampler.load_state_dict(state["sampler"])
     st.start = int(state["step"])
     if st.rank == 0:

@@ -3,9 +3,12 @@
 Full dry runs go through subprocesses (fresh interpreter: the fake default process group and the
 peak RSS are the run's own): the tiny preset (configured cost model), the 7b preset (bf16 mixed
 precision: params + grads + AdamW = 16 B x parameters / 64 per rank; peak RSS far below the 7B's
-fp32 size, so nothing was materialised), HSDP on the tiny preset, and bad dryrun fields (one error
-line, exit status 2). The activation measurement is cross-checked in-process against the bytes
-autograd saves in a real CPU forward of the whole tiny model.
+fp32 size, so nothing was materialised; device memory in 10^9 bytes, C sized after the reserve),
+HSDP on the tiny preset, a model that does not fit (exit status 4, the smallest world / HSDP shard
+size that fits, checked by dry runs at that size and at half of it), an HF checkpoint (named by
+its architecture, a neutral cost-model line), and bad dryrun fields (one error line, exit status 2).
+The activation measurement is cross-checked in-process against the bytes autograd saves in a real
+CPU forward of the whole tiny model.
 """
 import json
 import os
@@ -20,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 KEYS = {"world_size", "model_params", "per_rank_bytes", "device_memory_bytes", "fits", "plan",
         "capacity_tokens", "unsharded_parts", "activation", "cost_model", "batch", "wall_seconds",
         "peak_rss_bytes", "sharding", "precision"}
-BYTES_KEYS = {"params", "grads", "optimizer", "activations", "unsharded", "total"}
+BYTES_KEYS = {"params", "grads", "optimizer", "activations", "unsharded", "reserve", "total"}
 
 
 def _dryrun(tmp_path, *overrides, timeout=240):
@@ -77,6 +80,20 @@ def test_7b_at_64_ranks_bf16_nothing_materialised(tmp_path):
     assert r["cost_model"]["choice"] == "analytic" and "ANALYTIC" in r["cost_model"]["source"]
     assert r["capacity_tokens"] > 1000 and r["fits"]
     assert b["total"] <= r["device_memory_bytes"]
+    # "80 GB" is 80e9 bytes; the reserve (6 GB + the loss's chunk, computed from the model) is set
+    # aside before C: the torch path's backward holds, per chunk of 2^25 // vocab tokens, the last
+    # chunk's bf16 gradient + fp32 logits + fp32 softmax (10 B each) or, later, the chunk's bf16
+    # gradient and the head's weight gradient in bf16 and its fp32 copy (6 B per vocab x hidden);
+    # tests/test_dryrun_sizing.py checks these against a tracked backward
+    assert r["device_memory_bytes"] == 80 * 10**9 and r["reserve"]["fixed"] == 6 * 10**9
+    vocab, hidden = r["model"]["vocab_size"], r["model"]["hidden"]
+    chunk = 2**25 // vocab
+    assert r["reserve"]["loss_chunk"] == max(chunk * vocab * 10, chunk * vocab * 2 + vocab * hidden * 6)
+    resident = states + b["unsharded"]
+    per_token = r["activation"]["bytes_per_token"]
+    assert r["capacity_tokens_no_reserve"] == int((80 * 10**9 - resident) // per_token)
+    assert r["capacity_tokens"] == int((80 * 10**9 - r["reserve"]["total"] - resident) // per_token)
+    assert b["total"] == resident + b["activations"] + r["reserve"]["total"]
     assert "error" not in r["plan"] and r["plan"]["predicted_ms"] > 0
     # a 7B model in fp32 is 25 GiB; the dry run's whole process stays far below it
     assert r["peak_rss_bytes"] < 3 * 2**30, r["peak_rss_bytes"]
@@ -97,6 +114,7 @@ def test_hsdp_shards_within_groups(tmp_path):
     ("dryrun.workload=nope", "dryrun.workload='nope'; valid options"),
     ("dryrun.nope=1", "unknown config key 'dryrun.nope'"),
     ("parallel.shard_size=128", "parallel.shard_size=128 must divide dryrun.world_size=64"),
+    ("dryrun.reserve_gb=80", "dryrun.reserve_gb=80.0 must be >= 0 and below dryrun.device_memory_gb=80.0"),
 ])
 def test_bad_dryrun_field_is_one_line_and_exit_2(tmp_path, override, message):
     proc = _dryrun(tmp_path, override, timeout=120)
@@ -182,3 +200,65 @@ def test_bad_cost_model_is_an_error_before_any_work(tmp_path):
     proc = _dryrun(tmp_path, "solver.cost_model=/nonexistent/cm.json", timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "flexsp-dryrun: error: cost-model file /nonexistent/cm.json does not exist" in proc.stderr
+
+
+SMALL_DEVICE = ("model=7b", "dryrun.device_memory_gb=12", "dryrun.reserve_gb=2", "dryrun.num_sequences=32",
+                "dryrun.time_limit=0.5")
+
+
+def _does_not_fit(tmp_path, *overrides):
+    proc = _dryrun(tmp_path, *SMALL_DEVICE, *overrides)
+    assert proc.returncode == 4, proc.stdout + proc.stderr       # DOES_NOT_FIT_EXIT_CODE
+    line = [ln for ln in proc.stdout.splitlines() if "DOES NOT FIT on" in ln]
+    assert len(line) == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    r = json.loads((tmp_path / "dryrun.json").read_text())
+    assert not r["fits"] and r["fit_suggestion"], r["fit_suggestion"]
+    return line[0], r["fit_suggestion"]
+
+
+@pytest.mark.slow
+def test_does_not_fit_exits_4_and_names_the_smallest_world_that_fits(tmp_path):
+    """7B on 8 devices of 12 GB: exit 4, the smallest world size that fits is named; a dry run there
+    fits with the C it predicted, and one at half of it does not (it is the smallest)."""
+    line, s = _does_not_fit(tmp_path / "8", "dryrun.world_size=8")
+    world = s["world_size"]
+    assert world > 8 and s["shard_size"] == 0, s
+    assert (f"DOES NOT FIT on 8 x 12 GB (11.18 GiB): the smallest world size that fits is {world} ranks "
+            f"(dryrun.world_size={world}: C = {s['capacity_tokens']:,} tokens/rank)") in line, line
+    there = _report(tmp_path / "there", *SMALL_DEVICE, f"dryrun.world_size={world}")
+    assert there["fits"] and there["capacity_tokens"] == s["capacity_tokens"], (there["capacity_tokens"], s)
+    _does_not_fit(tmp_path / "half", f"dryrun.world_size={world // 2}")
+
+
+@pytest.mark.slow
+def test_hsdp_that_does_not_fit_names_the_shard_size_that_does(tmp_path):
+    line, s = _does_not_fit(tmp_path / "s2", "dryrun.world_size=64", "parallel.shard_size=2")
+    shard = s["shard_size"]
+    assert s["world_size"] == 64 and 2 < shard < 64, s
+    assert f"it fits with parallel.shard_size={shard} on these 64 ranks (C = {s['capacity_tokens']:,}" in line
+    there = _report(tmp_path / "there", *SMALL_DEVICE, "dryrun.world_size=64", f"parallel.shard_size={shard}")
+    assert there["fits"] and there["capacity_tokens"] == s["capacity_tokens"]
+    if shard // 2 > 2:
+        _does_not_fit(tmp_path / "half", "dryrun.world_size=64", f"parallel.shard_size={shard // 2}")
+
+
+def test_hf_checkpoint_is_named_and_the_cost_model_line_reads_as_no_error(tmp_path):
+    """An HF model's report says its architecture; the configured cost model (cpu-gloo-tiny, built
+    for hidden=64) does not match this 96-wide model: the printed line says so in neutral words,
+    the full reason stays in dryrun.json."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen3Config(vocab_size=300, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                   max_position_embeddings=512)
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "my-qwen3")
+    proc = _dryrun(tmp_path / "out", f"model.hf_checkpoint={tmp_path / 'my-qwen3'}",
+                   "dryrun.num_sequences=16", "dryrun.context_tokens=4096")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    head, *rest = proc.stdout.splitlines()
+    assert head.startswith("flexsp-dryrun: Qwen3ForCausalLM (my-qwen3) (") and " tiny " not in head, head
+    cm_line = next(ln for ln in rest if ln.startswith("  cost model:"))
+    assert cm_line == ("  cost model: analytic-my-qwen3-64 (solver.cost_model=cpu-gloo-tiny is for another "
+                       "model shape: an analytic roofline with the memory measured here is used)"), cm_line
+    r = json.loads((tmp_path / "out" / "dryrun.json").read_text())
+    assert "was built for hidden=64 but the model has hidden=96" in r["cost_model"]["why"]
+    assert r["model"]["name"] == "Qwen3ForCausalLM (my-qwen3)"

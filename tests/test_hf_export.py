@@ -29,8 +29,10 @@ def _tokenizer_json(path: Path) -> Path:
     return path
 
 
-def make_checkpoint(root: Path, model: Transformer, step: int = 7, tokenizer=None, hf_checkpoint=None) -> Path:
-    """A trainer-style step_N checkpoint: dcp/ with {"model", "optim"} and trainer.pt."""
+def make_checkpoint(root: Path, model: Transformer, step: int = 7, tokenizer=None, hf_checkpoint=None,
+                    precision=None) -> Path:
+    """A trainer-style step_N checkpoint: dcp/ with {"model", "optim"} and trainer.pt (``precision``:
+    the train.precision it records, None: none, as older checkpoints)."""
     import torch.distributed.checkpoint as dcp
     d = root / f"step_{step:06d}"
     d.mkdir(parents=True)
@@ -39,7 +41,8 @@ def make_checkpoint(root: Path, model: Transformer, step: int = 7, tokenizer=Non
     dcp.save(state, checkpoint_id=str(d / "dcp"), no_dist=True)
     torch.save({"step": step, "config": {"model": {"preset": "tiny", "hf_checkpoint": hf_checkpoint}},
                 "model_config": dataclasses.asdict(model.config),
-                "tokenizer": None if tokenizer is None else str(tokenizer)}, d / "trainer.pt")
+                "tokenizer": None if tokenizer is None else str(tokenizer),
+                **({"precision": precision} if precision else {})}, d / "trainer.pt")
     (root / "latest").write_text(d.name)
     return d
 
@@ -76,12 +79,44 @@ def test_export_dcp_checkpoint_loads_in_transformers(tmp_path, capsys):
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["torch_dtype"] == "float32"
     _logits_equal(model, out)
     assert transformers.AutoTokenizer.from_pretrained(str(out)).eos_token == "<|endoftext|>"
-    # the checkpoints root (its `latest`) works too; bf16 by default, sharded on request
+    # the checkpoints root (its `latest`) works too; bf16 on request, sharded on request
     out16 = tmp_path / "hf16"
-    assert main([str(tmp_path / "checkpoints"), str(out16), "--max-shard-size", "40000"]) == 0
+    assert main([str(tmp_path / "checkpoints"), str(out16), "--max-shard-size", "40000",
+                 "--dtype", "bf16"]) == 0
     assert (out16 / "model.safetensors.index.json").is_file()
     hf16 = transformers.AutoModelForCausalLM.from_pretrained(str(out16))
     assert next(hf16.parameters()).dtype == torch.bfloat16
+
+
+def test_export_writes_the_trained_dtype_by_default(tmp_path, capsys):
+    """Without --dtype the weights keep the dtype the model was trained in, and the command says
+    which: fp32 training -> fp32 weights equal to the trained ones bit for bit (a bf16 default
+    changed the argmax of ~2% of tokens); bf16 mixed precision -> bf16; no record -> fp32."""
+    from safetensors.torch import load_file
+
+    from flexsp.model.hf import from_hf
+    model = _trained_model()
+    fp32 = make_checkpoint(tmp_path / "fp32", model, precision="fp32")
+    assert main([str(fp32), str(tmp_path / "out32")]) == 0
+    assert "weights in float32 (trained with train.precision=fp32)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out32" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert {t.dtype for t in load_file(tmp_path / "out32" / "model.safetensors").values()} == {torch.float32}
+    exported = from_hf(tmp_path / "out32", dtype=torch.float32).state_dict()
+    trained = model.state_dict()
+    assert exported.keys() == trained.keys()
+    for name, tensor in trained.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)   # exact: no rounding
+    bf16 = make_checkpoint(tmp_path / "bf16", model, precision="bf16")
+    assert main([str(bf16), str(tmp_path / "out16")]) == 0
+    assert "weights in bfloat16 (trained with train.precision=bf16)" in capsys.readouterr().err
+    assert {t.dtype for t in load_file(tmp_path / "out16" / "model.safetensors").values()} == {torch.bfloat16}
+    old = make_checkpoint(tmp_path / "old", model)
+    assert main([str(old), str(tmp_path / "out_old")]) == 0
+    assert "weights in float32 (the checkpoint records no train.precision)" in capsys.readouterr().err
+    # --help says what the default is
+    proc = subprocess.run([sys.executable, "-m", "flexsp.export", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert "the dtype the model was trained in" in " ".join(proc.stdout.split())
 
 
 def test_export_keeps_hf_origin_architecture_and_qwen3_default(tmp_path):

@@ -5,6 +5,13 @@ byte-level fallback.
 Both expose the same small interface the corpus builder needs: ``vocab_size``, ``eos_id``,
 ``encode_batch(texts) -> list[list[int]]``, ``decode(ids)``, ``save(path)`` and a ``fingerprint``
 that changes whenever the token mapping changes (it keys the on-disk cache).
+
+A tokenizer loaded from a file or a model directory must encode a short probe text to at least one
+id (:func:`check_encodes`): a model directory without tokenizer files makes ``transformers`` return
+a tokenizer with a vocabulary of 1 that encodes everything to nothing, which would otherwise
+surface later as "no documents left after tokenization". :func:`check_vocabulary` refuses a
+tokenizer whose vocabulary is far smaller than the model's embedding (under half of its rows:
+real checkpoints pad the embedding by well under that).
 """
 from __future__ import annotations
 
@@ -16,6 +23,15 @@ from typing import Iterable, Iterator
 EOS_TOKEN = "<|endoftext|>"
 # EOS spellings of common model families, tried in order when a tokenizer names none itself.
 EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<|im_end|>", "<eos>", "<|eot_id|>")
+
+
+PROBE_TEXT = "Hello, world! def f(x): return x + 1"
+"""Text every usable tokenizer encodes to at least one id."""
+MIN_VOCAB_FRACTION = 0.5
+"""A tokenizer's vocabulary below this fraction of the model's embedding rows is refused."""
+# files a Hugging Face tokenizer is built from: the fast file, or a slow tokenizer's vocabulary
+_TOKENIZER_SOURCES = ("tokenizer.json", "vocab.json + merges.txt", "tokenizer.model", "vocab.txt",
+                      "*.tiktoken")
 
 
 class ByteTokenizer:
@@ -94,7 +110,7 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None) -> HFTokenize
         raise ValueError(f"tokenizer file {path} is not a valid tokenizer.json: {exc}") from exc
     if eos_token is None and path.name == "tokenizer.json":  # inside a model directory: its EOS
         eos_token = _config_eos(path.parent)
-    return HFTokenizer(tok, source=str(path), eos_token=eos_token)
+    return check_encodes(HFTokenizer(tok, source=str(path), eos_token=eos_token), path)
 
 
 def _config_eos(directory: Path) -> str | None:
@@ -131,7 +147,7 @@ def load_hf_model_tokenizer(directory: str | Path, eos_token: str | None = None)
             tok = Tokenizer.from_file(str(tj))
         except Exception as exc:
             raise ValueError(f"{tj} is not a valid tokenizer.json: {exc}") from exc
-        return HFTokenizer(tok, source=str(directory), eos_token=eos)
+        return check_encodes(HFTokenizer(tok, source=str(directory), eos_token=eos), directory)
     try:
         from transformers import AutoTokenizer
         hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
@@ -141,7 +157,47 @@ def load_hf_model_tokenizer(directory: str | Path, eos_token: str | None = None)
                          f"could not load a fast tokenizer from it ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); expected a "
                          f"save_pretrained directory with tokenizer.json and tokenizer_config.json") from exc
-    return HFTokenizer(tok, source=str(directory), eos_token=eos or getattr(hf, "eos_token", None))
+    eos = eos or getattr(hf, "eos_token", None)
+    return check_encodes(HFTokenizer(tok, source=str(directory), eos_token=eos), directory)
+
+
+def _missing_sources(directory: Path) -> str:
+    """What a model directory lacks to define a tokenizer, and what tokenizer files it has."""
+    have = [f.name for f in tokenizer_files(directory)]
+    found = {"tokenizer.json": (directory / "tokenizer.json").is_file(),
+             "vocab.json + merges.txt": all((directory / n).is_file() for n in ("vocab.json", "merges.txt")),
+             "tokenizer.model": (directory / "tokenizer.model").is_file(),
+             "vocab.txt": (directory / "vocab.txt").is_file(),
+             "*.tiktoken": any(directory.glob("*.tiktoken"))}
+    missing = [name for name in _TOKENIZER_SOURCES if not found[name]]
+    return (f"it lacks {', '.join(missing)} (a tokenizer is built from one of these) and has "
+            + (f"only {', '.join(have)}" if have else "no tokenizer files at all"))
+
+
+def check_encodes(tok: HFTokenizer, path: Path) -> HFTokenizer:
+    """``tok`` if it encodes :data:`PROBE_TEXT` to at least one id, else a ValueError naming ``path``
+    (a model directory: the tokenizer files it lacks)."""
+    if tok.encode_batch([PROBE_TEXT])[0]:
+        return tok
+    empty = f"it encodes {PROBE_TEXT!r} to no token ids (a vocabulary of {tok.vocab_size})"
+    if path.is_dir():
+        raise ValueError(f"model directory {path} has no usable tokenizer: {empty}; "
+                         f"{_missing_sources(path)}. Copy the model's tokenizer files (tokenizer.json, "
+                         f"tokenizer_config.json) into it, or set data.corpus.tokenizer=<a directory or "
+                         f"tokenizer.json that has them>")
+    raise ValueError(f"tokenizer file {path} is not a usable tokenizer: {empty}; use the model's "
+                     f"tokenizer.json (data.corpus.tokenizer)")
+
+
+def check_vocabulary(tokenizer_vocab: int, model_vocab: int, tokenizer: str, model: str) -> None:
+    """ValueError if the tokenizer's vocabulary is far smaller than the model's embedding needs
+    (below :data:`MIN_VOCAB_FRACTION` of its rows): it is not the model's tokenizer."""
+    if tokenizer_vocab < MIN_VOCAB_FRACTION * model_vocab:
+        raise ValueError(f"tokenizer {tokenizer} has a vocabulary of {tokenizer_vocab} but the model {model} "
+                         f"has {model_vocab} embedding rows: it is not this model's tokenizer (a model's "
+                         f"tokenizer covers at least {MIN_VOCAB_FRACTION:.0%} of them); set "
+                         f"data.corpus.tokenizer to the model's tokenizer (a directory with tokenizer.json, "
+                         f"or the file)")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

@@ -80,6 +80,18 @@ def our_name(key: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------- configs
+def checkpoint_dir(path, field: str = "model.hf_checkpoint") -> Path:
+    """``path`` if it is a directory, else a ValueError (one line) naming ``field``: a Hugging Face
+    checkpoint is a model directory, never one of its files."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    what = "is a file" if p.exists() else "does not exist"
+    hint = f" (e.g. {field}={p.parent})" if p.exists() and (p.parent / "config.json").is_file() else ""
+    raise ValueError(f"{field}={path} {what}; it must be a directory: a Hugging Face model directory holding "
+                     f"config.json, *.safetensors and the tokenizer files{hint}")
+
+
 def _load_config_dict(path_or_dict) -> tuple[dict, str]:
     if isinstance(path_or_dict, Mapping):
         return dict(path_or_dict), "<dict>"
