@@ -38,7 +38,7 @@ def attention_config(smoke: bool) -> dict:
     K = 1024
     if smoke:
         return dict(heads=(4, 2, 32), dtype="float32", min_doc=32, dense_limit_gib=1.0, min_left_s=0.5,
-                    batches=[("single", 256), ("longtail", 512)])
+                    batches=[("longtail", 384)])
     return dict(heads=(32, 8, 128), dtype="bfloat16", min_doc=128, dense_limit_gib=4.0, min_left_s=6.0,
                 batches=[("single", 32 * K), ("single", 128 * K), ("longtail", 32 * K), ("longtail", 128 * K),
                          ("single", 8 * K), ("longtail", 8 * K)])
@@ -101,6 +101,16 @@ def _measure(fn, args, mode, device, deadline, smoke) -> Timing:
     return bench(call, device, deadline, warmup=1, min_iters=2, max_iters=8, min_time_s=0.25, quick=smoke)
 
 
+def _best_sdpa(rows: list, desc: str) -> tuple[float, float] | None:
+    """(fwd, fwd+bwd) % of peak of the best SDPA per-document loop measured on batch ``desc``."""
+    def pct(rec, mode):
+        x = rec.get(mode, {}).get("pct_peak")
+        return x if x is not None and math.isfinite(x) else 0.0
+    got = [(pct(r, "fwd"), pct(r, "fwd+bwd")) for r in rows
+           if r["batch"] == desc and r["impl"].startswith("SDPA") and "fwd" in r]
+    return (max(g[0] for g in got), max(g[1] for g in got)) if got else None
+
+
 def _pct(tflops: float, peak: float | None) -> str:
     if math.isnan(tflops):
         return "-"
@@ -126,12 +136,15 @@ def section_attention(cfg: dict, res: SectionResult, deadline: Deadline) -> None
                       f"({peak or float('nan'):.1f} TFLOP/s). {FLOP_NOTE} H={H}, kv heads={HKV}, D={D}, "
                       f"{acfg['dtype']}. Ours and the varlen backends take k/v with {HKV} heads (GQA in the "
                       f"kernel); the SDPA loops get k/v expanded to {H} heads outside the timed region."]
+        key = []
         for desc, pf, pfb in targets:
             ok = pf >= TARGET_FWD * 100 and pfb >= TARGET_FWD_BWD * 100
+            sdpa = _best_sdpa(res.data["rows"], desc)
+            vs = f" (best SDPA loop {sdpa[0]:.0f}% / {sdpa[1]:.0f}%)" if sdpa else ""
             res.lines.append(f"**target ours @ {desc}: fwd {pf:.0f}% (>= {TARGET_FWD:.0%}), fwd+bwd {pfb:.0f}% "
-                             f"(>= {TARGET_FWD_BWD:.0%}): {'PASS' if ok else 'FAIL'}**")
-        key = [f"{d}: fwd {pf:.0f}% / fwd+bwd {pfb:.0f}%" for d, pf, pfb in targets]
-        res.key = "ours " + ("; ".join(key) if key else "(no >= 32K row measured)")
+                             f"(>= {TARGET_FWD_BWD:.0%}): {'PASS' if ok else 'FAIL'}**{vs}")
+            key.append(f"{desc.split(' (')[0]}: fwd {pf:.0f}% / fwd+bwd {pfb:.0f}%{vs}")
+        res.key = "ours of peak, " + ("; ".join(key) if key else "(no >= 32K row measured)")
         res.flush()
 
     for kind, total in acfg["batches"]:
@@ -193,6 +206,7 @@ def section_attention(cfg: dict, res: SectionResult, deadline: Deadline) -> None
                 if label.startswith("ours") and min(lengths) >= 32 * 1024 and peak:
                     targets.append((desc, 100 * tf["fwd"] / peak, 100 * tf.get("fwd+bwd", math.nan) / peak))
             res.data["rows"].append(rec)
+            print(f"[attention] {' | '.join(map(str, rows[-1]))}", flush=True)
             render()
         del q, k, v, kx, vx, impls
         free_memory(device)

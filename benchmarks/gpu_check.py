@@ -25,7 +25,8 @@ report.md (summary table first), results.json, the cost model, console.log (from
     python benchmarks/gpu_check.py OUT [--smoke] [--budget-s 420] [--only S ...] [--skip S ...]
                                       [--section-budget NAME=SECONDS ...]
 
-``--smoke``: CPU, tiny shapes, the same code paths in seconds (the test suite runs it).
+``--smoke``: CPU, tiny shapes, the same code paths in seconds (the test suite runs it). The commit is
+read with git; where the tree has no .git (a copied checkout), set ``FLEXSP_COMMIT=<sha>``.
 Test only: ``FLEXSP_GPU_CHECK_TEST_HANG=SECONDS`` inserts a section "hang" after env with that budget,
 whose process starts a child and sleeps (the kill at the budget is tested with it).
 """
@@ -141,7 +142,8 @@ def run_section(sec: Section, budget: float, smoke: bool, out_dir: Path, work: P
     t0 = time.monotonic()
     timed_out = False
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")  # a killed section's output is in the log up to the kill
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
             proc.wait(timeout=max(end - time.time(), 0.1))
         except subprocess.TimeoutExpired:

@@ -18,7 +18,8 @@ an H200. This one keeps what the compute terms need and fits in ~90 s:
   ``flexsp.profile.fit.fit_depth`` (NNLS on relative error), scaled to 32 layers and turned into a
   ``solver.costmodel.CostModel`` by ``flexsp.profile.build.build_cost_model`` (communication terms:
   one device measures none; its ``source`` says which bandwidth table it uses);
-- a held-out long-tailed batch at 2 layers: measured vs the fit's prediction;
+- a held-out long-tailed batch at 2 layers, timed once three shapes allow a fit: measured vs the
+  prediction of the final fit;
 - activation bytes per token from the CUDA allocator peak (slope over token counts, per layer from
   the two depths); on CPU (smoke) an analytic placeholder, labelled as such.
 
@@ -38,8 +39,8 @@ for _p in (str(HERE.parent), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from gpu_common import (Deadline, SectionResult, fmt_tokens, long_tailed_lengths, short_error,  # noqa: E402
-                        sync, table)
+from gpu_common import (Deadline, SectionResult, fmt_tokens, free_memory, long_tailed_lengths,  # noqa: E402
+                        short_error, sync, table)
 
 FIT_RESERVE_S = 3.0
 """Seconds kept free at the end for the fit and the writes."""
@@ -50,11 +51,12 @@ def costfit_config(smoke: bool) -> dict:
     from gpu_profile import LLAMA3_8B
     if smoke:
         return dict(model="tiny", overrides={"layers": 4, "activation_checkpointing": True}, precision="fp32",
-                    depths=[1, 2], warmup=[[64, 64]], shapes=[[256], [64] * 4, [512]], heldout=(384, 16, 3),
+                    depths=[1, 2], warmup=[[64, 64]], shapes=[[256], [64] * 4, [512], "heldout"],
+                    heldout=(384, 16, 3),
                     name="smoke-cpu-tiny", file="costmodel_smoke_cpu_tiny.json", num_devices=8)
     return dict(model="7b", overrides=dict(LLAMA3_8B), precision="bf16", depths=[1, 2],
                 warmup=[[4 * K] * 2, [16 * K]],
-                shapes=[[32 * K], [8 * K] * 4, [128 * K], [32 * K] * 4, [64 * K], [16 * K] * 8],
+                shapes=[[32 * K], [8 * K] * 4, [128 * K], "heldout", [32 * K] * 4, [64 * K], [16 * K] * 8],
                 heldout=(96 * K, 256, 7), name="h200-llama3-8b", file="costmodel_h200_llama8b.json",
                 num_devices=8)
 
@@ -179,42 +181,79 @@ def section_profile(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
             s, _ = runner.run(n, inp)
             res.data["warmup"].append({"tokens": sum(lengths), "layers": n, "seconds": s})
             res.flush()
-    est_per: dict = {}  # layers -> seconds per (tokens + sum L^2 / 1K): a rough bound for the next shape
+    held = None
     for lengths in c["shapes"]:
-        work = _work(lengths)
-        need = sum(2 * est_per.get(n, 0.0) * work for n in c["depths"]) + FIT_RESERVE_S
+        if lengths == "heldout":  # once a fit is possible: a long-tailed batch the fit never saw
+            if fit.possible():
+                held = _heldout(c, runner, res, deadline)
+            continue
+        need = sum(2 * _estimate(res.data["samples"], n, lengths) for n in c["depths"]) + FIT_RESERVE_S
         if deadline.left() < need:
             res.data.setdefault("not_measured", []).append(_shape(lengths))
             continue
-        inp = runner.inputs(lengths)
-        for n in c["depths"]:
-            runs = [runner.run(n, inp) for _ in range(2)]
-            ms = min(s for s, _ in runs) * 1e3
-            raw["compute"].append((list(lengths), ms, n))
-            if runs[0][1] is not None:
-                fit.peaks.setdefault(n, []).append((sum(lengths), runs[0][1]))
-            est_per[n] = max(est_per.get(n, 0.0), ms / 1e3 / work)
-            res.data["samples"].append({"lengths": list(lengths), "layers": n, "ms": [s * 1e3 for s, _ in runs],
-                                        "peak_bytes": runs[0][1]})
-        del inp
+        try:
+            inp = runner.inputs(lengths)
+            for n in c["depths"]:
+                runs = [runner.run(n, inp) for _ in range(2)]
+                raw["compute"].append((list(lengths), min(s for s, _ in runs) * 1e3, n))
+                if runs[1][1] is not None:  # the warm run's allocator peak
+                    fit.peaks.setdefault(n, []).append((sum(lengths), runs[1][1]))
+                res.data["samples"].append({"lengths": list(lengths), "layers": n, "ms": [s * 1e3 for s, _ in runs],
+                                            "peak_bytes": runs[1][1]})
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the other shapes still count
+            res.data.setdefault("errors", []).append(f"{_shape(lengths)}: {short_error(exc)}")
+            raw["compute"] = [r for r in raw["compute"] if r[0] != list(lengths)]
+            res.data["samples"] = [r for r in res.data["samples"] if r["lengths"] != list(lengths)]
+            free_memory(device)
+        inp = None
         if fit.possible():
-            fit.write(None)
+            fit.write(held)
     if not fit.possible():
         fit.render_samples(None)
         raise RuntimeError(f"only {len(raw['compute'])} timed (shape, depth) samples before the budget ran out: "
                            "too few for a fit, no cost model written")
-    held = None
-    total, min_doc, seed = c["heldout"]
-    lengths = long_tailed_lengths(total, np.random.default_rng(seed), min_doc)
-    n = max(c["depths"])
-    if deadline.left() > 2 * est_per.get(n, 0.0) * _work(lengths) + FIT_RESERVE_S:
-        inp = runner.inputs(lengths)
-        held = {"lengths": lengths, "layers": n, "measured_ms": min(runner.run(n, inp)[0] for _ in range(2)) * 1e3}
-    else:
-        res.data.setdefault("not_measured", []).append("held-out batch")
     cm = fit.write(held)
     CostModel.load(Path(cfg["out_dir"]) / c["file"])  # what was written must load
     res.data["cost_model"] = cm.to_dict()
+
+
+def _heldout(c: dict, runner, res: SectionResult, deadline: Deadline) -> dict | None:
+    """Time the held-out long-tailed batch (2 runs, the fastest) at the deepest build, if time allows."""
+    import numpy as np
+    total, min_doc, seed = c["heldout"]
+    lengths = long_tailed_lengths(total, np.random.default_rng(seed), min_doc)
+    n = max(c["depths"])
+    if deadline.left() < 2 * _estimate(res.data["samples"], n, lengths) + FIT_RESERVE_S:
+        res.data.setdefault("not_measured", []).append("held-out batch")
+        return None
+    try:
+        inp = runner.inputs(lengths)
+        return {"lengths": lengths, "layers": n, "measured_ms": min(runner.run(n, inp)[0] for _ in range(2)) * 1e3}
+    except Exception as exc:  # noqa: BLE001
+        res.data.setdefault("errors", []).append(f"held-out batch: {short_error(exc)}")
+        free_memory(runner.device)
+        return None
+
+
+def _estimate(samples: list, layers: int, lengths) -> float:
+    """Seconds one run of ``lengths`` should take at ``layers`` layers, from the samples so far:
+    ``alpha * tokens + beta * sum L^2`` fitted (non-negative) to two or more, the last one scaled by the
+    larger of the two ratios with one, 0 with none (the kill at the budget is the backstop)."""
+    import numpy as np
+    pts = [(sum(s["lengths"]), float(sum(x * x for x in s["lengths"])), min(s["ms"]) / 1e3)
+           for s in samples if s["layers"] == layers]
+    T, sq = sum(lengths), float(sum(x * x for x in lengths))
+    if not pts:
+        return 0.0
+    if len(pts) >= 2:
+        A = np.array([[p[0], p[1]] for p in pts])
+        scale = A.max(axis=0)
+        coef = np.clip(np.linalg.lstsq(A / scale, np.array([p[2] for p in pts]), rcond=None)[0], 0.0, None) / scale
+        est = float(coef @ np.array([T, sq]))
+        if est > 0:
+            return 1.2 * est
+    t0, s0, sec = pts[-1]
+    return sec * max(T / t0, sq / s0, 1.0)
 
 
 def _work(lengths) -> float:
@@ -290,6 +329,7 @@ class CostFit:
             "- warm-up (compile) runs: " + ", ".join(f"{w['tokens']} tokens x {w['layers']} layers {w['seconds']:.1f} s"
                                                       for w in res.data["warmup"]),
             f"- not measured (budget): {res.data.get('not_measured') or 'nothing'}",
+            f"- errors: {res.data['errors']}" if res.data.get("errors") else "- errors: none",
             f"- written: `{c['file']}` (a CostModel JSON: `flexsp-plan --cost-model FILE`, `solver.cost_model=FILE`)",
             "", f"source: {source}"]
         res.data.update(fit={k: fit[k] for k in ("per_layer", "fixed", "compute")}, heldout=held,

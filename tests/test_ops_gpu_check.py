@@ -78,6 +78,7 @@ def smoke_run(tmp_path_factory):
             "results": json.loads((out / "results.json").read_text()), "report": (out / "report.md").read_text()}
 
 
+@pytest.mark.slow
 def test_report_is_rewritten_after_each_section(smoke_run):
     assert smoke_run["during"] is not None, smoke_run["stdout"][-3000:]
     data, report = smoke_run["during"]
@@ -87,6 +88,7 @@ def test_report_is_rewritten_after_each_section(smoke_run):
     assert "| 2 | tests | not started |" in report
 
 
+@pytest.mark.slow
 def test_hanging_section_is_killed_at_its_budget_and_the_next_sections_run(smoke_run):
     sections = smoke_run["results"]["sections"]
     hang = sections["hang"]
@@ -99,6 +101,7 @@ def test_hanging_section_is_killed_at_its_budget_and_the_next_sections_run(smoke
     assert smoke_run["rc"] == 1  # the hang section did not pass
 
 
+@pytest.mark.slow
 def test_report_layout_and_files(smoke_run):
     report = smoke_run["report"]
     assert report.startswith("# FlexSP GPU check (SMOKE")
@@ -112,6 +115,7 @@ def test_report_layout_and_files(smoke_run):
     assert smoke_run["stdout"].rstrip().splitlines()[-1].startswith("| 6 | fused_ops | ok |")
 
 
+@pytest.mark.slow
 def test_sections_report_their_numbers(smoke_run):
     s = smoke_run["results"]["sections"]
     env = s["env"]["data"]
@@ -130,6 +134,7 @@ def test_sections_report_their_numbers(smoke_run):
     assert s["tests"]["data"]["returncode"] in (0, 5)
 
 
+@pytest.mark.slow
 def test_smoke_cost_model_loads_and_says_what_was_measured(smoke_run):
     from solver.costmodel import CostModel
     cm = CostModel.load(smoke_run["out"] / "costmodel_smoke_cpu_tiny.json")
@@ -138,10 +143,16 @@ def test_smoke_cost_model_loads_and_says_what_was_measured(smoke_run):
     assert cm.to_dict() == CostModel.from_dict(prof["cost_model"]).to_dict()
     assert "MEASURED on one CPU" in cm.source and "NOT MEASURED" in cm.source
     assert "PAPER_BANDWIDTH" in cm.source and "ESTIMATE" in cm.source
-    assert cm.a1 >= 0 and cm.a2 >= 0 and cm.a1 + cm.a2 > 0 and cm.capacity_tokens > 0
-    # scaled from the 1- and 2-layer builds to the model's 4 layers: a1 is 4x the per-layer a1
-    assert math.isclose(cm.a1, 4 * prof["fit"]["per_layer"]["a1"], rel_tol=1e-9, abs_tol=1e-15)
+    assert min(cm.a1, cm.a2, cm.b) >= 0 and cm.capacity_tokens > 0
+    # scaled from the 1- and 2-layer builds to the model's 4 layers: 4 x per layer + the fixed part
+    # (CPU timings under load are noise, so only the bookkeeping is checked, not the values)
+    layer, fixed = prof["fit"]["per_layer"], prof["fit"]["fixed"]
+    assert math.isclose(cm.a1, 4 * layer["a1"], rel_tol=1e-9, abs_tol=1e-15)
+    assert math.isclose(cm.a2, 4 * layer["a2"] + fixed["a2"], rel_tol=1e-9, abs_tol=1e-15)
+    assert math.isclose(cm.b, 4 * layer["b"] + fixed["b"], rel_tol=1e-9, abs_tol=1e-12)
     assert len(prof["samples"]) == 6 and {s["layers"] for s in prof["samples"]} == {1, 2}
+    held = prof["heldout"]
+    assert held["layers"] == 2 and held["measured_ms"] > 0 and "held-out" in cm.source
 
 
 def test_gpu_budgets_fit(gc):
@@ -218,3 +229,30 @@ def test_activation_slope_splits_per_layer_and_fixed():
     assert "CUDA max_memory_allocated" in rec["method"]
     cpu = fit.activation_record({}, model_config("tiny"), [1, 2])
     assert "NOT measured" in cpu["method"]
+
+
+def test_run_time_estimate_of_a_profile_shape():
+    fit = _load("gpu_costfit")
+    # t = 1e-5 s/token + 2e-10 s/token^2: two samples pin both terms (estimate has a 1.2x margin)
+    def sample(lengths, layers=2):
+        t = 1e-5 * sum(lengths) + 2e-10 * sum(x * x for x in lengths)
+        return {"lengths": lengths, "layers": layers, "ms": [t * 1e3 * 1.5, t * 1e3]}
+    samples = [sample([32768]), sample([8192] * 4), sample([100], layers=1)]
+    want = 1e-5 * 131072 + 2e-10 * 131072**2
+    assert math.isclose(fit._estimate(samples, 2, [131072]), 1.2 * want, rel_tol=1e-6)
+    # one sample: scaled by the larger ratio (tokens or sum L^2), never below its own time
+    assert math.isclose(fit._estimate(samples, 1, [400]), 1e3 * 1e-3 * (1e-5 * 100 + 2e-10 * 1e4) * 16, rel_tol=1e-6)
+    assert fit._estimate(samples, 3, [10]) == 0.0
+
+
+def test_best_sdpa_row_of_a_batch():
+    attn = _load("gpu_attention")
+    rows = [{"batch": "b", "impl": "SDPA per-doc loop [FLASH_ATTENTION]", "fwd": {"pct_peak": 70.0},
+             "fwd+bwd": {"pct_peak": float("nan")}},
+            {"batch": "b", "impl": "SDPA per-doc loop [CUDNN_ATTENTION]", "fwd": {"pct_peak": 60.0},
+             "fwd+bwd": {"pct_peak": 65.0}},
+            {"batch": "b", "impl": "SDPA per-doc loop [EFFICIENT_ATTENTION]", "unavailable": "no kernel"},
+            {"batch": "b", "impl": "ours, dispatched", "fwd": {"pct_peak": 99.0}, "fwd+bwd": {"pct_peak": 99.0}},
+            {"batch": "c", "impl": "SDPA per-doc loop [FLASH_ATTENTION]", "fwd": {"pct_peak": 90.0}}]
+    assert attn._best_sdpa(rows, "b") == (70.0, 65.0)
+    assert attn._best_sdpa(rows, "d") is None
