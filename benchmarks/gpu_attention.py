@@ -10,16 +10,20 @@ long-tailed mixes of 32K and 128K, then 8K of each. Rows per batch:
   EFFICIENT_ATTENTION; ``torch.nn.attention.sdpa_kernel``), k/v pre-expanded to the query heads
   outside the timed region (the GQA copy is not timed);
 - every ``flexsp.attention.local.BACKENDS`` name through ``varlen_attention(..., backend=name)``: a
-  backend that raises gets an "unavailable: reason" row. ``backend='flex'`` is flex_attention compiled
-  with our block-sparse BlockMask (``doc_block_mask``, built from cu_seqlens, never [T, T]): the flex
-  baseline. (A second ``torch.compile(flex_attention)`` here would share the code object and its
-  recompile limit with ours and could push ours into the eager fallback: not done.) ``math``
-  materialises [H, L, L] fp32 scores per document: skipped above ``dense_limit_gib``.
+  backend that raises gets an "unavailable: reason" row; ``math`` materialises [H, L, L] fp32 scores
+  per document and is skipped above ``dense_limit_gib``;
+- second pass, after every batch had the rows above: ``flex_attention`` called directly on our
+  block-sparse BlockMask (``doc_block_mask``, built from cu_seqlens, never [T, T]), compiled through a
+  wrapper function of its own (its own dynamo cache and recompile count: compiling
+  ``flex_attention`` itself again would share the code object, and the recompile limit, with ours).
+  Last because its compiles cost time the rows above need.
 
 Memory: q/k/v, their gradients and the expanded k/v, nothing [T, T]. Rows are flushed as measured.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
 from gpu_common import (FWD_BWD_FLOP_FACTOR, Deadline, SectionResult, Timing, bench, causal_attn_flops,
@@ -44,6 +48,11 @@ def attention_config(smoke: bool) -> dict:
                          ("single", 8 * K), ("longtail", 8 * K)])
 
 
+def _heads_first(x):
+    """``[T, H, D]`` -> ``[1, H, T, D]`` (a view)."""
+    return x.transpose(0, 1)[None]
+
+
 def _sdpa_loop(bounds, backend):
     """Per-document causal SDPA restricted to one SDPA backend; q ``[T,H,D]``, k/v expanded to H."""
     import torch
@@ -52,8 +61,8 @@ def _sdpa_loop(bounds, backend):
 
     def run(q, k, v):
         with sdpa_kernel([backend]):
-            outs = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None],
-                                                   v[s:e].transpose(0, 1)[None], is_causal=True)[0].transpose(0, 1)
+            outs = [F.scaled_dot_product_attention(_heads_first(q[s:e]), _heads_first(k[s:e]),
+                                                   _heads_first(v[s:e]), is_causal=True)[0].transpose(0, 1)
                     for s, e in bounds]
         return torch.cat(outs)
     return run
@@ -71,17 +80,48 @@ def _implementations(lengths, cu, device, cfg):
     for name in SDPA_BACKENDS:
         be = getattr(SDPBackend, name, None)
         reason = None if be is not None else f"torch has no SDPBackend.{name}"
-        out.append((f"SDPA per-doc loop [{name}]", _sdpa_loop(bounds, be) if be is not None else None, True, reason))
+        fn = _sdpa_loop(bounds, be) if be is not None else None
+        out.append((f"SDPA per-doc loop [{name}]", fn, True, reason))
     dense_gib = heads * max(lengths) ** 2 * 4 / 2**30
     for name in attn_local.BACKENDS:
-        label = f"varlen backend={name!r}" + (" (flex_attention compiled, our block mask)" if name == "flex" else "")
+        label = f"varlen backend={name!r}"
+        if name == "flex":
+            label += " (flex_attention, compiled on CUDA, our block mask)"
         if name == "math" and dense_gib > cfg["dense_limit_gib"]:
-            out.append((label, None, False, f"skipped: materialises [H, L, L] fp32 scores, {dense_gib:.1f} GiB "
-                                            f"for the longest document (limit {cfg['dense_limit_gib']} GiB)"))
+            limit = cfg["dense_limit_gib"]
+            out.append((label, None, False, f"skipped: materialises [H, L, L] fp32 scores, {dense_gib:.1f} "
+                                            f"GiB for the longest document (limit {limit} GiB)"))
             continue
         out.append((label, lambda q, k, v, name=name: attn_local.varlen_attention(q, k, v, cu, causal=True,
                                                                                   backend=name), False, None))
     return out
+
+
+@functools.lru_cache(None)
+def _compiled_flex_baseline(compile_it: bool):
+    """``flex_attention(q, k, v, block_mask, enable_gqa=True)`` in a function of its own, compiled on
+    CUDA (a wrapper frame: dynamo caches its graphs on this code object, not on flex_attention's)."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def flex_baseline(q, k, v, block_mask):
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return torch.compile(flex_baseline) if compile_it else flex_baseline
+
+
+def _late_implementations(lengths, cu, device, cfg):
+    """The second pass: flex_attention on our block mask (see the module docstring)."""
+    from flexsp.attention.local import doc_block_mask
+    label = "flex_attention direct (own compiled wrapper on CUDA, our block mask)"
+    try:
+        bm = doc_block_mask(tuple(cu), tuple(cu), True, device)
+        flex = _compiled_flex_baseline(device.type == "cuda")
+    except Exception as exc:  # noqa: BLE001
+        return [(label, None, False, f"unavailable: {short_error(exc)}")]
+
+    def run(q, k, v):
+        return flex(_heads_first(q), _heads_first(k), _heads_first(v), bm)[0].transpose(0, 1)
+    return [(label, run, False, None)]
 
 
 def _measure(fn, args, mode, device, deadline, smoke) -> Timing:
@@ -111,6 +151,71 @@ def _best_sdpa(rows: list, desc: str) -> tuple[float, float] | None:
     return (max(g[0] for g in got), max(g[1] for g in got)) if got else None
 
 
+def _run_batch(desc, lengths, make_impls, acfg, cfg, rows, targets, res, deadline, render) -> None:
+    """Every implementation of ``make_impls`` on one packed batch: a row each, flushed as measured."""
+    import torch
+    device, smoke, peak = cfg["device"], cfg["smoke"], cfg["ctx"].get("peak_tflops")
+    H, HKV, D = acfg["heads"]
+    total = sum(lengths)
+    cu = [0, *itertools.accumulate(lengths)]
+    try:
+        torch.manual_seed(total)
+        dt = getattr(torch, acfg["dtype"])
+        q = torch.randn(total, H, D, device=device, dtype=dt)
+        k = torch.randn(total, HKV, D, device=device, dtype=dt)
+        v = torch.randn(total, HKV, D, device=device, dtype=dt)
+        kx, vx = (x.repeat_interleave(H // HKV, dim=1) for x in (k, v))
+        impls = make_impls(lengths, cu, device, acfg)
+    except Exception as exc:  # noqa: BLE001
+        rows.append((desc, make_impls.__name__.strip("_"), f"setup failed: {short_error(exc)}", "", "", ""))
+        render()
+        free_memory(device)
+        return
+    flops = causal_attn_flops(lengths, H, D)
+    est = 0.0  # seconds a row is expected to take here, from the last measured one (compile excluded)
+    for label, fn, expanded, reason in impls:
+        if reason is None and deadline.left() < max(acfg["min_left_s"], est):
+            reason = "not measured: section budget spent"
+        if reason is not None:
+            rows.append((desc, label, reason, "", "", ""))
+            res.data["rows"].append({"batch": desc, "impl": label, "unavailable": reason})
+            render()
+            continue
+        args = (q, kx, vx) if expanded else (q, k, v)
+        rec, timings = {"batch": desc, "impl": label, "lengths": len(lengths)}, {}
+        for mode in ("fwd", "fwd+bwd"):
+            try:
+                timings[mode] = _measure(fn, args, mode, device, deadline, smoke)
+            except Exception as exc:  # noqa: BLE001 - a backend that cannot run is a row
+                timings[mode] = Timing.nan()
+                rec[f"{mode}_error"] = short_error(exc)
+                free_memory(device)
+                if mode == "fwd":
+                    break
+        measured = [t.median for t in timings.values() if t.runs]
+        if measured:  # a warm-up and ~3 timed calls per mode
+            est = 4 * sum(measured) + 1.0
+        if "fwd_error" in rec:
+            rows.append((desc, label, f"unavailable: {rec['fwd_error']}", "", "", ""))
+            rec["unavailable"] = rec["fwd_error"]
+        else:
+            factor = {"fwd": 1.0, "fwd+bwd": FWD_BWD_FLOP_FACTOR}
+            tf = {m: flops * factor[m] / t.median / 1e12 if t.runs else math.nan for m, t in timings.items()}
+            for m, t in timings.items():
+                rec[m] = {**t.as_dict(), "tflops": tf[m], "pct_peak": 100 * tf[m] / peak if peak else None}
+            fb = timings.get("fwd+bwd", Timing.nan())
+            rows.append((desc, label, timings["fwd"].spread_ms(),
+                         fb.spread_ms() if fb.runs else f"error: {rec.get('fwd+bwd_error', '-')}",
+                         _pct(tf["fwd"], peak), _pct(tf.get("fwd+bwd", math.nan), peak)))
+            if label.startswith("ours") and min(lengths) >= 32 * 1024 and peak:
+                targets.append((desc, 100 * tf["fwd"] / peak, 100 * tf.get("fwd+bwd", math.nan) / peak))
+        res.data["rows"].append(rec)
+        print(f"[attention] {' | '.join(map(str, rows[-1]))}", flush=True)
+        render()
+    del q, k, v, kx, vx, impls
+    free_memory(device)
+
+
 def _pct(tflops: float, peak: float | None) -> str:
     if math.isnan(tflops):
         return "-"
@@ -119,19 +224,22 @@ def _pct(tflops: float, peak: float | None) -> str:
 
 def section_attention(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
     import numpy as np
-    import torch
-    device, smoke = cfg["device"], cfg["smoke"]
-    acfg = attention_config(smoke)
+    acfg = attention_config(cfg["smoke"])
     H, HKV, D = acfg["heads"]
-    dt = getattr(torch, acfg["dtype"])
     peak = cfg["ctx"].get("peak_tflops")
     rng = np.random.default_rng(0)
     rows, notes, targets = [], [], []
     res.data.update(rows=[], heads=acfg["heads"], dtype=acfg["dtype"], peak_tflops=peak)
+    batches = [(kind, total, [total] if kind == "single"
+                else long_tailed_lengths(total, rng, acfg["min_doc"]))
+               for kind, total in acfg["batches"]]
+    descs = [f"{kind} {fmt_tokens(total)} ({len(lengths)} docs, max {max(lengths)})"
+             for kind, total, lengths in batches]
 
-    def render():
-        res.lines = table(["batch", "implementation", "fwd ms median (min-max)", "fwd+bwd ms median (min-max)",
-                           "fwd TFLOP/s (% peak)", "fwd+bwd TFLOP/s (% peak)"], rows)
+    def render():  # rows grouped by batch (second-pass rows join their batch)
+        res.lines = table(["batch", "implementation", "fwd ms median (min-max)",
+                           "fwd+bwd ms median (min-max)", "fwd TFLOP/s (% peak)", "fwd+bwd TFLOP/s (% peak)"],
+                          sorted(rows, key=lambda r: descs.index(r[0]) if r[0] in descs else len(descs)))
         res.lines += ["", *notes, "", f"% of the bf16 matmul peak measured by the env section "
                       f"({peak or float('nan'):.1f} TFLOP/s). {FLOP_NOTE} H={H}, kv heads={HKV}, D={D}, "
                       f"{acfg['dtype']}. Ours and the varlen backends take k/v with {HKV} heads (GQA in the "
@@ -141,75 +249,19 @@ def section_attention(cfg: dict, res: SectionResult, deadline: Deadline) -> None
             ok = pf >= TARGET_FWD * 100 and pfb >= TARGET_FWD_BWD * 100
             sdpa = _best_sdpa(res.data["rows"], desc)
             vs = f" (best SDPA loop {sdpa[0]:.0f}% / {sdpa[1]:.0f}%)" if sdpa else ""
-            res.lines.append(f"**target ours @ {desc}: fwd {pf:.0f}% (>= {TARGET_FWD:.0%}), fwd+bwd {pfb:.0f}% "
-                             f"(>= {TARGET_FWD_BWD:.0%}): {'PASS' if ok else 'FAIL'}**{vs}")
+            res.lines.append(f"**target ours @ {desc}: fwd {pf:.0f}% (>= {TARGET_FWD:.0%}), fwd+bwd "
+                             f"{pfb:.0f}% (>= {TARGET_FWD_BWD:.0%}): {'PASS' if ok else 'FAIL'}**{vs}")
             key.append(f"{desc.split(' (')[0]}: fwd {pf:.0f}% / fwd+bwd {pfb:.0f}%{vs}")
         res.key = "ours of peak, " + ("; ".join(key) if key else "(no >= 32K row measured)")
         res.flush()
 
-    for kind, total in acfg["batches"]:
-        desc_short = f"{kind} {fmt_tokens(total)}"
-        if deadline.left() < acfg["min_left_s"]:
-            notes.append(f"- {desc_short}: not measured, section budget spent")
-            render()
-            continue
-        lengths = [total] if kind == "single" else long_tailed_lengths(total, rng, acfg["min_doc"])
-        cu = [0, *np.cumsum(lengths).tolist()]
-        desc = f"{desc_short} ({len(lengths)} docs, max {max(lengths)})"
-        try:
-            torch.manual_seed(total)
-            q = torch.randn(total, H, D, device=device, dtype=dt)
-            k = torch.randn(total, HKV, D, device=device, dtype=dt)
-            v = torch.randn(total, HKV, D, device=device, dtype=dt)
-            kx, vx = (x.repeat_interleave(H // HKV, dim=1) for x in (k, v))
-            impls = _implementations(lengths, cu, device, acfg)
-        except Exception as exc:  # noqa: BLE001
-            notes.append(f"- {desc}: setup failed: {short_error(exc)}")
-            render()
-            continue
-        flops = causal_attn_flops(lengths, H, D)
-        est = 0.0  # seconds a row is expected to take here, from the last measured one (compile excluded)
-        for label, fn, expanded, reason in impls:
-            if reason is None and deadline.left() < max(acfg["min_left_s"], est):
-                reason = "not measured: section budget spent"
-            if reason is not None:
-                rows.append((desc, label, reason, "", "", ""))
-                res.data["rows"].append({"batch": desc, "impl": label, "unavailable": reason})
+    for make_impls in (_implementations, _late_implementations):
+        for (kind, total, lengths), desc in zip(batches, descs):
+            if deadline.left() < acfg["min_left_s"]:
+                notes.append(f"- {desc} / {make_impls.__name__.strip('_')}: not measured, budget spent")
                 render()
                 continue
-            args = (q, kx, vx) if expanded else (q, k, v)
-            rec, timings = {"batch": desc, "impl": label, "lengths": len(lengths)}, {}
-            for mode in ("fwd", "fwd+bwd"):
-                try:
-                    timings[mode] = _measure(fn, args, mode, device, deadline, smoke)
-                except Exception as exc:  # noqa: BLE001 - a backend that cannot run is a row
-                    timings[mode] = Timing.nan()
-                    rec[f"{mode}_error"] = short_error(exc)
-                    free_memory(device)
-                    if mode == "fwd":
-                        break
-            measured = [t.median for t in timings.values() if t.runs]
-            if measured:  # a warm-up and ~3 timed calls per mode
-                est = 4 * sum(measured) + 1.0
-            if "fwd_error" in rec:
-                rows.append((desc, label, f"unavailable: {rec['fwd_error']}", "", "", ""))
-                rec["unavailable"] = rec["fwd_error"]
-            else:
-                tf = {m: (flops * (1 if m == "fwd" else FWD_BWD_FLOP_FACTOR) / t.median / 1e12 if t.runs else math.nan)
-                      for m, t in timings.items()}
-                for m, t in timings.items():
-                    rec[m] = {**t.as_dict(), "tflops": tf[m], "pct_peak": 100 * tf[m] / peak if peak else None}
-                fb = timings.get("fwd+bwd", Timing.nan())
-                rows.append((desc, label, timings["fwd"].spread_ms(),
-                             fb.spread_ms() if fb.runs else f"error: {rec.get('fwd+bwd_error', '-')}",
-                             _pct(tf["fwd"], peak), _pct(tf.get("fwd+bwd", math.nan), peak)))
-                if label.startswith("ours") and min(lengths) >= 32 * 1024 and peak:
-                    targets.append((desc, 100 * tf["fwd"] / peak, 100 * tf.get("fwd+bwd", math.nan) / peak))
-            res.data["rows"].append(rec)
-            print(f"[attention] {' | '.join(map(str, rows[-1]))}", flush=True)
-            render()
-        del q, k, v, kx, vx, impls
-        free_memory(device)
+            _run_batch(desc, lengths, make_impls, acfg, cfg, rows, targets, res, deadline, render)
     try:
         from torch._dynamo.utils import counters
         res.data["dynamo_counters"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "frames")}

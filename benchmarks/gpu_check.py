@@ -137,13 +137,15 @@ def run_section(sec: Section, budget: float, smoke: bool, out_dir: Path, work: P
     """Run one section in its own process group, killed at ``budget`` seconds; its result dict."""
     result, log = work / f"{sec.name}.json", work / f"{sec.name}.log"
     end = time.time() + budget - KILL_GRACE_S
-    cmd = [sys.executable, str(HERE / "gpu_sections.py"), sec.name, "--result", str(result), "--ctx", str(ctx_file),
-           "--out", str(out_dir), "--end-time", f"{end:.3f}"] + (["--smoke"] if smoke else [])
+    cmd = [sys.executable, str(HERE / "gpu_sections.py"), sec.name, "--result", str(result),
+           "--ctx", str(ctx_file), "--out", str(out_dir), "--end-time", f"{end:.3f}"]
+    cmd += ["--smoke"] if smoke else []
     t0 = time.monotonic()
     timed_out = False
     with open(log, "w") as fh:
         env = dict(os.environ, PYTHONUNBUFFERED="1")  # a killed section's output is in the log up to the kill
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env)
         try:
             proc.wait(timeout=max(end - time.time(), 0.1))
         except subprocess.TimeoutExpired:
@@ -155,13 +157,16 @@ def run_section(sec: Section, budget: float, smoke: bool, out_dir: Path, work: P
         finally:
             _signal(proc.pid, [], signal.SIGKILL)  # leftovers of a finished section (compile workers)
     elapsed = time.monotonic() - t0
-    res = read_result(result) or {"status": "error: the section wrote no result", "key": "", "lines": [], "data": {}}
+    res = read_result(result) or {"status": "error: the section wrote no result", "key": "", "lines": [],
+                                  "data": {}}
     rc = proc.returncode
     if timed_out:
         partial = " (rows flushed before the kill are below)" if res.get("lines") else ""
         res["status"] = f"timeout: killed at its {budget:.0f} s budget{partial}"
     elif rc != 0 and res.get("status") in ("running", "ok"):
-        res["status"] = f"error: exit status {rc}" + (" (killed by a signal, e.g. out of host memory)" if rc < 0 else "")
+        res["status"] = f"error: exit status {rc}"
+        if rc < 0:
+            res["status"] += " (killed by a signal, e.g. out of host memory)"
     text = log.read_text(errors="replace") if log.exists() else ""
     res.update(elapsed_s=round(elapsed, 1), budget_s=round(budget, 1), returncode=rc,
                log_tail=text.splitlines()[-LOG_TAIL_LINES:])
@@ -173,8 +178,8 @@ def run_section(sec: Section, budget: float, smoke: bool, out_dir: Path, work: P
 # ------------------------------------------------------------------------------------- report
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -206,7 +211,8 @@ class Report:
     def write(self) -> None:
         env = self.results.get("env", {}).get("data", {})
         total = time.monotonic() - self.t0
-        md = [f"# FlexSP GPU check{' (SMOKE: CPU, tiny shapes; numbers mean nothing)' if self.args.smoke else ''}", "",
+        smoke = " (SMOKE: CPU, tiny shapes; numbers mean nothing)" if self.args.smoke else ""
+        md = [f"# FlexSP GPU check{smoke}", "",
               f"- date: {self.ctx['date']}; commit: {self.ctx['commit']}",
               f"- machine: {env.get('device_name', '?')}; host {platform.node()}",
               f"- command: `{self.ctx['command']}`",
@@ -220,13 +226,16 @@ class Report:
             md += [f"## {i}. {sec.name}: {sec.what}", "", f"status: **{r['status']}**"
                    + (f" ({r['elapsed_s']} s of {r['budget_s']} s)" if "elapsed_s" in r else ""), ""]
             md += r.get("lines", [])
-            if r["status"] not in ("ok", "running") and not r["status"].startswith("skipped") and r.get("log_tail"):
-                md += ["", f"last {len(r['log_tail'])} lines of its output:", "", "```", *r["log_tail"], "```"]
+            failed = r["status"] not in ("ok", "running") and not r["status"].startswith("skipped")
+            if failed and r.get("log_tail"):
+                tail = r["log_tail"]
+                md += ["", f"last {len(tail)} lines of its output:", "", "```", *tail, "```"]
             md.append("")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.out_dir / "report.md", "\n".join(md) + "\n")
-        doc = {**self.ctx, "smoke": self.args.smoke, "budget_s": self.args.budget_s, "elapsed_s": round(total, 1),
-               "sections": {k: {kk: vv for kk, vv in v.items() if kk != "lines"} for k, v in self.results.items()}}
+        sections = {k: {kk: vv for kk, vv in v.items() if kk != "lines"} for k, v in self.results.items()}
+        doc = {**self.ctx, "smoke": self.args.smoke, "budget_s": self.args.budget_s,
+               "elapsed_s": round(total, 1), "sections": sections}
         _write_atomic(self.out_dir / "results.json", json.dumps(doc, indent=1, default=str) + "\n")
 
 
@@ -278,7 +287,7 @@ def main(argv=None) -> int:
     sections = list(SECTIONS)
     hang = os.environ.get(HANG_ENV)
     if hang:  # test only: a section that never ends, after env
-        sections.insert(1, Section("hang", float(hang), float(hang), "test only: a child process, then sleep"))
+        sections.insert(1, Section("hang", float(hang), float(hang), "test only: a child, then sleep"))
     ctx = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": git_commit(),
            "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None
            else "gpu_check.py " + " ".join(map(str, argv))}
@@ -293,7 +302,8 @@ def main(argv=None) -> int:
         own = a.budgets.get(sec.name, sec.smoke_budget_s if a.smoke else sec.budget_s)
         budget = min(own, deadline.left())
         if budget < min(own, MIN_SECTION_S):
-            rep.set(sec.name, {"status": f"skipped: total budget spent ({deadline.left():.0f} s left)", "lines": []})
+            rep.set(sec.name, {"status": f"skipped: total budget spent ({deadline.left():.0f} s left)",
+                               "lines": []})
             continue
         ctx_file.write_text(json.dumps(ctx))
         rep.set(sec.name, {"status": "running", "lines": [], "budget_s": round(budget, 1)})
@@ -301,8 +311,8 @@ def main(argv=None) -> int:
             res = run_section(sec, budget, a.smoke, a.out_dir, work, ctx_file)
         except (Terminated, KeyboardInterrupt) as exc:
             partial = read_result(work / f"{sec.name}.json") or {"lines": [], "data": {}, "key": ""}
-            rep.set(sec.name, {**partial, "status": f"killed: {type(exc).__name__} (the hard total limit) while "
-                               "running", "budget_s": round(budget, 1)})
+            rep.set(sec.name, {**partial, "budget_s": round(budget, 1),
+                               "status": f"killed: {type(exc).__name__} (hard total limit) while running"})
             print(f"[gpu_check] {type(exc).__name__}: stopped in section {sec.name}", flush=True)
             return 124
         ctx.update(res.get("data", {}).get("export", {}))

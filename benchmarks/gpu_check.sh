@@ -58,7 +58,8 @@ main() {
     export PYTHONPATH="$DEPS${PYTHONPATH:+:$PYTHONPATH}"
     export FLEXSP_GPU_DEPS_DIR="$DEPS"
   else
-    echo "[gpu_check.sh] WARNING: missing ${need[*]} and no wheels in $WHEELS (run '$0 --fetch-wheels' with network)"
+    echo "[gpu_check.sh] WARNING: missing ${need[*]} and no wheels in $WHEELS" \
+         "(run '$0 --fetch-wheels' where there is network)"
   fi
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   export FLEXSP_WHEELS="$WHEELS"

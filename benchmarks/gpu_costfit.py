@@ -132,13 +132,15 @@ def activation_record(peaks: dict, mcfg, depths: list) -> dict:
     if all(len({t for t, _ in peaks.get(n, [])}) >= 2 for n in depths):
         per_layer = max(0.0, (_slope(peaks[hi]) - _slope(peaks[lo])) / (hi - lo))
         fixed = max(0.0, _slope(peaks[hi]) - hi * per_layer)
-        method = ("CUDA max_memory_allocated growth over forward + backward (activation checkpointing on: the "
-                  "recompute peak included), slope over token counts; per layer from the 1- and 2-layer builds")
+        method = ("CUDA max_memory_allocated growth over forward + backward (with activation checkpointing: "
+                  "the recompute peak included), slope over token counts; per layer from the 1- and 2-layer "
+                  "builds")
     else:  # CPU: no allocator statistics
         elem = 2 if mcfg.dtype == "bfloat16" else 4
         per_layer = float(mcfg.hidden * elem)
         fixed = float((6 * mcfg.hidden + 3 * mcfg.intermediate) * elem)
-        method = "CPU smoke: analytic placeholder (block input per layer + one block's recompute), NOT measured"
+        method = ("CPU smoke: analytic placeholder (block input per layer + one block's recompute), "
+                  "NOT measured")
     return {"method": method, "per_layer_bytes_per_token": per_layer, "fixed_bytes_per_token": fixed,
             "bytes_per_token": fixed + hi * per_layer, "depth": hi,
             "points": {str(n): v for n, v in peaks.items()}}
@@ -163,24 +165,35 @@ def section_profile(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
     full, _precision = _profile_config(c).model_config()
     full = replace(full, dtype="bfloat16" if c["precision"] == "bf16" else "float32")
     t0 = time.monotonic()
-    runner = Runner({n: build_model(replace(full, layers=n), device) for n in c["depths"]}, full.vocab_size, device)
+    models = {n: build_model(replace(full, layers=n), device) for n in c["depths"]}
+    runner = Runner(models, full.vocab_size, device)
     one, two = (replace(full, layers=n).num_params() for n in (1, 2))
     mc = {k: getattr(full, k) for k in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "intermediate",
                                         "dtype", "activation_checkpointing", "max_position_embeddings")}
     mc.update(head_size=full.head_size, precision=c["precision"], compute_dtype=full.dtype)
-    raw = {"world_size": 1, "device": str(device), "backend": "none", "threads_per_rank": torch.get_num_threads(),
-           "model": c["model"], "model_config": mc, "profile_depths": c["depths"], "num_params": full.num_params(),
-           "params_per_layer": two - one, "params_fixed": 2 * one - two, "compute": [], "comm": {},
-           "optimizer_ms": 0.0}
+    raw = {"world_size": 1, "device": str(device), "backend": "none",
+           "threads_per_rank": torch.get_num_threads(), "model": c["model"], "model_config": mc,
+           "profile_depths": c["depths"], "num_params": full.num_params(), "params_per_layer": two - one,
+           "params_fixed": 2 * one - two, "compute": [], "comm": {}, "optimizer_ms": 0.0}
     fit = CostFit(c, cfg, raw, full, res)
     res.data.update(build_s=time.monotonic() - t0, model_config=mc, samples=[], warmup=[])
     res.flush()
-    for lengths in c["warmup"]:  # the flex compile and its dynamic-shape recompile, per depth
-        inp = runner.inputs(lengths)
-        for n in c["depths"]:
-            s, _ = runner.run(n, inp)
-            res.data["warmup"].append({"tokens": sum(lengths), "layers": n, "seconds": s})
-            res.flush()
+    try:
+        _warm_up(c, runner, res)
+    except Exception as exc:  # noqa: BLE001 - checkpointing + compiled flex never ran on a GPU before
+        if not full.activation_checkpointing:
+            raise
+        # Without activation checkpointing the times lack the recompute, but the fit still runs; the
+        # cost model records activation_checkpointing=false and its source says why.
+        res.data["ac_error"] = short_error(exc, 300)
+        print(f"[profile] warm-up with activation checkpointing failed ({res.data['ac_error']}); "
+              "retrying without", flush=True)
+        full = fit.full = replace(full, activation_checkpointing=False)
+        mc["activation_checkpointing"] = False
+        for model in runner.models.values():
+            model.config = replace(model.config, activation_checkpointing=False)
+        free_memory(device)
+        _warm_up(c, runner, res)
     held = None
     for lengths in c["shapes"]:
         if lengths == "heldout":  # once a fit is possible: a long-tailed batch the fit never saw
@@ -198,8 +211,8 @@ def section_profile(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
                 raw["compute"].append((list(lengths), min(s for s, _ in runs) * 1e3, n))
                 if runs[1][1] is not None:  # the warm run's allocator peak
                     fit.peaks.setdefault(n, []).append((sum(lengths), runs[1][1]))
-                res.data["samples"].append({"lengths": list(lengths), "layers": n, "ms": [s * 1e3 for s, _ in runs],
-                                            "peak_bytes": runs[1][1]})
+                res.data["samples"].append({"lengths": list(lengths), "layers": n,
+                                            "ms": [s * 1e3 for s, _ in runs], "peak_bytes": runs[1][1]})
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the other shapes still count
             res.data.setdefault("errors", []).append(f"{_shape(lengths)}: {short_error(exc)}")
             raw["compute"] = [r for r in raw["compute"] if r[0] != list(lengths)]
@@ -210,11 +223,21 @@ def section_profile(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
             fit.write(held)
     if not fit.possible():
         fit.render_samples(None)
-        raise RuntimeError(f"only {len(raw['compute'])} timed (shape, depth) samples before the budget ran out: "
-                           "too few for a fit, no cost model written")
+        raise RuntimeError(f"only {len(raw['compute'])} timed (shape, depth) samples before the budget ran "
+                           "out: too few for a fit, no cost model written")
     cm = fit.write(held)
     CostModel.load(Path(cfg["out_dir"]) / c["file"])  # what was written must load
     res.data["cost_model"] = cm.to_dict()
+
+
+def _warm_up(c: dict, runner, res: SectionResult) -> None:
+    """Untimed runs of two token counts at every depth: the flex compile and its dynamic-shape recompile."""
+    for lengths in c["warmup"]:
+        inp = runner.inputs(lengths)
+        for n in c["depths"]:
+            s, _ = runner.run(n, inp)
+            res.data["warmup"].append({"tokens": sum(lengths), "layers": n, "seconds": s})
+            res.flush()
 
 
 def _heldout(c: dict, runner, res: SectionResult, deadline: Deadline) -> dict | None:
@@ -228,7 +251,8 @@ def _heldout(c: dict, runner, res: SectionResult, deadline: Deadline) -> dict | 
         return None
     try:
         inp = runner.inputs(lengths)
-        return {"lengths": lengths, "layers": n, "measured_ms": min(runner.run(n, inp)[0] for _ in range(2)) * 1e3}
+        ms = min(runner.run(n, inp)[0] for _ in range(2)) * 1e3
+        return {"lengths": lengths, "layers": n, "measured_ms": ms}
     except Exception as exc:  # noqa: BLE001
         res.data.setdefault("errors", []).append(f"held-out batch: {short_error(exc)}")
         free_memory(runner.device)
@@ -248,7 +272,8 @@ def _estimate(samples: list, layers: int, lengths) -> float:
     if len(pts) >= 2:
         A = np.array([[p[0], p[1]] for p in pts])
         scale = A.max(axis=0)
-        coef = np.clip(np.linalg.lstsq(A / scale, np.array([p[2] for p in pts]), rcond=None)[0], 0.0, None) / scale
+        y = np.array([p[2] for p in pts])
+        coef = np.clip(np.linalg.lstsq(A / scale, y, rcond=None)[0], 0.0, None) / scale
         est = float(coef @ np.array([T, sq]))
         if est > 0:
             return 1.2 * est
@@ -283,9 +308,9 @@ class CostFit:
         rows = []
         for i, s in enumerate(self.res.data["samples"]):
             L = s["lengths"]
+            peak = "" if s["peak_bytes"] is None else f"{s['peak_bytes'] / 2**30:.2f}"
             rows.append((_shape(L), s["layers"], sum(L), f"{float(sum(x * x for x in L)):.3g}",
-                         "/".join(f"{ms:.1f}" for ms in s["ms"]),
-                         "" if s["peak_bytes"] is None else f"{s['peak_bytes'] / 2**30:.2f}",
+                         "/".join(f"{ms:.1f}" for ms in s["ms"]), peak,
                          f"{rel_errors[i]:+.1%}" if rel_errors else ""))
         self.res.lines = table(["shape", "layers", "tokens", "sum L^2", "ms (2 runs)", "peak extra GiB",
                                 "fit error"], rows)
@@ -293,9 +318,9 @@ class CostFit:
     def write(self, held: dict | None):
         """Fit, write the cost-model file, render the report lines; returns the CostModel."""
         from flexsp.profile.build import build_cost_model, depth_fit
-        c, raw, full, res = self.c, self.raw, self.full, self.res
+        c, raw, res = self.c, self.raw, self.res
         pcfg = _profile_config(c)
-        raw["activation"] = activation_record(self.peaks, full, c["depths"])
+        raw["activation"] = activation_record(self.peaks, self.full, c["depths"])
         raw["max_len"] = max(max(L) for L, _, _ in raw["compute"])
         cm = build_cost_model(pcfg, raw)
         fit = raw["fit"]
@@ -303,62 +328,86 @@ class CostFit:
         held_line = "held-out check: not run (budget)"
         if held is not None:
             pred = depth_fit(pcfg, raw).compute_at(deep).predict(held["lengths"])
-            held.update(predicted_ms=pred, rel_err=(pred - held["measured_ms"]) / held["measured_ms"])
-            held_line = (f"held-out long-tailed batch ({len(held['lengths'])} docs, {sum(held['lengths'])} tokens, "
-                         f"max {max(held['lengths'])}) at {deep} layers: measured {held['measured_ms']:.1f} ms, "
-                         f"predicted {pred:.1f} ms ({held['rel_err']:+.1%})")
+            measured = held["measured_ms"]
+            held.update(predicted_ms=pred, rel_err=(pred - measured) / measured)
+            L = held["lengths"]
+            held_line = (f"held-out long-tailed batch ({len(L)} docs, {sum(L)} tokens, max {max(L)}) at "
+                         f"{deep} layers: measured {measured:.1f} ms, predicted {pred:.1f} ms "
+                         f"({held['rel_err']:+.1%})")
         source = self.source(cm, fit, held_line)
         cm = replace(cm, name=c["name"], source=source)
         out = Path(self.cfg["out_dir"])
         out.mkdir(parents=True, exist_ok=True)
         cm.save(out / c["file"])
-        pl, fx = fit["per_layer"], fit["fixed"]
-        flops_lin = 8 * raw["params_per_layer"]  # per token and layer: fwd 2P + recompute 2P + bwd 4P
-        flops_att = 9 * full.heads * full.head_size  # per token^2: causal fwd 2HD x (1 + 1 recompute + 2.5 bwd)
-        derived = (f" Derived: the linear part of a layer runs at {flops_lin / (pl['a2'] * 1e-3) / 1e12:.0f} TFLOP/s, "
-                   f"its attention at {flops_att / (pl['a1'] * 1e-3) / 1e12:.0f} TFLOP/s."
-                   if pl["a1"] > 0 and pl["a2"] > 0 else "")
         self.render_samples(fit["compute"]["rel_errors"])
-        res.lines += [
-            "", f"Per layer: a1 = {pl['a1']:.4e} ms/token^2, a2 = {pl['a2']:.4e} ms/token, b = {pl['b']:.3f} ms; "
-            f"fixed (embedding, head, loss): a2 = {fx['a2']:.4e} ms/token, b = {fx['b']:.3f} ms.{derived}",
-            f"At {full.layers} layers: a1 = {cm.a1:.4e}, a2 = {cm.a2:.4e}, b = {cm.b:.2f} ms; predicted fwd+bwd of "
-            f"one 128K document on one device {cm.group_time_ms([128 * K], 1) / 1e3:.2f} s; activation "
-            f"{cm.act_mb_per_token * 1024:.1f} KiB/token -> capacity {cm.capacity_tokens} tokens per device.", "",
-            f"- {held_line}",
-            "- warm-up (compile) runs: " + ", ".join(f"{w['tokens']} tokens x {w['layers']} layers {w['seconds']:.1f} s"
-                                                      for w in res.data["warmup"]),
-            f"- not measured (budget): {res.data.get('not_measured') or 'nothing'}",
-            f"- errors: {res.data['errors']}" if res.data.get("errors") else "- errors: none",
-            f"- written: `{c['file']}` (a CostModel JSON: `flexsp-plan --cost-model FILE`, `solver.cost_model=FILE`)",
-            "", f"source: {source}"]
+        res.lines += self.summary_lines(cm, fit, held_line) + ["", f"source: {source}"]
         res.data.update(fit={k: fit[k] for k in ("per_layer", "fixed", "compute")}, heldout=held,
                         activation=raw["activation"], file=c["file"])
+        pl = fit["per_layer"]
         held_key = f", held-out {held['rel_err']:+.1%}" if held else ""
-        res.key = (f"{c['file']}: per layer a1 {pl['a1']:.3e}, a2 {pl['a2']:.3e}, b {pl['b']:.2f} ms; fit max err "
-                   f"{fit['compute']['max_abs_rel_err']:.1%}{held_key}")
+        res.key = (f"{c['file']}: per layer a1 {pl['a1']:.3e}, a2 {pl['a2']:.3e}, b {pl['b']:.2f} ms; fit "
+                   f"max err {fit['compute']['max_abs_rel_err']:.1%}{held_key}")
         res.flush()
         return cm
+
+    def summary_lines(self, cm, fit, held_line: str) -> list[str]:
+        full, data = self.full, self.res.data
+        pl, fx = fit["per_layer"], fit["fixed"]
+        ac = full.activation_checkpointing
+        # FLOPs per token and layer: fwd 2P (+ recompute 2P) + bwd 4P; per token^2: causal fwd 2HD x
+        # (1 (+1 recompute) + 2.5 bwd)
+        flops_lin = (8 if ac else 6) * self.raw["params_per_layer"]
+        flops_att = (9 if ac else 7) * full.heads * full.head_size
+        derived = ""
+        if pl["a1"] > 0 and pl["a2"] > 0:
+            derived = (f" Derived: the linear part of a layer runs at {flops_lin / pl['a2'] / 1e9:.0f} "
+                       f"TFLOP/s, its attention at {flops_att / pl['a1'] / 1e9:.0f} TFLOP/s.")
+        warm = ", ".join(f"{w['tokens']} tokens x {w['layers']} layers {w['seconds']:.1f} s"
+                         for w in data["warmup"])
+        one_doc_s = cm.group_time_ms([128 * K], 1) / 1e3
+        return [
+            "", f"Per layer: a1 = {pl['a1']:.4e} ms/token^2, a2 = {pl['a2']:.4e} ms/token, b = "
+            f"{pl['b']:.3f} ms; fixed (embedding, head, loss): a2 = {fx['a2']:.4e} ms/token, b = "
+            f"{fx['b']:.3f} ms.{derived}",
+            f"At {full.layers} layers: a1 = {cm.a1:.4e}, a2 = {cm.a2:.4e}, b = {cm.b:.2f} ms; predicted "
+            f"fwd+bwd of one 128K document on one device {one_doc_s:.2f} s; activation "
+            f"{cm.act_mb_per_token * 1024:.1f} KiB/token -> capacity {cm.capacity_tokens} tokens per device.",
+            "",
+            f"- {held_line}", f"- warm-up (compile) runs: {warm}",
+            f"- not measured (budget): {data.get('not_measured') or 'nothing'}",
+            f"- errors: {data.get('errors') or 'none'}",
+            f"- written: `{self.c['file']}` (a CostModel JSON: `flexsp-plan --cost-model FILE`, "
+            "`solver.cost_model=FILE`)"]
+
+    def ac_note(self) -> str:
+        if self.full.activation_checkpointing:
+            return "activation checkpointing on"
+        if "ac_error" in self.res.data:
+            return (f"activation checkpointing OFF: with it the warm-up failed ({self.res.data['ac_error']}"
+                    "), so these times LACK the recompute the 8B preset trains with")
+        return "activation checkpointing off"
 
     def source(self, cm, fit, held_line: str) -> str:
         full, raw = self.full, self.raw
         is_cuda = self.cfg["device"].type == "cuda"
         bw = ", ".join(f"{k}: {v:g}" for k, v in sorted(cm.bandwidth_gbps.items()))
+        shape = "LLaMA-3-8B" if self.c["model"] == "7b" else self.c["model"]
+        commit = self.cfg.get("ctx", {}).get("commit", "?")
         return (
             f"benchmarks/gpu_costfit.py (gpu_check section profile), {_dt.date.today().isoformat()}, commit "
-            f"{self.cfg.get('ctx', {}).get('commit', '?')}. MEASURED on one {_device_name(self.cfg['device'])}: "
-            f"forward+backward time incl. LM head and loss ({full.dtype}, activation checkpointing on, model called "
-            f"directly: no FSDP2, no process group) of {len(raw['compute'])} packed micro-batches on 1- and 2-layer "
-            f"builds of a {'LLaMA-3-8B' if self.c['model'] == '7b' else self.c['model']} shape (hidden {full.hidden}, {full.heads}/{full.kv_heads} heads, SwiGLU "
-            f"{full.intermediate}, vocab {full.vocab_size}), documents up to {raw['max_len']} tokens, fastest of 2 "
-            f"runs; per-layer a1/a2/b and a fixed (embedding/head/loss) a2/b fitted jointly "
+            f"{commit}. MEASURED on one {_device_name(self.cfg['device'])}: forward+backward time incl. LM "
+            f"head and loss ({full.dtype}, {self.ac_note()}, model called directly: no FSDP2, no process "
+            f"group) of {len(raw['compute'])} packed micro-batches on 1- and 2-layer builds of a {shape} "
+            f"shape (hidden {full.hidden}, {full.heads}/{full.kv_heads} heads, SwiGLU {full.intermediate}, "
+            f"vocab {full.vocab_size}), documents up to {raw['max_len']} tokens, fastest of 2 runs; "
+            f"per-layer a1/a2/b and a fixed (embedding/head/loss) a2/b fitted jointly "
             f"(flexsp.profile.fit.fit_depth, NNLS on relative error, max error "
-            f"{fit['compute']['max_abs_rel_err']:.1%}), scaled to {full.layers} layers; {held_line}; activation: "
-            f"{raw['activation']['method']}. NOT MEASURED (one device): communication -- all-to-all bandwidths are "
-            f"the FlexSP paper's A100-cluster table (solver.presets.PAPER_BANDWIDTH, GB/s per SP degree {{{bw}}}), "
-            f"an ESTIMATE, not this machine's NVLink/IB; volumes analytic (flexsp.profile.build.volumes_mb_per_token);"
-            f" ring attention off (no p2p bandwidth); ZeRO-3 parameter/gradient traffic not in b; optimizer step not "
-            f"timed (step_overhead_ms = 0); memory_mb {'90% of this device' if is_cuda else 'CPU MemAvailable'}; "
+            f"{fit['compute']['max_abs_rel_err']:.1%}), scaled to {full.layers} layers; {held_line}; activation: {raw['activation']['method']}. NOT MEASURED "
+            f"(one device): communication -- all-to-all bandwidths are the FlexSP paper's A100-cluster table "
+            f"(solver.presets.PAPER_BANDWIDTH, GB/s per SP degree {{{bw}}}), an ESTIMATE, not this machine's "
+            f"NVLink/IB; volumes analytic (flexsp.profile.build.volumes_mb_per_token); ring attention off "
+            f"(no p2p bandwidth); ZeRO-3 parameter/gradient traffic not in b; optimizer step not timed "
+            f"(step_overhead_ms = 0); memory_mb {'90% of this device' if is_cuda else 'CPU MemAvailable'}; "
             f"written for {cm.num_devices} devices (one node), model states ZeRO-3 sharded over them."
             + ("" if is_cuda else " SMOKE RUN on CPU: the numbers mean nothing."))
 
@@ -384,7 +433,8 @@ def main(argv=None) -> int:
     device = torch.device("cpu") if a.smoke else torch.device("cuda", 0)
     res = SectionResult(Path(tempfile.mkstemp(suffix=".json")[1]))
     try:
-        section_profile({"device": device, "smoke": a.smoke, "out_dir": a.out, "ctx": {}}, res, Deadline(a.budget_s))
+        cfg = {"device": device, "smoke": a.smoke, "out_dir": a.out, "ctx": {}}
+        section_profile(cfg, res, Deadline(a.budget_s))
     except Exception as exc:  # noqa: BLE001
         print(f"[gpu_costfit] error: {short_error(exc)}", flush=True)
         return 1

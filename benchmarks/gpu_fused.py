@@ -38,7 +38,8 @@ def _cases(device, s):
         "rms_norm": ([rnd(T, H), rnd(H)], lambda x, w, backend: ops.rms_norm(x, w, backend=backend)),
         "rope": ([rnd(tq, hq, hd), rnd(tq, hk, hd)],
                  lambda q, k, backend: ops.apply_rope(q, k, cos, sin, backend=backend)),
-        "swiglu": ([rnd(T, s["ffn"]), rnd(T, s["ffn"])], lambda a, b, backend: ops.swiglu(a, b, backend=backend)),
+        "swiglu": ([rnd(T, s["ffn"]), rnd(T, s["ffn"])],
+                   lambda a, b, backend: ops.swiglu(a, b, backend=backend)),
     }
 
 
@@ -99,8 +100,8 @@ def section_fused_ops(cfg: dict, res: SectionResult, deadline: Deadline) -> None
                 times[be] = (Timing.nan(), Timing.nan())
                 notes.append(f"- {name}/{be}: {short_error(exc)}")
         eager, fused = times["torch"], times.get("liger", (Timing.nan(), Timing.nan()))
-        rows.append((name, eager[0].spread_ms(), fused[0].spread_ms(), eager[1].spread_ms(), fused[1].spread_ms(),
-                     _ratio(eager[0], fused[0]), _ratio(eager[1], fused[1])))
+        rows.append((name, eager[0].spread_ms(), fused[0].spread_ms(), eager[1].spread_ms(),
+                     fused[1].spread_ms(), _ratio(eager[0], fused[0]), _ratio(eager[1], fused[1])))
         res.data[name] = {f"{be}_{mode}": t.as_dict() for be, ts in times.items()
                           for mode, t in zip(("fwd", "fwd_bwd"), ts)}
         free_memory(device)
@@ -112,8 +113,9 @@ def section_fused_ops(cfg: dict, res: SectionResult, deadline: Deadline) -> None
     h = torch.randn(T, H, generator=gen, device=device, dtype=torch.bfloat16).requires_grad_()
     w = (torch.randn(V, H, generator=gen, device=device, dtype=torch.bfloat16) / H**0.5).requires_grad_()
     y = torch.randint(0, V, (T,), generator=gen, device=device)
-    variants = {"eager F.cross_entropy(h @ W.T)": lambda: F.cross_entropy((h @ w.t()).float(), y, reduction="sum"),
-                "flexsp.ops torch (chunked)": lambda: ops.linear_cross_entropy(h, w, y, backend="torch")}
+    variants = {
+        "eager F.cross_entropy(h @ W.T)": lambda: F.cross_entropy((h @ w.t()).float(), y, reduction="sum"),
+        "flexsp.ops torch (chunked)": lambda: ops.linear_cross_entropy(h, w, y, backend="torch")}
     if "liger" in backends:
         variants["flexsp.ops liger (fused)"] = lambda: ops.linear_cross_entropy(h, w, y, backend="liger")
     mem, ce_rows = {}, []
@@ -124,7 +126,8 @@ def section_fused_ops(cfg: dict, res: SectionResult, deadline: Deadline) -> None
         try:
             mem[label] = peak_extra_bytes(step, device)
             t = bench(step, device, deadline, max_iters=5, min_time_s=0.2, quick=smoke)
-            ce_rows.append((label, t.spread_ms(), "n/a (CPU)" if mem[label] is None else f"{mem[label] / 2**30:.2f}"))
+            gib = "n/a (CPU)" if mem[label] is None else f"{mem[label] / 2**30:.2f}"
+            ce_rows.append((label, t.spread_ms(), gib))
             res.data.setdefault("linear_ce", {})[label] = {**t.as_dict(), "peak_extra_bytes": mem[label]}
         except Exception as exc:  # noqa: BLE001
             ce_rows.append((label, f"error: {short_error(exc, 120)}", ""))

@@ -59,7 +59,8 @@ def package_origin(module: str, dist: str, deps_dir: str | None) -> dict:
         version = "?"
     where = spec.origin or (list(spec.submodule_search_locations or []) or ["?"])[0]
     carried = bool(deps_dir) and os.path.realpath(where).startswith(os.path.realpath(deps_dir))
-    return {"version": version, "origin": f"carried wheel ({deps_dir})" if carried else "image", "path": where}
+    origin = f"carried wheel ({deps_dir})" if carried else "image"
+    return {"version": version, "origin": origin, "path": where}
 
 
 def section_env(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
@@ -110,7 +111,8 @@ def section_env(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
     def batch():
         for _ in range(per):
             torch.mm(a, b)
-    t = bench(batch, device, deadline, warmup=2, min_iters=3, max_iters=5, min_time_s=0.05, quick=cfg["smoke"])
+    t = bench(batch, device, deadline, warmup=2, min_iters=3, max_iters=5, min_time_s=0.05,
+              quick=cfg["smoke"])
     flop = 2.0 * n**3 * per
     peak = flop / t.median / 1e12
     d["matmul"] = {"n": n, "calls_per_timing": per, **t.as_dict(), "tflops_median": peak,
@@ -133,8 +135,10 @@ def section_tests(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
     outcomes parsed as they stream, so a kill at the budget still reports the tests that ran."""
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
            "--durations=8", *cfg["pytest_targets"]]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     outcomes: dict[str, str] = {}
     out: list[str] = []
     last = 0.0
@@ -164,7 +168,8 @@ def _tests_report(res: SectionResult, outcomes: dict, out: list, rc) -> None:
     rows = [(node, o) for node, o in outcomes.items()]
     res.lines = [f"`{res.data['command']}` -> exit {rc if rc is not None else '(running)'}: {summary}", "",
                  *table(["test", "outcome"], rows)]
-    bad = [i for i, line in enumerate(out) if line.startswith(("=", "_")) and ("FAILURES" in line or "ERRORS" in line)]
+    bad = [i for i, line in enumerate(out)
+           if line.startswith(("=", "_")) and ("FAILURES" in line or "ERRORS" in line)]
     if bad:  # the failure tracebacks (capped), then the short summary
         res.lines += ["", "```", *out[bad[0]:bad[0] + 120], "```"]
     short = [i for i, line in enumerate(out) if "short test summary info" in line]
@@ -180,9 +185,10 @@ def section_train(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
     r = run_smoke(out, **cfg["train_shape"])
     res.data.update(r)
     steps = r["step_s"]
-    res.lines = [f"{r['steps']} steps of the tiny model on {r['device']} ({r['backend']}): meta init, FSDP2, bf16 "
-                 f"mixed precision, DCP checkpoint every 2 steps; a second run resumed from step 2.", "",
-                 *table(["step", *(str(i) for i in range(1, len(steps) + 1))], [["s", *(f"{s:.3f}" for s in steps)]]),
+    res.lines = [f"{r['steps']} steps of the tiny model on {r['device']} ({r['backend']}): meta init, FSDP2, "
+                 "bf16 mixed precision, DCP checkpoint every 2 steps; a second run resumed from step 2.", "",
+                 *table(["step", *(str(i) for i in range(1, len(steps) + 1))],
+                        [["s", *(f"{s:.3f}" for s in steps)]]),
                  "",
                  f"- first step (compile / warm-up): {r['first_step_s']:.2f} s",
                  f"- steady step (median of steps 3-{r['steps']}): {r['steady_step_s'] * 1e3:.1f} ms, "
@@ -190,7 +196,7 @@ def section_train(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
                  "model: this measures overheads, not the GPU)",
                  f"- resumed losses of steps 3-{r['steps']} equal the uninterrupted run's: "
                  f"{'yes' if r['ok'] else 'NO'} (max relative difference {r['resume_max_rel_diff']:.2e})",
-                 f"- peak memory: {r['peak_mem_mb']:.0f} MB" if r["peak_mem_mb"] is not None else "- peak memory: n/a"]
+                 "- peak memory: " + ("n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f} MB")]
     res.key = (f"first step {r['first_step_s']:.1f} s, steady {r['steady_step_s'] * 1e3:.0f} ms/step, "
                f"{r['steady_tokens_per_s']:,.0f} tok/s; resume {'equal' if r['ok'] else 'DIFFERS'}")
     if not r["ok"]:
@@ -234,7 +240,8 @@ def make_config(smoke: bool, out_dir: Path, ctx: dict, section: str) -> dict:
         device = torch.device("cpu") if smoke else torch.device("cuda", torch.cuda.current_device())
     base = dict(smoke=smoke, device=device, out_dir=out_dir, ctx=ctx)
     if smoke:
-        return base | dict(matmul_n=256, matmul_per_batch=2, pytest_targets=["tests/test_attention_kernels.py"],
+        return base | dict(matmul_n=256, matmul_per_batch=2,
+                           pytest_targets=["tests/test_attention_kernels.py"],
                            train_shape=dict(steps=4, batch_tokens=1024, max_doc_tokens=256, planner="thread"))
     return base | dict(matmul_n=8192, matmul_per_batch=10, pytest_targets=["tests"],
                        train_shape=dict(steps=8, batch_tokens=16384, max_doc_tokens=2048, planner="process"))
@@ -246,7 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--result", type=Path, required=True)
     p.add_argument("--ctx", type=Path, default=None)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--end-time", type=float, required=True, help="epoch seconds at which this process is killed")
+    p.add_argument("--end-time", type=float, required=True,
+                   help="epoch seconds at which this process is killed")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     deadline = Deadline(a.end_time - time.time() - STOP_EARLY_S)

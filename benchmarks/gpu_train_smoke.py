@@ -39,13 +39,14 @@ def config(out: Path, steps: int, resume: str = "never", batch_tokens: int = 163
         solver["allow_foreign_cost_model"] = True  # the tiny model's preset; plans are trivial on 1 rank
     return {
         "model": {"preset": "tiny", "hf_checkpoint": None},
-        "data": {"source": "synthetic", "distribution": "uniform", "num_docs": 200, "synthetic_vocab_size": 512,
-                 "seed": 0, "corpus": {"max_doc_tokens": max_doc_tokens},
+        "data": {"source": "synthetic", "distribution": "uniform", "num_docs": 200,
+                 "synthetic_vocab_size": 512, "seed": 0, "corpus": {"max_doc_tokens": max_doc_tokens},
                  "sampler": {"global_batch_tokens": batch_tokens, "seed": 0}},
         "parallel": {"mode": "adaptive", "engine": "fsdp2"},
         "solver": solver,
-        "train": {"steps": steps, "global_batch": 16, "precision": "bf16", "checkpoint_every": RESUME_AT, "keep_checkpoints": steps,
-                  "resume": resume, "progress": False, "lr": 3e-3, "warmup_steps": 1},
+        "train": {"steps": steps, "global_batch": 16, "precision": "bf16", "checkpoint_every": RESUME_AT,
+                  "keep_checkpoints": steps, "resume": resume, "progress": False, "lr": 3e-3,
+                  "warmup_steps": 1},
         "output_dir": str(out),
     }
 

@@ -74,8 +74,9 @@ def smoke_run(tmp_path_factory):
             during = (data, (out / "report.md").read_text())
         time.sleep(0.2)
     stdout, _ = proc.communicate(timeout=600)
-    return {"out": out, "rc": proc.returncode, "stdout": stdout, "during": during, "seconds": time.monotonic() - t0,
-            "results": json.loads((out / "results.json").read_text()), "report": (out / "report.md").read_text()}
+    return {"out": out, "rc": proc.returncode, "stdout": stdout, "during": during,
+            "seconds": time.monotonic() - t0, "results": json.loads((out / "results.json").read_text()),
+            "report": (out / "report.md").read_text()}
 
 
 @pytest.mark.slow
@@ -97,7 +98,8 @@ def test_hanging_section_is_killed_at_its_budget_and_the_next_sections_run(smoke
     # the section's child process (same process group) went down with it
     assert not _alive(hang["data"]["child_pid"])
     for name in ("env", "tests", "train", "attention", "profile", "fused_ops"):
-        assert sections[name]["status"] == "ok", (name, sections[name].get("status"), sections[name].get("log_tail"))
+        sec = sections[name]
+        assert sec["status"] == "ok", (name, sec.get("status"), sec.get("log_tail"))
     assert smoke_run["rc"] == 1  # the hang section did not pass
 
 
@@ -107,7 +109,8 @@ def test_report_layout_and_files(smoke_run):
     assert report.startswith("# FlexSP GPU check (SMOKE")
     summary = report.split("## Summary", 1)[1].split("## 0.", 1)[0]
     order = ["env", "hang", "tests", "train", "attention", "profile", "fused_ops"]
-    assert [summary.index(f"| {name} |") for name in order] == sorted(summary.index(f"| {n} |") for n in order)
+    where = [summary.index(f"| {name} |") for name in order]
+    assert where == sorted(where)
     assert "seconds (budget)" in summary and "key numbers" in summary
     files = sorted(p.name for p in smoke_run["out"].iterdir())
     assert files == ["costmodel_smoke_cpu_tiny.json", "report.md", "results.json"], files
@@ -165,10 +168,11 @@ def test_gpu_budgets_fit(gc):
 
 def test_bad_command_lines_get_one_line_and_exit_2(tmp_path):
     for args, msg in ((["--budget-s", "0"], "--budget-s must be > 0, got 0.0"),
-                      (["--section-budget", "tests=abc"], "--section-budget 'tests=abc': expected NAME=SECONDS"),
+                      (["--section-budget", "tests=abc"],
+                       "--section-budget 'tests=abc': expected NAME=SECONDS"),
                       (["--only", "nope"], "invalid choice: 'nope'")):
-        proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), *args], capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), *args], capture_output=True,
+                              text=True, timeout=60)
         assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
 
@@ -222,7 +226,8 @@ def test_activation_slope_splits_per_layer_and_fixed():
     from flexsp.model import model_config
     # bytes = const + tokens * (fixed + layers * per_layer): constants cancel in the slope
     fixed, per_layer = 3000.0, 500.0
-    peaks = {n: [(t, 7e9 + n * 1e8 + t * (fixed + n * per_layer)) for t in (32768, 65536, 131072)] for n in (1, 2)}
+    peaks = {n: [(t, 7e9 + n * 1e8 + t * (fixed + n * per_layer)) for t in (32768, 65536, 131072)]
+             for n in (1, 2)}
     rec = fit.activation_record(peaks, model_config("tiny"), [1, 2])
     assert math.isclose(rec["per_layer_bytes_per_token"], per_layer, rel_tol=1e-6)
     assert math.isclose(rec["fixed_bytes_per_token"], fixed, rel_tol=1e-6)
@@ -241,7 +246,8 @@ def test_run_time_estimate_of_a_profile_shape():
     want = 1e-5 * 131072 + 2e-10 * 131072**2
     assert math.isclose(fit._estimate(samples, 2, [131072]), 1.2 * want, rel_tol=1e-6)
     # one sample: scaled by the larger ratio (tokens or sum L^2), never below its own time
-    assert math.isclose(fit._estimate(samples, 1, [400]), 1e3 * 1e-3 * (1e-5 * 100 + 2e-10 * 1e4) * 16, rel_tol=1e-6)
+    one = 1e-5 * 100 + 2e-10 * 100**2
+    assert math.isclose(fit._estimate(samples, 1, [400]), 16 * one, rel_tol=1e-6)
     assert fit._estimate(samples, 3, [10]) == 0.0
 
 
@@ -252,7 +258,34 @@ def test_best_sdpa_row_of_a_batch():
             {"batch": "b", "impl": "SDPA per-doc loop [CUDNN_ATTENTION]", "fwd": {"pct_peak": 60.0},
              "fwd+bwd": {"pct_peak": 65.0}},
             {"batch": "b", "impl": "SDPA per-doc loop [EFFICIENT_ATTENTION]", "unavailable": "no kernel"},
-            {"batch": "b", "impl": "ours, dispatched", "fwd": {"pct_peak": 99.0}, "fwd+bwd": {"pct_peak": 99.0}},
+            {"batch": "b", "impl": "ours, dispatched", "fwd": {"pct_peak": 99.0},
+             "fwd+bwd": {"pct_peak": 99.0}},
             {"batch": "c", "impl": "SDPA per-doc loop [FLASH_ATTENTION]", "fwd": {"pct_peak": 90.0}}]
     assert attn._best_sdpa(rows, "b") == (70.0, 65.0)
     assert attn._best_sdpa(rows, "d") is None
+
+
+@pytest.mark.slow
+def test_profile_drops_checkpointing_when_its_warm_up_fails(tmp_path, monkeypatch):
+    """Compiled flex under activation checkpointing never ran on a GPU before: if the warm-up fails
+    with it, the profile runs without it and the cost model says so (flag and source)."""
+    import torch
+
+    from solver.costmodel import CostModel
+    fit, common = _load("gpu_costfit"), _load("gpu_common")
+    real, seen = fit._warm_up, []
+
+    def flaky(c, runner, res):
+        seen.append(runner.models[1].config.activation_checkpointing)
+        if seen[-1]:
+            raise RuntimeError("injected: checkpoint + compiled flex")
+        real(c, runner, res)
+    monkeypatch.setattr(fit, "_warm_up", flaky)
+    res = common.SectionResult(tmp_path / "r.json")
+    cfg = {"device": torch.device("cpu"), "smoke": True, "out_dir": tmp_path, "ctx": {"commit": "abc1234"}}
+    fit.section_profile(cfg, res, common.Deadline(300))
+    assert seen == [True, False]
+    cm = CostModel.load(tmp_path / "costmodel_smoke_cpu_tiny.json")
+    assert not cm.activation_checkpointing and cm.layers == 4
+    assert "activation checkpointing OFF" in cm.source and "injected: checkpoint" in cm.source
+    assert "commit abc1234" in cm.source and res.data["ac_error"].startswith("RuntimeError: injected")
