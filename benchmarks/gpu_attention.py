@@ -252,7 +252,7 @@ def section_attention(cfg: dict, res: SectionResult, deadline: Deadline) -> None
             res.lines.append(f"**target ours @ {desc}: fwd {pf:.0f}% (>= {TARGET_FWD:.0%}), fwd+bwd "
                              f"{pfb:.0f}% (>= {TARGET_FWD_BWD:.0%}): {'PASS' if ok else 'FAIL'}**{vs}")
             key.append(f"{desc.split(' (')[0]}: fwd {pf:.0f}% / fwd+bwd {pfb:.0f}%{vs}")
-        res.key = "ours of peak, " + ("; ".join(key) if key else "(no >= 32K row measured)")
+        res.key = ("ours (% of peak) " + "; ".join(key)) if key else "ours: no row >= 32K tokens measured"
         res.flush()
 
     for make_impls in (_implementations, _late_implementations):

@@ -172,9 +172,15 @@ def _tests_report(res: SectionResult, outcomes: dict, out: list, rc) -> None:
            if line.startswith(("=", "_")) and ("FAILURES" in line or "ERRORS" in line)]
     if bad:  # the failure tracebacks (capped), then the short summary
         res.lines += ["", "```", *out[bad[0]:bad[0] + 120], "```"]
-    short = [i for i, line in enumerate(out) if "short test summary info" in line]
-    if short:
-        res.lines += ["", "```", *out[short[0]:short[0] + 40], "```"]
+    for marker, cap in (("slowest", 12), ("short test summary info", 40)):
+        at = [i for i, line in enumerate(out) if marker in line and line.startswith("=")]
+        if at:  # the block up to the next ==== header
+            block = [out[at[0]]]
+            for line in out[at[0] + 1:at[0] + cap]:
+                if line.startswith("=") and "short test summary" in line:
+                    break
+                block.append(line)
+            res.lines += ["", "```", *block, "```"]
     res.flush()
 
 

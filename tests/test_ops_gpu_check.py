@@ -289,3 +289,19 @@ def test_profile_drops_checkpointing_when_its_warm_up_fails(tmp_path, monkeypatc
     assert not cm.activation_checkpointing and cm.layers == 4
     assert "activation checkpointing OFF" in cm.source and "injected: checkpoint" in cm.source
     assert "commit abc1234" in cm.source and res.data["ac_error"].startswith("RuntimeError: injected")
+
+
+def test_tests_section_reports_each_outcome_and_the_failure(tmp_path):
+    """The tests section streams pytest -m gpu: per-test outcomes, the failure's message, FAIL status."""
+    sections, common = _load("gpu_sections"), _load("gpu_common")
+    case = tmp_path / "test_fake_gpu.py"
+    case.write_text("import pytest\n\n\n@pytest.mark.gpu\ndef test_ok():\n    pass\n\n\n@pytest.mark.gpu\n"
+                    "def test_bad():\n    assert 1 == 2, 'kaboom 42'\n\n\ndef test_not_gpu():\n    pass\n")
+    res = common.SectionResult(tmp_path / "r.json")
+    sections.section_tests({"pytest_targets": [str(case)]}, res, common.Deadline(60))
+    assert res.status == "FAIL: pytest exited 1"
+    assert res.data["counts"] == {"failed": 1, "passed": 1} and res.key == "1 failed, 1 passed"
+    text = "\n".join(res.lines)
+    assert "test_fake_gpu.py::test_bad | FAILED" in text and "kaboom 42" in text
+    assert "test_not_gpu" not in text  # not marked gpu: deselected
+    assert common.read_result(tmp_path / "r.json")["key"] == "1 failed, 1 passed"
