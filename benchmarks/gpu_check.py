@@ -19,7 +19,9 @@ d. profile (90): 1- and 2-layer LLaMA-3-8B-shaped builds up to 128K tokens, fitt
    cost model ``costmodel_h200_llama8b.json`` (gpu_costfit.py);
 e. fused_ops (25): liger-kernel vs eager (gpu_fused.py).
 
-Budgets add up to 420 s; gpu_check.sh adds the wheel install and a hard 440 s limit. Output (OUT):
+Budgets add up to 420 s; attention and profile may grow to 1.5x theirs with time earlier sections
+left unused (never with later sections' time). gpu_check.sh adds the wheel install and a hard 440 s
+limit. Output (OUT):
 report.md (summary table first), results.json, the cost model, console.log (from gpu_check.sh).
 
     python benchmarks/gpu_check.py OUT [--smoke] [--budget-s 420] [--only S ...] [--skip S ...]
@@ -63,16 +65,22 @@ class Section:
     """Hard limit in --smoke mode (CPU)."""
     what: str
     """One line for the report."""
+    extendable: bool = False
+    """May also use what earlier sections left unused (up to EXTEND_FACTOR x its budget), as long as
+    every later section keeps its own budget."""
 
 
 SECTIONS = (
     Section("env", 20, 30, "device, package versions and origins, bf16 matmul peak"),
     Section("tests", 105, 60, "pytest -m gpu: correctness on the device"),
     Section("train", 60, 60, "one-GPU training smoke: bf16, meta init, FSDP2, DCP save + resume"),
-    Section("attention", 120, 40, "varlen causal attention TFLOP/s vs SDPA loops and the other backends"),
-    Section("profile", 90, 60, "1+2-layer LLaMA-3-8B-shaped profile -> cost model JSON"),
+    Section("attention", 120, 40, "varlen causal attention TFLOP/s vs SDPA loops and the other backends",
+            extendable=True),
+    Section("profile", 90, 60, "1+2-layer LLaMA-3-8B-shaped profile -> cost model JSON", extendable=True),
     Section("fused_ops", 25, 30, "liger-kernel vs eager fused ops"),
 )
+EXTEND_FACTOR = 1.5
+"""An extendable section's budget grows to at most this multiple with time earlier sections left."""
 TOTAL_BUDGET_S = 420.0
 """Default total; the budgets above add up to it."""
 SMOKE_BUDGET_S = 150.0
@@ -273,6 +281,16 @@ def parse_args(argv):
     return a
 
 
+def section_budget(own: float, extendable: bool, left: float, later: float) -> float:
+    """Seconds a section gets: its own budget within the time ``left``; an extendable one also what
+    earlier sections left unused (``left - later``: later sections keep their own ``later`` seconds),
+    up to EXTEND_FACTOR x its own."""
+    budget = min(own, left)
+    if extendable:
+        budget = max(budget, min(EXTEND_FACTOR * own, left - later))
+    return budget
+
+
 class Terminated(Exception):
     """SIGTERM (gpu_check.sh's hard limit): the running section is killed and the report written."""
 
@@ -295,12 +313,17 @@ def main(argv=None) -> int:
     rep = Report(a.out_dir, a, sections, ctx)
     work = Path(tempfile.mkdtemp(prefix="flexsp_gpu_check_"))
     ctx_file = work / "ctx.json"
-    for sec in sections:
-        if (a.only and sec.name not in a.only and sec.name != "hang") or sec.name in a.skip:
+    def own_budget(sec):
+        return a.budgets.get(sec.name, sec.smoke_budget_s if a.smoke else sec.budget_s)
+    chosen = [s for s in sections
+              if not ((a.only and s.name not in a.only and s.name != "hang") or s.name in a.skip)]
+    for i, sec in enumerate(sections):
+        if sec not in chosen:
             rep.set(sec.name, {"status": "skipped (--only/--skip)", "lines": []})
             continue
-        own = a.budgets.get(sec.name, sec.smoke_budget_s if a.smoke else sec.budget_s)
-        budget = min(own, deadline.left())
+        own = own_budget(sec)
+        later = sum(own_budget(s) for s in chosen if sections.index(s) > i)
+        budget = section_budget(own, sec.extendable, deadline.left(), later)
         if budget < min(own, MIN_SECTION_S):
             rep.set(sec.name, {"status": f"skipped: total budget spent ({deadline.left():.0f} s left)",
                                "lines": []})

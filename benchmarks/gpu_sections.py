@@ -123,7 +123,8 @@ def section_env(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
                   "(the median; every % of peak below is of this number)."]
     carried = [f"{m} {p['version']}" for m, p in d["packages"].items() if p["origin"].startswith("carried")]
     res.key = f"{d['device_name']}; bf16 peak {peak:.1f} TFLOP/s; from wheels: {', '.join(carried) or 'none'}"
-    print(f"[env] packages: {json.dumps(d['packages'])}", flush=True)
+    for mod, info in d["packages"].items():
+        print(f"[env] {mod} {info['version'] or '-'}: {info['origin']} {info.get('path', '')}", flush=True)
 
 
 # --------------------------------------------------------------------------------------- tests

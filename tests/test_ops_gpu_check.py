@@ -166,6 +166,15 @@ def test_gpu_budgets_fit(gc):
     assert "GPU_CHECK_TIMEOUT_S:-440" in sh and "--no-deps" in sh and "console.log" in sh
 
 
+def test_section_budgets_grow_only_with_time_left_by_earlier_sections(gc):
+    assert gc.section_budget(120, False, 300, 115) == 120
+    assert gc.section_budget(120, False, 50, 0) == 50  # never beyond the total
+    # env/tests/train used 112 s of 420: attention may use 1.5x, profile + fused_ops keep 115 s
+    assert gc.section_budget(120, True, 308, 115) == 180
+    assert gc.section_budget(120, True, 200, 115) == 120  # only 85 s spare: its own budget stands
+    assert gc.section_budget(90, True, 128, 25) == 103  # profile: what attention left, minus fused_ops
+
+
 def test_bad_command_lines_get_one_line_and_exit_2(tmp_path):
     for args, msg in ((["--budget-s", "0"], "--budget-s must be > 0, got 0.0"),
                       (["--section-budget", "tests=abc"],
