@@ -35,14 +35,8 @@ class SectionResult:
     def flush(self) -> None:
         doc = {"status": self.status, "key": self.key, "lines": self.lines, "data": self.data}
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1, default=_jsonable))
+        tmp.write_text(json.dumps(doc, indent=1, default=str))  # NaN stays NaN (Python's json reads it)
         os.replace(tmp, self.path)
-
-
-def _jsonable(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return str(value)
 
 
 def read_result(path: Path) -> dict | None:
