@@ -1,6 +1,9 @@
 """GPU variant of ``flexsp-profile`` + a planning comparison, for ONE CUDA device, < 8 minutes.
 
 NOT RUN YET: written and smoke-tested on CPU only (``--smoke``); the tasks that wrote it had no GPU.
+It needs several minutes of a GPU; the bounded (~90 s) compute-only fit the GPU check runs is
+``benchmarks/gpu_costfit.py`` (section "profile" of ``benchmarks/gpu_check.sh``), which reuses
+``LLAMA3_8B`` below and flexsp.profile's fit and cost-model builder.
 Its outputs (``benchmarks/results/profile_gpu_<date>_<device>.{json,report.json,md,png}`` and
 ``..._plan.md``) are kept with the date and the device name once it runs.
 

@@ -2,7 +2,8 @@
 # GPU variant of flexsp-profile on ONE CUDA device, hard-limited to < 8 minutes (see
 # benchmarks/gpu_profile.py; not run yet: written without a GPU): 1+2 layers of a LLaMA-3-8B shape
 # (bf16, activation checkpointing) on documents up to 128K, scaled to 32 layers. Outputs land in
-# benchmarks/results/profile_gpu_<date>_<device>.* by default.
+# benchmarks/results/profile_gpu_<date>_<device>.* by default. The GPU check's bounded profile
+# (~90 s, compute only) is benchmarks/gpu_costfit.py instead.
 #   benchmarks/gpu_profile.sh [OUT_DIR]
 # Env: PYTHON (default python3), GPU_PROFILE_TIMEOUT_S (hard limit, default 450).
 set -uo pipefail
