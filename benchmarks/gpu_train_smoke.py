@@ -17,7 +17,6 @@ import os
 import socket
 import statistics
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,10 +32,8 @@ kernels, so only a non-deterministic reduction could differ (none on one rank)."
 
 def config(out: Path, steps: int, resume: str = "never", batch_tokens: int = 16384,
            max_doc_tokens: int = 2048, planner: str = "process") -> dict:
-    from flexsp.planning import SolverConfig
-    solver = {"cost_model": "cpu-gloo-tiny", "time_limit": 0.5, "wait_s": 5.0, "background": planner}
-    if "allow_foreign_cost_model" in {f.name for f in fields(SolverConfig)}:
-        solver["allow_foreign_cost_model"] = True  # the tiny model's preset; plans are trivial on 1 rank
+    # auto: on CUDA the analytic estimate for this GPU and the tiny model (what a user gets by default)
+    solver = {"cost_model": "auto", "time_limit": 0.5, "wait_s": 5.0, "background": planner}
     return {
         "model": {"preset": "tiny", "hf_checkpoint": None},
         "data": {"source": "synthetic", "distribution": "uniform", "num_docs": 200,

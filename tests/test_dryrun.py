@@ -154,7 +154,7 @@ def test_measured_activations_match_a_real_cpu_forward_of_the_whole_model():
     from flexsp.dryrun import activation_bytes_per_token
     from flexsp.model import Transformer, model_config
     from flexsp.model.layers import positions_from_cu_seqlens
-    from flexsp.model.transformer import AttnContext
+    from flexsp.attention.context import AttnContext
     cfg = model_config("tiny", layers=3)
     measured = activation_bytes_per_token(cfg, torch.float32)
     assert measured["method"].startswith("measured") and not measured["activation_checkpointing"]
@@ -257,7 +257,7 @@ def test_hf_checkpoint_is_named_and_the_cost_model_line_reads_as_no_error(tmp_pa
     head, *rest = proc.stdout.splitlines()
     assert head.startswith("flexsp-dryrun: Qwen3ForCausalLM (my-qwen3) (") and " tiny " not in head, head
     cm_line = next(ln for ln in rest if ln.startswith("  cost model:"))
-    assert cm_line == ("  cost model: analytic-my-qwen3-64 (solver.cost_model=cpu-gloo-tiny is for another "
+    assert cm_line == ("  cost model: analytic-my-qwen3-64 (solver.cost_model=auto is for another "
                        "model shape: an analytic roofline with the memory measured here is used)"), cm_line
     r = json.loads((tmp_path / "out" / "dryrun.json").read_text())
     assert "was built for hidden=64 but the model has hidden=96" in r["cost_model"]["why"]
