@@ -75,7 +75,10 @@ def _implementations(lengths, cu, device, cfg):
     from flexsp.attention import local as attn_local
     bounds = list(zip(cu[:-1], cu[1:]))
     heads = cfg["heads"][0]
-    out = [(f"ours, dispatched (-> {attn_local.pick_backend(device, None)})",
+    import torch
+    chosen = attn_local.pick_backend(device, None, dtype=getattr(torch, cfg["dtype"]), head_dim=cfg["heads"][2],
+                                     gqa=cfg["heads"][0] != cfg["heads"][1])
+    out = [(f"ours, dispatched (-> {chosen})",
             lambda q, k, v: attn_local.varlen_attention(q, k, v, cu, causal=True), False, None)]
     for name in SDPA_BACKENDS:
         be = getattr(SDPBackend, name, None)

@@ -71,10 +71,10 @@ class Section:
 
 
 SECTIONS = (
-    Section("env", 20, 30, "device, package versions and origins, bf16 matmul peak"),
+    Section("env", 30, 30, "device, package versions and origins, bf16 matmul peak"),
     Section("tests", 105, 60, "pytest -m gpu: correctness on the device"),
     Section("train", 60, 60, "one-GPU training smoke: bf16, meta init, FSDP2, DCP save + resume"),
-    Section("attention", 120, 40, "varlen causal attention TFLOP/s vs SDPA loops and the other backends",
+    Section("attention", 110, 40, "varlen causal attention TFLOP/s vs SDPA loops and the other backends",
             extendable=True),
     Section("profile", 90, 60, "1+2-layer LLaMA-3-8B-shaped profile -> cost model JSON", extendable=True),
     Section("fused_ops", 25, 30, "liger-kernel vs eager fused ops"),
@@ -192,7 +192,10 @@ def git_commit() -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha, dirty = "", ""
-    sha = sha or os.environ.get("FLEXSP_COMMIT", "unknown")
+    # a copied checkout may carry a stale .git: the caller's FLEXSP_COMMIT wins
+    sha = os.environ.get("FLEXSP_COMMIT") or sha or "unknown"
+    if os.environ.get("FLEXSP_COMMIT"):
+        dirty = ""
     return sha + (" (with uncommitted changes)" if dirty else "")
 
 

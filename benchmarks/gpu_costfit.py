@@ -69,7 +69,11 @@ def build_model(mcfg, device):
 
     from flexsp.model import Transformer
     from flexsp.model.init import init_rule
-    model = Transformer(mcfg, device="meta").to_empty(device=device)
+    from flexsp.parallelize import ParallelizeConfig, parallelize
+    model = Transformer(mcfg, device="meta")
+    # activation checkpointing is applied from outside, as training applies it (no sharding here)
+    parallelize(model, None, ParallelizeConfig(activation_checkpointing=bool(mcfg.activation_checkpointing)))
+    model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -190,8 +194,10 @@ def section_profile(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
               "retrying without", flush=True)
         full = fit.full = replace(full, activation_checkpointing=False)
         mc["activation_checkpointing"] = False
+        from flexsp.parallelize import set_activation_checkpointing
         for model in runner.models.values():
             model.config = replace(model.config, activation_checkpointing=False)
+            set_activation_checkpointing(model, False)
         free_memory(device)
         _warm_up(c, runner, res)
     held = None

@@ -11,7 +11,17 @@ import math
 
 from gpu_common import Deadline, SectionResult, Timing, bench, free_memory, short_error, sync, table
 
-TARGET_CE_MEMORY_RATIO = 4.0
+CE_MARGIN_BYTES = 256 * 2**20
+"""Allowance over :func:`chunked_ce_peak_bytes` for allocator rounding and small temporaries (well
+under one bf16 [tokens, vocab] buffer, so materialised logits anywhere exceed it)."""
+
+
+def chunked_ce_peak_bytes(tokens: int, hidden: int, vocab: int, chunk: int = 256) -> int:
+    """What a chunked bf16 linear + cross-entropy with an fp32 weight-gradient accumulator must hold
+    at its peak (a chunk's weight-gradient update), as tests/test_ops_liger.py accounts it: the
+    accumulator (V H 4), that chunk's bf16 product and fp32 upcast (V H 6), the hidden gradient
+    (T H 2), the chunk's grad-logits (c V 2), the per-token losses (T 4). No [T, V] term."""
+    return vocab * hidden * 10 + tokens * hidden * 2 + chunk * vocab * 2 + tokens * 4
 """Eager linear+CE peak memory / liger fused peak memory must be at least this."""
 
 
@@ -136,13 +146,17 @@ def section_fused_ops(cfg: dict, res: SectionResult, deadline: Deadline) -> None
                   *table(["variant", "fwd+bwd ms (min-max)", "peak extra GiB"], ce_rows)]
     speed = "; ".join(f"{r[0]} {r[6]}" for r in rows if r[6] != "-")
     eager, fused = mem.get("eager F.cross_entropy(h @ W.T)"), mem.get("flexsp.ops liger (fused)")
+    chunked = mem.get("flexsp.ops torch (chunked)")
     if eager and fused:
         ratio = eager / fused
-        res.data["ce_memory_ratio"] = ratio
-        verdict = "PASS" if ratio >= TARGET_CE_MEMORY_RATIO else "FAIL"
-        res.lines += ["", f"**fused linear-CE peak memory {ratio:.1f}x lower than eager "
-                          f"(target >= {TARGET_CE_MEMORY_RATIO:.0f}x): {verdict}**"]
-        res.key = f"CE memory {ratio:.1f}x lower ({verdict}); fwd+bwd speedup {speed or '-'}"
+        bound = chunked_ce_peak_bytes(T, H, V) + CE_MARGIN_BYTES
+        worst = max(fused, chunked or 0)
+        res.data.update(ce_memory_ratio=ratio, ce_bound_bytes=bound)
+        verdict = "PASS" if worst <= bound else "FAIL"
+        res.lines += ["", f"**chunked/fused linear-CE peaks (torch {(chunked or 0) / 2**30:.2f} GiB, liger "
+                          f"{fused / 2**30:.2f} GiB) within the no-full-logits budget "
+                          f"{bound / 2**30:.2f} GiB (eager {ratio:.1f}x liger's): {verdict}**"]
+        res.key = f"CE memory within budget: {verdict} (eager {ratio:.1f}x); fwd+bwd speedup {speed or '-'}"
     else:
         res.key = f"liger not run; fwd+bwd speedup {speed or '-'}"
     res.flush()

@@ -46,6 +46,16 @@ def apply_activation_checkpointing(model) -> None:
         checkpoint(block)
 
 
+def set_activation_checkpointing(model, enabled: bool) -> None:
+    """Switch the recompute of already checkpointed blocks on or off (no effect on others)."""
+    from torch.distributed._composable import checkpoint
+    for block in blocks_of(model):
+        try:
+            checkpoint.state(block).enable_hook = enabled
+        except Exception:       # noqa: BLE001 -- not checkpointed
+            pass
+
+
 @contextmanager
 def activation_checkpointing_disabled(model):
     """Run forward without the recompute (e.g. to measure what a block would save)."""

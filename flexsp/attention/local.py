@@ -26,6 +26,10 @@ Backends (``backend=None`` picks automatically, any name overrides):
   dispatches to; measured the fastest exact option on CPU (see machine-notes). Off CPU it has
   no LSE kernel (LSE requests go to ``"math"``).
 * ``"math"``  explicit softmax in fp32, per document; slow, the reference of last resort.
+* ``"hybrid"`` documents of ``HYBRID_LONG_TOKENS`` or more by one SDPA call each (cuDNN on Hopper,
+  1.7x torch's FlashAttention-2 on long documents on an H200), the shorter ones packed into one
+  call of the automatic kernel; no LSE (LSE requests take the automatic kernel). Not automatic yet:
+  its combined speed, and the cost of cuDNN plans for ever new document lengths, are unmeasured.
 
 Auto choice: CPU -> sdpa; CUDA -> flash if importable, else aten_flash where it runs the
 inputs, else flex (compiled), else sdpa (LSE kernels: math); other devices -> sdpa (LSE: math).
@@ -51,7 +55,7 @@ from . import flash as FA
 from . import flex as FX
 from .flex import doc_block_mask, row_intervals  # noqa: F401 (re-exported)
 
-BACKENDS = ("sdpa", "flash", "aten_flash", "flex", "math")
+BACKENDS = ("sdpa", "flash", "aten_flash", "flex", "math", "hybrid")
 _LSE_BACKENDS = ("flash", "aten_flash", "flex", "math", "sdpa")
 
 
@@ -82,6 +86,8 @@ def pick_backend(device: torch.device, backend: str | None = None, need_lse: boo
     ``dtype``/``head_dim``/``gqa`` describe the inputs (torch's flash kernels are chosen only
     for inputs they run; without them they are not considered).
     """
+    if backend == "hybrid" and need_lse:
+        backend = None        # the LSE block kernels are whole-buffer kernels: the automatic one
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
@@ -260,40 +266,65 @@ class _VarlenAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def _sdpa_loop(q, k, v, cu_q, cu_k, causal, scale):
-    """Autograd through one SDPA call per document (GQA inside SDPA, no k/v copies)."""
-    outs, gqa = [], q.shape[1] != k.shape[1]
-    for (qs, qe), (ks, ke) in zip(_bounds(cu_q), _bounds(cu_k)):
-        if qe == qs:
-            continue
-        if ke == ks:
-            outs.append(q.new_zeros(q[qs:qe].shape))
-            continue
-        o = F.scaled_dot_product_attention(q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None],
-                                           v[ks:ke].transpose(0, 1)[None], is_causal=causal, scale=scale,
-                                           enable_gqa=gqa)
-        outs.append(o[0].transpose(0, 1))
+def _doc_attention(qd, kd, vd, causal, scale, window):
+    """One document by SDPA, ``[L, H, D]`` in and out (GQA inside SDPA, no k/v copies)."""
+    lq, lk = qd.shape[0], kd.shape[0]
+    if lq == 0:
+        return qd.new_zeros(qd.shape)
+    if lk == 0:
+        return qd.new_zeros(qd.shape) + 0 * (kd.sum() + vd.sum())    # keeps autograd
+    gqa = qd.shape[1] != kd.shape[1]
+    t = lambda x: x.transpose(0, 1)[None]  # noqa: E731   [L, H, D] -> [1, H, L, D]
+    if window and causal and lq > window:
+        i = torch.arange(lq, device=qd.device)
+        diff = i[:, None] - i[None, :]
+        o = F.scaled_dot_product_attention(t(qd), t(kd), t(vd), attn_mask=(diff >= 0) & (diff < window),
+                                           scale=scale, enable_gqa=gqa)
+    else:
+        o = F.scaled_dot_product_attention(t(qd), t(kd), t(vd), is_causal=causal, scale=scale, enable_gqa=gqa)
+    return o[0].transpose(0, 1)
+
+
+def _sdpa_loop(q, k, v, cu_q, cu_k, causal, scale, window=None):
+    """Autograd through one SDPA call per document. The documents are ``torch.split`` views (one
+    concatenation of their gradients in backward, O(tokens); slicing would give every document a
+    full-size gradient buffer, O(tokens x documents))."""
+    lens_q = [e - s for s, e in _bounds(cu_q)]
+    lens_k = [e - s for s, e in _bounds(cu_k)]
+    qs = torch.split(q, lens_q)
+    ks, vs = (torch.split(k, lens_k), torch.split(v, lens_k)) if cu_k != cu_q or k.shape[0] != q.shape[0] \
+        else (torch.split(k, lens_q), torch.split(v, lens_q))
+    outs = [_doc_attention(a, b, c, causal, scale, window) for a, b, c in zip(qs, ks, vs)]
     return torch.cat(outs) if outs else q.new_zeros(q.shape)
 
 
-def _sdpa_window_loop(q, k, v, bounds, scale, window):
-    """Causal sliding-window attention per document by SDPA (autograd through SDPA): documents
-    longer than ``window`` get a banded boolean mask (query i sees keys j, 0 <= i - j < window),
-    the others plain causal."""
-    outs, gqa = [], q.shape[1] != k.shape[1]
-    for qs, qe in bounds:
-        if qe == qs:
-            continue
-        qd, kd, vd = (x[qs:qe].transpose(0, 1)[None] for x in (q, k, v))
-        if qe - qs > window:
-            i = torch.arange(qe - qs, device=q.device)
-            diff = i[:, None] - i[None, :]
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=(diff >= 0) & (diff < window),
-                                               scale=scale, enable_gqa=gqa)
-        else:
-            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, enable_gqa=gqa)
-        outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs) if outs else q.new_zeros(q.shape)
+HYBRID_LONG_TOKENS = 8192
+"""``backend="hybrid"``: documents of at least this many tokens run one SDPA call each (cuDNN on
+Hopper: 565 vs 328 TFLOP/s forward+backward for torch's FlashAttention-2 at 32K and 128K tokens on
+an H200, benchmarks/results/gpu/), the shorter ones one varlen kernel together. At 8K tokens a
+document's attention takes milliseconds, so one call's overhead is a few percent."""
+
+
+def _hybrid(q, k, v, cu, causal, scale, window, short_backend):
+    """Long documents by per-document SDPA, the short ones packed into one varlen call."""
+    lens = [e - s for s, e in _bounds(cu)]
+    long_ = [n >= HYBRID_LONG_TOKENS for n in lens]
+    if not any(long_):
+        return varlen_attention(q, k, v, cu, causal, backend=short_backend, scale=scale, window=window)
+    if all(long_):
+        return _sdpa_loop(q, k, v, cu, cu, causal, scale, window)
+    qs, ks, vs = (torch.split(x, lens) for x in (q, k, v))
+    short = [i for i, is_long in enumerate(long_) if not is_long]
+    cu_short = [0]
+    for i in short:
+        cu_short.append(cu_short[-1] + lens[i])
+    packed = varlen_attention(torch.cat([qs[i] for i in short]), torch.cat([ks[i] for i in short]),
+                              torch.cat([vs[i] for i in short]), cu_short, causal, backend=short_backend,
+                              scale=scale, window=window)
+    short_out = iter(torch.split(packed, [lens[i] for i in short]))
+    outs = [_doc_attention(qs[i], ks[i], vs[i], causal, scale, window) if is_long else next(short_out)
+            for i, is_long in enumerate(long_)]
+    return torch.cat(outs)
 
 
 def _host_list(cu) -> list[int]:
@@ -333,6 +364,10 @@ def varlen_attention(q, k, v, cu_seqlens, causal=True, return_lse=False, backend
             raise ValueError(f"window must be >= 1, got {window}")
         _check(q, k, v, cu_q, cu_k)
     name = _pick(q, k, backend, need_lse=return_lse)
+    if name == "hybrid":
+        if cu_q != cu_k:
+            raise ValueError("backend='hybrid' needs cu_seqlens_k == cu_seqlens")
+        return _hybrid(q, k, v, cu_q, causal, scale, window, short_backend=_pick(q, k, None, False))
     if name in _FLASH_FWD:
         out, lse = _VarlenAttention.apply(q, k, v, cu_q, cu_k, causal, scale, name, window)
         return (out, lse) if return_lse else out
@@ -341,7 +376,7 @@ def varlen_attention(q, k, v, cu_seqlens, causal=True, return_lse=False, backend
             res = FX.flex_forward(q, k, v, cu_q, cu_k, True, scale, False, window)
             if res is not None:
                 return res
-        return _sdpa_window_loop(q, k, v, _bounds(cu_q), scale, window)
+        return _sdpa_loop(q, k, v, cu_q, cu_q, True, scale, window)
     if name == "flex":       # flex's own autograd (its backward kernel), no LSE gradient
         res = FX.flex_forward(q, k, v, cu_q, cu_k, causal, scale, return_lse)
         if res is not None:
