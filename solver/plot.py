@@ -25,6 +25,25 @@ def plot_title(plan: Plan, width: int = 110) -> str:
                                    f"{plan.num_sequences} sequences, status {plan.status}"])
 
 
+MAX_MB_LABELS = 40
+"""Micro-batch labels drawn along the top axis at most (every k-th micro-batch beyond that)."""
+
+
+def label_micro_batches(ax, starts: list[float]) -> None:
+    """Name the micro-batches on a top axis: ``mb i`` centred over each one (every k-th when there
+    are more than ``MAX_MB_LABELS``), so a reader can match the timeline to the plan table."""
+    count = len(starts) - 1
+    if count < 1:
+        return
+    every = max(1, -(-count // MAX_MB_LABELS))
+    shown = list(range(0, count, every))
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([(starts[i] + starts[i + 1]) / 2 for i in shown])
+    top.set_xticklabels([f"mb {i}" for i in shown], fontsize=6, rotation=90 if len(shown) > 12 else 0)
+    top.tick_params(length=0)
+    top.set_xlabel("micro-batch" + (f" (a label every {every})" if every > 1 else ""), fontsize=7)
+
+
 def plot_plan(plan: Plan, path: str, title: str | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -58,6 +77,7 @@ def plot_plan(plan: Plan, path: str, title: str | None = None) -> None:
     ax.add_collection(PolyCollection(verts, facecolors=colors, edgecolors="black",
                                      linewidths=0.05 if big else 0.4, rasterized=big))
     ax.vlines(starts, 0, plan.num_devices, colors="red", linewidth=0.6 if len(starts) <= 200 else 0.2)
+    label_micro_batches(ax, starts)
     ax.set_xlim(0, t0 * 1.01 if t0 > 0 else 1)
     ax.set_ylim(plan.num_devices, 0)
     ax.set_xlabel("time (ms, predicted)")
