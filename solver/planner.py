@@ -22,8 +22,10 @@ Method (all under the cost model of ``costmodel.py``):
    into stratified chunks (every K-th sequence, longest first: each chunk looks like the whole)
    of ~16 micro-batches, each searched as above with an even share of the time left; their
    micro-batches are concatenated. The search's cost then grows linearly with the batch.
-6. Determinism and time box. Before any search every chunk gets an O(n log n) safety-net plan
-   (``packing.quick_pack``). The search is a fixed amount of work and MILPs stop at node limits;
+6. Determinism and time box. Before any search the batch gets two O(n log n) safety-net plans,
+   ``packing.quick_pack`` and the best static plan (``baselines.static_plan`` at every degree that
+   holds the batch): the plan returned is never slower than either, so never slower than
+   best-static, even when the box cuts the search short. The search is a fixed amount of work and MILPs stop at node limits;
    every loop that could run long asks the clock, and a search cut short is marked. So the same
    input gives the same plan and status on every run and rank when it finishes inside
    ``time_limit`` ("feasible", or "optimal" when proven); when the box cut something short the
@@ -42,7 +44,7 @@ import numpy as np
 
 from .build import build_plan
 from .costmodel import CostModel
-from .baselines import BaselineTimeout, best_homogeneous_plan, greedy_hybrid_cp_plan
+from .baselines import BaselineTimeout, best_homogeneous_plan, greedy_hybrid_cp_plan, static_plan, usable_degrees
 from .milp import DEFAULT_PULP_SOLVER, check_backend, exact_size, reassign_micro_batch, solve_exact
 from .official import chunk_global_batch
 from .packing import Workload, mbs_time, pack, quick_pack, solve_micro_batch
@@ -204,8 +206,14 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
     # the result (~2.5x a packing): that much of the box is kept for it.
     t_quick = time.perf_counter()
     whole = quick_pack(wl, range(n))
-    plans: list = [whole if chunks == 1 else None] + [None] * (chunks - 1)
     reserve = 0.02 + (time.perf_counter() - t_quick) * (4.0 if chunks > 1 else 2.5)
+    # ...and the best static plan (one degree for every sequence): the plan the search must beat.
+    # A safety net too, so flexsp is never slower than best-static on any batch, cut short or not.
+    safety = "quick"
+    static = _best_static(wl)
+    if static is not None and _plan_time(wl, static[1]) < _plan_time(wl, whole) - 1e-9:
+        safety, whole = f"static-{static[0]}", static[1]
+    plans: list = [whole if chunks == 1 else None] + [None] * (chunks - 1)
     improved = [False] * chunks
     opts = dict(max_extra=max_extra_micro_batches, rebalance_rounds=rebalance_rounds,
                 exact_max_binaries=exact_max_binaries if chunks == 1 else 0, node_limit=milp_node_limit,
@@ -236,7 +244,7 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
         if _plan_time(w, groups) <= _plan_time(w, plans[c]) + 1e-9:
             plans[c], improved[c] = groups, True
         else:
-            meta["search"] = "quick"
+            meta["search"] = safety if chunks == 1 else "quick"
         searched += 1
         info.append(meta)
         if chunks == 1:
@@ -269,7 +277,7 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
         extra["search"] = "chunked"
         extra["searches"] = sorted({m["search"] for m in info})
     else:
-        extra["search"] = "quick"
+        extra["search"] = safety
     plan = build_plan(merged, wl.lengths, cm, method="flexsp", extra=extra)
     plan_ms = plan.predicted_ms - cm.step_fixed_ms
     if proven or plan_ms <= lower * (1 + 1e-12):
@@ -282,6 +290,21 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
         status = "feasible"
     return replace(plan, status=status, lower_bound_ms=min(lower, plan_ms) + cm.step_fixed_ms,
                    solve_seconds=round(time.perf_counter() - start, 4))
+
+
+def _best_static(wl: Workload):
+    """(degree, micro-batches) of the fastest ``baselines.static_plan`` over the degrees that
+    hold every sequence, or None. One O(n log n) best-fit pass per degree."""
+    cm, longest = wl.cm, int(wl.lengths.max())
+    best = None
+    for degree in usable_degrees(cm):
+        if degree * cm.capacity_tokens < longest:
+            continue
+        plan = static_plan(wl.lengths, cm, degree)
+        mbs = [[(g.sp, list(g.seq_ids)) for g in mb.groups] for mb in plan.micro_batches]
+        if best is None or _plan_time(wl, mbs) < _plan_time(wl, best[1]) - 1e-9:
+            best = (degree, mbs)
+    return best
 
 
 def _search(wl: Workload, clock: _Clock, opts: dict):

@@ -90,3 +90,38 @@ def plot_plan(plan: Plan, path: str, title: str | None = None) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_steps(result: dict, path: str) -> None:
+    """``flexsp-simulate``'s plot: predicted time per step, one line per policy (static-D thin and
+    grey, the others in colour), the lower bound dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    if not str(path).lower().endswith(PLOT_SUFFIXES):
+        raise ValueError(f"plot file {path}: unsupported type; use one of {', '.join(PLOT_SUFFIXES)}")
+    fig, ax = plt.subplots(figsize=(9, 5))
+    steps = range(result["num_steps"])
+    for name, p in result["policies"].items():
+        ys = [s["predicted_ms"] / 1e3 for s in p["steps"]]
+        if name.startswith("static-"):
+            ax.plot(steps, ys, color="grey", linewidth=0.6, alpha=0.6)
+        else:
+            label = f"{name} ({p['label']})" if "label" in p else name
+            ax.plot(steps, ys, marker="o", markersize=3, linewidth=1.2, label=label)
+    ax.plot(steps, [b / 1e3 for b in result["lower_bound_ms"]["steps"]], "k--", linewidth=1, label="lower bound")
+    if any(n.startswith("static-") for n in result["policies"]):
+        ax.plot([], [], color="grey", linewidth=0.6, label="static-D (each D)")
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("predicted step time (s)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{result['cost_model']} on {result['num_devices']} devices, {result['global_batch']} sequences "
+                 f"per step: predicted by the cost model", fontsize=9, loc="left")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
