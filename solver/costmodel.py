@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .topology import apply_topology
+from .network import apply_topology
 
 ZERO_STAGES = (0, 1, 2, 3)
 
