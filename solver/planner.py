@@ -12,9 +12,11 @@ Method (all under the cost model of ``costmodel.py``):
    smallest cap at which every sequence fits in m micro-batches. Coarse for every candidate, then
    fine for the best. One shared cap balances micro-batches against each other, which the
    official planner, optimising each micro-batch alone, does not do.
-3. Improve. Pair search (the slowest micro-batch re-planned together with each other one), then
-   each micro-batch repacked alone (own cap; first fit per pooling degree; LPT over equal groups).
-   The baselines are priced too: a plan never loses to them.
+3. Improve. The baselines first (best homogeneous, the greedy hybrid-CP scheduler, Megatron-Core's
+   dynamic-CP schedule, ``megatron_dcp``): one pass each, the faster plan kept, so a plan never
+   loses to them when the box reaches them. Then pair search (the slowest micro-batch re-planned
+   together with each other one), then each micro-batch repacked alone (own cap; first fit per
+   pooling degree; LPT over equal groups).
 4. MILP (``milp.py``: HiGHS, or any solver PuLP drives, on the same models). Small instances are
    solved exactly and certified ("optimal"); on large ones the slowest micro-batches are re-dealt
    over their groups by a bucketed MILP.
@@ -45,6 +47,7 @@ import numpy as np
 from .build import build_plan
 from .costmodel import CostModel
 from .baselines import BaselineTimeout, best_homogeneous_plan, greedy_hybrid_cp_plan, static_plan, usable_degrees
+from .megatron_dcp import megatron_dcp_plan
 from .milp import DEFAULT_PULP_SOLVER, check_backend, exact_size, reassign_micro_batch, solve_exact
 from .official import chunk_global_batch
 from .packing import Workload, mbs_time, pack, quick_pack, solve_micro_batch
@@ -341,6 +344,10 @@ def _search(wl: Workload, clock: _Clock, opts: dict):
     method = "first-fit"
     groups = [[(g.sp, list(g.ids)) for g in mb.groups] for mb in best_mbs if mb.groups]
     phases = {"first_fit": _plan_time(wl, groups)}
+    # the baselines are cheap (one pass each): tried first, so a short box still gets the best of
+    # them, and the phases below improve on whichever plan is ahead; a plan never loses to them
+    groups, method = _baseline_candidates(wl, groups, method, clock)
+    phases["baselines"] = _plan_time(wl, groups)
     groups = _rebalance(wl, groups, opts["rebalance_rounds"], clock)
     phases["rebalance"] = _plan_time(wl, groups)
     groups = _polish(wl, groups, clock)
@@ -349,24 +356,6 @@ def _search(wl: Workload, clock: _Clock, opts: dict):
     if contiguous is not None and _plan_time(wl, contiguous) < _plan_time(wl, groups) - 1e-9:
         groups, method = _rebalance(wl, contiguous, opts["rebalance_rounds"], clock), "contiguous"
     phases["contiguous"] = _plan_time(wl, groups)
-    # the baselines are cheap: a plan never loses to them
-    for name, make in (("homogeneous", best_homogeneous_plan), ("greedy", greedy_hybrid_cp_plan)):
-        # the greedy scheduler scans rank blocks per sequence: skip it where that is slow
-        if name == "greedy" and len(wl.lengths) * cm.num_devices > 100_000:
-            continue
-        if clock.expired():
-            break
-        try:
-            other = make(wl.lengths.tolist(), cm, deadline=clock.deadline)
-        except BaselineTimeout:
-            clock.expired()
-            break
-        except ValueError:
-            continue
-        other_groups = [[(g.sp, list(g.seq_ids)) for g in mb.groups] for mb in other.micro_batches]
-        if _plan_time(wl, other_groups) < _plan_time(wl, groups) - 1e-9:
-            groups, method = other_groups, name
-    phases["baselines"] = _plan_time(wl, groups)
     groups = _milp_polish(wl, groups, clock, opts["node_limit"], opts["milp_micro_batches"], backend, pulp_solver,
                           cap_s=opts["milp_cap_s"])
     phases["milp"] = _plan_time(wl, groups)
@@ -388,6 +377,33 @@ def _search(wl: Workload, clock: _Clock, opts: dict):
             proven = ex_status == "optimal" and _plan_time(wl, groups) <= _plan_time(wl, ex_groups) + 1e-9
     return groups, {"search": method, "phases_ms": {k: round(v, 3) for k, v in phases.items()},
                     "tried": tried[:20], "exact_bound": exact_bound, "proven": proven}
+
+
+def _baseline_candidates(wl: Workload, groups: list, method: str, clock: _Clock) -> tuple[list, str]:
+    """The faster of ``groups`` and each baseline's plan: best homogeneous, the greedy hybrid-CP
+    scheduler and Megatron-Core's dynamic-CP schedule (``megatron_dcp``), while the box allows."""
+    cm = wl.cm
+    for name, make in (("homogeneous", best_homogeneous_plan), ("megatron-dcp", megatron_dcp_plan),
+                       ("greedy", greedy_hybrid_cp_plan)):
+        # the greedy scheduler scans rank blocks per sequence: skip it where that is slow
+        if name == "greedy" and len(wl.lengths) * cm.num_devices > 100_000:
+            continue
+        if clock.expired():
+            break
+        try:
+            if name == "megatron-dcp":
+                other = make(wl.lengths.tolist(), cm)    # one pass per micro-batch, no deadline needed
+            else:
+                other = make(wl.lengths.tolist(), cm, deadline=clock.deadline)
+        except BaselineTimeout:
+            clock.expired()
+            break
+        except ValueError:
+            continue
+        other_groups = [[(g.sp, list(g.seq_ids)) for g in mb.groups] for mb in other.micro_batches]
+        if _plan_time(wl, other_groups) < _plan_time(wl, groups) - 1e-9:
+            groups, method = other_groups, name
+    return groups, method
 
 
 def _plan_time(wl: Workload, mbs: list) -> float:

@@ -18,6 +18,9 @@
   category log-normal (sigma is our assumption: 0.8, 0.3 for long context).
 - ``olmo-long``: OLMo 3 long-document pool, tokens per octave bucket 8K..2M.
 - ``cpython``: REAL lengths: the CPython standard library ``.py`` files of this interpreter.
+- ``stdlib-8k``: REAL lengths: the same files as the demo's corpus (``data=stdlib``) cut as its
+  ``data.corpus.max_doc_tokens=8192`` cuts them (``long_doc_policy=split``: consecutive chunks of
+  8,192 tokens, a last chunk under 2 tokens dropped), token counts estimated as for ``cpython``.
 - ``prolong-64k`` / ``prolong-512k``: ProLong's continued-training mixes (Gao, Wettig, Yen, Chen,
   "How to Train Long-Context Language Models (Effectively)", arXiv 2410.02660, 2024; the domain
   token shares of ``train_64K.sh`` / ``train_512K.sh`` in github.com/princeton-nlp/ProLong). Long
@@ -171,7 +174,9 @@ LLAMA3_SFT = [(52.66, 974, 0.8), (14.89, 753, 0.8), (3.01, 521, 0.8), (8.14, 298
 CPYTHON_P50_TOKENS = 3100
 """Median GPT-2 tokens of a CPython stdlib .py file (length-distributions.md)."""
 
-NAMES = sorted([*HISTOGRAMS, *PROLONG_LONG, "llama3-sft", "cpython"])
+NAMES = sorted([*HISTOGRAMS, *PROLONG_LONG, "llama3-sft", "cpython", "stdlib-8k"])
+DEMO_MAX_DOC_TOKENS = 8192
+"""``scripts/demo.sh``'s ``data.corpus.max_doc_tokens``."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -195,6 +200,17 @@ def cpython_lengths() -> np.ndarray:
     return np.maximum(1, np.round(sizes / ratio)).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=1)
+def stdlib_chunk_lengths(max_doc_tokens: int = DEMO_MAX_DOC_TOKENS) -> np.ndarray:
+    """``cpython_lengths`` split as the data pipeline splits long documents: each file becomes
+    ``L // max`` chunks of ``max`` tokens plus its remainder (kept if >= 2 tokens)."""
+    out = []
+    for length in cpython_lengths().tolist():
+        full, rest = divmod(length, max_doc_tokens)
+        out += [max_doc_tokens] * full + ([rest] if rest >= 2 else [])
+    return np.array(out, dtype=np.int64)
+
+
 def _draw(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """``size`` raw lengths (no limit, no padding)."""
     if name in HISTOGRAMS:
@@ -213,8 +229,8 @@ def _draw(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
         mean = np.array([c[1] for c in LLAMA3_SFT], dtype=np.float64)[k]
         sigma = np.array([c[2] for c in LLAMA3_SFT])[k]
         return np.maximum(1, np.round(rng.lognormal(np.log(mean) - sigma**2 / 2, sigma))).astype(np.int64)
-    if name == "cpython":
-        pool = cpython_lengths()
+    if name in ("cpython", "stdlib-8k"):
+        pool = cpython_lengths() if name == "cpython" else stdlib_chunk_lengths()
         return pool[rng.integers(0, pool.size, size=size)]
     raise ValueError(f"unknown workload {name!r}; valid: {', '.join(NAMES)}")
 
