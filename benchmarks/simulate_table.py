@@ -31,6 +31,7 @@ machine, command, cost models (with their sources) and policies as run.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import functools
 import json
@@ -120,6 +121,17 @@ def run_cell(workload: str, preset: str, devices: int, args) -> dict:
     return cell
 
 
+def _origin(method: str) -> str:
+    """Where a flexsp plan came from: its own search, or one of its safety nets."""
+    if method == "megatron-dcp-net":
+        return "mDCP net"
+    if method.startswith("static-"):
+        return "static net"
+    if method == "megatron-dcp":
+        return "search from mDCP"     # the search's baseline phase started from Megatron's plan
+    return "quick net" if method == "quick" else "search"
+
+
 def _spread(values: list[float], fmt: str = "{:.2f}") -> str:
     med = statistics.median(values)
     return f"{fmt.format(med)} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
@@ -146,7 +158,10 @@ def markdown(cells: list[dict], args, stamp: dict) -> str:
              "- Cells: `median [min-max]` over the steps of the per-step ratio (best-static step time / "
              "policy step time; >1 = faster than best-static). `vs mDCP`: flexsp over megatron-dcp. "
              "`gap`: flexsp above the lower bound (`solver.planner.lower_bound_ms`, or the planner's MILP bound). "
-             "`idle`: share of device-time on devices in no group (flexsp / megatron-dcp).", ""]
+             "`idle`: share of device-time on devices in no group (flexsp / megatron-dcp). `flexsp plan from`: "
+             "per step, whether flexsp's plan came from its own search or from one of its safety nets (the best "
+             "static plan, Megatron's schedule, or the quick packing: computed before the search, so flexsp is "
+             "never slower than them; a net winning means the search found nothing better in its time box).", ""]
     lines += ["Cost models:", ""]
     for name, source in stamp["cost_models"].items():
         lines.append(f"- `{name}`: {source}")
@@ -154,26 +169,28 @@ def markdown(cells: list[dict], args, stamp: dict) -> str:
     for workload in WORKLOADS:
         lines += [f"## {workload}", "",
                   "| cost model | N | B | ctx | best-static step (s) | static D | flexsp | megatron-dcp | best-homog. | "
-                  "flexsp-official | flexsp vs mDCP | gap | idle | s |",
-                  "|---|---:|---:|---:|---|---|---|---|---|---|---|---:|---|---:|"]
+                  "flexsp-official | flexsp vs mDCP | flexsp plan from | gap | idle | s |",
+                  "|---|---:|---:|---:|---|---|---|---|---|---|---|---|---:|---|---:|"]
         for c in (c for c in cells if c["workload"] == workload):
             if "skipped" in c:
-                lines.append(f"| {c['preset']} | {c['devices']} | | | {c['skipped'][:90]} | | | | | | | | | |")
+                lines.append(f"| {c['preset']} | {c['devices']} | | | {c['skipped'][:90]} | | | | | | | | | | |")
                 continue
             p = c["policies"]
             bs = [t / 1e3 for t in p["best-static"]["step_ms"]]
             off = "not run"
             if "flexsp-official" in p:
-                short = c["official"].startswith(f"{PAPER_MILP_SECONDS:g} s")
+                paper = c["official"].startswith(f"{PAPER_MILP_SECONDS:g} s")
                 off = _spread(p["flexsp-official"]["vs_best_static"]) + \
-                    (" (10 s/MILP, paper)" if short else f" ({c['official'].split(' s ')[0]} s/MILP, SHORTER)")
+                    (" (10 s/MILP, paper)" if paper else f" ({c['official'].split(' s ')[0]} s/MILP, SHORTER)")
             gap = statistics.median(t / lb - 1 for t, lb in zip(p["flexsp"]["step_ms"], c["lower_bound_ms"]))
             degrees = sorted({d.replace("static-", "") for d in c["best_static_degrees"]}, key=int)
+            origin = collections.Counter(_origin(m) for m in p["flexsp"]["method"])
+            origin_text = ", ".join(f"{k} {v}" for k, v in sorted(origin.items()))
             lines.append(
                 f"| {c['preset']} | {c['devices']} | {c['batch']} | {c['context_limit']:,} | {_spread(bs, '{:.1f}')} | "
                 f"{'/'.join(degrees)} | {_spread(p['flexsp']['vs_best_static'])} | "
                 f"{_spread(p['megatron-dcp']['vs_best_static'])} | {_spread(p['best-homogeneous']['vs_best_static'])} | "
-                f"{off} | {_spread(p['flexsp']['vs_megatron_dcp'])} | {gap * 100:.1f}% | "
+                f"{off} | {_spread(p['flexsp']['vs_megatron_dcp'])} | {origin_text} | {gap * 100:.1f}% | "
                 f"{p['flexsp']['idle_device_fraction'] * 100:.0f}% / {p['megatron-dcp']['idle_device_fraction'] * 100:.0f}% | "
                 f"{c['seconds']:.0f} |")
         lines.append("")

@@ -158,7 +158,14 @@ def next_micro_batch(samples: list[tuple[int, int]], total: int, m: int, min_cp:
     assert first <= max_cp, "check_lengths keeps every sample within the largest runnable CP size"
     open_group(sid, length, first)
     leftovers = []
-    for sid, length in samples[1:]:
+    smallest = samples[-1][1]
+    for n, (sid, length) in enumerate(samples[1:], 1):
+        if total - allocated < dcp_gpus_needed(smallest, m, min_cp) and all(
+                idx.min_packed + smallest / size > m for size, idx in index.items()):
+            # not even the shortest sample fits anywhere (no free ranks for it, no group with room):
+            # every sample left is a leftover, in order (what the scan would conclude one by one)
+            leftovers += samples[n:]
+            break
         best = None                          # (score, cp, gid or None for a new group)
         cp = dcp_gpus_needed(length, m, min_cp)
         while cp <= max_cp:

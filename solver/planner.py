@@ -24,10 +24,12 @@ Method (all under the cost model of ``costmodel.py``):
    into stratified chunks (every K-th sequence, longest first: each chunk looks like the whole)
    of ~16 micro-batches, each searched as above with an even share of the time left; their
    micro-batches are concatenated. The search's cost then grows linearly with the batch.
-6. Determinism and time box. Before any search the batch gets two O(n log n) safety-net plans,
-   ``packing.quick_pack`` and the best static plan (``baselines.static_plan`` at every degree that
-   holds the batch): the plan returned is never slower than either, so never slower than
-   best-static, even when the box cuts the search short. The search is a fixed amount of work and MILPs stop at node limits;
+6. Determinism and time box. Before any search the batch gets O(n log n) safety-net plans:
+   ``packing.quick_pack``, ``baselines.static_plan`` at every degree that holds the batch, and
+   Megatron-Core's dynamic-CP schedule (``megatron_dcp``, up to ``MEGATRON_SAFETY_WORK``): the plan
+   returned is never slower than any of them, so never slower than best-static (or megatron-dcp),
+   even when the box cuts the search short (``extra["search"]`` names the safety net that won).
+   The search is a fixed amount of work and MILPs stop at node limits;
    every loop that could run long asks the clock, and a search cut short is marked. So the same
    input gives the same plan and status on every run and rank when it finishes inside
    ``time_limit`` ("feasible", or "optimal" when proven); when the box cut something short the
@@ -210,12 +212,13 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
     t_quick = time.perf_counter()
     whole = quick_pack(wl, range(n))
     reserve = 0.02 + (time.perf_counter() - t_quick) * (4.0 if chunks > 1 else 2.5)
-    # ...and the best static plan (one degree for every sequence): the plan the search must beat.
-    # A safety net too, so flexsp is never slower than best-static on any batch, cut short or not.
+    # ...then the best static plan (one degree for every sequence) and Megatron-Core's dynamic-CP
+    # schedule: safety nets too, so flexsp is never slower than best-static or megatron-dcp on any
+    # batch, cut short or not (one O(n log n) pass each).
     safety = "quick"
-    static = _best_static(wl)
-    if static is not None and _plan_time(wl, static[1]) < _plan_time(wl, whole) - 1e-9:
-        safety, whole = f"static-{static[0]}", static[1]
+    for name, mbs in _cheap_plans(wl):
+        if _plan_time(wl, mbs) < _plan_time(wl, whole) - 1e-9:
+            safety, whole = name, mbs
     plans: list = [whole if chunks == 1 else None] + [None] * (chunks - 1)
     improved = [False] * chunks
     opts = dict(max_extra=max_extra_micro_batches, rebalance_rounds=rebalance_rounds,
@@ -295,19 +298,22 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
                    solve_seconds=round(time.perf_counter() - start, 4))
 
 
-def _best_static(wl: Workload):
-    """(degree, micro-batches) of the fastest ``baselines.static_plan`` over the degrees that
-    hold every sequence, or None. One O(n log n) best-fit pass per degree."""
+MEGATRON_SAFETY_WORK = 400_000
+"""Megatron's scheduler scans the sequences left once per micro-batch: it is a safety net while
+sequences x memory-minimum micro-batches stays under this (~1 s); beyond, only the search tries it."""
+
+
+def _cheap_plans(wl: Workload):
+    """(name, micro-batches) of ``baselines.static_plan`` at every degree that holds every
+    sequence (one O(n log n) best-fit pass each) and of ``megatron_dcp_plan`` (while
+    ``MEGATRON_SAFETY_WORK`` allows)."""
     cm, longest = wl.cm, int(wl.lengths.max())
-    best = None
-    for degree in usable_degrees(cm):
-        if degree * cm.capacity_tokens < longest:
-            continue
-        plan = static_plan(wl.lengths, cm, degree)
-        mbs = [[(g.sp, list(g.seq_ids)) for g in mb.groups] for mb in plan.micro_batches]
-        if best is None or _plan_time(wl, mbs) < _plan_time(wl, best[1]) - 1e-9:
-            best = (degree, mbs)
-    return best
+    plans = [(f"static-{d}", static_plan(wl.lengths, cm, d)) for d in usable_degrees(cm)
+             if d * cm.capacity_tokens >= longest]
+    if len(wl.lengths) * min_micro_batches(wl) <= MEGATRON_SAFETY_WORK:
+        plans.append(("megatron-dcp-net", megatron_dcp_plan(wl.lengths, cm)))
+    return [(name, [[(g.sp, list(g.seq_ids)) for g in mb.groups] for mb in plan.micro_batches])
+            for name, plan in plans]
 
 
 def _search(wl: Workload, clock: _Clock, opts: dict):
@@ -387,6 +393,8 @@ def _baseline_candidates(wl: Workload, groups: list, method: str, clock: _Clock)
                        ("greedy", greedy_hybrid_cp_plan)):
         # the greedy scheduler scans rank blocks per sequence: skip it where that is slow
         if name == "greedy" and len(wl.lengths) * cm.num_devices > 100_000:
+            continue
+        if name == "megatron-dcp" and len(wl.lengths) * min_micro_batches(wl) > MEGATRON_SAFETY_WORK:
             continue
         if clock.expired():
             break
