@@ -102,10 +102,12 @@ def run_cell(workload: str, preset: str, devices: int, args) -> dict:
     t0 = time.perf_counter()
     result = simulate(batches, cm, policies, settings)
     cell.update(batch=b, steps=args.steps, context_limit=limit, capacity_tokens=cm.capacity_tokens,
-                seconds=round(time.perf_counter() - t0, 1), official=settings.official_label() if milp_s else None,
+                seconds=round(time.perf_counter() - t0, 1),
+                official=settings.official_label() if milp_s else None,
                 lower_bound_ms=result["lower_bound_ms"]["steps"], policies={})
-    ref = {r: [s["predicted_ms"] for s in result["policies"][r]["steps"]] for r in ("best-static", "megatron-dcp")}
-    for name, pol in result["policies"].items():
+    runs = result["policies"]
+    ref = {r: [s["predicted_ms"] for s in runs[r]["steps"]] for r in ("best-static", "megatron-dcp")}
+    for name, pol in runs.items():
         times = [s["predicted_ms"] for s in pol["steps"]]
         cell["policies"][name] = {
             "step_ms": times,
@@ -116,8 +118,8 @@ def run_cell(workload: str, preset: str, devices: int, args) -> dict:
             "status": [s["plan"]["status"] for s in pol["steps"]],
             "method": [s["plan"]["extra"].get("search", s["plan"]["method"]) for s in pol["steps"]],
         }
-    cell["best_static_degrees"] = [min(s["plan"]["extra"]["static_ms"], key=s["plan"]["extra"]["static_ms"].get)
-                                   for s in result["policies"]["best-static"]["steps"]]
+    static_ms = [s["plan"]["extra"]["static_ms"] for s in runs["best-static"]["steps"]]
+    cell["best_static_degrees"] = [min(ms, key=ms.get) for ms in static_ms]
     return cell
 
 
@@ -137,76 +139,85 @@ def _spread(values: list[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(med)} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
 
 
+HEADER = """# Simulator table: predicted step times under one cost model per row
+
+All numbers are PREDICTED by the cost models (not measured). Rows with an `-estimate` preset use
+ESTIMATED machine figures (H100/H200 datasheets, analytic compute at MFU 0.4, bandwidths from the
+topology form); the `paper-` presets are the FlexSP paper's measured A100 constants.
+"""
+
+LEGEND = (
+    "- Cells: `median [min-max]` over the steps of the per-step ratio (best-static step time / policy step "
+    "time; >1 = faster than best-static). `flexsp vs mDCP`: flexsp over megatron-dcp. `gap`: flexsp above "
+    "the lower bound (`solver.planner.lower_bound_ms`, or the planner's MILP bound). `idle`: share of "
+    "device-time on devices in no group (flexsp / megatron-dcp). `flexsp plan from`: per step, whether "
+    "flexsp's plan came from its own search or from one of its safety nets (the best static plan, "
+    "Megatron's schedule, or the quick packing: computed before the search, so flexsp is never slower "
+    "than them; a net winning means the search found nothing better in its time box).")
+
+
+def _row(c: dict) -> str:
+    """One markdown row of a cell."""
+    if "skipped" in c:
+        return f"| {c['preset']} | {c['devices']} | | | {c['skipped'][:90]} |" + " |" * 10
+    p = c["policies"]
+    bs = [t / 1e3 for t in p["best-static"]["step_ms"]]
+    off = "not run"
+    if "flexsp-official" in p:
+        paper = c["official"].startswith(f"{PAPER_MILP_SECONDS:g} s")
+        label = " (10 s/MILP, paper)" if paper else f" ({c['official'].split(' s ')[0]} s/MILP, SHORTER)"
+        off = _spread(p["flexsp-official"]["vs_best_static"]) + label
+    gap = statistics.median(t / lb - 1 for t, lb in zip(p["flexsp"]["step_ms"], c["lower_bound_ms"]))
+    degrees = "/".join(sorted({d.replace("static-", "") for d in c["best_static_degrees"]}, key=int))
+    origin = collections.Counter(_origin(m) for m in p["flexsp"]["method"])
+    idle = f"{p['flexsp']['idle_device_fraction']:.0%} / {p['megatron-dcp']['idle_device_fraction']:.0%}"
+    cols = [c["preset"], c["devices"], c["batch"], f"{c['context_limit']:,}", _spread(bs, "{:.1f}"), degrees,
+            _spread(p["flexsp"]["vs_best_static"]), _spread(p["megatron-dcp"]["vs_best_static"]),
+            _spread(p["best-homogeneous"]["vs_best_static"]), off, _spread(p["flexsp"]["vs_megatron_dcp"]),
+            ", ".join(f"{k} {v}" for k, v in sorted(origin.items())), f"{gap:.1%}", idle,
+            f"{c['seconds']:.0f}"]
+    return "| " + " | ".join(str(x) for x in cols) + " |"
+
+
 def markdown(cells: list[dict], args, stamp: dict) -> str:
-    lines = ["# Simulator table: predicted step times under one cost model per row", "",
-             "All numbers are PREDICTED by the cost models (not measured). Rows with an `-estimate` preset use",
-             "ESTIMATED machine figures (H100/H200 datasheets, analytic compute at MFU 0.4, bandwidths from the",
-             "topology form); the `paper-` presets are the FlexSP paper's measured A100 constants.", "",
+    lines = [HEADER,
              f"- Command: `{stamp['command']}`",
              f"- Commit: {stamp['commit']}; date {stamp['date']}; wall time {stamp['wall_s']:.0f} s",
              f"- Machine: {stamp['machine']}",
              f"- Policies: flexsp (`solver.planner.plan_batch`, time box {args.time_limit:g} s per plan), "
              "megatron-dcp (Megatron-Core dynamic CP, `solver.megatron_dcp`), best-static (fastest static-D "
              "per batch, `solver.baselines.static_plan`), best-homogeneous (`best_homogeneous_plan`), "
-             f"flexsp-official (`solver.official`, HiGHS) with paper-gpt7b-192k only: at the paper's "
-             f"{PAPER_MILP_SECONDS:g} s per MILP on 8 devices, at {args.official_64_seconds:g} s per MILP (SHORTER than "
-             "the paper's) on 64 devices; not run elsewhere (time budget: at 10 s per MILP a 64-device step "
-             "needs minutes).",
-             f"- Steps: {args.steps} consecutive global batches per cell (seed {args.seed}); batch B = the power "
-             f"of two nearest {TOKENS_PER_DEVICE:,} tokens per device / the workload's mean length; context limit "
-             "= the workload's own, capped at N x C.",
-             "- Cells: `median [min-max]` over the steps of the per-step ratio (best-static step time / "
-             "policy step time; >1 = faster than best-static). `vs mDCP`: flexsp over megatron-dcp. "
-             "`gap`: flexsp above the lower bound (`solver.planner.lower_bound_ms`, or the planner's MILP bound). "
-             "`idle`: share of device-time on devices in no group (flexsp / megatron-dcp). `flexsp plan from`: "
-             "per step, whether flexsp's plan came from its own search or from one of its safety nets (the best "
-             "static plan, Megatron's schedule, or the quick packing: computed before the search, so flexsp is "
-             "never slower than them; a net winning means the search found nothing better in its time box).", ""]
-    lines += ["Cost models:", ""]
-    for name, source in stamp["cost_models"].items():
-        lines.append(f"- `{name}`: {source}")
+             "flexsp-official (`solver.official`, HiGHS) with paper-gpt7b-192k only: at the paper's "
+             f"{PAPER_MILP_SECONDS:g} s per MILP on 8 devices, at {args.official_64_seconds:g} s per MILP "
+             "(SHORTER than the paper's) on 64 devices; not run elsewhere (time budget: at 10 s per MILP a "
+             "64-device step needs minutes).",
+             f"- Steps: {args.steps} consecutive global batches per cell (seed {args.seed}); batch B = the "
+             f"power of two nearest {TOKENS_PER_DEVICE:,} tokens per device / the workload's mean length; "
+             "context limit (`ctx`) = the workload's own, capped at N x C.",
+             LEGEND, "", "Cost models:", ""]
+    lines += [f"- `{name}`: {source}" for name, source in stamp["cost_models"].items()]
     lines.append("")
     for workload in WORKLOADS:
         lines += [f"## {workload}", "",
-                  "| cost model | N | B | ctx | best-static step (s) | static D | flexsp | megatron-dcp | best-homog. | "
-                  "flexsp-official | flexsp vs mDCP | flexsp plan from | gap | idle | s |",
+                  "| cost model | N | B | ctx | best-static step (s) | static D | flexsp | megatron-dcp | "
+                  "best-homog. | flexsp-official | flexsp vs mDCP | flexsp plan from | gap | idle | s |",
                   "|---|---:|---:|---:|---|---|---|---|---|---|---|---|---:|---|---:|"]
-        for c in (c for c in cells if c["workload"] == workload):
-            if "skipped" in c:
-                lines.append(f"| {c['preset']} | {c['devices']} | | | {c['skipped'][:90]} | | | | | | | | | | |")
-                continue
-            p = c["policies"]
-            bs = [t / 1e3 for t in p["best-static"]["step_ms"]]
-            off = "not run"
-            if "flexsp-official" in p:
-                paper = c["official"].startswith(f"{PAPER_MILP_SECONDS:g} s")
-                off = _spread(p["flexsp-official"]["vs_best_static"]) + \
-                    (" (10 s/MILP, paper)" if paper else f" ({c['official'].split(' s ')[0]} s/MILP, SHORTER)")
-            gap = statistics.median(t / lb - 1 for t, lb in zip(p["flexsp"]["step_ms"], c["lower_bound_ms"]))
-            degrees = sorted({d.replace("static-", "") for d in c["best_static_degrees"]}, key=int)
-            origin = collections.Counter(_origin(m) for m in p["flexsp"]["method"])
-            origin_text = ", ".join(f"{k} {v}" for k, v in sorted(origin.items()))
-            lines.append(
-                f"| {c['preset']} | {c['devices']} | {c['batch']} | {c['context_limit']:,} | {_spread(bs, '{:.1f}')} | "
-                f"{'/'.join(degrees)} | {_spread(p['flexsp']['vs_best_static'])} | "
-                f"{_spread(p['megatron-dcp']['vs_best_static'])} | {_spread(p['best-homogeneous']['vs_best_static'])} | "
-                f"{off} | {_spread(p['flexsp']['vs_megatron_dcp'])} | {origin_text} | {gap * 100:.1f}% | "
-                f"{p['flexsp']['idle_device_fraction'] * 100:.0f}% / {p['megatron-dcp']['idle_device_fraction'] * 100:.0f}% | "
-                f"{c['seconds']:.0f} |")
+        lines += [_row(c) for c in cells if c["workload"] == workload]
         lines.append("")
     done = [c for c in cells if "skipped" not in c]
     if done:
-        fl = [x for c in done for x in c["policies"]["flexsp"]["vs_best_static"]]
-        md = [x for c in done for x in c["policies"]["megatron-dcp"]["vs_best_static"]]
-        fm = [x for c in done for x in c["policies"]["flexsp"]["vs_megatron_dcp"]]
+        def every(name, key):
+            return [x for c in done for x in c["policies"][name][key]]
+        fl, md = every("flexsp", "vs_best_static"), every("megatron-dcp", "vs_best_static")
+        fm = every("flexsp", "vs_megatron_dcp")
+        slower = sum(x < 1 - 1e-9 for x in fm)
         lines += ["## Over every step of every cell", "",
-                  f"- flexsp vs best-static: median {statistics.median(fl):.2f}x, min {min(fl):.2f}x, max {max(fl):.2f}x "
-                  f"({len(fl)} steps)",
+                  f"- flexsp vs best-static: median {statistics.median(fl):.2f}x, min {min(fl):.2f}x, "
+                  f"max {max(fl):.2f}x ({len(fl)} steps)",
                   f"- megatron-dcp vs best-static: median {statistics.median(md):.2f}x, min {min(md):.2f}x, "
                   f"max {max(md):.2f}x",
                   f"- flexsp vs megatron-dcp: median {statistics.median(fm):.2f}x, min {min(fm):.2f}x, "
-                  f"max {max(fm):.2f}x; flexsp slower than megatron-dcp on {sum(x < 1 - 1e-9 for x in fm)} of "
-                  f"{len(fm)} steps", ""]
+                  f"max {max(fm):.2f}x; flexsp slower than megatron-dcp on {slower} of {len(fm)} steps", ""]
     return "\n".join(lines)
 
 
@@ -223,18 +234,19 @@ def plot(cells: list[dict], path: Path) -> None:
         rows = [c for c in cells if c["workload"] == workload and "skipped" not in c]
         x = np.arange(len(rows))
         for k, (name, color) in enumerate(series):
-            med = [statistics.median(c["policies"][name]["vs_best_static"]) if name in c["policies"] else np.nan
-                   for c in rows]
-            lo = [min(c["policies"][name]["vs_best_static"]) if name in c["policies"] else np.nan for c in rows]
-            hi = [max(c["policies"][name]["vs_best_static"]) if name in c["policies"] else np.nan for c in rows]
-            err = np.array([np.subtract(med, lo), np.subtract(hi, med)])
+            runs = [c["policies"][name]["vs_best_static"] if name in c["policies"] else [np.nan]
+                    for c in rows]
+            med = np.array([statistics.median(r) for r in runs])
+            err = np.array([med - [min(r) for r in runs], [max(r) for r in runs] - med])
             ax.bar(x + (k - 1.5) * 0.2, med, 0.2, yerr=err, color=color, label=name, capsize=2)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(x)
-        ax.set_xticklabels([f"{c['preset'].replace('-nvlink4-ib8x400', '').replace('-estimate', '*')}\nN={c['devices']}"
-                            for c in rows], fontsize=6, rotation=90)
+        short = [c["preset"].replace("-nvlink4-ib8x400", "").replace("-estimate", "*") for c in rows]
+        ax.set_xticklabels([f"{name}\nN={c['devices']}" for name, c in zip(short, rows)], fontsize=6,
+                           rotation=90)
         ax.set_ylabel("speedup vs best-static\n(predicted)", fontsize=8)
-        ax.set_title(f"{workload}: median over steps, bars = min-max (* = ESTIMATE preset)", fontsize=9, loc="left")
+        ax.set_title(f"{workload}: median over steps, bars = min-max (* = ESTIMATE preset)", fontsize=9,
+                     loc="left")
         ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -244,20 +256,22 @@ def plot(cells: list[dict], path: Path) -> None:
 def _stamp(args, wall_s: float, presets: list[str]) -> dict:
     def git(*cmd):
         return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = " (uncommitted changes)" if git("status", "--porcelain", "--", "solver", "benchmarks/simulate_table.py") else ""
+    changed = git("status", "--porcelain", "--", "solver", "benchmarks/simulate_table.py")
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     import numpy
     import scipy
     return {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-            "commit": git("rev-parse", "--short", "HEAD") + dirty,
+            "commit": git("rev-parse", "--short", "HEAD") + (" (uncommitted changes)" if changed else ""),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": f"{platform.node()}, {cpu}, {os.cpu_count()} CPUs (shared; 1-min load {load:.1f} at the end), "
-                       f"Python {platform.python_version()}, numpy {numpy.__version__}, scipy {scipy.__version__}",
+            "machine": f"{platform.node()}, {cpu}, {os.cpu_count()} CPUs (shared; 1-min load {load:.1f} at "
+                       f"the end), Python {platform.python_version()}, numpy {numpy.__version__}, "
+                       f"scipy {scipy.__version__}",
             "wall_s": wall_s,
             "cost_models": {p: load_preset(p).source for p in presets}}
 
@@ -283,14 +297,17 @@ def main() -> int:
             for n in devices:
                 cell = run_cell(workload, preset, n, args)
                 cells.append(cell)
-                note = cell.get("skipped") or (f"B={cell['batch']}, flexsp "
-                                               f"{statistics.median(cell['policies']['flexsp']['vs_best_static']):.2f}x, "
-                                               f"mDCP {statistics.median(cell['policies']['megatron-dcp']['vs_best_static']):.2f}x "
-                                               f"vs best-static, {cell['seconds']:.0f} s")
+                note = cell.get("skipped")
+                if note is None:
+                    ours, mdcp = (statistics.median(cell["policies"][name]["vs_best_static"])
+                                  for name in ("flexsp", "megatron-dcp"))
+                    note = (f"B={cell['batch']}, flexsp {ours:.2f}x, mDCP {mdcp:.2f}x vs best-static, "
+                            f"{cell['seconds']:.0f} s")
                 print(f"[{time.perf_counter() - t0:6.0f} s] {workload} {preset} N={n}: {note}", flush=True)
     stamp = _stamp(args, time.perf_counter() - t0, presets)
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"stamp": stamp, "args": vars(args), "cells": cells}, indent=1) + "\n")
+    data = {"stamp": stamp, "args": vars(args), "cells": cells}
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(cells, args, stamp) + "\n")
     plot(cells, out.with_suffix(".png"))
     print(f"wrote {out}.md / .json / .png in {stamp['wall_s']:.0f} s")

@@ -48,8 +48,8 @@ def idle_line(plan: Plan) -> str:
         return "idle devices: none (empty plan)"
     with_idle = sum(1 for i in idle if i)
     span = f"{min(idle)}" if min(idle) == max(idle) else f"{min(idle)}-{max(idle)}"
-    return (f"idle devices: {span} of {plan.num_devices} per micro-batch ({with_idle} of {len(idle)} micro-batches "
-            f"leave devices idle; {plan.idle_device_fraction * 100:.1f}% of device-time)")
+    return (f"idle devices: {span} of {plan.num_devices} per micro-batch ({with_idle} of {len(idle)} "
+            f"micro-batches leave devices idle; {plan.idle_device_fraction * 100:.1f}% of device-time)")
 
 
 def format_table(plan: Plan, baselines: dict[str, float], full: bool = False, header: str = "",
@@ -57,8 +57,8 @@ def format_table(plan: Plan, baselines: dict[str, float], full: bool = False, he
     """The group table (unless ``quiet``) between ``header`` and the summary lines."""
     lines = [header] if header else []
     if not quiet:
-        lines.append(f"{'mb':>3} {'sp':>4} {'ranks':>11} {'attn':>8} {'seqs':>5} {'tokens':>9} {'pred ms':>10} "
-                     f"{'mem MB':>9}")
+        lines.append(f"{'mb':>3} {'sp':>4} {'ranks':>11} {'attn':>8} {'seqs':>5} {'tokens':>9} "
+                     f"{'pred ms':>10} {'mem MB':>9}")
     shown = 0
     total_groups = sum(len(mb.groups) for mb in plan.micro_batches)
     for mi, (mb, idle) in enumerate(zip(plan.micro_batches, plan.idle_devices())):
@@ -80,7 +80,8 @@ def format_table(plan: Plan, baselines: dict[str, float], full: bool = False, he
     lines += [
         f"plan: {plan.summary()}",
         f"iteration time {plan.predicted_ms:.1f} ms | lower bound {plan.lower_bound_ms:.1f} ms | gap {gap} | "
-        f"status {plan.status}{' (' + ', '.join(cut) + ')' if cut else ''} | solve {plan.solve_seconds:.3f} s",
+        f"status {plan.status}{' (' + ', '.join(cut) + ')' if cut else ''} | "
+        f"solve {plan.solve_seconds:.3f} s",
         idle_line(plan),
     ]
     for name, ms in baselines.items():
@@ -170,7 +171,8 @@ def main(argv=None) -> int:
     if baselines:
         plan = Plan(**{**plan.__dict__, "extra": {**plan.extra, "baselines_ms": baselines}})
     origin = f"file {args.cost_model}" if args.cost_model else "preset"
-    print(format_table(plan, baselines, full=args.full, header=describe_cost_model(cm, origin), quiet=args.quiet))
+    header = describe_cost_model(cm, origin)
+    print(format_table(plan, baselines, full=args.full, header=header, quiet=args.quiet))
     try:
         if args.json:
             # indented JSON goes through the pure-Python encoder: compact above 10,000 sequences

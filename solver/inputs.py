@@ -42,11 +42,13 @@ def read_lengths(source: str) -> list[int]:
     except FileNotFoundError:
         raise ValueError(f"lengths file {source} does not exist") from None
     except IsADirectoryError:
-        raise ValueError(f"--lengths {source} is a directory; give a file of lengths (or - for stdin)") from None
+        raise ValueError(f"--lengths {source} is a directory; give a file of lengths "
+                         "(or - for stdin)") from None
     except PermissionError:
         raise ValueError(f"lengths file {source} is not readable (permission denied)") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{source}: not a text file of lengths (not UTF-8); use text, .npy or a JSON list") from None
+        raise ValueError(f"{source}: not a text file of lengths (not UTF-8); use text, .npy or "
+                         "a JSON list") from None
     except OSError as exc:
         raise ValueError(f"lengths file {source} cannot be read: {exc.strerror or exc}") from None
     stripped = text.strip()
@@ -107,7 +109,8 @@ def check_output_path(option: str, path: str, suffixes: tuple[str, ...] = ()) ->
     """Before any work: the output's folder exists and is writable, and the suffix is supported."""
     p = Path(path)
     if suffixes and p.suffix.lower() not in suffixes:
-        raise ValueError(f"{option} {path}: unsupported file type {p.suffix or '(none)'!r}; use one of {', '.join(suffixes)}")
+        raise ValueError(f"{option} {path}: unsupported file type {p.suffix or '(none)'!r}; "
+                         f"use one of {', '.join(suffixes)}")
     if p.is_dir():
         raise ValueError(f"{option} {path} is a directory; give a file name")
     parent = p.parent if str(p.parent) else Path(".")

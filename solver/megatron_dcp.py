@@ -145,7 +145,8 @@ def next_micro_batch(samples: list[tuple[int, int]], total: int, m: int, min_cp:
 
     def open_group(sid: int, length: int, cp: int) -> None:
         nonlocal allocated, busiest
-        g = _Group(size=cp, start=allocated, load=_work(length, cp), packed=length / cp, ids=[sid], lengths=[length])
+        g = _Group(size=cp, start=allocated, load=_work(length, cp), packed=length / cp, ids=[sid],
+                   lengths=[length])
         groups.append(g)
         idx = index.setdefault(cp, _SizeIndex(total // cp))
         where.append((cp, len(idx.gids)))
@@ -258,7 +259,8 @@ def megatron_dcp_plan(lengths: Sequence[int], cm: CostModel, *, max_seqlen_per_r
         assert starts == [g.start for g in groups], "Megatron's layout is the aligned biggest-first one"
         micro_batches.append([(g.size, g.ids) for g in groups])
         sizes.append([g.size for g in groups])
-    return build_plan(micro_batches, arr.tolist(), cm, method="megatron-dcp", solve_seconds=time.perf_counter() - t0,
+    return build_plan(micro_batches, arr.tolist(), cm, method="megatron-dcp",
+                      solve_seconds=time.perf_counter() - t0,
                       extra={"max_seqlen_per_rank": m, "min_cp_size": min_cp_size, "max_cp_size": max_cp,
                              "capped_fills": capped,
                              "source": "Megatron-LM dev d48bd6be: DefaultDynamicCPScheduler / "

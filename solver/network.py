@@ -63,7 +63,9 @@ class Topology:
 
     def p2p_gbps(self, sp: int) -> float:
         """Ring (neighbour send) bandwidth of an sp-device group."""
-        link = self.intra_node_gbps if sp <= self.gpus_per_node else min(self.intra_node_gbps, self.inter_node_gbps)
+        link = self.intra_node_gbps
+        if sp > self.gpus_per_node:
+            link = min(self.intra_node_gbps, self.inter_node_gbps)
         return self.efficiency * link
 
     def collective_gbps(self, num_devices: int) -> float:
@@ -94,7 +96,8 @@ def apply_topology(data: dict) -> dict:
     out = {k: v for k, v in data.items() if k != "topology"}
     out["bandwidth_gbps"] = {**a2a, **{int(k): v for k, v in dict(data.get("bandwidth_gbps") or {}).items()}}
     if data.get("ring_mb_per_token", 0) or "p2p_bandwidth_gbps" in data:
-        out["p2p_bandwidth_gbps"] = {**p2p, **{int(k): v for k, v in dict(data.get("p2p_bandwidth_gbps") or {}).items()}}
+        given = dict(data.get("p2p_bandwidth_gbps") or {})
+        out["p2p_bandwidth_gbps"] = {**p2p, **{int(k): v for k, v in given.items()}}
     out.setdefault("devices_per_node", topo.gpus_per_node)
     return out
 
@@ -146,8 +149,8 @@ def machine_cost_model(machine: str, model: str, num_devices: int = 64):
     on, so every degree runs). Replace it with a profile of the real cluster."""
     from .presets import PAPER_MODELS, analytic_cost_model
     if machine not in MACHINES or model not in PAPER_MODELS:
-        raise ValueError(f"machine must be one of {sorted(MACHINES)} and model one of {sorted(PAPER_MODELS)}, "
-                         f"got {machine!r}, {model!r}")
+        raise ValueError(f"machine must be one of {sorted(MACHINES)} and model one of "
+                         f"{sorted(PAPER_MODELS)}, got {machine!r}, {model!r}")
     spec = MACHINES[machine]
     layers, hidden, _, _, _, act, params = PAPER_MODELS[model]
     a2a, p2p = spec.topology.tables()
@@ -161,6 +164,7 @@ def machine_cost_model(machine: str, model: str, num_devices: int = 64):
     t = spec.topology
     return replace(cm, source=(
         f"ESTIMATE, not measured: {spec.description}; compute at MFU {ESTIMATE_MFU:g} of the bf16 peak; "
-        f"all-to-all/ring bandwidths from the topology form (g={t.gpus_per_node}, intra {t.intra_node_gbps:g} GB/s, "
-        f"inter {t.inter_node_gbps:g} GB/s per GPU, efficiency {t.efficiency:g}); memory {spec.memory_gb:g} GB "
-        f"- {RESERVE_GB:g} GB reserve; activation MB/token of the paper's {model}. Replace with flexsp-profile."))
+        f"all-to-all/ring bandwidths from the topology form (g={t.gpus_per_node}, "
+        f"intra {t.intra_node_gbps:g} GB/s, inter {t.inter_node_gbps:g} GB/s per GPU, efficiency "
+        f"{t.efficiency:g}); memory {spec.memory_gb:g} GB - {RESERVE_GB:g} GB reserve; activation "
+        f"MB/token of the paper's {model}. Replace with flexsp-profile."))

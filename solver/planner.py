@@ -48,7 +48,8 @@ import numpy as np
 
 from .build import build_plan
 from .costmodel import CostModel
-from .baselines import BaselineTimeout, best_homogeneous_plan, greedy_hybrid_cp_plan, static_plan, usable_degrees
+from .baselines import (BaselineTimeout, best_homogeneous_plan, greedy_hybrid_cp_plan, static_plan,
+                        usable_degrees)
 from .megatron_dcp import megatron_dcp_plan
 from .milp import DEFAULT_PULP_SOLVER, check_backend, exact_size, reassign_micro_batch, solve_exact
 from .official import chunk_global_batch

@@ -111,15 +111,16 @@ def plot_steps(result: dict, path: str) -> None:
         else:
             label = f"{name} ({p['label']})" if "label" in p else name
             ax.plot(steps, ys, marker="o", markersize=3, linewidth=1.2, label=label)
-    ax.plot(steps, [b / 1e3 for b in result["lower_bound_ms"]["steps"]], "k--", linewidth=1, label="lower bound")
+    bound = [b / 1e3 for b in result["lower_bound_ms"]["steps"]]
+    ax.plot(steps, bound, "k--", linewidth=1, label="lower bound")
     if any(n.startswith("static-") for n in result["policies"]):
         ax.plot([], [], color="grey", linewidth=0.6, label="static-D (each D)")
     ax.set_xlabel("step")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("predicted step time (s)")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"{result['cost_model']} on {result['num_devices']} devices, {result['global_batch']} sequences "
-                 f"per step: predicted by the cost model", fontsize=9, loc="left")
+    ax.set_title(f"{result['cost_model']} on {result['num_devices']} devices, {result['global_batch']} "
+                 f"sequences per step: predicted by the cost model", fontsize=9, loc="left")
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -126,9 +126,10 @@ def parse_policies(text: str | None, cm: CostModel, longest: int) -> list[str]:
             tail = name[len("static-"):]
             d = int(tail) if tail.isdigit() else -1
             if d not in degrees:
-                raise ValueError(f"--policies: {name} cannot run this input on {cm.name} with {cm.num_devices} "
-                                 f"devices (longest sequence {longest} tokens, C = {cm.capacity_tokens}); valid "
-                                 f"static degrees: {', '.join(f'static-{x}' for x in degrees) or 'none'}")
+                valid = ", ".join(f"static-{x}" for x in degrees) or "none"
+                raise ValueError(f"--policies: {name} cannot run this input on {cm.name} with "
+                                 f"{cm.num_devices} devices (longest sequence {longest} tokens, "
+                                 f"C = {cm.capacity_tokens}); valid static degrees: {valid}")
         elif name not in NAMED:
             raise ValueError(f"--policies: unknown policy {name!r}; valid: {', '.join(NAMED)}, "
                              f"{', '.join(f'static-{x}' for x in degrees)}")

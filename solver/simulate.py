@@ -49,7 +49,8 @@ def largest_length(cm: CostModel) -> int:
     return max(d for d in cm.degrees if cm.attention_modes(d)) * cm.capacity_tokens
 
 
-def split_steps(lengths: list[int], batch: int, steps: int | None, source: str) -> tuple[list[list[int]], int]:
+def split_steps(lengths: list[int], batch: int, steps: int | None,
+                source: str) -> tuple[list[list[int]], int]:
     """(K batches of B lengths, lines left past them). ValueError when there is not one batch, or
     fewer lines than ``steps`` batches."""
     if len(lengths) < batch:
@@ -69,8 +70,8 @@ def check_fits(batches: list[list[int]], cm: CostModel) -> None:
             if length < 1 or length > limit:
                 raise ValueError(
                     f"step {s}, sequence {i} (line {s * len(batch) + i + 1}): length {length} fits no group: "
-                    f"lengths must be 1..{limit} ({limit // cm.capacity_tokens} devices x C = {cm.capacity_tokens} "
-                    f"tokens under {cm.name} on {cm.num_devices} devices)")
+                    f"lengths must be 1..{limit} ({limit // cm.capacity_tokens} devices x "
+                    f"C = {cm.capacity_tokens} tokens under {cm.name} on {cm.num_devices} devices)")
 
 
 def _speedup(ref: float | None, ms: float) -> float | None:
@@ -109,6 +110,7 @@ def simulate(batches: Sequence[Sequence[int]], cm: CostModel, policies: list[str
 def _summarise(cm: CostModel, batch: int, steps: dict[str, list[dict]], lower: list[float],
                settings: PolicySettings) -> dict:
     refs = {r: [st["predicted_ms"] for st in steps[r]] for r in REFERENCES if r in steps}
+    bs, md = refs.get("best-static"), refs.get("megatron-dcp")
     out_policies = {}
     for name, rows in steps.items():
         times = [r["predicted_ms"] for r in rows]
@@ -123,8 +125,8 @@ def _summarise(cm: CostModel, batch: int, steps: dict[str, list[dict]], lower: l
             step_rows.append({
                 "predicted_ms": row["predicted_ms"],
                 "lower_bound_ms": lower[s],
-                "speedup_vs_best_static": _speedup(refs["best-static"][s], times[s]) if "best-static" in refs else None,
-                "speedup_vs_megatron_dcp": _speedup(refs["megatron-dcp"][s], times[s]) if "megatron-dcp" in refs else None,
+                "speedup_vs_best_static": _speedup(bs and bs[s], times[s]),
+                "speedup_vs_megatron_dcp": _speedup(md and md[s], times[s]),
                 "idle_device_fraction": plan.idle_device_fraction,
                 "micro_batches": len(plan.micro_batches),
                 "solve_seconds": row["seconds"],
@@ -135,8 +137,8 @@ def _summarise(cm: CostModel, batch: int, steps: dict[str, list[dict]], lower: l
             "median_step_ms": statistics.median(times),
             "min_step_ms": min(times),
             "max_step_ms": max(times),
-            "speedup_vs_best_static": _speedup(sum(refs["best-static"]), total) if "best-static" in refs else None,
-            "speedup_vs_megatron_dcp": _speedup(sum(refs["megatron-dcp"]), total) if "megatron-dcp" in refs else None,
+            "speedup_vs_best_static": _speedup(bs and sum(bs), total),
+            "speedup_vs_megatron_dcp": _speedup(md and sum(md), total),
             "idle_device_fraction": idle_ms / device_ms if device_ms > 0 else 0.0,
             "micro_batches_per_step": statistics.mean(len(r["plan"].micro_batches) for r in rows),
             "steps": step_rows,
@@ -171,7 +173,8 @@ def format_report(result: dict) -> str:
     k = result["num_steps"]
     head = (f"{'policy':<18} {'total ms':>12} {'median step':>12} {'spread (min-max)':>21} "
             f"{'vs best-static':>14} {'vs megatron-dcp':>15} {'idle dev':>8} {'mb/step':>7}")
-    lines = [f"{k} steps x {result['global_batch']} sequences, predicted by the cost model (not measured)", head]
+    lines = [f"{k} steps x {result['global_batch']} sequences, predicted by the cost model (not measured)",
+             head]
     for name, p in result["policies"].items():
         spread = f"{p['min_step_ms']:.0f}-{p['max_step_ms']:.0f}"
         lines.append(f"{name:<18} {p['total_ms']:>12.0f} {p['median_step_ms']:>12.0f} {spread:>21} "
@@ -179,7 +182,8 @@ def format_report(result: dict) -> str:
                      f"{p['idle_device_fraction'] * 100:>7.1f}% {p['micro_batches_per_step']:>7.1f}")
     lb = result["lower_bound_ms"]
     spread = f"{min(lb['steps']):.0f}-{max(lb['steps']):.0f}"
-    lines.append(f"{'lower bound':<18} {lb['total']:>12.0f} {statistics.median(lb['steps']):>12.0f} {spread:>21}")
+    lines.append(f"{'lower bound':<18} {lb['total']:>12.0f} {statistics.median(lb['steps']):>12.0f} "
+                 f"{spread:>21}")
     if "flexsp-official" in result["policies"]:
         lines.append(f"flexsp-official ran at {result['policies']['flexsp-official']['label']}")
     missing = [r for r in REFERENCES if r not in result["policies"]]
@@ -192,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog=PROG, description="Replay global batches through several SP policies and compare "
                                               "their predicted step times under one cost model.")
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--lengths", help="lengths file: one integer per line (also .npy, a JSON list, - for stdin)")
+    src.add_argument("--lengths",
+                     help="lengths file: one integer per line (also .npy, a JSON list, - for stdin)")
     src.add_argument("--workload", choices=WORKLOADS, metavar="NAME",
                      help=f"sample lengths from a workload: {', '.join(WORKLOADS)}")
     ap.add_argument("--global-batch", type=int_at_least(1), required=True, help="sequences per step (B)")
@@ -202,16 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--context-limit", type=int_at_least(1),
                     help="--workload: longest length drawn (longer draws are redrawn); default: the paper "
                          "preset's limit, else the longest length the cluster can hold")
-    ap.add_argument("--num-devices", type=power_of_two, help="cluster size N (a power of two; default: the cost model's)")
-    ap.add_argument("--memory-mb", type=positive, help="usable memory per device, MB (default: the cost model's)")
+    ap.add_argument("--num-devices", type=power_of_two,
+                    help="cluster size N (a power of two; default: the cost model's)")
+    ap.add_argument("--memory-mb", type=positive,
+                    help="usable memory per device, MB (default: the cost model's)")
     ap.add_argument("--cost-model", default="paper-gpt7b-192k", metavar="PRESET|FILE",
                     help=f"a preset ({', '.join(sorted(PRESETS))}) or a cost-model JSON file "
                          "(default paper-gpt7b-192k)")
     ap.add_argument("--policies", help="comma list of flexsp, flexsp-official, megatron-dcp, best-static, "
                                        "best-homogeneous, static-D (default: all that apply)")
-    ap.add_argument("--time-limit", type=positive, default=1.0, help="flexsp: planner time box per plan, s (default 1)")
+    ap.add_argument("--time-limit", type=positive, default=1.0,
+                    help="flexsp: planner time box per plan, s (default 1)")
     ap.add_argument("--official-milp-seconds", type=positive, default=PAPER_MILP_SECONDS,
-                    help=f"flexsp-official: time limit per MILP, s (default {PAPER_MILP_SECONDS:g}, the paper's; "
+                    help=f"flexsp-official: time limit per MILP, s (default {PAPER_MILP_SECONDS:g}, "
+                         "the paper's; "
                          "a shorter one is labelled in every output)")
     ap.add_argument("--milp-backend", choices=MILP_BACKENDS, default="highs", help="flexsp: MILP backend")
     ap.add_argument("--json", help="write every plan and the summary here")
@@ -253,7 +262,9 @@ def main(argv=None) -> int:
         policies = parse_policies(args.policies, cm, max(max(b) for b in batches))
         settings = PolicySettings(time_limit=args.time_limit, official_milp_s=args.official_milp_seconds,
                                   milp_backend=args.milp_backend)
-        show = args.progress if args.progress is not None else (sys.stderr.isatty() or "flexsp-official" in policies)
+        show = args.progress
+        if show is None:
+            show = sys.stderr.isatty() or "flexsp-official" in policies
 
         def progress(message: str) -> None:
             print(f"{PROG}: {message}", file=sys.stderr, flush=True)

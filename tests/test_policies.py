@@ -154,15 +154,18 @@ def test_policy_names_are_checked():
     assert static_degrees(cm, longest) == [4, 8]
     assert parse_policies(None, cm, longest)[-2:] == ["static-4", "static-8"]
     assert parse_policies("flexsp, static-8", cm, longest) == ["flexsp", "static-8"]
-    for bad, needle in (("nope", "unknown policy 'nope'"), ("static-2", "valid static degrees: static-4, static-8"),
-                        ("static-x", "static-x cannot run"), ("", "names no policy"), ("flexsp,flexsp", "twice")):
+    for bad, needle in (("nope", "unknown policy 'nope'"),
+                        ("static-2", "valid static degrees: static-4, static-8"),
+                        ("static-x", "static-x cannot run"), ("", "names no policy"),
+                        ("flexsp,flexsp", "twice")):
         with pytest.raises(ValueError, match=needle):
             parse_policies(bad, cm, longest)
 
 
 # ---- flexsp is never slower than best-static ---------------------------------------------------
 
-@pytest.mark.parametrize("preset,n,dist", [("paper-gpt7b-192k", 64, "wikipedia"), ("paper-gpt7b-192k", 8, "cpython"),
+@pytest.mark.parametrize("preset,n,dist", [("paper-gpt7b-192k", 64, "wikipedia"),
+                                           ("paper-gpt7b-192k", 8, "cpython"),
                                            ("paper-gpt30b-384k", 32, "github"),
                                            ("h100-nvlink4-ib8x400-gpt7b-estimate", 64, "prolong-64k")])
 def test_flexsp_never_slower_than_best_static_or_megatron_dcp(preset, n, dist):

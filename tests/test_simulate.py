@@ -77,8 +77,8 @@ def test_workload_input_and_policy_subset(tmp_path, capsys):
     assert "speedup columns need best-static and megatron-dcp" in out
     data = json.loads((tmp_path / "w.json").read_text())
     assert list(data["policies"]) == ["flexsp", "static-64"]
-    assert data["input"] == {"workload": "prolong-64k", "seed": 0, "context_limit": data["input"]["context_limit"],
-                             "overflow": "drop"}
+    assert data["input"] == {"workload": "prolong-64k", "seed": 0, "overflow": "drop",
+                             "context_limit": data["input"]["context_limit"]}
     assert data["policies"]["flexsp"]["speedup_vs_megatron_dcp"] is None
     assert data["cost_model_source"].startswith("ESTIMATE")
 
@@ -86,8 +86,9 @@ def test_workload_input_and_policy_subset(tmp_path, capsys):
 def test_cost_model_file_and_stdin_style_inputs(tmp_path, capsys):
     load_preset("paper-gpt7b-192k").with_devices(8).save(tmp_path / "cm.json")
     (tmp_path / "l.json").write_text(json.dumps([4096, 800, 12000, 2500] * 2))
-    rc = main(["--lengths", str(tmp_path / "l.json"), "--global-batch", "4", "--cost-model", str(tmp_path / "cm.json"),
-               "--policies", "megatron-dcp,best-static", "--json", str(tmp_path / "o.json")])
+    rc = main(["--lengths", str(tmp_path / "l.json"), "--global-batch", "4",
+               "--cost-model", str(tmp_path / "cm.json"), "--policies", "megatron-dcp,best-static",
+               "--json", str(tmp_path / "o.json")])
     out = capsys.readouterr().out
     assert rc == 0 and f"(file {tmp_path / 'cm.json'})" in out
     assert json.loads((tmp_path / "o.json").read_text())["num_steps"] == 2
