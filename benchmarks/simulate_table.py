@@ -179,10 +179,11 @@ def _row(c: dict) -> str:
     return "| " + " | ".join(str(x) for x in cols) + " |"
 
 
-def markdown(cells: list[dict], args, stamp: dict) -> str:
+def markdown(cells: list[dict], args, stamp: dict, rendered: str = "") -> str:
     lines = [HEADER,
              f"- Command: `{stamp['command']}`",
-             f"- Commit: {stamp['commit']}; date {stamp['date']}; wall time {stamp['wall_s']:.0f} s",
+             f"- Commit: {stamp['commit']}; date {stamp['date']}; wall time {stamp['wall_s']:.0f} s"
+             + (f"; tables re-rendered from the JSON (numbers unchanged) by `{rendered}`" if rendered else ""),
              f"- Machine: {stamp['machine']}",
              f"- Policies: flexsp (`solver.planner.plan_batch`, time box {args.time_limit:g} s per plan), "
              "megatron-dcp (Megatron-Core dynamic CP, `solver.megatron_dcp`), best-static (fastest static-D "
@@ -211,13 +212,22 @@ def markdown(cells: list[dict], args, stamp: dict) -> str:
         fl, md = every("flexsp", "vs_best_static"), every("megatron-dcp", "vs_best_static")
         fm = every("flexsp", "vs_megatron_dcp")
         slower = sum(x < 1 - 1e-9 for x in fm)
+        homog = [(c["policies"]["flexsp"], k) for c in done
+                 for k, (h, f) in enumerate(zip(c["policies"]["best-homogeneous"]["step_ms"],
+                                                c["policies"]["flexsp"]["step_ms"])) if h < f * (1 - 1e-9)]
+        cut = sum(ours["status"][k] in ("time_limit", "fallback") for ours, k in homog)
+        netted = sum(_origin(ours["method"][k]).endswith("net") for ours, k in homog)
         lines += ["## Over every step of every cell", "",
                   f"- flexsp vs best-static: median {statistics.median(fl):.2f}x, min {min(fl):.2f}x, "
                   f"max {max(fl):.2f}x ({len(fl)} steps)",
                   f"- megatron-dcp vs best-static: median {statistics.median(md):.2f}x, min {min(md):.2f}x, "
                   f"max {max(md):.2f}x",
                   f"- flexsp vs megatron-dcp: median {statistics.median(fm):.2f}x, min {min(fm):.2f}x, "
-                  f"max {max(fm):.2f}x; flexsp slower than megatron-dcp on {slower} of {len(fm)} steps", ""]
+                  f"max {max(fm):.2f}x; flexsp slower than megatron-dcp on {slower} of {len(fm)} steps",
+                  f"- best-homogeneous faster than flexsp on {len(homog)} of {len(fm)} steps; on {cut} of "
+                  f"them the {args.time_limit:g} s box cut flexsp's search short (status time_limit or "
+                  "fallback; its baseline phase, where best-homogeneous is a candidate, comes after the "
+                  f"first fit); on {netted} flexsp's plan is one of its safety nets", ""]
     return "\n".join(lines)
 
 
@@ -247,7 +257,8 @@ def plot(cells: list[dict], path: Path) -> None:
         ax.set_ylabel("speedup vs best-static\n(predicted)", fontsize=8)
         ax.set_title(f"{workload}: median over steps, bars = min-max (* = ESTIMATE preset)", fontsize=9,
                      loc="left")
-        ax.legend(fontsize=7, ncol=4)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.2)          # room for the legend above the bars
+        ax.legend(fontsize=7, ncol=4, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -285,7 +296,20 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "simulate"))
+    ap.add_argument("--render", metavar="JSON",
+                    help="only rewrite the .md and .png from a JSON this script wrote (no simulation)")
     args = ap.parse_args()
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        saved = argparse.Namespace(**data["args"])
+        out = Path(args.render).with_suffix("")
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip()
+        how = f"benchmarks/simulate_table.py --render {Path(args.render).name} at {head}"
+        out.with_suffix(".md").write_text(markdown(data["cells"], saved, data["stamp"], how) + "\n")
+        plot(data["cells"], out.with_suffix(".png"))
+        print(f"rendered {out}.md / .png from {args.render}")
+        return 0
     presets, devices = (PRESETS[:1] + PRESETS[2:3], DEVICES[:2]) if args.quick else (PRESETS, DEVICES)
     if args.quick:
         args.steps = min(args.steps, 2)
