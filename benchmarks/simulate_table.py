@@ -183,7 +183,8 @@ def markdown(cells: list[dict], args, stamp: dict, rendered: str = "") -> str:
     lines = [HEADER,
              f"- Command: `{stamp['command']}`",
              f"- Commit: {stamp['commit']}; date {stamp['date']}; wall time {stamp['wall_s']:.0f} s"
-             + (f"; tables re-rendered from the JSON (numbers unchanged) by `{rendered}`" if rendered else ""),
+             + (f"; tables re-rendered from the JSON (numbers unchanged) by `{rendered}`"
+                if rendered else ""),
              f"- Machine: {stamp['machine']}",
              f"- Policies: flexsp (`solver.planner.plan_batch`, time box {args.time_limit:g} s per plan), "
              "megatron-dcp (Megatron-Core dynamic CP, `solver.megatron_dcp`), best-static (fastest static-D "
