@@ -9,7 +9,10 @@ plans are laid out and priced identically (the paper's cost model, see
   official FlexSP code's "static" baseline.
 - ``best_homogeneous_plan``: the official code's "BatchAda": the best single SP degree for the
   whole batch, packed well (BFD, or time-balanced LPT), micro-batches formed from equal-time groups.
-- ``greedy_hybrid_cp_plan``: a Megatron-LM hybrid/dynamic-context-parallel-style greedy scheduler.
+- ``greedy_hybrid_cp_plan``: a Megatron-LM hybrid-context-parallel-style greedy scheduler, an early
+  approximation of Megatron's legacy ``BalancedCPScheduler``; kept as the runtime's fast fallback
+  (``flexsp.planning``). The faithful reproduction of Megatron-Core's current dynamic-CP policy is
+  ``solver.megatron_dcp.megatron_dcp_plan`` (the simulator's ``megatron-dcp``).
 
 Every baseline raises ValueError when a sequence cannot fit the cluster (longer than N * C tokens,
 or than degree * C for a fixed degree).
@@ -219,6 +222,14 @@ def greedy_hybrid_cp_plan(lengths: Sequence[int], cm: CostModel, *, deadline: fl
 
     ``deadline`` (a time.perf_counter() value): raise BaselineTimeout once past it (the scheduler
     is quadratic in the batch: a pass over the remaining sequences per micro-batch).
+
+    How it differs from Megatron's schedulers (``solver.megatron_dcp`` reproduces the current one,
+    ``DefaultDynamicCPScheduler`` / ``next_hdp_group_packing_aware``): it balances the cost model's
+    time where Megatron balances its ``L^2/cp`` estimate; it lets a sequence join any open group of
+    degree >= its CP size where Megatron tries CP sizes from the least one up and scores each option
+    by the busiest rank after it; it has neither the legacy scheduler's work buckets, 5% balance
+    exit and ``trim_overload`` nor either scheduler's filling of idle ranks by doubling the smallest
+    group (idle ranks stay idle here).
     """
     t0 = time.perf_counter()
     arr = check_lengths(lengths, cm)

@@ -10,18 +10,13 @@ stderr and exit status 2 (never a traceback).
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
-
-import numpy as np
 
 from .baselines import BaselineTimeout, best_homogeneous_plan, greedy_hybrid_cp_plan, static_plan, usable_degrees
 from .costmodel import CostModel
+from .inputs import OneLineParser, check_output_path, positive, power_of_two, read_lengths, resize
 from .milp import MILP_BACKENDS, check_backend
 from .plan import Plan
 from .plot import PLOT_SUFFIXES
@@ -29,100 +24,46 @@ from .planner import PlanningError, plan_batch
 from .presets import PRESETS, load_preset
 
 
-def read_lengths(source: str) -> list[int]:
-    """Lengths from a text/.npy/JSON file or stdin ("-"); ValueError naming the problem."""
-    try:
-        if source == "-":
-            text = sys.stdin.read()
-        elif source.endswith(".npy"):
-            if Path(source).is_dir():
-                raise IsADirectoryError(source)
-            try:
-                arr = np.load(source, allow_pickle=False)
-            except FileNotFoundError:
-                raise
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"{source}: not a readable .npy array ({exc})") from None
-            if arr.ndim != 1:
-                raise ValueError(f"{source}: expected a 1-D array of lengths, got shape {arr.shape}")
-            return _as_lengths(arr.tolist(), source)
-        else:
-            text = Path(source).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"lengths file {source} does not exist") from None
-    except IsADirectoryError:
-        raise ValueError(f"--lengths {source} is a directory; give a file of lengths (or - for stdin)") from None
-    except PermissionError:
-        raise ValueError(f"lengths file {source} is not readable (permission denied)") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{source}: not a text file of lengths (not UTF-8); use text, .npy or a JSON list") from None
-    except OSError as exc:
-        raise ValueError(f"lengths file {source} cannot be read: {exc.strerror or exc}") from None
-    stripped = text.strip()
-    if stripped.startswith("["):
-        try:
-            return _as_lengths(json.loads(stripped), source)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{source}: malformed JSON list ({exc})") from None
-    values = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        try:
-            values.append(int(line))
-        except ValueError:
-            raise ValueError(f"{source}:{lineno}: expected one integer per line, got {line[:40]!r}") from None
-    return _as_lengths(values, source)
-
-
-def _as_lengths(values, source: str) -> list[int]:
-    if not isinstance(values, list) or not values:
-        raise ValueError(f"{source}: no sequence lengths found (the batch is empty)")
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
-            raise ValueError(f"{source}: entry {i} is {v!r}, not an integer length")
-        out.append(int(v))
-    return out
-
-
 def load_cost_model(args) -> CostModel:
+    """The cost model ``--preset`` or ``--cost-model`` names, resized by ``--num-devices`` /
+    ``--memory-mb``."""
     cm = CostModel.load(args.cost_model) if args.cost_model else load_preset(args.preset)
-    n = args.num_devices
-    if n is not None or args.memory_mb is not None:
-        try:
-            if n is not None and n < cm.devices_per_node:
-                cm = replace(cm, num_devices=n, devices_per_node=n)
-            cm = cm.with_devices(n, args.memory_mb)
-        except ValueError as exc:
-            raise ValueError(f"--num-devices {n} / --memory-mb {args.memory_mb}: {exc}") from None
-    return cm
-
-
-def check_output_path(option: str, path: str, suffixes: tuple[str, ...] = ()) -> None:
-    """Before solving: the output's folder exists and is writable, and the suffix is supported."""
-    p = Path(path)
-    if suffixes and p.suffix.lower() not in suffixes:
-        raise ValueError(f"{option} {path}: unsupported file type {p.suffix or '(none)'!r}; use one of {', '.join(suffixes)}")
-    if p.is_dir():
-        raise ValueError(f"{option} {path} is a directory; give a file name")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise ValueError(f"{option} {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ValueError(f"{option} {path}: not writable")
+    return resize(cm, args.num_devices, args.memory_mb)
 
 
 TABLE_GROUPS = 64
 """Group rows the table prints before it stops with a note (``--full`` prints them all)."""
 
 
-def format_table(plan: Plan, baselines: dict[str, float], full: bool = False) -> str:
-    lines = [f"{'mb':>3} {'sp':>4} {'ranks':>11} {'attn':>8} {'seqs':>5} {'tokens':>9} {'pred ms':>10} {'mem MB':>9}"]
+def describe_cost_model(cm: CostModel, origin: str) -> str:
+    """One line: which cost model (and where it came from), how many devices, how much memory."""
+    return (f"cost model {cm.name} ({origin}) | {cm.num_devices} devices, {cm.devices_per_node} per node | "
+            f"memory {cm.memory_mb:.0f} MB per device, C = {cm.capacity_tokens} tokens per device")
+
+
+def idle_line(plan: Plan) -> str:
+    """How many devices the plan leaves idle: per micro-batch (range) and as a share of device-time."""
+    idle = plan.idle_devices()
+    if not idle:
+        return "idle devices: none (empty plan)"
+    with_idle = sum(1 for i in idle if i)
+    span = f"{min(idle)}" if min(idle) == max(idle) else f"{min(idle)}-{max(idle)}"
+    return (f"idle devices: {span} of {plan.num_devices} per micro-batch ({with_idle} of {len(idle)} "
+            f"micro-batches leave devices idle; {plan.idle_device_fraction * 100:.1f}% of device-time)")
+
+
+def format_table(plan: Plan, baselines: dict[str, float], full: bool = False, header: str = "",
+                 quiet: bool = False) -> str:
+    """The group table (unless ``quiet``) between ``header`` and the summary lines."""
+    lines = [header] if header else []
+    if not quiet:
+        lines.append(f"{'mb':>3} {'sp':>4} {'ranks':>11} {'attn':>8} {'seqs':>5} {'tokens':>9} "
+                     f"{'pred ms':>10} {'mem MB':>9}")
     shown = 0
     total_groups = sum(len(mb.groups) for mb in plan.micro_batches)
-    for mi, mb in enumerate(plan.micro_batches):
+    for mi, (mb, idle) in enumerate(zip(plan.micro_batches, plan.idle_devices())):
+        if quiet:
+            break
         if not full and shown + len(mb.groups) > TABLE_GROUPS and shown:
             lines.append(f"... {total_groups - shown} more groups in {len(plan.micro_batches) - mi} more micro-batches "
                          f"not shown (--full prints every group)")
@@ -132,13 +73,16 @@ def format_table(plan: Plan, baselines: dict[str, float], full: bool = False) ->
             ranks = f"{g.ranks[0]}-{g.ranks[-1]}" if g.sp > 1 else str(g.ranks[0])
             lines.append(f"{mi:>3} {g.sp:>4} {ranks:>11} {g.attention:>8} {len(g.seq_ids):>5} {g.tokens:>9} "
                          f"{g.predicted_ms:>10.1f} {g.memory_mb:>9.0f}")
-        lines.append(f"{'':>3} micro-batch {mi}: {mb.predicted_ms:.1f} ms")
+        lines.append(f"{'':>3} micro-batch {mi}: {mb.predicted_ms:.1f} ms, {plan.num_devices - idle} of "
+                     f"{plan.num_devices} devices in groups" + (f" ({idle} idle)" if idle else ""))
     gap = f"{plan.gap * 100:.2f}%" if plan.lower_bound_ms > 0 else "n/a"
+    cut = plan.extra.get("cut") if plan.status == "time_limit" else None
     lines += [
         f"plan: {plan.summary()}",
         f"iteration time {plan.predicted_ms:.1f} ms | lower bound {plan.lower_bound_ms:.1f} ms | gap {gap} | "
-        f"status {plan.status}{' (' + ', '.join(plan.extra['cut']) + ')' if plan.status == 'time_limit' and plan.extra.get('cut') else ''} | "
+        f"status {plan.status}{' (' + ', '.join(cut) + ')' if cut else ''} | "
         f"solve {plan.solve_seconds:.3f} s",
+        idle_line(plan),
     ]
     for name, ms in baselines.items():
         lines.append(f"  vs {name:<22} {ms:>12.1f} ms   speedup {ms / plan.predicted_ms:.3f}x")
@@ -170,42 +114,15 @@ def run_baselines(lengths, cm: CostModel, budget_s: float = float("inf")) -> dic
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _power_of_two(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a power of two >= 1, got {text!r}") from None
-    if n < 1 or n & (n - 1):
-        raise argparse.ArgumentTypeError(f"expected a power of two >= 1 (1, 2, 4, ..., 1024), got {n}")
-    return n
-
-
-def _positive(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not math.isfinite(x) or x <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return x
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="flexsp-plan", description="Plan one global batch with adaptive SP.")
+    ap = OneLineParser(prog="flexsp-plan", description="Plan one global batch with adaptive SP.")
     ap.add_argument("--lengths", required=True, help="lengths file: one integer per line, .npy, JSON list, or - for stdin")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--preset", default="paper-gpt7b-192k", help=f"cost-model preset: {', '.join(sorted(PRESETS))}")
     src.add_argument("--cost-model", help="cost-model JSON file (e.g. written by flexsp-profile)")
-    ap.add_argument("--num-devices", type=_power_of_two, help="override the cluster size (a power of two)")
-    ap.add_argument("--memory-mb", type=_positive, help="override usable memory per device, MB (> 0)")
-    ap.add_argument("--time-limit", type=_positive, default=1.0,
+    ap.add_argument("--num-devices", type=power_of_two, help="override the cluster size (a power of two)")
+    ap.add_argument("--memory-mb", type=positive, help="override usable memory per device, MB (> 0)")
+    ap.add_argument("--time-limit", type=positive, default=1.0,
                     help="time box of the planner, seconds (default 1.0); the baselines get a box of "
                          "their own of max(0.5, time limit / 4) s")
     ap.add_argument("--milp-backend", choices=MILP_BACKENDS, default="highs",
@@ -253,8 +170,9 @@ def main(argv=None) -> int:
     baselines = {} if args.no_baselines else run_baselines(lengths, cm, budget)
     if baselines:
         plan = Plan(**{**plan.__dict__, "extra": {**plan.extra, "baselines_ms": baselines}})
-    text = format_table(plan, baselines, full=args.full)
-    print("\n".join(text.splitlines()[-(2 + len(baselines)):]) if args.quiet else text)
+    origin = f"file {args.cost_model}" if args.cost_model else "preset"
+    header = describe_cost_model(cm, origin)
+    print(format_table(plan, baselines, full=args.full, header=header, quiet=args.quiet))
     try:
         if args.json:
             # indented JSON goes through the pure-Python encoder: compact above 10,000 sequences

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .network import apply_topology
+
 ZERO_STAGES = (0, 1, 2, 3)
 
 
@@ -343,6 +345,7 @@ class CostModel:
         """A cost model from plain data; ValueError naming unknown, missing or mistyped fields."""
         if not isinstance(data, dict):
             raise ValueError(f"a cost model must be a JSON object, got {type(data).__name__}")
+        data = apply_topology(data)   # the "topology" form fills the bandwidth tables
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:

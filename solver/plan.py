@@ -82,6 +82,19 @@ class Plan:
             return float("nan")
         return max(0.0, self.predicted_ms / self.lower_bound_ms - 1.0)
 
+    def idle_devices(self) -> list[int]:
+        """Per micro-batch, how many devices are in no group (they wait the whole micro-batch)."""
+        return [self.num_devices - sum(g.sp for g in mb.groups) for mb in self.micro_batches]
+
+    @property
+    def idle_device_fraction(self) -> float:
+        """Share of the plan's device-time (devices x micro-batch time) spent by devices that are
+        in no group: sum_mb idle_mb * t_mb / (N * sum_mb t_mb); 0.0 for an empty plan."""
+        total = sum(mb.predicted_ms for mb in self.micro_batches) * self.num_devices
+        if total <= 0:
+            return 0.0
+        return sum(i * mb.predicted_ms for i, mb in zip(self.idle_devices(), self.micro_batches)) / total
+
     def summary(self, max_chars: int = 200) -> str:
         """Compact text such as ``3 mb: 8x8 | 2x(1x32 + 2x16)``: count x degree per micro-batch,
         consecutive identical micro-batches run-length encoded as ``kx(...)``. Longer than

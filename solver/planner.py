@@ -12,9 +12,11 @@ Method (all under the cost model of ``costmodel.py``):
    smallest cap at which every sequence fits in m micro-batches. Coarse for every candidate, then
    fine for the best. One shared cap balances micro-batches against each other, which the
    official planner, optimising each micro-batch alone, does not do.
-3. Improve. Pair search (the slowest micro-batch re-planned together with each other one), then
-   each micro-batch repacked alone (own cap; first fit per pooling degree; LPT over equal groups).
-   The baselines are priced too: a plan never loses to them.
+3. Improve. The baselines first (best homogeneous, the greedy hybrid-CP scheduler, Megatron-Core's
+   dynamic-CP schedule, ``megatron_dcp``): one pass each, the faster plan kept, so a plan never
+   loses to them when the box reaches them. Then pair search (the slowest micro-batch re-planned
+   together with each other one), then each micro-batch repacked alone (own cap; first fit per
+   pooling degree; LPT over equal groups).
 4. MILP (``milp.py``: HiGHS, or any solver PuLP drives, on the same models). Small instances are
    solved exactly and certified ("optimal"); on large ones the slowest micro-batches are re-dealt
    over their groups by a bucketed MILP.
@@ -22,8 +24,12 @@ Method (all under the cost model of ``costmodel.py``):
    into stratified chunks (every K-th sequence, longest first: each chunk looks like the whole)
    of ~16 micro-batches, each searched as above with an even share of the time left; their
    micro-batches are concatenated. The search's cost then grows linearly with the batch.
-6. Determinism and time box. Before any search every chunk gets an O(n log n) safety-net plan
-   (``packing.quick_pack``). The search is a fixed amount of work and MILPs stop at node limits;
+6. Determinism and time box. Before any search the batch gets O(n log n) safety-net plans:
+   ``packing.quick_pack``, ``baselines.static_plan`` at every degree that holds the batch, and
+   Megatron-Core's dynamic-CP schedule (``megatron_dcp``, up to ``MEGATRON_SAFETY_WORK``): the plan
+   returned is never slower than any of them, so never slower than best-static (or megatron-dcp),
+   even when the box cuts the search short (``extra["search"]`` names the safety net that won).
+   The search is a fixed amount of work and MILPs stop at node limits;
    every loop that could run long asks the clock, and a search cut short is marked. So the same
    input gives the same plan and status on every run and rank when it finishes inside
    ``time_limit`` ("feasible", or "optimal" when proven); when the box cut something short the
@@ -42,7 +48,9 @@ import numpy as np
 
 from .build import build_plan
 from .costmodel import CostModel
-from .baselines import BaselineTimeout, best_homogeneous_plan, greedy_hybrid_cp_plan
+from .baselines import (BaselineTimeout, best_homogeneous_plan, greedy_hybrid_cp_plan, static_plan,
+                        usable_degrees)
+from .megatron_dcp import megatron_dcp_plan
 from .milp import DEFAULT_PULP_SOLVER, check_backend, exact_size, reassign_micro_batch, solve_exact
 from .official import chunk_global_batch
 from .packing import Workload, mbs_time, pack, quick_pack, solve_micro_batch
@@ -204,8 +212,15 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
     # the result (~2.5x a packing): that much of the box is kept for it.
     t_quick = time.perf_counter()
     whole = quick_pack(wl, range(n))
-    plans: list = [whole if chunks == 1 else None] + [None] * (chunks - 1)
     reserve = 0.02 + (time.perf_counter() - t_quick) * (4.0 if chunks > 1 else 2.5)
+    # ...then the best static plan (one degree for every sequence) and Megatron-Core's dynamic-CP
+    # schedule: safety nets too, so flexsp is never slower than best-static or megatron-dcp on any
+    # batch, cut short or not (one O(n log n) pass each).
+    safety = "quick"
+    for name, mbs in _cheap_plans(wl):
+        if _plan_time(wl, mbs) < _plan_time(wl, whole) - 1e-9:
+            safety, whole = name, mbs
+    plans: list = [whole if chunks == 1 else None] + [None] * (chunks - 1)
     improved = [False] * chunks
     opts = dict(max_extra=max_extra_micro_batches, rebalance_rounds=rebalance_rounds,
                 exact_max_binaries=exact_max_binaries if chunks == 1 else 0, node_limit=milp_node_limit,
@@ -236,7 +251,7 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
         if _plan_time(w, groups) <= _plan_time(w, plans[c]) + 1e-9:
             plans[c], improved[c] = groups, True
         else:
-            meta["search"] = "quick"
+            meta["search"] = safety if chunks == 1 else "quick"
         searched += 1
         info.append(meta)
         if chunks == 1:
@@ -269,7 +284,7 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
         extra["search"] = "chunked"
         extra["searches"] = sorted({m["search"] for m in info})
     else:
-        extra["search"] = "quick"
+        extra["search"] = safety
     plan = build_plan(merged, wl.lengths, cm, method="flexsp", extra=extra)
     plan_ms = plan.predicted_ms - cm.step_fixed_ms
     if proven or plan_ms <= lower * (1 + 1e-12):
@@ -282,6 +297,24 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
         status = "feasible"
     return replace(plan, status=status, lower_bound_ms=min(lower, plan_ms) + cm.step_fixed_ms,
                    solve_seconds=round(time.perf_counter() - start, 4))
+
+
+MEGATRON_SAFETY_WORK = 400_000
+"""Megatron's scheduler scans the sequences left once per micro-batch: it is a safety net while
+sequences x memory-minimum micro-batches stays under this (~1 s); beyond, only the search tries it."""
+
+
+def _cheap_plans(wl: Workload):
+    """(name, micro-batches) of ``baselines.static_plan`` at every degree that holds every
+    sequence (one O(n log n) best-fit pass each) and of ``megatron_dcp_plan`` (while
+    ``MEGATRON_SAFETY_WORK`` allows)."""
+    cm, longest = wl.cm, int(wl.lengths.max())
+    plans = [(f"static-{d}", static_plan(wl.lengths, cm, d)) for d in usable_degrees(cm)
+             if d * cm.capacity_tokens >= longest]
+    if len(wl.lengths) * min_micro_batches(wl) <= MEGATRON_SAFETY_WORK:
+        plans.append(("megatron-dcp-net", megatron_dcp_plan(wl.lengths, cm)))
+    return [(name, [[(g.sp, list(g.seq_ids)) for g in mb.groups] for mb in plan.micro_batches])
+            for name, plan in plans]
 
 
 def _search(wl: Workload, clock: _Clock, opts: dict):
@@ -318,6 +351,10 @@ def _search(wl: Workload, clock: _Clock, opts: dict):
     method = "first-fit"
     groups = [[(g.sp, list(g.ids)) for g in mb.groups] for mb in best_mbs if mb.groups]
     phases = {"first_fit": _plan_time(wl, groups)}
+    # the baselines are cheap (one pass each): tried first, so a short box still gets the best of
+    # them, and the phases below improve on whichever plan is ahead; a plan never loses to them
+    groups, method = _baseline_candidates(wl, groups, method, clock)
+    phases["baselines"] = _plan_time(wl, groups)
     groups = _rebalance(wl, groups, opts["rebalance_rounds"], clock)
     phases["rebalance"] = _plan_time(wl, groups)
     groups = _polish(wl, groups, clock)
@@ -326,24 +363,6 @@ def _search(wl: Workload, clock: _Clock, opts: dict):
     if contiguous is not None and _plan_time(wl, contiguous) < _plan_time(wl, groups) - 1e-9:
         groups, method = _rebalance(wl, contiguous, opts["rebalance_rounds"], clock), "contiguous"
     phases["contiguous"] = _plan_time(wl, groups)
-    # the baselines are cheap: a plan never loses to them
-    for name, make in (("homogeneous", best_homogeneous_plan), ("greedy", greedy_hybrid_cp_plan)):
-        # the greedy scheduler scans rank blocks per sequence: skip it where that is slow
-        if name == "greedy" and len(wl.lengths) * cm.num_devices > 100_000:
-            continue
-        if clock.expired():
-            break
-        try:
-            other = make(wl.lengths.tolist(), cm, deadline=clock.deadline)
-        except BaselineTimeout:
-            clock.expired()
-            break
-        except ValueError:
-            continue
-        other_groups = [[(g.sp, list(g.seq_ids)) for g in mb.groups] for mb in other.micro_batches]
-        if _plan_time(wl, other_groups) < _plan_time(wl, groups) - 1e-9:
-            groups, method = other_groups, name
-    phases["baselines"] = _plan_time(wl, groups)
     groups = _milp_polish(wl, groups, clock, opts["node_limit"], opts["milp_micro_batches"], backend, pulp_solver,
                           cap_s=opts["milp_cap_s"])
     phases["milp"] = _plan_time(wl, groups)
@@ -365,6 +384,35 @@ def _search(wl: Workload, clock: _Clock, opts: dict):
             proven = ex_status == "optimal" and _plan_time(wl, groups) <= _plan_time(wl, ex_groups) + 1e-9
     return groups, {"search": method, "phases_ms": {k: round(v, 3) for k, v in phases.items()},
                     "tried": tried[:20], "exact_bound": exact_bound, "proven": proven}
+
+
+def _baseline_candidates(wl: Workload, groups: list, method: str, clock: _Clock) -> tuple[list, str]:
+    """The faster of ``groups`` and each baseline's plan: best homogeneous, the greedy hybrid-CP
+    scheduler and Megatron-Core's dynamic-CP schedule (``megatron_dcp``), while the box allows."""
+    cm = wl.cm
+    for name, make in (("homogeneous", best_homogeneous_plan), ("megatron-dcp", megatron_dcp_plan),
+                       ("greedy", greedy_hybrid_cp_plan)):
+        # the greedy scheduler scans rank blocks per sequence: skip it where that is slow
+        if name == "greedy" and len(wl.lengths) * cm.num_devices > 100_000:
+            continue
+        if name == "megatron-dcp" and len(wl.lengths) * min_micro_batches(wl) > MEGATRON_SAFETY_WORK:
+            continue
+        if clock.expired():
+            break
+        try:
+            if name == "megatron-dcp":
+                other = make(wl.lengths.tolist(), cm)    # one pass per micro-batch, no deadline needed
+            else:
+                other = make(wl.lengths.tolist(), cm, deadline=clock.deadline)
+        except BaselineTimeout:
+            clock.expired()
+            break
+        except ValueError:
+            continue
+        other_groups = [[(g.sp, list(g.seq_ids)) for g in mb.groups] for mb in other.micro_batches]
+        if _plan_time(wl, other_groups) < _plan_time(wl, groups) - 1e-9:
+            groups, method = other_groups, name
+    return groups, method
 
 
 def _plan_time(wl: Workload, mbs: list) -> float:

@@ -25,6 +25,25 @@ def plot_title(plan: Plan, width: int = 110) -> str:
                                    f"{plan.num_sequences} sequences, status {plan.status}"])
 
 
+MAX_MB_LABELS = 40
+"""Micro-batch labels drawn along the top axis at most (every k-th micro-batch beyond that)."""
+
+
+def label_micro_batches(ax, starts: list[float]) -> None:
+    """Name the micro-batches on a top axis: ``mb i`` centred over each one (every k-th when there
+    are more than ``MAX_MB_LABELS``), so a reader can match the timeline to the plan table."""
+    count = len(starts) - 1
+    if count < 1:
+        return
+    every = max(1, -(-count // MAX_MB_LABELS))
+    shown = list(range(0, count, every))
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([(starts[i] + starts[i + 1]) / 2 for i in shown])
+    top.set_xticklabels([f"mb {i}" for i in shown], fontsize=6, rotation=90 if len(shown) > 12 else 0)
+    top.tick_params(length=0)
+    top.set_xlabel("micro-batch" + (f" (a label every {every})" if every > 1 else ""), fontsize=7)
+
+
 def plot_plan(plan: Plan, path: str, title: str | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -58,6 +77,7 @@ def plot_plan(plan: Plan, path: str, title: str | None = None) -> None:
     ax.add_collection(PolyCollection(verts, facecolors=colors, edgecolors="black",
                                      linewidths=0.05 if big else 0.4, rasterized=big))
     ax.vlines(starts, 0, plan.num_devices, colors="red", linewidth=0.6 if len(starts) <= 200 else 0.2)
+    label_micro_batches(ax, starts)
     ax.set_xlim(0, t0 * 1.01 if t0 > 0 else 1)
     ax.set_ylim(plan.num_devices, 0)
     ax.set_xlabel("time (ms, predicted)")
@@ -67,6 +87,42 @@ def plot_plan(plan: Plan, path: str, title: str | None = None) -> None:
     cbar = fig.colorbar(sm, ax=ax, ticks=range(max_log + 1))
     cbar.ax.set_yticklabels([str(1 << k) for k in range(max_log + 1)])
     cbar.set_label("SP degree")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_steps(result: dict, path: str) -> None:
+    """``flexsp-simulate``'s plot: predicted time per step, one line per policy (static-D thin and
+    grey, the others in colour), the lower bound dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    if not str(path).lower().endswith(PLOT_SUFFIXES):
+        raise ValueError(f"plot file {path}: unsupported type; use one of {', '.join(PLOT_SUFFIXES)}")
+    fig, ax = plt.subplots(figsize=(9, 5))
+    steps = range(result["num_steps"])
+    for name, p in result["policies"].items():
+        ys = [s["predicted_ms"] / 1e3 for s in p["steps"]]
+        if name.startswith("static-"):
+            ax.plot(steps, ys, color="grey", linewidth=0.6, alpha=0.6)
+        else:
+            label = f"{name} ({p['label']})" if "label" in p else name
+            ax.plot(steps, ys, marker="o", markersize=3, linewidth=1.2, label=label)
+    bound = [b / 1e3 for b in result["lower_bound_ms"]["steps"]]
+    ax.plot(steps, bound, "k--", linewidth=1, label="lower bound")
+    if any(n.startswith("static-") for n in result["policies"]):
+        ax.plot([], [], color="grey", linewidth=0.6, label="static-D (each D)")
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("predicted step time (s)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{result['cost_model']} on {result['num_devices']} devices, {result['global_batch']} "
+                 f"sequences per step: predicted by the cost model", fontsize=9, loc="left")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,12 +8,17 @@ are priced exactly as ``shared/tools/check_plan.py`` prices them.
 ``analytic_cost_model`` derives a roofline-style model for any model shape and cluster size (a dry
 run before any profile exists); its ``source`` says it is analytic.
 
+``<machine>-nvlink4-ib8x400-<model>-estimate`` (machine h100 or h200, model a paper GPT) are
+ESTIMATES from public machine figures (``network.machine_cost_model``): analytic compute at a stated
+MFU, bandwidths from the topology form; nothing in them is measured.
+
 ``cpu-gloo-tiny`` is a rough model of this repository's CPU demo (tiny LLaMA on 4 gloo ranks); the
 profiler (``flexsp-profile``) measures a real one.
 """
 from __future__ import annotations
 
 from .costmodel import CostModel
+from .network import MACHINES, machine_cost_model, machine_preset_name
 
 # SP degree -> all-to-all GB/s on the paper's cluster ("4k seq, 2 IB").
 PAPER_BANDWIDTH = {2: 119.54, 4: 104.07, 8: 96.5, 16: 10.33, 32: 5.94, 64: 4.87}
@@ -65,6 +70,10 @@ def _cpu_tiny() -> CostModel:
 
 PRESETS = {f"paper-{m}-{k}k": (lambda m=m, k=k: _paper(m, k)) for m in PAPER_MODELS for k in (192, 384)}
 PRESETS["cpu-gloo-tiny"] = _cpu_tiny
+# ESTIMATES from public machine figures (solver/network.py), e.g. h100-nvlink4-ib8x400-gpt7b-estimate
+PRESETS.update({machine_preset_name(machine, model): (lambda machine=machine, model=model:
+                                                      machine_cost_model(machine, model))
+                for machine in MACHINES for model in PAPER_MODELS})
 
 
 def load_preset(name: str) -> CostModel:

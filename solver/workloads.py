@@ -18,6 +18,20 @@
   category log-normal (sigma is our assumption: 0.8, 0.3 for long context).
 - ``olmo-long``: OLMo 3 long-document pool, tokens per octave bucket 8K..2M.
 - ``cpython``: REAL lengths: the CPython standard library ``.py`` files of this interpreter.
+- ``stdlib-8k``: REAL lengths: the same files as the demo's corpus (``data=stdlib``) cut as its
+  ``data.corpus.max_doc_tokens=8192`` cuts them (``long_doc_policy=split``: consecutive chunks of
+  8,192 tokens, a last chunk under 2 tokens dropped), token counts estimated as for ``cpython``.
+- ``prolong-64k`` / ``prolong-512k``: ProLong's continued-training mixes (Gao, Wettig, Yen, Chen,
+  "How to Train Long-Context Language Models (Effectively)", arXiv 2410.02660, 2024; the domain
+  token shares of ``train_64K.sh`` / ``train_512K.sh`` in github.com/princeton-nlp/ProLong). Long
+  domains (code repositories concatenated by repo, books) are documents of at least the stage's
+  length cut into sequences of exactly 64K (65,536) or 512K (524,288) tokens: 64K stage 30% code +
+  30% books at 64K; 512K stage 15% code + 5% books at 512K, 15% code + 25% books at 64K. The
+  remaining 40% of tokens are short documents (FineWeb-Edu 10%, FineWeb 10%, StackExchange 4%,
+  Wikipedia 4%, Tulu-v2 3%, ArXiv 3%, OpenWebMath 3%, textbooks 3%), each its own sequence (ProLong
+  masks attention across documents); their lengths follow Dataset Decomposition's Wikipedia shares
+  (Wikipedia) and DCLM-Baseline shares (the rest: our assumption, no per-domain histogram is
+  published for them).
 
 The histogram samplers pick an octave-like bin by its sample share and draw log-uniformly inside
 it; published token shares are turned into sample shares by dividing by the bin's mean length.
@@ -28,15 +42,17 @@ the limit (``overflow="clip"``).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
+import sys
 import sysconfig
 import zlib
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import brentq
+
+from .inputs import OneLineParser, int_at_least
 
 K = 1024
 OCTAVES = [64 * 2**i for i in range(16)]          # 64 .. 2M
@@ -118,6 +134,39 @@ HISTOGRAMS = {
 }
 HISTOGRAMS["dclm"] = HISTOGRAMS["commoncrawl"]
 
+# ProLong stages: (token share, length) of the long sequences, then the short domains' token shares.
+PROLONG_LONG = {"prolong-64k": [(0.30 + 0.30, 64 * K)],
+                "prolong-512k": [(0.15 + 0.05, 512 * K), (0.15 + 0.25, 64 * K)]}
+PROLONG_SHORT = {"wikipedia": 0.04, "dclm": 0.10 + 0.10 + 0.04 + 0.03 + 0.03 + 0.03 + 0.03}
+"""Short domains' token shares by the Dataset Decomposition histogram that stands in for them
+(wikipedia: dolmawiki; dclm: fineweb-edu, fineweb, stackexchange, tulu-v2, arxiv, openwebmath,
+textbooks)."""
+
+
+def _bins_mean(bins) -> float:
+    p = np.array([b[2] for b in bins])
+    return float((p / p.sum() * np.array([_mean_loguniform(lo, hi) for lo, hi, _ in bins])).sum())
+
+
+def _prolong_components(name: str):
+    """[(sample share, fixed length or bins)]: token shares divided by mean lengths."""
+    parts = [(share / length, length) for share, length in PROLONG_LONG[name]]
+    for hist, share in PROLONG_SHORT.items():
+        bins = _from_token_shares(DD_EDGES, DD_SHARES[hist])
+        parts.append((share / _bins_mean(bins), bins))
+    total = sum(p for p, _ in parts)
+    return [(p / total, what) for p, what in parts]
+
+
+def _draw_bins(bins, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` lengths: a bin by its sample share, then log-uniform inside it."""
+    lo = np.array([b[0] for b in bins], dtype=np.float64)
+    hi = np.array([b[1] for b in bins], dtype=np.float64)
+    p = np.array([b[2] for b in bins]); p /= p.sum()
+    k = rng.choice(len(bins), size=size, p=p)
+    u = rng.random(size)
+    return np.ceil(np.exp(np.log(lo[k]) + u * np.log(hi[k] / lo[k]))).astype(np.int64)
+
 # Llama 3 SFT: (share of examples %, mean tokens, log-normal sigma)
 LLAMA3_SFT = [(52.66, 974, 0.8), (14.89, 753, 0.8), (3.01, 521, 0.8), (8.14, 298, 0.8),
               (21.19, 662, 0.8), (0.11, 38136, 0.3)]
@@ -125,7 +174,9 @@ LLAMA3_SFT = [(52.66, 974, 0.8), (14.89, 753, 0.8), (3.01, 521, 0.8), (8.14, 298
 CPYTHON_P50_TOKENS = 3100
 """Median GPT-2 tokens of a CPython stdlib .py file (length-distributions.md)."""
 
-NAMES = sorted([*HISTOGRAMS, "llama3-sft", "cpython"])
+NAMES = sorted([*HISTOGRAMS, *PROLONG_LONG, "llama3-sft", "cpython", "stdlib-8k"])
+DEMO_MAX_DOC_TOKENS = 8192
+"""``scripts/demo.sh``'s ``data.corpus.max_doc_tokens``."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -149,24 +200,37 @@ def cpython_lengths() -> np.ndarray:
     return np.maximum(1, np.round(sizes / ratio)).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=1)
+def stdlib_chunk_lengths(max_doc_tokens: int = DEMO_MAX_DOC_TOKENS) -> np.ndarray:
+    """``cpython_lengths`` split as the data pipeline splits long documents: each file becomes
+    ``L // max`` chunks of ``max`` tokens plus its remainder (kept if >= 2 tokens)."""
+    out = []
+    for length in cpython_lengths().tolist():
+        full, rest = divmod(length, max_doc_tokens)
+        out += [max_doc_tokens] * full + ([rest] if rest >= 2 else [])
+    return np.array(out, dtype=np.int64)
+
+
 def _draw(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """``size`` raw lengths (no limit, no padding)."""
     if name in HISTOGRAMS:
-        bins = HISTOGRAMS[name]()
-        lo = np.array([b[0] for b in bins], dtype=np.float64)
-        hi = np.array([b[1] for b in bins], dtype=np.float64)
-        p = np.array([b[2] for b in bins]); p /= p.sum()
-        k = rng.choice(len(bins), size=size, p=p)
-        u = rng.random(size)
-        return np.ceil(np.exp(np.log(lo[k]) + u * np.log(hi[k] / lo[k]))).astype(np.int64)
+        return _draw_bins(HISTOGRAMS[name](), size, rng)
+    if name in PROLONG_LONG:
+        parts = _prolong_components(name)
+        k = rng.choice(len(parts), size=size, p=[p for p, _ in parts])
+        out = np.empty(size, dtype=np.int64)
+        for j, (_, what) in enumerate(parts):
+            sel = np.flatnonzero(k == j)
+            out[sel] = what if isinstance(what, int) else _draw_bins(what, sel.size, rng)
+        return out
     if name == "llama3-sft":
         share = np.array([c[0] for c in LLAMA3_SFT]); share /= share.sum()
         k = rng.choice(len(LLAMA3_SFT), size=size, p=share)
         mean = np.array([c[1] for c in LLAMA3_SFT], dtype=np.float64)[k]
         sigma = np.array([c[2] for c in LLAMA3_SFT])[k]
         return np.maximum(1, np.round(rng.lognormal(np.log(mean) - sigma**2 / 2, sigma))).astype(np.int64)
-    if name == "cpython":
-        pool = cpython_lengths()
+    if name in ("cpython", "stdlib-8k"):
+        pool = cpython_lengths() if name == "cpython" else stdlib_chunk_lengths()
         return pool[rng.integers(0, pool.size, size=size)]
     raise ValueError(f"unknown workload {name!r}; valid: {', '.join(NAMES)}")
 
@@ -212,35 +276,23 @@ def load_lengths(path: str | Path) -> np.ndarray:
     return np.array([int(x) for x in Path(path).read_text().split()], dtype=np.int64)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-    return parse
+def describe(name: str, lengths: np.ndarray, seed: int) -> str:
+    """One line about a drawn batch: how many, from what, and its spread."""
+    L = np.asarray(lengths)
+    return (f"{L.size} lengths of {name} (seed {seed}): min {int(L.min())}, median {int(np.median(L))}, "
+            f"p99 {int(np.percentile(L, 99))}, max {int(L.max())}, {int(L.sum()):,} tokens")
 
 
 def main(argv=None) -> int:
-    ap = _Parser(prog="python -m solver.workloads",
+    ap = OneLineParser(prog="python -m solver.workloads",
                  description="Sample a global batch of sequence lengths (one integer per line).")
     ap.add_argument("name", choices=NAMES, help="length distribution: " + ", ".join(NAMES))
-    ap.add_argument("n", type=_int_at_least(1), help="number of sequences to draw (>= 1)")
+    ap.add_argument("n", type=int_at_least(1), help="number of sequences to draw (>= 1)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same lengths")
-    ap.add_argument("--context-limit", type=_int_at_least(1), default=None,
+    ap.add_argument("--context-limit", type=int_at_least(1), default=None,
                     help="longest allowed length in tokens (after padding); longer draws are dropped "
                          "or clipped (--overflow); default: no limit")
-    ap.add_argument("--pad-to", type=_int_at_least(1), default=1,
+    ap.add_argument("--pad-to", type=int_at_least(1), default=1,
                     help="round every length up to a multiple of this (the paper: 128); default 1")
     ap.add_argument("--overflow", choices=("drop", "clip"), default="drop",
                     help="lengths above --context-limit: drop and redraw (default) or clip to the limit")
@@ -262,8 +314,11 @@ def main(argv=None) -> int:
             save_lengths(a.output, L)
         except OSError as exc:
             ap.error(f"argument -o/--output: cannot write {a.output}: {exc.strerror or exc}")
+        print(f"wrote {describe(a.name, L, a.seed)} to {a.output}")
     else:
         print("\n".join(str(int(x)) for x in L))
+        # the lengths own stdout (pipes): the summary goes to stderr
+        print(f"drew {describe(a.name, L, a.seed)}", file=sys.stderr)
     return 0
 
 

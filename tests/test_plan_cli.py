@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from solver.cli import main
+from solver.plan import Plan
 
 LENGTHS = [4096, 800, 120000, 2500, 33000, 700, 9000, 15000]
 
@@ -188,3 +189,71 @@ def test_flexsp_plan_as_a_whole_finishes_near_its_time_limit(tmp_path):
     assert len(summary) <= 210
     assert len(proc.stdout) < 20_000                  # the table is truncated, not 50,000 rows
     assert "flexsp-plan: planning 50000 sequences" in proc.stderr   # a long run shows progress
+
+
+def test_text_says_cost_model_devices_memory_and_idle_devices(tmp_path, capsys):
+    """Issue 18: which preset / file, device count and memory were used, and how many devices the
+    plan leaves idle, in the full table and in --quiet."""
+    f = tmp_path / "l.txt"
+    f.write_text("\n".join(map(str, LENGTHS)) + "\n")
+    assert main(["--lengths", str(f), "--no-baselines", "--num-devices", "1024",
+                 "--json", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    # C = floor((30720 - 7.1174 * 16 * 1024 / 1024) / 4.4804) = 6831 tokens (states sharded over 1,024)
+    assert out.splitlines()[0] == ("cost model paper-gpt7b-192k (preset) | 1024 devices, 8 per node | "
+                                   "memory 30720 MB per device, C = 6831 tokens per device")
+    plan = Plan.from_json((tmp_path / "p.json").read_text())
+    idle = [1024 - sum(g["sp"] for g in mb["groups"]) for mb in json.loads((tmp_path / "p.json").read_text())
+            ["micro_batches"]]
+    assert plan.idle_devices() == idle and max(idle) > 0          # 8 sequences cannot fill 1,024 devices
+    assert f"idle devices: {min(idle)}-{max(idle)} of 1024 per micro-batch" in out or \
+        f"idle devices: {max(idle)} of 1024 per micro-batch" in out
+    assert f"of 1024 devices in groups ({idle[0]} idle)" in out
+    from solver.presets import load_preset
+    model_file = tmp_path / "cm.json"
+    load_preset("paper-gpt7b-192k").save(model_file)
+    assert main(["--lengths", str(f), "--no-baselines", "--quiet", "--cost-model", str(model_file)]) == 0
+    quiet = capsys.readouterr().out.splitlines()
+    assert quiet[0].startswith(f"cost model paper-gpt7b-192k (file {model_file}) | 64 devices")
+    assert quiet[1].startswith("plan: ") and quiet[3].startswith("idle devices: ") and len(quiet) == 4
+
+
+def test_idle_device_fraction_by_hand():
+    from solver.plan import GroupPlan, MicroBatchPlan
+    mbs = (MicroBatchPlan(groups=(GroupPlan(sp=4, ranks=(0, 1, 2, 3), seq_ids=(0,)),), predicted_ms=10.0),
+           MicroBatchPlan(groups=(GroupPlan(sp=8, ranks=tuple(range(8)), seq_ids=(1,)),), predicted_ms=30.0))
+    plan = Plan(num_devices=8, micro_batches=mbs, predicted_ms=40.0)
+    assert plan.idle_devices() == [4, 0]
+    assert plan.idle_device_fraction == pytest.approx(4 * 10 / (8 * 40))
+
+
+def test_plot_labels_micro_batches():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from solver.plot import MAX_MB_LABELS, label_micro_batches
+    for count, expect in ((3, ["mb 0", "mb 1", "mb 2"]), (100, None)):
+        fig, ax = plt.subplots()
+        starts = [float(i) for i in range(count + 1)]
+        ax.set_xlim(0, count)
+        label_micro_batches(ax, starts)
+        top = [c for c in ax.child_axes if c is not ax][0]
+        labels = [t.get_text() for t in top.get_xticklabels()]
+        if expect:
+            assert labels == expect and [t for t in top.get_xticks()] == [0.5, 1.5, 2.5]
+        else:
+            assert len(labels) <= MAX_MB_LABELS and labels[:2] == ["mb 0", "mb 3"]
+        plt.close(fig)
+
+
+def test_workloads_prints_a_one_line_summary(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "solver.workloads", "cpython", "10",
+                           "-o", str(tmp_path / "l.txt")], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("wrote 10 lengths of cpython (seed 0): min ")
+    assert proc.stdout.count("\n") == 1
+    assert len((tmp_path / "l.txt").read_text().split()) == 10
+    proc = subprocess.run([sys.executable, "-m", "solver.workloads", "wikipedia", "5"],
+                          capture_output=True, text=True)
+    assert len(proc.stdout.split()) == 5                                  # stdout stays lengths only
+    assert proc.stderr.startswith("drew 5 lengths of wikipedia (seed 0)") and proc.stderr.count("\n") == 1
