@@ -33,9 +33,9 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _say(msg: str) -> None:
+def _say(msg: str, prog: str = PROG) -> None:
     if _rank() == 0:
-        print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
 
 
 NO_VALUE_OPTIONS = {"--standalone", "--no-python", "--no_python", "--run-path", "--run_path"}
@@ -152,24 +152,27 @@ def main(argv: list[str]) -> int:
     return _run_here(cfg)
 
 
-def _run_here(cfg) -> int:
+def _run_here(cfg, run_fn=None, prog: str = PROG) -> int:
+    """``run_fn(cfg)`` (default: flexsp.train.run) in this process; every failure becomes one
+    report (prefixed ``prog``) and an exit status."""
     import torch.distributed as dist
 
     from flexsp.failure import report
-    from flexsp.train import run
+    if run_fn is None:
+        from flexsp.train import run as run_fn
     code = 0
     try:
-        summary = run(cfg)
+        summary = run_fn(cfg)
         if summary.get("interrupted"):
             code = 143 if summary["interrupted"] == "SIGTERM" else 130
     except KeyboardInterrupt:
         if _rank() == 0:
-            print(f"{PROG}: interrupted before training started (no checkpoint written)", file=sys.stderr, flush=True)
+            print(f"{prog}: interrupted before training started (no checkpoint written)", file=sys.stderr, flush=True)
         code = 130
     except BaseException as exc:   # noqa: BLE001 - every failure becomes one report and a status
         first = getattr(exc, "flexsp_first", None)
         printer = first if first is not None else _rank() == 0
-        code = report(exc, PROG, printer=printer)
+        code = report(exc, prog, printer=printer)
         if first is not None:
             # failed inside the training loop: peers are being stopped, tearing the process group
             # down could wait for them; leave now with the status
@@ -199,8 +202,10 @@ def _launched_world(launcher: list[str]) -> int | None:
         return None
 
 
-def _launch(launcher: list[str], overrides: list[str]) -> int:
-    """torchrun's elastic agent in this process, its log quieted; the failed rank's status."""
+def _launch(launcher: list[str], overrides: list[str], module: str = "flexsp.train",
+            prog: str = PROG) -> int:
+    """torchrun's elastic agent in this process running ``python -m <module> <overrides>`` on every
+    rank, its log quieted; the failed rank's status (messages prefixed ``prog``)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -214,7 +219,7 @@ def _launch(launcher: list[str], overrides: list[str]) -> int:
     if not names & {"--nnodes", "--rdzv-endpoint", "--rdzv-backend", "--master-addr", "--master-port", "--standalone"}:
         launcher = ["--standalone", *launcher]       # one node: a free port, no fixed 29500
     try:
-        args = get_args_parser().parse_args([*launcher, "-m", "flexsp.train", *overrides])
+        args = get_args_parser().parse_args([*launcher, "-m", module, *overrides])
     except SystemExit as exc:
         return int(exc.code or 2)
     try:
@@ -228,7 +233,7 @@ def _launch(launcher: list[str], overrides: list[str]) -> int:
         if failure.exitcode < 0:
             import signal
             name = signal.Signals(-failure.exitcode).name
-            print(f"{PROG}: error: rank {rank} was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else ""),
+            print(f"{prog}: error: rank {rank} was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else ""),
                   file=sys.stderr, flush=True)
             return 128 - failure.exitcode
         return failure.exitcode

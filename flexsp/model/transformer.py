@@ -157,8 +157,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = L.apply_rope(q, k, cos, sin)
-        # the window is passed only when set, so AttnContext stand-ins with attention(q, k, v)
-        # (e.g. benchmarks/throughput.py's DeepSpeed-Ulysses context) keep working
+        # the window is passed only when set, so AttnContext stand-ins with attention(q, k, v) keep working
         out = ctx.attention(q, k, v, self.window) if self.window else ctx.attention(q, k, v)
         return self.wo(out.reshape(t, self.heads * self.head_dim))
 
