@@ -282,13 +282,22 @@ def plot(res: dict, summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _dumps(res: dict) -> str:
+    """JSON of the run, one line per row and per batch (a diff-able file of modest size)."""
+    lists = ("batches", "rows")
+    head = json.dumps({k: v for k, v in res.items() if k not in lists}, indent=1)
+    tail = [f' "{k}": [\n' + ",\n".join("  " + json.dumps(x) for x in res[k]) + "\n ]"
+            for k in lists if k in res]
+    return head[:-2] + ",\n" + ",\n".join(tail) + "\n}\n"
+
+
 def write_outputs(res: dict, stem: Path) -> list[Path]:
     """STEM.json (the run and its summary), STEM.md, STEM.png."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     res = {**res, "summary": summarize(res)}
     paths = [Path(f"{stem}.json"), Path(f"{stem}.md"), Path(f"{stem}.png")]
-    paths[0].write_text(json.dumps(res, indent=1) + "\n")
+    paths[0].write_text(_dumps(res))
     paths[1].write_text(markdown(res, res["summary"]))
     plot(res, res["summary"], paths[2])
     return paths
