@@ -37,9 +37,9 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _say(msg: str) -> None:
+def _say(msg: str, prog: str = PROG) -> None:
     if _rank() == 0:
-        print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
 
 
 NO_VALUE_OPTIONS = {"--standalone", "--no-python", "--no_python", "--run-path", "--run_path"}
@@ -156,19 +156,22 @@ def main(argv: list[str]) -> int:
     return _run_here(cfg)
 
 
-def _run_here(cfg) -> int:
+def _run_here(cfg, run_fn=None, prog: str = PROG) -> int:
+    """``run_fn(cfg)`` (default: flexsp.train.run) in this process; every failure becomes one
+    report (prefixed ``prog``) and an exit status."""
     import torch.distributed as dist
 
     from flexsp.failure import ABORTED_EXIT_CODE, LAUNCHER_ENV, is_peer_lost, report
-    from flexsp.train import run
+    if run_fn is None:
+        from flexsp.train import run as run_fn
     code = 0
     try:
-        summary = run(cfg)
+        summary = run_fn(cfg)
         if summary.get("interrupted"):
             code = 143 if summary["interrupted"] == "SIGTERM" else 130
     except KeyboardInterrupt:
         if _rank() == 0:
-            print(f"{PROG}: interrupted before training started (no checkpoint written)", file=sys.stderr, flush=True)
+            print(f"{prog}: interrupted before training started (no checkpoint written)", file=sys.stderr, flush=True)
         code = 130
     except BaseException as exc:   # noqa: BLE001 - every failure becomes one report and a status
         first = getattr(exc, "flexsp_first", None)
@@ -178,12 +181,12 @@ def _run_here(cfg) -> int:
             # secondary (no traceback); flexsp-train's launcher reports the dead rank, others get one line
             code = ABORTED_EXIT_CODE
             if printer and not os.environ.get(LAUNCHER_ENV):
-                print(f"{PROG}: error: rank {_rank()} lost its connection to another rank "
+                print(f"{prog}: error: rank {_rank()} lost its connection to another rank "
                       f"({type(exc).__name__}: {_first_line(exc)}): that rank died first; its launcher's "
                       f"report (torchrun: the failed rank's exitcode or signal) says which and why",
                       file=sys.stderr, flush=True)
         else:
-            code = report(exc, PROG, printer=printer)
+            code = report(exc, prog, printer=printer)
         if first is not None:
             # failed inside the training loop: peers are being stopped, tearing the process group
             # down could wait for them; leave now with the status
@@ -219,8 +222,11 @@ def _launched_world(launcher: list[str]) -> int | None:
         return None
 
 
-def _launch(launcher: list[str], overrides: list[str], c: dict) -> int:
-    """torchrun's elastic agent in this process, its log quieted; the failed rank's status."""
+def _launch(launcher: list[str], overrides: list[str], c: dict | None = None, module: str = "flexsp.train",
+            prog: str = PROG) -> int:
+    """torchrun's elastic agent in this process running ``python -m <module> <overrides>`` on every
+    rank, its log quieted; the failed rank's status (messages prefixed ``prog``). ``c``: the parsed
+    config (its output_dir tells the step a dead rank reached and the checkpoint to resume from)."""
     import time
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -239,14 +245,14 @@ def _launch(launcher: list[str], overrides: list[str], c: dict) -> int:
     if not names & {"--nnodes", "--rdzv-endpoint", "--rdzv-backend", "--master-addr", "--master-port", "--standalone"}:
         launcher = ["--standalone", *launcher]       # one node: a free port, no fixed 29500
     try:
-        args = get_args_parser().parse_args([*launcher, "-m", "flexsp.train", *overrides])
+        args = get_args_parser().parse_args([*launcher, "-m", module, *overrides])
     except SystemExit as exc:
         return int(exc.code or 2)
     started = time.time()
     try:
         run(args)
     except ChildFailedError as exc:
-        return _report_failed_ranks(exc.failures, c, started)
+        return _report_failed_ranks(exc.failures, c, started, prog)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:   # torchrun's SignalException on SIGINT/SIGTERM of the launcher
@@ -257,7 +263,7 @@ def _launch(launcher: list[str], overrides: list[str], c: dict) -> int:
     return 0
 
 
-def _report_failed_ranks(failures: dict, c: dict, started: float) -> int:
+def _report_failed_ranks(failures: dict, c: dict | None, started: float, prog: str = PROG) -> int:
     """The launcher's exit status for torchrun's failed ranks (``{global rank: ProcessFailure}``).
 
     The cause is, in order: a rank that died without reporting (a signal other than SIGTERM/SIGINT,
@@ -279,12 +285,14 @@ def _report_failed_ranks(failures: dict, c: dict, started: float) -> int:
     rank, failure = min(failures.items(), key=lambda kv: (kind(kv[1]), kv[1].timestamp))
     if kind(failure) and failure.exitcode > 0:
         return failure.exitcode
-    out = c["output_dir"]
-    try:
-        checkpoint = latest_checkpoint(out / "checkpoints")
-    except ValueError:                    # `latest` names an incomplete checkpoint
-        checkpoint = None
-    done = last_logged_step(out / "metrics.jsonl", since=started)
-    print(f"{PROG}: error: " + dead_rank_line(rank, socket.gethostname(), failure.pid, failure.exitcode, done,
-                                              c["train"].steps, checkpoint), file=sys.stderr, flush=True)
+    checkpoint, done, steps = None, None, None
+    if c is not None:
+        out = c["output_dir"]
+        try:
+            checkpoint = latest_checkpoint(out / "checkpoints")
+        except ValueError:                    # `latest` names an incomplete checkpoint
+            checkpoint = None
+        done, steps = last_logged_step(out / "metrics.jsonl", since=started), c["train"].steps
+    print(f"{prog}: error: " + dead_rank_line(rank, socket.gethostname(), failure.pid, failure.exitcode, done,
+                                              steps, checkpoint), file=sys.stderr, flush=True)
     return 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode
