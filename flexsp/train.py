@@ -241,8 +241,8 @@ def _data(st: RunState) -> None:
         limit = planner.static_degree * cm.capacity_tokens
     if data_cfg.source == "sft":   # over-long conversations: dropped or cut (data.truncate), logged
         ranks = planner.static_degree if c["parallel"].mode == "static" else st.world
-        source = source.fit(limit, data_cfg.truncate, f"the cluster holds {ranks} ranks x "
-                                                      f"{cm.capacity_tokens} tokens under cost model {cm.name}")
+        holds = f"the cluster holds {ranks} ranks x {cm.capacity_tokens} tokens under cost model {cm.name}"
+        source = source.fit(limit, data_cfg.truncate, holds)
         if st.rank == 0:
             for line in [*source.report, source.summary()]:
                 print(f"[flexsp] {line}", flush=True)

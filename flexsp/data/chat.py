@@ -126,7 +126,8 @@ class ChatRenderer:
         return self.tok.apply_chat_template(messages, tokenize=False, chat_template=self.template,
                                             add_generation_prompt=generation_prompt)
 
-    def render(self, conversations: list[list[dict]], wheres: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def render(self, conversations: list[list[dict]],
+               wheres: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(ids int64 [L], target_mask bool [L])`` per (checked) conversation."""
         if not conversations:
             return []
@@ -157,7 +158,8 @@ class ChatRenderer:
             if k == 0:
                 raise ValueError(f"{where}: message 0 is an assistant turn; without {{% generation %}} "
                                  f"blocks in the chat template a turn is located after the messages "
-                                 f"before it (start with a system or user message, or set data.chat_template)")
+                                 f"before it (start with a system or user message, or set "
+                                 f"data.chat_template)")
             before, after = self._text(messages[:k], True), self._text(messages[:k + 1], False)
             if not (after.startswith(before) and full.startswith(after)):
                 raise ValueError(f"{where} message {k}: the chat template of {self.name} renders earlier "

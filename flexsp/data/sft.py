@@ -54,7 +54,8 @@ class _SavedTokenizer:
 
 def _single_files(inputs: list[HFInput]) -> list[HFInput]:
     """One input per data file, so a row number names a row of one file."""
-    return [inp if inp.kind == "disk" else HFInput(inp.kind, [p], inp.entry) for inp in inputs for p in inp.paths]
+    return [inp if inp.kind == "disk" else HFInput(inp.kind, [p], inp.entry)
+            for inp in inputs for p in inp.paths]
 
 
 def choose_format(ds, inp: HFInput, data_cfg) -> tuple[str, list[str]]:
@@ -69,7 +70,8 @@ def choose_format(ds, inp: HFInput, data_cfg) -> tuple[str, list[str]]:
     wanted = {"messages": f"a column {data_cfg.messages_column!r} (data.messages_column)",
               "prompt_completion": f"columns {pair} (data.prompt_column, data.completion_column)"}
     want = " or ".join(v for k, v in wanted.items() if data_cfg.sft_format in ("auto", k))
-    raise ValueError(f"{inp.name}: data.sft_format={data_cfg.sft_format!r} needs {want}; its columns: {names}")
+    raise ValueError(f"{inp.name}: data.sft_format={data_cfg.sft_format!r} needs {want}; "
+                     f"its columns: {names}")
 
 
 def build_sft_store(data_cfg, batch_rows: int | None = None) -> TokenizedCorpus:
@@ -78,7 +80,8 @@ def build_sft_store(data_cfg, batch_rows: int | None = None) -> TokenizedCorpus:
     batch_rows = int(batch_rows or data_cfg.hf_batch_rows)
     inputs = _single_files(resolve_inputs(data_cfg.sft_path))
     tok, template = load_chat_tokenizer(cfg.tokenizer, data_cfg.chat_template, need_template=False)
-    key = dict(source="sft", version=SFT_STORE_VERSION, hf_split=data_cfg.hf_split, sft_format=data_cfg.sft_format,
+    key = dict(source="sft", version=SFT_STORE_VERSION, hf_split=data_cfg.hf_split,
+               sft_format=data_cfg.sft_format,
                columns=[data_cfg.messages_column, data_cfg.prompt_column, data_cfg.completion_column],
                chat_template=hashlib.sha256((template or "").encode()).hexdigest(),
                hf_inputs=[(i.kind, i.entry) for i in inputs])
@@ -180,12 +183,14 @@ class SFTSource(DocumentSource):
                 targets[i] = int(np.count_nonzero(self.target_mask(int(i))[1:max_tokens]))
             untrainable = int(np.count_nonzero(targets[long] == 0))
             keep[long[targets[long] == 0]] = False
-            line = (f"data sft: truncated {long.size} of {n} conversation(s) longer than {max_tokens} tokens "
-                    f"({why}) to {max_tokens} tokens; dropped {untrainable} of them left without a trained token")
+            line = (f"data sft: truncated {long.size} of {n} conversation(s) longer than {max_tokens} "
+                    f"tokens ({why}) to {max_tokens} tokens; dropped {untrainable} of them left without a "
+                    f"trained token")
         else:
             keep[long] = False
-            line = (f"data sft: dropped {long.size} of {n} conversation(s) longer than {max_tokens} tokens "
-                    f"({why}), the longest {int(self.lengths[long].max())}; data.truncate=true cuts them instead")
+            line = (f"data sft: dropped {long.size} of {n} conversation(s) longer than {max_tokens} "
+                    f"tokens ({why}), the longest {int(self.lengths[long].max())}; data.truncate=true "
+                    f"cuts them instead")
         if not keep.any():
             raise ValueError(f"{line}: no conversation is left to train on; raise the limit or set "
                              f"data.truncate=true")
