@@ -5,7 +5,8 @@ For every micro-batch of the plan, in order, each rank looks up its group
 buffer (every rank of the group packs the same buffer), shards it across the group with the group's
 attention mode (``shard_inputs``) and runs forward/backward. The loss of every micro-batch is
 ``sum of token losses / T`` where ``T`` is the number of target tokens of the WHOLE global batch,
-known on every rank from the batch's lengths (a document of L tokens has L-1 targets). Summed over
+known on every rank from the batch (``GlobalBatch.num_targets``: a document of L tokens has L-1
+targets; for supervised fine-tuning, the source's count of its trained tokens). Summed over
 ranks and micro-batches the gradients are therefore exactly those of single-device training on the
 global batch, whatever the plan. The engine (FSDP2 / DeepSpeed) sums gradients over all ranks.
 
@@ -34,7 +35,8 @@ from solver.plan import Plan
 
 
 def num_targets(lengths) -> int:
-    """Target tokens of a global batch: every document of L tokens predicts L-1 of them."""
+    """Target tokens of a pre-training global batch: every document of L tokens predicts L-1 of
+    them (:attr:`GlobalBatch.num_targets` also covers SFT batches)."""
     return int(sum(int(n) - 1 for n in lengths))
 
 
@@ -81,7 +83,7 @@ class StepExecutor:
         t0 = time.perf_counter()
         if plan.num_devices != self.topo.world_size:
             raise ValueError(f"plan is for {plan.num_devices} ranks, the world has {self.topo.world_size}")
-        total_targets = num_targets(batch.lengths)
+        total_targets = batch.num_targets
         if total_targets < 1:
             raise ValueError(f"global batch {batch.step} has no target tokens (lengths {batch.lengths[:8]})")
         scale = 1.0 / total_targets

@@ -231,13 +231,21 @@ def _data(st: RunState) -> None:
     from flexsp.data import GlobalBatchSampler
     c, cm, planner = st.c, st.cm, st.planner
     data_cfg = c["data"]
-    if c["hf_checkpoint"] and data_cfg.corpus.tokenizer == "bpe" and data_cfg.source in ("corpus", "stdlib", "hf"):
+    tokenized = ("corpus", "stdlib", "hf", "sft")
+    if c["hf_checkpoint"] and data_cfg.corpus.tokenizer == "bpe" and data_cfg.source in tokenized:
         # the tokenizer of the checkpoint, unless one is configured explicitly
         data_cfg = replace(data_cfg, corpus=replace(data_cfg.corpus, tokenizer=c["hf_checkpoint"]))
     source = _build_source(data_cfg, st.rank)
     limit = cm.num_devices * cm.capacity_tokens
     if c["parallel"].mode == "static":
         limit = planner.static_degree * cm.capacity_tokens
+    if data_cfg.source == "sft":   # over-long conversations: dropped or cut (data.truncate), logged
+        ranks = planner.static_degree if c["parallel"].mode == "static" else st.world
+        holds = f"the cluster holds {ranks} ranks x {cm.capacity_tokens} tokens under cost model {cm.name}"
+        source = source.fit(limit, data_cfg.truncate, holds)
+        if st.rank == 0:
+            for line in [*source.report, source.summary()]:
+                print(f"[flexsp] {line}", flush=True)
     too_long = (source.lengths > limit).nonzero()[0]
     if too_long.size:
         i = int(too_long[0])
@@ -248,7 +256,7 @@ def _data(st: RunState) -> None:
             f"tokens. Policy: they are never silently dropped; lower data.corpus.max_doc_tokens (long "
             f"documents are then split, data.corpus.long_doc_policy=split) or add ranks/memory")
     st.source = source
-    st.sampler = GlobalBatchSampler(source.lengths, data_cfg.sampler)
+    st.sampler = GlobalBatchSampler(source.lengths, data_cfg.sampler, targets=source.target_counts)
 
 
 # -- phase 3: model + engine -------------------------------------------------------------------------
@@ -261,7 +269,7 @@ def _build(st: RunState) -> None:
     if c["hf_checkpoint"]:
         from flexsp.model.hf import config_from_hf
         vocab = config_from_hf(c["hf_checkpoint"]).vocab_size
-        if c["data"].source in ("corpus", "stdlib", "hf"):       # the data's tokenizer must be the model's
+        if c["data"].source in ("corpus", "stdlib", "hf", "sft"):   # the data's tokenizer must be the model's
             from flexsp.data.tokenizer import check_vocabulary
             tok = c["data"].corpus.tokenizer
             check_vocabulary(st.source.vocab_size, vocab, c["hf_checkpoint"] if tok == "bpe" else tok,

@@ -49,10 +49,11 @@ def base_overrides(out: Path, cost_model: str, steps: int = 3, extra=(), data=SY
             f"output_dir={out}", *extra]
 
 
-def reference_training(cfg: dict, steps: int):
+def reference_training(cfg: dict, steps: int, source=None):
     """Single-process, single-device training on the same batches: whole global batch packed into
     one buffer, loss = sum / targets, same init, AdamW, schedule and clipping. Returns
-    (losses per step, final state dict)."""
+    (losses per step, final state dict). ``source``: the documents (default: built from ``cfg``;
+    SFT tests pass the view the trainer fits to the cluster)."""
     import torch
 
     from flexsp.data import GlobalBatchSampler, build_source, pack_documents
@@ -61,8 +62,8 @@ def reference_training(cfg: dict, steps: int):
     from flexsp.train import parse_config
 
     c = parse_config(cfg)
-    source = build_source(c["data"])
-    sampler = GlobalBatchSampler(source.lengths, c["data"].sampler)
+    source = build_source(c["data"]) if source is None else source
+    sampler = GlobalBatchSampler(source.lengths, c["data"].sampler, targets=source.target_counts)
     over = dict(c["model_overrides"])
     vocab = over.pop("vocab_size", None) or source.vocab_size
     model = Transformer(model_config(c["model_preset"], vocab_size=int(vocab), **over))

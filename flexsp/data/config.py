@@ -3,15 +3,16 @@
 ``CorpusConfig`` says how text becomes a tokenized, memory-mapped document store (tokenizer,
 cache, long-document policy; shared by every text source); ``SamplerConfig`` how documents are
 drawn into global batches; ``DataConfig`` picks the source (a local corpus, a Hugging Face
-``datasets`` dataset or Parquet/JSONL/Arrow files, Megatron-LM indexed datasets, the CPython
-stdlib, or synthetic lengths) and holds the other two.
+``datasets`` dataset or Parquet/JSONL/Arrow files, supervised fine-tuning conversations,
+Megatron-LM indexed datasets, the CPython stdlib, or synthetic lengths) and holds the other two.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 LONG_DOC_POLICIES = ("split", "drop", "error")
-SOURCES = ("corpus", "hf", "megatron", "stdlib", "synthetic")
+SOURCES = ("corpus", "hf", "sft", "megatron", "stdlib", "synthetic")
+SFT_FORMATS = ("auto", "messages", "prompt_completion")
 BIN_DTYPES = ("uint16", "uint32", "int32", "int64")
 
 
@@ -102,11 +103,13 @@ def _as_list(value, name: str) -> list[str]:
 class DataConfig:
     source: str = "synthetic"
     """'corpus' (``corpus.paths``), 'hf' (``hf_path``: a ``datasets.save_to_disk`` directory or
-    local Parquet/JSONL/Arrow files), 'megatron' (``megatron_prefix``: Megatron-LM .bin/.idx
-    indexed datasets), 'stdlib' (the CPython standard library .py files), or 'synthetic' (lengths
-    from ``distribution``, random tokens)."""
+    local Parquet/JSONL/Arrow files), 'sft' (``sft_path``: chat conversations or prompt/completion
+    pairs for supervised fine-tuning, loss on the answers only; see flexsp.data.sft), 'megatron'
+    (``megatron_prefix``: Megatron-LM .bin/.idx indexed datasets), 'stdlib' (the CPython
+    standard library .py files), or 'synthetic' (lengths from ``distribution``, random tokens)."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    """Tokenization/caching/long-document options for 'corpus', 'hf' and 'stdlib'; 'megatron'
+    """Tokenization/caching/long-document options for 'corpus', 'hf' and 'stdlib' ('sft': the
+    tokenizer, cache_dir, max_doc_tokens and append_eos); 'megatron'
     uses its max_doc_tokens, long_doc_policy and min_doc_tokens (and its tokenizer, when one is
     named, for the vocabulary)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -117,7 +120,8 @@ class DataConfig:
     read through ``datasets`` locally (never the Hub). A str or a list; entries are concatenated
     in order."""
     hf_split: str = "train"
-    """'hf': the split taken from a saved DatasetDict (a saved Dataset and data files have one)."""
+    """'hf' and 'sft': the split taken from a saved DatasetDict (a saved Dataset and data files
+    have one)."""
     text_column: str | None = "text"
     """'hf': column of raw text, tokenized offline with ``corpus.tokenizer`` into the cached store.
     When the dataset has no such column, ``ids_column`` is used; null (or '') forces ids_column."""
@@ -125,8 +129,35 @@ class DataConfig:
     """'hf': column of pre-tokenized documents (a list of integer token ids per row), used when
     there is no text column (or text_column is null). Needs a declared vocabulary (vocab_size)."""
     hf_batch_rows: int = 1000
-    """'hf': rows read and tokenized per batch; memory while building the store is bounded by one
-    batch (lower it for very long documents)."""
+    """'hf' and 'sft': rows read and tokenized per batch; memory while building the store is
+    bounded by one batch (lower it for very long documents)."""
+    sft_path: list[str] | str = field(default_factory=list)
+    """'sft': the conversations: a ``datasets.save_to_disk`` directory, or .parquet / .jsonl /
+    .json / .arrow files or directories of them (read like ``hf_path``). A str or a list;
+    entries are concatenated in order. Rendered with the chat template of ``corpus.tokenizer``
+    (a Hugging Face model directory; by default ``model.hf_checkpoint``'s)."""
+    sft_format: str = "auto"
+    """'sft': 'messages' (a column of chat messages, ``messages_column``), 'prompt_completion'
+    (two string columns, ``prompt_column`` and ``completion_column``), or 'auto' (messages when
+    the input has ``messages_column``, else prompt/completion)."""
+    messages_column: str = "messages"
+    """'sft': column of conversations: each row a non-empty list of ``{"role", "content"}``
+    messages, roles system / user / assistant / tool, content a string; the loss trains only on
+    the assistant turns (each must be non-empty), as the chat template renders them."""
+    prompt_column: str = "prompt"
+    """'sft', prompt/completion form: column of prompt strings (tokenized with the tokenizer's
+    special tokens, e.g. BOS; not trained)."""
+    completion_column: str = "completion"
+    """'sft', prompt/completion form: column of completion strings (tokenized without special
+    tokens, followed by EOS when ``corpus.append_eos``; the loss trains on them and the EOS)."""
+    chat_template: str | None = None
+    """'sft': a Jinja chat template file used instead of the tokenizer's own (null: the
+    tokenizer's ``chat_template``). Write ``{% generation %}...{% endgeneration %}`` around what
+    the loss trains; without those markers assistant turns are found by rendering prefixes."""
+    truncate: bool = False
+    """'sft': a conversation longer than the context (``corpus.max_doc_tokens``) or than the
+    cluster holds (ranks x tokens per rank) is cut to that many tokens (False: it is dropped).
+    Either way the count is logged; a conversation left without a trained token is dropped."""
     megatron_prefix: list[str] | str = field(default_factory=list)
     """'megatron': path prefix(es) of Megatron-LM indexed datasets (``<prefix>.bin`` +
     ``<prefix>.idx``, as tools/preprocess_data.py writes). A str or a list; concatenated in order."""
@@ -167,6 +198,17 @@ class DataConfig:
         if self.source == "hf" and not self.hf_path:
             raise ValueError("data.source='hf' needs data.hf_path: a save_to_disk directory or "
                              ".parquet/.jsonl/.json/.arrow files or directories")
+        self.sft_path = _as_list(self.sft_path, "sft_path")
+        if self.sft_format not in SFT_FORMATS:
+            raise ValueError(f"DataConfig.sft_format={self.sft_format!r}; valid options: {list(SFT_FORMATS)}")
+        for name in ("messages_column", "prompt_column", "completion_column"):
+            if not getattr(self, name):
+                raise ValueError(f"DataConfig.{name} is empty; give the name of a column of the SFT data")
+        if self.chat_template == "":
+            self.chat_template = None
+        if self.source == "sft" and not self.sft_path:
+            raise ValueError("data.source='sft' needs data.sft_path: a save_to_disk directory or "
+                             ".parquet/.jsonl/.json/.arrow files or directories of conversations")
         if self.source == "megatron" and not self.megatron_prefix:
             raise ValueError("data.source='megatron' needs data.megatron_prefix: the path prefix of "
                              "<prefix>.bin and <prefix>.idx (one or a list)")

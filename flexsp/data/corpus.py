@@ -7,14 +7,16 @@ loading or re-tokenizing the corpus. The builder tokenizes offline and writes
                               offsets.npy   int64 [num_docs + 1] document boundaries
                               tokenizer.json  the tokenizer used (trained BPE, loaded, or byte)
                               meta.json     counts, dtype, vocab, input files, config
+                              target_mask.bin, target_counts.npy   supervised fine-tuning only:
+                                            uint8 per token (1: a trained target), int64 per document
 
 ``TokenizedCorpus`` opens that directory with a memmap: ``lengths`` for the sampler/planner and
 ``tokens(i)`` (a zero-copy view) for the ranks. Build on one rank (or before launch) and barrier;
 the cache is written to a temporary directory and renamed into place, so a reader never sees a
 half-written store.
 
-The same store is written by the Hugging Face ``datasets`` source (flexsp.data.hf) through
-:func:`write_store`.
+The same store is written by the Hugging Face ``datasets`` source (flexsp.data.hf) and the
+supervised fine-tuning source (flexsp.data.sft, with a target mask) through :func:`write_store`.
 
 Bad input raises ValueError naming the file and the problem (missing path, empty corpus, corrupt
 .npy/.bin/.jsonl, token ids outside the vocabulary).
@@ -197,14 +199,41 @@ class _Writer:
         self.dtype, self.vocab_size, self.cfg, self.vocab_origin = dtype, vocab_size, cfg, vocab_origin
         self.offsets, self.doc_file = [0], []
         self.stats = {"dropped_short": 0, "dropped_long": 0, "split": 0}
+        self.directory = directory
+        self.mask_fh = None
+        self.target_counts: list[int] = []
 
-    def add(self, ids: np.ndarray, file_index: int, name: str) -> None:
-        cfg = self.cfg
+    def _check_ids(self, ids: np.ndarray, name: str) -> None:
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise ValueError(f"{name}: token ids in [{int(ids.min())}, {int(ids.max())}] fall outside "
                              f"the vocabulary [0, {self.vocab_size}){self.vocab_origin}")
         if ids.size and int(ids.max()) > np.iinfo(self.dtype).max:
             raise ValueError(f"{name}: token id {int(ids.max())} does not fit {self.dtype}")
+
+    def add_masked(self, ids: np.ndarray, target_mask: np.ndarray, file_index: int, name: str) -> None:
+        """Add one whole document with its target mask (True: a trained target token), as
+        supervised fine-tuning does; no length policy (the source applies its own). A store
+        holds either only masked or only plain documents."""
+        assert ids.shape == target_mask.shape and ids.ndim == 1, "a target mask must match its document"
+        assert len(self.offsets) - 1 == len(self.target_counts), "masked and plain documents mixed"
+        self._check_ids(ids, name)
+        if self.mask_fh is None:
+            self.mask_fh = open(self.directory / "target_mask.bin", "wb")
+        self.fh.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        self.mask_fh.write(np.ascontiguousarray(target_mask, dtype=np.uint8).tobytes())
+        self.offsets.append(self.offsets[-1] + int(ids.size))
+        self.doc_file.append(file_index)
+        self.target_counts.append(int(np.count_nonzero(target_mask[1:])))
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.mask_fh is not None:
+            self.mask_fh.close()
+
+    def add(self, ids: np.ndarray, file_index: int, name: str) -> None:
+        cfg = self.cfg
+        assert not self.target_counts, "masked and plain documents mixed"
+        self._check_ids(ids, name)
         chunks = [ids]
         if ids.size > cfg.max_doc_tokens:
             if cfg.long_doc_policy == "error":
@@ -244,20 +273,23 @@ def write_store(out: Path, cfg: CorpusConfig, tok, vocab_size: int, fill, inputs
         try:
             fill(w)
         finally:
-            w.fh.close()
+            w.close()
         if len(w.offsets) == 1:
             raise ValueError(f"{what} has no documents left after tokenization "
                              f"(min_doc_tokens={cfg.min_doc_tokens}, long_doc_policy="
                              f"{cfg.long_doc_policy!r}, stats {w.stats})")
         np.save(tmp / "offsets.npy", np.asarray(w.offsets, dtype=np.int64))
         np.save(tmp / "doc_file.npy", np.asarray(w.doc_file, dtype=np.int32))
+        if w.mask_fh is not None:
+            np.save(tmp / "target_counts.npy", np.asarray(w.target_counts, dtype=np.int64))
         if tok is not None:
             tok.save(tmp / "tokenizer.json")
         meta = dict(version=FORMAT_VERSION, num_docs=len(w.offsets) - 1, num_tokens=w.offsets[-1],
                     dtype=dtype.name, vocab_size=int(vocab_size),
                     tokenizer="tokenizer.json" if tok is not None else None,
                     eos_token=getattr(tok, "eos_token", None), files=list(inputs), stats=w.stats,
-                    config=asdict(cfg), **(extra_meta or {}))
+                    config=asdict(cfg), target_mask="target_mask.bin" if w.mask_fh is not None else None,
+                    **(extra_meta or {}))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.replace(tmp, out)
@@ -299,7 +331,8 @@ def build_corpus(cfg: CorpusConfig, batch_docs: int = 64) -> "TokenizedCorpus":
 
 
 class TokenizedCorpus(DocumentSource):
-    """A built document store, memory-mapped. ``lengths[i]`` and ``tokens(i)`` for any document."""
+    """A built document store, memory-mapped. ``lengths[i]`` and ``tokens(i)`` for any document;
+    ``target_counts`` and ``target_mask(i)`` when the store has a target mask (SFT)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -317,12 +350,28 @@ class TokenizedCorpus(DocumentSource):
                              f"{self.dtype} tokens (corrupt or truncated cache; delete the directory)")
         self._tokens = np.memmap(tokens_path, dtype=self.dtype, mode="r")
         self.lengths = np.diff(self.offsets)
+        self._mask = None
+        if self.meta.get("target_mask"):
+            mask_path = self.directory / self.meta["target_mask"]
+            if not mask_path.exists() or mask_path.stat().st_size != int(self.offsets[-1]):
+                raise ValueError(f"{mask_path}: expected {int(self.offsets[-1])} bytes, one per token "
+                                 f"(corrupt or truncated cache; delete the directory)")
+            self._mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
+            self.target_counts = np.load(self.directory / "target_counts.npy", allow_pickle=False)
         self.vocab_size = int(self.meta["vocab_size"])
         self._tokenizer = None
 
     def _read(self, index: int) -> np.ndarray:
         """Zero-copy view of document ``index``'s tokens."""
         return self._tokens[self.offsets[index]:self.offsets[index + 1]]
+
+    def target_mask(self, index: int) -> np.ndarray | None:
+        """bool ``[L]``: True on document ``index``'s trained target tokens (None: no mask, all)."""
+        if self._mask is None:
+            return None
+        if not 0 <= index < self.num_docs:
+            raise IndexError(f"document {index} out of range [0, {self.num_docs})")
+        return self._mask[self.offsets[index]:self.offsets[index + 1]].view(np.bool_)
 
     @property
     def tokenizer(self):

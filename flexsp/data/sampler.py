@@ -2,8 +2,10 @@
 
 Every rank runs the same ``GlobalBatchSampler`` (same lengths, same seed) and so sees the same
 ``GlobalBatch`` each step without communication: the document ids and their lengths, which the
-planner turns into SP groups. Each rank then packs only the documents of its own group
-(``pack_documents(source, batch.select(group.seq_ids))``), reading their tokens from the memmap.
+planner turns into SP groups, and the number of trained target tokens of each document (the
+loss's denominator: L - 1 per document, fewer for supervised fine-tuning). Each rank then packs
+only the documents of its own group (``pack_documents(source, batch.select(group.seq_ids))``),
+reading their tokens from the memmap.
 
 Batching: each epoch shuffles the document order with a generator seeded by (seed, epoch), then
 cuts it greedily into batches of at most ``global_batch_tokens`` tokens (and at most
@@ -37,10 +39,20 @@ class GlobalBatch:
     """Document indices into the source."""
     lengths: tuple[int, ...]
     """Token count of each document (the planner's input)."""
+    targets: tuple[int, ...] | None = None
+    """Trained target tokens of each document (SFT: its assistant / completion tokens after the
+    first token); None: every document of L tokens trains L - 1 (pre-training)."""
 
     @property
     def num_tokens(self) -> int:
         return sum(self.lengths)
+
+    @property
+    def num_targets(self) -> int:
+        """Trained target tokens of the whole global batch: the loss's denominator on every rank."""
+        if self.targets is None:
+            return int(sum(int(n) - 1 for n in self.lengths))
+        return int(sum(self.targets))
 
     def select(self, seq_ids) -> list[int]:
         """Document ids of the plan's ``seq_ids`` (indices into this batch), in that order."""
@@ -51,13 +63,20 @@ class GlobalBatchSampler:
     """Deterministic, epoch-aware, resumable iterator of :class:`GlobalBatch` (infinite: epochs roll
     over; stop by step count)."""
 
-    def __init__(self, lengths, config: SamplerConfig | None = None, **overrides):
+    def __init__(self, lengths, config: SamplerConfig | None = None, targets=None, **overrides):
+        """``targets``: trained target tokens per document (a source's ``target_counts``; None:
+        L - 1 each), carried into every :class:`GlobalBatch`."""
         self.config = config or SamplerConfig(**overrides)
         if config is not None and overrides:
             raise ValueError(f"pass either a SamplerConfig or keyword options, not both ({sorted(overrides)})")
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.ndim != 1 or self.lengths.size == 0:
             raise ValueError(f"GlobalBatchSampler needs a non-empty 1-D list of lengths, got shape {self.lengths.shape}")
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.int64)
+        if self.targets is not None and (self.targets.shape != self.lengths.shape or np.any(self.targets < 0)
+                                         or np.any(self.targets > self.lengths - 1)):
+            raise ValueError(f"GlobalBatchSampler: targets (shape {self.targets.shape}) must give 0 <= "
+                             f"targets <= length - 1 for each of the {self.lengths.size} documents")
         too_long = np.flatnonzero(self.lengths > self.config.global_batch_tokens)
         if too_long.size:
             i = int(too_long[0])
@@ -100,12 +119,16 @@ class GlobalBatchSampler:
             if ids and not (end_of_epoch and cfg.drop_last and total < cfg.global_batch_tokens
                             and (not cfg.max_docs_per_batch or len(ids) < cfg.max_docs_per_batch)):
                 break
-        batch = GlobalBatch(self.step, epoch, tuple(ids), tuple(int(self.lengths[j]) for j in ids))
+        targets = None if self.targets is None else tuple(int(self.targets[j]) for j in ids)
+        batch = GlobalBatch(self.step, epoch, tuple(ids), tuple(int(self.lengths[j]) for j in ids), targets)
         self.step += 1
         return batch
 
     def _fingerprint(self) -> str:
-        return hashlib.sha256(self.lengths.tobytes()).hexdigest()[:16]
+        h = hashlib.sha256(self.lengths.tobytes())
+        if self.targets is not None:     # SFT: the trained tokens are part of what the batches are
+            h.update(self.targets.tobytes())
+        return h.hexdigest()[:16]
 
     def state_dict(self) -> dict:
         """Position of the sampler (plain ints/str: safe in any checkpoint)."""
@@ -134,7 +157,8 @@ class PackedBatch:
     positions: torch.Tensor
     """int64 ``[T]`` position of each token within its document."""
     labels: torch.Tensor
-    """int64 ``[T]`` next token in the same document; -100 on each document's last token."""
+    """int64 ``[T]`` next token in the same document; -100 on each document's last token (and,
+    for a source with target masks (SFT), wherever the next token is not a trained target)."""
 
     @property
     def num_targets(self) -> int:
@@ -142,10 +166,16 @@ class PackedBatch:
 
 
 def pack_documents(source, doc_ids, device: torch.device | str | None = None) -> PackedBatch:
-    """Fetch the tokens of ``doc_ids`` from ``source`` (TokenizedCorpus or SyntheticSource) and pack
-    them. Only these documents are read."""
+    """Fetch the tokens of ``doc_ids`` from ``source`` (TokenizedCorpus, SyntheticSource, an SFT
+    source, ...) and pack them. Only these documents are read. A source with ``target_counts``
+    (SFT) also gives each document's target mask, and only its trained tokens get labels."""
     arrays = [np.asarray(source.tokens(int(i)), dtype=np.int64) for i in doc_ids]
     lengths = [a.size for a in arrays]
     ids = torch.from_numpy(np.concatenate(arrays) if arrays else np.zeros(0, np.int64)).to(device)
     cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device=ids.device)
-    return PackedBatch(ids, cu, positions_from_cu_seqlens(cu), lm_labels(ids, cu))
+    mask = None
+    if getattr(source, "target_counts", None) is not None:
+        masks = [np.asarray(source.target_mask(int(i)), dtype=np.bool_) for i in doc_ids]
+        assert [m.size for m in masks] == lengths, "a target mask does not match its document"
+        mask = torch.from_numpy(np.concatenate(masks) if masks else np.zeros(0, np.bool_)).to(ids.device)
+    return PackedBatch(ids, cu, positions_from_cu_seqlens(cu), lm_labels(ids, cu, mask))
