@@ -193,7 +193,7 @@ def _deepspeed_classes():
     import numpy as np
 
     from flexsp.executor import StepExecutor
-    from flexsp.model.transformer import AttnContext
+    from flexsp.attention.context import AttnContext
     from flexsp.pipeline import InputPipeline
 
     class DeepSpeedAttnContext(AttnContext):

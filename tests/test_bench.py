@@ -198,7 +198,7 @@ def _deepspeed_context_body(rank, world):
 
     from attn_cases import FP32_TOL, make_inputs
     from flexsp.attention import shard
-    from flexsp.model.transformer import AttnContext
+    from flexsp.attention.context import AttnContext
     deepspeed.init_distributed(dist_backend="gloo")   # reuses the harness' process group
     group = torch.distributed.new_group(list(range(world)))
     ds_ctx_cls = bench._deepspeed_classes()[0]
