@@ -78,7 +78,7 @@ _HEAD_SCALES = {"logits_scaling": "divides", "logit_scale": "multiplies"}
 _HEAD_REFUSED_WHEN_SET = {"final_logit_softcapping": "soft-capped logits"}
 _TOKEN_MIXING_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.RNNBase,
                        nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)
-_TOKEN_MIXING_NAMES = re.compile(r"Mamba|SSM|Ssm|RWKV|Rwkv|DeltaNet|LinearAttention|LinearAttn|ShortConv|"
+_TOKEN_MIXING_NAMES = re.compile(r"Mixer$|SSM|Ssm|RWKV|Rwkv|DeltaNet|LinearAttention|LinearAttn|ShortConv|"
                                  r"Recurrent|Retention|TimeMix|TokenShift|Lightning|Hyena|Conv")
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f")
 
@@ -288,6 +288,7 @@ def _config_problems(hf_cfg) -> list[str]:
         if kind in BATCH_DEPENDENT_ROPE:
             bad.append(f"{where}['rope_type']={kind!r} (its frequencies depend on the longest position of the "
                        "batch, which a token shard does not see)")
+            break
     return bad
 
 
@@ -323,10 +324,15 @@ def _head_problems(model, hf_cfg) -> tuple[list[str], float]:
 def _module_problems(model, prefix: str) -> tuple[list[str], list[str]]:
     """(problems, decoder-layer paths) of the module tree."""
     bad = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, _TOKEN_MIXING_TYPES) or _TOKEN_MIXING_NAMES.search(type(mod).__name__):
-            bad.append(f"module {name} ({type(mod).__name__}) mixes tokens outside attention")
-            break
+    named = dict(model.named_modules())
+    typed = [n for n, m in named.items() if isinstance(m, _TOKEN_MIXING_TYPES)]
+    by_name = [n for n, m in named.items() if n and _TOKEN_MIXING_NAMES.search(type(m).__name__)]
+    if typed:      # a convolution / recurrence / shift over the sequence: name the layer that owns it
+        owner = typed[0].rpartition(".")[0]
+        bad.append(f"module {owner} ({type(named[owner]).__name__}) mixes tokens outside attention (its "
+                   f"{typed[0].rpartition('.')[2]} is a {type(named[typed[0]]).__name__})")
+    elif by_name:
+        bad.append(f"module {by_name[0]} ({type(named[by_name[0]]).__name__}) mixes tokens outside attention")
     for name, child in model.named_children():
         if name not in (prefix,) and child is not model.get_output_embeddings() \
                 and any(True for _ in child.parameters()):
@@ -355,8 +361,12 @@ def inspect_architecture(model, src: str = "") -> dict:
         else _module_problems(model, prefix)
     bad += head_bad + mod_bad
     norm = next((f"{prefix}.{n}" for n in _FINAL_NORM_NAMES if isinstance(getattr(base, n, None), nn.Module)), None)
+    if base is not None and norm is None:     # else the last norm-like child of the base model
+        norms = [n for n, m in base.named_children() if "Norm" in type(m).__name__]
+        norm = f"{prefix}.{norms[-1]}" if norms else None
     if base is not None and norm is None:
-        bad.append(f"no final norm found on {type(base).__name__} (looked for {list(_FINAL_NORM_NAMES)})")
+        bad.append(f"no final norm found on {type(base).__name__} (looked for {list(_FINAL_NORM_NAMES)} or a "
+                   "child whose class is a norm)")
     if bad:
         where = f"{src}: " if src else ""
         raise ValueError(f"{where}{type(model).__name__} cannot train HF-native: " + "; ".join(bad))
