@@ -186,8 +186,8 @@ AdamW + zero_grad in one process; the first {b['warmup']} steps per path left ou
 
 **HF-native / native: ratio of the medians {r['ratio_of_medians']:.3f}; median of the per-batch paired ratios
 {r['paired_ratio']['median']:.3f} (range {r['paired_ratio']['min']:.3f}-{r['paired_ratio']['max']:.3f}).**
-Same computation: max |loss difference| over the steps {r['max_abs_loss_diff']:.1e} (fp32 rounding; both paths
-start from the same weights and take the same AdamW steps).
+Same computation: max |loss difference| over the steps {r['max_abs_loss_diff']:.1e} (both paths start from
+the same weights and take the same AdamW steps; fp32 rounding is the only allowed difference, 0 = bit-identical).
 """
     out.with_suffix(".md").write_text(md)
 
