@@ -86,7 +86,8 @@ def stats(xs: list[float]) -> dict:
 
 def git(*args) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
 
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
         make_checkpoint(a, Path(d))
         models = {"native": from_hf(d, dtype=torch.float32, hf_native=False),
                   "hf_native": from_hf(d, dtype=torch.float32, hf_native=True)}
-    assert type(models["native"]).__name__ == "Transformer" and type(models["hf_native"]).__name__ == "HFNativeModel"
+    assert type(models["native"]).__name__ == "Transformer"
+    assert type(models["hf_native"]).__name__ == "HFNativeModel"
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in models.items()}
     times = {k: [] for k in models}
     losses = {k: [] for k in models}
@@ -138,11 +140,15 @@ def main(argv=None) -> int:
                                               if Path(sys.argv[0]).is_absolute() else sys.argv[0])] +
                                          (argv if argv is not None else sys.argv[1:])),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "--short", "HEAD"), "dirty": git("status", "--porcelain", "--untracked-files=no"),
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                   f"transformers {transformers.__version__}, {a.threads} thread(s)",
-        "shape": {k: getattr(a, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")},
-        "batch": {"tokens": a.tokens, "doc_lengths": [a.min_doc, a.max_doc], "steps": a.steps, "warmup": a.warmup},
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "dirty": git("status", "--porcelain", "--untracked-files=no"),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
+                   f"torch {torch.__version__}, transformers {transformers.__version__}, "
+                   f"{a.threads} thread(s)",
+        "shape": {k: getattr(a, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate",
+                                             "vocab")},
+        "batch": {"tokens": a.tokens, "doc_lengths": [a.min_doc, a.max_doc], "steps": a.steps,
+                  "warmup": a.warmup},
         "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
         "loadavg_1min_per_step": loads, "results": res,
         "ratio_of_medians": res["hf_native"]["median_ms"] / res["native"]["median_ms"],
@@ -151,8 +157,8 @@ def main(argv=None) -> int:
         "losses": losses, "step_s": times,
     }
     write(out, Path(a.out))
-    print(json.dumps({k: out[k] for k in ("results", "ratio_of_medians", "paired_ratio", "max_abs_loss_diff")},
-                     indent=1))
+    keys = ("results", "ratio_of_medians", "paired_ratio", "max_abs_loss_diff")
+    print(json.dumps({k: out[k] for k in keys}, indent=1))
     return 0
 
 
@@ -160,34 +166,38 @@ def write(r: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(r, indent=1))
     s, b = r["shape"], r["batch"]
-    rows = "\n".join(f"| {k} | {v['median_ms']:.1f} | {v['p10_ms']:.1f} - {v['p90_ms']:.1f} | {v['min_ms']:.1f} | "
-                     f"{v['mean_ms']:.1f} | {v['n']} |" for k, v in r["results"].items())
+    rows = "\n".join(f"| {k} | {v['median_ms']:.1f} | {v['p10_ms']:.1f} - {v['p90_ms']:.1f} | "
+                     f"{v['min_ms']:.1f} | {v['mean_ms']:.1f} | {v['n']} |" for k, v in r["results"].items())
     dirty = f" (uncommitted changes: {r['dirty']})" if r["dirty"] else ""
     loads = r["loadavg_1min_per_step"]
+    pr = r["paired_ratio"]
     md = f"""# CPU step time: HF-native path vs native path, same Llama shape (measured)
 
 Command: `{r['command']}` (date {r['date']}, commit {r['commit']}{dirty}).
 
-Machine: {r['machine']}. 1-minute load average {r['loadavg_start'][0]:.2f} at the start, {r['loadavg_end'][0]:.2f} at
-the end, {min(loads):.2f}-{max(loads):.2f} during the steps. **The machine is shared (other jobs ran on its 2
-cores), which inflates and scatters every timing**; steps are interleaved (native, HF-native, then HF-native,
-native, ...) so load drift hits both paths alike, and the paired per-batch ratio is the load-robust number.
+Machine: {r['machine']}. 1-minute load average {r['loadavg_start'][0]:.2f} at the start,
+{r['loadavg_end'][0]:.2f} at the end, {min(loads):.2f}-{max(loads):.2f} during the steps. **The machine is
+shared (other jobs ran on its 2 cores), which inflates and scatters every timing**; steps are
+interleaved (native, HF-native, then HF-native, native, ...) so load drift hits both paths alike,
+and the paired per-batch ratio is the load-robust number.
 
-Model: LlamaForCausalLM hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads / {s['kv_heads']} KV heads,
-intermediate {s['intermediate']}, vocab {s['vocab']}, fp32, loaded from the same local random checkpoint by
-`from_hf(hf_native=False)` (flexsp.model.Transformer) and `from_hf(hf_native=True)` (transformers' modules,
-FlexSP attention and loss). Batches: {b['steps']} packed batches of {b['tokens']} tokens, documents of
-{b['doc_lengths'][0]}-{b['doc_lengths'][1]} tokens, the same batches for both; a step = forward + backward +
-AdamW + zero_grad in one process; the first {b['warmup']} steps per path left out.
+Model: LlamaForCausalLM hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads /
+{s['kv_heads']} KV heads, intermediate {s['intermediate']}, vocab {s['vocab']}, fp32, loaded from the
+same local random checkpoint by `from_hf(hf_native=False)` (flexsp.model.Transformer) and
+`from_hf(hf_native=True)` (transformers' modules, FlexSP attention and loss). Batches:
+{b['steps']} packed batches of {b['tokens']} tokens, documents of {b['doc_lengths'][0]}-{b['doc_lengths'][1]}
+tokens, the same batches for both; a step = forward + backward + AdamW + zero_grad in one
+process; the first {b['warmup']} steps per path left out.
 
 | path | median step ms | p10 - p90 ms | min ms | mean ms | steps |
 |---|---|---|---|---|---|
 {rows}
 
-**HF-native / native: ratio of the medians {r['ratio_of_medians']:.3f}; median of the per-batch paired ratios
-{r['paired_ratio']['median']:.3f} (range {r['paired_ratio']['min']:.3f}-{r['paired_ratio']['max']:.3f}).**
-Same computation: max |loss difference| over the steps {r['max_abs_loss_diff']:.1e} (both paths start from
-the same weights and take the same AdamW steps; fp32 rounding is the only allowed difference, 0 = bit-identical).
+**HF-native / native: ratio of the medians {r['ratio_of_medians']:.3f}; median of the per-batch
+paired ratios {pr['median']:.3f} (range {pr['min']:.3f}-{pr['max']:.3f}).** Same computation: max
+|loss difference| over the steps {r['max_abs_loss_diff']:.1e} (both paths start from the same
+weights and take the same AdamW steps; fp32 rounding is the only allowed difference, 0 =
+bit-identical).
 """
     out.with_suffix(".md").write_text(md)
 

@@ -241,8 +241,8 @@ def parse_config(cfg) -> dict:
     if not isinstance(hf_native, bool):
         raise ValueError(f"model.hf_native={hf_native!r} must be true or false")
     if hf_native and hf_checkpoint is None:
-        raise ValueError("model.hf_native=true needs model.hf_checkpoint (the Hugging Face model directory to "
-                         "train through transformers' modules)")
+        raise ValueError("model.hf_native=true needs model.hf_checkpoint (the Hugging Face model directory "
+                         "to train through transformers' modules)")
     model = {k: v for k, v in model.items() if v is not None}
     out = raw["output_dir"]
     if not isinstance(out, str) or not out.strip():

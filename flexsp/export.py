@@ -163,8 +163,8 @@ def export(checkpoint, out_dir, *, dtype: str | None = None, architecture: str |
     cfg = _model_config(state, ckpt)
     origin = _origin(state)
     if getattr(cfg, "hf_native", False):
-        return _export_hf_native(ckpt, state, cfg, out_dir, dtype, why, architecture, max_shard_bytes, tokenizer,
-                                 origin, log)
+        return _export_hf_native(ckpt, state, cfg, out_dir, dtype, why, architecture, max_shard_bytes,
+                                 tokenizer, origin, log)
     if architecture is None and origin is not None and (origin / "config.json").is_file():
         try:
             archs = json.loads((origin / "config.json").read_text()).get("architectures") or []
@@ -198,13 +198,13 @@ def _tokenizer_source(state: dict, tokenizer, origin: Path | None, log):
     return tok
 
 
-def _export_hf_native(ckpt: Path, state: dict, cfg, out_dir, dtype: str, why: str, architecture, max_shard_bytes,
-                      tokenizer, origin, log) -> Path:
+def _export_hf_native(ckpt: Path, state: dict, cfg, out_dir, dtype: str, why: str, architecture,
+                      max_shard_bytes, tokenizer, origin, log) -> Path:
     """An HF-native checkpoint -> transformers' ``save_pretrained`` files of its own architecture."""
     from flexsp.model.hf_native_weights import save_hf_native
     if architecture is not None and architecture != cfg.architecture:
-        raise ExportError(f"--architecture {architecture!r}: this checkpoint trained {cfg.architecture} HF-native "
-                          "(transformers' modules); it exports as that architecture only")
+        raise ExportError(f"--architecture {architecture!r}: this checkpoint trained {cfg.architecture} "
+                          "HF-native (transformers' modules); it exports as that architecture only")
     tok = _tokenizer_source(state, tokenizer, origin, log)
     sd = load_model_state(ckpt, cfg)
     try:

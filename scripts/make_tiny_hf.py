@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="make_tiny_hf.py")
     ap.add_argument("out_dir")
-    ap.add_argument("--arch", default="llama", choices=ARCHS, help="llama (native path) | qwen3_moe (HF-native)")
+    ap.add_argument("--arch", default="llama", choices=ARCHS,
+                    help="llama (native path) | qwen3_moe (HF-native)")
     args = ap.parse_args(argv)
     import torch
     import transformers
@@ -42,24 +43,25 @@ def main(argv: list[str]) -> int:
     fast.save_pretrained(out / "model")
     if args.arch == "llama":
         cfg = transformers.LlamaConfig(
-            vocab_size=len(fast), hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
-            rope_theta=500000.0, eos_token_id=fast.eos_token_id,
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 1024})
+            vocab_size=len(fast), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-5,
+            tie_word_embeddings=False, rope_theta=500000.0, eos_token_id=fast.eos_token_id,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})
     else:   # same attention shape (the cpu-gloo-tiny cost model fits), routed experts in the MLP
         cfg = transformers.Qwen3MoeConfig(
-            vocab_size=len(fast), hidden_size=64, intermediate_size=192, moe_intermediate_size=48, num_experts=4,
-            num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            max_position_embeddings=8192, tie_word_embeddings=False, eos_token_id=fast.eos_token_id,
-            bos_token_id=None, pad_token_id=None)
+            vocab_size=len(fast), hidden_size=64, intermediate_size=192, moe_intermediate_size=48,
+            num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=8192, tie_word_embeddings=False,
+            eos_token_id=fast.eos_token_id, bos_token_id=None, pad_token_id=None)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(out / "model", max_shard_size="200KB")
     with open(out / "data.jsonl", "w") as fh:
         for t in texts:
             fh.write(json.dumps({"text": t}) + "\n")
-    print(f"wrote {out / 'model'} ({type(model).__name__}, {len(fast)} tokens) and {out / 'data.jsonl'} ({len(texts)} documents)")
+    print(f"wrote {out / 'model'} ({type(model).__name__}, {len(fast)} tokens) and {out / 'data.jsonl'} "
+          f"({len(texts)} documents)")
     return 0
 
 

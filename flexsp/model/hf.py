@@ -17,7 +17,12 @@ API::
     HFCheckpointReader("path/to/hf_dir").load_into_(model)
 
 Parameter names: ours (``blocks.3.attn.wq.weight``) <-> HF (``model.layers.3.self_attn.q_proj.weight``),
-see :func:`hf_name` / :func:`our_name`.
+see :func:`hf_name` / :func:`our_name` (``HFCheckpointReader(path, names="hf")`` addresses the
+checkpoint's own keys instead).
+
+Every other causal LM trains HF-native (flexsp.model.hf_native: transformers' modules with FlexSP's
+attention and loss). :func:`from_hf` returns either, called the same way; :func:`native_gap` says
+why the native model does not cover a checkpoint.
 """
 from __future__ import annotations
 
@@ -442,8 +447,8 @@ def native_gap(path_or_dict) -> str | None:
     return None
 
 
-def from_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
-            hf_native: bool | None = None, **overrides):
+def from_hf(path: str | os.PathLike, device: torch.device | str = "cpu",
+            dtype: torch.dtype | str | None = None, hf_native: bool | None = None, **overrides):
     """The model of the HF checkpoint at ``path`` with its weights, called the same way whatever
     the architecture: ``model(input_ids, positions, AttnContext.local(cu_seqlens))`` -> logits,
     ``labels=``/``pad_mask=`` -> ``(loss_sum, num_targets)``.

@@ -102,7 +102,8 @@ class HFNativeConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.dtype={self.dtype!r}; valid options: ['bfloat16', 'float32']")
         if not isinstance(self.activation_checkpointing, bool):
-            raise ValueError(f"model.activation_checkpointing must be a bool, got {self.activation_checkpointing!r}")
+            raise ValueError(f"model.activation_checkpointing must be a bool, got "
+                             f"{self.activation_checkpointing!r}")
 
     def transformers_config(self):
         """A fresh transformers ``PretrainedConfig`` of :attr:`hf_config`."""
@@ -173,24 +174,22 @@ class HFNativeConfig:
         return n
 
     def planning_shape(self):
-        """A LLaMA-equivalent :class:`flexsp.model.ModelConfig` of this shape, for what models the
-        native blocks (the CUDA cost-model estimate, flexsp-dryrun): an approximation."""
+        """A LLaMA-equivalent :class:`flexsp.model.ModelConfig` of this shape for what models the
+        native blocks (the cost-model shape check, the CUDA cost-model estimate): an approximation
+        (e.g. an MoE counts as a dense MLP of ``intermediate_size``)."""
         from flexsp.model.config import ModelConfig
         head_dim = self.head_size if self.head_size * self.heads != self.hidden else 0
-        return ModelConfig(vocab_size=self.vocab_size, hidden=self.hidden, layers=self.layers, heads=self.heads,
-                           kv_heads=self.kv_heads, intermediate=self.intermediate, head_dim=head_dim,
-                           tie_embeddings=self.tie_embeddings, dtype=self.dtype,
+        return ModelConfig(vocab_size=self.vocab_size, hidden=self.hidden, layers=self.layers,
+                           heads=self.heads, kv_heads=self.kv_heads, intermediate=self.intermediate,
+                           head_dim=head_dim, tie_embeddings=self.tie_embeddings, dtype=self.dtype,
                            activation_checkpointing=self.activation_checkpointing,
                            max_position_embeddings=self.max_position_embeddings)
 
 
-def is_hf_native(cfg) -> bool:
-    return bool(getattr(cfg, "hf_native", False))
-
-
 # ---------------------------------------------------------------------------------- attention
-def flexsp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                     softcap=None, s_aux=None, sinks=None, is_causal=None, position_bias=None, **kwargs):
+def flexsp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                     sliding_window=None, softcap=None, s_aux=None, sinks=None, is_causal=None,
+                     position_bias=None, **kwargs):
     """transformers attention function (``AttentionInterface``): q ``[1, H, T, D]``, k/v
     ``[1, Hkv, T, D]`` -> ``([1, T, H, D], None)`` through the injected attention of the forward."""
     attn = kwargs.get(ATTN_KWARG)
@@ -279,15 +278,16 @@ def _config_problems(hf_cfg) -> list[str]:
                        f"{list(ATTENTION_LAYER_TYPES)})")
             break
     if float(getattr(hf_cfg, "attention_dropout", 0.0) or 0.0):
-        bad.append(f"attention_dropout={hf_cfg.attention_dropout} (FlexSP's attention has no dropout; set 0.0)")
+        bad.append(f"attention_dropout={hf_cfg.attention_dropout} (FlexSP's attention has no dropout; "
+                   "set 0.0)")
     for key, value in hf_cfg.to_dict().items():
         if "softcap" in key and value is not None and key not in _HEAD_REFUSED_WHEN_SET:
             bad.append(f"{key}={value} (soft-capped attention scores are not supported)")
     for where, rope in _rope_dicts(hf_cfg):
         kind = rope.get("rope_type", rope.get("type"))
         if kind in BATCH_DEPENDENT_ROPE:
-            bad.append(f"{where}['rope_type']={kind!r} (its frequencies depend on the longest position of the "
-                       "batch, which a token shard does not see)")
+            bad.append(f"{where}['rope_type']={kind!r} (its frequencies depend on the longest position of "
+                       "the batch, which a token shard does not see)")
             break
     return bad
 
@@ -298,7 +298,8 @@ def _head_problems(model, hf_cfg) -> tuple[list[str], float]:
     try:
         src = inspect.getsource(cls.forward)
     except (OSError, TypeError):
-        return [f"{cls.__name__}.forward has no readable source (cannot tell what it does to the logits)"], 1.0
+        return [f"{cls.__name__}.forward has no readable source (cannot tell what it does to the "
+                "logits)"], 1.0
     body = src.split('"""')[-1]
     prefix = model.base_model_prefix
     used = set(re.findall(r"config\.(\w+)", body)) | set(re.findall(r"self\.(\w+)", body))
@@ -307,8 +308,8 @@ def _head_problems(model, hf_cfg) -> tuple[list[str], float]:
         value = getattr(model, name, getattr(hf_cfg, name, None))
         if name in _ROUTER:
             if name == "output_router_logits" and value:
-                bad.append("output_router_logits=True (transformers then adds its router load-balancing loss, "
-                           "which FlexSP does not compute; set it false)")
+                bad.append("output_router_logits=True (transformers then adds its router load-balancing "
+                           "loss, which FlexSP does not compute; set it false)")
         elif name in _HEAD_SCALES:
             factor = float(getattr(hf_cfg, name, None) or getattr(model, name, 1.0) or 1.0)
             scale = scale / factor if _HEAD_SCALES[name] == "divides" else scale * factor
@@ -360,7 +361,8 @@ def inspect_architecture(model, src: str = "") -> dict:
     mod_bad, blocks = ([f"no base model at {type(model).__name__}.{prefix}"], []) if base is None \
         else _module_problems(model, prefix)
     bad += head_bad + mod_bad
-    norm = next((f"{prefix}.{n}" for n in _FINAL_NORM_NAMES if isinstance(getattr(base, n, None), nn.Module)), None)
+    norm = next((f"{prefix}.{n}" for n in _FINAL_NORM_NAMES
+                 if isinstance(getattr(base, n, None), nn.Module)), None)
     if base is not None and norm is None:     # else the last norm-like child of the base model
         norms = [n for n, m in base.named_children() if "Norm" in type(m).__name__]
         norm = f"{prefix}.{norms[-1]}" if norms else None
@@ -474,8 +476,8 @@ class HFNativeModel(nn.Module):
         if not self._attention_checked:
             expected = len(self._block_paths)
             if attn.calls != expected:
-                raise ValueError(f"{self._hf_class.__name__}: {expected} decoder layers made {attn.calls} FlexSP "
-                                 "attention calls; its attention does not go through transformers' "
+                raise ValueError(f"{self._hf_class.__name__}: {expected} decoder layers made {attn.calls} "
+                                 "FlexSP attention calls; its attention does not go through transformers' "
                                  "AttentionInterface once per layer, so it cannot be sharded")
             self._attention_checked = True
         h = out[0][0]

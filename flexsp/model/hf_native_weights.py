@@ -62,7 +62,8 @@ class HFNativeWeights:
             elif pattern is None:
                 self.direct[name] = key
             else:
-                conv, sources = self.converted.setdefault(name, (copy.deepcopy(by_pattern[pattern]), defaultdict(list)))
+                template = copy.deepcopy(by_pattern[pattern])
+                _, sources = self.converted.setdefault(name, (template, defaultdict(list)))
                 sources[pattern].append(key)
         return unmapped
 
@@ -95,8 +96,9 @@ class HFNativeWeights:
         tensors = {pattern: [self.reader.read_rows(k, 0, self.reader.shape(k)[0]) for k in keys]
                    for pattern, keys in sources.items()}
         for op in conv.operations:
-            tensors = op.convert(tensors, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
-                                 full_layer_name=name, model=None, config=self._hf_config, missing_keys=None)
+            tensors = op.convert(tensors, source_patterns=conv.source_patterns,
+                                 target_patterns=conv.target_patterns, full_layer_name=name, model=None,
+                                 config=self._hf_config, missing_keys=None)
         if len(tensors) == 1:
             full = next(iter(tensors.values()))
         else:
@@ -104,8 +106,9 @@ class HFNativeWeights:
         full = full[0] if isinstance(full, list) else full
         if full is None or tuple(full.shape) != self._shapes.get(name, tuple(full.shape)):
             got = None if full is None else tuple(full.shape)
-            raise ValueError(f"{self.path}: {name} converted from {sorted(k for v in sources.values() for k in v)} "
-                             f"has shape {got}, the model expects {self._shapes.get(name)}")
+            keys = sorted(k for v in sources.values() for k in v)
+            raise ValueError(f"{self.path}: {name} converted from {keys} has shape {got}, the model expects "
+                             f"{self._shapes.get(name)}")
         self._cache = (name, full)
         return full
 
