@@ -233,13 +233,20 @@ def parse_config(cfg) -> dict:
     model = dict(raw["model"])
     preset = model.pop("preset", "tiny")
     hf_checkpoint = model.pop("hf_checkpoint", None)
+    hf_native = model.pop("hf_native", False)
     if not isinstance(preset, str):
         raise ValueError(f"model.preset={preset!r} must be a string")
     if hf_checkpoint is not None and not isinstance(hf_checkpoint, str):
         raise ValueError(f"model.hf_checkpoint={hf_checkpoint!r} must be a path to a Hugging Face model directory")
+    if not isinstance(hf_native, bool):
+        raise ValueError(f"model.hf_native={hf_native!r} must be true or false")
+    if hf_native and hf_checkpoint is None:
+        raise ValueError("model.hf_native=true needs model.hf_checkpoint (the Hugging Face model directory "
+                         "to train through transformers' modules)")
     model = {k: v for k, v in model.items() if v is not None}
     out = raw["output_dir"]
     if not isinstance(out, str) or not out.strip():
         raise ValueError(f"output_dir={out!r} must be a directory path")
     return dict(train=train, parallel=parallel, solver=solver, data=data, model_preset=preset,
-                model_overrides=model, hf_checkpoint=hf_checkpoint, output_dir=Path(out), raw=raw)
+                model_overrides=model, hf_checkpoint=hf_checkpoint, hf_native=hf_native, output_dir=Path(out),
+                raw=raw)

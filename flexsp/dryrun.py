@@ -505,6 +505,9 @@ def run(cfg: dict, t0: float | None = None) -> dict:
     out = c["output_dir"]
     check_output_dir(out)
     mcfg, precision = model_config_of(c, c["model_overrides"].get("vocab_size"))
+    if getattr(mcfg, "hf_native", False):
+        raise ValueError(f"flexsp-dryrun sizes the native model's blocks; {mcfg.architecture} trains "
+                         "HF-native (transformers' modules), whose memory it does not model yet")
     c["train"] = replace(c["train"], precision=precision)
     shard_size = c["parallel"].shard_size
     with torch.device("meta"):

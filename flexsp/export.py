@@ -16,7 +16,9 @@ torch.distributed.checkpoint directory of ``{"model": ..., "optim": ...}``) or
 process, without a process group -- DCP: ``dcp.load({"model": sd}, no_dist=True)`` into a CPU
 model's state dict (only the model entries are read); DeepSpeed: ``zero_to_fp32`` -- and written
 with :func:`flexsp.model.hf.to_hf`: config.json, sharded safetensors + index, tokenizer files and
-generation_config.json. The architecture is the HF origin's (``model.hf_checkpoint``) when the
+generation_config.json. A checkpoint of an HF-native model (flexsp.model.hf_native) is written
+by transformers' own ``save_pretrained`` as its architecture (flexsp.model.hf_native_weights). The
+architecture is the HF origin's (``model.hf_checkpoint``) when the
 run started from one, else LLaMA (Qwen3 with q/k norms, Qwen2 with q/k/v biases, Mistral with a
 sliding window), or ``--architecture``.
 
@@ -69,6 +71,9 @@ def _model_config(state: dict, ckpt: Path):
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     mc = state.get("model_config")
     try:
+        if isinstance(mc, dict) and mc.get("hf_native"):
+            from flexsp.model.hf_native import HFNativeConfig
+            return HFNativeConfig(**mc)
         if mc is not None:
             if dataclasses.is_dataclass(mc):
                 mc = dataclasses.asdict(mc)
@@ -96,7 +101,11 @@ def load_model_state(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
     dcp_dir, ds_dir = ckpt / "dcp", ckpt / "deepspeed"
     if dcp_dir.is_dir():
         import torch.distributed.checkpoint as dcp
-        model = Transformer(dataclasses.replace(cfg, dtype="float32"), device="meta")
+        if getattr(cfg, "hf_native", False):
+            from flexsp.model.hf_native import HFNativeModel
+            model = HFNativeModel(dataclasses.replace(cfg, dtype="float32"))
+        else:
+            model = Transformer(dataclasses.replace(cfg, dtype="float32"), device="meta")
         model.to_empty(device="cpu")
         sd = model.state_dict()
         try:
@@ -153,6 +162,9 @@ def export(checkpoint, out_dir, *, dtype: str | None = None, architecture: str |
     dtype, why = (dtype, "--dtype") if dtype is not None else trained_dtype(state)
     cfg = _model_config(state, ckpt)
     origin = _origin(state)
+    if getattr(cfg, "hf_native", False):
+        return _export_hf_native(ckpt, state, cfg, out_dir, dtype, why, architecture, max_shard_bytes,
+                                 tokenizer, origin, log)
     if architecture is None and origin is not None and (origin / "config.json").is_file():
         try:
             archs = json.loads((origin / "config.json").read_text()).get("architectures") or []
@@ -162,13 +174,7 @@ def export(checkpoint, out_dir, *, dtype: str | None = None, architecture: str |
             pass
     if architecture is not None and architecture not in SUPPORTED_ARCHITECTURES:
         raise ExportError(f"--architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    tok = tokenizer if tokenizer is not None else state.get("tokenizer")
-    if tok is None and origin is not None and (origin / "tokenizer_config.json").is_file():
-        tok = origin
-    if tok is not None and not Path(tok).exists():
-        if log:
-            log(f"warning: tokenizer {tok} not found; exporting without tokenizer files")
-        tok = None
+    tok = _tokenizer_source(state, tokenizer, origin, log)
     sd = load_model_state(ckpt, cfg)
     try:
         out = to_hf(sd, out_dir, config=cfg, architecture=architecture, dtype=DTYPES[dtype],
@@ -178,6 +184,38 @@ def export(checkpoint, out_dir, *, dtype: str | None = None, architecture: str |
     if log:
         name = str(DTYPES[dtype]).replace("torch.", "")
         log(f"exported {ckpt} (step {state.get('step')}) -> {out}, weights in {name} ({why})")
+    return out
+
+
+def _tokenizer_source(state: dict, tokenizer, origin: Path | None, log):
+    tok = tokenizer if tokenizer is not None else state.get("tokenizer")
+    if tok is None and origin is not None and (origin / "tokenizer_config.json").is_file():
+        tok = origin
+    if tok is not None and not Path(tok).exists():
+        if log:
+            log(f"warning: tokenizer {tok} not found; exporting without tokenizer files")
+        tok = None
+    return tok
+
+
+def _export_hf_native(ckpt: Path, state: dict, cfg, out_dir, dtype: str, why: str, architecture,
+                      max_shard_bytes, tokenizer, origin, log) -> Path:
+    """An HF-native checkpoint -> transformers' ``save_pretrained`` files of its own architecture."""
+    from flexsp.model.hf_native_weights import save_hf_native
+    if architecture is not None and architecture != cfg.architecture:
+        raise ExportError(f"--architecture {architecture!r}: this checkpoint trained {cfg.architecture} "
+                          "HF-native (transformers' modules); it exports as that architecture only")
+    tok = _tokenizer_source(state, tokenizer, origin, log)
+    sd = load_model_state(ckpt, cfg)
+    try:
+        out = save_hf_native(cfg, sd, out_dir, dtype=DTYPES[dtype], max_shard_bytes=max_shard_bytes,
+                             tokenizer_from=tok)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ExportError(str(exc)) from None
+    if log:
+        name = str(DTYPES[dtype]).replace("torch.", "")
+        log(f"exported {ckpt} (step {state.get('step')}, {cfg.architecture}, HF-native) -> {out} with "
+            f"save_pretrained, weights in {name} ({why})")
     return out
 
 

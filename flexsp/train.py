@@ -118,22 +118,42 @@ def _init_elastic(backend: str | None, attempt: int) -> None:
                             world_size=world, timeout=timeout, **bound)
 
 
+def hf_native_reason(c: dict) -> str | None:
+    """Why the run trains HF-native (transformers' modules, flexsp.model.hf_native): model.hf_native=true,
+    or the native model does not cover model.hf_checkpoint (its reason); None: the native model."""
+    if not c["hf_checkpoint"]:
+        return None
+    if c.get("hf_native"):
+        return "model.hf_native=true"
+    from flexsp.model.hf import checkpoint_dir, native_gap
+    gap = native_gap(checkpoint_dir(c["hf_checkpoint"]))
+    return None if gap is None else f"the native model does not cover it ({gap.split(': ', 1)[-1]})"
+
+
 def model_config_of(c: dict, vocab_size: int | None = None):
-    """The ModelConfig to train (preset + overrides, or a Hugging Face checkpoint's config), with
-    parameters in the dtype the precision keeps them in; and the resolved precision."""
+    """The model config to train (preset + overrides, or a Hugging Face checkpoint's config: a
+    ModelConfig, or an HFNativeConfig when it trains HF-native), with parameters in the dtype the
+    precision keeps them in; and the resolved precision."""
     from flexsp.engines import param_dtype
     from flexsp.model import model_config
     over = dict(c["model_overrides"])
     over.pop("vocab_size", None)
+    hf_native = False
     if c["hf_checkpoint"]:
-        from flexsp.model.hf import checkpoint_dir, config_from_hf
-        base = config_from_hf(checkpoint_dir(c["hf_checkpoint"]))
+        from flexsp.model.hf import _hf_dtype, _load_config_dict, checkpoint_dir, config_from_hf
+        path = checkpoint_dir(c["hf_checkpoint"])
         allowed = {"activation_checkpointing", "dtype"}
         bad = sorted(set(over) - allowed)
         if bad:
             raise ValueError(f"model fields {bad} cannot be overridden with model.hf_checkpoint (the shape "
                              f"comes from {c['hf_checkpoint']}/config.json); overridable: {sorted(allowed)}")
-        mcfg = replace(base, **over)
+        hf_native = hf_native_reason(c) is not None
+        if hf_native:
+            from flexsp.model.hf_native import hf_native_config
+            over.setdefault("dtype", _hf_dtype(_load_config_dict(path)[0]))
+            mcfg = hf_native_config(path, **over)
+        else:
+            mcfg = replace(config_from_hf(path), **over)
     else:
         mcfg = model_config(c["model_preset"], **over)
     precision = c["train"].precision
@@ -141,9 +161,14 @@ def model_config_of(c: dict, vocab_size: int | None = None):
         precision = "bf16" if mcfg.dtype == "bfloat16" else "fp32"
     if precision == "bf16-pure" and c["parallel"].engine != "fsdp2":
         raise ValueError("train.precision=bf16-pure needs parallel.engine=fsdp2; valid with deepspeed: fp32, bf16")
-    if vocab_size is not None:
+    if vocab_size is not None and not hf_native:      # HF-native: the checkpoint's vocabulary, always
         mcfg = replace(mcfg, vocab_size=int(vocab_size))
     return replace(mcfg, dtype=param_dtype(precision)), precision
+
+
+def planning_shape(mcfg):
+    """The ModelConfig the cost model and its estimate see (an HF-native model's LLaMA-equivalent)."""
+    return mcfg.planning_shape() if getattr(mcfg, "hf_native", False) else mcfg
 
 
 def validate(c: dict, world_size: int | None = None) -> None:
@@ -153,6 +178,7 @@ def validate(c: dict, world_size: int | None = None) -> None:
     from flexsp.topology import SPTopology
     check_output_dir(c["output_dir"])
     mcfg, _ = model_config_of(c)
+    mcfg = planning_shape(mcfg)
     if world_size:
         try:
             SPTopology(world_size)
@@ -178,6 +204,11 @@ def _setup(cfg) -> RunState:
     if rank == 0:
         check_output_dir(out)
     mcfg_shape, precision = model_config_of(c)
+    reason = hf_native_reason(c)
+    if rank == 0 and reason:
+        print(f"[flexsp] model {mcfg_shape.architecture} from {c['hf_checkpoint']} trains HF-native "
+              f"(transformers' modules, FlexSP attention and loss): {reason}", flush=True)
+    mcfg_shape = planning_shape(mcfg_shape)
     c["train"] = replace(c["train"], precision=precision)
     if parallel.shard_size and (parallel.shard_size > world or world % parallel.shard_size):
         raise ValueError(f"parallel.shard_size={parallel.shard_size} must divide the {world} ranks")
@@ -267,8 +298,7 @@ def _build(st: RunState) -> None:
     c = st.c
     vocab = c["model_overrides"].get("vocab_size") or st.source.vocab_size
     if c["hf_checkpoint"]:
-        from flexsp.model.hf import config_from_hf
-        vocab = config_from_hf(c["hf_checkpoint"]).vocab_size
+        vocab = model_config_of(c)[0].vocab_size
         if c["data"].source in ("corpus", "stdlib", "hf", "sft"):   # the data's tokenizer must be the model's
             from flexsp.data.tokenizer import check_vocabulary
             tok = c["data"].corpus.tokenizer
@@ -278,15 +308,21 @@ def _build(st: RunState) -> None:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary "
                          f"({st.source.vocab_size}); set model.vocab_size=null to follow the data")
     mcfg, _ = model_config_of(c, vocab)
-    if c["hf_checkpoint"]:
+    make_model = lambda device: Transformer(mcfg, device=device)   # noqa: E731
+    if getattr(mcfg, "hf_native", False):
+        from flexsp.model.hf_native import HFNativeModel
+        from flexsp.model.hf_native_weights import HFNativeWeights
+        weights = HFNativeWeights(c["hf_checkpoint"])
+        make_model = lambda device: HFNativeModel(mcfg, device=device)   # noqa: E731
+    elif c["hf_checkpoint"]:
         from flexsp.model.hf import HFCheckpointReader
         weights = HFWeights(HFCheckpointReader(c["hf_checkpoint"]))
     else:
         weights = RandomWeights(c["train"].seed, mcfg.init_std, mcfg.layers)
     torch.manual_seed(c["train"].seed)
     st.mcfg = mcfg
-    st.engine = build_engine(c["parallel"].engine, lambda device: Transformer(mcfg, device=device), weights,
-                             c["train"], c["parallel"], st.world, st.device)
+    st.engine = build_engine(c["parallel"].engine, make_model, weights, c["train"], c["parallel"], st.world,
+                             st.device)
     st.executor = StepExecutor(st.engine, st.source, st.topo, st.rank, st.device, mcfg.heads)
 
 
@@ -356,6 +392,8 @@ def _header(st: RunState) -> None:
     c, cm = st.c, st.cm
     nparams = st.mcfg.num_params()
     origin = f"from {c['hf_checkpoint']}" if c["hf_checkpoint"] else f"{c['model_preset']}"
+    if getattr(st.mcfg, "hf_native", False):
+        origin += f" ({st.mcfg.architecture}, HF-native)"
     print(f"[flexsp] {st.world} rank(s) on {st.device.type} ({dist.get_backend()}), engine {c['parallel'].engine}"
           f"{' HSDP ' + str(c['parallel'].shard_size) if c['parallel'].shard_size else ''}, precision "
           f"{c['train'].precision}, mode {c['parallel'].mode}, model {origin} {nparams / 1e6:.2f}M params, "

@@ -1,7 +1,7 @@
 """The attention a model calls for one micro-batch: :class:`AttnContext`.
 
 The runtime builds one per micro-batch (flexsp.model.inputs) and passes it to the model, which only
-calls it: ``attn_ctx(q, k, v, window=None)``. It closes over the document boundaries (host ints),
+calls it: ``attn_ctx(q, k, v, window=None, scale=None)``. It closes over the document boundaries (host ints),
 and for sequence parallelism over the group's shard layout (``ShardMeta``), the process group and
 the mode (Ulysses/ring/hybrid). ``doc_lengths(device)`` serves dynamic RoPE scaling.
 """
@@ -78,12 +78,15 @@ class AttnContext:
         return self._doc_len_cache[key]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 window: int | None = None) -> torch.Tensor:
-        return self.attention(q, k, v, window)
+                 window: int | None = None, scale: float | None = None) -> torch.Tensor:
+        if scale is None:
+            return self.attention(q, k, v, window)
+        return self.attention(q, k, v, window, scale=scale)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  window: int | None = None) -> torch.Tensor:
-        """Causal attention of the local tokens; ``window`` = sliding window (None: full).
+                  window: int | None = None, scale: float | None = None) -> torch.Tensor:
+        """Causal attention of the local tokens; ``window`` = sliding window (None: full);
+        ``scale`` = softmax scale of the scores (None: ``head_dim ** -0.5``).
 
         With a window, documents no longer than it are plain causal. Local and Ulysses attention
         run the window exactly; ring/hybrid need every document to fit in the window (else a
@@ -92,19 +95,19 @@ class AttnContext:
             window = None
         if self.meta is None:
             if window:
-                return varlen_attention(q, k, v, self._cu_list, causal=True, window=window)
-            return varlen_attention(q, k, v, self._cu_list, causal=True)
+                return varlen_attention(q, k, v, self._cu_list, causal=True, scale=scale, window=window)
+            return varlen_attention(q, k, v, self._cu_list, causal=True, scale=scale)
         if window:
             if self.meta.ring_degree == 1:
                 from .ulysses import ulysses_attention
                 if q.shape[0] != self.meta.tokens_local or k.shape[0] != self.meta.tokens_local:
                     raise ValueError(f"q/k have {q.shape[0]}/{k.shape[0]} tokens, meta expects "
                                      f"{self.meta.tokens_local}")
-                return ulysses_attention(q, k, v, self.meta, self.group, True, window=window)
+                return ulysses_attention(q, k, v, self.meta, self.group, True, scale=scale, window=window)
             raise ValueError(
                 f"sliding_window={window} is not supported with mode={self.mode!r} (ring degree "
                 f"{self.meta.ring_degree}) when a document is longer than the window (longest: "
                 f"{self.max_doc_len()} tokens); use mode='ulysses', or documents of at most "
                 f"{window} tokens (then attention is plain causal)")
         from . import sp_attention
-        return sp_attention(q, k, v, self.meta, self.group, self.mode, causal=True)
+        return sp_attention(q, k, v, self.meta, self.group, self.mode, causal=True, scale=scale)

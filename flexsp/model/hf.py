@@ -17,7 +17,12 @@ API::
     HFCheckpointReader("path/to/hf_dir").load_into_(model)
 
 Parameter names: ours (``blocks.3.attn.wq.weight``) <-> HF (``model.layers.3.self_attn.q_proj.weight``),
-see :func:`hf_name` / :func:`our_name`.
+see :func:`hf_name` / :func:`our_name` (``HFCheckpointReader(path, names="hf")`` addresses the
+checkpoint's own keys instead).
+
+Every other causal LM trains HF-native (flexsp.model.hf_native: transformers' modules with FlexSP's
+attention and loss). :func:`from_hf` returns either, called the same way; :func:`native_gap` says
+why the native model does not cover a checkpoint.
 """
 from __future__ import annotations
 
@@ -278,7 +283,12 @@ class HFCheckpointReader:
       FSDP2 DTensors (only the local rows of their dim-0 shard are read).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, names: str = "flexsp"):
+        """``names``: "flexsp" addresses tensors by our parameter names (the native Transformer),
+        "hf" by the checkpoint's own keys (HF-native models, whose names are transformers')."""
+        if names not in ("flexsp", "hf"):
+            raise ValueError(f"HFCheckpointReader names={names!r}; valid options: ['flexsp', 'hf']")
+        self.hf_names = names == "hf"
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path} is not a directory (an HF checkpoint directory is needed)")
@@ -311,11 +321,13 @@ class HFCheckpointReader:
         self.names: dict[str, str] = {}            # our name -> HF key
         self.unknown: list[str] = []               # HF keys that are not ours
         for key in key_file:
-            ours = our_name(key)
+            ours = key if self.hf_names else our_name(key)
             if ours is not None:
                 self.names[ours] = key
             elif not _IGNORED_HF.fullmatch(key):
                 self.unknown.append(key)
+        if self.hf_names:
+            self.names = {k: k for k in self.names if not _IGNORED_HF.fullmatch(k)}
 
     @staticmethod
     def _open(f: Path):
@@ -337,9 +349,12 @@ class HFCheckpointReader:
 
     def _slice(self, name: str):
         if name not in self.names:
-            raise KeyError(f"{self.path}: no tensor for parameter {name!r} (HF key {hf_name(name)!r})")
+            raise KeyError(f"{self.path}: no tensor for parameter {name!r} (HF key {self._key(name)!r})")
         f = self._key_file[self.names[name]]
         return self._handle(f).get_slice(self.names[name]), f
+
+    def _key(self, name: str) -> str:
+        return name if self.hf_names else hf_name(name)
 
     def keys(self) -> list[str]:
         """Our parameter names present in the checkpoint."""
@@ -387,7 +402,7 @@ class HFCheckpointReader:
                   for n, shape in params.items() if n in self.names and self.shape(n) != shape]
         msgs = []
         if missing:
-            msgs.append(f"missing keys (HF names): {[hf_name(n) for n in missing]}")
+            msgs.append(f"missing keys (HF names): {[self._key(n) for n in missing]}")
         if unexpected:
             msgs.append(f"unexpected keys: {sorted(unexpected)}")
         if shapes:
@@ -422,13 +437,33 @@ class HFCheckpointReader:
         return module
 
 
-def from_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
-            **overrides):
-    """The :class:`flexsp.model.Transformer` of the HF checkpoint at ``path`` with its weights.
+def native_gap(path_or_dict) -> str | None:
+    """Why the native Transformer cannot compute the HF model at ``path_or_dict`` (the one-line
+    reason of :func:`config_from_hf`), or None when it can."""
+    try:
+        config_from_hf(path_or_dict)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
+
+def from_hf(path: str | os.PathLike, device: torch.device | str = "cpu",
+            dtype: torch.dtype | str | None = None, hf_native: bool | None = None, **overrides):
+    """The model of the HF checkpoint at ``path`` with its weights, called the same way whatever
+    the architecture: ``model(input_ids, positions, AttnContext.local(cu_seqlens))`` -> logits,
+    ``labels=``/``pad_mask=`` -> ``(loss_sum, num_targets)``.
+
+    ``hf_native``: None (automatic) gives the native :class:`flexsp.model.Transformer` when it
+    covers the architecture (:func:`native_gap`), else the HF-native model
+    (:class:`flexsp.model.hf_native.HFNativeModel`: transformers' modules with FlexSP's attention
+    and loss); True forces HF-native; False forces native (ValueError when it does not cover it).
     ``dtype`` (torch dtype or "float32"/"bfloat16"): parameter dtype; None = the checkpoint's
-    (bfloat16 stays bfloat16, anything else float32). ``overrides``: ModelConfig fields."""
+    (bfloat16 stays bfloat16, anything else float32). ``overrides``: ModelConfig fields (native) or
+    HFNativeConfig fields (``activation_checkpointing``)."""
     from flexsp.model.transformer import Transformer
+    if hf_native or (hf_native is None and native_gap(checkpoint_dir(path, "path")) is not None):
+        from flexsp.model.hf_native import load_hf_native
+        return load_hf_native(path, device=device, dtype=dtype, **overrides)
     if dtype is not None:
         overrides["dtype"] = str(dtype).replace("torch.", "")
     cfg = config_from_hf(path, **overrides)
