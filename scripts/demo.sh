@@ -13,28 +13,30 @@
 #   STEPS=30 REPEATS=5 scripts/demo.sh
 #
 # Regime (why this one): documents follow the published Wikipedia length distribution
-# (flexsp.data.synthetic, random tokens: throughput does not depend on which tokens) capped at 8192
-# tokens; the cost model is the one measured on this kind of machine (configs/costmodels/cpu-demo-2k.json,
-# from benchmarks/results/profile_cpu4.json) with room for 2048 tokens per rank, so the longest
-# documents need SP=4 while most fit on one rank. There FlexSP runs the short documents without SP
-# communication and the long ones at SP=4, where static SP must run everything at SP=4: predicted
-# 1.2x on these batches (flexsp-simulate). On real source code (the CPython standard library,
-# tokenized: 86% of its tokens sit in documents longer than 4096) almost every token needs SP=4
-# anyway and the predicted gain is 1.01x -- adaptive SP pays off where the tail is long and thin.
+# (flexsp.data.synthetic, random tokens: throughput does not depend on which tokens) capped at 4096
+# tokens; the cost model is the one measured on this kind of machine
+# (configs/costmodels/cpu-demo-1k-measured.json, from benchmarks/results/profile_cpu4.json) with room
+# for 1024 tokens per rank, so the longest documents need SP=4 while most fit on one rank. FlexSP runs
+# the short documents without SP communication and only the long ones at SP 2 or 4; a static degree
+# runs every document of a batch at the degree its longest one needs: predicted ~1.19x over the best
+# static degree of each batch on these batches. On real source code (the CPython standard library,
+# tokenized with a 2048-token BPE: 86% of its tokens sit in documents longer than 4096, 95% in
+# documents longer than 2048) almost every token needs the top degree anyway and the predicted gain is
+# 1.01x: adaptive SP pays off where the tail is long and thin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${OUT:-outputs/demo}
-DATA=(data=synthetic data.distribution=wikipedia data.num_docs=4000 data.corpus.max_doc_tokens=8192
-      data.sampler.global_batch_tokens=16384 train.global_batch=64
-      solver.cost_model=configs/costmodels/cpu-demo-2k.json)
+DATA=(data=synthetic data.distribution=wikipedia data.num_docs=4000 data.corpus.max_doc_tokens=4096
+      data.sampler.global_batch_tokens=12288 train.global_batch=64
+      solver.cost_model=configs/costmodels/cpu-demo-1k-measured.json)
 echo "== 1/3 FlexSP training, 4 CPU ranks (plans mix SP degrees per micro-batch)"
 .venv/bin/flexsp-train --nproc-per-node 4 "${DATA[@]}" train.steps="${STEPS:-12}" train.lr=5e-3 \
     train.warmup_steps=3 train.checkpoint_every=0 train.resume=never output_dir="$OUT/train" "$@"
 echo "== 2/3 measured: the same batches with FlexSP, every static SP degree and the best homogeneous degree"
-.venv/bin/flexsp-bench --nproc-per-node 4 "${DATA[@]}" bench.batches="${BATCHES:-3}" bench.warmup=1 \
-    bench.repeats="${REPEATS:-3}" bench.out="$OUT/bench" output_dir="$OUT/bench_run" "$@" > "$OUT.bench.log" 2>&1 \
+.venv/bin/flexsp-bench --nproc-per-node 4 "${DATA[@]}" bench.batches="${BATCHES:-4}" bench.warmup=1 \
+    bench.repeats="${REPEATS:-5}" bench.out="$OUT/bench" output_dir="$OUT/bench_run" "$@" > "$OUT.bench.log" 2>&1 \
     || { cat "$OUT.bench.log"; exit 1; }
 .venv/bin/python scripts/demo_summary.py bench "$OUT/bench.json"
 echo "== 3/3 predicted: the same length distribution on 64 GPUs"
