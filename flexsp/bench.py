@@ -48,6 +48,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from flexsp.errors import UserError
 
 PROG = "flexsp-bench"
 METHODS = ("flexsp", "static", "best-homogeneous", "deepspeed-ulysses")
@@ -86,17 +87,17 @@ class BenchConfig:
             self.methods = [self.methods]
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
-            raise ValueError(f"bench.methods={list(self.methods)}: {bad or 'empty'}; valid methods: "
+            raise UserError(f"bench.methods={list(self.methods)}: {bad or 'empty'}; valid methods: "
                              f"{list(METHODS)}")
         self.methods = list(dict.fromkeys(self.methods))
         for name, low in (("batches", 1), ("warmup", 0), ("repeats", 1), ("capacity_tokens", 0),
                           ("matmul_size", 1)):
             if getattr(self, name) < low:
-                raise ValueError(f"bench.{name}={getattr(self, name)} must be >= {low}")
+                raise UserError(f"bench.{name}={getattr(self, name)} must be >= {low}")
         if self.world not in WORLDS:
-            raise ValueError(f"bench.world={self.world!r}; valid options: {list(WORLDS)}")
+            raise UserError(f"bench.world={self.world!r}; valid options: {list(WORLDS)}")
         if self.world == "deepspeed" and "deepspeed-ulysses" not in self.methods:
-            raise ValueError("bench.world=deepspeed runs the deepspeed-ulysses method alone, but "
+            raise UserError("bench.world=deepspeed runs the deepspeed-ulysses method alone, but "
                              f"bench.methods={self.methods} does not list it")
 
     def world_methods(self) -> list[str]:
@@ -128,7 +129,7 @@ def parse(cfg: dict) -> tuple[dict, BenchConfig]:
     if "deepspeed-ulysses" in bench.methods:
         import importlib.util
         if importlib.util.find_spec("deepspeed") is None:
-            raise ValueError("bench.methods lists deepspeed-ulysses but DeepSpeed is not installed "
+            raise UserError("bench.methods lists deepspeed-ulysses but DeepSpeed is not installed "
                              "(pip install -e .[dist]); drop it from bench.methods")
     return c, bench
 
@@ -205,7 +206,7 @@ def _deepspeed_classes():
 
             from flexsp.attention.local import varlen_attention
             if window:
-                raise ValueError("deepspeed-ulysses: sliding-window models are not supported")
+                raise UserError("deepspeed-ulysses: sliding-window models are not supported")
             sp = dist.get_world_size(self.group)
             if k.shape[1] % sp:  # DeepSpeed splits KV heads evenly: replicate them as the original does
                 rep = q.shape[1] // k.shape[1]
@@ -432,7 +433,7 @@ def run(cfg: dict) -> dict:
     st.c["bench"] = bench
     try:
         if "deepspeed-ulysses" in bench.methods and st.world < 2:
-            raise ValueError(f"bench.methods lists deepspeed-ulysses, which needs >= 2 ranks; "
+            raise UserError(f"bench.methods lists deepspeed-ulysses, which needs >= 2 ranks; "
                              f"{st.world} launched")
         if bench.capacity_tokens:
             st.cm = replace(st.cm, capacity_override=bench.capacity_tokens)
@@ -551,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         validate(c, world)
         check_output_dir(out_stem(c, bench).parent, "bench.out")
         if "deepspeed-ulysses" in bench.methods and world is not None and world < 2:
-            raise ValueError(f"bench.methods lists deepspeed-ulysses, which needs >= 2 ranks; "
+            raise UserError(f"bench.methods lists deepspeed-ulysses, which needs >= 2 ranks; "
                              f"{world} launched")
     except ValueError as exc:
         _say(" ".join(str(exc).split()), PROG)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from flexsp.errors import UserError
 
 
 def _by_batch(rows) -> dict:
@@ -98,11 +99,11 @@ def merge_deepspeed(stem: Path, ds: dict) -> dict:
     """The main world's STEM.json with the rows of DeepSpeed's world added (same batches required)."""
     path = Path(f"{stem}.json")
     if not path.is_file():
-        raise ValueError(f"bench.world=deepspeed adds its rows to {path}, which does not exist: run the main "
+        raise UserError(f"bench.world=deepspeed adds its rows to {path}, which does not exist: run the main "
                          f"world first (the same command with bench.world=main)")
     main = json.loads(path.read_text())
     if main.get("batches") != ds["batches"] or main.get("world_size") != ds["world_size"]:
-        raise ValueError(f"{path} holds other batches or another world size than this run "
+        raise UserError(f"{path} holds other batches or another world size than this run "
                          f"({main.get('world_size')} vs {ds['world_size']} ranks): rerun the main world with "
                          f"the same overrides")
     main["rows"] = [r for r in main["rows"] if r["method"] != "deepspeed-ulysses"] + ds["rows"]

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from flexsp.errors import UserError
 
 DCP_SUBDIR = "dcp"
 
@@ -146,7 +147,7 @@ def latest_checkpoint(root: Path) -> Path | None:
         return None
     d = Path(root) / p.read_text().strip()
     if not (d / "trainer.pt").is_file():
-        raise ValueError(f"{p} points to {d}, which is not a complete checkpoint (no trainer.pt); "
+        raise UserError(f"{p} points to {d}, which is not a complete checkpoint (no trainer.pt); "
                          f"delete {p} to start over or set train.resume=<an older step_* directory>")
     return d
 
@@ -155,30 +156,30 @@ def verify_checkpoint(directory: Path) -> None:
     """ValueError naming the first missing or truncated file of checkpoint ``directory``."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise ValueError(f"checkpoint {directory} does not exist (train.resume expects a step_* directory "
+        raise UserError(f"checkpoint {directory} does not exist (train.resume expects a step_* directory "
                          f"or auto | never)")
     if not (directory / "trainer.pt").is_file():
-        raise ValueError(f"{directory} is not a checkpoint: {directory / 'trainer.pt'} is missing")
+        raise UserError(f"{directory} is not a checkpoint: {directory / 'trainer.pt'} is missing")
     dcp_dir = directory / DCP_SUBDIR
     if not dcp_dir.is_dir():
         return                        # a DeepSpeed checkpoint: DeepSpeed checks its own files
     from torch.distributed.checkpoint import FileSystemReader
     meta_file = dcp_dir / ".metadata"
     if not meta_file.is_file():
-        raise ValueError(f"checkpoint {directory} is incomplete: {meta_file} is missing")
+        raise UserError(f"checkpoint {directory} is incomplete: {meta_file} is missing")
     try:
         metadata = FileSystemReader(str(dcp_dir)).read_metadata()
     except (pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
-        raise ValueError(f"checkpoint metadata {meta_file} is corrupt ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"checkpoint metadata {meta_file} is corrupt ({type(exc).__name__}: {exc})") from None
     need: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), int(info.offset) + int(info.length))
     for rel, size in sorted(need.items()):
         f = dcp_dir / rel
         if not f.is_file():
-            raise ValueError(f"checkpoint {directory} is incomplete: shard file {f} is missing")
+            raise UserError(f"checkpoint {directory} is incomplete: shard file {f} is missing")
         if f.stat().st_size < size:
-            raise ValueError(f"checkpoint shard file {f} is truncated: {f.stat().st_size} bytes, the metadata "
+            raise UserError(f"checkpoint shard file {f} is truncated: {f.stat().st_size} bytes, the metadata "
                              f"needs at least {size}")
 
 
@@ -186,7 +187,7 @@ def read_trainer_state(directory: Path) -> dict:
     try:
         return torch.load(Path(directory) / "trainer.pt", map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
-        raise ValueError(f"{Path(directory) / 'trainer.pt'} is corrupt ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{Path(directory) / 'trainer.pt'} is corrupt ({type(exc).__name__}: {exc})") from None
 
 
 UNCOMPARED_MODEL_FIELDS = ("activation_checkpointing", "dtype")
@@ -234,7 +235,7 @@ def check_resumable(directory: Path, state: dict, expect: dict, auto: bool) -> N
         ways = ("train with another output_dir, or set train.resume=never to start over in this one "
                 "(its checkpoints are then overwritten)" if auto else
                 "point train.resume at a checkpoint of this model, or set train.resume=never to start over")
-        raise ValueError(f"{where} of another model or setup (checkpoint -> this run: {'; '.join(diffs)}); "
+        raise UserError(f"{where} of another model or setup (checkpoint -> this run: {'; '.join(diffs)}); "
                          f"resuming would continue a changed model: {ways}")
     if unknown and _rank() == 0:
         print(f"[flexsp] warning: checkpoint {directory} records no {', '.join(unknown)} (written by an "
@@ -282,7 +283,7 @@ def _dcp_load(directory: Path, sd: dict) -> None:
         except Exception:      # noqa: BLE001 - the metadata itself is unreadable: say what DCP said
             first = None
         detail = first or f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-        raise ValueError(f"cannot load checkpoint {directory}: {detail}; it does not fit this run's model "
+        raise UserError(f"cannot load checkpoint {directory}: {detail}; it does not fit this run's model "
                          f"(train with another output_dir, or set train.resume=never)") from None
 
 
@@ -298,7 +299,7 @@ def load_checkpoint(directory: Path, engine, world_size: int, expect: dict | Non
     has_dcp = (directory / DCP_SUBDIR).is_dir()
     if hasattr(engine, "state_dict"):
         if not has_dcp:
-            raise ValueError(f"{directory} holds no FSDP2 state ({directory / DCP_SUBDIR} missing): it was "
+            raise UserError(f"{directory} holds no FSDP2 state ({directory / DCP_SUBDIR} missing): it was "
                              f"written with parallel.engine={state.get('engine', 'deepspeed')}; resume with that engine")
         sd = engine.state_dict()
         _dcp_load(directory, sd)
@@ -307,10 +308,10 @@ def load_checkpoint(directory: Path, engine, world_size: int, expect: dict | Non
     else:
         saved_world = state.get("world_size")
         if has_dcp:
-            raise ValueError(f"{directory} was written with parallel.engine=fsdp2 (a DCP checkpoint); resume it "
+            raise UserError(f"{directory} was written with parallel.engine=fsdp2 (a DCP checkpoint); resume it "
                              f"with parallel.engine=fsdp2")
         if saved_world is not None and saved_world != world_size:
-            raise ValueError(
+            raise UserError(
                 f"{directory} is a DeepSpeed ZeRO-3 checkpoint of {saved_world} ranks and this run has {world_size}: "
                 f"DeepSpeed partitions resume only at their world size. Convert it with DeepSpeed's universal "
                 f"checkpoint (python -m deepspeed.checkpoint.ds_to_universal --input_folder "

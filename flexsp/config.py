@@ -14,6 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
+from flexsp.errors import UserError
 
 RESUME_HELP = "auto (latest checkpoint in output_dir, if any) | never | <checkpoint directory>"
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
@@ -80,24 +81,24 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch"):
             if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
+                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("checkpoint_every", "warmup_steps", "grad_clip", "weight_decay", "keep_checkpoints",
                      "plot_plan_every"):
             if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
+                raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.lr > 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+            raise UserError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
-            raise ValueError(f"train.beta1={self.beta1}, beta2={self.beta2} must be in [0, 1) and "
+            raise UserError(f"train.beta1={self.beta1}, beta2={self.beta2} must be in [0, 1) and "
                              f"eps={self.eps} > 0")
         if self.precision not in TRAIN_PRECISIONS:
-            raise ValueError(f"train.precision={self.precision!r}; valid options: {list(TRAIN_PRECISIONS)}")
+            raise UserError(f"train.precision={self.precision!r}; valid options: {list(TRAIN_PRECISIONS)}")
         if self.logger not in LOGGERS:
-            raise ValueError(f"train.logger={self.logger!r}; valid options: {list(LOGGERS)}")
+            raise UserError(f"train.logger={self.logger!r}; valid options: {list(LOGGERS)}")
         if self.resume not in ("auto", "never") and not self.resume.strip():
-            raise ValueError(f"train.resume is empty; valid: {RESUME_HELP}")
+            raise UserError(f"train.resume is empty; valid: {RESUME_HELP}")
 
 
 @dataclass
@@ -127,17 +128,17 @@ class ParallelConfig:
         from flexsp.engines import ENGINES
         from flexsp.planning import PARALLEL_MODES
         if self.mode not in PARALLEL_MODES:
-            raise ValueError(f"parallel.mode={self.mode!r}; valid options: {list(PARALLEL_MODES)}")
+            raise UserError(f"parallel.mode={self.mode!r}; valid options: {list(PARALLEL_MODES)}")
         if self.engine not in ENGINES:
-            raise ValueError(f"parallel.engine={self.engine!r}; valid options: {list(ENGINES)}")
+            raise UserError(f"parallel.engine={self.engine!r}; valid options: {list(ENGINES)}")
         for name in ("world_size", "static_degree", "shard_size", "devices_per_node"):
             value = getattr(self, name)
             if value < 0 or (value and value & (value - 1)):
-                raise ValueError(f"parallel.{name}={value} must be 0 or a power of two")
+                raise UserError(f"parallel.{name}={value} must be 0 or a power of two")
         if self.backend not in (None, "nccl", "gloo", "mpi", "ucc"):
-            raise ValueError(f"parallel.backend={self.backend!r}; valid options: [null, nccl, gloo, mpi, ucc]")
+            raise UserError(f"parallel.backend={self.backend!r}; valid options: [null, nccl, gloo, mpi, ucc]")
         if self.shard_size and self.engine != "fsdp2":
-            raise ValueError(f"parallel.shard_size={self.shard_size} (HSDP) needs parallel.engine=fsdp2")
+            raise UserError(f"parallel.shard_size={self.shard_size} (HSDP) needs parallel.engine=fsdp2")
 
 
 def check_output_dir(out: Path, field: str = "output_dir") -> None:
@@ -149,7 +150,7 @@ def check_output_dir(out: Path, field: str = "output_dir") -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise ValueError(f"{field}={out} cannot be created or written ({exc.strerror or exc}); "
+        raise UserError(f"{field}={out} cannot be created or written ({exc.strerror or exc}); "
                          f"give a writable directory") from None
 
 
@@ -192,7 +193,7 @@ def typed_section(cls, data, name: str, skip=()):
     valid = {f.name for f in fields(cls)}
     bad = sorted(set(data) - valid)
     if bad:
-        raise ValueError(f"unknown {name} keys {bad}; valid keys: {sorted(valid)}")
+        raise UserError(f"unknown {name} keys {bad}; valid keys: {sorted(valid)}")
     hints = typing.get_type_hints(cls)
     for key, value in data.items():
         if key in skip:
@@ -203,7 +204,7 @@ def typed_section(cls, data, name: str, skip=()):
             continue
         if not matches_type(tp, value):
             extra = " (finite)" if tp is float and isinstance(value, float) else ""
-            raise ValueError(f"{name}.{key}={value!r} must be {type_name(tp)}{extra}")
+            raise UserError(f"{name}.{key}={value!r} must be {type_name(tp)}{extra}")
     return cls(**data)
 
 
@@ -219,7 +220,7 @@ def parse_config(cfg) -> dict:
         raw = OmegaConf.to_container(cfg, resolve=True)
     for key in ("model", "data", "parallel", "solver", "train", "output_dir"):
         if key not in raw:
-            raise ValueError(f"config has no '{key}' section; expected model, data, parallel, solver, train, output_dir")
+            raise UserError(f"config has no '{key}' section; expected model, data, parallel, solver, train, output_dir")
     train = typed_section(TrainConfig, raw["train"], "train")
     parallel = typed_section(ParallelConfig, raw["parallel"], "parallel")
     solver = typed_section(SolverConfig, raw["solver"], "solver")
@@ -235,18 +236,18 @@ def parse_config(cfg) -> dict:
     hf_checkpoint = model.pop("hf_checkpoint", None)
     hf_native = model.pop("hf_native", False)
     if not isinstance(preset, str):
-        raise ValueError(f"model.preset={preset!r} must be a string")
+        raise UserError(f"model.preset={preset!r} must be a string")
     if hf_checkpoint is not None and not isinstance(hf_checkpoint, str):
-        raise ValueError(f"model.hf_checkpoint={hf_checkpoint!r} must be a path to a Hugging Face model directory")
+        raise UserError(f"model.hf_checkpoint={hf_checkpoint!r} must be a path to a Hugging Face model directory")
     if not isinstance(hf_native, bool):
-        raise ValueError(f"model.hf_native={hf_native!r} must be true or false")
+        raise UserError(f"model.hf_native={hf_native!r} must be true or false")
     if hf_native and hf_checkpoint is None:
-        raise ValueError("model.hf_native=true needs model.hf_checkpoint (the Hugging Face model directory "
+        raise UserError("model.hf_native=true needs model.hf_checkpoint (the Hugging Face model directory "
                          "to train through transformers' modules)")
     model = {k: v for k, v in model.items() if v is not None}
     out = raw["output_dir"]
     if not isinstance(out, str) or not out.strip():
-        raise ValueError(f"output_dir={out!r} must be a directory path")
+        raise UserError(f"output_dir={out!r} must be a directory path")
     return dict(train=train, parallel=parallel, solver=solver, data=data, model_preset=preset,
                 model_overrides=model, hf_checkpoint=hf_checkpoint, hf_native=hf_native, output_dir=Path(out),
                 raw=raw)

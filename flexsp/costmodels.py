@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from solver.costmodel import CostModel
+from flexsp.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def gpu_estimate(mcfg, name: str, memory_bytes: int, num_devices: int, devices_p
     spec = gpu_spec(name)
     if spec is None:
         known = ", ".join(s.name for s in GPU_SPECS)
-        raise ValueError(f"solver.cost_model=auto: no datasheet figures for {name!r} (known: {known}); "
+        raise UserError(f"solver.cost_model=auto: no datasheet figures for {name!r} (known: {known}); "
                          f"profile it with flexsp-profile and pass solver.cost_model=<the JSON>")
     act = activation_bytes_per_token(mcfg, torch.bfloat16)["bytes_per_token"]
     memory_mb = 0.9 * memory_bytes / 2**20
@@ -94,6 +95,6 @@ def check_device(cm: CostModel, spec: str, device: torch.device, allow_foreign: 
     if device.type != "cuda" or allow_foreign or cm.device.startswith("cuda"):
         return
     where = f"on {cm.device!r}" if cm.device else "without recording its device"
-    raise ValueError(f"solver.cost_model={spec} was measured {where}, but this run trains on CUDA: its times "
+    raise UserError(f"solver.cost_model={spec} was measured {where}, but this run trains on CUDA: its times "
                      f"would plan the GPUs with CPU timings. Use solver.cost_model=auto (an estimate for this "
                      f"GPU), a flexsp-profile JSON measured on it, or solver.allow_foreign_cost_model=true")

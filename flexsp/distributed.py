@@ -11,6 +11,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from flexsp.errors import UserError
 
 
 def default_backend() -> str:
@@ -34,7 +35,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *, si
     backend = backend or default_backend()
     valid = ("nccl", "gloo", "mpi", "ucc")
     if backend not in valid:
-        raise ValueError(f"backend must be one of {valid}, got {backend!r}")
+        raise UserError(f"backend must be one of {valid}, got {backend!r}")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
         device = torch.device("cuda", local_rank)

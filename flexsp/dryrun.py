@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from flexsp.dryrun_report import PROG, format_report, table  # noqa: F401 (re-exported)
+from flexsp.errors import UserError
 
 _T_START = time.perf_counter()     # the command's wall time counts from this module's import
 GIB = 2**30
@@ -100,25 +101,25 @@ class DryRunConfig:
         for name in ("world_size", "devices_per_node"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
-                raise ValueError(f"dryrun.{name}={v} must be a power of two >= 1")
+                raise UserError(f"dryrun.{name}={v} must be a power of two >= 1")
         for name in ("device_memory_gb", "time_limit", "peak_tflops", "zero_gbps", "replicate_gbps"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
-                raise ValueError(f"dryrun.{name}={v} must be a finite number > 0")
+                raise UserError(f"dryrun.{name}={v} must be a finite number > 0")
         if not (0 <= self.reserve_gb < self.device_memory_gb and math.isfinite(self.reserve_gb)):
-            raise ValueError(f"dryrun.reserve_gb={self.reserve_gb} must be >= 0 and below "
+            raise UserError(f"dryrun.reserve_gb={self.reserve_gb} must be >= 0 and below "
                              f"dryrun.device_memory_gb={self.device_memory_gb}")
         if not 0 < self.mfu <= 1:
-            raise ValueError(f"dryrun.mfu={self.mfu} must be in (0, 1]")
+            raise UserError(f"dryrun.mfu={self.mfu} must be in (0, 1]")
         from solver.workloads import NAMES
         if self.workload not in NAMES:
-            raise ValueError(f"dryrun.workload={self.workload!r}; valid options: {list(NAMES)}")
+            raise UserError(f"dryrun.workload={self.workload!r}; valid options: {list(NAMES)}")
         if self.num_sequences < 1:
-            raise ValueError(f"dryrun.num_sequences={self.num_sequences} must be >= 1")
+            raise UserError(f"dryrun.num_sequences={self.num_sequences} must be >= 1")
         if self.context_tokens < 1:
-            raise ValueError(f"dryrun.context_tokens={self.context_tokens} must be >= 1")
+            raise UserError(f"dryrun.context_tokens={self.context_tokens} must be >= 1")
         if self.seed < 0:
-            raise ValueError(f"dryrun.seed={self.seed} must be >= 0")
+            raise UserError(f"dryrun.seed={self.seed} must be >= 0")
 
     @property
     def device_memory_bytes(self) -> int:
@@ -159,11 +160,11 @@ def parse(cfg: dict) -> tuple[dict, DryRunConfig]:
     c = parse_config(cfg)
     d = typed_section(DryRunConfig, cfg.get("dryrun") or {}, "dryrun")
     if c["parallel"].engine != "fsdp2":
-        raise ValueError(f"parallel.engine={c['parallel'].engine!r}: flexsp-dryrun shards with FSDP2 as training "
+        raise UserError(f"parallel.engine={c['parallel'].engine!r}: flexsp-dryrun shards with FSDP2 as training "
                          f"does with parallel.engine=fsdp2; valid: fsdp2")
     s = c["parallel"].shard_size
     if s and (s > d.world_size or d.world_size % s):
-        raise ValueError(f"parallel.shard_size={s} must divide dryrun.world_size={d.world_size}")
+        raise UserError(f"parallel.shard_size={s} must divide dryrun.world_size={d.world_size}")
     from flexsp.planning import load_cost_model
     load_cost_model(c["solver"].cost_model, d.world_size)     # a missing/bad cost model: before any work
     return c, d
@@ -506,7 +507,7 @@ def run(cfg: dict, t0: float | None = None) -> dict:
     check_output_dir(out)
     mcfg, precision = model_config_of(c, c["model_overrides"].get("vocab_size"))
     if getattr(mcfg, "hf_native", False):
-        raise ValueError(f"flexsp-dryrun sizes the native model's blocks; {mcfg.architecture} trains "
+        raise UserError(f"flexsp-dryrun sizes the native model's blocks; {mcfg.architecture} trains "
                          "HF-native (transformers' modules), whose memory it does not model yet")
     c["train"] = replace(c["train"], precision=precision)
     shard_size = c["parallel"].shard_size
@@ -627,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in overrides if a.startswith("-")]
     try:
         if bad:
-            raise ValueError(f"unknown option {bad[0]!r}; options: --help, --cfg; everything else is a "
+            raise UserError(f"unknown option {bad[0]!r}; options: --help, --cfg; everything else is a "
                              f"Hydra override (key=value)")
         cfg = compose(overrides)
         if show_cfg:

@@ -36,10 +36,12 @@ from pathlib import Path
 
 import torch
 
+from flexsp.errors import UserError, print_error
+
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """A user-facing export failure (one line, exit 2)."""
 
 
@@ -237,8 +239,7 @@ def main(argv=None) -> int:
                max_shard_bytes=args.max_shard_size, tokenizer=args.tokenizer,
                log=lambda m: print(m, file=sys.stderr))
     except ExportError as exc:
-        print(f"flexsp-export: error: {exc}", file=sys.stderr)
-        return 2
+        return print_error("flexsp-export", exc)
     return 0
 
 

@@ -3,9 +3,9 @@
 Two problems this module solves:
 
 1. **A user error is one line.** A bad value, a missing or corrupt file, a document longer than the
-   cluster holds: :func:`is_user_error` tells these (a ValueError raised by FlexSP's own code, or an
-   OSError naming a file) from bugs (anything else, or a ValueError from deep inside a library),
-   and :func:`report` prints ``flexsp-train: error: <message>`` on one rank only (rank 0 for errors
+   cluster holds: :func:`flexsp.errors.is_user_error` tells these (a ``UserError``, raised where the
+   bad value is known, or an OSError naming a file) from bugs (anything else: a ValueError of an
+   internal check included), by type, and :func:`report` prints ``flexsp-train: error: <message>`` on one rank only (rank 0 for errors
    every rank hits at start-up; the first rank to fail inside the training loop), with no
    traceback. A bug still prints its traceback, once.
 
@@ -41,6 +41,8 @@ import threading
 import traceback
 from pathlib import Path
 
+from flexsp.errors import BUG_EXIT_CODE, USER_ERROR_EXIT_CODE, is_user_error, print_error
+
 ABORTED_EXIT_CODE = 3
 """Exit status of a rank stopped because another rank failed (or vanished)."""
 REPORTED_EXIT_CODES = (1, 2, 3, 130, 143)
@@ -48,45 +50,18 @@ REPORTED_EXIT_CODES = (1, 2, 3, 130, 143)
 by another rank's failure, interrupted); any other status or a signal is a rank that died silently."""
 LAUNCHER_ENV = "FLEXSP_LAUNCHER"
 """Set (to "1") in the ranks' environment by flexsp-train's launcher, which reports a dead rank itself."""
-USER_ERROR_EXIT_CODE = 2
-BUG_EXIT_CODE = 1
-_OUR_CODE = (str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "solver"))
-
-
-def is_user_error(exc: BaseException) -> bool:
-    """True for errors of the user's input: ValueErrors raised by FlexSP's own code (flexsp/,
-    solver/) and OSErrors that name a file (missing, unreadable, not a directory, ...)."""
-    if isinstance(exc, OSError) and getattr(exc, "filename", None):
-        return True
-    if not isinstance(exc, ValueError):
-        return False
-    tb = exc.__traceback__
-    last = None
-    while tb is not None:
-        last = tb
-        tb = tb.tb_next
-    if last is None:
-        return True
-    return os.path.abspath(last.tb_frame.f_code.co_filename).startswith(_OUR_CODE)
-
-
-def one_line(exc: BaseException) -> str:
-    """The user-facing line of a user error (an OSError names its file and what failed)."""
-    if isinstance(exc, OSError) and getattr(exc, "filename", None):
-        hint = getattr(exc, "flexsp_hint", "")
-        return f"cannot use {exc.filename}: {exc.strerror or exc}" + (f" ({hint})" if hint else "")
-    return " ".join(str(exc).split("\n"))
 
 
 def report(exc: BaseException, prog: str = "flexsp-train", *, printer: bool = True,
            stream=None) -> int:
-    """Print ``exc`` (one line for a user error, else its traceback) if ``printer``; return the exit
-    status to use (2 user error, 1 bug)."""
+    """Print ``exc`` if ``printer``: one line for a user error (flexsp.errors.is_user_error: a
+    UserError, or an OSError naming a file), else its traceback (a bug, printed once). Returns the
+    exit status to use (2 user error, 1 bug)."""
     stream = stream or sys.stderr
     user = is_user_error(exc)
     if printer:
         if user:
-            print(f"{prog}: error: {one_line(exc)}", file=stream, flush=True)
+            print_error(prog, exc, stream)
         else:
             traceback.print_exception(exc, file=stream)
             stream.flush()

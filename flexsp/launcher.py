@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from flexsp.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PROG = "flexsp-train"
@@ -87,7 +88,7 @@ def compose(overrides: list[str]) -> dict:
             cfg = h_compose(config_name="config", overrides=list(overrides))
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ValueError(_hydra_message(exc, overrides)) from None
+        raise UserError(_hydra_message(exc, overrides)) from None
 
 
 def _hydra_message(exc, overrides) -> str:

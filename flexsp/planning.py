@@ -26,6 +26,7 @@ from solver.baselines import BASELINES, static_plan
 from solver.costmodel import CostModel
 from solver.plan import Plan
 from solver.planner import PlanningError, check_lengths, plan_batch
+from flexsp.errors import UserError
 
 PARALLEL_MODES = ("adaptive", "static")
 
@@ -61,13 +62,13 @@ class SolverConfig:
         if isinstance(self.background, bool):   # older configs: true/false
             self.background = "process" if self.background else "off"
         if self.background not in BACKGROUND_MODES:
-            raise ValueError(f"solver.background={self.background!r}; valid options: {list(BACKGROUND_MODES)}")
+            raise UserError(f"solver.background={self.background!r}; valid options: {list(BACKGROUND_MODES)}")
         if self.fallback not in BASELINES:
-            raise ValueError(f"solver.fallback={self.fallback!r}; valid options: {sorted(BASELINES)}")
+            raise UserError(f"solver.fallback={self.fallback!r}; valid options: {sorted(BASELINES)}")
         if self.milp_backend not in MILP_BACKENDS:
-            raise ValueError(f"solver.milp_backend={self.milp_backend!r}; valid options: {list(MILP_BACKENDS)}")
+            raise UserError(f"solver.milp_backend={self.milp_backend!r}; valid options: {list(MILP_BACKENDS)}")
         if not self.time_limit > 0 or not self.time_limit < float("inf") or not self.wait_s >= 0:
-            raise ValueError(f"solver.time_limit={self.time_limit} must be a finite number > 0 and "
+            raise UserError(f"solver.time_limit={self.time_limit} must be a finite number > 0 and "
                              f"solver.wait_s={self.wait_s} >= 0")
 
 
@@ -207,7 +208,7 @@ def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0,
     device = torch.device("cpu") if device is None else torch.device(device)
     if spec == "auto" and device.type == "cuda":
         if shape is None:
-            raise ValueError("solver.cost_model=auto on CUDA estimates the model being trained: give its shape")
+            raise UserError("solver.cost_model=auto on CUDA estimates the model being trained: give its shape")
         return gpu_estimate(shape, torch.cuda.get_device_name(device),
                             torch.cuda.get_device_properties(device).total_memory, world_size,
                             devices_per_node or world_size, shard_size)
@@ -218,23 +219,23 @@ def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0,
         cm = load_preset(spec)
     elif Path(spec).suffix == ".json" or Path(spec).exists():
         if Path(spec).is_dir():
-            raise ValueError(f"solver.cost_model={spec} is a directory; give a cost-model JSON file or a preset "
+            raise UserError(f"solver.cost_model={spec} is a directory; give a cost-model JSON file or a preset "
                              f"({', '.join(sorted(PRESETS))})")
         cm = CostModel.load(spec)
     else:
-        raise ValueError(f"solver.cost_model={spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+        raise UserError(f"solver.cost_model={spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                          f"nor an existing cost-model JSON file")
     check_device(cm, spec_in, device, allow_foreign)
     if shape is not None and hasattr(cm, "check_model_shape"):
         try:
             cm.check_model_shape(shape.layers, shape.hidden, shape.heads, shape.kv_heads)
         except ValueError as exc:
-            raise ValueError(f"solver.cost_model={spec}: {exc}") from None
+            raise UserError(f"solver.cost_model={spec}: {exc}") from None
     if cm.num_devices != world_size:
         try:
             cm = replace(cm, num_devices=world_size, devices_per_node=min(cm.devices_per_node, world_size))
         except ValueError as exc:
-            raise ValueError(f"solver.cost_model={spec} on {world_size} rank(s): {exc}") from None
+            raise UserError(f"solver.cost_model={spec} on {world_size} rank(s): {exc}") from None
     if shard_size and shard_size < world_size and cm.shard_size != shard_size:
         gbps, note = cm.replicate_gbps, ""
         if not gbps > 0:
@@ -244,7 +245,7 @@ def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0,
         try:
             cm = replace(cm, shard_size=shard_size, replicate_gbps=gbps, source=cm.source + note)
         except ValueError as exc:
-            raise ValueError(f"solver.cost_model={spec} with parallel.shard_size={shard_size}: {exc}") from None
+            raise UserError(f"solver.cost_model={spec} with parallel.shard_size={shard_size}: {exc}") from None
     return cm
 
 
@@ -264,12 +265,12 @@ class StepPlanner:
         """``group``: the process group the plan is broadcast on (a gloo group under NCCL, so the
         handoff never touches the device; None = the default group)."""
         if mode not in PARALLEL_MODES:
-            raise ValueError(f"parallel.mode={mode!r}; valid options: {list(PARALLEL_MODES)}")
+            raise UserError(f"parallel.mode={mode!r}; valid options: {list(PARALLEL_MODES)}")
         if mode == "static":
             degree = static_degree or world_size
             valid = [1 << k for k in range(world_size.bit_length())]
             if degree not in valid:
-                raise ValueError(f"parallel.static_degree={static_degree} needs a power of two <= the "
+                raise UserError(f"parallel.static_degree={static_degree} needs a power of two <= the "
                                  f"{world_size} ranks that exist; valid options: {valid} (0 = all ranks)")
             static_degree = degree
         self.cfg, self.cm, self.rank, self.world_size = cfg, cm, rank, world_size

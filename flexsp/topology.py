@@ -26,14 +26,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flexsp.errors import UserError, check_power_of_two
+
 
 def dist_world():
     import torch.distributed as dist
     return dist.group.WORLD
-
-
-def _is_pow2(n: int) -> bool:
-    return isinstance(n, int) and n >= 1 and (n & (n - 1)) == 0
 
 
 @dataclass
@@ -52,17 +50,12 @@ class SPTopology:
     """A gloo group over the world for host objects (the default group when it is gloo)."""
 
     def __post_init__(self) -> None:
-        if not _is_pow2(self.world_size):
-            raise ValueError(
-                f"world_size must be a power of two >= 1, got {self.world_size!r} "
-                "(valid: 1, 2, 4, 8, ...)")
+        check_power_of_two("world_size", self.world_size)
         if self.devices_per_node is None:
             self.devices_per_node = self.world_size
-        if not _is_pow2(self.devices_per_node):
-            raise ValueError(
-                f"devices_per_node must be a power of two >= 1, got {self.devices_per_node!r}")
+        check_power_of_two("devices_per_node", self.devices_per_node)
         if self.world_size > self.devices_per_node and self.world_size % self.devices_per_node:
-            raise ValueError(
+            raise UserError(
                 f"world_size={self.world_size} is not a multiple of "
                 f"devices_per_node={self.devices_per_node}")
 
@@ -80,7 +73,7 @@ class SPTopology:
         """Global ranks of group ``(degree, block)``: ``[block*degree, (block+1)*degree)``."""
         self._check_degree(degree)
         if not (isinstance(block, int) and 0 <= block < self.world_size // degree):
-            raise ValueError(
+            raise UserError(
                 f"block must be in [0, {self.world_size // degree}) for degree {degree}, "
                 f"got {block!r}")
         return list(range(block * degree, (block + 1) * degree))
@@ -88,7 +81,7 @@ class SPTopology:
     def block_of(self, degree: int, rank: int) -> int:
         self._check_degree(degree)
         if not (isinstance(rank, int) and 0 <= rank < self.world_size):
-            raise ValueError(f"rank must be in [0, {self.world_size}), got {rank!r}")
+            raise UserError(f"rank must be in [0, {self.world_size}), got {rank!r}")
         return rank // degree
 
     def all_blocks(self) -> list[tuple[int, int]]:
@@ -101,7 +94,7 @@ class SPTopology:
 
     def _check_degree(self, degree: int) -> None:
         if degree not in self.degrees:
-            raise ValueError(f"degree must be one of {self.degrees}, got {degree!r}")
+            raise UserError(f"degree must be one of {self.degrees}, got {degree!r}")
 
     # ---- process groups ----
     def build(self, backend: str | None = None) -> "SPTopology":
@@ -115,7 +108,7 @@ class SPTopology:
             raise RuntimeError("SPTopology.build() needs torch.distributed to be initialised "
                                "(see flexsp.distributed.init_distributed)")
         if dist.get_world_size() != self.world_size:
-            raise ValueError(f"SPTopology(world_size={self.world_size}) but the default group "
+            raise UserError(f"SPTopology(world_size={self.world_size}) but the default group "
                              f"has {dist.get_world_size()} ranks")
         if self._groups:
             return self

@@ -42,6 +42,7 @@ import numbers
 import os
 import sys
 from pathlib import Path
+from flexsp.errors import UserError
 
 TRACKERS = ("none", "tensorboard", "wandb")
 
@@ -131,9 +132,9 @@ class Tracker:
                  wandb_mode: str | None = None):
         kind = "none" if kind is None else str(kind)
         if kind not in TRACKERS:
-            raise ValueError(f"train.logger={kind!r}; valid options: {list(TRACKERS)}")
+            raise UserError(f"train.logger={kind!r}; valid options: {list(TRACKERS)}")
         if int(plot_plan_every) < 0:
-            raise ValueError(f"plot_plan_every={plot_plan_every!r} must be >= 0 (0: no plan pictures)")
+            raise UserError(f"plot_plan_every={plot_plan_every!r} must be >= 0 (0: no plan pictures)")
         self.kind = kind
         self.output_dir = Path(output_dir)
         self.run_name = run_name
@@ -149,7 +150,7 @@ class Tracker:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
-                raise ValueError(f"train.logger=tensorboard needs the 'tensorboard' package "
+                raise UserError(f"train.logger=tensorboard needs the 'tensorboard' package "
                                  f"(pip install tensorboard): {exc}") from exc
             self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), flush_secs=30)
             self._writer.add_text("config", "```\n" + json.dumps(config, indent=2, sort_keys=True) + "\n```", 0)
@@ -157,7 +158,7 @@ class Tracker:
             try:
                 import wandb
             except ImportError as exc:
-                raise ValueError(f"train.logger=wandb needs the 'wandb' package (pip install wandb): {exc}") from exc
+                raise UserError(f"train.logger=wandb needs the 'wandb' package (pip install wandb): {exc}") from exc
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._wandb = wandb
             mode = wandb_mode or os.environ.get("WANDB_MODE") or "online"

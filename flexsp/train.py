@@ -39,6 +39,7 @@ import torch.distributed as dist
 from flexsp.hostcopy import read_to_host, to_device
 from flexsp.config import (RESUME_HELP, ParallelConfig, TrainConfig, check_output_dir,  # noqa: F401 (re-exported)
                            parse_config)
+from flexsp.errors import UserError
 
 _RUNS = itertools.count()
 
@@ -86,7 +87,7 @@ def _init_world(parallel: ParallelConfig):
         _init_elastic(parallel.backend, int(restart))
     rank, world, device = init_distributed(parallel.backend, single=single)
     if parallel.world_size and parallel.world_size != world:
-        raise ValueError(f"parallel.world_size={parallel.world_size} but the launcher started {world} "
+        raise UserError(f"parallel.world_size={parallel.world_size} but the launcher started {world} "
                          f"ranks; start {parallel.world_size} ranks (e.g. torchrun --nproc_per_node "
                          f"{parallel.world_size}) or set parallel.world_size=0")
     return rank, world, device
@@ -145,7 +146,7 @@ def model_config_of(c: dict, vocab_size: int | None = None):
         allowed = {"activation_checkpointing", "dtype"}
         bad = sorted(set(over) - allowed)
         if bad:
-            raise ValueError(f"model fields {bad} cannot be overridden with model.hf_checkpoint (the shape "
+            raise UserError(f"model fields {bad} cannot be overridden with model.hf_checkpoint (the shape "
                              f"comes from {c['hf_checkpoint']}/config.json); overridable: {sorted(allowed)}")
         hf_native = hf_native_reason(c) is not None
         if hf_native:
@@ -160,7 +161,7 @@ def model_config_of(c: dict, vocab_size: int | None = None):
     if precision == "auto":
         precision = "bf16" if mcfg.dtype == "bfloat16" else "fp32"
     if precision == "bf16-pure" and c["parallel"].engine != "fsdp2":
-        raise ValueError("train.precision=bf16-pure needs parallel.engine=fsdp2; valid with deepspeed: fp32, bf16")
+        raise UserError("train.precision=bf16-pure needs parallel.engine=fsdp2; valid with deepspeed: fp32, bf16")
     if vocab_size is not None and not hf_native:      # HF-native: the checkpoint's vocabulary, always
         mcfg = replace(mcfg, vocab_size=int(vocab_size))
     return replace(mcfg, dtype=param_dtype(precision)), precision
@@ -183,9 +184,9 @@ def validate(c: dict, world_size: int | None = None) -> None:
         try:
             SPTopology(world_size)
         except ValueError as exc:
-            raise ValueError(f"{world_size} ranks: {exc}") from None
+            raise UserError(f"{world_size} ranks: {exc}") from None
         if c["parallel"].world_size and c["parallel"].world_size != world_size:
-            raise ValueError(f"parallel.world_size={c['parallel'].world_size} but {world_size} ranks are launched")
+            raise UserError(f"parallel.world_size={c['parallel'].world_size} but {world_size} ranks are launched")
     from flexsp.distributed import default_backend
     device = torch.device("cuda" if (c["parallel"].backend or default_backend()) == "nccl" else "cpu")
     if not (c["solver"].cost_model == "auto" and device.type == "cuda"):   # the estimate is built per rank
@@ -211,7 +212,7 @@ def _setup(cfg) -> RunState:
     mcfg_shape = planning_shape(mcfg_shape)
     c["train"] = replace(c["train"], precision=precision)
     if parallel.shard_size and (parallel.shard_size > world or world % parallel.shard_size):
-        raise ValueError(f"parallel.shard_size={parallel.shard_size} must divide the {world} ranks")
+        raise UserError(f"parallel.shard_size={parallel.shard_size} must divide the {world} ranks")
     dpn = parallel.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     topo = SPTopology(world, min(dpn, world)).build()
     cm = load_cost_model(solver.cost_model, world, shape=mcfg_shape, shard_size=parallel.shard_size, device=device,
@@ -247,12 +248,12 @@ def _build_source(data_cfg, rank: int):
             box = [err]
             dist.broadcast_object_list(box, src=0)
         if err:
-            raise ValueError(err)
+            raise UserError(err)
         return src
     box = [None]
     dist.broadcast_object_list(box, src=0)
     if box[0]:
-        raise ValueError(box[0])
+        raise UserError(box[0])
     return build_source(data_cfg)
 
 
@@ -305,7 +306,7 @@ def _build(st: RunState) -> None:
             check_vocabulary(st.source.vocab_size, vocab, c["hf_checkpoint"] if tok == "bpe" else tok,
                              c["hf_checkpoint"])
     if vocab < st.source.vocab_size:
-        raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary "
+        raise UserError(f"model.vocab_size={vocab} is smaller than the data's vocabulary "
                          f"({st.source.vocab_size}); set model.vocab_size=null to follow the data")
     mcfg, _ = model_config_of(c, vocab)
     make_model = lambda device: Transformer(mcfg, device=device)   # noqa: E731

@@ -30,6 +30,7 @@ import numpy as np
 from .build import build_plan
 from .costmodel import CostModel
 from .plan import Plan
+from .errors import UserError
 
 STATIC_FILL = 0.9
 """Fraction of a group's token capacity the official static baseline fills per bin."""
@@ -55,12 +56,12 @@ def check_lengths(lengths: Sequence[int], cm: CostModel, degree: int | None = No
     arr = np.asarray(lengths, dtype=np.int64).reshape(-1)
     if arr.size and arr.min() < 1:
         bad = [int(x) for x in arr[arr < 1][:5]]
-        raise ValueError(f"sequence lengths must be >= 1, got {bad}")
+        raise UserError(f"sequence lengths must be >= 1, got {bad}")
     limit_deg = degree or max(usable_degrees(cm))
     limit = limit_deg * cm.capacity_tokens
     if arr.size and arr.max() > limit:
         bad = np.nonzero(arr > limit)[0][:5]
-        raise ValueError(
+        raise UserError(
             f"sequences {bad.tolist()} of lengths {arr[bad].tolist()} exceed {limit} tokens = "
             f"{limit_deg} devices x C={cm.capacity_tokens} tokens per device ({cm.name})")
     return arr
@@ -109,7 +110,7 @@ def static_plan(lengths: Sequence[int], cm: CostModel, degree: int | None = None
     t0 = time.perf_counter()
     degree = degree or max(usable_degrees(cm))
     if degree not in usable_degrees(cm):
-        raise ValueError(f"degree must be a power of two in {usable_degrees(cm)}, got {degree}")
+        raise UserError(f"degree must be a power of two in {usable_degrees(cm)}, got {degree}")
     arr = check_lengths(lengths, cm, degree)
     cap = STATIC_FILL * cm.capacity_tokens * degree
     bins = best_fit_decreasing(arr, range(len(arr)), cap)   # O(n log n): the deadline is checked after

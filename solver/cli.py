@@ -16,11 +16,12 @@ from pathlib import Path
 
 from .baselines import BaselineTimeout, best_homogeneous_plan, greedy_hybrid_cp_plan, static_plan, usable_degrees
 from .costmodel import CostModel
+from .errors import UserError, print_error
 from .inputs import OneLineParser, check_output_path, positive, power_of_two, read_lengths, resize
 from .milp import MILP_BACKENDS, check_backend
 from .plan import Plan
 from .plot import PLOT_SUFFIXES
-from .planner import PlanningError, plan_batch
+from .planner import plan_batch
 from .presets import PRESETS, load_preset
 
 
@@ -161,9 +162,8 @@ def main(argv=None) -> int:
                      f"time box {args.time_limit:g} s")
         plan = plan_batch(lengths, cm, time_limit=args.time_limit, milp_backend=args.milp_backend,
                           pulp_solver=args.pulp_solver, progress=progress if show else None)
-    except (ValueError, PlanningError) as exc:
-        print(f"flexsp-plan: error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        return print_error("flexsp-plan", exc)
     budget = max(0.5, args.time_limit / 4)
     if show and not args.no_baselines:
         progress(f"plan done in {time.perf_counter() - started:.1f} s ({plan.status}); baselines (box {budget:.1f} s)")
@@ -181,8 +181,7 @@ def main(argv=None) -> int:
             from .plot import plot_plan
             plot_plan(plan, args.plot)
     except OSError as exc:
-        print(f"flexsp-plan: error: cannot write output: {exc}", file=sys.stderr)
-        return 2
+        return print_error("flexsp-plan", f"cannot write output: {exc}")
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .network import apply_topology
+from .errors import UserError, check_power_of_two
 
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -38,13 +39,13 @@ def _mode_degree_table(name: str, table: dict) -> dict:
     for key, value in table.items():
         mode, _, deg = str(key).rpartition(":")
         if mode and mode not in ("ulysses", "ring", "hybrid"):
-            raise ValueError(f"{name} key {key!r}: mode must be ulysses, ring or hybrid")
+            raise UserError(f"{name} key {key!r}: mode must be ulysses, ring or hybrid")
         try:
             degree = int(deg)
         except ValueError:
-            raise ValueError(f"{name} key {key!r}: expected a degree or 'mode:degree'") from None
+            raise UserError(f"{name} key {key!r}: expected a degree or 'mode:degree'") from None
         if float(value) < 0:
-            raise ValueError(f"{name}[{key!r}] must be >= 0, got {value}")
+            raise UserError(f"{name}[{key!r}] must be >= 0, got {value}")
         out[f"{mode}:{degree}" if mode else degree] = float(value)
     return out
 
@@ -125,39 +126,32 @@ class CostModel:
 
     def __post_init__(self):
         _check_types(self)
-        n = self.num_devices
-        if n < 1 or n & (n - 1):
-            raise ValueError(f"num_devices must be a power of two >= 1, got {n}")
-        d = self.devices_per_node
-        if d < 1 or d & (d - 1):
-            raise ValueError(f"devices_per_node must be a power of two >= 1, got {d}")
+        n = check_power_of_two("num_devices", self.num_devices)
+        check_power_of_two("devices_per_node", self.devices_per_node)
         if self.zero_stage not in ZERO_STAGES:
-            raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage}")
+            raise UserError(f"zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage}")
         if min(self.a1, self.a2, self.b, self.a2a_mb_per_token, self.act_mb_per_token,
                self.per_sequence_ms, self.step_overhead_ms) < 0:
-            raise ValueError(f"cost coefficients must be >= 0 (a1={self.a1}, a2={self.a2}, b={self.b})")
+            raise UserError(f"cost coefficients must be >= 0 (a1={self.a1}, a2={self.a2}, b={self.b})")
         if self.memory_mb <= 0:
-            raise ValueError(f"memory_mb must be > 0, got {self.memory_mb}")
+            raise UserError(f"memory_mb must be > 0, got {self.memory_mb}")
         for name in ("layers", "hidden", "heads", "kv_heads"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 = unknown), got {getattr(self, name)}")
-        s = self.shard_size
-        if s and (s < 1 or s & (s - 1) or s > n):
-            raise ValueError(f"shard_size must be 0 (shard over all devices) or a power of two <= "
-                             f"num_devices={n}, got {s}")
+                raise UserError(f"{name} must be >= 0 (0 = unknown), got {getattr(self, name)}")
+        s = check_power_of_two("shard_size", self.shard_size, zero_ok=True, at_most=n, at_most_name=f"num_devices={n}")
         if self.replicate_gbps < 0 or self.grad_bytes_per_param < 0:
-            raise ValueError(f"replicate_gbps and grad_bytes_per_param must be >= 0, got "
+            raise UserError(f"replicate_gbps and grad_bytes_per_param must be >= 0, got "
                              f"{self.replicate_gbps} and {self.grad_bytes_per_param}")
         if self.replicas > 1 and self.replicate_gbps <= 0:
-            raise ValueError(f"shard_size={s} on num_devices={n} makes {self.replicas} replicas: "
+            raise UserError(f"shard_size={s} on num_devices={n} makes {self.replicas} replicas: "
                              f"replicate_gbps (the gradient all-reduce bandwidth across them, GB/s) "
                              f"must be > 0, got {self.replicate_gbps}")
         if self.act_mb_per_token <= 0 and self.capacity_override <= 0:
-            raise ValueError(f"act_mb_per_token must be > 0 (or capacity_override set), got {self.act_mb_per_token}")
+            raise UserError(f"act_mb_per_token must be > 0 (or capacity_override set), got {self.act_mb_per_token}")
         for name in ("bandwidth_gbps", "p2p_bandwidth_gbps"):
             bad = {k: v for k, v in getattr(self, name).items() if not v > 0}
             if bad:
-                raise ValueError(f"{name} entries must be > 0 GB/s, got {bad}")
+                raise UserError(f"{name} entries must be > 0 GB/s, got {bad}")
         # JSON turns int keys into strings: normalise so loaded and built models compare equal.
         object.__setattr__(self, "bandwidth_gbps", {int(k): float(v) for k, v in self.bandwidth_gbps.items()})
         object.__setattr__(self, "p2p_bandwidth_gbps", {int(k): float(v) for k, v in self.p2p_bandwidth_gbps.items()})
@@ -165,9 +159,9 @@ class CostModel:
             object.__setattr__(self, name, _mode_degree_table(name, getattr(self, name)))
         missing = [s for s in self.degrees if s > 1 and self._lookup(self.bandwidth_gbps, s) is None]
         if missing:
-            raise ValueError(f"bandwidth_gbps has no entry for SP degrees {missing}; have {sorted(self.bandwidth_gbps)}")
+            raise UserError(f"bandwidth_gbps has no entry for SP degrees {missing}; have {sorted(self.bandwidth_gbps)}")
         if self.capacity_tokens < 1:
-            raise ValueError(
+            raise UserError(
                 f"model states ({self.model_states_mb:.0f} MB) leave no room for activations in "
                 f"{self.memory_mb:.0f} MB per device; add devices, memory or a higher ZeRO stage")
 
@@ -255,7 +249,7 @@ class CostModel:
             if value is not None and mine and int(value) != mine:
                 bad.append(f"{name}={mine} but the model has {name}={int(value)}")
         if bad:
-            raise ValueError(f"cost model {self.name} was built for " + "; ".join(bad)
+            raise UserError(f"cost model {self.name} was built for " + "; ".join(bad)
                              + ": profile this model (flexsp-profile) or pick a matching cost model")
 
     def attention_modes(self, sp: int) -> tuple[str, ...]:
@@ -286,7 +280,7 @@ class CostModel:
             inner = self.a2a_mb_per_token / sp / self._lookup(self.bandwidth_gbps, u)
             bw = self._lookup(self.p2p_bandwidth_gbps, sp) or self._lookup(self.bandwidth_gbps, sp)
             return inner + self.ring_mb_per_token * (sp // u - 1) / sp / bw
-        raise ValueError(f"unknown attention mode {mode!r}; valid: {self.attention_modes(sp)}")
+        raise UserError(f"unknown attention mode {mode!r}; valid: {self.attention_modes(sp)}")
 
     def ulysses_width(self, sp: int) -> int:
         """Ulysses sub-group size of a hybrid group: the largest power of two dividing heads, <= sp."""
@@ -298,7 +292,7 @@ class CostModel:
     def best_mode(self, sp: int) -> str:
         modes = self.attention_modes(sp)
         if not modes:
-            raise ValueError(f"no attention mode can run SP degree {sp} (heads={self.heads}, ring disabled)")
+            raise UserError(f"no attention mode can run SP degree {sp} (heads={self.heads}, ring disabled)")
         return min(modes, key=lambda m: (self.comm_ms_per_token(sp, m), m))
 
     def _mode_term(self, table: dict, sp: int, mode: str | None) -> float:
@@ -330,7 +324,7 @@ class CostModel:
         0 or a negative value is an error, not "keep")."""
         for name, value in (("num_devices", num_devices), ("memory_mb", memory_mb)):
             if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+                raise UserError(f"{name} must be > 0, got {value}")
         return replace(self, num_devices=self.num_devices if num_devices is None else int(num_devices),
                        memory_mb=self.memory_mb if memory_mb is None else float(memory_mb))
 
@@ -344,16 +338,16 @@ class CostModel:
     def from_dict(cls, data: dict) -> "CostModel":
         """A cost model from plain data; ValueError naming unknown, missing or mistyped fields."""
         if not isinstance(data, dict):
-            raise ValueError(f"a cost model must be a JSON object, got {type(data).__name__}")
+            raise UserError(f"a cost model must be a JSON object, got {type(data).__name__}")
         data = apply_topology(data)   # the "topology" form fills the bandwidth tables
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown cost-model keys {sorted(unknown)}; valid keys: {sorted(known)}")
+            raise UserError(f"unknown cost-model keys {sorted(unknown)}; valid keys: {sorted(known)}")
         missing = [k for k, f in cls.__dataclass_fields__.items() if k not in data
                    and f.default is MISSING and f.default_factory is MISSING]
         if missing:
-            raise ValueError(f"incomplete cost model: missing required fields {missing}")
+            raise UserError(f"incomplete cost model: missing required fields {missing}")
         return cls(**data)
 
     @classmethod
@@ -363,23 +357,23 @@ class CostModel:
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ValueError(f"cost-model file {path} does not exist") from None
+            raise UserError(f"cost-model file {path} does not exist") from None
         except IsADirectoryError:
-            raise ValueError(f"cost-model file {path} is a directory, expected a JSON file") from None
+            raise UserError(f"cost-model file {path} is a directory, expected a JSON file") from None
         except PermissionError:
-            raise ValueError(f"cost-model file {path} is not readable (permission denied)") from None
+            raise UserError(f"cost-model file {path} is not readable (permission denied)") from None
         except UnicodeDecodeError as exc:
-            raise ValueError(f"cost-model file {path} is not UTF-8 text (byte {exc.start}): expected JSON") from None
+            raise UserError(f"cost-model file {path} is not UTF-8 text (byte {exc.start}): expected JSON") from None
         except OSError as exc:
-            raise ValueError(f"cost-model file {path} cannot be read: {exc.strerror or exc}") from None
+            raise UserError(f"cost-model file {path} cannot be read: {exc.strerror or exc}") from None
         except json.JSONDecodeError as exc:
-            raise ValueError(f"cost-model file {path} is not valid JSON: {exc}") from None
+            raise UserError(f"cost-model file {path} is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"cost-model file {path} must hold a JSON object, got {type(data).__name__}")
+            raise UserError(f"cost-model file {path} must hold a JSON object, got {type(data).__name__}")
         try:
             return cls.from_dict(data)
         except ValueError as exc:
-            raise ValueError(f"cost-model file {path}: {exc}") from None
+            raise UserError(f"cost-model file {path}: {exc}") from None
 
 
 def _check_types(cm: "CostModel") -> None:
@@ -389,22 +383,22 @@ def _check_types(cm: "CostModel") -> None:
         value, kind = getattr(cm, name), f.type
         if kind == "str":
             if not isinstance(value, str):
-                raise ValueError(f"field {name} must be a string, got {value!r}")
+                raise UserError(f"field {name} must be a string, got {value!r}")
         elif kind == "bool":
             if not isinstance(value, bool):
-                raise ValueError(f"field {name} must be true or false, got {value!r}")
+                raise UserError(f"field {name} must be true or false, got {value!r}")
         elif kind == "int":
             ok = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
             if isinstance(value, bool) or not ok:
-                raise ValueError(f"field {name} must be an integer, got {value!r}")
+                raise UserError(f"field {name} must be an integer, got {value!r}")
             object.__setattr__(cm, name, int(value))
         elif kind == "float":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"field {name} must be a finite number, got {value!r}")
+                raise UserError(f"field {name} must be a finite number, got {value!r}")
             object.__setattr__(cm, name, float(value))
         elif kind.startswith("dict"):
             if not isinstance(value, dict):
-                raise ValueError(f"field {name} must be an object of degree -> number, got {value!r}")
+                raise UserError(f"field {name} must be an object of degree -> number, got {value!r}")
             for k, v in value.items():
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise ValueError(f"field {name}[{k!r}] must be a finite number, got {v!r}")
+                    raise UserError(f"field {name}[{k!r}] must be a finite number, got {v!r}")

@@ -18,6 +18,7 @@ import numpy as np
 
 from .costmodel import CostModel
 from .presets import PRESETS, load_preset
+from .errors import UserError, check_power_of_two
 
 
 def read_lengths(source: str) -> list[int]:
@@ -33,30 +34,30 @@ def read_lengths(source: str) -> list[int]:
             except FileNotFoundError:
                 raise
             except (OSError, ValueError) as exc:
-                raise ValueError(f"{source}: not a readable .npy array ({exc})") from None
+                raise UserError(f"{source}: not a readable .npy array ({exc})") from None
             if arr.ndim != 1:
-                raise ValueError(f"{source}: expected a 1-D array of lengths, got shape {arr.shape}")
+                raise UserError(f"{source}: expected a 1-D array of lengths, got shape {arr.shape}")
             return as_lengths(arr.tolist(), source)
         else:
             text = Path(source).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ValueError(f"lengths file {source} does not exist") from None
+        raise UserError(f"lengths file {source} does not exist") from None
     except IsADirectoryError:
-        raise ValueError(f"--lengths {source} is a directory; give a file of lengths "
+        raise UserError(f"--lengths {source} is a directory; give a file of lengths "
                          "(or - for stdin)") from None
     except PermissionError:
-        raise ValueError(f"lengths file {source} is not readable (permission denied)") from None
+        raise UserError(f"lengths file {source} is not readable (permission denied)") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{source}: not a text file of lengths (not UTF-8); use text, .npy or "
+        raise UserError(f"{source}: not a text file of lengths (not UTF-8); use text, .npy or "
                          "a JSON list") from None
     except OSError as exc:
-        raise ValueError(f"lengths file {source} cannot be read: {exc.strerror or exc}") from None
+        raise UserError(f"lengths file {source} cannot be read: {exc.strerror or exc}") from None
     stripped = text.strip()
     if stripped.startswith("["):
         try:
             return as_lengths(json.loads(stripped), source)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{source}: malformed JSON list ({exc})") from None
+            raise UserError(f"{source}: malformed JSON list ({exc})") from None
     values = []
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
@@ -65,18 +66,18 @@ def read_lengths(source: str) -> list[int]:
         try:
             values.append(int(line))
         except ValueError:
-            raise ValueError(f"{source}:{lineno}: expected one integer per line, got {line[:40]!r}") from None
+            raise UserError(f"{source}:{lineno}: expected one integer per line, got {line[:40]!r}") from None
     return as_lengths(values, source)
 
 
 def as_lengths(values, source: str) -> list[int]:
     """A non-empty list of integers (JSON numbers like 12.0 included); ValueError otherwise."""
     if not isinstance(values, list) or not values:
-        raise ValueError(f"{source}: no sequence lengths found (the batch is empty)")
+        raise UserError(f"{source}: no sequence lengths found (the batch is empty)")
     out = []
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
-            raise ValueError(f"{source}: entry {i} is {v!r}, not an integer length")
+            raise UserError(f"{source}: entry {i} is {v!r}, not an integer length")
         out.append(int(v))
     return out
 
@@ -88,7 +89,7 @@ def resolve_cost_model(spec: str) -> CostModel:
         return load_preset(spec)
     if os.path.exists(spec) or spec.endswith(".json") or os.sep in spec:
         return CostModel.load(spec)
-    raise ValueError(f"--cost-model {spec!r} is neither a preset nor a file; valid presets: "
+    raise UserError(f"--cost-model {spec!r} is neither a preset nor a file; valid presets: "
                      f"{', '.join(sorted(PRESETS))}")
 
 
@@ -102,22 +103,22 @@ def resize(cm: CostModel, num_devices: int | None, memory_mb: float | None) -> C
             cm = replace(cm, num_devices=num_devices, devices_per_node=num_devices)
         return cm.with_devices(num_devices, memory_mb)
     except ValueError as exc:
-        raise ValueError(f"--num-devices {num_devices} / --memory-mb {memory_mb}: {exc}") from None
+        raise UserError(f"--num-devices {num_devices} / --memory-mb {memory_mb}: {exc}") from None
 
 
 def check_output_path(option: str, path: str, suffixes: tuple[str, ...] = ()) -> None:
     """Before any work: the output's folder exists and is writable, and the suffix is supported."""
     p = Path(path)
     if suffixes and p.suffix.lower() not in suffixes:
-        raise ValueError(f"{option} {path}: unsupported file type {p.suffix or '(none)'!r}; "
+        raise UserError(f"{option} {path}: unsupported file type {p.suffix or '(none)'!r}; "
                          f"use one of {', '.join(suffixes)}")
     if p.is_dir():
-        raise ValueError(f"{option} {path} is a directory; give a file name")
+        raise UserError(f"{option} {path} is a directory; give a file name")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise ValueError(f"{option} {path}: folder {parent} does not exist")
+        raise UserError(f"{option} {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ValueError(f"{option} {path}: not writable")
+        raise UserError(f"{option} {path}: not writable")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -131,11 +132,10 @@ def power_of_two(text: str) -> int:
     """argparse type: an integer power of two >= 1."""
     try:
         n = int(text)
+        return check_power_of_two("value", n)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a power of two >= 1, got {text!r}") from None
-    if n < 1 or n & (n - 1):
-        raise argparse.ArgumentTypeError(f"expected a power of two >= 1 (1, 2, 4, ..., 1024), got {n}")
-    return n
+        got = n if text.strip().lstrip("-").isdigit() else repr(text)
+        raise argparse.ArgumentTypeError(f"expected a power of two >= 1 (1, 2, 4, ..., 1024), got {got}") from None
 
 
 def positive(text: str) -> float:

@@ -62,6 +62,7 @@ from .baselines import check_lengths, usable_degrees
 from .build import build_plan, layout_ranks
 from .costmodel import CostModel
 from .plan import Plan
+from .errors import UserError
 
 WORKLOAD_CAP_DELTA = 0.05
 """Megatron's ``_DYNAMIC_CP_WORKLOAD_CAP_DELTA``: options may load the busiest rank up to
@@ -241,13 +242,13 @@ def megatron_dcp_plan(lengths: Sequence[int], cm: CostModel, *, max_seqlen_per_r
     arr = check_lengths(lengths, cm)
     m = int(max_seqlen_per_rank or cm.capacity_tokens)
     if m < 1 or m > cm.capacity_tokens:
-        raise ValueError(f"max_seqlen_per_rank must be in 1..{cm.capacity_tokens} (C of {cm.name}), got {m}")
+        raise UserError(f"max_seqlen_per_rank must be in 1..{cm.capacity_tokens} (C of {cm.name}), got {m}")
     max_cp = max(usable_degrees(cm))
     if min_cp_size < 1 or min_cp_size & (min_cp_size - 1) or min_cp_size > max_cp:
-        raise ValueError(f"min_cp_size must be a power of two in 1..{max_cp}, got {min_cp_size}")
+        raise UserError(f"min_cp_size must be a power of two in 1..{max_cp}, got {min_cp_size}")
     too_long = [i for i, length in enumerate(arr.tolist()) if dcp_gpus_needed(length, m) > max_cp]
     if too_long:
-        raise ValueError(f"sequences {too_long[:5]} of lengths {arr[too_long[:5]].tolist()} fit no CP group: "
+        raise UserError(f"sequences {too_long[:5]} of lengths {arr[too_long[:5]].tolist()} fit no CP group: "
                          f"longest holds {max_cp} ranks x {m} tokens = {max_cp * m}")
     # Python's sort is stable with reverse=True, as Megatron's sorted(..., reverse=True)
     remaining = sorted(enumerate(arr.tolist()), key=lambda s: s[1], reverse=True)

@@ -39,6 +39,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix, csr_matrix
 
 from .packing import Workload
+from .errors import UserError
 
 MILP_BACKENDS = ("highs", "pulp")
 DEFAULT_PULP_SOLVER = "PULP_CBC_CMD"
@@ -80,17 +81,17 @@ def available_pulp_solvers() -> list[str]:
 def check_backend(backend: str, pulp_solver: str | None = None) -> None:
     """ValueError naming the backend or PuLP solver and listing the valid ones."""
     if backend not in MILP_BACKENDS:
-        raise ValueError(f"milp_backend must be one of {', '.join(MILP_BACKENDS)}, got {backend!r}")
+        raise UserError(f"milp_backend must be one of {', '.join(MILP_BACKENDS)}, got {backend!r}")
     if pulp_solver is not None and backend != "pulp":
-        raise ValueError(f"pulp_solver={pulp_solver!r} needs milp_backend='pulp', got {backend!r}")
+        raise UserError(f"pulp_solver={pulp_solver!r} needs milp_backend='pulp', got {backend!r}")
     if backend == "pulp":
         try:
             available = available_pulp_solvers()
         except ImportError:
-            raise ValueError("milp_backend='pulp' needs the pulp package (pip install pulp)") from None
+            raise UserError("milp_backend='pulp' needs the pulp package (pip install pulp)") from None
         name = pulp_solver or DEFAULT_PULP_SOLVER
         if name not in available:
-            raise ValueError(f"PuLP solver {name!r} is not available here; available: {', '.join(available) or 'none'}")
+            raise UserError(f"PuLP solver {name!r} is not available here; available: {', '.join(available) or 'none'}")
 
 
 def solve_model(model: MilpModel, *, time_limit: float, node_limit: int, mip_rel_gap: float,
@@ -114,7 +115,7 @@ def solve_model(model: MilpModel, *, time_limit: float, node_limit: int, mip_rel
                           timed_out, seconds)
     if backend == "pulp":
         return _solve_pulp(model, time_limit, node_limit, mip_rel_gap, pulp_solver or DEFAULT_PULP_SOLVER, t0)
-    raise ValueError(f"milp_backend must be one of {', '.join(MILP_BACKENDS)}, got {backend!r}")
+    raise UserError(f"milp_backend must be one of {', '.join(MILP_BACKENDS)}, got {backend!r}")
 
 
 def _solve_pulp(model: MilpModel, time_limit: float, node_limit: int, gap: float, solver_name: str, t0: float):

@@ -25,6 +25,7 @@ the filled tables, not the form.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from .errors import UserError
 
 MAX_DEVICES = 1 << 14
 """Tables are filled up to this many devices, so a preset resized by --num-devices keeps one."""
@@ -45,14 +46,14 @@ class Topology:
     def __post_init__(self):
         g = self.gpus_per_node
         if isinstance(g, bool) or not isinstance(g, int) or g < 1 or g & (g - 1):
-            raise ValueError(f"topology gpus_per_node must be a power of two >= 1, got {g!r}")
+            raise UserError(f"topology gpus_per_node must be a power of two >= 1, got {g!r}")
         for name in ("intra_node_gbps", "inter_node_gbps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"topology {name} must be a finite number > 0 (GB/s), got {value!r}")
+                raise UserError(f"topology {name} must be a finite number > 0 (GB/s), got {value!r}")
         if isinstance(self.efficiency, bool) or not isinstance(self.efficiency, (int, float)) \
                 or not 0 < self.efficiency <= 1:
-            raise ValueError(f"topology efficiency must be in (0, 1], got {self.efficiency!r}")
+            raise UserError(f"topology efficiency must be in (0, 1], got {self.efficiency!r}")
 
     def all_to_all_gbps(self, sp: int) -> float:
         """Effective all-to-all bandwidth of an sp-device group, in the cost model's units."""
@@ -89,7 +90,7 @@ def apply_topology(data: dict) -> dict:
     known = [f.name for f in fields(Topology)]
     if not isinstance(form, dict) or set(form) - set(known) or \
             {"gpus_per_node", "intra_node_gbps", "inter_node_gbps"} - set(form):
-        raise ValueError(f"topology must be an object with gpus_per_node, intra_node_gbps, inter_node_gbps "
+        raise UserError(f"topology must be an object with gpus_per_node, intra_node_gbps, inter_node_gbps "
                          f"(optional efficiency), got {form!r}")
     topo = Topology(**form)
     a2a, p2p = topo.tables()
@@ -149,7 +150,7 @@ def machine_cost_model(machine: str, model: str, num_devices: int = 64):
     on, so every degree runs). Replace it with a profile of the real cluster."""
     from .presets import PAPER_MODELS, analytic_cost_model
     if machine not in MACHINES or model not in PAPER_MODELS:
-        raise ValueError(f"machine must be one of {sorted(MACHINES)} and model one of "
+        raise UserError(f"machine must be one of {sorted(MACHINES)} and model one of "
                          f"{sorted(PAPER_MODELS)}, got {machine!r}, {model!r}")
     spec = MACHINES[machine]
     layers, hidden, _, _, _, act, params = PAPER_MODELS[model]

@@ -49,6 +49,7 @@ from .baselines import check_lengths, usable_degrees
 from .build import build_plan
 from .costmodel import CostModel
 from .plan import Plan
+from .errors import UserError
 
 NUM_BUCKETS = 16
 EXTRA_MICRO_BATCHES = 4
@@ -246,7 +247,7 @@ def official_flexsp_plan(lengths: Sequence[int], cm: CostModel, time_limit_per_m
     t0 = time.perf_counter()
     arr = check_lengths(lengths, cm)
     if cm.num_devices < 2:
-        raise ValueError(f"the official planner uses SP sizes 2..N; N={cm.num_devices} has none")
+        raise UserError(f"the official planner uses SP sizes 2..N; N={cm.num_devices} has none")
     order = sorted(range(len(arr)), key=lambda i: (-int(arr[i]), i))
     cluster = cm.num_devices * cm.capacity_tokens
     m = max(1, math.ceil(int(arr.sum()) / cluster))
@@ -270,7 +271,7 @@ def official_flexsp_plan(lengths: Sequence[int], cm: CostModel, time_limit_per_m
                 best, best_ms, statuses = mbs, plan.predicted_ms, {s: stats.count(s) for s in set(stats)}
         m += 1
     if best is None:
-        raise ValueError(f"official planner found no feasible plan for {len(arr)} sequences on {cm.name}")
+        raise UserError(f"official planner found no feasible plan for {len(arr)} sequences on {cm.name}")
     return build_plan(best, arr.tolist(), cm, method="official-flexsp",
                       solve_seconds=time.perf_counter() - t0,
                       status="optimal" if set(statuses) == {"optimal"} else "feasible",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass, field
+from .errors import UserError
 
 ATTENTION_MODES = ("local", "ulysses", "ring", "hybrid")
 
@@ -175,11 +176,11 @@ class Plan:
                 extra=dict(data.get("extra", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed plan: {exc!r}; expected keys num_devices, micro_batches[*].groups[*].sp/ranks/seq_ids") from exc
+            raise UserError(f"malformed plan: {exc!r}; expected keys num_devices, micro_batches[*].groups[*].sp/ranks/seq_ids") from exc
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"plan is not valid JSON: {exc}") from exc
+            raise UserError(f"plan is not valid JSON: {exc}") from exc

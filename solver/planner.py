@@ -55,9 +55,10 @@ from .milp import DEFAULT_PULP_SOLVER, check_backend, exact_size, reassign_micro
 from .official import chunk_global_batch
 from .packing import Workload, mbs_time, pack, quick_pack, solve_micro_batch
 from .plan import Plan
+from .errors import UserError
 
 
-class PlanningError(ValueError):
+class PlanningError(UserError):
     """The batch cannot be planned on this cluster (e.g. a sequence longer than it can hold)."""
 
 
@@ -194,7 +195,7 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
     start = time.perf_counter()
     if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not math.isfinite(time_limit) \
             or time_limit <= 0:
-        raise ValueError(f"time_limit must be a finite number of seconds > 0, got {time_limit!r}")
+        raise UserError(f"time_limit must be a finite number of seconds > 0, got {time_limit!r}")
     check_backend(milp_backend, pulp_solver)
     clock = _Clock(start + time_limit)
     wl = Workload(check_lengths(lengths, cm), cm)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import textwrap
 
 from .plan import Plan
+from .errors import UserError
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 """File types ``plot_plan`` writes (matplotlib picks the format from the suffix)."""
@@ -52,7 +53,7 @@ def plot_plan(plan: Plan, path: str, title: str | None = None) -> None:
     from matplotlib.collections import PolyCollection
 
     if not str(path).lower().endswith(PLOT_SUFFIXES):
-        raise ValueError(f"plot file {path}: unsupported type; use one of {', '.join(PLOT_SUFFIXES)}")
+        raise UserError(f"plot file {path}: unsupported type; use one of {', '.join(PLOT_SUFFIXES)}")
     title = title or plot_title(plan)
     n_title = title.count("\n") + 1
     fig, ax = plt.subplots(figsize=(11, min(MAX_HEIGHT_IN, 0.12 * plan.num_devices + 2.0) + 0.18 * n_title))
@@ -101,7 +102,7 @@ def plot_steps(result: dict, path: str) -> None:
     import matplotlib.ticker
 
     if not str(path).lower().endswith(PLOT_SUFFIXES):
-        raise ValueError(f"plot file {path}: unsupported type; use one of {', '.join(PLOT_SUFFIXES)}")
+        raise UserError(f"plot file {path}: unsupported type; use one of {', '.join(PLOT_SUFFIXES)}")
     fig, ax = plt.subplots(figsize=(9, 5))
     steps = range(result["num_steps"])
     for name, p in result["policies"].items():

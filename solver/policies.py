@@ -16,6 +16,7 @@ from .megatron_dcp import megatron_dcp_plan
 from .official import official_flexsp_plan
 from .plan import Plan
 from .planner import plan_batch
+from .errors import UserError
 
 PAPER_MILP_SECONDS = 10.0
 """The official FlexSP planner's time limit per MILP (SCIP), as published."""
@@ -86,7 +87,7 @@ def best_static_policy(lengths: Sequence[int], cm: CostModel, settings: PolicySe
     static SP per batch would pick), over every D that holds the batch's longest sequence."""
     degrees = static_degrees(cm, max(int(x) for x in lengths))
     if not degrees:
-        raise ValueError(f"no static degree holds a sequence of {max(lengths)} tokens on {cm.name}")
+        raise UserError(f"no static degree holds a sequence of {max(lengths)} tokens on {cm.name}")
     plans = [static_plan(lengths, cm, d) for d in degrees]
     best = min(plans, key=lambda p: p.predicted_ms)
     return Plan(**{**best.__dict__, "method": "best-static",
@@ -119,7 +120,7 @@ def parse_policies(text: str | None, cm: CostModel, longest: int) -> list[str]:
         return default_policies(cm, longest)
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
-        raise ValueError(f"--policies {text!r} names no policy; valid: {', '.join(NAMED)}, static-D")
+        raise UserError(f"--policies {text!r} names no policy; valid: {', '.join(NAMED)}, static-D")
     degrees = static_degrees(cm, longest)
     for name in names:
         if name.startswith("static-"):
@@ -127,16 +128,16 @@ def parse_policies(text: str | None, cm: CostModel, longest: int) -> list[str]:
             d = int(tail) if tail.isdigit() else -1
             if d not in degrees:
                 valid = ", ".join(f"static-{x}" for x in degrees) or "none"
-                raise ValueError(f"--policies: {name} cannot run this input on {cm.name} with "
+                raise UserError(f"--policies: {name} cannot run this input on {cm.name} with "
                                  f"{cm.num_devices} devices (longest sequence {longest} tokens, "
                                  f"C = {cm.capacity_tokens}); valid static degrees: {valid}")
         elif name not in NAMED:
-            raise ValueError(f"--policies: unknown policy {name!r}; valid: {', '.join(NAMED)}, "
+            raise UserError(f"--policies: unknown policy {name!r}; valid: {', '.join(NAMED)}, "
                              f"{', '.join(f'static-{x}' for x in degrees)}")
         elif name == "flexsp-official" and cm.num_devices < 2:
-            raise ValueError("--policies: flexsp-official uses SP sizes 2..N and needs --num-devices >= 2")
+            raise UserError("--policies: flexsp-official uses SP sizes 2..N and needs --num-devices >= 2")
     if len(set(names)) != len(names):
-        raise ValueError(f"--policies {text!r} names a policy twice")
+        raise UserError(f"--policies {text!r} names a policy twice")
     return names
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from .costmodel import CostModel
 from .network import MACHINES, machine_cost_model, machine_preset_name
+from .errors import UserError
 
 # SP degree -> all-to-all GB/s on the paper's cluster ("4k seq, 2 IB").
 PAPER_BANDWIDTH = {2: 119.54, 4: 104.07, 8: 96.5, 16: 10.33, 32: 5.94, 64: 4.87}
@@ -81,7 +82,7 @@ def load_preset(name: str) -> CostModel:
     try:
         return PRESETS[name]()
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}") from None
+        raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}") from None
 
 
 def context_limit(name: str) -> int | None:
@@ -134,16 +135,16 @@ def analytic_cost_model(name: str, *, layers: int, hidden: int, heads: int, kv_h
     """
     for key, value in (("layers", layers), ("hidden", hidden), ("heads", heads), ("kv_heads", kv_heads)):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+            raise UserError(f"{key} must be a positive integer, got {value!r}")
     if hidden % heads or heads % kv_heads:
-        raise ValueError(f"need heads | hidden and kv_heads | heads, got hidden={hidden}, heads={heads}, "
+        raise UserError(f"need heads | hidden and kv_heads | heads, got hidden={hidden}, heads={heads}, "
                          f"kv_heads={kv_heads}")
     for key, value in (("params", params), ("peak_tflops", peak_tflops), ("zero_gbps", zero_gbps),
                        ("act_mb_per_token", act_mb_per_token), ("memory_mb", memory_mb)):
         if not value > 0 or value == float("inf"):
-            raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
+            raise UserError(f"{key} must be a finite number > 0, got {value!r}")
     if not 0 < mfu <= 1:
-        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+        raise UserError(f"mfu must be in (0, 1], got {mfu}")
     flops_ms = mfu * peak_tflops * 1e12 / 1e3          # FLOPs per ms
     recompute = 8 / 6 if activation_checkpointing else 1.0
     kv_dim = hidden * kv_heads // heads

@@ -29,15 +29,17 @@ from pathlib import Path
 from .build import price_plan, validate_plan
 from .cli import describe_cost_model
 from .costmodel import CostModel
+from .errors import UserError, print_error
 from .inputs import (OneLineParser, check_output_path, int_at_least, positive, power_of_two, read_lengths,
                      resize, resolve_cost_model)
 from .milp import MILP_BACKENDS
 from .plan import Plan
-from .planner import PlanningError, lower_bound_ms
+from .planner import lower_bound_ms
 from .plot import PLOT_SUFFIXES
 from .policies import PAPER_MILP_SECONDS, PolicySettings, parse_policies, run_policy
 from .presets import PRESETS, context_limit
 from .workloads import NAMES as WORKLOADS, sample_lengths
+from .errors import UserError
 
 PROG = "flexsp-simulate"
 REFERENCES = ("best-static", "megatron-dcp")
@@ -54,10 +56,10 @@ def split_steps(lengths: list[int], batch: int, steps: int | None,
     """(K batches of B lengths, lines left past them). ValueError when there is not one batch, or
     fewer lines than ``steps`` batches."""
     if len(lengths) < batch:
-        raise ValueError(f"{source} has {len(lengths)} lengths, fewer than one global batch of {batch}")
+        raise UserError(f"{source} has {len(lengths)} lengths, fewer than one global batch of {batch}")
     k = steps if steps is not None else len(lengths) // batch
     if k * batch > len(lengths):
-        raise ValueError(f"{source} has {len(lengths)} lengths: --steps {k} x --global-batch {batch} needs "
+        raise UserError(f"{source} has {len(lengths)} lengths: --steps {k} x --global-batch {batch} needs "
                          f"{k * batch}; at most --steps {len(lengths) // batch}")
     return [lengths[s * batch:(s + 1) * batch] for s in range(k)], len(lengths) - k * batch
 
@@ -68,7 +70,7 @@ def check_fits(batches: list[list[int]], cm: CostModel) -> None:
     for s, batch in enumerate(batches):
         for i, length in enumerate(batch):
             if length < 1 or length > limit:
-                raise ValueError(
+                raise UserError(
                     f"step {s}, sequence {i} (line {s * len(batch) + i + 1}): length {length} fits no group: "
                     f"lengths must be 1..{limit} ({limit // cm.capacity_tokens} devices x "
                     f"C = {cm.capacity_tokens} tokens under {cm.name} on {cm.num_devices} devices)")
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_input(args, cm: CostModel) -> tuple[list[list[int]], dict]:
     if args.lengths is not None:
         if args.context_limit is not None:
-            raise ValueError("--context-limit applies to --workload only; --lengths are taken as given")
+            raise UserError("--context-limit applies to --workload only; --lengths are taken as given")
         lengths = read_lengths(args.lengths)
         batches, rest = split_steps(lengths, args.global_batch, args.steps, args.lengths)
         if rest:
@@ -273,9 +275,8 @@ def main(argv=None) -> int:
             progress(f"{len(batches)} steps x {args.global_batch} sequences, {len(policies)} policies, "
                      f"{cm.num_devices} devices ({cm.name})")
         result = simulate(batches, cm, policies, settings, progress if show else None)
-    except (ValueError, PlanningError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        return print_error(PROG, exc)
     result["input"] = source
     result["command"] = " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])
     origin = "preset" if args.cost_model in PRESETS else f"file {args.cost_model}"
@@ -289,8 +290,7 @@ def main(argv=None) -> int:
             from .plot import plot_steps
             plot_steps(result, args.plot)
     except OSError as exc:
-        print(f"{PROG}: error: cannot write output: {exc}", file=sys.stderr)
-        return 2
+        return print_error(PROG, f"cannot write output: {exc}")
     return 0
 
 

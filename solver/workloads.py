@@ -53,6 +53,7 @@ import numpy as np
 from scipy.optimize import brentq
 
 from .inputs import OneLineParser, int_at_least
+from .errors import UserError
 
 K = 1024
 OCTAVES = [64 * 2**i for i in range(16)]          # 64 .. 2M
@@ -195,7 +196,7 @@ def cpython_lengths() -> np.ndarray:
         sizes += [os.path.getsize(os.path.join(dirpath, f)) for f in sorted(filenames) if f.endswith(".py")]
     sizes = np.array(sizes, dtype=np.float64)
     if sizes.size < 100:
-        raise ValueError(f"found only {sizes.size} .py files under {root}; is the stdlib installed?")
+        raise UserError(f"found only {sizes.size} .py files under {root}; is the stdlib installed?")
     ratio = np.median(sizes) / CPYTHON_P50_TOKENS
     return np.maximum(1, np.round(sizes / ratio)).astype(np.int64)
 
@@ -232,7 +233,7 @@ def _draw(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     if name in ("cpython", "stdlib-8k"):
         pool = cpython_lengths() if name == "cpython" else stdlib_chunk_lengths()
         return pool[rng.integers(0, pool.size, size=size)]
-    raise ValueError(f"unknown workload {name!r}; valid: {', '.join(NAMES)}")
+    raise UserError(f"unknown workload {name!r}; valid: {', '.join(NAMES)}")
 
 
 def sample_lengths(name: str, n: int, seed: int = 0, context_limit: int | None = None, *,
@@ -245,11 +246,11 @@ def sample_lengths(name: str, n: int, seed: int = 0, context_limit: int | None =
     within the limit).
     """
     if n < 0 or pad_to < 1:
-        raise ValueError(f"need n >= 0 and pad_to >= 1, got n={n}, pad_to={pad_to}")
+        raise UserError(f"need n >= 0 and pad_to >= 1, got n={n}, pad_to={pad_to}")
     if overflow not in ("drop", "clip"):
-        raise ValueError(f"overflow must be 'drop' or 'clip', got {overflow!r}")
+        raise UserError(f"overflow must be 'drop' or 'clip', got {overflow!r}")
     if context_limit is not None and context_limit < pad_to:
-        raise ValueError(f"context_limit {context_limit} is below pad_to {pad_to}")
+        raise UserError(f"context_limit {context_limit} is below pad_to {pad_to}")
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     out, draws = [], 0
     while sum(len(o) for o in out) < n:
@@ -263,7 +264,7 @@ def sample_lengths(name: str, n: int, seed: int = 0, context_limit: int | None =
                 L = L[L <= context_limit]
         out.append(L)
         if draws > 1000 * max(n, 64):
-            raise ValueError(f"workload {name!r} has almost no lengths within context_limit={context_limit}")
+            raise UserError(f"workload {name!r} has almost no lengths within context_limit={context_limit}")
     return np.concatenate(out)[:n].astype(np.int64) if n else np.zeros(0, dtype=np.int64)
 
 

@@ -95,7 +95,7 @@ def test_rank_errors_are_printed_once(tmp_path):
         rc, out = _train(["--nproc-per-node", "2", *BASE, f"output_dir={tmp_path / 'out'}", *extra], timeout=300)
         _one_clean_line(rc, out, needle)
     rc, out = _train(["--nproc-per-node", "3", *TINY, f"output_dir={tmp_path / 'out'}"])
-    _one_clean_line(rc, out, "3 ranks: world_size must be a power of two")
+    _one_clean_line(rc, out, "3 ranks: world_size=3 must be a power of two")
 
 
 def _free_port():

@@ -17,15 +17,12 @@ import time
 import numpy as np
 
 from flexsp.data.config import LONG_DOC_POLICIES, CorpusConfig, DataConfig
+from flexsp.errors import UserError, print_error
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + error
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
                          vocab_size=args.vocab_size if source in ("hf", "megatron") and args.vocab_size else 0,
                          stdlib_max_files=args.max_files, seed=args.seed)
         corpus = build_source(cfg)
-    except (ValueError, OSError) as exc:
-        ap.exit(2, f"{ap.prog}: error: {_one_line(exc)}\n")
+    except (UserError, OSError) as exc:
+        ap.exit(print_error(ap.prog, exc))
     lengths = corpus.lengths
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
     print(f"{corpus.directory}: {corpus.num_docs} documents, {corpus.num_tokens} tokens, vocab "

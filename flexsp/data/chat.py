@@ -29,6 +29,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from flexsp.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
 """Message roles a conversation may hold; the loss trains on 'assistant' turns only."""
@@ -42,7 +43,7 @@ def load_chat_tokenizer(path: str, chat_template_file: str | None = None, need_t
     when given, else its own). ValueError naming the directory when either is missing."""
     directory = Path(path)
     if path in ("bpe", "byte") or not directory.is_dir():
-        raise ValueError(f"data=sft renders rows with a Hugging Face tokenizer, but data.corpus.tokenizer="
+        raise UserError(f"data=sft renders rows with a Hugging Face tokenizer, but data.corpus.tokenizer="
                          f"{path!r} is not a model directory; set model.hf_checkpoint=<model dir> (its "
                          f"tokenizer is used) or data.corpus.tokenizer=<a directory with tokenizer.json and "
                          f"tokenizer_config.json>")
@@ -51,16 +52,16 @@ def load_chat_tokenizer(path: str, chat_template_file: str | None = None, need_t
         tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... on odd directories
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise ValueError(f"tokenizer directory {directory}: transformers could not load a tokenizer "
+        raise UserError(f"tokenizer directory {directory}: transformers could not load a tokenizer "
                          f"({type(exc).__name__}: {first}); expected a save_pretrained directory") from exc
     template = tok.chat_template if isinstance(tok.chat_template, str) else None
     if chat_template_file:
         f = Path(chat_template_file)
         if not f.is_file():
-            raise ValueError(f"data.chat_template={chat_template_file} is not a file (a Jinja chat template)")
+            raise UserError(f"data.chat_template={chat_template_file} is not a file (a Jinja chat template)")
         template = f.read_text(encoding="utf-8")
     if need_template and not template:
-        raise ValueError(f"tokenizer {directory} has no chat template (no 'chat_template' in "
+        raise UserError(f"tokenizer {directory} has no chat template (no 'chat_template' in "
                          f"tokenizer_config.json, no chat_template.jinja), so conversations cannot be "
                          f"rendered; set data.chat_template=<a .jinja file>, or use the prompt/completion "
                          f"form (data.sft_format=prompt_completion)")
@@ -73,25 +74,25 @@ def check_messages(messages, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         got = "null" if messages is None else (f"an empty list" if isinstance(messages, list)
                                                 else type(messages).__name__)
-        raise ValueError(f"{where}: expected a non-empty list of {{'role', 'content'}} messages, got {got}")
+        raise UserError(f"{where}: expected a non-empty list of {{'role', 'content'}} messages, got {got}")
     out = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ValueError(f"{where} message {j}: expected a {{'role', 'content'}} object, got "
+            raise UserError(f"{where} message {j}: expected a {{'role', 'content'}} object, got "
                              f"{type(m).__name__}")
         m = {k: v for k, v in m.items() if v is not None}
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise ValueError(f"{where} message {j}: role {role!r}; valid roles: {list(ROLES)}")
+            raise UserError(f"{where} message {j}: role {role!r}; valid roles: {list(ROLES)}")
         if not isinstance(content, str):
-            raise ValueError(f"{where} message {j} ({role}): 'content' must be a string, got "
+            raise UserError(f"{where} message {j} ({role}): 'content' must be a string, got "
                              f"{'nothing' if content is None else type(content).__name__}")
         if role == "assistant" and not content.strip():
-            raise ValueError(f"{where} message {j}: empty assistant turn; every assistant message needs "
+            raise UserError(f"{where} message {j}: empty assistant turn; every assistant message needs "
                              f"content (the loss trains on it)")
         out.append(m)
     if not any(m["role"] == "assistant" for m in out):
-        raise ValueError(f"{where}: no assistant message; the loss trains only on assistant turns, so "
+        raise UserError(f"{where}: no assistant message; the loss trains only on assistant turns, so "
                          f"a conversation needs at least one")
     return out
 
@@ -117,7 +118,7 @@ class ChatRenderer:
         self.tok, self.template, self.name = tokenizer, template, name
         self.method = "generation" if has_generation_blocks(template) else "prefix"
         if self.method == "prefix" and self._text(_PROBE, True) == self._text(_PROBE, False):
-            raise ValueError(f"the chat template of {name} ignores add_generation_prompt and has no "
+            raise UserError(f"the chat template of {name} ignores add_generation_prompt and has no "
                              f"{{% generation %}} blocks, so assistant turns cannot be located; set "
                              f"data.chat_template=<a .jinja template with {{% generation %}} around "
                              f"what the loss trains>")
@@ -143,7 +144,7 @@ class ChatRenderer:
                      for i, o, s in zip(enc["input_ids"], enc["offset_mapping"], spans)]
         for (ids, mask), where in zip(pairs, wheres):
             if not mask[1:].any():
-                raise ValueError(f"{where}: the chat template of {self.name} ({self.method} method) marks no "
+                raise UserError(f"{where}: the chat template of {self.name} ({self.method} method) marks no "
                                  f"token of its assistant turns after the first token; check the "
                                  f"template's {{% generation %}} blocks (data.chat_template)")
         return pairs
@@ -156,13 +157,13 @@ class ChatRenderer:
             if m["role"] != "assistant":
                 continue
             if k == 0:
-                raise ValueError(f"{where}: message 0 is an assistant turn; without {{% generation %}} "
+                raise UserError(f"{where}: message 0 is an assistant turn; without {{% generation %}} "
                                  f"blocks in the chat template a turn is located after the messages "
                                  f"before it (start with a system or user message, or set "
                                  f"data.chat_template)")
             before, after = self._text(messages[:k], True), self._text(messages[:k + 1], False)
             if not (after.startswith(before) and full.startswith(after)):
-                raise ValueError(f"{where} message {k}: the chat template of {self.name} renders earlier "
+                raise UserError(f"{where} message {k}: the chat template of {self.name} renders earlier "
                                  f"turns differently once later turns follow (not prefix-stable), so "
                                  f"assistant turns cannot be located by rendering prefixes; set "
                                  f"data.chat_template=<a .jinja template with {{% generation %}} blocks>")
@@ -178,10 +179,10 @@ def render_prompt_completion(tokenizer, prompts: list, completions: list, wheres
     for p, c, where in zip(prompts, completions, wheres):
         for field, value in (("prompt", p), ("completion", c)):
             if not isinstance(value, str):
-                raise ValueError(f"{where}: {field} must be a string, got "
+                raise UserError(f"{where}: {field} must be a string, got "
                                  f"{'null' if value is None else type(value).__name__}")
         if not c.strip():
-            raise ValueError(f"{where}: empty completion (the loss trains on it)")
+            raise UserError(f"{where}: empty completion (the loss trains on it)")
     if not prompts:
         return []
     eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
@@ -193,7 +194,7 @@ def render_prompt_completion(tokenizer, prompts: list, completions: list, wheres
         mask = np.zeros(ids.size, dtype=np.bool_)
         mask[len(p):] = True
         if not mask[1:].any():
-            raise ValueError(f"{where}: no completion token can be trained (an empty prompt and a "
+            raise UserError(f"{where}: no completion token can be trained (an empty prompt and a "
                              f"one-token completion without EOS)")
         out.append((ids, mask))
     return out

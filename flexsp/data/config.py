@@ -9,6 +9,7 @@ Megatron-LM indexed datasets, the CPython stdlib, or synthetic lengths) and hold
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from flexsp.errors import UserError
 
 LONG_DOC_POLICIES = ("split", "drop", "error")
 SOURCES = ("corpus", "hf", "sft", "megatron", "stdlib", "synthetic")
@@ -54,17 +55,17 @@ class CorpusConfig:
 
     def __post_init__(self) -> None:
         if self.long_doc_policy not in LONG_DOC_POLICIES:
-            raise ValueError(f"CorpusConfig.long_doc_policy={self.long_doc_policy!r}; "
+            raise UserError(f"CorpusConfig.long_doc_policy={self.long_doc_policy!r}; "
                              f"valid options: {list(LONG_DOC_POLICIES)}")
         if self.bin_dtype not in BIN_DTYPES:
-            raise ValueError(f"CorpusConfig.bin_dtype={self.bin_dtype!r}; valid options: {list(BIN_DTYPES)}")
+            raise UserError(f"CorpusConfig.bin_dtype={self.bin_dtype!r}; valid options: {list(BIN_DTYPES)}")
         if self.min_doc_tokens < 1 or self.max_doc_tokens < self.min_doc_tokens:
-            raise ValueError(f"CorpusConfig needs 1 <= min_doc_tokens <= max_doc_tokens, got "
+            raise UserError(f"CorpusConfig needs 1 <= min_doc_tokens <= max_doc_tokens, got "
                              f"min_doc_tokens={self.min_doc_tokens}, max_doc_tokens={self.max_doc_tokens}")
         if self.vocab_size < 1:
-            raise ValueError(f"CorpusConfig.vocab_size={self.vocab_size} must be >= 1 (> 258 to train BPE)")
+            raise UserError(f"CorpusConfig.vocab_size={self.vocab_size} must be >= 1 (> 258 to train BPE)")
         if not self.tokenizer:
-            raise ValueError("CorpusConfig.tokenizer is empty; valid options: 'bpe', 'byte', a "
+            raise UserError("CorpusConfig.tokenizer is empty; valid options: 'bpe', 'byte', a "
                              "tokenizer.json path or a Hugging Face model directory")
 
 
@@ -83,9 +84,9 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         if self.global_batch_tokens < 1:
-            raise ValueError(f"SamplerConfig.global_batch_tokens must be >= 1, got {self.global_batch_tokens}")
+            raise UserError(f"SamplerConfig.global_batch_tokens must be >= 1, got {self.global_batch_tokens}")
         if self.max_docs_per_batch < 0:
-            raise ValueError(f"SamplerConfig.max_docs_per_batch must be >= 0, got {self.max_docs_per_batch}")
+            raise UserError(f"SamplerConfig.max_docs_per_batch must be >= 0, got {self.max_docs_per_batch}")
 
 
 def _as_list(value, name: str) -> list[str]:
@@ -95,7 +96,7 @@ def _as_list(value, name: str) -> list[str]:
     items = [value] if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__") else list(value)
     out = [str(v) for v in items]
     if any(not v for v in out):
-        raise ValueError(f"DataConfig.{name} has an empty entry: {out}")
+        raise UserError(f"DataConfig.{name} has an empty entry: {out}")
     return out
 
 
@@ -178,9 +179,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
-            raise ValueError(f"DataConfig.source={self.source!r}; valid options: {list(SOURCES)}")
+            raise UserError(f"DataConfig.source={self.source!r}; valid options: {list(SOURCES)}")
         if self.num_docs < 1 or self.synthetic_vocab_size < 1 or self.stdlib_max_files < 0:
-            raise ValueError(f"DataConfig: num_docs={self.num_docs}, synthetic_vocab_size="
+            raise UserError(f"DataConfig: num_docs={self.num_docs}, synthetic_vocab_size="
                              f"{self.synthetic_vocab_size} must be >= 1 and stdlib_max_files="
                              f"{self.stdlib_max_files} >= 0")
         self.hf_path = _as_list(self.hf_path, "hf_path")
@@ -188,27 +189,27 @@ class DataConfig:
         if self.text_column == "":
             self.text_column = None
         if self.hf_batch_rows < 1:
-            raise ValueError(f"DataConfig.hf_batch_rows={self.hf_batch_rows} must be >= 1")
+            raise UserError(f"DataConfig.hf_batch_rows={self.hf_batch_rows} must be >= 1")
         if self.vocab_size < 0:
-            raise ValueError(f"DataConfig.vocab_size={self.vocab_size} must be >= 0 (0 = the tokenizer's)")
+            raise UserError(f"DataConfig.vocab_size={self.vocab_size} must be >= 0 (0 = the tokenizer's)")
         if not self.ids_column:
-            raise ValueError("DataConfig.ids_column is empty; give the name of a column of token-id lists")
+            raise UserError("DataConfig.ids_column is empty; give the name of a column of token-id lists")
         if not self.hf_split:
-            raise ValueError("DataConfig.hf_split is empty; give a split name such as 'train'")
+            raise UserError("DataConfig.hf_split is empty; give a split name such as 'train'")
         if self.source == "hf" and not self.hf_path:
-            raise ValueError("data.source='hf' needs data.hf_path: a save_to_disk directory or "
+            raise UserError("data.source='hf' needs data.hf_path: a save_to_disk directory or "
                              ".parquet/.jsonl/.json/.arrow files or directories")
         self.sft_path = _as_list(self.sft_path, "sft_path")
         if self.sft_format not in SFT_FORMATS:
-            raise ValueError(f"DataConfig.sft_format={self.sft_format!r}; valid options: {list(SFT_FORMATS)}")
+            raise UserError(f"DataConfig.sft_format={self.sft_format!r}; valid options: {list(SFT_FORMATS)}")
         for name in ("messages_column", "prompt_column", "completion_column"):
             if not getattr(self, name):
-                raise ValueError(f"DataConfig.{name} is empty; give the name of a column of the SFT data")
+                raise UserError(f"DataConfig.{name} is empty; give the name of a column of the SFT data")
         if self.chat_template == "":
             self.chat_template = None
         if self.source == "sft" and not self.sft_path:
-            raise ValueError("data.source='sft' needs data.sft_path: a save_to_disk directory or "
+            raise UserError("data.source='sft' needs data.sft_path: a save_to_disk directory or "
                              ".parquet/.jsonl/.json/.arrow files or directories of conversations")
         if self.source == "megatron" and not self.megatron_prefix:
-            raise ValueError("data.source='megatron' needs data.megatron_prefix: the path prefix of "
+            raise UserError("data.source='megatron' needs data.megatron_prefix: the path prefix of "
                              "<prefix>.bin and <prefix>.idx (one or a list)")

@@ -37,6 +37,7 @@ import numpy as np
 from flexsp.data.config import CorpusConfig
 from flexsp.data.source import DocumentSource
 from flexsp.data.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_files, train_bpe
+from flexsp.errors import UserError
 
 PRETOKENIZED = (".npy", ".bin")
 FORMAT_VERSION = 2  # 2: pre-tokenized-only corpora take the declared vocabulary, not max id + 1
@@ -46,12 +47,12 @@ def collect_files(cfg: CorpusConfig) -> list[Path]:
     """The corpus files in a stable order: explicit files as given, directories scanned recursively
     (sorted) for text extensions, .jsonl, .npy and .bin (``*.offsets.npy`` belong to their .bin)."""
     if not cfg.paths:
-        raise ValueError("CorpusConfig.paths is empty: give at least one file or directory")
+        raise UserError("CorpusConfig.paths is empty: give at least one file or directory")
     wanted = {e.lower() for e in cfg.text_extensions} | {".jsonl", *PRETOKENIZED}
     files: list[Path] = []
     for p in map(Path, cfg.paths):
         if not p.exists():
-            raise ValueError(f"corpus path {p} does not exist (CorpusConfig.paths: existing files or "
+            raise UserError(f"corpus path {p} does not exist (CorpusConfig.paths: existing files or "
                              f"directories of text ({', '.join(cfg.text_extensions)}), .jsonl, .npy "
                              f"or .bin files)")
         if p.is_file():
@@ -61,7 +62,7 @@ def collect_files(cfg: CorpusConfig) -> list[Path]:
             if f.is_file() and f.suffix.lower() in wanted and not f.name.endswith(".offsets.npy"):
                 files.append(f)
     if not files:
-        raise ValueError(f"corpus is empty: no files with extensions {sorted(wanted)} under {cfg.paths}")
+        raise UserError(f"corpus is empty: no files with extensions {sorted(wanted)} under {cfg.paths}")
     return files
 
 
@@ -77,12 +78,12 @@ def _iter_texts(path: Path) -> Iterator[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: corrupt JSONL line ({exc.msg} at column "
+                raise UserError(f"{path}:{lineno}: corrupt JSONL line ({exc.msg} at column "
                                  f"{exc.colno}); each line must be one JSON object with a string "
                                  f"'text' field") from exc
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 got = (f"keys {sorted(obj)[:8]}" if isinstance(obj, dict) else type(obj).__name__)
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'text' "
+                raise UserError(f"{path}:{lineno}: expected a JSON object with a string 'text' "
                                  f"field, got {got}")
             yield obj["text"]
 
@@ -93,16 +94,16 @@ def _iter_token_arrays(path: Path, cfg: CorpusConfig) -> Iterator[np.ndarray]:
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as exc:
-            raise ValueError(f"{path}: not a valid .npy file ({exc})") from exc
+            raise UserError(f"{path}: not a valid .npy file ({exc})") from exc
         if arr.dtype.kind not in "iu" or arr.ndim not in (1, 2):
-            raise ValueError(f"{path}: expected a 1-D or 2-D integer token array, got "
+            raise UserError(f"{path}: expected a 1-D or 2-D integer token array, got "
                              f"dtype={arr.dtype} shape={arr.shape}")
         yield from ([arr] if arr.ndim == 1 else list(arr))
         return
     dtype = np.dtype(cfg.bin_dtype)
     size = path.stat().st_size
     if size % dtype.itemsize:
-        raise ValueError(f"{path}: size {size} bytes is not a multiple of {cfg.bin_dtype} "
+        raise UserError(f"{path}: size {size} bytes is not a multiple of {cfg.bin_dtype} "
                          f"({dtype.itemsize} bytes): truncated file or wrong bin_dtype")
     n = size // dtype.itemsize
     tokens = np.memmap(path, dtype=dtype, mode="r") if n else np.zeros(0, dtype)
@@ -112,10 +113,10 @@ def _iter_token_arrays(path: Path, cfg: CorpusConfig) -> Iterator[np.ndarray]:
         try:
             offsets = np.load(off_path, allow_pickle=False)
         except Exception as exc:
-            raise ValueError(f"{off_path}: not a valid .npy file ({exc})") from exc
+            raise UserError(f"{off_path}: not a valid .npy file ({exc})") from exc
         if (offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) < 1 or offsets[0] != 0
                 or offsets[-1] != n or np.any(np.diff(offsets) < 0)):
-            raise ValueError(f"{off_path}: offsets must be a non-decreasing integer array from 0 to "
+            raise UserError(f"{off_path}: offsets must be a non-decreasing integer array from 0 to "
                              f"{n} (the token count of {path.name})")
     for s, e in zip(offsets[:-1], offsets[1:]):
         yield tokens[int(s):int(e)]
@@ -128,7 +129,7 @@ def tokenizer_digest(cfg: CorpusConfig) -> str:
         return cfg.tokenizer
     p = Path(cfg.tokenizer)
     if not p.exists():
-        raise ValueError(f"tokenizer {cfg.tokenizer} does not exist (CorpusConfig.tokenizer: 'bpe', "
+        raise UserError(f"tokenizer {cfg.tokenizer} does not exist (CorpusConfig.tokenizer: 'bpe', "
                          f"'byte', a tokenizer.json path or a Hugging Face model directory)")
     h = hashlib.sha256()
     for f in tokenizer_files(p):
@@ -169,7 +170,7 @@ def train_bpe_on(texts: Iterator[str], cfg: CorpusConfig):
     """A byte-level BPE of ``cfg.vocab_size`` trained on the first ``cfg.bpe_train_chars``
     characters of ``texts``."""
     if cfg.vocab_size <= 258:
-        raise ValueError(f"CorpusConfig.vocab_size={cfg.vocab_size} must be > 258 to train BPE "
+        raise UserError(f"CorpusConfig.vocab_size={cfg.vocab_size} must be > 258 to train BPE "
                          f"(tokenizer='bpe'); or use tokenizer='byte', a tokenizer.json or a model directory")
     def budgeted():
         budget = cfg.bpe_train_chars
@@ -205,10 +206,10 @@ class _Writer:
 
     def _check_ids(self, ids: np.ndarray, name: str) -> None:
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(f"{name}: token ids in [{int(ids.min())}, {int(ids.max())}] fall outside "
+            raise UserError(f"{name}: token ids in [{int(ids.min())}, {int(ids.max())}] fall outside "
                              f"the vocabulary [0, {self.vocab_size}){self.vocab_origin}")
         if ids.size and int(ids.max()) > np.iinfo(self.dtype).max:
-            raise ValueError(f"{name}: token id {int(ids.max())} does not fit {self.dtype}")
+            raise UserError(f"{name}: token id {int(ids.max())} does not fit {self.dtype}")
 
     def add_masked(self, ids: np.ndarray, target_mask: np.ndarray, file_index: int, name: str) -> None:
         """Add one whole document with its target mask (True: a trained target token), as
@@ -237,7 +238,7 @@ class _Writer:
         chunks = [ids]
         if ids.size > cfg.max_doc_tokens:
             if cfg.long_doc_policy == "error":
-                raise ValueError(f"{name}: document of {ids.size} tokens exceeds max_doc_tokens="
+                raise UserError(f"{name}: document of {ids.size} tokens exceeds max_doc_tokens="
                                  f"{cfg.max_doc_tokens} (long_doc_policy='error')")
             if cfg.long_doc_policy == "drop":
                 self.stats["dropped_long"] += 1
@@ -275,7 +276,7 @@ def write_store(out: Path, cfg: CorpusConfig, tok, vocab_size: int, fill, inputs
         finally:
             w.close()
         if len(w.offsets) == 1:
-            raise ValueError(f"{what} has no documents left after tokenization "
+            raise UserError(f"{what} has no documents left after tokenization "
                              f"(min_doc_tokens={cfg.min_doc_tokens}, long_doc_policy="
                              f"{cfg.long_doc_policy!r}, stats {w.stats})")
         np.save(tmp / "offsets.npy", np.asarray(w.offsets, dtype=np.int64))
@@ -323,7 +324,7 @@ def build_corpus(cfg: CorpusConfig, batch_docs: int = 64) -> "TokenizedCorpus":
                     w.add(np.asarray(ids), fi, f"{f} (document {di})")
                 continue
             if tok is None:
-                raise ValueError(f"{f}: text file needs a tokenizer")
+                raise UserError(f"{f}: text file needs a tokenizer")
             texts = _iter_texts(f)
             while batch := [t for _, t in zip(range(batch_docs), texts)]:
                 w.add_texts(tok, batch, fi, str(f))
@@ -341,12 +342,12 @@ class TokenizedCorpus(DocumentSource):
             self.meta = json.loads(meta_path.read_text())
             self.offsets = np.load(self.directory / "offsets.npy", allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{self.directory}: not a valid tokenized corpus ({exc})") from exc
+            raise UserError(f"{self.directory}: not a valid tokenized corpus ({exc})") from exc
         self.dtype = np.dtype(self.meta["dtype"])
         tokens_path = self.directory / "tokens.bin"
         expected = int(self.offsets[-1]) * self.dtype.itemsize
         if not tokens_path.exists() or tokens_path.stat().st_size != expected:
-            raise ValueError(f"{tokens_path}: expected {expected} bytes for {int(self.offsets[-1])} "
+            raise UserError(f"{tokens_path}: expected {expected} bytes for {int(self.offsets[-1])} "
                              f"{self.dtype} tokens (corrupt or truncated cache; delete the directory)")
         self._tokens = np.memmap(tokens_path, dtype=self.dtype, mode="r")
         self.lengths = np.diff(self.offsets)
@@ -354,7 +355,7 @@ class TokenizedCorpus(DocumentSource):
         if self.meta.get("target_mask"):
             mask_path = self.directory / self.meta["target_mask"]
             if not mask_path.exists() or mask_path.stat().st_size != int(self.offsets[-1]):
-                raise ValueError(f"{mask_path}: expected {int(self.offsets[-1])} bytes, one per token "
+                raise UserError(f"{mask_path}: expected {int(self.offsets[-1])} bytes, one per token "
                                  f"(corrupt or truncated cache; delete the directory)")
             self._mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
             self.target_counts = np.load(self.directory / "target_counts.npy", allow_pickle=False)
@@ -392,6 +393,6 @@ def declared_vocabulary(data_cfg, what: str):
         return int(data_cfg.vocab_size), " declared by data.vocab_size", tok
     if tok is not None:
         return int(tok.vocab_size), f" of data.corpus.tokenizer ({data_cfg.corpus.tokenizer})", tok
-    raise ValueError(f"{what} is pre-tokenized: declare its vocabulary with data.vocab_size=N, or name "
+    raise UserError(f"{what} is pre-tokenized: declare its vocabulary with data.vocab_size=N, or name "
                      f"its tokenizer with data.corpus.tokenizer=/path/to/hf_model_dir (or a "
                      f"tokenizer.json); data.corpus.tokenizer={data_cfg.corpus.tokenizer!r} names none")

@@ -33,6 +33,7 @@ import numpy as np
 
 from flexsp.data.corpus import (TokenizedCorpus, declared_vocabulary, named_tokenizer, options_fingerprint,
                                 train_bpe_on, write_store)
+from flexsp.errors import UserError
 
 FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".arrow": "arrow"}
 SCANNED = (".parquet", ".jsonl", ".arrow")  # what a directory scan picks up (.json is metadata there)
@@ -67,13 +68,13 @@ class HFInput:
 def resolve_inputs(entries: list[str]) -> list[HFInput]:
     """``data.hf_path`` entries as readable inputs, in order (ValueError naming a bad entry)."""
     if not entries:
-        raise ValueError("data.hf_path is empty: give a save_to_disk directory or .parquet/.jsonl/"
+        raise UserError("data.hf_path is empty: give a save_to_disk directory or .parquet/.jsonl/"
                          ".json/.arrow files or directories")
     inputs: list[HFInput] = []
     for entry in entries:
         p = Path(entry)
         if not p.exists():
-            raise ValueError(f"data.hf_path entry {p} does not exist (valid: a directory written by "
+            raise UserError(f"data.hf_path entry {p} does not exist (valid: a directory written by "
                              f"save_to_disk, or .parquet/.jsonl/.json/.arrow files or directories of them)")
         if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
             inputs.append(HFInput("disk", [p], entry))
@@ -81,13 +82,13 @@ def resolve_inputs(entries: list[str]) -> list[HFInput]:
         if p.is_file():
             fmt = FILE_FORMATS.get(p.suffix.lower())
             if fmt is None:
-                raise ValueError(f"data.hf_path entry {p}: unsupported file type {p.suffix!r}; valid: "
+                raise UserError(f"data.hf_path entry {p}: unsupported file type {p.suffix!r}; valid: "
                                  f"{sorted(FILE_FORMATS)} or a save_to_disk directory")
             files = [p]
         else:
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SCANNED)
             if not files:
-                raise ValueError(f"data.hf_path entry {p}: a directory with no {list(SCANNED)} files "
+                raise UserError(f"data.hf_path entry {p}: a directory with no {list(SCANNED)} files "
                                  f"and not a save_to_disk directory (no dataset_dict.json/state.json)")
         for f in files:  # group consecutive files of one format into one load_dataset call
             fmt = FILE_FORMATS[f.suffix.lower()]
@@ -104,7 +105,7 @@ def _import_datasets():
     try:
         import datasets
     except ImportError as exc:
-        raise ValueError(f"data.source='hf' needs the datasets package ({exc}); install it with "
+        raise UserError(f"data.source='hf' needs the datasets package ({exc}); install it with "
                          f"pip install datasets") from exc
     datasets.disable_progress_bars()
     return datasets
@@ -119,20 +120,20 @@ def open_input(inp: HFInput, split: str, cache_dir: str):
         try:
             splits = list(json.loads((directory / "dataset_dict.json").read_text())["splits"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{directory / 'dataset_dict.json'}: not a valid DatasetDict manifest ({exc})") from exc
+            raise UserError(f"{directory / 'dataset_dict.json'}: not a valid DatasetDict manifest ({exc})") from exc
         if split not in splits:
-            raise ValueError(f"{inp.name}: DatasetDict has no split {split!r} (data.hf_split); its "
+            raise UserError(f"{inp.name}: DatasetDict has no split {split!r} (data.hf_split); its "
                              f"splits: {sorted(splits)}")
         directory = directory / split
     if inp.kind == "disk" and _saved_without_data(directory):
-        raise ValueError(f"{directory}: empty dataset (0 rows)")
+        raise UserError(f"{directory}: empty dataset (0 rows)")
     files = [str(f) for f in inp.paths]
     if inp.kind == "parquet":  # datasets fails on zero-row Parquet files: leave them out
         files = [f for f in files if _parquet_rows(Path(f)) > 0]
     elif inp.kind == "json":  # ... and on empty JSON files
         files = [f for f in files if Path(f).stat().st_size > 0]
     if not files:
-        raise ValueError(f"{inp.name}: empty dataset (0 rows)")
+        raise UserError(f"{inp.name}: empty dataset (0 rows)")
     try:
         if inp.kind == "disk":
             ds = datasets.load_from_disk(str(directory), keep_in_memory=False)
@@ -140,11 +141,11 @@ def open_input(inp: HFInput, split: str, cache_dir: str):
             ds = datasets.load_dataset(inp.kind, data_files=files, split="train",
                                        streaming=True, cache_dir=str(Path(cache_dir) / "hf_datasets"))
     except Exception as exc:  # datasets/pyarrow/fsspec raise many types on unreadable input
-        raise ValueError(f"{inp.name}: could not be read as {inp.kind!r} by datasets "
+        raise UserError(f"{inp.name}: could not be read as {inp.kind!r} by datasets "
                          f"({type(exc).__name__}: {_first_line(exc)})") from exc
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"{inp.name}: DatasetDict has no split {split!r} (data.hf_split); its "
+            raise UserError(f"{inp.name}: DatasetDict has no split {split!r} (data.hf_split); its "
                              f"splits: {sorted(ds)}")
         ds = ds[split]
     return ds
@@ -156,7 +157,7 @@ def _parquet_rows(path: Path) -> int:
     try:
         return pq.ParquetFile(path).metadata.num_rows
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError on non-Parquet bytes
-        raise ValueError(f"{path}: not a valid Parquet file ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise UserError(f"{path}: not a valid Parquet file ({type(exc).__name__}: {_first_line(exc)})") from exc
 
 
 def _saved_without_data(directory: Path) -> bool:
@@ -190,7 +191,7 @@ def choose_column(ds, inp: HFInput, text_column: str | None, ids_column: str) ->
         return "ids", ids_column
     wanted = (f"a text column {text_column!r} (data.text_column) or " if text_column else "") + \
         f"a token-id column {ids_column!r} (data.ids_column)"
-    raise ValueError(f"{inp.name}: no column {text_column or ids_column!r}; expected {wanted}; its "
+    raise UserError(f"{inp.name}: no column {text_column or ids_column!r}; expected {wanted}; its "
                      f"columns: {names}")
 
 
@@ -205,7 +206,7 @@ def _batches(ds, inp: HFInput, batch_rows: int, column: str | None = None):
         except StopIteration:
             return
         except Exception as exc:  # corrupt file discovered while streaming
-            raise ValueError(f"{inp.name}: could not be read as {inp.kind!r} by datasets "
+            raise UserError(f"{inp.name}: could not be read as {inp.kind!r} by datasets "
                              f"({type(exc).__name__}: {_first_line(exc)})") from exc
         yield batch
 
@@ -215,7 +216,7 @@ def _texts(table, column: str, inp: HFInput) -> list:
     col = table.column(column)
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
             or pa.types.is_string_view(col.type)):
-        raise ValueError(f"{inp.name}: column {column!r} has type {col.type} (not all values are "
+        raise UserError(f"{inp.name}: column {column!r} has type {col.type} (not all values are "
                          f"strings), expected strings "
                          f"(data.text_column); for token ids set data.text_column=null and "
                          f"data.ids_column={column!r}")
@@ -232,11 +233,11 @@ def _id_rows(table, column: str, inp: HFInput) -> Iterator[np.ndarray | None]:
         col = col.cast(pa.list_(typ.value_type))
         typ = col.type
     if not ((pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_integer(typ.value_type)):
-        raise ValueError(f"{inp.name}: column {column!r} has type {typ}, expected lists of integer "
+        raise UserError(f"{inp.name}: column {column!r} has type {typ}, expected lists of integer "
                          f"token ids (data.ids_column), e.g. list<int32>")
     flat = col.flatten()  # the values of the non-null rows, in order
     if flat.null_count:
-        raise ValueError(f"{inp.name}: column {column!r} holds null token ids")
+        raise UserError(f"{inp.name}: column {column!r} holds null token ids")
     values = flat.to_numpy(zero_copy_only=False)
     offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(col).fill_null(0).to_numpy())])
     valid = col.is_valid().to_numpy(zero_copy_only=False)
@@ -264,7 +265,7 @@ def build_hf_corpus(data_cfg, batch_rows: int | None = None) -> TokenizedCorpus:
     kinds = {k for k, _ in chosen}
     if len(kinds) > 1:
         mix = [f"{inp.name}: {k} column {c!r}" for (inp, _), (k, c) in zip(opened, chosen)]
-        raise ValueError(f"data.hf_path mixes text and token-id inputs ({'; '.join(mix)}); use one kind")
+        raise UserError(f"data.hf_path mixes text and token-id inputs ({'; '.join(mix)}); use one kind")
     kind = kinds.pop()
     if kind == "ids":
         vocab, origin, tok = declared_vocabulary(data_cfg, f"data.hf_path column {data_cfg.ids_column!r}")
@@ -298,6 +299,6 @@ def build_hf_corpus(data_cfg, batch_rows: int | None = None) -> TokenizedCorpus:
                     else:
                         w.add(ids, fi, f"{inp.name} (row {w.stats['rows'] - table.num_rows + r - rows_before})")
             if w.stats["rows"] == rows_before:
-                raise ValueError(f"{inp.name}: empty dataset (0 rows)")
+                raise UserError(f"{inp.name}: empty dataset (0 rows)")
     return write_store(out, cfg, tok, vocab, fill, [str(f) for f in files], f"data.hf_path {data_cfg.hf_path}",
                        origin, extra_meta={"hf": extra})

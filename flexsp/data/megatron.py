@@ -34,6 +34,7 @@ import numpy as np
 
 from flexsp.data.config import CorpusConfig
 from flexsp.data.source import DocumentSource
+from flexsp.errors import UserError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -64,32 +65,32 @@ def read_index(idx_path: str | Path) -> MegatronIndex:
     """Parse and validate a Megatron ``.idx`` file (ValueError naming the file on any problem)."""
     path = Path(idx_path)
     if not path.is_file():
-        raise ValueError(f"Megatron index {path} does not exist (data.megatron_prefix: the prefix of "
+        raise UserError(f"Megatron index {path} does not exist (data.megatron_prefix: the prefix of "
                          f"<prefix>.bin and <prefix>.idx)")
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(FIXED_BYTES)
     if head[:9] != INDEX_HEADER:
-        raise ValueError(f"{path}: bad header {head[:9]!r}, expected {INDEX_HEADER!r} (not a Megatron "
+        raise UserError(f"{path}: bad header {head[:9]!r}, expected {INDEX_HEADER!r} (not a Megatron "
                          f"MMIDIDX index)")
     if len(head) < FIXED_BYTES:
-        raise ValueError(f"{path}: truncated: {size} bytes, the fixed header alone is {FIXED_BYTES}")
+        raise UserError(f"{path}: truncated: {size} bytes, the fixed header alone is {FIXED_BYTES}")
     version = int.from_bytes(head[9:17], "little")
     if version != INDEX_VERSION:
-        raise ValueError(f"{path}: index version {version}; only version {INDEX_VERSION} exists")
+        raise UserError(f"{path}: index version {version}; only version {INDEX_VERSION} exists")
     code = head[17]
     if code not in DTYPE_CODES:
-        raise ValueError(f"{path}: dtype code {code}; valid codes: "
+        raise UserError(f"{path}: dtype code {code}; valid codes: "
                          f"{ {k: np.dtype(v).name for k, v in DTYPE_CODES.items()} }")
     dtype = np.dtype(DTYPE_CODES[code])
     if dtype.kind not in "iu":
-        raise ValueError(f"{path}: token dtype {dtype.name} (code {code}) holds no token ids; "
+        raise UserError(f"{path}: token dtype {dtype.name} (code {code}) holds no token ids; "
                          f"a language-model dataset has an integer dtype (uint16, int32, ...)")
     seqs = int.from_bytes(head[18:26], "little")
     docs = int.from_bytes(head[26:34], "little")
     plain = FIXED_BYTES + 12 * seqs + 8 * docs
     if size not in (plain, plain + seqs):
-        raise ValueError(f"{path}: {size} bytes, but {seqs} sequences and {docs} document indices need "
+        raise UserError(f"{path}: {size} bytes, but {seqs} sequences and {docs} document indices need "
                          f"{plain} bytes ({plain + seqs} with multimodal sequence modes): truncated or "
                          f"corrupt index")
     buf = np.memmap(path, dtype=np.uint8, mode="r")
@@ -100,14 +101,14 @@ def read_index(idx_path: str | Path) -> MegatronIndex:
     modes = (np.frombuffer(buf, dtype=np.int8, count=seqs, offset=plain) if size == plain + seqs and seqs
              else None)
     if docs < 1 or doc_idx[0] != 0 or doc_idx[-1] != seqs or np.any(np.diff(doc_idx) < 0):
-        raise ValueError(f"{path}: document indices must rise from 0 to the sequence count {seqs} "
+        raise UserError(f"{path}: document indices must rise from 0 to the sequence count {seqs} "
                          f"(got {docs} entries{', first ' + str(int(doc_idx[0])) if docs else ''}"
                          f"{', last ' + str(int(doc_idx[-1])) if docs else ''}): corrupt index")
     if seqs and int(lengths.min()) < 0:
-        raise ValueError(f"{path}: negative sequence length {int(lengths.min())}: corrupt index")
+        raise UserError(f"{path}: negative sequence length {int(lengths.min())}: corrupt index")
     if modes is not None and np.any(modes != TEXT_MODE):
         bad = int(np.flatnonzero(modes != TEXT_MODE)[0])
-        raise ValueError(f"{path}: multimodal dataset: sequence {bad} has mode {int(modes[bad])}; only "
+        raise UserError(f"{path}: multimodal dataset: sequence {bad} has mode {int(modes[bad])}; only "
                          f"text sequences (mode {TEXT_MODE}) can be trained on")
     return MegatronIndex(path, dtype, lengths, pointers, doc_idx, modes)
 
@@ -128,7 +129,7 @@ def check_token_ids(tokens: np.ndarray, vocab: int, bin_path: Path, vocab_origin
         lo, hi = int(chunk.min()), int(chunk.max())
         if lo < 0 or hi >= vocab:
             at = start + int(np.flatnonzero((chunk < 0) | (chunk >= vocab))[0])
-            raise ValueError(f"{bin_path}: token id {int(tokens[at])} at token {at} is outside the "
+            raise UserError(f"{bin_path}: token id {int(tokens[at])} at token {at} is outside the "
                              f"vocabulary [0, {vocab}){vocab_origin}; raise data.vocab_size to the "
                              f"tokenizer's vocabulary, or this .bin does not belong to that tokenizer")
 
@@ -142,13 +143,13 @@ class _Prefix:
         self.bin_path, self.idx_path = Path(prefix + ".bin"), Path(prefix + ".idx")
         for p in (self.bin_path, self.idx_path):
             if not p.is_file():
-                raise ValueError(f"Megatron dataset file {p} does not exist (data.megatron_prefix="
+                raise UserError(f"Megatron dataset file {p} does not exist (data.megatron_prefix="
                                  f"{prefix!r} needs {self.bin_path.name} and {self.idx_path.name})")
         self.index = ix = read_index(self.idx_path)
         item = ix.dtype.itemsize
         bin_size = self.bin_path.stat().st_size
         if bin_size % item:
-            raise ValueError(f"{self.bin_path}: {bin_size} bytes is not a multiple of the index's "
+            raise UserError(f"{self.bin_path}: {bin_size} bytes is not a multiple of the index's "
                              f"{ix.dtype.name} tokens ({item} bytes): truncated or not this index's .bin")
         lengths = ix.sequence_lengths.astype(np.int64)
         ends = ix.sequence_pointers + lengths * item
@@ -156,12 +157,12 @@ class _Prefix:
             bad = np.flatnonzero((ix.sequence_pointers < 0) | (ends > bin_size))
             if bad.size:
                 j = int(bad[0])
-                raise ValueError(f"{self.bin_path}: sequence {j} of {self.idx_path.name} spans bytes "
+                raise UserError(f"{self.bin_path}: sequence {j} of {self.idx_path.name} spans bytes "
                                  f"[{int(ix.sequence_pointers[j])}, {int(ends[j])}) beyond the file's "
                                  f"{bin_size} bytes ({bad.size} such sequences): truncated .bin or "
                                  f"mismatched .idx")
             if np.any(ix.sequence_pointers % item):
-                raise ValueError(f"{self.idx_path}: sequence pointers are not multiples of the "
+                raise UserError(f"{self.idx_path}: sequence pointers are not multiples of the "
                                  f"{ix.dtype.name} size {item}: corrupt index")
         self.tokens = (np.memmap(self.bin_path, dtype=ix.dtype.newbyteorder("<"), mode="r") if bin_size
                        else np.zeros(0, ix.dtype))
@@ -214,7 +215,7 @@ def split_documents(lengths: np.ndarray, cfg: CorpusConfig, name: str):
     stats = {"dropped_short": 0, "dropped_long": 0, "split": 0}
     if long.any() and cfg.long_doc_policy == "error":
         i = int(np.flatnonzero(long)[0])
-        raise ValueError(f"{name} (document {i}): document of {int(lengths[i])} tokens exceeds "
+        raise UserError(f"{name} (document {i}): document of {int(lengths[i])} tokens exceeds "
                          f"max_doc_tokens={cfg.max_doc_tokens} (long_doc_policy='error')")
     if cfg.long_doc_policy == "drop":
         stats["dropped_long"] = int(long.sum())
@@ -240,9 +241,9 @@ class MegatronSource(DocumentSource):
     def __init__(self, prefixes: list[str], cfg: CorpusConfig, vocab_size: int, vocab_origin: str = "",
                  tokenizer=None):
         if not prefixes:
-            raise ValueError("data.megatron_prefix is empty: give the prefix of <prefix>.bin/.idx")
+            raise UserError("data.megatron_prefix is empty: give the prefix of <prefix>.bin/.idx")
         if vocab_size < 1:
-            raise ValueError(f"Megatron source needs a vocabulary size >= 1, got {vocab_size}")
+            raise UserError(f"Megatron source needs a vocabulary size >= 1, got {vocab_size}")
         self.prefixes = [p[:-4] if p.endswith((".bin", ".idx")) else p for p in map(str, prefixes)]
         self.vocab_size, self.tokenizer = int(vocab_size), tokenizer
         self._parts = [_Prefix(p, self.vocab_size, vocab_origin, cfg.cache_dir) for p in self.prefixes]
@@ -253,7 +254,7 @@ class MegatronSource(DocumentSource):
             stats = {key: stats[key] + st[key] for key in stats}
         self._prefix, self._doc, self._start, self.lengths = (np.concatenate(c) for c in zip(*cols))
         if self.lengths.size == 0:
-            raise ValueError(f"Megatron datasets {self.prefixes} have no documents left (min_doc_tokens="
+            raise UserError(f"Megatron datasets {self.prefixes} have no documents left (min_doc_tokens="
                              f"{cfg.min_doc_tokens}, max_doc_tokens={cfg.max_doc_tokens}, long_doc_policy="
                              f"{cfg.long_doc_policy!r}, stats {stats})")
         self.meta = {"stats": stats, "files": [str(p.bin_path) for p in self._parts],

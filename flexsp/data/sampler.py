@@ -24,6 +24,7 @@ import torch
 from flexsp.data.config import SamplerConfig
 from flexsp.model.layers import positions_from_cu_seqlens
 from flexsp.model.loss import lm_labels
+from flexsp.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -68,23 +69,23 @@ class GlobalBatchSampler:
         L - 1 each), carried into every :class:`GlobalBatch`."""
         self.config = config or SamplerConfig(**overrides)
         if config is not None and overrides:
-            raise ValueError(f"pass either a SamplerConfig or keyword options, not both ({sorted(overrides)})")
+            raise UserError(f"pass either a SamplerConfig or keyword options, not both ({sorted(overrides)})")
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.ndim != 1 or self.lengths.size == 0:
-            raise ValueError(f"GlobalBatchSampler needs a non-empty 1-D list of lengths, got shape {self.lengths.shape}")
+            raise UserError(f"GlobalBatchSampler needs a non-empty 1-D list of lengths, got shape {self.lengths.shape}")
         self.targets = None if targets is None else np.asarray(targets, dtype=np.int64)
         if self.targets is not None and (self.targets.shape != self.lengths.shape or np.any(self.targets < 0)
                                          or np.any(self.targets > self.lengths - 1)):
-            raise ValueError(f"GlobalBatchSampler: targets (shape {self.targets.shape}) must give 0 <= "
+            raise UserError(f"GlobalBatchSampler: targets (shape {self.targets.shape}) must give 0 <= "
                              f"targets <= length - 1 for each of the {self.lengths.size} documents")
         too_long = np.flatnonzero(self.lengths > self.config.global_batch_tokens)
         if too_long.size:
             i = int(too_long[0])
-            raise ValueError(f"document {i} has {int(self.lengths[i])} tokens > global_batch_tokens="
+            raise UserError(f"document {i} has {int(self.lengths[i])} tokens > global_batch_tokens="
                              f"{self.config.global_batch_tokens} ({too_long.size} such documents): raise "
                              f"the budget or lower the corpus max_doc_tokens")
         if self.config.drop_last and int(self.lengths.sum()) < self.config.global_batch_tokens:
-            raise ValueError(f"drop_last with {int(self.lengths.sum())} tokens in all documents < "
+            raise UserError(f"drop_last with {int(self.lengths.sum())} tokens in all documents < "
                              f"global_batch_tokens={self.config.global_batch_tokens} would yield no batch")
         self.epoch, self.cursor, self.step = 0, 0, 0
         self._order_epoch, self._order = -1, None
@@ -138,11 +139,11 @@ class GlobalBatchSampler:
     def load_state_dict(self, state: dict) -> None:
         """Resume from ``state_dict()``; refuses a state saved for other documents or another seed."""
         if state.get("num_docs") != len(self.lengths) or state.get("lengths_fingerprint") != self._fingerprint():
-            raise ValueError(f"sampler state is for {state.get('num_docs')} documents with fingerprint "
+            raise UserError(f"sampler state is for {state.get('num_docs')} documents with fingerprint "
                              f"{state.get('lengths_fingerprint')}, this sampler has {len(self.lengths)} "
                              f"documents with fingerprint {self._fingerprint()}")
         if state.get("seed") != self.config.seed:
-            raise ValueError(f"sampler state has seed {state.get('seed')}, this sampler seed {self.config.seed}")
+            raise UserError(f"sampler state has seed {state.get('seed')}, this sampler seed {self.config.seed}")
         self.epoch, self.cursor, self.step = int(state["epoch"]), int(state["cursor"]), int(state["step"])
 
 

@@ -33,6 +33,7 @@ from flexsp.data.config import CorpusConfig
 from flexsp.data.corpus import TokenizedCorpus, options_fingerprint, write_store
 from flexsp.data.hf import HFInput, _batches, _column_names, open_input, resolve_inputs
 from flexsp.data.source import DocumentSource
+from flexsp.errors import UserError
 
 SFT_STORE_VERSION = 1
 
@@ -70,7 +71,7 @@ def choose_format(ds, inp: HFInput, data_cfg) -> tuple[str, list[str]]:
     wanted = {"messages": f"a column {data_cfg.messages_column!r} (data.messages_column)",
               "prompt_completion": f"columns {pair} (data.prompt_column, data.completion_column)"}
     want = " or ".join(v for k, v in wanted.items() if data_cfg.sft_format in ("auto", k))
-    raise ValueError(f"{inp.name}: data.sft_format={data_cfg.sft_format!r} needs {want}; "
+    raise UserError(f"{inp.name}: data.sft_format={data_cfg.sft_format!r} needs {want}; "
                      f"its columns: {names}")
 
 
@@ -117,7 +118,7 @@ def build_sft_store(data_cfg, batch_rows: int | None = None) -> TokenizedCorpus:
                 w.stats["rows"] += table.num_rows
                 w.stats["batches"] += 1
             if row == 0:
-                raise ValueError(f"{inp.name}: empty dataset (0 rows)")
+                raise UserError(f"{inp.name}: empty dataset (0 rows)")
     kinds = sorted({k for k, _ in chosen})
     meta = {"sft": dict(key, formats=kinds, mask_method=renderer.method if renderer else "completion")}
     return write_store(out, cfg, _SavedTokenizer(tok), len(tok), fill, [str(f) for f in files],
@@ -192,7 +193,7 @@ class SFTSource(DocumentSource):
                     f"tokens ({why}), the longest {int(self.lengths[long].max())}; data.truncate=true "
                     f"cuts them instead")
         if not keep.any():
-            raise ValueError(f"{line}: no conversation is left to train on; raise the limit or set "
+            raise UserError(f"{line}: no conversation is left to train on; raise the limit or set "
                              f"data.truncate=true")
         return SFTSource(self.store, self.index[keep], lengths[keep], targets[keep], [*self.report, line])
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from flexsp.data.config import CorpusConfig
+from flexsp.errors import UserError
 
 
 def stdlib_files(max_files: int = 0, seed: int = 0, max_file_bytes: int = 0) -> list[Path]:
@@ -21,7 +22,7 @@ def stdlib_files(max_files: int = 0, seed: int = 0, max_file_bytes: int = 0) -> 
     (kept in sorted order), ``max_file_bytes`` > 0 skips larger files (for quick demos)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
-        raise ValueError(f"CPython stdlib directory {root} not found")
+        raise UserError(f"CPython stdlib directory {root} not found")
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in ("site-packages", "__pycache__")]
@@ -31,7 +32,7 @@ def stdlib_files(max_files: int = 0, seed: int = 0, max_file_bytes: int = 0) -> 
                 files.append(f)
     files.sort()
     if not files:
-        raise ValueError(f"no .py files under {root}")
+        raise UserError(f"no .py files under {root}")
     if 0 < max_files < len(files):
         keep = np.sort(np.random.default_rng(seed).choice(len(files), size=max_files, replace=False))
         files = [files[i] for i in keep]

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from flexsp.data.source import DocumentSource
+from flexsp.errors import UserError
 
 K = 1024
 
@@ -98,17 +99,17 @@ def sample_lengths(name: str, n: int, seed: int = 0, min_len: int = 1, max_len: 
     ``[min_len, max_len]``. ``uniform`` (integers in [min_len, max_len]) and ``fixed`` (all
     max_len) need ``max_len``."""
     if n < 0 or min_len < 1 or (max_len is not None and max_len < min_len):
-        raise ValueError(f"sample_lengths: need n >= 0 and 1 <= min_len <= max_len; got n={n}, "
+        raise UserError(f"sample_lengths: need n >= 0 and 1 <= min_len <= max_len; got n={n}, "
                          f"min_len={min_len}, max_len={max_len}")
     rng = np.random.default_rng(seed)
     if name in PARAMETRIC:
         if max_len is None:
-            raise ValueError(f"distribution {name!r} needs max_len")
+            raise UserError(f"distribution {name!r} needs max_len")
         if name == "fixed":
             return np.full(n, max_len, dtype=np.int64)
         return rng.integers(min_len, max_len + 1, size=n, dtype=np.int64)
     if name not in DISTRIBUTIONS:
-        raise ValueError(f"unknown length distribution {name!r}; valid options: "
+        raise UserError(f"unknown length distribution {name!r}; valid options: "
                          f"{sorted(DISTRIBUTIONS) + list(PARAMETRIC)}")
     lengths = np.rint(DISTRIBUTIONS[name](rng, n)).astype(np.int64)
     return np.clip(lengths, min_len, max_len if max_len is not None else None)
@@ -121,10 +122,10 @@ class SyntheticSource(DocumentSource):
     def __init__(self, lengths, vocab_size: int, seed: int = 0):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.ndim != 1 or self.lengths.size == 0 or self.lengths.min() < 1:
-            raise ValueError(f"SyntheticSource needs a non-empty 1-D array of positive lengths, got "
+            raise UserError(f"SyntheticSource needs a non-empty 1-D array of positive lengths, got "
                              f"shape {self.lengths.shape}")
         if vocab_size < 1:
-            raise ValueError(f"SyntheticSource vocab_size must be >= 1, got {vocab_size}")
+            raise UserError(f"SyntheticSource vocab_size must be >= 1, got {vocab_size}")
         self.vocab_size, self.seed = int(vocab_size), int(seed)
 
     @classmethod

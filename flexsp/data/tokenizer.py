@@ -19,6 +19,7 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Iterator
+from flexsp.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"
 # EOS spellings of common model families, tried in order when a tokenizer names none itself.
@@ -67,7 +68,7 @@ class HFTokenizer:
         if eos_token is not None:
             self.eos_id = tok.token_to_id(eos_token)
             if self.eos_id is None:
-                raise ValueError(f"tokenizer {source}: EOS token {eos_token!r} is not in its vocabulary")
+                raise UserError(f"tokenizer {source}: EOS token {eos_token!r} is not in its vocabulary")
         else:  # the first known EOS spelling the vocabulary has
             eos_token = next((t for t in EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
             self.eos_id = tok.token_to_id(eos_token) if eos_token else None
@@ -99,7 +100,7 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None) -> HFTokenize
     if path.is_dir():
         return load_hf_model_tokenizer(path, eos_token)
     if not path.is_file():
-        raise ValueError(f"tokenizer {path} does not exist (valid: 'bpe', 'byte', a tokenizer.json "
+        raise UserError(f"tokenizer {path} does not exist (valid: 'bpe', 'byte', a tokenizer.json "
                          f"file or a Hugging Face model directory holding tokenizer.json)")
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
@@ -107,7 +108,7 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None) -> HFTokenize
             return ByteTokenizer()
         tok = Tokenizer.from_str(text)
     except Exception as exc:  # json / tokenizers raise many types on bad files
-        raise ValueError(f"tokenizer file {path} is not a valid tokenizer.json: {exc}") from exc
+        raise UserError(f"tokenizer file {path} is not a valid tokenizer.json: {exc}") from exc
     if eos_token is None and path.name == "tokenizer.json":  # inside a model directory: its EOS
         eos_token = _config_eos(path.parent)
     return check_encodes(HFTokenizer(tok, source=str(path), eos_token=eos_token), path)
@@ -122,7 +123,7 @@ def _config_eos(directory: Path) -> str | None:
         try:
             conf = json.loads(f.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{f}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+            raise UserError(f"{f}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
         eos = conf.get("eos_token") if isinstance(conf, dict) else None
         if isinstance(eos, dict):  # {"content": "</s>", "lstrip": false, ...}
             eos = eos.get("content")
@@ -146,14 +147,14 @@ def load_hf_model_tokenizer(directory: str | Path, eos_token: str | None = None)
         try:
             tok = Tokenizer.from_file(str(tj))
         except Exception as exc:
-            raise ValueError(f"{tj} is not a valid tokenizer.json: {exc}") from exc
+            raise UserError(f"{tj} is not a valid tokenizer.json: {exc}") from exc
         return check_encodes(HFTokenizer(tok, source=str(directory), eos_token=eos), directory)
     try:
         from transformers import AutoTokenizer
         hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
         tok = hf.backend_tokenizer
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... on odd dirs
-        raise ValueError(f"tokenizer directory {directory} has no tokenizer.json and transformers "
+        raise UserError(f"tokenizer directory {directory} has no tokenizer.json and transformers "
                          f"could not load a fast tokenizer from it ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); expected a "
                          f"save_pretrained directory with tokenizer.json and tokenizer_config.json") from exc
@@ -181,11 +182,11 @@ def check_encodes(tok: HFTokenizer, path: Path) -> HFTokenizer:
         return tok
     empty = f"it encodes {PROBE_TEXT!r} to no token ids (a vocabulary of {tok.vocab_size})"
     if path.is_dir():
-        raise ValueError(f"model directory {path} has no usable tokenizer: {empty}; "
+        raise UserError(f"model directory {path} has no usable tokenizer: {empty}; "
                          f"{_missing_sources(path)}. Copy the model's tokenizer files (tokenizer.json, "
                          f"tokenizer_config.json) into it, or set data.corpus.tokenizer=<a directory or "
                          f"tokenizer.json that has them>")
-    raise ValueError(f"tokenizer file {path} is not a usable tokenizer: {empty}; use the model's "
+    raise UserError(f"tokenizer file {path} is not a usable tokenizer: {empty}; use the model's "
                      f"tokenizer.json (data.corpus.tokenizer)")
 
 
@@ -193,7 +194,7 @@ def check_vocabulary(tokenizer_vocab: int, model_vocab: int, tokenizer: str, mod
     """ValueError if the tokenizer's vocabulary is far smaller than the model's embedding needs
     (below :data:`MIN_VOCAB_FRACTION` of its rows): it is not the model's tokenizer."""
     if tokenizer_vocab < MIN_VOCAB_FRACTION * model_vocab:
-        raise ValueError(f"tokenizer {tokenizer} has a vocabulary of {tokenizer_vocab} but the model {model} "
+        raise UserError(f"tokenizer {tokenizer} has a vocabulary of {tokenizer_vocab} but the model {model} "
                          f"has {model_vocab} embedding rows: it is not this model's tokenizer (a model's "
                          f"tokenizer covers at least {MIN_VOCAB_FRACTION:.0%} of them); set "
                          f"data.corpus.tokenizer to the model's tokenizer (a directory with tokenizer.json, "
@@ -224,7 +225,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257 + 1:
-        raise ValueError(f"BPE vocab_size={vocab_size} must be > 257 (256 bytes + EOS)")
+        raise UserError(f"BPE vocab_size={vocab_size} must be > 257 (256 bytes + EOS)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

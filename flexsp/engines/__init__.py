@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 
 import torch
+from flexsp.errors import UserError
 
 ENGINES = ("fsdp2", "deepspeed")
 PLANNED_ENGINES: tuple[str, ...] = ()
@@ -48,7 +49,7 @@ def precision_dtypes(precision: str) -> tuple[torch.dtype | None, torch.dtype | 
         return torch.bfloat16, torch.float32
     if precision == "bf16-pure":
         return None, None      # the parameters themselves are bf16
-    raise ValueError(f"train.precision={precision!r}; valid options: {list(PRECISIONS)}")
+    raise UserError(f"train.precision={precision!r}; valid options: {list(PRECISIONS)}")
 
 
 def param_dtype(precision: str) -> str:
@@ -118,5 +119,5 @@ def build_engine(name: str, make_model, weights, train_cfg, parallel_cfg, world_
         from flexsp.engines.deepspeed import DeepSpeedEngine
         return DeepSpeedEngine(make_model, weights, train_cfg, parallel_cfg, world_size, device)
     if name in PLANNED_ENGINES:
-        raise ValueError(f"parallel.engine={name!r} is not implemented yet; valid options: {list(ENGINES)}")
-    raise ValueError(f"parallel.engine={name!r}; valid options: {list(ENGINES)}")
+        raise UserError(f"parallel.engine={name!r} is not implemented yet; valid options: {list(ENGINES)}")
+    raise UserError(f"parallel.engine={name!r}; valid options: {list(ENGINES)}")

@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 
 from flexsp.engines import build_optimizer, build_scheduler
+from flexsp.errors import UserError
 
 CKPT_SUBDIR = "deepspeed"
 CKPT_TAG = "engine"
@@ -86,7 +87,7 @@ def ds_config(cfg, world_size: int, persistence_threshold: int | None = None) ->
         out["bf16"] = {"enabled": True}
         out["communication_data_type"] = "fp32"
     elif cfg.precision != "fp32":
-        raise ValueError(f"train.precision={cfg.precision!r} is not offered with parallel.engine=deepspeed; "
+        raise UserError(f"train.precision={cfg.precision!r} is not offered with parallel.engine=deepspeed; "
                          f"valid options: ['fp32', 'bf16']")
     return out
 
@@ -99,11 +100,11 @@ class DeepSpeedEngine:
             import deepspeed
             from deepspeed.accelerator import get_accelerator
         except ImportError as exc:
-            raise ValueError("parallel.engine='deepspeed' needs DeepSpeed (pip install -e .[dist]); "
+            raise UserError("parallel.engine='deepspeed' needs DeepSpeed (pip install -e .[dist]); "
                              f"import failed: {exc}") from exc
         acc = get_accelerator().device_name()
         if acc != device.type:
-            raise ValueError(f"DeepSpeed selected its '{acc}' accelerator but the model is on {device.type}; "
+            raise UserError(f"DeepSpeed selected its '{acc}' accelerator but the model is on {device.type}; "
                              f"set DS_ACCELERATOR={device.type}")
         self.cfg = cfg
         self.world_size = world_size
@@ -175,12 +176,12 @@ class DeepSpeedEngine:
     def load(self, directory: Path) -> None:
         path = Path(directory) / CKPT_SUBDIR
         if not (path / CKPT_TAG).is_dir():
-            raise ValueError(f"{directory} has no DeepSpeed engine state ({path / CKPT_TAG} missing): was it "
+            raise UserError(f"{directory} has no DeepSpeed engine state ({path / CKPT_TAG} missing): was it "
                              f"written by another engine (parallel.engine)?")
         load_path, _ = self.engine.load_checkpoint(str(path), tag=CKPT_TAG, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:
-            raise ValueError(f"DeepSpeed could not load the checkpoint in {path}")
+            raise UserError(f"DeepSpeed could not load the checkpoint in {path}")
 
 
 @torch.no_grad()

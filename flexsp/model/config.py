@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
+from flexsp.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -46,7 +47,7 @@ def normalize_rope_scaling(value, rope_theta: float | None = None) -> dict | Non
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise ValueError(f"ModelConfig.rope_scaling must be a dict or None, got {value!r}")
+        raise UserError(f"ModelConfig.rope_scaling must be a dict or None, got {value!r}")
     d = {str(k): (v.item() if hasattr(v, "item") else v) for k, v in dict(value).items()}
     if "type" in d:
         legacy = d.pop("type")
@@ -54,25 +55,25 @@ def normalize_rope_scaling(value, rope_theta: float | None = None) -> dict | Non
     d.setdefault("rope_type", "default")
     theta = d.pop("rope_theta", None)
     if theta is not None and rope_theta is not None and float(theta) != float(rope_theta):
-        raise ValueError(f"ModelConfig.rope_scaling['rope_theta']={theta} disagrees with "
+        raise UserError(f"ModelConfig.rope_scaling['rope_theta']={theta} disagrees with "
                          f"rope_theta={rope_theta}; set rope_theta only")
     prf = d.pop("partial_rotary_factor", None)
     if prf is not None and float(prf) != 1.0:
-        raise ValueError(f"ModelConfig.rope_scaling['partial_rotary_factor']={prf} is not supported; "
+        raise UserError(f"ModelConfig.rope_scaling['partial_rotary_factor']={prf} is not supported; "
                          "valid options: 1.0 (RoPE on the full head_dim)")
     rt = d["rope_type"]
     if rt not in ROPE_TYPES:
-        raise ValueError(f"ModelConfig.rope_scaling['rope_type']={rt!r} is not supported; "
+        raise UserError(f"ModelConfig.rope_scaling['rope_type']={rt!r} is not supported; "
                          f"valid options: {list(ROPE_TYPES)}")
     bad = sorted(set(d) - {"rope_type"} - _ROPE_KEYS[rt])
     if bad:
-        raise ValueError(f"ModelConfig.rope_scaling keys {bad} are not supported for rope_type={rt!r}; "
+        raise UserError(f"ModelConfig.rope_scaling keys {bad} are not supported for rope_type={rt!r}; "
                          f"valid keys: {sorted(_ROPE_KEYS[rt] | {'rope_type'})}")
     missing = sorted(_ROPE_REQUIRED[rt] - {k for k, v in d.items() if v is not None})
     if missing:
-        raise ValueError(f"ModelConfig.rope_scaling for rope_type={rt!r} needs keys {missing}")
+        raise UserError(f"ModelConfig.rope_scaling for rope_type={rt!r} needs keys {missing}")
     if "factor" in d and d["factor"] is not None and not float(d["factor"]) > 0:
-        raise ValueError(f"ModelConfig.rope_scaling['factor'] must be > 0, got {d['factor']!r}")
+        raise UserError(f"ModelConfig.rope_scaling['factor'] must be > 0, got {d['factor']!r}")
     if rt == "default":
         return None
     return d
@@ -135,31 +136,31 @@ class ModelConfig:
                      "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+                raise UserError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 0:
-            raise ValueError(f"ModelConfig.head_dim must be an int >= 0 (0 = hidden // heads), "
+            raise UserError(f"ModelConfig.head_dim must be an int >= 0 (0 = hidden // heads), "
                              f"got {self.head_dim!r}")
         if self.head_dim == 0 and self.hidden % self.heads:
-            raise ValueError(f"ModelConfig.hidden={self.hidden} is not divisible by heads={self.heads} "
+            raise UserError(f"ModelConfig.hidden={self.hidden} is not divisible by heads={self.heads} "
                              "(set head_dim explicitly for such shapes)")
         if self.heads % self.kv_heads:
-            raise ValueError(f"ModelConfig.heads={self.heads} is not divisible by kv_heads={self.kv_heads}")
+            raise UserError(f"ModelConfig.heads={self.heads} is not divisible by kv_heads={self.kv_heads}")
         if self.head_size % 2:
-            raise ValueError(f"ModelConfig.head_dim={self.head_size} must be even for RoPE")
+            raise UserError(f"ModelConfig.head_dim={self.head_size} must be even for RoPE")
         if self.dtype not in DTYPES:
-            raise ValueError(f"ModelConfig.dtype={self.dtype!r}; valid options: {sorted(DTYPES)}")
+            raise UserError(f"ModelConfig.dtype={self.dtype!r}; valid options: {sorted(DTYPES)}")
         if not self.rope_theta > 0:
-            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+            raise UserError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         if not self.norm_eps > 0:
-            raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+            raise UserError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps!r}")
         if not self.init_std > 0:
-            raise ValueError(f"ModelConfig.init_std must be > 0, got {self.init_std!r}")
+            raise UserError(f"ModelConfig.init_std must be > 0, got {self.init_std!r}")
         for name in ("attention_bias", "qk_norm", "tie_embeddings", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+                raise UserError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         w = self.sliding_window
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 0):
-            raise ValueError(f"ModelConfig.sliding_window must be None or an int >= 0 (0/None = no "
+            raise UserError(f"ModelConfig.sliding_window must be None or an int >= 0 (0/None = no "
                              f"window), got {w!r}")
         self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.rope_theta)
 
@@ -249,9 +250,9 @@ def model_config(name: str, **overrides) -> ModelConfig:
     (None values keep the preset's value)."""
     key = name.lower().removeprefix("llama-")
     if key not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; valid options: {sorted(PRESETS)}")
+        raise UserError(f"unknown model preset {name!r}; valid options: {sorted(PRESETS)}")
     valid = {f.name for f in fields(ModelConfig)}
     bad = sorted(set(overrides) - valid)
     if bad:
-        raise ValueError(f"unknown ModelConfig fields {bad}; valid fields: {sorted(valid)}")
+        raise UserError(f"unknown ModelConfig fields {bad}; valid fields: {sorted(valid)}")
     return ModelConfig(**{**PRESETS[key], **{k: v for k, v in overrides.items() if v is not None}})

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from flexsp.model.config import ModelConfig, normalize_rope_scaling
+from flexsp.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -71,7 +72,7 @@ def hf_name(name: str) -> str:
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
     if m and m.group(2) in _BLOCK_MAP:
         return f"model.layers.{m.group(1)}.{_BLOCK_MAP[m.group(2)]}"
-    raise ValueError(f"parameter {name!r} has no Hugging Face counterpart")
+    raise UserError(f"parameter {name!r} has no Hugging Face counterpart")
 
 
 def our_name(key: str) -> str | None:
@@ -93,7 +94,7 @@ def checkpoint_dir(path, field: str = "model.hf_checkpoint") -> Path:
         return p
     what = "is a file" if p.exists() else "does not exist"
     hint = f" (e.g. {field}={p.parent})" if p.exists() and (p.parent / "config.json").is_file() else ""
-    raise ValueError(f"{field}={path} {what}; it must be a directory: a Hugging Face model directory holding "
+    raise UserError(f"{field}={path} {what}; it must be a directory: a Hugging Face model directory holding "
                      f"config.json, *.safetensors and the tokenizer files{hint}")
 
 
@@ -109,7 +110,7 @@ def _load_config_dict(path_or_dict) -> tuple[dict, str]:
     try:
         return json.loads(f.read_text()), str(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{f} is not valid JSON ({exc})") from None
+        raise UserError(f"{f} is not valid JSON ({exc})") from None
 
 
 def _hf_dtype(d: dict) -> str:
@@ -131,7 +132,7 @@ def config_from_hf(path_or_dict, **overrides) -> ModelConfig:
     arch = archs[0] if archs else _ARCH_OF_TYPE.get(d.get("model_type", ""))
     if arch not in SUPPORTED_ARCHITECTURES:
         what = f"architecture {arch!r}" if arch else f"model_type {d.get('model_type')!r}"
-        raise ValueError(f"{src}: unsupported {what}; supported architectures: "
+        raise UserError(f"{src}: unsupported {what}; supported architectures: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     problems = []
     act = d.get("hidden_act", "silu")
@@ -186,7 +187,7 @@ def config_from_hf(path_or_dict, **overrides) -> ModelConfig:
             scaling["original_max_position_embeddings"] = int(d["original_max_position_embeddings"])
         scaling.setdefault("original_max_position_embeddings", max_pos)
     if problems:
-        raise ValueError(f"{src}: {arch} with unsupported features: " + "; ".join(problems))
+        raise UserError(f"{src}: {arch} with unsupported features: " + "; ".join(problems))
     hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
     head_dim = int(d.get("head_dim") or 0)
     if head_dim and hidden % heads == 0 and head_dim == hidden // heads:
@@ -224,7 +225,7 @@ def hf_config_from_model(cfg: ModelConfig, architecture: str | None = None, *,
     the architecture cannot express the config (e.g. q/k norms as LLaMA)."""
     arch = architecture or default_architecture(cfg)
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {arch!r}; supported architectures: "
+        raise UserError(f"unsupported architecture {arch!r}; supported architectures: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     bad = []
     if cfg.qk_norm != (arch == "Qwen3ForCausalLM"):
@@ -234,7 +235,7 @@ def hf_config_from_model(cfg: ModelConfig, architecture: str | None = None, *,
     if cfg.window and arch == "LlamaForCausalLM":
         bad.append(f"sliding_window={cfg.window}")
     if bad:
-        raise ValueError(f"{arch} cannot express a model with {', '.join(bad)}; use architecture="
+        raise UserError(f"{arch} cannot express a model with {', '.join(bad)}; use architecture="
                          f"{default_architecture(cfg)!r} (the default for this config)")
     if dtype is None:
         dtype = cfg.dtype
@@ -287,7 +288,7 @@ class HFCheckpointReader:
         """``names``: "flexsp" addresses tensors by our parameter names (the native Transformer),
         "hf" by the checkpoint's own keys (HF-native models, whose names are transformers')."""
         if names not in ("flexsp", "hf"):
-            raise ValueError(f"HFCheckpointReader names={names!r}; valid options: ['flexsp', 'hf']")
+            raise UserError(f"HFCheckpointReader names={names!r}; valid options: ['flexsp', 'hf']")
         self.hf_names = names == "hf"
         self.path = Path(path)
         if not self.path.is_dir():
@@ -299,7 +300,7 @@ class HFCheckpointReader:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
-                raise ValueError(f"{index} is not a safetensors index ({type(exc).__name__}: {exc})") from None
+                raise UserError(f"{index} is not a safetensors index ({type(exc).__name__}: {exc})") from None
             for key, fname in weight_map.items():
                 key_file[key] = self.path / fname
             for f in sorted(set(key_file.values())):
@@ -337,7 +338,7 @@ class HFCheckpointReader:
         except FileNotFoundError:
             raise FileNotFoundError(f"{f} is missing") from None
         except Exception as exc:  # SafetensorError: truncated / corrupt header
-            raise ValueError(f"{f} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+            raise UserError(f"{f} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
     def _keys_of(self, f: Path) -> list[str]:
         return list(self._open(f).keys())
@@ -368,11 +369,11 @@ class HFCheckpointReader:
         sl, f = self._slice(name)
         shape = sl.get_shape()
         if not 0 <= start <= stop <= shape[0]:
-            raise ValueError(f"rows [{start}, {stop}) outside {name} of shape {tuple(shape)}")
+            raise UserError(f"rows [{start}, {stop}) outside {name} of shape {tuple(shape)}")
         try:
             return sl[start:stop]
         except Exception as exc:  # truncated data section
-            raise ValueError(f"{f}: cannot read {self.names[name]} ({type(exc).__name__}: {exc})") from None
+            raise UserError(f"{f}: cannot read {self.names[name]} ({type(exc).__name__}: {exc})") from None
 
     def read_elements(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Flattened (row-major) elements ``[start, stop)`` of parameter ``name``; reads only the
@@ -380,7 +381,7 @@ class HFCheckpointReader:
         shape = self.shape(name)
         numel = math.prod(shape)
         if not 0 <= start <= stop <= numel:
-            raise ValueError(f"elements [{start}, {stop}) outside {name} of {numel} elements")
+            raise UserError(f"elements [{start}, {stop}) outside {name} of {numel} elements")
         row = math.prod(shape[1:]) if len(shape) > 1 else 1
         if stop == start:
             return self.read_rows(name, 0, 0).reshape(-1)
@@ -408,7 +409,7 @@ class HFCheckpointReader:
         if shapes:
             msgs.append(f"shape mismatches: {shapes}")
         if msgs:
-            raise ValueError(f"{self.path} does not match the model: " + "; ".join(msgs))
+            raise UserError(f"{self.path} does not match the model: " + "; ".join(msgs))
 
     @torch.no_grad()
     def load_into_(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -420,14 +421,14 @@ class HFCheckpointReader:
         self.check(module)
         for name, p in module.named_parameters():
             if p.device.type == "meta":
-                raise ValueError(f"parameter {name} is on the meta device; call module.to_empty(device=...) "
+                raise UserError(f"parameter {name} is on the meta device; call module.to_empty(device=...) "
                                  "before load_into_")
             if hasattr(p, "to_local"):
                 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
                 shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
                 local = p.to_local()
                 if any(o != 0 for o in offset[1:]) or tuple(local.shape[1:]) != tuple(p.shape[1:]):
-                    raise ValueError(f"{name}: only dim-0 sharding is supported (placements {p.placements})")
+                    raise UserError(f"{name}: only dim-0 sharding is supported (placements {p.placements})")
                 if local.numel() == 0:
                     continue
                 vals = self.read_rows(name, offset[0], offset[0] + local.shape[0])
@@ -545,12 +546,12 @@ def to_hf(model_or_state_dict, path: str | os.PathLike, *, config: ModelConfig |
     else:
         sd = dict(model_or_state_dict)
         if config is None:
-            raise ValueError("to_hf(state_dict, ...) needs config=ModelConfig(...)")
+            raise UserError("to_hf(state_dict, ...) needs config=ModelConfig(...)")
     if isinstance(config, Mapping):
         config = ModelConfig(**config)
     dt = getattr(torch, str(dtype).replace("torch.", "")) if not isinstance(dtype, torch.dtype) else dtype
     if dt not in (torch.bfloat16, torch.float32, torch.float16):
-        raise ValueError(f"to_hf dtype={dtype!r}; valid options: bfloat16, float32, float16")
+        raise UserError(f"to_hf dtype={dtype!r}; valid options: bfloat16, float32, float16")
     hf_cfg_check = hf_config_from_model(config, architecture, dtype=dt)   # validates early
     from flexsp.model.transformer import Transformer
     expected = {n: tuple(p.shape) for n, p in Transformer(config, device="meta").named_parameters()}
@@ -558,7 +559,7 @@ def to_hf(model_or_state_dict, path: str | os.PathLike, *, config: ModelConfig |
     unexpected = sorted(k for k in set(sd) - set(expected) if not (config.tie_embeddings and k == "lm_head.weight"))
     wrong = [f"{k}: {tuple(sd[k].shape)} vs {expected[k]}" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
     if missing or unexpected or wrong:
-        raise ValueError(f"state dict does not match the config: missing {missing}, unexpected {unexpected}, "
+        raise UserError(f"state dict does not match the config: missing {missing}, unexpected {unexpected}, "
                          f"shape mismatches {wrong}")
     tensors = {}
     for name in expected:

@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from flexsp.model.loss import lm_loss
+from flexsp.errors import UserError
 
 ATTENTION = "flexsp"
 """The name FlexSP's attention is registered under in ``transformers.AttentionInterface``."""
@@ -100,9 +101,9 @@ class HFNativeConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"model.dtype={self.dtype!r}; valid options: ['bfloat16', 'float32']")
+            raise UserError(f"model.dtype={self.dtype!r}; valid options: ['bfloat16', 'float32']")
         if not isinstance(self.activation_checkpointing, bool):
-            raise ValueError(f"model.activation_checkpointing must be a bool, got "
+            raise UserError(f"model.activation_checkpointing must be a bool, got "
                              f"{self.activation_checkpointing!r}")
 
     def transformers_config(self):
@@ -110,11 +111,11 @@ class HFNativeConfig:
         from transformers import AutoConfig
         d = copy.deepcopy(self.hf_config)
         if "model_type" not in d:
-            raise ValueError("config.json has no model_type: transformers cannot tell the architecture")
+            raise UserError("config.json has no model_type: transformers cannot tell the architecture")
         try:
             return AutoConfig.for_model(**d)
         except (ValueError, KeyError) as exc:
-            raise ValueError(f"transformers cannot build model_type {d['model_type']!r}: {exc}") from None
+            raise UserError(f"transformers cannot build model_type {d['model_type']!r}: {exc}") from None
 
     @functools.cached_property
     def _text(self):
@@ -213,7 +214,7 @@ def flexsp_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if query.shape[0] != 1 or value.shape[-1] != query.shape[-1]:
         bad.append(f"q {tuple(query.shape)} / v {tuple(value.shape)} (one packed row, same q/v head size)")
     if bad:
-        raise ValueError(f"{name}: FlexSP's attention does not support {', '.join(bad)}")
+        raise UserError(f"{name}: FlexSP's attention does not support {', '.join(bad)}")
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
     out = attn(q, k, v, window=int(sliding_window) if sliding_window else None, scale=scaling)
     return out.unsqueeze(0), None
@@ -252,7 +253,7 @@ def build_causal_lm(cfg: HFNativeConfig, device=None, attn_implementation: str |
         try:
             return AutoModelForCausalLM.from_config(hf_cfg, **kw)
         except ValueError as exc:
-            raise ValueError(f"{cfg.architecture}: transformers cannot build it as a causal LM "
+            raise UserError(f"{cfg.architecture}: transformers cannot build it as a causal LM "
                              f"({str(exc).splitlines()[0]})") from None
 
 
@@ -371,7 +372,7 @@ def inspect_architecture(model, src: str = "") -> dict:
                    "child whose class is a norm)")
     if bad:
         where = f"{src}: " if src else ""
-        raise ValueError(f"{where}{type(model).__name__} cannot train HF-native: " + "; ".join(bad))
+        raise UserError(f"{where}{type(model).__name__} cannot train HF-native: " + "; ".join(bad))
     return {"prefix": prefix, "blocks": blocks, "norm": norm, "head_scale": scale}
 
 
@@ -468,7 +469,7 @@ class HFNativeModel(nn.Module):
         """Same contract as ``flexsp.model.Transformer.forward``: ``[T_local]`` ids and positions,
         the injected attention; returns logits, the final hidden, or ``(loss_sum, num_targets)``."""
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
-            raise ValueError(f"input_ids and positions must both be [tokens]; got "
+            raise UserError(f"input_ids and positions must both be [tokens]; got "
                              f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
         attn = attn_ctx if self._attention_checked else _CountingAttention(attn_ctx)
         out = self.base_model()(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
@@ -476,7 +477,7 @@ class HFNativeModel(nn.Module):
         if not self._attention_checked:
             expected = len(self._block_paths)
             if attn.calls != expected:
-                raise ValueError(f"{self._hf_class.__name__}: {expected} decoder layers made {attn.calls} "
+                raise UserError(f"{self._hf_class.__name__}: {expected} decoder layers made {attn.calls} "
                                  "FlexSP attention calls; its attention does not go through transformers' "
                                  "AttentionInterface once per layer, so it cannot be sharded")
             self._attention_checked = True

@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from flexsp.errors import UserError
 
 
 def _shape(p) -> tuple[int, ...]:
@@ -85,7 +86,7 @@ class HFNativeWeights:
         if shapes:
             msgs.append(f"shape mismatches: {shapes}")
         if msgs:
-            raise ValueError(f"{self.path} does not match the model: " + "; ".join(msgs))
+            raise UserError(f"{self.path} does not match the model: " + "; ".join(msgs))
 
     def _assembled(self, name: str) -> torch.Tensor:
         """The whole converted parameter ``name``, built by transformers' conversion operations."""
@@ -107,7 +108,7 @@ class HFNativeWeights:
         if full is None or tuple(full.shape) != self._shapes.get(name, tuple(full.shape)):
             got = None if full is None else tuple(full.shape)
             keys = sorted(k for v in sources.values() for k in v)
-            raise ValueError(f"{self.path}: {name} converted from {keys} has shape {got}, the model expects "
+            raise UserError(f"{self.path}: {name} converted from {keys} has shape {got}, the model expects "
                              f"{self._shapes.get(name)}")
         self._cache = (name, full)
         return full
@@ -149,7 +150,7 @@ def save_hf_native(cfg, state_dict: dict[str, torch.Tensor], path, *, dtype: tor
     wrong = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
              if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
-        raise ValueError(f"state dict does not match {type(model).__name__}: missing {missing}, unexpected "
+        raise UserError(f"state dict does not match {type(model).__name__}: missing {missing}, unexpected "
                          f"{unexpected}, shape mismatches {wrong}")
     model.load_state_dict({k: v for k, v in tensors.items() if k not in tied}, strict=False, assign=True)
     model.tie_weights()

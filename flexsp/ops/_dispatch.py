@@ -25,6 +25,7 @@ import functools
 import os
 
 import torch
+from flexsp.errors import UserError
 
 ENV_VAR = "FLEXSP_OPS_BACKEND"
 VALID_BACKENDS = ("auto", "torch", "liger")
@@ -63,7 +64,7 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor, auto_liger: boo
         source = f"${ENV_VAR}"
     requested = requested.strip().lower()
     if requested not in VALID_BACKENDS:
-        raise ValueError(
+        raise UserError(
             f"unknown flexsp.ops backend {requested!r} (from {source}); valid: {VALID_BACKENDS} or None"
         )
     on_cuda = all(t.is_cuda for t in tensors)
@@ -73,13 +74,13 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor, auto_liger: boo
         return auto_backend(on_cuda, auto_liger)
     # requested == "liger"
     if not liger_available():
-        raise ValueError(
+        raise UserError(
             f"backend 'liger' requested (from {source}) but liger-kernel/triton do not import; "
             "install the gpu extra or use backend='torch'"
         )
     if not on_cuda and not _triton_interpret():
         devices = sorted({str(t.device) for t in tensors})
-        raise ValueError(
+        raise UserError(
             f"backend 'liger' needs CUDA tensors (got devices {devices}); on CPU it runs only "
             "under TRITON_INTERPRET=1 (tests), otherwise use backend='torch' or 'auto'"
         )

@@ -9,6 +9,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 
 from flexsp.config import matches_type, type_name
+from flexsp.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure")
 MODES = ("ulysses", "ring")
@@ -105,29 +106,29 @@ class ProfileConfig:
     def __post_init__(self) -> None:
         check_types(self)
         if self.world_size < 1 or self.world_size & (self.world_size - 1):
-            raise ValueError(f"world_size={self.world_size} must be a power of two >= 1")
+            raise UserError(f"world_size={self.world_size} must be a power of two >= 1")
         for key in ("repeats", "threads_per_rank"):
             if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+                raise UserError(f"{key}={getattr(self, key)} must be >= 1")
         for key in ("profile_layers", "max_len", "capacity_tokens", "validate_batches", "validate_tokens",
                     "validate_max_len", "devices_per_node", "num_devices"):
             if getattr(self, key) < 0:
-                raise ValueError(f"{key}={getattr(self, key)} must be >= 0 (0: {_ZERO[key]})")
+                raise UserError(f"{key}={getattr(self, key)} must be >= 0 (0: {_ZERO[key]})")
         for key in ("devices_per_node", "num_devices"):
             v = getattr(self, key)
             if v & (v - 1):
-                raise ValueError(f"{key}={v} must be 0 or a power of two")
+                raise UserError(f"{key}={v} must be 0 or a power of two")
         if self.max_len and self.max_len < 16:
-            raise ValueError(f"max_len={self.max_len} must be 0 (the model's max_position_embeddings) or >= 16")
+            raise UserError(f"max_len={self.max_len} must be 0 (the model's max_position_embeddings) or >= 16")
         if self.memory_mb < 0 or self.timeout_s <= 0:
-            raise ValueError(f"memory_mb={self.memory_mb} must be >= 0 and timeout_s={self.timeout_s} > 0")
+            raise UserError(f"memory_mb={self.memory_mb} must be >= 0 and timeout_s={self.timeout_s} > 0")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r}; valid options: {list(PRECISIONS)}")
+            raise UserError(f"precision={self.precision!r}; valid options: {list(PRECISIONS)}")
         if self.backend not in (None, "nccl", "gloo"):
-            raise ValueError(f"backend={self.backend!r}; valid options: [null, nccl, gloo]")
+            raise UserError(f"backend={self.backend!r}; valid options: [null, nccl, gloo]")
         from flexsp.engines import ENGINES
         if self.engine not in ENGINES:
-            raise ValueError(f"engine={self.engine!r}; valid options: {list(ENGINES)}")
+            raise UserError(f"engine={self.engine!r}; valid options: {list(ENGINES)}")
         for key in ("compute_shapes", "comm_shapes"):
             shapes = getattr(self, key)
             if shapes is None:
@@ -135,19 +136,19 @@ class ProfileConfig:
             bad = [s for s in shapes if not isinstance(s, (list, tuple)) or not s
                    or any(isinstance(x, bool) or not isinstance(x, int) or x < 2 for x in s)]
             if bad:
-                raise ValueError(f"{key} must be null or lists of integer document lengths >= 2, got {bad[:3]}")
+                raise UserError(f"{key} must be null or lists of integer document lengths >= 2, got {bad[:3]}")
         if self.compute_shapes is not None and len(self.compute_shapes) < 3:
-            raise ValueError(f"compute_shapes needs >= 3 shapes for a 3-term fit, got {len(self.compute_shapes)}")
+            raise UserError(f"compute_shapes needs >= 3 shapes for a 3-term fit, got {len(self.compute_shapes)}")
         if self.comm_shapes is not None and not self.comm_shapes:
-            raise ValueError("comm_shapes must be null (generated) or a non-empty list of shapes")
+            raise UserError("comm_shapes must be null (generated) or a non-empty list of shapes")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
-            raise ValueError(f"modes={self.modes} are not profiled; valid options: {list(MODES)} (one or both)")
+            raise UserError(f"modes={self.modes} are not profiled; valid options: {list(MODES)} (one or both)")
         if len(self.link_mb) < 2 or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0
                                         for x in self.link_mb):
-            raise ValueError(f"link_mb={self.link_mb} needs >= 2 positive sizes (MB)")
+            raise UserError(f"link_mb={self.link_mb} needs >= 2 positive sizes (MB)")
         if self.validate_distribution not in _DISTRIBUTIONS:
-            raise ValueError(f"validate_distribution={self.validate_distribution!r}; valid options: "
+            raise UserError(f"validate_distribution={self.validate_distribution!r}; valid options: "
                              f"{list(_DISTRIBUTIONS)}")
 
     @classmethod
@@ -155,7 +156,7 @@ class ProfileConfig:
         valid = {f.name for f in fields(cls)}
         bad = sorted(set(data) - valid)
         if bad:
-            raise ValueError(f"unknown profile config keys {bad}; valid keys: {sorted(valid)}")
+            raise UserError(f"unknown profile config keys {bad}; valid keys: {sorted(valid)}")
         return cls(**data)
 
     # -- derived ---------------------------------------------------------------------------------
@@ -165,16 +166,16 @@ class ProfileConfig:
         from flexsp.engines import param_dtype
         from flexsp.model import PRESETS, model_config
         if self.model.lower().removeprefix("llama-") not in PRESETS:
-            raise ValueError(f"model={self.model!r} is not a model preset; valid options: {sorted(PRESETS)}")
+            raise UserError(f"model={self.model!r} is not a model preset; valid options: {sorted(PRESETS)}")
         try:
             mcfg = model_config(self.model, **dict(self.model_overrides))
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"model_overrides={dict(self.model_overrides)}: {exc}") from None
+            raise UserError(f"model_overrides={dict(self.model_overrides)}: {exc}") from None
         precision = self.precision
         if precision == "auto":
             precision = "bf16" if mcfg.dtype == "bfloat16" else "fp32"
         if precision == "bf16-pure" and self.engine != "fsdp2":
-            raise ValueError("precision=bf16-pure needs engine=fsdp2; valid with deepspeed: auto, fp32, bf16")
+            raise UserError("precision=bf16-pure needs engine=fsdp2; valid with deepspeed: auto, fp32, bf16")
         return replace(mcfg, dtype=param_dtype(precision)), precision
 
     def depths(self, layers: int) -> list[int]:
@@ -184,7 +185,7 @@ class ProfileConfig:
         if not n or n >= layers:
             return [layers]
         if n < 2:
-            raise ValueError(f"profile_layers={n} cannot separate the per-layer work from the fixed "
+            raise UserError(f"profile_layers={n} cannot separate the per-layer work from the fixed "
                              f"embedding/head part (it builds profile_layers // 2 = 0 layers too); "
                              f"valid: 0 (the full model, {layers} layers) or 2..{layers}")
         return [n // 2, n]
@@ -265,7 +266,7 @@ def check_types(cfg: ProfileConfig) -> None:
             setattr(cfg, f.name, float(value))
             continue
         if not matches_type(tp, value):
-            raise ValueError(f"{f.name}={value!r} must be {type_name(tp)}")
+            raise UserError(f"{f.name}={value!r} must be {type_name(tp)}")
         if tp is list or tp == (list | None):
             if value is not None:
                 setattr(cfg, f.name, list(value))

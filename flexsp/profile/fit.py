@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from flexsp.errors import UserError
 
 
 @dataclass
@@ -60,12 +61,12 @@ class ComputeFit:
 
 def _check_samples(samples) -> None:
     if len(samples) < 3:
-        raise ValueError(f"a compute fit needs at least 3 timed shapes, got {len(samples)}")
+        raise UserError(f"a compute fit needs at least 3 timed shapes, got {len(samples)}")
     for lengths, ms in samples:
         if not len(lengths) or min(lengths) < 1:
-            raise ValueError(f"every timed shape needs positive lengths, got {list(lengths)[:8]}")
+            raise UserError(f"every timed shape needs positive lengths, got {list(lengths)[:8]}")
         if not ms > 0:
-            raise ValueError(f"measured times must be > 0 ms, got {ms} for lengths {list(lengths)[:8]}")
+            raise UserError(f"measured times must be > 0 ms, got {ms} for lengths {list(lengths)[:8]}")
 
 
 def _nnls(A: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -111,9 +112,9 @@ def fit_comm_per_token(samples, compute: ComputeFit, sp: int) -> tuple[float, li
     """``samples``: [(lengths, measured ms)] at degree ``sp`` -> (ms per token, relative errors of
     the full prediction compute/sp + b + c * sum L)."""
     if sp < 2:
-        raise ValueError(f"communication is fitted for SP degrees >= 2, got {sp}")
+        raise UserError(f"communication is fitted for SP degrees >= 2, got {sp}")
     if not samples:
-        raise ValueError(f"no timed shapes for SP degree {sp}")
+        raise UserError(f"no timed shapes for SP degree {sp}")
     tok = np.array([float(np.sum(L)) for L, _ in samples])
     res = np.array([ms - compute.predict(L, sp) for L, ms in samples])
     w = 1.0 / np.array([ms for _, ms in samples])  # relative weighting, as the compute fit
@@ -128,7 +129,7 @@ def fit_link(sizes_bytes, times_ms) -> tuple[float, float]:
     x = np.asarray(sizes_bytes, dtype=np.float64)
     y = np.asarray(times_ms, dtype=np.float64)
     if x.size < 2 or x.size != y.size:
-        raise ValueError(f"a link fit needs >= 2 (size, time) pairs, got {x.size} sizes and {y.size} times")
+        raise UserError(f"a link fit needs >= 2 (size, time) pairs, got {x.size} sizes and {y.size} times")
     A = np.stack([np.ones_like(x), x / 1e6], axis=1)  # ms, ms per MB
     lat, per_mb = _nnls(A, y)
     bw = 1.0 / per_mb if per_mb > 0 else float("inf")  # MB/ms == GB/s
@@ -181,10 +182,10 @@ def fit_joint(compute_samples, comm_samples: dict, per_sequence: bool = True, gr
     for k in keys:
         sp = int(k.split(":")[1])
         if sp < 2:
-            raise ValueError(f"communication is fitted for SP degrees >= 2, got {sp} in {k!r}")
+            raise UserError(f"communication is fitted for SP degrees >= 2, got {sp} in {k!r}")
         _check_samples(list(comm_samples[k]) * 3)  # values only (a key may have < 3 shapes)
         if group_latency and len({sum(L) for L, _ in comm_samples[k]}) < 2:
-            raise ValueError(f"{k!r}: a per-token cost and a group latency need shapes of at least 2 token "
+            raise UserError(f"{k!r}: a per-token cost and a group latency need shapes of at least 2 token "
                              f"counts, got {sorted({sum(L) for L, _ in comm_samples[k]})}")
         samples += [(list(L), float(ms), sp, k) for L, ms in comm_samples[k]]
     coef = _joint_coef(samples, keys, per_sequence, group_latency, key_docs)
@@ -284,7 +285,7 @@ class DepthFit:
 
     def _check(self, depth: int) -> None:
         if not self.two and depth != self.depths[0]:
-            raise ValueError(f"shapes were timed at one depth ({self.depths[0]} layers): no per-layer / fixed "
+            raise UserError(f"shapes were timed at one depth ({self.depths[0]} layers): no per-layer / fixed "
                              f"split to scale to {depth} layers; profile two depths (profile_layers)")
 
     def _compute_vec(self, vec, depth: int) -> np.ndarray:
@@ -354,21 +355,21 @@ def fit_depth(compute_samples, comm_samples: dict, per_sequence: bool = True, gr
     _check_samples([(L, ms) for L, ms, _ in compute_samples])
     depths = sorted({n for *_, n in compute_samples} | {n for v in comm_samples.values() for *_, n in v})
     if len(depths) > 2:
-        raise ValueError(f"shapes at depths {depths}: at most two depths are fitted")
+        raise UserError(f"shapes at depths {depths}: at most two depths are fitted")
     two = len(depths) == 2
     if two and len({n for *_, n in compute_samples}) < 2:
-        raise ValueError(f"two depths {depths} need degree-1 shapes at both (got only "
+        raise UserError(f"two depths {depths} need degree-1 shapes at both (got only "
                          f"{sorted({n for *_, n in compute_samples})})")
     keys = sorted(comm_samples) if joint else []
     samples = [(L, ms, 1, None, n) for L, ms, n in compute_samples]
     for k in keys:
         sp = int(k.split(":")[1])
         if sp < 2:
-            raise ValueError(f"communication is fitted for SP degrees >= 2, got {sp} in {k!r}")
+            raise UserError(f"communication is fitted for SP degrees >= 2, got {sp} in {k!r}")
         rows = [(list(L), float(ms), int(n)) for L, ms, n in comm_samples[k]]
         _check_samples([(L, ms) for L, ms, _ in rows] * 3)
         if group_latency and len({sum(L) for L, _, _ in rows}) < 2:
-            raise ValueError(f"{k!r}: a per-token cost and a group latency need shapes of at least 2 token "
+            raise UserError(f"{k!r}: a per-token cost and a group latency need shapes of at least 2 token "
                              f"counts, got {sorted({sum(L) for L, _, _ in rows})}")
         samples += [(L, ms, sp, k, n) for L, ms, n in rows]
     lat, kd = bool(group_latency and keys), bool(key_docs and keys)
