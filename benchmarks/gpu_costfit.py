@@ -150,13 +150,19 @@ def activation_record(peaks: dict, mcfg, depths: list) -> dict:
             "points": {str(n): v for n, v in peaks.items()}}
 
 
+def _profile_run(c: dict, memory_mb: float = 0.0):
+    """The profile run (a flexsp.config.RunConfig with its ``profile`` section) the cost model is
+    built from; the engine and devices per node go into the raw measurements (``raw["engine"]``)."""
+    from flexsp.profile.config import from_flat
+    return from_flat(dict(name=c["name"], model=c["model"], model_overrides=dict(c["overrides"]),
+                          precision=c["precision"], profile_layers=max(c["depths"]), world_size=1,
+                          fit_per_sequence=False, fit_group_latency=False, fit_per_sequence_comm=False,
+                          num_devices=c["num_devices"], devices_per_node=c["num_devices"], repeats=2,
+                          validate_batches=0, plot=False, progress=False, memory_mb=memory_mb))
+
+
 def _profile_config(c: dict, memory_mb: float = 0.0):
-    from flexsp.profile.config import ProfileConfig
-    return ProfileConfig(name=c["name"], model=c["model"], model_overrides=dict(c["overrides"]),
-                         precision=c["precision"], profile_layers=max(c["depths"]), world_size=1,
-                         fit_per_sequence=False, fit_group_latency=False, fit_per_sequence_comm=False,
-                         num_devices=c["num_devices"], devices_per_node=c["num_devices"], repeats=2,
-                         validate_batches=0, plot=False, progress=False, memory_mb=memory_mb)
+    return _profile_run(c, memory_mb).profile
 
 
 def section_profile(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
@@ -166,7 +172,8 @@ def section_profile(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
     from solver.costmodel import CostModel
     device, smoke = cfg["device"], cfg["smoke"]
     c = costfit_config(smoke)
-    full, _precision = _profile_config(c).model_config()
+    from flexsp.profile.config import profiled_model
+    full, _precision, _ = profiled_model(_profile_run(c))
     full = replace(full, dtype="bfloat16" if c["precision"] == "bf16" else "float32")
     t0 = time.monotonic()
     models = {n: build_model(replace(full, layers=n), device) for n in c["depths"]}
@@ -177,6 +184,7 @@ def section_profile(cfg: dict, res: SectionResult, deadline: Deadline) -> None:
     mc.update(head_size=full.head_size, precision=c["precision"], compute_dtype=full.dtype)
     raw = {"world_size": 1, "device": str(device), "backend": "none",
            "threads_per_rank": torch.get_num_threads(), "model": c["model"], "model_config": mc,
+           "engine": "fsdp2", "devices_per_node": c["num_devices"],
            "profile_depths": c["depths"], "num_params": full.num_params(), "params_per_layer": two - one,
            "params_fixed": 2 * one - two, "compute": [], "comm": {}, "optimizer_ms": 0.0}
     fit = CostFit(c, cfg, raw, full, res)

@@ -46,108 +46,46 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field, replace
+import importlib.util
+from dataclasses import asdict, replace
 from pathlib import Path
+
+from flexsp.config import BackgroundMode, BenchConfig, ParallelMode, RunConfig, check_output_dir
+from flexsp.config.bench import METHODS, WORLDS  # noqa: F401 (re-exported)
+from flexsp.config.compose import CONFIG_DIR, compose_container, to_yaml
+from flexsp.config.compose import compose as compose_tree
 from flexsp.errors import UserError
+from flexsp.launcher import launch, launched_world, run_here, say, split_args
+from flexsp.log import setup_logging
+from flexsp.train import build, prepare_data, setup, validate
 
 PROG = "flexsp-bench"
-METHODS = ("flexsp", "static", "best-homogeneous", "deepspeed-ulysses")
-WORLDS = ("main", "deepspeed")
-
-
-@dataclass
-class BenchConfig:
-    methods: list[str] = field(default_factory=lambda: ["flexsp", "static", "best-homogeneous"])
-    """Methods to train every batch with: flexsp | static (every static degree that holds the
-    batch's longest document) | best-homogeneous | deepspeed-ulysses (needs DeepSpeed and >= 2 ranks;
-    runs in a world of its own, see ``world``)."""
-    batches: int = 2
-    """Global batches: the first this many the configured sampler deals (data=..., train.global_batch,
-    data.sampler.global_batch_tokens)."""
-    warmup: int = 1
-    """Untimed steps of every (batch, method) before its timed ones."""
-    repeats: int = 3
-    """Timed steps of every (batch, method); the median is reported, min/max and IQR as spread."""
-    capacity_tokens: int = 0
-    """Emulated memory budget C, tokens per rank, replacing the cost model's (0: keep it). A CPU's RAM
-    would let any degree hold everything; an emulated C makes long documents need SP as on a GPU."""
-    out: str = ""
-    """Output stem: writes STEM.json, STEM.md and STEM.png ('' = <output_dir>/bench)."""
-    note: str = ""
-    """A paragraph written under the markdown header (e.g. the machine's load, why this setting)."""
-    world: str = "main"
-    """main: every method but deepspeed-ulysses | deepspeed: deepspeed-ulysses alone, its rows merged
-    into STEM.json of the main world (flexsp-bench runs this second world itself; under plain
-    torchrun run the same command again with bench.world=deepspeed)."""
-    matmul_size: int = 8192
-    """CUDA: n of the n x n bf16 matmuls timed for the peak FLOP/s the utilisation is measured against."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.methods, str):
-            self.methods = [self.methods]
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise UserError(f"bench.methods={list(self.methods)}: {bad or 'empty'}; valid methods: "
-                             f"{list(METHODS)}")
-        self.methods = list(dict.fromkeys(self.methods))
-        for name, low in (("batches", 1), ("warmup", 0), ("repeats", 1), ("capacity_tokens", 0),
-                          ("matmul_size", 1)):
-            if getattr(self, name) < low:
-                raise UserError(f"bench.{name}={getattr(self, name)} must be >= {low}")
-        if self.world not in WORLDS:
-            raise UserError(f"bench.world={self.world!r}; valid options: {list(WORLDS)}")
-        if self.world == "deepspeed" and "deepspeed-ulysses" not in self.methods:
-            raise UserError("bench.world=deepspeed runs the deepspeed-ulysses method alone, but "
-                             f"bench.methods={self.methods} does not list it")
-
-    def world_methods(self) -> list[str]:
-        """The methods this world trains."""
-        if self.world == "deepspeed":
-            return ["deepspeed-ulysses"]
-        return [m for m in self.methods if m != "deepspeed-ulysses"]
-
-
 # -- config --------------------------------------------------------------------------------------------
-def compose(overrides: list[str]) -> dict:
-    """The training config (flexsp.launcher.compose) with the ``bench`` group added; ValueError (one
-    line) for a bad override."""
-    from flexsp.launcher import compose as train_compose
-    overrides = list(overrides)
-    picked = [i for i, o in enumerate(overrides) if o.split("=", 1)[0].lstrip("+") == "bench"]
-    for i in picked:
-        overrides[i] = "+" + overrides[i].lstrip("+")
-    if not picked:
-        overrides.insert(0, "+bench=default")
-    return train_compose(overrides)
+def compose(overrides: list[str]) -> RunConfig:
+    """The bench's tree: the training config + the ``bench`` section, with ``overrides``."""
+    return compose_tree(overrides, "bench")
 
 
-def parse(cfg: dict) -> tuple[dict, BenchConfig]:
-    """(flexsp.config.parse_config of the training sections, the typed bench section)."""
-    from flexsp.config import parse_config, typed_section
-    c = parse_config(cfg)
-    bench = typed_section(BenchConfig, cfg.get("bench"), "bench")
-    if "deepspeed-ulysses" in bench.methods:
-        import importlib.util
-        if importlib.util.find_spec("deepspeed") is None:
-            raise UserError("bench.methods lists deepspeed-ulysses but DeepSpeed is not installed "
-                             "(pip install -e .[dist]); drop it from bench.methods")
-    return c, bench
+def check(cfg: RunConfig) -> BenchConfig:
+    """The ``bench`` section of ``cfg`` after the checks the bench adds (DeepSpeed installed when
+    deepspeed-ulysses is listed)."""
+    bench = cfg.bench if cfg.bench is not None else BenchConfig()
+    if "deepspeed-ulysses" in bench.methods and importlib.util.find_spec("deepspeed") is None:
+        raise UserError("bench.methods lists deepspeed-ulysses but DeepSpeed is not installed "
+                        "(pip install -e .[dist]); drop it from bench.methods", field="bench.methods")
+    return bench
 
 
-def out_stem(c: dict, bench: BenchConfig) -> Path:
-    return Path(bench.out) if bench.out else c["output_dir"] / "bench"
+def out_stem(cfg: RunConfig, bench: BenchConfig) -> Path:
+    return Path(bench.out) if bench.out else cfg.output_dir / "bench"
 
 
-def _train_cfg(cfg: dict, bench: BenchConfig, max_steps: int) -> dict:
+def _train_cfg(cfg: RunConfig, max_steps: int) -> RunConfig:
     """The training config every rank sets up: adaptive mode (the plans come from here, never from a
     background planner or its fallback) and a schedule long enough for every step the bench takes."""
-    import copy
-    cfg = copy.deepcopy(cfg)
-    cfg["parallel"]["mode"] = "adaptive"
-    cfg["solver"]["background"] = "off"
-    cfg["train"]["steps"] = max(int(cfg["train"]["steps"]), max_steps)
-    cfg["train"]["resume"] = "never"
-    return cfg
+    return replace(cfg, parallel=replace(cfg.parallel, mode=ParallelMode.adaptive),
+                   solver=replace(cfg.solver, background=BackgroundMode.off),
+                   train=replace(cfg.train, steps=max(cfg.train.steps, max_steps), resume="never"))
 
 
 # -- plans ---------------------------------------------------------------------------------------------
@@ -378,7 +316,7 @@ def _measure_batch(st, executor, bench, k, batch, methods) -> list[dict]:
     from solver.plan import Plan
     plans = None
     if st.rank == 0:
-        plans = plan_methods(batch.lengths, st.cm, methods, st.c["solver"])
+        plans = plan_methods(batch.lengths, st.cm, methods, st.cfg.solver)
         plans = {m: p.to_dict() for m, p in plans.items()}
     plans = {m: Plan.from_dict(p) for m, p in _broadcast(plans, st).items()}
     names = list(plans)
@@ -397,7 +335,7 @@ def _measure_batch(st, executor, bench, k, batch, methods) -> list[dict]:
     rows = []
     for m, plan in plans.items():
         t = np.asarray(times[m])
-        rows.append({"batch": k, "method": m, "world": st.c["bench"].world, "docs": len(lengths),
+        rows.append({"batch": k, "method": m, "world": bench.world, "docs": len(lengths),
                      "tokens": sum(lengths), "longest": max(lengths), "plan": plan.summary(),
                      "plan_method": plan.method, "solve_seconds": plan.solve_seconds,
                      "predicted_ms": price_plan(plan, lengths, st.cm), "times_ms": t.tolist(),
@@ -414,31 +352,30 @@ def _measure_batch(st, executor, bench, k, batch, methods) -> list[dict]:
     return rows
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: RunConfig) -> dict:
     """Every rank: set up as flexsp-train does, measure, and (rank 0) write the outputs. Returns the
     result dict on rank 0, {} elsewhere."""
     import torch
     import torch.distributed as dist
 
     from flexsp.failure import AbortWatch
-    from flexsp.train import _build, _data, _setup
-    c, bench = parse(cfg)
+
+    bench = check(cfg)
     methods = bench.world_methods()
     max_steps = bench.batches * (len(methods) + 16) * (bench.warmup + bench.repeats) + 1
     if bench.world == "deepspeed":
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     load_start = list(os.getloadavg())
-    st = _setup(_train_cfg(cfg, bench, max_steps))
-    st.c["bench"] = bench
+    st = setup(_train_cfg(cfg, max_steps))
     try:
         if "deepspeed-ulysses" in bench.methods and st.world < 2:
             raise UserError(f"bench.methods lists deepspeed-ulysses, which needs >= 2 ranks; "
                              f"{st.world} launched")
         if bench.capacity_tokens:
             st.cm = replace(st.cm, capacity_override=bench.capacity_tokens)
-        _data(st)
-        _build(st)
+        prepare_data(st)
+        build(st)
         if bench.world == "deepspeed":
             import deepspeed
             deepspeed.init_distributed(dist_backend=dist.get_backend())
@@ -468,7 +405,7 @@ def run(cfg: dict) -> dict:
         return {}
     res = _result(st, bench, batches, rows, peak, seconds, load_start)
     from flexsp.bench_report import merge_deepspeed, write_outputs
-    stem = out_stem(c, bench)
+    stem = out_stem(cfg, bench)
     if bench.world == "deepspeed":
         res = merge_deepspeed(stem, res)
     paths = write_outputs(res, stem)
@@ -484,24 +421,23 @@ def _first_loss(rows, bench) -> float:
 
 def _result(st, bench, batches, rows, peak, seconds, load_start) -> dict:
     """Rank 0's record of the run: rows plus every stamp the outputs carry."""
-    from dataclasses import asdict
-    c, mcfg, cm = st.c, st.mcfg, st.cm
-    data = c["data"]
+    cfg, mcfg, cm = st.cfg, st.mcfg, st.cm
+    data = cfg.data
     return {
         "tool": "flexsp-bench", **git_stamp(), "machine": machine_stamp(st.device, st.world),
         "command": _rank_command(), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "world_size": st.world, "device": st.device.type, "bench": asdict(bench),
-        "model": {"preset": c["model_preset"], "params": mcfg.num_params(), "layers": mcfg.layers,
+        "model": {"preset": cfg.model.preset, "params": mcfg.num_params(), "layers": mcfg.layers,
                   "hidden": mcfg.hidden, "heads": mcfg.heads, "kv_heads": mcfg.kv_heads,
                   "vocab_size": mcfg.vocab_size, "activation_checkpointing": mcfg.activation_checkpointing,
-                  "precision": c["train"].precision, "engine": c["parallel"].engine},
+                  "precision": str(cfg.train.precision), "engine": str(cfg.parallel.engine)},
         "data": {"source": data.source,
                  "distribution": data.distribution if data.source == "synthetic" else None,
-                 "max_doc_tokens": data.corpus.max_doc_tokens, "global_batch": c["train"].global_batch,
+                 "max_doc_tokens": data.corpus.max_doc_tokens, "global_batch": cfg.train.global_batch,
                  "global_batch_tokens": data.sampler.global_batch_tokens, "seed": data.seed},
-        "solver": {"time_limit": c["solver"].time_limit, "milp_backend": c["solver"].milp_backend,
-                   "pulp_solver": c["solver"].pulp_solver},
-        "cost_model": {"spec": c["solver"].cost_model, "name": cm.name, "source": cm.source,
+        "solver": {"time_limit": cfg.solver.time_limit, "milp_backend": str(cfg.solver.milp_backend),
+                   "pulp_solver": cfg.solver.pulp_solver},
+        "cost_model": {"spec": cfg.solver.cost_model, "name": cm.name, "source": cm.source,
                        "capacity_tokens": cm.capacity_tokens,
                        "capacity_emulated": bool(bench.capacity_tokens),
                        "model": cm.to_dict()},
@@ -515,7 +451,6 @@ def _result(st, bench, batches, rows, peak, seconds, load_start) -> dict:
 
 # -- command line ------------------------------------------------------------------------------------------
 def print_help() -> None:
-    from flexsp.launcher import CONFIG_DIR
     print(__doc__)
     print("bench.* keys (flexsp.bench.BenchConfig; configs/bench/default.yaml):")
     for line in (CONFIG_DIR / "bench" / "default.yaml").read_text().splitlines():
@@ -527,41 +462,39 @@ def print_help() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flexsp.launcher import _launch, _launched_world, _run_here, _say, split_args
     argv = list(sys.argv[1:] if argv is None else argv)
-    launcher, overrides, flags = split_args(argv)
+    try:
+        launcher, overrides, flags = split_args(argv)
+    except ValueError as exc:
+        return say(exc, PROG)
+    setup_logging()
     if "help" in flags:
         print_help()
         return 0
     try:
-        cfg = compose(overrides)
         if "cfg" in flags:
-            from omegaconf import OmegaConf
-            print(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+            print(to_yaml(compose_container(overrides, "bench")))
             return 0
-        c, bench = parse(cfg)                      # typed and validated before anything starts
-    except ValueError as exc:
-        _say(" ".join(str(exc).split()), PROG)
-        return 2
+        cfg = compose(overrides)                   # typed and validated before anything starts
+        bench = check(cfg)
+    except UserError as exc:
+        return say(exc, PROG)
     if not launcher or "RANK" in os.environ:
-        return _run_here(cfg, run, PROG)
-    from flexsp.config import check_output_dir
-    from flexsp.train import validate
-    world = _launched_world(launcher)
+        return run_here(cfg, run, PROG)
+    world = launched_world(launcher)
     try:
-        validate(c, world)
-        check_output_dir(out_stem(c, bench).parent, "bench.out")
+        validate(cfg, world)
+        check_output_dir(out_stem(cfg, bench).parent, "bench.out")
         if "deepspeed-ulysses" in bench.methods and world is not None and world < 2:
             raise UserError(f"bench.methods lists deepspeed-ulysses, which needs >= 2 ranks; "
-                             f"{world} launched")
-    except ValueError as exc:
-        _say(" ".join(str(exc).split()), PROG)
-        return 2
+                            f"{world} launched", field="bench.methods")
+    except UserError as exc:
+        return say(exc, PROG)
     os.environ["FLEXSP_BENCH_COMMAND"] = invocation(argv)
-    rc = _launch(launcher, overrides, module="flexsp.bench", prog=PROG)
+    rc = launch(launcher, overrides, cfg, module="flexsp.bench", prog=PROG)
     if rc == 0 and bench.world == "main" and "deepspeed-ulysses" in bench.methods:
         kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+") != "bench.world"]
-        rc = _launch(launcher, [*kept, "bench.world=deepspeed"], module="flexsp.bench", prog=PROG)
+        rc = launch(launcher, [*kept, "bench.world=deepspeed"], cfg, module="flexsp.bench", prog=PROG)
     return rc
 
 

@@ -65,7 +65,7 @@ def gpu_estimate(mcfg, name: str, memory_bytes: int, num_devices: int, devices_p
                  shard_size: int = 0) -> CostModel:
     """An analytic cost model of ``mcfg`` on ``num_devices`` GPUs named ``name`` with
     ``memory_bytes`` each (see the module docstring)."""
-    from flexsp.dryrun import activation_bytes_per_token
+    from flexsp.memory import activation_bytes_per_token
     from solver.presets import analytic_cost_model
     spec = gpu_spec(name)
     if spec is None:

@@ -49,11 +49,18 @@ import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-from flexsp.dryrun_report import PROG, format_report, table  # noqa: F401 (re-exported)
-from flexsp.errors import UserError
+from flexsp.config import DryRunConfig, RunConfig, check_output_dir
+from flexsp.config.compose import compose as compose_tree
+from flexsp.config.compose import compose_container, to_yaml
+from flexsp.dryrun_report import PROG, format_report
+from flexsp.errors import UserError, print_error
+from flexsp.log import setup_logging
+from flexsp.memory import activation_bytes_per_token  # noqa: F401 (re-exported)
+from flexsp.modelspec import model_config_of
+from flexsp.planning import load_cost_model
 
 _T_START = time.perf_counter()     # the command's wall time counts from this module's import
 GIB = 2**30
@@ -63,111 +70,19 @@ DOES_NOT_FIT_EXIT_CODE = 4
 """Exit status of a dry run whose model does not fit the devices (its report is still written)."""
 
 
-@dataclass
-class DryRunConfig:
-    world_size: int = 64
-    """Ranks of the fake world (a power of two)."""
-    devices_per_node: int = 8
-    """Ranks per node (a power of two; capped at world_size)."""
-    device_memory_gb: float = 80.0
-    """Memory per device, GB (10^9 bytes: an "80 GB" H100 has 80e9 bytes = 74.5 GiB; an H200 141 GB)."""
-    reserve_gb: float = 6.0
-    """Memory per device kept free, GB (10^9 bytes), besides the loss's transient chunk (computed
-    from the model and added on top): the CUDA context and library workspaces (~1 GB: 0.75 GiB of
-    non-PyTorch memory was measured in one process on the H200, benchmarks/results/gpu/
-    gpu_check_2026-12-04a.md), NCCL buffers of the FSDP and SP communicators (~2 GB: up to a few
-    hundred MB per communicator at NCCL's 4 MiB per channel and peer, a rank being in one per SP
-    degree), and the caching allocator's fragmentation (~3 GB, ~4% of an 80 GB device)."""
-    workload: str = "github"
-    """Length distribution of the sampled batch: a solver.workloads name (cpython = real lengths)."""
-    num_sequences: int = 512
-    """Sequences in the sampled global batch."""
-    context_tokens: int = 131072
-    """Longest sequence of the sampled batch, tokens (longer draws are redrawn, as the paper drops them)."""
-    seed: int = 0
-    """Seed of the sampled batch."""
-    time_limit: float = 2.0
-    """Planner time box for the sampled batch, seconds."""
-    peak_tflops: float = 312.0
-    """Analytic cost model: dense peak per device, TFLOP/s."""
-    mfu: float = 0.5
-    """Analytic cost model: model FLOPs utilisation, in (0, 1]."""
-    zero_gbps: float = 50.0
-    """Analytic cost model: FSDP all-gather / reduce-scatter bandwidth, GB/s."""
-    replicate_gbps: float = 25.0
-    """Analytic cost model, HSDP: gradient all-reduce bandwidth across replicas, GB/s."""
-
-    def __post_init__(self) -> None:
-        for name in ("world_size", "devices_per_node"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise UserError(f"dryrun.{name}={v} must be a power of two >= 1")
-        for name in ("device_memory_gb", "time_limit", "peak_tflops", "zero_gbps", "replicate_gbps"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise UserError(f"dryrun.{name}={v} must be a finite number > 0")
-        if not (0 <= self.reserve_gb < self.device_memory_gb and math.isfinite(self.reserve_gb)):
-            raise UserError(f"dryrun.reserve_gb={self.reserve_gb} must be >= 0 and below "
-                             f"dryrun.device_memory_gb={self.device_memory_gb}")
-        if not 0 < self.mfu <= 1:
-            raise UserError(f"dryrun.mfu={self.mfu} must be in (0, 1]")
-        from solver.workloads import NAMES
-        if self.workload not in NAMES:
-            raise UserError(f"dryrun.workload={self.workload!r}; valid options: {list(NAMES)}")
-        if self.num_sequences < 1:
-            raise UserError(f"dryrun.num_sequences={self.num_sequences} must be >= 1")
-        if self.context_tokens < 1:
-            raise UserError(f"dryrun.context_tokens={self.context_tokens} must be >= 1")
-        if self.seed < 0:
-            raise UserError(f"dryrun.seed={self.seed} must be >= 0")
-
-    @property
-    def device_memory_bytes(self) -> int:
-        return round(self.device_memory_gb * GB)
-
-    @property
-    def reserve_bytes(self) -> int:
-        return round(self.reserve_gb * GB)
-
-
 # -- config ------------------------------------------------------------------------------------------
-def _has_dryrun_default() -> bool:
-    from omegaconf import OmegaConf
-
-    from flexsp.launcher import CONFIG_DIR
-    defaults = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml")).get("defaults", [])
-    return any(isinstance(d, dict) and "dryrun" in d for d in defaults)
-
-
-def compose(overrides: list[str]) -> dict:
-    """The training config (flexsp.launcher.compose) with the ``dryrun`` group added when
-    configs/config.yaml does not list it; ValueError (one line) for a bad override."""
-    from flexsp.launcher import compose as train_compose
-    overrides = list(overrides)
-    if not _has_dryrun_default():
-        picked = [i for i, o in enumerate(overrides) if o.split("=", 1)[0].lstrip("+") == "dryrun"]
-        if picked:
-            for i in picked:
-                overrides[i] = "+" + overrides[i].lstrip("+")
-        else:
-            overrides.insert(0, "+dryrun=default")
-    return train_compose(overrides)
-
-
-def parse(cfg: dict) -> tuple[dict, DryRunConfig]:
-    """(flexsp.config.parse_config of the training sections, the typed dryrun section)."""
-    from flexsp.config import parse_config, typed_section
-    c = parse_config(cfg)
-    d = typed_section(DryRunConfig, cfg.get("dryrun") or {}, "dryrun")
-    if c["parallel"].engine != "fsdp2":
-        raise UserError(f"parallel.engine={c['parallel'].engine!r}: flexsp-dryrun shards with FSDP2 as training "
-                         f"does with parallel.engine=fsdp2; valid: fsdp2")
-    s = c["parallel"].shard_size
+def check(cfg: RunConfig) -> DryRunConfig:
+    """The ``dryrun`` section of ``cfg`` after the checks the dry run adds to the tree's (FSDP2, a shard
+    size dividing the fake world, a readable cost model): UserError before any work."""
+    d = cfg.dryrun if cfg.dryrun is not None else DryRunConfig()
+    if cfg.parallel.engine != "fsdp2":
+        raise UserError(f"parallel.engine={str(cfg.parallel.engine)!r}: flexsp-dryrun shards with FSDP2 as "
+                        f"training does with parallel.engine=fsdp2; valid: fsdp2", field="parallel.engine")
+    s = cfg.parallel.shard_size
     if s and (s > d.world_size or d.world_size % s):
         raise UserError(f"parallel.shard_size={s} must divide dryrun.world_size={d.world_size}")
-    from flexsp.planning import load_cost_model
-    load_cost_model(c["solver"].cost_model, d.world_size)     # a missing/bad cost model: before any work
-    return c, d
+    load_cost_model(cfg.solver.cost_model, d.world_size)     # a missing/bad cost model: before any work
+    return d
 
 
 # -- fake world + sharded meta model -----------------------------------------------------------------
@@ -318,116 +233,12 @@ def _compress_units(table: list[dict]) -> list[dict]:
     return rows
 
 
-# -- activations -------------------------------------------------------------------------------------
-def activation_bytes_per_token(mcfg, compute_dtype, tokens: tuple[int, int] = (4096, 8192)) -> dict:
-    """Activation bytes per token held for backward on one rank, MEASURED on meta tensors.
-
-    Each piece runs forward on ``meta`` under ``torch.autograd.graph.saved_tensors_hooks``, which
-    sees every tensor autograd saves for backward; distinct storages are summed, parameters (and
-    the RoPE cos/sin shared by all blocks, counted once in ``stem``) excluded. Each piece runs at
-    two token counts; the per-token figure is the slope (constant terms drop out).
-
-    - ``stem``: embedding (saves the token ids) + RoPE cos/sin (fp32, saved by every block's RoPE:
-      one copy);
-    - ``block``: one transformer block in the compute dtype (bf16 under mixed precision). Attention
-      runs through flexsp.attention.local's autograd Function (``_VarlenAttention``, the one the
-      FlashAttention path uses on CUDA: it saves q, k, v, out and the fp32 log-sum-exp; its kernel
-      runs as "math" on meta); norms/RoPE/SwiGLU are flexsp.ops' torch path (what meta dispatches
-      to; liger on CUDA saves no more);
-    - ``block_input``: the block's input, what activation checkpointing keeps per block;
-    - ``head``: final RMSNorm + the chunked linear cross-entropy (logits are never saved).
-
-    Total per token: ``stem + layers x block + head`` without activation checkpointing; with it
-    ``stem + layers x block_input + block + head`` (every block keeps only its input; the block
-    being recomputed in backward holds its full set once). Transient backward buffers (activation
-    gradients, one logits chunk) are not included.
-    """
-    import torch
-
-    from flexsp.attention.local import varlen_attention
-    from flexsp.model import layers as L
-    from flexsp.attention.context import AttnContext
-    from flexsp.model.transformer import Block, LMHead, RMSNorm
-
-    class _Ctx(AttnContext):
-        def attention(self, q, k, v, window=None):
-            return varlen_attention(q, k, v, self._cu_list, causal=True, backend="math")
-
-    cfg = replace(mcfg, dtype="bfloat16" if compute_dtype == torch.bfloat16 else "float32")
-    meta = torch.device("meta")
-    with meta:
-        embed = torch.nn.Embedding(cfg.vocab_size, cfg.hidden, dtype=cfg.torch_dtype)
-        block = Block(cfg, device=meta)
-        norm = RMSNorm(cfg.hidden, cfg.norm_eps, meta, cfg.torch_dtype)
-        head = LMHead(cfg.hidden, cfg.vocab_size, meta, cfg.torch_dtype)
-    param_keys = {p.untyped_storage()._cdata for m in (embed, block, norm, head) for p in m.parameters()}
-
-    def saved(fn, exclude=()):
-        seen, keep = {}, []
-        skip = param_keys | {t.untyped_storage()._cdata for t in exclude}
-
-        def pack(t):
-            s = t.untyped_storage()
-            if s._cdata not in skip:
-                keep.append(t)
-                seen[s._cdata] = max(seen.get(s._cdata, 0), s.nbytes())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn()
-        del out, keep
-        return sum(seen.values())
-
-    def measure(T: int) -> dict:
-        ids = torch.zeros(T, dtype=torch.int64, device=meta)
-        labels = torch.zeros(T, dtype=torch.int64, device=meta)
-        pos = torch.arange(T, device=meta)
-        cu = [0, T // 2, T]
-        cos, sin = L.rope_cos_sin(pos, cfg.head_size, cfg.rope_theta, torch.float32, scaling=cfg.rope_scaling,
-                                  max_position_embeddings=cfg.max_position_embeddings,
-                                  seq_lens=torch.full((T,), T // 2, dtype=torch.int64, device=meta))
-        x = torch.empty(T, cfg.hidden, dtype=cfg.torch_dtype, device=meta, requires_grad=True)
-        return {
-            "stem": saved(lambda: embed(ids)) + cos.untyped_storage().nbytes() + sin.untyped_storage().nbytes(),
-            "block": saved(lambda: block(x, cos, sin, _Ctx(cu_seqlens=cu)), exclude=(cos, sin)),
-            "block_input": x.untyped_storage().nbytes(),
-            "head": saved(lambda: head(norm(x), labels)),
-        }
-
-    method = ("measured: saved_tensors_hooks on meta tensors (attention: flexsp.attention.local._VarlenAttention, "
-              "the FlashAttention path's autograd Function; ops: flexsp.ops torch path)")
-    try:
-        lo, hi = measure(tokens[0]), measure(tokens[1])
-        per = {k: (hi[k] - lo[k]) / (tokens[1] - tokens[0]) for k in lo}
-    except Exception as exc:   # noqa: BLE001 - a kernel without a meta implementation
-        per = _fallback_per_token(cfg, torch.tensor([], dtype=compute_dtype).element_size())
-        method = (f"FALLBACK FORMULA (meta forward failed: {type(exc).__name__}: {str(exc)[:160]}): "
-                  f"LLaMA block with flash-style attention, see flexsp.dryrun._fallback_per_token")
-    ac = bool(mcfg.activation_checkpointing)
-    if ac:
-        total = per["stem"] + mcfg.layers * per["block_input"] + per["block"] + per["head"]
-    else:
-        total = per["stem"] + mcfg.layers * per["block"] + per["head"]
-    return {"bytes_per_token": total, "parts_per_token": per, "activation_checkpointing": ac,
-            "layers": mcfg.layers, "method": method, "measured_at_tokens": list(tokens)}
-
-
-def _fallback_per_token(cfg, c: int) -> dict:
-    """ROUGH per-token bytes of a LLaMA block (used only if the meta forward fails): norm inputs
-    and fp32 upcasts, q/k/v/out + fp32 LSE per head, RoPE inputs, SwiGLU gate/up/product, the
-    projections' inputs."""
-    h, q = cfg.hidden, cfg.heads * cfg.head_size
-    kv = cfg.kv_heads * cfg.head_size
-    block = c * (2 * h + 2 * h + 2 * (q + kv) + (q + 2 * kv) + q + 3 * cfg.intermediate) + 4 * (2 * h + cfg.heads)
-    return {"stem": 8 + 2 * 4 * cfg.head_size, "block": block, "block_input": c * h,
-            "head": c * h + 4 * h + 8}
-
-
 # -- cost model --------------------------------------------------------------------------------------
-def model_name(c: dict) -> str:
+def model_name(cfg: RunConfig) -> str:
     """The model as the user knows it: the preset, or the HF checkpoint's architecture and directory."""
-    hf = c["hf_checkpoint"]
+    hf = cfg.model.hf_checkpoint
     if not hf:
-        return c["model_preset"]
+        return cfg.model.preset
     try:
         arch = (json.loads((Path(hf) / "config.json").read_text()).get("architectures") or ["?"])[0]
     except (OSError, ValueError):
@@ -435,16 +246,15 @@ def model_name(c: dict) -> str:
     return f"{arch} ({Path(hf).name})"
 
 
-def pick_cost_model(c: dict, d: DryRunConfig, mcfg, states_bytes: int, act_bytes_per_token: float,
+def pick_cost_model(cfg: RunConfig, d: DryRunConfig, mcfg, states_bytes: int, act_bytes_per_token: float,
                     reserve_bytes: int):
     """(cost model, how it was chosen): the configured ``solver.cost_model`` if it was built for this
     model's shape and HSDP layout, else an analytic one whose memory side is the measured bytes on
     the device minus ``reserve_bytes``. The choice's ``note`` says it in a few neutral words (the
     full reason is in ``why``)."""
-    from flexsp.planning import load_cost_model
     from solver.presets import analytic_cost_model
-    spec, world = c["solver"].cost_model, d.world_size
-    shard_size = c["parallel"].shard_size if c["parallel"].shard_size < world else 0
+    spec, world = cfg.solver.cost_model, d.world_size
+    shard_size = cfg.parallel.shard_size if cfg.parallel.shard_size < world else 0
     cm = load_cost_model(spec, world)
     reason = note = None
     try:
@@ -470,14 +280,14 @@ def pick_cost_model(c: dict, d: DryRunConfig, mcfg, states_bytes: int, act_bytes
     note = f"solver.cost_model={spec} {note}: an analytic roofline with the memory measured here is used"
     params = mcfg.num_params()
     sbpp = states_bytes * (shard_size or world) / params      # so that model_states_mb == measured
-    short = Path(c["hf_checkpoint"]).name if c["hf_checkpoint"] else c["model_preset"]
+    short = Path(cfg.model.hf_checkpoint).name if cfg.model.hf_checkpoint else cfg.model.preset
     cm = analytic_cost_model(
         f"analytic-{short}-{world}", layers=mcfg.layers, hidden=mcfg.hidden, heads=mcfg.heads,
         kv_heads=mcfg.kv_heads, params=float(params), num_devices=world,
         devices_per_node=min(d.devices_per_node, world),
         memory_mb=(d.device_memory_bytes - reserve_bytes) / MIB,
         act_mb_per_token=act_bytes_per_token / MIB, peak_tflops=d.peak_tflops, mfu=d.mfu,
-        bytes_per_element=2 if c["train"].precision != "fp32" else 4, zero_gbps=d.zero_gbps,
+        bytes_per_element=2 if cfg.train.precision != "fp32" else 4, zero_gbps=d.zero_gbps,
         activation_checkpointing=bool(mcfg.activation_checkpointing), shard_size=shard_size,
         replicate_gbps=d.replicate_gbps if shard_size else 0.0)
     cm = replace(cm, state_bytes_per_param=sbpp, source=cm.source + "; memory: flexsp-dryrun's measured model "
@@ -487,8 +297,8 @@ def pick_cost_model(c: dict, d: DryRunConfig, mcfg, states_bytes: int, act_bytes
 
 
 # -- the dry run -------------------------------------------------------------------------------------
-def run(cfg: dict, t0: float | None = None) -> dict:
-    """The dry run of a composed config (plain dict); returns the report written to dryrun.json.
+def run(cfg: RunConfig, t0: float | None = None) -> dict:
+    """The dry run of ``cfg`` (flexsp.config.compose(..., "dryrun")); returns the report written to dryrun.json.
     ``wall_seconds`` counts from ``t0`` (``time.perf_counter()``; default: this call)."""
     t0 = time.perf_counter() if t0 is None else t0
     import torch
@@ -498,19 +308,18 @@ def run(cfg: dict, t0: float | None = None) -> dict:
     from flexsp.engines import precision_dtypes
     from flexsp.model import Transformer
     from flexsp.planning import solve_plan
-    from flexsp.train import check_output_dir, model_config_of
     from solver.planner import PlanningError
     from solver.workloads import sample_lengths
 
-    c, d = parse(cfg)
-    out = c["output_dir"]
+    d = check(cfg)
+    out = cfg.output_dir
     check_output_dir(out)
-    mcfg, precision = model_config_of(c, c["model_overrides"].get("vocab_size"))
+    mcfg, precision = model_config_of(cfg, cfg.model.overrides.get("vocab_size"))
     if getattr(mcfg, "hf_native", False):
         raise UserError(f"flexsp-dryrun sizes the native model's blocks; {mcfg.architecture} trains "
                          "HF-native (transformers' modules), whose memory it does not model yet")
-    c["train"] = replace(c["train"], precision=precision)
-    shard_size = c["parallel"].shard_size
+    cfg = replace(cfg, train=replace(cfg.train, precision=precision))
+    shard_size = cfg.parallel.shard_size
     with torch.device("meta"):
         shapes = param_shapes(Transformer(mcfg, device=torch.device("meta")))
     with FakeWorld(d.world_size):
@@ -528,7 +337,7 @@ def run(cfg: dict, t0: float | None = None) -> dict:
     loss = sizing.loss_transient_bytes(mcfg.vocab_size, mcfg.hidden, _dtype_bytes(compute))
     reserve = {"fixed": d.reserve_bytes, "loss_chunk": loss["bytes"],
                "total": d.reserve_bytes + loss["bytes"], "loss": loss}
-    cm, cm_choice = pick_cost_model(c, d, mcfg, resident, per_token, reserve["total"])
+    cm, cm_choice = pick_cost_model(cfg, d, mcfg, resident, per_token, reserve["total"])
     measured_capacity = sizing.capacity(d.device_memory_bytes - reserve["total"] - resident, per_token)
     capacity = cm.capacity_tokens if cm is not None else 0
     activations = int(capacity * per_token)
@@ -545,7 +354,7 @@ def run(cfg: dict, t0: float | None = None) -> dict:
     try:
         if cm is None:
             raise PlanningError(f"nothing to plan: {cm_choice['why'].split('either: ')[-1]}")
-        plan = solve_plan(lengths, cm, d.time_limit, c["solver"].milp_backend, c["solver"].pulp_solver)
+        plan = solve_plan(lengths, cm, d.time_limit, cfg.solver.milp_backend, cfg.solver.pulp_solver)
         plan_out = {"summary": plan.summary(), "micro_batches": len(plan.micro_batches),
                     "groups": sum(len(mb.groups) for mb in plan.micro_batches),
                     "predicted_ms": round(plan.predicted_ms, 3), "lower_bound_ms": round(plan.lower_bound_ms, 3),
@@ -566,8 +375,8 @@ def run(cfg: dict, t0: float | None = None) -> dict:
     report = {
         "world_size": d.world_size,
         "devices_per_node": min(d.devices_per_node, d.world_size),
-        "model": {"name": model_name(c), "preset": None if c["hf_checkpoint"] else c["model_preset"],
-                  "hf_checkpoint": c["hf_checkpoint"], "layers": mcfg.layers,
+        "model": {"name": model_name(cfg), "preset": None if cfg.model.hf_checkpoint else cfg.model.preset,
+                  "hf_checkpoint": cfg.model.hf_checkpoint, "layers": mcfg.layers,
                   "hidden": mcfg.hidden, "heads": mcfg.heads, "kv_heads": mcfg.kv_heads,
                   "intermediate": mcfg.intermediate, "vocab_size": mcfg.vocab_size,
                   "tie_embeddings": mcfg.tie_embeddings, "activation_checkpointing": mcfg.activation_checkpointing},
@@ -608,16 +417,17 @@ def run(cfg: dict, t0: float | None = None) -> dict:
     return report
 
 
-def _say(msg: str) -> None:
-    print(f"{PROG}: error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
+def compose(overrides: list[str]) -> RunConfig:
+    """The dry run's tree: the training config + the ``dryrun`` section, with ``overrides``."""
+    return compose_tree(overrides, "dryrun")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
-        print("dryrun.* keys (flexsp.dryrun.DryRunConfig):")
-        from dataclasses import fields
+        print("dryrun.* keys (flexsp.config.DryRunConfig):")
         for f in fields(DryRunConfig):
             print(f"  dryrun.{f.name} (default {f.default!r})")
         print("Every training key works too (model=..., train.precision=..., parallel.shard_size=..., "
@@ -629,18 +439,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if bad:
             raise UserError(f"unknown option {bad[0]!r}; options: --help, --cfg; everything else is a "
-                             f"Hydra override (key=value)")
-        cfg = compose(overrides)
+                            f"Hydra override (key=value)")
         if show_cfg:
-            from omegaconf import OmegaConf
-            print(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+            print(to_yaml(compose_container(overrides, "dryrun")))
             return 0
-        parse(cfg)                       # every field validated before any work
+        cfg = compose(overrides)
+        check(cfg)                       # every field validated before any work
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         report = run(cfg, t0=_T_START)
-    except ValueError as exc:
-        _say(str(exc))
-        return 2
+    except UserError as exc:
+        return print_error(PROG, exc)
     try:
         print(format_report(report), flush=True)
     except BrokenPipeError:          # e.g. `flexsp-dryrun ... | head -1`

@@ -5,6 +5,7 @@
     flexsp-train --nproc-per-node 4 [torchrun options] [hydra overrides]
     flexsp-train --help                                     # config groups, keys and launcher options
     flexsp-train --cfg [hydra overrides]                    # print the resolved config and exit
+    flexsp-train --log-ranks all|0,1 ...                    # which ranks log (default: rank 0)
 
 With torchrun options (``--nproc-per-node``, ``--nnodes``, ``--rdzv-endpoint``, ``--max-restarts``,
 ...; torchrun's own parser reads them) this process is the launcher: the config is composed and
@@ -26,28 +27,41 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import sys
-from pathlib import Path
-from flexsp.errors import UserError
+import time
+from collections.abc import Callable
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+import torch.distributed as dist
+
+from flexsp.checkpoint import latest_checkpoint
+from flexsp.config import RunConfig
+from flexsp.config.compose import CONFIG_DIR, compose, compose_container, to_yaml
+from flexsp.errors import UserError, print_error
+from flexsp.failure import (ABORTED_EXIT_CODE, LAUNCHER_ENV, REPORTED_EXIT_CODES, dead_rank_line, is_peer_lost,
+                            last_logged_step, report)
+from flexsp.log import LOG_RANKS_ENV, parse_log_ranks, setup_logging
+
 PROG = "flexsp-train"
+NO_VALUE_OPTIONS = {"--standalone", "--no-python", "--no_python", "--run-path", "--run_path"}
+"""torchrun options that take no value."""
 
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _say(msg: str, prog: str = PROG) -> None:
+def say(exc: BaseException | str, prog: str = PROG) -> int:
+    """A user error: its one line on rank 0 (the other ranks hit the same one); exit status 2."""
     if _rank() == 0:
-        print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
-
-
-NO_VALUE_OPTIONS = {"--standalone", "--no-python", "--no_python", "--run-path", "--run_path"}
+        return print_error(prog, exc)
+    return 2
 
 
 def split_args(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
-    """(torchrun options, hydra overrides, flexsp flags ``help`` / ``cfg``) of the command line."""
+    """(torchrun options, hydra overrides, flexsp flags ``help`` / ``cfg``) of the command line;
+    ``--log-ranks X`` is applied here (FLEXSP_LOG_RANKS for this process and every rank it starts)."""
     launcher, overrides, flags = [], [], set()
     i = 0
     while i < len(argv):
@@ -56,6 +70,11 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
             flags.add("help")
         elif a == "--cfg":
             flags.add("cfg")
+        elif a == "--log-ranks" or a.startswith("--log-ranks="):
+            value = a.partition("=")[2] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 0 if "=" in a else 1
+            parse_log_ranks(value)                 # ValueError for a bad value (the caller reports it)
+            os.environ[LOG_RANKS_ENV] = value
         elif a == "--":
             overrides += argv[i + 1:]
             break
@@ -77,94 +96,47 @@ def _is_override(a: str) -> bool:
     return "=" in body and not a.startswith("--")
 
 
-def compose(overrides: list[str]) -> dict:
-    """The resolved config (plain dict); ValueError with one line for a bad override."""
-    from hydra import compose as h_compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = h_compose(config_name="config", overrides=list(overrides))
-        return OmegaConf.to_container(cfg, resolve=True)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise UserError(_hydra_message(exc, overrides)) from None
-
-
-def _hydra_message(exc, overrides) -> str:
-    text = " ".join(str(exc).split())
-    for o in overrides:
-        key, _, value = o.lstrip("+~").partition("=")
-        group_dir = CONFIG_DIR / key
-        if group_dir.is_dir() and f"'{key}/{value}'" in text:
-            options = sorted(p.stem for p in group_dir.glob("*.yaml"))
-            return f"{key}={value}: no such config; valid options for {key}: {options}"
-        if f"'{key}'" in text and "Could not override" in text:
-            section, _, leaf = key.rpartition(".")
-            valid = _section_keys(section, [x for x in overrides if x != o])
-            return (f"unknown config key {key!r}; valid keys of {section or 'the config'}: {valid}"
-                    if valid else f"unknown config key {key!r} (flexsp-train --cfg prints the config)")
-    return f"bad override: {text}"
-
-
-def _section_keys(section: str, overrides: list[str]) -> list[str]:
-    """The keys of ``section`` in the config composed without the bad override (best effort)."""
-    try:
-        node = compose(overrides)
-        for part in filter(None, section.split(".")):
-            node = node[part]
-        return sorted(node) if isinstance(node, dict) else []
-    except (ValueError, KeyError, TypeError):
-        return []
-
-
-def print_help() -> None:
+def print_help(doc: str = __doc__) -> None:
     groups = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in sorted(CONFIG_DIR.iterdir()) if p.is_dir()
-              and p.name not in ("costmodels", "dryrun")}
-    print(__doc__)
+              and p.name not in ("costmodels", "dryrun", "bench", "profile")}
+    print(doc)
     print("Config groups (group=option):")
     for g, opts in groups.items():
         print(f"  {g}: {', '.join(opts)}")
     print("Keys: every field of flexsp.config.TrainConfig (train.*), ParallelConfig (parallel.*),\n"
-          "flexsp.planning.SolverConfig (solver.*), flexsp.data.DataConfig (data.*), flexsp.model.ModelConfig\n"
+          "SolverConfig (solver.*), flexsp.data.DataConfig (data.*), flexsp.model.ModelConfig\n"
           "(model.*) and output_dir; each is documented where it is defined. `--cfg` prints the resolved config.")
 
 
-def main(argv: list[str]) -> int:
-    launcher, overrides, flags = split_args(argv)
+def main(argv: list[str], run_fn: Callable[[RunConfig], dict], validate_fn: Callable[[RunConfig, int | None], None],
+         module: str = "flexsp.train", prog: str = PROG, doc: str = __doc__) -> int:
+    """``flexsp-train``'s command line: compose and validate the config, then launch the ranks
+    (torchrun options given, not a rank yet) or run ``run_fn`` here (one process, or a rank)."""
+    try:
+        launcher, overrides, flags = split_args(argv)
+    except ValueError as exc:
+        return say(exc, prog)
+    setup_logging()
     if "help" in flags:
-        print_help()
+        print_help(doc)
         return 0
     try:
-        cfg = compose(overrides)
         if "cfg" in flags:
-            from omegaconf import OmegaConf
-            print(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+            print(to_yaml(compose_container(overrides)))
             return 0
-        from flexsp.config import parse_config
-        c = parse_config(cfg)                      # typed and validated before anything starts
-    except ValueError as exc:
-        _say(" ".join(str(exc).split()))
-        return 2
+        cfg = compose(overrides)                   # typed and validated before anything starts
+        if launcher and "RANK" not in os.environ:
+            validate_fn(cfg, launched_world(launcher))
+    except UserError as exc:
+        return say(exc, prog)
     if launcher and "RANK" not in os.environ:
-        from flexsp.train import validate
-        try:
-            validate(c, _launched_world(launcher))
-        except ValueError as exc:
-            _say(" ".join(str(exc).split()))
-            return 2
-        return _launch(launcher, overrides, c)
-    return _run_here(cfg)
+        return launch(launcher, overrides, cfg, module, prog)
+    return run_here(cfg, run_fn, prog)
 
 
-def _run_here(cfg, run_fn=None, prog: str = PROG) -> int:
-    """``run_fn(cfg)`` (default: flexsp.train.run) in this process; every failure becomes one
-    report (prefixed ``prog``) and an exit status."""
-    import torch.distributed as dist
-
-    from flexsp.failure import ABORTED_EXIT_CODE, LAUNCHER_ENV, is_peer_lost, report
-    if run_fn is None:
-        from flexsp.train import run as run_fn
+def run_here(cfg: RunConfig, run_fn: Callable[[RunConfig], dict], prog: str = PROG) -> int:
+    """``run_fn(cfg)`` in this process; every failure becomes one report (prefixed ``prog``) and
+    an exit status."""
     code = 0
     try:
         summary = run_fn(cfg)
@@ -182,10 +154,9 @@ def _run_here(cfg, run_fn=None, prog: str = PROG) -> int:
             # secondary (no traceback); flexsp-train's launcher reports the dead rank, others get one line
             code = ABORTED_EXIT_CODE
             if printer and not os.environ.get(LAUNCHER_ENV):
-                print(f"{prog}: error: rank {_rank()} lost its connection to another rank "
-                      f"({type(exc).__name__}: {_first_line(exc)}): that rank died first; its launcher's "
-                      f"report (torchrun: the failed rank's exitcode or signal) says which and why",
-                      file=sys.stderr, flush=True)
+                print_error(prog, f"rank {_rank()} lost its connection to another rank "
+                                  f"({type(exc).__name__}: {_first_line(exc)}): that rank died first; its launcher's "
+                                  f"report (torchrun: the failed rank's exitcode or signal) says which and why")
         else:
             code = report(exc, prog, printer=printer)
         if first is not None:
@@ -198,7 +169,7 @@ def _run_here(cfg, run_fn=None, prog: str = PROG) -> int:
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
-            except Exception:
+            except Exception:   # noqa: BLE001, S110 - a broken world is torn down best-effort
                 pass
     return code
 
@@ -209,7 +180,7 @@ def _first_line(exc: BaseException) -> str:
     return text.split("] ", 1)[-1].split(". This is typically")[0][:200]
 
 
-def _launched_world(launcher: list[str]) -> int | None:
+def launched_world(launcher: list[str]) -> int | None:
     """nproc-per-node x nnodes of the torchrun options, when both are plain integers."""
     opts = {}
     for i, a in enumerate(launcher):
@@ -223,17 +194,14 @@ def _launched_world(launcher: list[str]) -> int | None:
         return None
 
 
-def _launch(launcher: list[str], overrides: list[str], c: dict | None = None, module: str = "flexsp.train",
-            prog: str = PROG) -> int:
+def launch(launcher: list[str], overrides: list[str], cfg: RunConfig | None = None, module: str = "flexsp.train",
+           prog: str = PROG) -> int:
     """torchrun's elastic agent in this process running ``python -m <module> <overrides>`` on every
-    rank, its log quieted; the failed rank's status (messages prefixed ``prog``). ``c``: the parsed
+    rank, its log quieted; the failed rank's status (messages prefixed ``prog``). ``cfg``: the
     config (its output_dir tells the step a dead rank reached and the checkpoint to resume from)."""
-    import time
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    from flexsp.failure import LAUNCHER_ENV
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError   # the launcher alone
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")       # torchrun would warn and set it
     os.environ[LAUNCHER_ENV] = "1"                      # the ranks leave a dead peer to us
@@ -251,9 +219,9 @@ def _launch(launcher: list[str], overrides: list[str], c: dict | None = None, mo
         return int(exc.code or 2)
     started = time.time()
     try:
-        run(args)
+        torchrun(args)
     except ChildFailedError as exc:
-        return _report_failed_ranks(exc.failures, c, started, prog)
+        return _report_failed_ranks(exc.failures, cfg, started, prog)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:   # torchrun's SignalException on SIGINT/SIGTERM of the launcher
@@ -264,7 +232,7 @@ def _launch(launcher: list[str], overrides: list[str], c: dict | None = None, mo
     return 0
 
 
-def _report_failed_ranks(failures: dict, c: dict | None, started: float, prog: str = PROG) -> int:
+def _report_failed_ranks(failures: dict, cfg: RunConfig | None, started: float, prog: str = PROG) -> int:
     """The launcher's exit status for torchrun's failed ranks (``{global rank: ProcessFailure}``).
 
     The cause is, in order: a rank that died without reporting (a signal other than SIGTERM/SIGINT,
@@ -273,12 +241,6 @@ def _report_failed_ranks(failures: dict, c: dict | None, started: float, prog: s
     traceback is already printed); else a rank stopped because of another (exit status 3, or
     SIGTERM/SIGINT: how torchrun's agent stops the other ranks once one failed). Earliest first
     within each kind. A signal is reported here even as the last resort (nobody else did)."""
-    import signal
-    import socket
-
-    from flexsp.checkpoint import latest_checkpoint
-    from flexsp.failure import ABORTED_EXIT_CODE, REPORTED_EXIT_CODES, dead_rank_line, last_logged_step
-
     def kind(f) -> int:
         if f.exitcode in (ABORTED_EXIT_CODE, -signal.SIGTERM, -signal.SIGINT):
             return 2
@@ -287,13 +249,13 @@ def _report_failed_ranks(failures: dict, c: dict | None, started: float, prog: s
     if kind(failure) and failure.exitcode > 0:
         return failure.exitcode
     checkpoint, done, steps = None, None, None
-    if c is not None:
-        out = c["output_dir"]
+    if cfg is not None:
+        out = cfg.output_dir
         try:
             checkpoint = latest_checkpoint(out / "checkpoints")
-        except ValueError:                    # `latest` names an incomplete checkpoint
+        except UserError:                     # `latest` names an incomplete checkpoint
             checkpoint = None
-        done, steps = last_logged_step(out / "metrics.jsonl", since=started), c["train"].steps
-    print(f"{prog}: error: " + dead_rank_line(rank, socket.gethostname(), failure.pid, failure.exitcode, done,
-                                              steps, checkpoint), file=sys.stderr, flush=True)
+        done, steps = last_logged_step(out / "metrics.jsonl", since=started), cfg.train.steps
+    print_error(prog, dead_rank_line(rank, socket.gethostname(), failure.pid, failure.exitcode, done, steps,
+                                     checkpoint))
     return 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode

@@ -50,10 +50,9 @@ def set_activation_checkpointing(model, enabled: bool) -> None:
     """Switch the recompute of already checkpointed blocks on or off (no effect on others)."""
     from torch.distributed._composable import checkpoint
     for block in blocks_of(model):
-        try:
-            checkpoint.state(block).enable_hook = enabled
-        except Exception:       # noqa: BLE001 -- not checkpointed
-            pass
+        state = checkpoint.state(block)
+        if state is not None:   # None: not checkpointed
+            state.enable_hook = enabled
 
 
 @contextmanager
@@ -65,6 +64,8 @@ def activation_checkpointing_disabled(model):
         try:
             state = checkpoint.state(block)
         except Exception:       # noqa: BLE001 -- not checkpointed
+            continue
+        if state is None:       # torch 2.13: a block that was never checkpointed has no state
             continue
         states.append((state, state.enable_hook))
         state.enable_hook = False

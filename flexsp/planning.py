@@ -26,50 +26,11 @@ from solver.baselines import BASELINES, static_plan
 from solver.costmodel import CostModel
 from solver.plan import Plan
 from solver.planner import PlanningError, check_lengths, plan_batch
+
+from flexsp.config import ParallelMode, SolverConfig
 from flexsp.errors import UserError
 
-PARALLEL_MODES = ("adaptive", "static")
-
-
-BACKGROUND_MODES = ("process", "thread", "off")
-MILP_BACKENDS = ("highs", "pulp")
-
-
-@dataclass
-class SolverConfig:
-    cost_model: str = "auto"
-    """auto (CPU: the cpu-gloo-tiny preset; CUDA: an analytic ESTIMATE for this GPU and model, see
-    flexsp.costmodels), a preset name (see solver.presets) or a path to a cost-model JSON
-    (``CostModel.save``, e.g. from flexsp-profile). Its num_devices is adapted to the world size."""
-    allow_foreign_cost_model: bool = False
-    """Let a CUDA run plan with a cost model measured on another device type (e.g. CPU timings)."""
-    time_limit: float = 0.2
-    """Seconds the planner may spend on one global batch."""
-    wait_s: float = 0.05
-    """Extra seconds the trainer waits at the step boundary for a late plan before falling back."""
-    fallback: str = "greedy-hybrid-cp"
-    """Fast planner used when the solve is late: one of solver.baselines.BASELINES."""
-    background: str | bool = "process"
-    """Where rank 0 plans step t+1 while step t trains: process (a planner subprocess) | thread |
-    off (synchronously at the step boundary)."""
-    milp_backend: str = "highs"
-    """MILP solver of the planner: highs (scipy/HiGHS) | pulp (CBC by default, or pulp_solver)."""
-    pulp_solver: str | None = None
-    """With milp_backend=pulp: the PuLP solver name (e.g. PULP_CBC_CMD, GUROBI_CMD, HiGHS_CMD);
-    None = PuLP's bundled CBC."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.background, bool):   # older configs: true/false
-            self.background = "process" if self.background else "off"
-        if self.background not in BACKGROUND_MODES:
-            raise UserError(f"solver.background={self.background!r}; valid options: {list(BACKGROUND_MODES)}")
-        if self.fallback not in BASELINES:
-            raise UserError(f"solver.fallback={self.fallback!r}; valid options: {sorted(BASELINES)}")
-        if self.milp_backend not in MILP_BACKENDS:
-            raise UserError(f"solver.milp_backend={self.milp_backend!r}; valid options: {list(MILP_BACKENDS)}")
-        if not self.time_limit > 0 or not self.time_limit < float("inf") or not self.wait_s >= 0:
-            raise UserError(f"solver.time_limit={self.time_limit} must be a finite number > 0 and "
-                             f"solver.wait_s={self.wait_s} >= 0")
+PARALLEL_MODES = tuple(ParallelMode.values())
 
 
 def solve_plan(lengths, cm: CostModel, time_limit: float, milp_backend: str = "highs",
@@ -83,11 +44,6 @@ def solve_plan(lengths, cm: CostModel, time_limit: float, milp_backend: str = "h
     if "pulp_solver" in params and pulp_solver:
         kwargs["pulp_solver"] = pulp_solver
     return plan_batch(lengths, cm, time_limit=time_limit, **kwargs)
-
-
-SOLVE_FN = solve_plan
-"""What the planner process / thread calls (``fn(lengths, cm, time_limit, milp_backend,
-pulp_solver) -> Plan``): a module-level function, named to the subprocess as ``module:name``."""
 
 
 class PlannerProcess:
@@ -184,7 +140,8 @@ class PlannerProcess:
 
 
 def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0, *, device=None,
-                    devices_per_node: int | None = None, allow_foreign: bool = False) -> CostModel:
+                    devices_per_node: int | None = None, allow_foreign: bool = False,
+                    profile_hint: tuple[str, str] | None = None) -> CostModel:
     """The cost model ``spec`` (preset name, JSON path or ``auto``) for ``world_size`` devices.
 
     ``device`` (default CPU) is where the run trains: ``auto`` means ``cpu-gloo-tiny`` on the CPU
@@ -198,7 +155,9 @@ def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0,
 
     ``shape`` (an object with layers, hidden, heads, kv_heads: the ModelConfig to train) is checked
     against the shape the cost model was built for BEFORE it is resized to the world, so a cost
-    model of another model fails with that mismatch, not with whatever it implies at this size."""
+    model of another model fails with that mismatch, not with whatever it implies at this size.
+    ``profile_hint``: (the flexsp-profile command that profiles the model, the file it writes),
+    named by that error (flexsp.modelspec.profile_command)."""
     from pathlib import Path
 
     import torch
@@ -229,8 +188,14 @@ def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0,
     if shape is not None and hasattr(cm, "check_model_shape"):
         try:
             cm.check_model_shape(shape.layers, shape.hidden, shape.heads, shape.kv_heads)
-        except ValueError as exc:
-            raise UserError(f"solver.cost_model={spec}: {exc}") from None
+        except UserError as exc:
+            text = str(exc)
+            if profile_hint is not None:
+                command, path = profile_hint
+                text = text.replace("profile this model (flexsp-profile) or pick a matching cost model",
+                                    f"profile this model with `{command}`, then set solver.cost_model={path} "
+                                    f"(or pick a cost model of this shape)")
+            raise UserError(f"solver.cost_model={spec}: {text}", field="solver.cost_model") from None
     if cm.num_devices != world_size:
         try:
             cm = replace(cm, num_devices=world_size, devices_per_node=min(cm.devices_per_node, world_size))
@@ -261,25 +226,35 @@ class StepPlanner:
     """Produces the plan of every step; the same object on every rank (only rank 0 solves)."""
 
     def __init__(self, cfg: SolverConfig, cm: CostModel, rank: int, world_size: int,
-                 mode: str = "adaptive", static_degree: int = 0, group=None):
+                 mode: str = "adaptive", static_degree: int = 0, group=None, solve_fn=solve_plan):
         """``group``: the process group the plan is broadcast on (a gloo group under NCCL, so the
-        handoff never touches the device; None = the default group)."""
-        if mode not in PARALLEL_MODES:
-            raise UserError(f"parallel.mode={mode!r}; valid options: {list(PARALLEL_MODES)}")
-        if mode == "static":
+        handoff never touches the device; None = the default group). ``solve_fn``: what the planner
+        process / thread calls (``fn(lengths, cm, time_limit, milp_backend, pulp_solver) -> Plan``, a
+        module-level function: the subprocess imports it as ``module:name``)."""
+        mode = ParallelMode.parse("parallel.mode", mode)
+        if mode == ParallelMode.static:
             degree = static_degree or world_size
             valid = [1 << k for k in range(world_size.bit_length())]
             if degree not in valid:
                 raise UserError(f"parallel.static_degree={static_degree} needs a power of two <= the "
-                                 f"{world_size} ranks that exist; valid options: {valid} (0 = all ranks)")
+                                f"{world_size} ranks that exist; valid options: {valid} (0 = all ranks)",
+                                field="parallel.static_degree", options=valid)
             static_degree = degree
         self.cfg, self.cm, self.rank, self.world_size = cfg, cm, rank, world_size
         self.mode, self.static_degree, self.group = mode, static_degree, group
         self._job: _Job | None = None
         self._proc: PlannerProcess | None = None
+        self.solve_fn = solve_fn
         self.late = 0
         if rank == 0 and mode == "adaptive" and cfg.background == "process":
-            self._proc = PlannerProcess(SOLVE_FN, cm)   # starts now: its imports overlap the set-up
+            self._proc = PlannerProcess(solve_fn, cm)   # starts now: its imports overlap the set-up
+
+    def use_solver(self, solve_fn) -> None:
+        """Plan with ``solve_fn`` from now on (the planner process, if any, is restarted with it)."""
+        self.solve_fn = solve_fn
+        if self._proc is not None:
+            self._proc.close()
+            self._proc = PlannerProcess(solve_fn, self.cm)
 
     @property
     def _kwargs(self) -> dict:
@@ -290,7 +265,7 @@ class StepPlanner:
     def _solve(self, lengths) -> Plan:
         if self.mode == "static":
             return static_plan(lengths, self.cm, self.static_degree)
-        return SOLVE_FN(lengths, self.cm, **self._kwargs)
+        return self.solve_fn(lengths, self.cm, **self._kwargs)
 
     def _fallback(self, lengths) -> Plan:
         plan = BASELINES[self.cfg.fallback](lengths, self.cm)
@@ -304,7 +279,7 @@ class StepPlanner:
         background = self.cfg.background if self.mode == "adaptive" else "off"
         if background == "process":
             if self._proc is None:
-                self._proc = PlannerProcess(SOLVE_FN, self.cm)
+                self._proc = PlannerProcess(self.solve_fn, self.cm)
             self._proc.submit(step, job.lengths, self._kwargs)
         elif background == "thread":
             def work():

@@ -5,7 +5,8 @@ MASTER_ADDR / MASTER_PORT set (a free localhost port, so ``init_process_group`` 
 ``env://`` works) and ``torch.set_num_threads(threads_per_rank)``; it calls
 ``fn(rank, world_size, *args, **kwargs)`` and destroys any process group ``fn`` left initialised.
 
-A rank that raises fails the whole run with a ``RankError`` carrying its traceback (the others
+A rank that raises a :class:`flexsp.errors.UserError` fails the run with that error (its one line);
+a rank that raises anything else fails it with a ``RankError`` carrying its traceback (the others
 are killed: they may be blocked in a collective with it); ranks still running after ``timeout``
 seconds are killed and ``TimeoutError`` is raised, so a deadlock never hangs the caller. Used by
 ``flexsp-profile`` and by the test suite's ``dist_harness``.
@@ -18,6 +19,11 @@ import queue as queue_mod
 import socket
 import time
 import traceback
+
+import torch
+import torch.distributed as dist
+
+from flexsp.errors import UserError
 
 
 class RankError(RuntimeError):
@@ -35,9 +41,6 @@ def _child(fn, rank, world_size, port, threads, env, args, kwargs, q):
         os.environ.update({k: str(v) for k, v in (env or {}).items()})
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                           LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        import torch
-        import torch.distributed as dist
-
         torch.set_num_threads(threads)
         try:
             result = fn(rank, world_size, *args, **kwargs)
@@ -48,6 +51,8 @@ def _child(fn, rank, world_size, port, threads, env, args, kwargs, q):
                 except Exception:
                     pass
         q.put((rank, True, result))
+    except UserError as exc:          # the user's input: one line, not a traceback
+        q.put((rank, False, UserError(str(exc))))
     except BaseException:
         q.put((rank, False, traceback.format_exc()))
 
@@ -81,6 +86,8 @@ def spawn_ranks(fn, world_size: int, args=(), kwargs=None, *, timeout: float = 1
                                         f"{[procs[r].exitcode for r in dead]} and no traceback")
                 continue
             if not ok:
+                if isinstance(value, UserError):
+                    raise value
                 raise RankError(f"rank {rank} of {world_size} raised:\n{value}")
             results[rank] = value
     finally:

@@ -7,10 +7,10 @@ validated before any rank starts and a failure reported as one line, without tor
 
 ``run(cfg)`` is a sequence of named phases:
 
-1. ``_setup``: typed config, process group, output directory, topology, cost model (its model
+1. ``setup``: typed config, process group, output directory, topology, cost model (its model
    shape checked against the model's), planner -- all before any data work;
-2. ``_data``: the document source (tokenized once, memory-mapped) and the global-batch sampler;
-3. ``_build``: the model built sharded (on ``meta`` / under ``zero.Init``), materialised, and only
+2. ``prepare_data``: the document source (tokenized once, memory-mapped) and the global-batch sampler;
+3. ``build``: the model built sharded (on ``meta`` / under ``zero.Init``), materialised, and only
    the local shards filled (seeded init or a Hugging Face checkpoint), in the configured precision;
 4. ``_resume``: the latest (or given) checkpoint, resharded to this world size;
 5. ``_loop``: every step the plan (computed by the planner process while the previous step
@@ -23,24 +23,46 @@ validated before any rank starts and a failure reported as one line, without tor
 """
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import os
 import resource
 import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from flexsp.hostcopy import read_to_host, to_device
-from flexsp.config import (RESUME_HELP, ParallelConfig, TrainConfig, check_output_dir,  # noqa: F401 (re-exported)
-                           parse_config)
+from flexsp import launcher, testing
+from flexsp.checkpoint import Checkpointer, latest_checkpoint, load_checkpoint, resume_identity
+from flexsp.config import RunConfig, check_output_dir
+from flexsp.data import GlobalBatch, GlobalBatchSampler, build_source
+from flexsp.data.tokenizer import check_vocabulary
+from flexsp.distributed import default_backend, init_distributed
+from flexsp.engines import HFWeights, RandomWeights, build_engine
 from flexsp.errors import UserError
+from flexsp.executor import StepExecutor
+from flexsp.failure import AbortWatch
+from flexsp.hostcopy import read_to_host, to_device
+from flexsp.log import PLAIN, get_logger
+from flexsp.model import Transformer
+from flexsp.model.hf import HFCheckpointReader
+from flexsp.model.hf_native import HFNativeModel
+from flexsp.model.hf_native_weights import HFNativeWeights
+from flexsp.modelspec import hf_native_reason, model_config_of, planning_shape, profile_command
+from flexsp.planning import StepPlanner, load_cost_model
+from flexsp.topology import SPTopology
+from flexsp.tracking import Tracker
+from solver.costmodel import CostModel
+from solver.planner import PlanningError, check_lengths
 
+log = get_logger(__name__)
 _RUNS = itertools.count()
 
 
@@ -48,26 +70,46 @@ _RUNS = itertools.count()
 class RunState:
     """What the phases hand each other."""
 
-    c: dict
+    cfg: RunConfig
+    """The run's configuration (train.precision resolved: never auto)."""
     rank: int
+    """This process's rank."""
     world: int
+    """Ranks in the world."""
     device: torch.device
+    """This rank's device."""
     out: Path
-    topo: object = None
-    cm: object = None
-    planner: object = None
+    """output_dir."""
+    topo: SPTopology
+    """Every aligned SP group of the world."""
+    cm: CostModel
+    """The cost model the planner plans with (resized to the world)."""
+    planner: StepPlanner
+    """The per-step planner (rank 0 solves; every rank receives the plan)."""
     mcfg: object = None
+    """The model trained: a flexsp.model.ModelConfig, or an HFNativeConfig (set by build)."""
     source: object = None
-    sampler: object = None
+    """The document source (TokenizedCorpus, SFTSource, MegatronSource, SyntheticSource; prepare_data)."""
+    sampler: GlobalBatchSampler | None = None
+    """The global-batch sampler (prepare_data)."""
     engine: object = None
-    executor: object = None
+    """The training engine (FSDP2Engine or DeepSpeedEngine; build)."""
+    executor: StepExecutor | None = None
+    """Runs this rank's share of every micro-batch (build)."""
     start: int = 0
-    losses: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)
+    """First step of this run (the resumed checkpoint's step)."""
+    losses: dict[int, float] = field(default_factory=dict)
+    """Loss per step (0-based) of this run."""
+    history: list[dict] = field(default_factory=list)
+    """Rank 0: the metrics.jsonl records of this run."""
     tokens: int = 0
+    """Tokens trained by this run."""
     seconds: float = 0.0
+    """Wall time of the training loop."""
     interrupted: str = ""
+    """The signal that stopped the run early (SIGINT/SIGTERM, or another rank's), else ""."""
     last_checkpoint: Path | None = None
+    """The newest checkpoint this run wrote."""
 
 
 # -- phase 1: setup ----------------------------------------------------------------------------------
@@ -78,9 +120,9 @@ def _memory_mb(device: torch.device) -> float:
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
 
 
-def _init_world(parallel: ParallelConfig):
+def _init_world(cfg: RunConfig):
     """Initialise torch.distributed; a plain `python -m flexsp.train` becomes a 1-rank world."""
-    from flexsp.distributed import init_distributed
+    parallel = cfg.parallel
     single = not dist.is_initialized() and "RANK" not in os.environ   # a 1-rank world of its own
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if restart is not None and not dist.is_initialized():
@@ -88,8 +130,8 @@ def _init_world(parallel: ParallelConfig):
     rank, world, device = init_distributed(parallel.backend, single=single)
     if parallel.world_size and parallel.world_size != world:
         raise UserError(f"parallel.world_size={parallel.world_size} but the launcher started {world} "
-                         f"ranks; start {parallel.world_size} ranks (e.g. torchrun --nproc_per_node "
-                         f"{parallel.world_size}) or set parallel.world_size=0")
+                        f"ranks; start {parallel.world_size} ranks (e.g. torchrun --nproc_per_node "
+                        f"{parallel.world_size}) or set parallel.world_size=0", field="parallel.world_size")
     return rank, world, device
 
 
@@ -100,9 +142,6 @@ def _init_elastic(backend: str | None, attempt: int) -> None:
     and the gloo rendezvous of the new attempt read the dead attempt's addresses ("Connection
     refused" in connectFullMesh). Prefixing every key with the attempt number isolates attempts.
     """
-    import datetime
-
-    from flexsp.distributed import default_backend
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     timeout = datetime.timedelta(seconds=600)
@@ -119,130 +158,76 @@ def _init_elastic(backend: str | None, attempt: int) -> None:
                             world_size=world, timeout=timeout, **bound)
 
 
-def hf_native_reason(c: dict) -> str | None:
-    """Why the run trains HF-native (transformers' modules, flexsp.model.hf_native): model.hf_native=true,
-    or the native model does not cover model.hf_checkpoint (its reason); None: the native model."""
-    if not c["hf_checkpoint"]:
-        return None
-    if c.get("hf_native"):
-        return "model.hf_native=true"
-    from flexsp.model.hf import checkpoint_dir, native_gap
-    gap = native_gap(checkpoint_dir(c["hf_checkpoint"]))
-    return None if gap is None else f"the native model does not cover it ({gap.split(': ', 1)[-1]})"
-
-
-def model_config_of(c: dict, vocab_size: int | None = None):
-    """The model config to train (preset + overrides, or a Hugging Face checkpoint's config: a
-    ModelConfig, or an HFNativeConfig when it trains HF-native), with parameters in the dtype the
-    precision keeps them in; and the resolved precision."""
-    from flexsp.engines import param_dtype
-    from flexsp.model import model_config
-    over = dict(c["model_overrides"])
-    over.pop("vocab_size", None)
-    hf_native = False
-    if c["hf_checkpoint"]:
-        from flexsp.model.hf import _hf_dtype, _load_config_dict, checkpoint_dir, config_from_hf
-        path = checkpoint_dir(c["hf_checkpoint"])
-        allowed = {"activation_checkpointing", "dtype"}
-        bad = sorted(set(over) - allowed)
-        if bad:
-            raise UserError(f"model fields {bad} cannot be overridden with model.hf_checkpoint (the shape "
-                             f"comes from {c['hf_checkpoint']}/config.json); overridable: {sorted(allowed)}")
-        hf_native = hf_native_reason(c) is not None
-        if hf_native:
-            from flexsp.model.hf_native import hf_native_config
-            over.setdefault("dtype", _hf_dtype(_load_config_dict(path)[0]))
-            mcfg = hf_native_config(path, **over)
-        else:
-            mcfg = replace(config_from_hf(path), **over)
-    else:
-        mcfg = model_config(c["model_preset"], **over)
-    precision = c["train"].precision
-    if precision == "auto":
-        precision = "bf16" if mcfg.dtype == "bfloat16" else "fp32"
-    if precision == "bf16-pure" and c["parallel"].engine != "fsdp2":
-        raise UserError("train.precision=bf16-pure needs parallel.engine=fsdp2; valid with deepspeed: fp32, bf16")
-    if vocab_size is not None and not hf_native:      # HF-native: the checkpoint's vocabulary, always
-        mcfg = replace(mcfg, vocab_size=int(vocab_size))
-    return replace(mcfg, dtype=param_dtype(precision)), precision
-
-
-def planning_shape(mcfg):
-    """The ModelConfig the cost model and its estimate see (an HF-native model's LLaMA-equivalent)."""
-    return mcfg.planning_shape() if getattr(mcfg, "hf_native", False) else mcfg
-
-
-def validate(c: dict, world_size: int | None = None) -> None:
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """The checks that need no process group, data or model (the launcher runs them before any
     rank starts): output directory, model config, precision, cost model and its model shape."""
-    from flexsp.planning import load_cost_model
-    from flexsp.topology import SPTopology
-    check_output_dir(c["output_dir"])
-    mcfg, _ = model_config_of(c)
-    mcfg = planning_shape(mcfg)
+    check_output_dir(cfg.output_dir)
+    mcfg = planning_shape(model_config_of(cfg)[0])
     if world_size:
         try:
             SPTopology(world_size)
         except ValueError as exc:
             raise UserError(f"{world_size} ranks: {exc}") from None
-        if c["parallel"].world_size and c["parallel"].world_size != world_size:
-            raise UserError(f"parallel.world_size={c['parallel'].world_size} but {world_size} ranks are launched")
-    from flexsp.distributed import default_backend
-    device = torch.device("cuda" if (c["parallel"].backend or default_backend()) == "nccl" else "cpu")
-    if not (c["solver"].cost_model == "auto" and device.type == "cuda"):   # the estimate is built per rank
-        load_cost_model(c["solver"].cost_model, world_size or 1, shape=mcfg, device=device,
-                        allow_foreign=c["solver"].allow_foreign_cost_model)
+        if cfg.parallel.world_size and cfg.parallel.world_size != world_size:
+            raise UserError(f"parallel.world_size={cfg.parallel.world_size} but {world_size} ranks are launched",
+                            field="parallel.world_size")
+    device = torch.device("cuda" if (cfg.parallel.backend or default_backend()) == "nccl" else "cpu")
+    if not (cfg.solver.cost_model == "auto" and device.type == "cuda"):   # the estimate is built per rank
+        load_cost_model(cfg.solver.cost_model, world_size or 1, shape=mcfg, device=device,
+                        allow_foreign=cfg.solver.allow_foreign_cost_model,
+                        profile_hint=profile_command(cfg, world_size or 1))
 
 
-def _setup(cfg) -> RunState:
-    from flexsp.planning import StepPlanner, load_cost_model
-    from flexsp.topology import SPTopology
-
-    c = parse_config(cfg)
-    parallel, solver = c["parallel"], c["solver"]
-    out = c["output_dir"]
-    rank, world, device = _init_world(parallel)
+def setup(cfg: RunConfig) -> RunState:
+    parallel, solver, out = cfg.parallel, cfg.solver, cfg.output_dir
+    rank, world, device = _init_world(cfg)
     if rank == 0:
         check_output_dir(out)
-    mcfg_shape, precision = model_config_of(c)
-    reason = hf_native_reason(c)
+    mcfg_shape, precision = model_config_of(cfg)
+    reason = hf_native_reason(cfg.model)
     if rank == 0 and reason:
-        print(f"[flexsp] model {mcfg_shape.architecture} from {c['hf_checkpoint']} trains HF-native "
-              f"(transformers' modules, FlexSP attention and loss): {reason}", flush=True)
+        log.info(f"model {mcfg_shape.architecture} from {cfg.model.hf_checkpoint} trains HF-native "
+                 f"(transformers' modules, FlexSP attention and loss): {reason}")
     mcfg_shape = planning_shape(mcfg_shape)
-    c["train"] = replace(c["train"], precision=precision)
+    cfg = replace(cfg, train=replace(cfg.train, precision=precision))
     if parallel.shard_size and (parallel.shard_size > world or world % parallel.shard_size):
-        raise UserError(f"parallel.shard_size={parallel.shard_size} must divide the {world} ranks")
+        raise UserError(f"parallel.shard_size={parallel.shard_size} must divide the {world} ranks",
+                        field="parallel.shard_size")
     dpn = parallel.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     topo = SPTopology(world, min(dpn, world)).build()
     cm = load_cost_model(solver.cost_model, world, shape=mcfg_shape, shard_size=parallel.shard_size, device=device,
-                         devices_per_node=min(dpn, world), allow_foreign=solver.allow_foreign_cost_model)
+                         devices_per_node=min(dpn, world), allow_foreign=solver.allow_foreign_cost_model,
+                         profile_hint=profile_command(cfg, world))
     if rank == 0 and cm.source.startswith("ESTIMATE"):
-        print(f"[flexsp] cost model {cm.name}: {cm.source}", flush=True)
+        log.info(f"cost model {cm.name}: {cm.source}")
     if rank == 0 and getattr(cm, "layers", 0) and cm.activation_checkpointing != mcfg_shape.activation_checkpointing:
-        print(f"[flexsp] warning: cost model {cm.name} was measured with activation_checkpointing="
-              f"{cm.activation_checkpointing} but the model trains with {mcfg_shape.activation_checkpointing}: "
-              f"its times and memory per token are off (re-profile with the model's setting)", flush=True)
+        log.warning(f"warning: cost model {cm.name} was measured with activation_checkpointing="
+                    f"{cm.activation_checkpointing} but the model trains with {mcfg_shape.activation_checkpointing}: "
+                    f"its times and memory per token are off (re-profile with the model's setting)")
     planner = StepPlanner(solver, cm, rank, world, parallel.mode, parallel.static_degree, group=topo.host_group)
-    st = RunState(c=c, rank=rank, world=world, device=device, out=out, topo=topo, cm=cm, planner=planner)
+    st = RunState(cfg=cfg, rank=rank, world=world, device=device, out=out, topo=topo, cm=cm, planner=planner)
     if rank == 0:
-        try:
-            from omegaconf import OmegaConf
-            (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(c["raw"])))
-        except ImportError:   # a plain-dict config on a machine without Hydra (e.g. a GPU image)
-            (out / "config.json").write_text(json.dumps(c["raw"], indent=1, default=str))
+        _write_config(out, cfg)
     return st
+
+
+def _write_config(out: Path, cfg: RunConfig) -> None:
+    """<output_dir>/config.yaml: the run's typed configuration (config.json without PyYAML)."""
+    try:
+        import yaml
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_container(), sort_keys=False))
+    except ImportError:   # a machine without PyYAML (e.g. a bare GPU image)
+        (out / "config.json").write_text(json.dumps(cfg.to_container(), indent=1))
 
 
 # -- phase 2: data -----------------------------------------------------------------------------------
 def _build_source(data_cfg, rank: int):
     """Rank 0 builds (tokenizes, caches) the corpus first; the others then open the cache."""
-    from flexsp.data import build_source
     if rank == 0 or data_cfg.source == "synthetic":
         err = None
         try:
             src = build_source(data_cfg)
-        except ValueError as exc:
+        except UserError as exc:
             err, src = str(exc), None
         if dist.get_world_size() > 1 and data_cfg.source != "synthetic":
             box = [err]
@@ -257,80 +242,75 @@ def _build_source(data_cfg, rank: int):
     return build_source(data_cfg)
 
 
-def _data(st: RunState) -> None:
-    from solver.planner import PlanningError
+TOKENIZED_SOURCES = ("corpus", "stdlib", "hf", "sft")
+"""Data sources that tokenize text (with the model's tokenizer when the model is a checkpoint)."""
 
-    from flexsp.data import GlobalBatchSampler
-    c, cm, planner = st.c, st.cm, st.planner
-    data_cfg = c["data"]
-    tokenized = ("corpus", "stdlib", "hf", "sft")
-    if c["hf_checkpoint"] and data_cfg.corpus.tokenizer == "bpe" and data_cfg.source in tokenized:
+
+def prepare_data(st: RunState) -> None:
+    cfg, cm, planner = st.cfg, st.cm, st.planner
+    data_cfg = cfg.data
+    hf = cfg.model.hf_checkpoint
+    if hf and data_cfg.corpus.tokenizer == "bpe" and data_cfg.source in TOKENIZED_SOURCES:
         # the tokenizer of the checkpoint, unless one is configured explicitly
-        data_cfg = replace(data_cfg, corpus=replace(data_cfg.corpus, tokenizer=c["hf_checkpoint"]))
+        data_cfg = replace(data_cfg, corpus=replace(data_cfg.corpus, tokenizer=hf))
     source = _build_source(data_cfg, st.rank)
-    limit = cm.num_devices * cm.capacity_tokens
-    if c["parallel"].mode == "static":
-        limit = planner.static_degree * cm.capacity_tokens
+    static = cfg.parallel.mode == "static"
+    ranks = planner.static_degree if static else st.world
+    limit = ranks * cm.capacity_tokens
     if data_cfg.source == "sft":   # over-long conversations: dropped or cut (data.truncate), logged
-        ranks = planner.static_degree if c["parallel"].mode == "static" else st.world
         holds = f"the cluster holds {ranks} ranks x {cm.capacity_tokens} tokens under cost model {cm.name}"
         source = source.fit(limit, data_cfg.truncate, holds)
         if st.rank == 0:
             for line in [*source.report, source.summary()]:
-                print(f"[flexsp] {line}", flush=True)
+                log.info(line)
     too_long = (source.lengths > limit).nonzero()[0]
     if too_long.size:
         i = int(too_long[0])
         raise PlanningError(
             f"{too_long.size} document(s) are longer than the cluster can hold ({limit} tokens = "
-            f"{planner.static_degree if c['parallel'].mode == 'static' else st.world} ranks x {cm.capacity_tokens} "
-            f"tokens per rank under cost model {cm.name}), e.g. document {i} with {int(source.lengths[i])} "
-            f"tokens. Policy: they are never silently dropped; lower data.corpus.max_doc_tokens (long "
-            f"documents are then split, data.corpus.long_doc_policy=split) or add ranks/memory")
+            f"{ranks} ranks x {cm.capacity_tokens} tokens per rank under cost model {cm.name}), e.g. document "
+            f"{i} with {int(source.lengths[i])} tokens. Policy: they are never silently dropped; lower "
+            f"data.corpus.max_doc_tokens (long documents are then split, data.corpus.long_doc_policy=split) "
+            f"or add ranks/memory")
     st.source = source
     st.sampler = GlobalBatchSampler(source.lengths, data_cfg.sampler, targets=source.target_counts)
 
 
 # -- phase 3: model + engine -------------------------------------------------------------------------
-def _build(st: RunState) -> None:
-    from flexsp.engines import HFWeights, RandomWeights, build_engine
-    from flexsp.executor import StepExecutor
-    from flexsp.model import Transformer
-    c = st.c
-    vocab = c["model_overrides"].get("vocab_size") or st.source.vocab_size
-    if c["hf_checkpoint"]:
-        vocab = model_config_of(c)[0].vocab_size
-        if c["data"].source in ("corpus", "stdlib", "hf", "sft"):   # the data's tokenizer must be the model's
-            from flexsp.data.tokenizer import check_vocabulary
-            tok = c["data"].corpus.tokenizer
-            check_vocabulary(st.source.vocab_size, vocab, c["hf_checkpoint"] if tok == "bpe" else tok,
-                             c["hf_checkpoint"])
+def build(st: RunState) -> None:
+    cfg = st.cfg
+    hf = cfg.model.hf_checkpoint
+    vocab = cfg.model.overrides.get("vocab_size") or st.source.vocab_size
+    if hf:
+        vocab = model_config_of(cfg)[0].vocab_size
+        if cfg.data.source in TOKENIZED_SOURCES:   # the data's tokenizer must be the model's
+            tok = cfg.data.corpus.tokenizer
+            check_vocabulary(st.source.vocab_size, vocab, hf if tok == "bpe" else tok, hf)
     if vocab < st.source.vocab_size:
         raise UserError(f"model.vocab_size={vocab} is smaller than the data's vocabulary "
-                         f"({st.source.vocab_size}); set model.vocab_size=null to follow the data")
-    mcfg, _ = model_config_of(c, vocab)
-    make_model = lambda device: Transformer(mcfg, device=device)   # noqa: E731
+                        f"({st.source.vocab_size}); set model.vocab_size=null to follow the data",
+                        field="model.vocab_size")
+    mcfg, _ = model_config_of(cfg, vocab)
     if getattr(mcfg, "hf_native", False):
-        from flexsp.model.hf_native import HFNativeModel
-        from flexsp.model.hf_native_weights import HFNativeWeights
-        weights = HFNativeWeights(c["hf_checkpoint"])
-        make_model = lambda device: HFNativeModel(mcfg, device=device)   # noqa: E731
-    elif c["hf_checkpoint"]:
-        from flexsp.model.hf import HFCheckpointReader
-        weights = HFWeights(HFCheckpointReader(c["hf_checkpoint"]))
+        weights = HFNativeWeights(hf)
+
+        def make_model(device):
+            return HFNativeModel(mcfg, device=device)
     else:
-        weights = RandomWeights(c["train"].seed, mcfg.init_std, mcfg.layers)
-    torch.manual_seed(c["train"].seed)
+        weights = HFWeights(HFCheckpointReader(hf)) if hf else RandomWeights(cfg.train.seed, mcfg.init_std,
+                                                                             mcfg.layers)
+
+        def make_model(device):
+            return Transformer(mcfg, device=device)
+    torch.manual_seed(cfg.train.seed)
     st.mcfg = mcfg
-    st.engine = build_engine(c["parallel"].engine, make_model, weights, c["train"], c["parallel"], st.world,
-                             st.device)
+    st.engine = build_engine(cfg.parallel.engine, make_model, weights, cfg.train, cfg.parallel, st.world, st.device)
     st.executor = StepExecutor(st.engine, st.source, st.topo, st.rank, st.device, mcfg.heads)
 
 
 # -- phase 4: resume ---------------------------------------------------------------------------------
 def _resume(st: RunState) -> None:
-    from flexsp.checkpoint import latest_checkpoint, load_checkpoint, resume_identity
-    train, out = st.c["train"], st.out
+    train, out = st.cfg.train, st.out
     if train.resume == "never":
         if st.rank == 0:
             (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -338,7 +318,7 @@ def _resume(st: RunState) -> None:
     ck = latest_checkpoint(out / "checkpoints") if train.resume == "auto" else Path(train.resume)
     if ck is None:
         return
-    expect = resume_identity(_asdict(st.mcfg), st.c["parallel"].engine, train.precision)
+    expect = resume_identity(asdict(st.mcfg), str(st.cfg.parallel.engine), str(train.precision))
     state = load_checkpoint(ck, st.engine, st.world, expect=expect, auto=train.resume == "auto")
     st.sampler.load_state_dict(state["sampler"])
     st.start = int(state["step"])
@@ -346,7 +326,7 @@ def _resume(st: RunState) -> None:
         _truncate_metrics(out / "metrics.jsonl", st.start)
         saved = state.get("world_size")
         note = f" (written by {saved} ranks, resharded to {st.world})" if saved and saved != st.world else ""
-        print(f"[flexsp] resumed from {ck} at step {st.start}{note}", flush=True)
+        log.info(f"resumed from {ck} at step {st.start}{note}")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -371,7 +351,6 @@ class _Interrupt:
         self._old = {}
 
     def __enter__(self):
-        import threading
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -390,29 +369,26 @@ class _Interrupt:
 
 
 def _header(st: RunState) -> None:
-    c, cm = st.c, st.cm
+    cfg, cm = st.cfg, st.cm
     nparams = st.mcfg.num_params()
-    origin = f"from {c['hf_checkpoint']}" if c["hf_checkpoint"] else f"{c['model_preset']}"
+    origin = f"from {cfg.model.hf_checkpoint}" if cfg.model.hf_checkpoint else f"{cfg.model.preset}"
     if getattr(st.mcfg, "hf_native", False):
         origin += f" ({st.mcfg.architecture}, HF-native)"
-    print(f"[flexsp] {st.world} rank(s) on {st.device.type} ({dist.get_backend()}), engine {c['parallel'].engine}"
-          f"{' HSDP ' + str(c['parallel'].shard_size) if c['parallel'].shard_size else ''}, precision "
-          f"{c['train'].precision}, mode {c['parallel'].mode}, model {origin} {nparams / 1e6:.2f}M params, "
-          f"data {c['data'].source}: {st.source.num_docs} docs / {int(st.source.lengths.sum())} tokens, "
-          f"cost model {cm.name} (C={cm.capacity_tokens} tokens/rank), output {st.out}", flush=True)
+    hsdp = f" HSDP {cfg.parallel.shard_size}" if cfg.parallel.shard_size else ""
+    log.info(f"{st.world} rank(s) on {st.device.type} ({dist.get_backend()}), engine {cfg.parallel.engine}"
+             f"{hsdp}, precision {cfg.train.precision}, mode {cfg.parallel.mode}, model {origin} "
+             f"{nparams / 1e6:.2f}M params, data {cfg.data.source}: {st.source.num_docs} docs / "
+             f"{int(st.source.lengths.sum())} tokens, cost model {cm.name} (C={cm.capacity_tokens} tokens/rank), "
+             f"output {st.out}")
 
 
 def _loop(st: RunState) -> None:
-    from solver.planner import check_lengths
-
-    from flexsp.checkpoint import Checkpointer
-    from flexsp.failure import AbortWatch
-    train = st.c["train"]
+    train = st.cfg.train
     rank, planner, sampler = st.rank, st.planner, st.sampler
     if rank == 0:
         _header(st)
     ckpt = Checkpointer(st.out / "checkpoints", keep=train.keep_checkpoints, async_save=train.async_checkpoint)
-    log = _RankZeroLog(st) if rank == 0 else None
+    metrics = _RankZeroLog(st) if rank == 0 else None
     batch = next(sampler) if st.start < train.steps else None
     if batch is not None:
         check_lengths(batch.lengths, st.cm)
@@ -424,11 +400,7 @@ def _loop(st: RunState) -> None:
         with watch, _Interrupt() as interrupt:
             try:
                 for step in range(st.start, train.steps):
-                    if (train.kill_at_step == step and rank == train.kill_rank
-                            and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0):
-                        print(f"[flexsp] rank {rank}: simulated failure at step {step}", flush=True)
-                        os._exit(13)
-                    batch = _one_step(st, step, batch, ckpt, log, interrupt)
+                    batch = _one_step(st, step, batch, ckpt, metrics, interrupt)
                     if st.interrupted:
                         break
             except BaseException as exc:
@@ -438,15 +410,15 @@ def _loop(st: RunState) -> None:
     finally:
         planner.close()
         st.executor.close()
-        if log is not None:
-            log.close()
+        if metrics is not None:
+            metrics.close()
     st.seconds = time.perf_counter() - t_run
 
 
-def _one_step(st: RunState, step: int, batch, ckpt, log, interrupt):
+def _one_step(st: RunState, step: int, batch: GlobalBatch, ckpt: Checkpointer, metrics, interrupt: _Interrupt):
     """Train ``step`` on ``batch``; returns the next batch (drawn and submitted to the planner
     before this step trains)."""
-    c, train = st.c, st.c["train"]
+    cfg, train = st.cfg, st.cfg.train
     t0 = time.perf_counter()
     plan, wait_ms = st.planner.get(step, batch.lengths, first=(step == st.start))
     sampler_state = st.sampler.state_dict()       # before the next batch is drawn
@@ -454,9 +426,6 @@ def _one_step(st: RunState, step: int, batch, ckpt, log, interrupt):
     if step + 1 < train.steps:
         nxt = next(st.sampler)
         st.planner.submit(step + 1, nxt.lengths)
-    # testing the abort path: this rank raises after the forward of its first micro-batch
-    st.executor.fail_after_forward = (f"simulated failure inside a micro-batch of step {step + 1} on rank {st.rank}"
-                                      if train.fail_at_step == step and st.rank == train.kill_rank else "")
     res = st.executor.run(plan, batch)
     gnorm = st.engine.step()
     # the step's one host sync: loss/targets/tokens summed over ranks, plus "stop" (any rank
@@ -466,34 +435,30 @@ def _one_step(st: RunState, step: int, batch, ckpt, log, interrupt):
     if st.world > 1:
         dist.all_reduce(stats)
     # the global grad norm is the same on every rank: read with the sums, in the same sync
-    loss_sum, targets, _, stop, gnorm = read_to_host(torch.cat([stats, to_device(gnorm.detach().double().reshape(1), st.device)]))
+    loss_sum, targets, _, stop, gnorm = read_to_host(
+        torch.cat([stats, to_device(gnorm.detach().double().reshape(1), st.device)]))
     loss = loss_sum / targets
     dt = time.perf_counter() - t0
     st.tokens += batch.num_tokens
     st.losses[step] = loss
     done = step + 1
-    if log is not None:
-        log.step(done, loss, gnorm, int(targets), dt, plan, wait_ms, batch)
+    if metrics is not None:
+        metrics.step(done, loss, gnorm, int(targets), dt, plan, wait_ms, batch)
     if stop:
         st.interrupted = signal.Signals(interrupt.signal).name if interrupt.signal else "a signal on another rank"
     if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == train.steps or stop:
-        state = {"sampler": sampler_state, "config": c["raw"], "world_size": st.world,
-                 "engine": c["parallel"].engine, "precision": train.precision,
-                 "model_config": _asdict(st.mcfg), "tokenizer": _tokenizer_of(st)}
+        state = {"sampler": sampler_state, "config": cfg.to_container(), "world_size": st.world,
+                 "engine": str(cfg.parallel.engine), "precision": str(train.precision),
+                 "model_config": asdict(st.mcfg), "tokenizer": _tokenizer_of(st)}
         st.last_checkpoint = ckpt.save(done, st.engine, state)
     return nxt
-
-
-def _asdict(mcfg) -> dict:
-    from dataclasses import asdict
-    return asdict(mcfg)
 
 
 def _tokenizer_of(st: RunState):
     """The tokenizer an export should ship: the HF checkpoint's, the configured file, or the corpus
     cache's tokenizer.json."""
-    if st.c["hf_checkpoint"]:
-        return str(st.c["hf_checkpoint"])
+    if st.cfg.model.hf_checkpoint:
+        return str(st.cfg.model.hf_checkpoint)
     directory = getattr(st.source, "directory", None)
     if directory is not None and (Path(directory) / "tokenizer.json").is_file():
         return str(Path(directory) / "tokenizer.json")
@@ -501,23 +466,22 @@ def _tokenizer_of(st: RunState):
 
 
 class _RankZeroLog:
-    """Rank 0's outputs per step: console line (a progress bar only on a terminal), metrics.jsonl,
-    the tracker (TensorBoard/W&B) and plan pictures."""
+    """Rank 0's outputs per step: console line (a progress bar only on a terminal), metrics.jsonl
+    (with the step's document ids: which documents every step trained, so a run can be audited for
+    lost or repeated samples), the tracker (TensorBoard/W&B) and plan pictures."""
 
     def __init__(self, st: RunState):
-        from flexsp.tracking import Tracker
-        self.st, train = st, st.c["train"]
+        self.st, train = st, st.cfg.train
         self.fh = open(st.out / "metrics.jsonl", "a")
         self.bar = None
         if train.progress and sys.stderr.isatty() and st.start < train.steps:
-            from tqdm import tqdm
             self.bar = tqdm(total=train.steps, initial=st.start, desc="train", unit="step", dynamic_ncols=True,
                             file=sys.stderr)
-        self.tracker = Tracker(train.logger, st.out, run_name=st.out.name, config=st.c["raw"],
+        self.tracker = Tracker(str(train.logger), st.out, run_name=st.out.name, config=st.cfg.to_container(),
                                plot_plan_every=train.plot_plan_every, wandb_project=train.wandb_project)
 
     def step(self, done, loss, gnorm, targets, dt, plan, wait_ms, batch) -> None:
-        st, train = self.st, self.st.c["train"]
+        st, train = self.st, self.st.cfg.train
         ntok = batch.num_tokens
         rec = {"step": done, "loss": round(loss, 6), "tokens": ntok, "targets": targets,
                "docs": len(batch.doc_ids), "plan": plan.summary(), "method": plan.method,
@@ -525,9 +489,7 @@ class _RankZeroLog:
                "plan_wait_ms": round(wait_ms, 2), "predicted_ms": plan.predicted_ms,
                "step_s": round(dt, 4), "tokens_per_s": round(ntok / dt, 1),
                "grad_norm": round(gnorm, 6), "lr": st.engine.lr, "memory_mb": round(_memory_mb(st.device), 1),
-               "epoch": batch.epoch, "late_plans": st.planner.late}
-        if train.log_doc_ids:
-            rec["doc_ids"] = list(batch.doc_ids)
+               "epoch": batch.epoch, "late_plans": st.planner.late, "doc_ids": list(batch.doc_ids)}
         self.fh.write(json.dumps(rec) + "\n")
         self.fh.flush()
         st.history.append(rec)
@@ -538,7 +500,7 @@ class _RankZeroLog:
             self.bar.write(line)
             self.bar.update(1)
         else:
-            print(line, flush=True)
+            log.info(line, extra=PLAIN)
         self.tracker.log_step(done, {**rec, "measured_ms": dt * 1e3}, plan=plan)
 
     def close(self) -> None:
@@ -550,7 +512,7 @@ class _RankZeroLog:
 
 # -- phase 6: summary --------------------------------------------------------------------------------
 def _finish(st: RunState, return_state: bool) -> dict:
-    train = st.c["train"]
+    train = st.cfg.train
     last_step = max(st.losses) + 1 if st.losses else st.start
     summary = {"start_step": st.start, "steps": train.steps, "last_step": last_step, "losses": st.losses,
                "seconds": st.seconds, "tokens": st.tokens,
@@ -560,26 +522,27 @@ def _finish(st: RunState, return_state: bool) -> dict:
     if return_state:
         summary["state_dict"] = {k: v.detach().clone() for k, v in st.engine.full_state_dict().items()}
     if st.rank == 0 and st.interrupted:
-        print(f"[flexsp] interrupted at step {last_step} ({st.interrupted}), checkpoint {st.last_checkpoint}; "
-              f"run the same command again (train.resume=auto) to continue", flush=True)
+        log.info(f"interrupted at step {last_step} ({st.interrupted}), checkpoint {st.last_checkpoint}; "
+                 f"run the same command again (train.resume=auto) to continue")
     if st.rank == 0 and st.history:
         first, last = st.history[0]["loss"], st.history[-1]["loss"]
-        print(f"[flexsp] done: steps {st.start + 1}-{last_step} in {st.seconds:.1f} s, "
-              f"{summary['tokens_per_s']:.0f} tok/s, loss {first:.4f} -> {last:.4f}, "
-              f"late plans {st.planner.late}, metrics {st.out / 'metrics.jsonl'}, checkpoints {st.out / 'checkpoints'}",
-              flush=True)
+        log.info(f"done: steps {st.start + 1}-{last_step} in {st.seconds:.1f} s, "
+                 f"{summary['tokens_per_s']:.0f} tok/s, loss {first:.4f} -> {last:.4f}, "
+                 f"late plans {st.planner.late}, metrics {st.out / 'metrics.jsonl'}, "
+                 f"checkpoints {st.out / 'checkpoints'}")
         keep = {k: v for k, v in summary.items() if k not in ("losses", "state_dict")}
         (st.out / "summary.json").write_text(json.dumps(keep | {"first_loss": first, "last_loss": last}, indent=2))
     return summary
 
 
-def run(cfg, return_state: bool = False) -> dict:
-    """Train as ``cfg`` says (an OmegaConf config from Hydra/compose, or a plain dict). Returns the
-    summary dict on every rank (losses per step, final step, ...); ``return_state`` adds the full
-    final model state dict under "state_dict" (collective)."""
-    st = _setup(cfg)
-    _data(st)
-    _build(st)
+def run(cfg: RunConfig, return_state: bool = False) -> dict:
+    """Train as ``cfg`` says (flexsp.config.compose / load_config). Returns the summary dict on
+    every rank (losses per step, final step, ...); ``return_state`` adds the full final model state
+    dict under "state_dict" (collective)."""
+    st = setup(cfg)
+    prepare_data(st)
+    build(st)
+    testing.install(st)           # fault injection for the test suite: a no-op without FLEXSP_FAULTS
     _resume(st)
     _loop(st)
     return _finish(st, return_state)
@@ -587,8 +550,8 @@ def run(cfg, return_state: bool = False) -> dict:
 
 # -- command line ------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    from flexsp.launcher import main as launcher_main
-    return launcher_main(sys.argv[1:] if argv is None else argv)
+    """``flexsp-train`` (flexsp.launcher: compose, validate, launch or run here)."""
+    return launcher.main(sys.argv[1:] if argv is None else argv, run, validate)
 
 
 if __name__ == "__main__":

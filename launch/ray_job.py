@@ -32,9 +32,14 @@ ERROR_MARKER = ".flexsp_user_error"
 normally (no Ray traceback of an error already explained) and the driver exits with status 2."""
 
 
-def compose_config(overrides: list[str]) -> dict:
-    sys.path.insert(0, str(REPO))
-    from flexsp.launcher import compose
+sys.path.insert(0, str(REPO))
+from flexsp.config import RunConfig as FlexSPConfig  # noqa: E402 (this repo on the path first)
+from flexsp.config.compose import compose  # noqa: E402
+from flexsp.errors import UserError, print_error  # noqa: E402
+
+
+def compose_config(overrides: list[str]) -> FlexSPConfig:
+    """The typed config of ``overrides`` (as ``python -m flexsp.train`` composes it)."""
     return compose(overrides)
 
 
@@ -42,7 +47,8 @@ def train_loop_per_worker(config: dict) -> None:
     sys.path.insert(0, config["repo"])
     import torch.distributed as dist
 
-    from flexsp.failure import is_user_error, report
+    from flexsp.errors import is_user_error
+    from flexsp.failure import report
     from flexsp.train import run
     try:
         run(config["cfg"])
@@ -55,7 +61,7 @@ def train_loop_per_worker(config: dict) -> None:
         if not printer:
             return
         try:
-            (Path(config["cfg"]["output_dir"]) / ERROR_MARKER).write_text(str(exc))
+            (Path(config["cfg"].output_dir) / ERROR_MARKER).write_text(str(exc))
         except OSError:            # no shared output_dir to tell the driver through: let Ray report it
             raise exc from None
 
@@ -79,16 +85,16 @@ def main(argv=None) -> int:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from dataclasses import replace
+
+    from flexsp.train import validate
     try:
         cfg = compose_config(args.overrides)
-        out = Path(cfg["output_dir"]).resolve()
-        cfg["output_dir"] = str(out)
-        from flexsp.config import parse_config
-        from flexsp.train import validate
-        validate(parse_config(cfg), args.num_workers)
-    except ValueError as exc:
-        print(f"ray_job: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
-        return 2
+        out = cfg.output_dir.resolve()
+        cfg = replace(cfg, output_dir=out)
+        validate(cfg, args.num_workers)
+    except UserError as exc:
+        return print_error("ray_job", exc)
     if not local:                            # ray job submit / existing cluster
         ray.init()
     else:                                    # local: bound to loopback

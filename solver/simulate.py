@@ -39,7 +39,6 @@ from .plot import PLOT_SUFFIXES
 from .policies import PAPER_MILP_SECONDS, PolicySettings, parse_policies, run_policy
 from .presets import PRESETS, context_limit
 from .workloads import NAMES as WORKLOADS, sample_lengths
-from .errors import UserError
 
 PROG = "flexsp-simulate"
 REFERENCES = ("best-static", "megatron-dcp")

@@ -13,7 +13,7 @@ status and the one line:
 - a rank killed by SIGKILL (what the out-of-memory killer sends) in a 2-rank run through
   ``--nproc-per-node 2``: the one line says which rank, host, pid, signal, step, the OOM hint and
   the checkpoint to resume from; exit status 137; no traceback, no "Connection reset by peer";
-  a rank exiting without reporting (train.kill_at_step) likewise with its status; ranks started by
+  a rank exiting without reporting (the kill fault of flexsp.testing) likewise with its status; ranks started by
   hand (no flexsp launcher): the survivor prints one line instead of the gloo traceback.
 """
 import json
@@ -28,14 +28,16 @@ from pathlib import Path
 
 import pytest
 
+from flexsp.testing import FAULTS_ENV
 from train_cases import REPO, launch_env
 
 SMALL = ["data=synthetic", "data.num_docs=64", "data.corpus.max_doc_tokens=60", "train.global_batch=4",
          "train.progress=false", "solver.time_limit=0.2"]
 
 
-def _train(args, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", "flexsp.train", *args], cwd=REPO, env=launch_env(),
+def _train(args, timeout=300, faults=None):
+    env = launch_env() if faults is None else {**launch_env(), FAULTS_ENV: faults}
+    proc = subprocess.run([sys.executable, "-m", "flexsp.train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -198,8 +200,8 @@ def test_rank_killed_by_sigkill_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_rank_exiting_without_reporting_is_one_line(tmp_path):
     out = tmp_path / "run"
-    rc, log = _train(["--nproc-per-node", "2", *TWO_RANKS, "train.steps=6", "train.kill_at_step=3",
-                      "train.kill_rank=1", f"output_dir={out}"])
+    rc, log = _train(["--nproc-per-node", "2", *TWO_RANKS, "train.steps=6", f"output_dir={out}"],
+                     faults="kill:rank=1:step=3")
     line = _error_line(rc, log, status=13)
     assert "rank 1 (host " in line and "exited with status 13 without reporting an error during step 4 " \
                                        "(3 completed); the same command resumes from " in line, line

@@ -469,18 +469,9 @@ def test_trainer_configs_compose(tmp_path):
     pytest.importorskip("hydra")
     from train_cases import compose
 
-    from flexsp.data import SamplerConfig
-
     def data_config(overrides):
         """The DataConfig the trainer builds from ``python -m flexsp.train <overrides>``."""
-        d = dict(compose(overrides)["data"])
-        corpus, sampler = CorpusConfig(**d.pop("corpus")), SamplerConfig(**d.pop("sampler"))
-        try:  # the trainer's typed check of each value against the field annotations
-            from flexsp.config import typed_section
-        except ImportError:
-            return DataConfig(**d, corpus=corpus, sampler=sampler)
-        return typed_section(DataConfig, {**d, "corpus": corpus, "sampler": sampler}, "data",
-                             skip=("corpus", "sampler"))
+        return compose(overrides).data
 
     path = _make_format("parquet", tmp_path, [{"text": t} for t in TEXTS])
     cfg = data_config(["data=hf", f"data.hf_path={path}", "data.corpus.tokenizer=byte",

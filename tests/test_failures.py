@@ -6,7 +6,7 @@
   cluster holds, resuming from a directory that is not a checkpoint, 3 ranks, a cost model of
   another model): the same one line, printed ONCE for both ranks, no traceback, no torchrun
   summary, exit status 2;
-- one rank raising inside a micro-batch (``train.fail_at_step``) while the other waits in a
+- one rank raising inside a micro-batch (FLEXSP_FAULTS=raise:..., flexsp.testing) while the other waits in a
   collective: every rank is gone well within 60 s (the other one through the abort watch, not
   the 600 s collective timeout), the failure printed once; tested both with the ranks started by
   hand (no torchrun agent to kill them) and through the launcher;
@@ -139,11 +139,10 @@ def test_one_rank_failing_mid_step_stops_every_rank(tmp_path):
     (measured from the moment the failure is printed, so a slow start-up on a loaded machine does
     not count)."""
     port = _free_port()
-    args = [sys.executable, "-m", "flexsp.train", *TINY, f"output_dir={tmp_path / 'out'}", "train.steps=6",
-            "train.fail_at_step=1", "train.kill_rank=1"]
+    args = [sys.executable, "-m", "flexsp.train", *TINY, f"output_dir={tmp_path / 'out'}", "train.steps=6"]
     procs = []
     for rank in range(2):
-        env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+        env = dict(_env(), FLEXSP_FAULTS="raise:rank=1:step=1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
@@ -155,8 +154,8 @@ def test_one_rank_failing_mid_step_stops_every_rank(tmp_path):
 
     # through the launcher: the same, and no torchrun summary
     proc = subprocess.Popen([sys.executable, "-m", "flexsp.train", "--nproc-per-node", "2", *TINY,
-                             f"output_dir={tmp_path / 'out2'}", "train.steps=6", "train.fail_at_step=1",
-                             "train.kill_rank=1"], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                             f"output_dir={tmp_path / 'out2'}", "train.steps=6"], cwd=REPO,
+                            env={**_env(), "FLEXSP_FAULTS": "raise:rank=1:step=1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     (out,), failed_at, ended = _watch([proc], FAILURE)
     assert failed_at is not None and ended - failed_at < 60, (failed_at, ended, out[-3000:])

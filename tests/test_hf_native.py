@@ -182,16 +182,17 @@ def test_refusals_name_the_module_or_field(case, tmp_path):
 def test_trainer_config_refusals(tmp_path):
     from train_cases import compose
 
-    from flexsp.train import hf_native_reason, parse_config, validate
+    from flexsp.modelspec import hf_native_reason
+    from flexsp.train import validate
     transformers.Lfm2Config(**REFUSED["lfm2-conv-layers"][1]).save_pretrained(str(tmp_path / "lfm2"))
     out = f"output_dir={tmp_path / 'o'}"
     with pytest.raises(ValueError, match="layer_types.*conv"):
-        validate(parse_config(compose([f"model.hf_checkpoint={tmp_path / 'lfm2'}", out])))
+        validate(compose([f"model.hf_checkpoint={tmp_path / 'lfm2'}", out]))
     with pytest.raises(ValueError, match="model.hf_native=true needs model.hf_checkpoint"):
-        parse_config(compose(["model.hf_native=true", f"output_dir={tmp_path / 'o'}"]))
+        compose(["model.hf_native=true", f"output_dir={tmp_path / 'o'}"])
     make_hf("olmo2", tmp_path / "olmo2")
-    c = parse_config(compose([f"model.hf_checkpoint={tmp_path / 'olmo2'}", f"output_dir={tmp_path / 'o'}"]))
-    assert "does not cover it" in hf_native_reason(c) and "Olmo2ForCausalLM" in hf_native_reason(c)
+    c = compose([f"model.hf_checkpoint={tmp_path / 'olmo2'}", f"output_dir={tmp_path / 'o'}"])
+    assert "does not cover it" in hf_native_reason(c.model) and "Olmo2ForCausalLM" in hf_native_reason(c.model)
 
 
 # ------------------------------------------------------------------ SP (2 gloo ranks) equals one process
@@ -305,7 +306,6 @@ def test_moe_imports_trains_on_two_ranks_exports_and_reloads(tmp_path):
     from dist_harness import run_distributed
     from flexsp.data import build_source
     from flexsp.export import main as export_main
-    from flexsp.train import parse_config
     ckpt = make_moe_checkpoint(tmp_path / "qwen3moe")
     assert len(list(ckpt.glob("model-*.safetensors"))) > 1
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
@@ -319,8 +319,8 @@ def test_moe_imports_trains_on_two_ranks_exports_and_reloads(tmp_path):
                    f"solver.cost_model={tmp_path / 'cm.json'}", f"output_dir={out}"])
     results = run_distributed(_train_body, world_size=2, args=(cfg,), timeout=300)
 
-    c = parse_config(cfg)
-    source = build_source(replace(c["data"], corpus=replace(c["data"].corpus, tokenizer=str(ckpt))))
+    c = cfg
+    source = build_source(replace(c.data, corpus=replace(c.data.corpus, tokenizer=str(ckpt))))
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
     total, count = 0.0, 0

@@ -76,7 +76,6 @@ def test_hf_checkpoint_trains_exports_and_reloads(tmp_path):
     from flexsp.export import main as export_main
     from flexsp.model import AttnContext, Transformer, positions_from_cu_seqlens
     from flexsp.model.hf import config_from_hf
-    from flexsp.train import parse_config
     ckpt = make_hf_checkpoint(tmp_path / "qwen3")
     assert len(list(ckpt.glob("model-*.safetensors"))) > 1, "expected a sharded checkpoint"
     data = tmp_path / "data"
@@ -95,8 +94,8 @@ def test_hf_checkpoint_trains_exports_and_reloads(tmp_path):
     results = run_distributed(_body, world_size=2, args=(cfg,), timeout=240)
 
     # step 1 trained the checkpoint's own weights, on its own tokenizer's tokens
-    c = parse_config(cfg)
-    source = build_source(replace(c["data"], corpus=replace(c["data"].corpus, tokenizer=str(ckpt))))
+    c = cfg
+    source = build_source(replace(c.data, corpus=replace(c.data.corpus, tokenizer=str(ckpt))))
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     ref = _hf_loss(ckpt, source, rows[0]["doc_ids"])

@@ -1,7 +1,7 @@
 """Launchers, end to end on CPU/gloo (subprocesses with hard timeouts):
 
-- torchrun elastic restart: 2 ranks, rank 1 kills itself before step 4 (index 3) on the first
-  attempt; torchrun (--max-restarts 1) restarts both ranks, which resume from the step-2 checkpoint.
+- torchrun elastic restart: 2 ranks, rank 1 kills itself at step 4 (index 3) on the first
+  attempt (FLEXSP_FAULTS=kill:rank=1:step=3, flexsp.testing); torchrun (--max-restarts 1) restarts both ranks, which resume from the step-2 checkpoint.
   metrics.jsonl then holds every step exactly once, and the documents of every step are exactly
   those the sampler deals out in an uninterrupted run: no sample lost, none seen twice.
 - Ray: launch/ray_job.py trains 2 steps on 2 CPU workers (TorchTrainer, Ray bound to 127.0.0.1).
@@ -25,10 +25,12 @@ def _env():
     return launch_env()
 
 
-def _run(cmd, timeout):
-    """Run ``cmd`` in its own session; on timeout kill the whole process group (no stray ranks)."""
+def _run(cmd, timeout, faults=None):
+    """Run ``cmd`` in its own session; on timeout kill the whole process group (no stray ranks).
+    ``faults``: FLEXSP_FAULTS for the run (flexsp.testing)."""
     import signal
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    env = _env() if faults is None else {**_env(), "FLEXSP_FAULTS": faults}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -46,20 +48,18 @@ def _torchrun():
 
 def test_torchrun_elastic_restart_loses_and_repeats_no_sample(tmp_path):
     from flexsp.data import GlobalBatchSampler, build_source
-    from flexsp.train import parse_config
-
+    
     out = tmp_path / "run"
-    overrides = [*DATA, "train.steps=5", "train.checkpoint_every=2", "train.kill_at_step=3",
-                 "train.kill_rank=1", f"output_dir={out}"]
+    overrides = [*DATA, "train.steps=5", "train.checkpoint_every=2", f"output_dir={out}"]
     rc, log = _run([*_torchrun(), "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
-                    "-m", "flexsp.train", *overrides], timeout=180)
+                    "-m", "flexsp.train", *overrides], timeout=180, faults="kill:rank=1:step=3")
     assert rc == 0, log[-4000:]
     assert "simulated failure at step 3" in log and "resumed from" in log and "at step 2" in log, log[-3000:]
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
-    c = parse_config(compose(overrides))
-    source = build_source(c["data"])
-    sampler = GlobalBatchSampler(source.lengths, c["data"].sampler)
+    c = compose(overrides)
+    source = build_source(c.data)
+    sampler = GlobalBatchSampler(source.lengths, c.data.sampler)
     expected = [list(next(sampler).doc_ids) for _ in range(5)]
     assert [r["doc_ids"] for r in rows] == expected
     seen = [d for r in rows if r["epoch"] == 0 for d in r["doc_ids"]]

@@ -115,8 +115,8 @@ def test_planner_process_late_restart_and_errors(tmp_path, monkeypatch):
     import flexsp.planning as planning
     from solver.planner import PlanningError
     cm = planning.load_cost_model(tiny_cost_model(tmp_path / "cm32.json", capacity=32), 4)
-    monkeypatch.setattr(planning, "SOLVE_FN", never_returns)
-    planner = planning.StepPlanner(planning.SolverConfig(time_limit=0.05, wait_s=0.01), cm, rank=0, world_size=4)
+    planner = planning.StepPlanner(planning.SolverConfig(time_limit=0.05, wait_s=0.01), cm, rank=0, world_size=4,
+                                   solve_fn=never_returns)
     try:
         planner.submit(0, LENGTHS)
         plan, _ = planner.get(0, LENGTHS)         # not first: no start-up grace, the solve never ends
@@ -143,10 +143,12 @@ def test_planner_process_late_restart_and_errors(tmp_path, monkeypatch):
 
 
 def _body(rank, world_size, cfg):
-    import flexsp.planning as planning
+    import os
+
+    from flexsp.testing import FAULTS_ENV
     from flexsp.train import run
 
-    planning.SOLVE_FN = never_returns          # every solve (in the planner subprocess) blocks
+    os.environ[FAULTS_ENV] = "planner:hang"    # every solve (in the planner subprocess) blocks
     s = run(cfg)
     return {"losses": s["losses"], "late": s["late_plans"]}
 
@@ -157,8 +159,7 @@ def test_trainer_continues_on_fallback_plans(tmp_path):
 
     from flexsp.data import GlobalBatchSampler, build_source
     from flexsp.executor import num_targets
-    from flexsp.train import parse_config
-
+    
     cm = tiny_cost_model(tmp_path / "cm32.json", capacity=32)
     out = tmp_path / "late"
     cfg = compose(base_overrides(out, cm, extra=["solver.time_limit=0.05", "solver.wait_s=0.01"]))
@@ -170,9 +171,9 @@ def test_trainer_continues_on_fallback_plans(tmp_path):
     assert all(m["status"] == "fallback" and "(fallback)" in m["method"] for m in metrics), metrics
     assert results[0]["late"] == 3
     # every document of every batch trained on exactly once
-    c = parse_config(cfg)
-    source = build_source(c["data"])
-    sampler = GlobalBatchSampler(source.lengths, c["data"].sampler)
+    c = cfg
+    source = build_source(c.data)
+    sampler = GlobalBatchSampler(source.lengths, c.data.sampler)
     for m in metrics:
         batch = next(sampler)
         assert m["doc_ids"] == list(batch.doc_ids)

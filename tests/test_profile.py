@@ -118,27 +118,29 @@ def test_bad_input_names_the_value():
         fit_compute([([10], 1.0), ([20], -1.0), ([30], 2.0)])
     with pytest.raises(ValueError, match="degrees >= 2, got 1"):
         fit_comm_per_token([([10], 1.0)], fit_compute([(L, _time(L, 1e-5, 0.1, 1)) for L in SHAPES]), 1)
-    with pytest.raises(ValueError, match="world_size=3 must be a power of two >= 1"):
+    from flexsp.config import typed_section
+    with pytest.raises(ValueError, match="profile.world_size=3 must be a power of two >= 1"):
         ProfileConfig(world_size=3)
     with pytest.raises(ValueError, match="'hybrid'"):
         ProfileConfig(modes=["hybrid"])
-    with pytest.raises(ValueError, match="repeats='x' must be an integer"):
-        ProfileConfig(repeats="x")
-    with pytest.raises(ValueError, match="unknown profile config keys \\['bogus'\\]"):
-        ProfileConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="profile.repeats='x' must be an integer"):
+        typed_section(ProfileConfig, {"repeats": "x"}, "profile")
+    with pytest.raises(ValueError, match="unknown profile keys \\['bogus'\\]"):
+        typed_section(ProfileConfig, {"bogus": 1}, "profile")
 
 
 def test_yaml_matches_dataclass():
-    """configs/profile.yaml holds exactly the dataclass's fields with its defaults."""
+    """configs/profile/default.yaml holds exactly the dataclass's fields with its defaults."""
     from dataclasses import MISSING, fields
 
-    from flexsp.profile.cli import YAML, load_defaults
-    data = load_defaults()
-    assert YAML.is_file()
+    import yaml
+
+    from flexsp.config.compose import CONFIG_DIR
+    data = yaml.safe_load((CONFIG_DIR / "profile" / "default.yaml").read_text())
     want = {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(ProfileConfig)}
     assert data == want
-    pc = ProfileConfig.from_dict(data)
-    assert pc.model == "tiny" and pc.profile_layers == 2 and pc.max_len == 0 and pc.compute_shapes is None
+    pc = ProfileConfig(**data)
+    assert pc.profile_layers == 2 and pc.max_len == 0 and pc.compute_shapes is None
 
 
 @pytest.mark.slow
@@ -151,11 +153,14 @@ def test_end_to_end_profile_two_ranks_two_depths_with_checkpointing(tmp_path):
     from flexsp.profile.build import volumes_mb_per_token
     from solver.plan import Plan
 
-    cfg = ProfileConfig(name="e2e", output_dir=str(tmp_path), world_size=2, repeats=1, progress=False,
-                        model_overrides={"layers": 4, "activation_checkpointing": True}, profile_layers=2,
-                        max_len=128, compute_shapes=[[32], [64], [128], [32, 32, 64], [16] * 8],
-                        comm_shapes=[[64], [32, 96]], link_mb=[0.01, 0.1], validate_batches=1,
-                        validate_tokens=256, validate_max_len=128, timeout_s=150, num_devices=4)
+    from flexsp.config.compose import compose
+    cfg = compose(["model.layers=4", "model.activation_checkpointing=true", f"output_dir={tmp_path}",
+                   "profile.name=e2e", "profile.world_size=2", "profile.repeats=1", "profile.progress=false",
+                   "profile.profile_layers=2", "profile.max_len=128",
+                   "profile.compute_shapes=[[32],[64],[128],[32,32,64],[16,16,16,16,16,16,16,16]]",
+                   "profile.comm_shapes=[[64],[32,96]]", "profile.link_mb=[0.01,0.1]", "profile.validate_batches=1",
+                   "profile.validate_tokens=256", "profile.validate_max_len=128", "profile.timeout_s=150",
+                   "profile.num_devices=4"], "profile")
     res = profile(cfg)
     paths = res["paths"]
     for key in ("cost_model", "report", "summary", "plot"):
@@ -419,13 +424,15 @@ def test_generated_shapes_reach_the_context_length():
         ratios = [sum(x * x for x in s) / sum(s) ** 2 for s in comp if sum(s) == M]
         assert max(ratios) == 1.0 and min(ratios) <= (0.125 if M < 1024 else 1 / 32) and len(tok) >= 5
         assert any(len(s) >= 16 for s in comp) and any(len(set(s)) > 2 for s in comp)
-    cfg = ProfileConfig(model="1b")
-    full, precision = cfg.model_config()
+    from flexsp.config.compose import compose
+    from flexsp.profile.config import profiled_model
+    full, precision, _ = profiled_model(compose(["model=1b", "output_dir=/tmp/x"], "profile"))
+    cfg = ProfileConfig()
     assert precision == "bf16" and full.dtype == "float32" and full.activation_checkpointing
     assert cfg.resolved_max_len(full) == 131072 and max(map(sum, cfg.shapes(full)[0])) == 131072
     assert cfg.depths(full.layers) == [1, 2] and ProfileConfig(profile_layers=0).depths(16) == [16]
     assert ProfileConfig(profile_layers=40).depths(16) == [16] and ProfileConfig(profile_layers=8).depths(16) == [4, 8]
-    with pytest.raises(ValueError, match="profile_layers=1 cannot separate"):
+    with pytest.raises(ValueError, match="profile.profile_layers=1 cannot separate"):
         ProfileConfig(profile_layers=1).depths(16)
     assert ProfileConfig(max_len=512).validation_lengths(full, 2) == (512, 1024)
 
@@ -439,15 +446,16 @@ def test_gpu_profile_config_is_long_and_bounded():
     spec = importlib.util.spec_from_file_location("gpu_profile", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    d = mod.config(False, Path("/tmp/x"), "gpu", 330.0)
-    cfg = ProfileConfig.from_dict(d)
-    full, precision = cfg.model_config()
+    from flexsp.profile.config import from_flat, profiled_model
+    run = from_flat(mod.config(False, Path("/tmp/x"), "gpu", 330.0))
+    cfg = run.profile
+    full, precision, _ = profiled_model(run)
     assert full.layers == 32 and full.hidden == 4096 and full.kv_heads == 8 and full.activation_checkpointing
     assert precision == "bf16" and cfg.depths(full.layers) == [1, 2] and cfg.timeout_s <= 330
     comp, _ = cfg.shapes(full)
     assert max(map(sum, comp)) == 131072 and [131072] in comp and len(comp) <= 12
     assert cfg.repeats <= 2 and cfg.validate_batches <= 1 and cfg.num_devices == 8
-    smoke = ProfileConfig.from_dict(mod.config(True, Path("/tmp/x"), "s", 60.0))
+    smoke = from_flat(mod.config(True, Path("/tmp/x"), "s", 60.0)).profile
     assert smoke.world_size == 1 and smoke.max_len <= 512
 
 
@@ -481,27 +489,32 @@ def test_cli_user_errors_are_one_line_with_exit_2(tmp_path):
     blocker.write_text("")
     out = str(tmp_path / "out")
     cases = [
-        (["model=nope"], "model='nope' is not a model preset; valid options: ['13b', '1b', '30b', '70b', '7b', "
+        (["model=nope"], "model=nope: no such config; valid options for model: ['13b', '1b', '30b', '70b', '7b', "
                          "'small', 'tiny']"),
-        (["world_size=3"], "world_size=3 must be a power of two >= 1"),
-        (["bogus=1"], "unknown field 'bogus' in 'bogus=1'; valid fields: name, output_dir, model"),
-        (["repeats=abc"], "repeats='abc' must be an integer"),
-        (["model_overrides={layerz: 2}"], "model_overrides={'layerz': 2}: unknown ModelConfig fields ['layerz']"),
-        (["model_overrides.heads=3"], "model_overrides={'heads': 3}:"),
-        (["profile_layers=1", "model_overrides.layers=4"], "profile_layers=1 cannot separate"),
-        (["compute_shapes=[[1]]"], "compute_shapes must be null or lists of integer document lengths >= 2"),
-        (["max_len=4"], "max_len=4 must be 0 (the model's max_position_embeddings) or >= 16"),
-        (["oops"], "argument 'oops' is not key=value"),
-        (["compute_shapes=[[1,"], "compute_shapes: cannot parse value '[[1,' as YAML"),
-        (["precision=fp16"], "precision='fp16'; valid options: ['auto', 'fp32', 'bf16', 'bf16-pure']"),
-        (["engine=megatron"], "engine='megatron'; valid options: ['fsdp2', 'deepspeed']"),
-        (["modes=[hybrid]"], "modes=['hybrid'] are not profiled; valid options: ['ulysses', 'ring']"),
+        (["model.preset=nope"], "unknown model preset 'nope'; valid options: ['13b', '1b', '30b', '70b', '7b', "
+                                "'small', 'tiny']"),
+        (["profile.world_size=3"], "profile.world_size=3 must be a power of two >= 1"),
+        (["world_size=3"], "unknown config key 'world_size': profile settings are under profile.*, "
+                           "e.g. profile.world_size=3"),
+        (["profile.bogus=1"], "unknown config key 'profile.bogus'; valid keys of profile: ["),
+        (["profile.repeats=abc"], "profile.repeats='abc' must be an integer"),
+        (["model.layerz=2"], "unknown config key 'model.layerz'; valid keys of model: ["),
+        (["model.heads=3"], "heads"),
+        (["profile.profile_layers=1", "model.layers=4"], "profile.profile_layers=1 cannot separate"),
+        (["profile.compute_shapes=[[1]]"], "profile.compute_shapes must be null or lists of integer document "
+                                           "lengths >= 2"),
+        (["profile.max_len=4"], "profile.max_len=4 must be 0 (the model's max_position_embeddings) or >= 16"),
+        (["oops"], "bad override"),
+        (["profile.compute_shapes=[[1,"], "bad override"),
+        (["train.precision=fp16"], "train.precision='fp16'; valid options: ['auto', 'fp32', 'bf16', 'bf16-pure']"),
+        (["parallel.engine=megatron"], "parallel.engine='megatron'; valid options: ['fsdp2', 'deepspeed']"),
+        (["profile.modes=[hybrid]"], "profile.modes=['hybrid'] are not profiled; valid options: ['ulysses', 'ring']"),
         ([f"output_dir={blocker}/sub"], f"output_dir={blocker}/sub cannot be created or written"),
-        (["hydra.run.dir=x"], "unknown field 'hydra'"),
+        (["model.hf_checkpoint=/nonexistent/qwen"], "model.hf_checkpoint=/nonexistent/qwen does not exist"),
     ]
     runs = [[{}, argv + ([f"output_dir={out}"] if not any(a.startswith("output_dir") for a in argv) else [])]
             for argv, _ in cases]
-    runs.append([{"RANK": "1", "WORLD_SIZE": "2"}, ["world_size=3"]])  # torchrun rank 1: silent, exit 2
+    runs.append([{"RANK": "1", "WORLD_SIZE": "2"}, ["profile.world_size=3"]])  # torchrun rank 1: silent, exit 2
     runs.append([{}, ["model=small", "--help"]])
     env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(runs)], capture_output=True, text=True,
@@ -517,22 +530,29 @@ def test_cli_user_errors_are_one_line_with_exit_2(tmp_path):
     assert rc == 2 and err == ""
     rc, err, so = got[len(cases) + 1]
     assert rc == 0 and err == "" and so.startswith("usage: flexsp-profile")
-    for name in ("profile_layers=2", "max_len=0", "model=tiny", "num_devices=0", "precision=auto"):
+    for name in ("profile.profile_layers=2", "profile.max_len=0", "profile.num_devices=0", "profile.world_size=2"):
         assert f"  {name}" in so, name
-    assert "Config groups" not in so and "== Config" not in so and "hydra" not in so.lower()
+    assert "model.hf_checkpoint=DIR" in so
     # the real entry point, a separate process: same line, exit status 2
-    proc = subprocess.run([sys.executable, "-m", "flexsp.profile", "model=small", "world_size=3"],
+    proc = subprocess.run([sys.executable, "-m", "flexsp.profile", "model=small", "profile.world_size=3"],
                           capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode == 2 and proc.stderr == "flexsp-profile: error: world_size=3 must be a power of two >= 1\n"
+    assert proc.returncode == 2
+    assert proc.stderr == "flexsp-profile: error: profile.world_size=3 must be a power of two >= 1\n"
 
 
-def test_cli_model_is_a_preset_name(tmp_path):
-    from flexsp.profile.cli import check, parse
-    cfg = parse(["model=small", f"output_dir={tmp_path}", "model_overrides.activation_checkpointing=true",
-                 "compute_shapes=[[64],[128],[32,32]]", "backend=null", "name=2024"])
-    assert cfg.model == "small" and cfg.model_overrides == {"activation_checkpointing": True}
-    assert cfg.compute_shapes == [[64], [128], [32, 32]] and cfg.backend is None and cfg.name == "2024"
+def test_cli_model_comes_from_the_training_tree(tmp_path):
+    """The profiled model is the training tree's: a preset group with model.* overrides,
+    train.precision; the profile section holds the rest."""
+    from flexsp.config.compose import compose
+    from flexsp.profile.cli import check
+    from flexsp.profile.config import profiled_model
+    cfg = compose(["model=small", f"output_dir={tmp_path}", "model.activation_checkpointing=true",
+                   "profile.compute_shapes=[[64],[128],[32,32]]", "parallel.backend=null", "profile.name=2024"],
+                  "profile")
+    assert cfg.model.preset == "small" and cfg.model.overrides == {"activation_checkpointing": True}
+    assert cfg.profile.compute_shapes == [[64], [128], [32, 32]] and cfg.parallel.backend is None
+    assert cfg.profile.name == "2024"
     check(cfg)
-    full, _ = cfg.model_config()
-    assert full.layers == 4 and full.activation_checkpointing and cfg.depths(full.layers) == [1, 2]
-    assert parse(["model=7b", f"output_dir={tmp_path}"]).model == "7b"
+    full, _, _ = profiled_model(cfg)
+    assert full.layers == 4 and full.activation_checkpointing and cfg.profile.depths(full.layers) == [1, 2]
+    assert compose(["model=7b", f"output_dir={tmp_path}"], "profile").model.preset == "7b"

@@ -352,7 +352,6 @@ def test_sft_4_ranks_match_single_process(tmp_path):
     results = run_distributed(_train_body, world_size=4, args=(cfgs,), timeout=240)
 
     from flexsp.data import build_source
-    from flexsp.train import parse_config
     why = "the cluster holds 4 ranks x 32 tokens under cost model tiny-cap32"
     logs = {name: results[0][name]["log"] for name in cfgs}
     assert f"dropped 2 of 24 conversation(s) longer than 128 tokens ({why})" in logs["drop"], logs["drop"]
@@ -363,8 +362,8 @@ def test_sft_4_ranks_match_single_process(tmp_path):
     plans = " ".join(json.loads(ln)["plan"] for ln in lines)
     assert sum(f"x{d}" in plans for d in (1, 2, 4)) >= 2, plans
     for name, steps in (("drop", 3), ("cut", 2)):
-        c = parse_config(cfgs[name])
-        source = build_source(c["data"]).fit(128, c["data"].truncate, why)
+        c = cfgs[name]
+        source = build_source(c.data).fit(128, c.data.truncate, why)
         assert source.num_docs == 22 + (name == "cut")
         ref_losses, ref_state = reference_training(cfgs[name], steps, source=source)
         metrics = [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

@@ -105,23 +105,22 @@ def _fixed_plan_run(cfg, steps, engine_name="deepspeed"):
     from flexsp.executor import StepExecutor
     from flexsp.model import Transformer, model_config
     from flexsp.topology import SPTopology
-    from flexsp.train import parse_config
-
-    c = parse_config(cfg)
+    
+    c = cfg
     rank, world = dist.get_rank(), dist.get_world_size()
-    source = build_source(c["data"])
-    sampler = GlobalBatchSampler(source.lengths, c["data"].sampler)
+    source = build_source(c.data)
+    sampler = GlobalBatchSampler(source.lengths, c.data.sampler)
     batches = [next(sampler) for _ in range(steps)]
-    over = dict(c["model_overrides"])
+    over = dict(c.model.overrides)
     vocab = over.pop("vocab_size", None) or source.vocab_size
-    mcfg = model_config(c["model_preset"], vocab_size=int(vocab), **over)
-    train = replace(c["train"], precision="fp32")
+    mcfg = model_config(c.model.preset, vocab_size=int(vocab), **over)
+    train = replace(c.train, precision="fp32")
     weights = RandomWeights(train.seed, mcfg.init_std, mcfg.layers)
     original = ds_engine.ds_config
     ds_engine.ds_config = _small_buckets(original)
     try:
         engine = build_engine(engine_name, lambda device: Transformer(mcfg, device=device), weights, train,
-                              c["parallel"], world, torch.device("cpu"))
+                              c.parallel, world, torch.device("cpu"))
     finally:
         ds_engine.ds_config = original
     zero = engine.engine.optimizer

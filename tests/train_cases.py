@@ -17,14 +17,10 @@ def launch_env() -> dict:
     return env
 
 
-def compose(overrides: list[str]) -> dict:
-    """The resolved config (plain dict) that `python -m flexsp.train <overrides>` would see."""
-    from hydra import compose as h_compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = h_compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
+def compose(overrides: list[str]):
+    """The typed config (flexsp.config.RunConfig) that `python -m flexsp.train <overrides>` trains."""
+    from flexsp.config.compose import compose as compose_tree
+    return compose_tree(list(overrides))
 
 
 def tiny_cost_model(path: Path, capacity: int = 32) -> str:
@@ -49,7 +45,7 @@ def base_overrides(out: Path, cost_model: str, steps: int = 3, extra=(), data=SY
             f"output_dir={out}", *extra]
 
 
-def reference_training(cfg: dict, steps: int, source=None):
+def reference_training(cfg, steps: int, source=None):
     """Single-process, single-device training on the same batches: whole global batch packed into
     one buffer, loss = sum / targets, same init, AdamW, schedule and clipping. Returns
     (losses per step, final state dict). ``source``: the documents (default: built from ``cfg``;
@@ -59,17 +55,15 @@ def reference_training(cfg: dict, steps: int, source=None):
     from flexsp.data import GlobalBatchSampler, build_source, pack_documents
     from flexsp.engines import build_optimizer, build_scheduler
     from flexsp.model import Transformer, model_config, shard_inputs
-    from flexsp.train import parse_config
 
-    c = parse_config(cfg)
-    source = build_source(c["data"]) if source is None else source
-    sampler = GlobalBatchSampler(source.lengths, c["data"].sampler, targets=source.target_counts)
-    over = dict(c["model_overrides"])
+    source = build_source(cfg.data) if source is None else source
+    sampler = GlobalBatchSampler(source.lengths, cfg.data.sampler, targets=source.target_counts)
+    over = dict(cfg.model.overrides)
     vocab = over.pop("vocab_size", None) or source.vocab_size
-    model = Transformer(model_config(c["model_preset"], vocab_size=int(vocab), **over))
-    model.init_weights(c["train"].seed)
-    opt = build_optimizer(model.parameters(), c["train"])
-    sched = build_scheduler(opt, c["train"])
+    model = Transformer(model_config(cfg.model.preset, vocab_size=int(vocab), **over))
+    model.init_weights(cfg.train.seed)
+    opt = build_optimizer(model.parameters(), cfg.train)
+    sched = build_scheduler(opt, cfg.train)
     losses = []
     for _ in range(steps):
         batch = next(sampler)
@@ -77,8 +71,8 @@ def reference_training(cfg: dict, steps: int, source=None):
         inputs = shard_inputs(packed.input_ids, packed.cu_seqlens, labels=packed.labels)
         ls, cnt = inputs.loss(model)
         (ls / cnt).backward()
-        if c["train"].grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c["train"].grad_clip)
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

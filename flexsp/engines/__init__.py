@@ -32,10 +32,11 @@ from __future__ import annotations
 import math
 
 import torch
+
+from flexsp.config import Engine, param_dtype  # noqa: F401 (param_dtype re-exported)
 from flexsp.errors import UserError
 
-ENGINES = ("fsdp2", "deepspeed")
-PLANNED_ENGINES: tuple[str, ...] = ()
+ENGINES = tuple(Engine.values())
 PRECISIONS = ("fp32", "bf16", "bf16-pure")
 """``train.precision``: fp32 | bf16 (fp32 master params and AdamW states, bf16 compute, fp32 gradient
 reduction) | bf16-pure (bf16 parameters and optimizer states: for comparison, not recommended)."""
@@ -50,11 +51,6 @@ def precision_dtypes(precision: str) -> tuple[torch.dtype | None, torch.dtype | 
     if precision == "bf16-pure":
         return None, None      # the parameters themselves are bf16
     raise UserError(f"train.precision={precision!r}; valid options: {list(PRECISIONS)}")
-
-
-def param_dtype(precision: str) -> str:
-    """ModelConfig.dtype of the parameters an engine builds for ``precision``."""
-    return "bfloat16" if precision == "bf16-pure" else "float32"
 
 
 class RandomWeights:
@@ -118,6 +114,4 @@ def build_engine(name: str, make_model, weights, train_cfg, parallel_cfg, world_
     if name == "deepspeed":
         from flexsp.engines.deepspeed import DeepSpeedEngine
         return DeepSpeedEngine(make_model, weights, train_cfg, parallel_cfg, world_size, device)
-    if name in PLANNED_ENGINES:
-        raise UserError(f"parallel.engine={name!r} is not implemented yet; valid options: {list(ENGINES)}")
     raise UserError(f"parallel.engine={name!r}; valid options: {list(ENGINES)}")

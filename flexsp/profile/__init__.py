@@ -27,50 +27,19 @@ validation), ``<name>.md`` (summary tables) and ``<name>.png`` (measured vs fitt
 Usage::
 
     flexsp-profile                                   # 2 spawned gloo ranks, tiny model
-    flexsp-profile model=small world_size=4 name=cpu4 output_dir=benchmarks/results
-    flexsp-profile model=7b profile_layers=2 max_len=131072 num_devices=64   # under torchrun on GPUs
+    flexsp-profile model=small profile.world_size=4 profile.name=cpu4 output_dir=benchmarks/results
+    flexsp-profile model.hf_checkpoint=/models/my-qwen3 profile.max_len=4096   # your own model
+    flexsp-profile model=7b profile.profile_layers=2 profile.max_len=131072 profile.num_devices=64
     torchrun --nproc_per_node 8 -m flexsp.profile model=7b   # reuse a launcher's world
     flexsp-profile --help                            # every field, its default and meaning
 
-Config: ``configs/profile.yaml`` (fields documented in :class:`ProfileConfig`; key=value overrides,
-see flexsp.profile.cli).
+Config: the training tree (``configs/config.yaml``: the model, ``train.precision``, ``parallel.engine``,
+``parallel.backend``, ``parallel.devices_per_node``, ``output_dir``) plus the ``profile`` section
+(``configs/profile/default.yaml``, fields documented in :class:`flexsp.config.ProfileConfig`), composed
+by Hydra (see flexsp.profile.cli).
 """
-from __future__ import annotations
-
-import datetime as _dt
-from pathlib import Path
-
-from flexsp.profile.config import ProfileConfig
+from flexsp.config import ProfileConfig
+from flexsp.profile.cli import main
+from flexsp.profile.runner import profile
 
 __all__ = ["ProfileConfig", "main", "profile"]
-
-
-def profile(cfg: ProfileConfig | dict, cmd: str = "") -> dict | None:
-    """Run the profile; on rank 0 (or the spawning process) write the outputs and return
-    ``{"raw": ..., "paths": ...}``; other torchrun ranks return None."""
-    from dataclasses import asdict
-
-    from flexsp.profile.launch import run_ranks
-    from flexsp.profile.measure import rank_body
-    from flexsp.profile.report import summary_lines, write_outputs
-
-    if isinstance(cfg, dict):
-        cfg = ProfileConfig.from_dict(cfg)
-    full, _ = cfg.model_config()  # ValueErrors of the model and the depth before any rank starts
-    cfg.depths(full.layers)
-    results = run_ranks(rank_body, cfg.world_size, asdict(cfg), cfg.threads_per_rank, cfg.timeout_s)
-    raw = results[0]
-    if raw is None:
-        return None
-    raw["date"] = _dt.datetime.now().isoformat(timespec="seconds")
-    raw["command"] = cmd
-    paths = write_outputs(raw, Path(cfg.output_dir), cfg.name, cfg.plot, cmd)
-    print("\n".join(summary_lines(raw, cmd)), flush=True)
-    print(f"[flexsp-profile] wrote {', '.join(str(p) for p in paths.values())}", flush=True)
-    return {"raw": raw, "paths": paths}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``flexsp-profile [key=value ...]`` (see flexsp.profile.cli); returns the exit status."""
-    from flexsp.profile.cli import main as cli_main
-    return cli_main(argv)

@@ -162,13 +162,13 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None, depth: int | None
     act = activation_at(raw, depth) / 2**20
     ac = bool(mc.get("activation_checkpointing", False))
     state_bytes = 8.0 if mc.get("precision") == "bf16-pure" else 16.0
-    dpn = cfg.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    dpn = int(raw.get("devices_per_node") or os.environ.get("LOCAL_WORLD_SIZE", world))
     scaled = depth != depths[-1]
     depth_note = (f"timed on {' and '.join(str(n) for n in depths)}-layer builds of the {full}-layer model "
                   f"(sharded like training), per-layer and fixed (embedding/head/loss) parts fitted jointly, "
                   f"scaled to {depth} layers" if scaled or len(depths) > 1 else f"timed on the {depth}-layer model")
     source = (f"flexsp-profile on {raw['device']} ({raw['backend']}), {world} rank(s) all busy while timing, "
-              f"{raw['threads_per_rank']} thread(s)/rank, engine {cfg.engine}, model {cfg.model} "
+              f"{raw['threads_per_rank']} thread(s)/rank, engine {raw.get('engine', 'fsdp2')}, model {raw.get('model')} "
               f"({mc.get('precision', mc['dtype'])}, activation checkpointing {'on' if ac else 'off'}); "
               f"{depth_note}; "
               + (f"a1/a2/per_sequence_ms/b, comm per token"
@@ -187,7 +187,8 @@ def build_cost_model(cfg: ProfileConfig, raw: dict, topo=None, depth: int | None
                  if ac else "")
               + (" -- NOT MEASURED (one device): paper defaults" if defaults_used else "")
               + (f"; written for {n_dev} devices (profiled on {world})" if n_dev != world else "")
-              + f"; activation: {raw['activation']['method']}; memory: {mem_note}")
+              + f"; activation: {raw['activation']['method']}; memory: {mem_note}"
+              + (f"; {raw['model_note']}" if raw.get("model_note") else ""))
     cm = CostModel(
         name=cfg.name, num_devices=n_dev, devices_per_node=min(dpn, n_dev), memory_mb=float(memory_mb),
         a1=comp.a1, a2=comp.a2, b=comp.b, per_sequence_ms=comp.per_seq, step_overhead_ms=step_ms,

@@ -1,188 +1,90 @@
-"""Command line of ``flexsp-profile``: ``key=value`` overrides of ``configs/profile.yaml``.
+"""Command line of ``flexsp-profile``: Hydra overrides of the training tree plus ``profile.*``.
 
-Not Hydra: the profile's config is one flat dataclass (:class:`ProfileConfig`), ``model`` is a plain
-string (a preset name), and ``--help`` lists exactly its fields. Values are YAML
-(``compute_shapes=[[1024],[512,512]]``, ``model_overrides={layers: 4}``, ``backend=null``); dotted
-keys set one entry of a mapping (``model_overrides.activation_checkpointing=true``).
+    flexsp-profile [overrides ...]          # e.g. model.hf_checkpoint=DIR profile.world_size=4
+    flexsp-profile --help | --cfg [overrides]
+
+The tree is the one ``flexsp-train`` composes (``configs/config.yaml``): ``model=...`` /
+``model.*`` (``model.hf_checkpoint=DIR`` included), ``train.precision``, ``parallel.engine``,
+``parallel.backend``, ``parallel.devices_per_node`` and ``output_dir`` say what is profiled and
+where the files go, exactly as they say what training builds; the ``profile`` section
+(``configs/profile/default.yaml``, :class:`flexsp.config.ProfileConfig`) says how.
 
 Every user error is one line ``flexsp-profile: error: ...`` on stderr naming the field and what is
 valid, exit status 2, no traceback; under torchrun only rank 0 prints it (every rank exits 2).
 """
 from __future__ import annotations
 
-import ast
-import inspect
+import json
 import os
 import sys
 import textwrap
 from dataclasses import MISSING, fields
-from pathlib import Path
 
-from flexsp.profile.config import ProfileConfig
+from flexsp.config import ProfileConfig, RunConfig, check_output_dir
+from flexsp.config.compose import compose, compose_container, to_yaml
+from flexsp.config.fields import field_docs
+from flexsp.errors import UserError, print_error
+from flexsp.log import setup_logging
+from flexsp.profile.config import profiled_model
+from flexsp.profile.runner import profile
 
 PROG = "flexsp-profile"
-YAML = Path(__file__).resolve().parents[2] / "configs" / "profile.yaml"
-
-
-STRING_FIELDS = ("name", "output_dir", "model", "precision", "engine", "validate_distribution", "backend")
-NULLABLE = ("backend",)
-
-
-class UsageError(ValueError):
-    """A user error: reported as one line, exit status 2."""
 
 
 def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def error(msg: str) -> int:
-    if _rank0():
-        line = " ".join(str(msg).split())
-        print(f"{PROG}: error: {line}", file=sys.stderr, flush=True)
-    return 2
-
-
-def field_docs() -> dict[str, str]:
-    """The attribute docstrings of ProfileConfig (the string right after each field)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(ProfileConfig)))
-    body = tree.body[0].body
-    docs = {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = " ".join(str(b.value.value).split())
-    return docs
-
-
-def _default(f):
-    if f.default is not MISSING:
-        return f.default
-    return f.default_factory()
-
-
 def help_text() -> str:
-    import json
-    docs = field_docs()
-    lines = [f"usage: {PROG} [-h] [key=value ...]", "",
+    docs = field_docs(ProfileConfig)
+    lines = [f"usage: {PROG} [-h] [--cfg] [override ...]", "",
              "Time real micro-batches of the training code path on this machine and write a calibrated",
-             "cost model (<output_dir>/<name>.json) plus a report. Spawns world_size local ranks, or runs",
-             "as one rank of a torchrun world (torchrun --nproc_per_node N -m flexsp.profile ...).",
-             "Values are YAML (lists: compute_shapes=[[1024],[512,512]]; mappings: model_overrides={layers: 4}",
-             "or model_overrides.layers=4; null).", "", f"defaults: {YAML if YAML.is_file() else 'built in'}",
-             "", "fields:"]
+             "cost model (<output_dir>/<profile.name>.json) plus a report. Spawns profile.world_size local",
+             "ranks, or runs as one rank of a torchrun world (torchrun --nproc_per_node N -m flexsp.profile ...).",
+             "The model is the training tree's: model=PRESET, model.<field>=..., model.hf_checkpoint=DIR,",
+             "train.precision, parallel.engine / backend / devices_per_node (see flexsp-train --help);",
+             "output_dir (default outputs/profile) holds the files.", "", "profile.* fields:"]
     for f in fields(ProfileConfig):
-        d = _default(f)
+        d = f.default if f.default is not MISSING else f.default_factory()
         shown = json.dumps(d) if not isinstance(d, str) else d
         if len(shown) > 60:
             shown = shown[:57] + "..."
-        lines.append(f"  {f.name}={shown}")
+        lines.append(f"  profile.{f.name}={shown}")
         lines += textwrap.wrap(docs.get(f.name, ""), 96, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines) + "\n"
 
 
-def load_defaults() -> dict:
-    """configs/profile.yaml when the checkout has it, else the dataclass defaults."""
-    import yaml
-    if not YAML.is_file():
-        return {f.name: _default(f) for f in fields(ProfileConfig)}
-    try:
-        data = yaml.safe_load(YAML.read_text())
-    except (OSError, yaml.YAMLError) as exc:  # a broken yaml is the user's too
-        raise UsageError(f"{YAML} cannot be read: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{YAML} must hold a mapping of ProfileConfig fields")
-    return data
-
-
-def parse(argv: list[str]) -> ProfileConfig:
-    """``key=value`` arguments over the defaults -> a validated ProfileConfig (UsageError otherwise)."""
-    import yaml
-    valid = [f.name for f in fields(ProfileConfig)]
-    data = load_defaults()
-    for arg in argv:
-        key, eq, text = arg.partition("=")
-        key = key.lstrip("+")
-        if not eq or not key:
-            raise UsageError(f"argument {arg!r} is not key=value; fields: {', '.join(valid)} ({PROG} --help)")
-        top, _, sub = key.partition(".")
-        if top not in valid:
-            raise UsageError(f"unknown field {top!r} in {arg!r}; valid fields: {', '.join(valid)}")
-        if not sub and top in STRING_FIELDS:  # a name stays a name (model=7b, name=2024)
-            value = None if top in NULLABLE and text.lower() in ("null", "none", "~") else text
-        else:
-            try:
-                value = yaml.safe_load(text) if text else ""
-            except yaml.YAMLError as exc:
-                raise UsageError(f"{key}: cannot parse value {text!r} as YAML "
-                                 f"({' '.join(str(exc).split())[:120]})") from None
-        if sub:
-            cur = data.get(top)
-            if not isinstance(cur, dict):
-                raise UsageError(f"{key}: {top} is not a mapping, set it as {top}=VALUE")
-            cur = dict(cur)
-            node = cur
-            parts = sub.split(".")
-            for p in parts[:-1]:
-                node = node.setdefault(p, {})
-                if not isinstance(node, dict):
-                    raise UsageError(f"{key}: {p} is not a mapping")
-            node[parts[-1]] = value
-            data[top] = cur
-        else:
-            data[top] = value
-    try:
-        return ProfileConfig.from_dict(data)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
-
-
-def check(cfg: ProfileConfig) -> None:
-    """Everything checkable before any rank starts: the model preset and overrides, the depth, the
-    shapes, the output directory. UsageError naming the field."""
-    try:
-        full, _ = cfg.model_config()
-        cfg.depths(full.layers)
-        cfg.shapes(full)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+def check(cfg: RunConfig) -> None:
+    """Everything checkable before any rank starts: the model (preset, overrides or checkpoint), the
+    depth, the shapes, the output directory; UserError naming the field."""
+    full, _, _ = profiled_model(cfg)
+    cfg.profile.depths(full.layers)
+    cfg.profile.shapes(full)
     if _rank0():
-        from flexsp.config import check_output_dir
-        try:
-            check_output_dir(Path(cfg.output_dir))
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-
-
-def _rank_value_error(exc) -> str | None:
-    """The message of a ValueError a rank raised (the last line of its traceback), else None."""
-    text = str(exc).rstrip().splitlines()
-    last = text[-1] if text else ""
-    for prefix in ("ValueError: ", "UsageError: "):
-        if last.startswith(prefix):
-            return last[len(prefix):]
-    return None
+        check_output_dir(cfg.output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    setup_logging()
     if any(a in ("-h", "--help") for a in argv):
         if _rank0():
             sys.stdout.write(help_text())
         return 0
+    overrides = [a for a in argv if a != "--cfg"]
     try:
-        cfg = parse(argv)
+        bad = [a for a in overrides if a.startswith("-")]
+        if bad:
+            raise UserError(f"unknown option {bad[0]!r}; options: --help, --cfg; everything else is a "
+                            f"Hydra override (key=value, e.g. profile.world_size=4)")
+        if "--cfg" in argv:
+            print(to_yaml(compose_container(overrides, "profile")))
+            return 0
+        cfg = compose(overrides, "profile")
         check(cfg)
-    except UsageError as exc:
-        return error(str(exc))
-    from flexsp.profile import profile
-    from flexsp.spawn import RankError
-    try:
         profile(cfg, " ".join([PROG, *argv]))
-    except RankError as exc:
-        msg = _rank_value_error(exc)
-        if msg is None:
-            raise
-        return error(msg)
+    except UserError as exc:
+        return print_error(PROG, exc) if _rank0() else 2
     except KeyboardInterrupt:
         return 130
     return 0

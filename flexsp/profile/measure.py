@@ -34,6 +34,7 @@ rank's).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import statistics
 import time
 
@@ -41,7 +42,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from flexsp.profile.config import ProfileConfig
+from flexsp.config import ParallelConfig, ProfileConfig, RunConfig, TrainConfig
+from flexsp.distributed import init_distributed
+from flexsp.engines import RandomWeights, build_engine
+from flexsp.executor import StepExecutor
+from flexsp.model import Transformer
+from flexsp.profile.config import profiled_model
+from flexsp.topology import SPTopology
 
 
 def sync(device: torch.device) -> None:
@@ -234,27 +241,19 @@ def activation_profile(engines: dict, ac: bool, max_len: int, device) -> dict:
             "depth": max(depths)}
 
 
-def rank_body(cfg_dict: dict) -> dict | None:
+def rank_body(run: RunConfig) -> dict | None:
     """Run every measurement on this rank; rank 0 returns the raw results (others None)."""
-    from dataclasses import replace
-
-    from flexsp.config import ParallelConfig, TrainConfig
-    from flexsp.distributed import init_distributed
-    from flexsp.engines import RandomWeights, build_engine
-    from flexsp.executor import StepExecutor
-    from flexsp.model import Transformer
-    from flexsp.topology import SPTopology
-
-    cfg = ProfileConfig.from_dict(cfg_dict)
-    full, precision = cfg.model_config()
+    cfg = run.profile
+    full, precision, model_note = profiled_model(run)
     depths = cfg.depths(full.layers)
     deep = depths[-1]
     compute_shapes, comm_shapes = cfg.shapes(full)
-    rank, world, device = init_distributed(cfg.backend)
-    dpn = cfg.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    engine_name, backend = run.parallel.engine, run.parallel.backend
+    rank, world, device = init_distributed(backend)
+    dpn = run.parallel.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     topo = SPTopology(world, min(dpn, world)).build()
     train_cfg = TrainConfig(steps=10**6, warmup_steps=0, precision=precision, seed=cfg.seed)
-    parallel = ParallelConfig(engine=cfg.engine, backend=cfg.backend)
+    parallel = ParallelConfig(engine=engine_name, backend=backend)
     # the first n layers of the full model, its init (scale of the output projections included)
     weights = RandomWeights(cfg.seed, full.init_std, full.layers)
     torch.manual_seed(cfg.seed)
@@ -262,7 +261,7 @@ def rank_body(cfg_dict: dict) -> dict | None:
     shapes = Shapes(full.vocab_size, cfg.seed)
     for n in depths:
         mcfg = replace(full, layers=n)
-        engines[n] = build_engine(cfg.engine, lambda dev, m=mcfg: Transformer(m, device=dev), weights, train_cfg,
+        engines[n] = build_engine(engine_name, lambda dev, m=mcfg: Transformer(m, device=dev), weights, train_cfg,
                                   parallel, world, device)
         executors[n] = StepExecutor(engines[n], None, topo, rank, device, full.heads)
 
@@ -334,10 +333,11 @@ def rank_body(cfg_dict: dict) -> dict | None:
     one, two = replace(full, layers=1).num_params(), replace(full, layers=2).num_params()
     mc = {k: getattr(full, k) for k in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "intermediate",
                                         "dtype", "activation_checkpointing", "max_position_embeddings")}
-    mc.update(head_size=full.head_size, precision=precision,
+    mc.update(head_size=full.head_size, precision=str(precision),
               compute_dtype="bfloat16" if precision in ("bf16", "bf16-pure") else "float32")
     out: dict = {"world_size": world, "device": str(device), "backend": dist.get_backend(),
-                 "model": cfg.model, "model_config": mc, "profile_depths": depths,
+                 "model": run.model.name, "model_config": mc, "profile_depths": depths, "model_note": model_note,
+                 "engine": str(engine_name), "devices_per_node": min(dpn, world),
                  "max_len": cfg.resolved_max_len(full),
                  "num_params": full.num_params(), "params_per_layer": two - one, "params_fixed": 2 * one - two,
                  "threads_per_rank": torch.get_num_threads(),
