@@ -189,6 +189,7 @@ def setup(cfg: RunConfig) -> RunState:
         log.info(f"model {mcfg_shape.architecture} from {cfg.model.hf_checkpoint} trains HF-native "
                  f"(transformers' modules, FlexSP attention and loss): {reason}")
     mcfg_shape = planning_shape(mcfg_shape)
+    hint = profile_command(cfg, world)             # named by a cost model of another model's shape
     cfg = replace(cfg, train=replace(cfg.train, precision=precision))
     if parallel.shard_size and (parallel.shard_size > world or world % parallel.shard_size):
         raise UserError(f"parallel.shard_size={parallel.shard_size} must divide the {world} ranks",
@@ -197,7 +198,7 @@ def setup(cfg: RunConfig) -> RunState:
     topo = SPTopology(world, min(dpn, world)).build()
     cm = load_cost_model(solver.cost_model, world, shape=mcfg_shape, shard_size=parallel.shard_size, device=device,
                          devices_per_node=min(dpn, world), allow_foreign=solver.allow_foreign_cost_model,
-                         profile_hint=profile_command(cfg, world))
+                         profile_hint=hint)
     if rank == 0 and cm.source.startswith("ESTIMATE"):
         log.info(f"cost model {cm.name}: {cm.source}")
     if rank == 0 and getattr(cm, "layers", 0) and cm.activation_checkpointing != mcfg_shape.activation_checkpointing:

@@ -98,11 +98,11 @@ def test_resume_over_another_models_checkpoint_is_one_line(tmp_path):
     assert "records no engine, precision, model_config" in log    # the warning that nothing could be compared
 
 
-def _qwen3_without_tokenizer(d: Path, vocab: int) -> Path:
+def _qwen3_without_tokenizer(d: Path, vocab: int, hidden: int = 64) -> Path:
     """A tiny random Qwen3 saved like a hub download whose tokenizer files were not copied."""
     import torch
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+    cfg = transformers.Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    head_dim=16, max_position_embeddings=512, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -237,3 +237,37 @@ def test_survivor_of_a_killed_rank_prints_one_line_without_flexsp_launcher(tmp_p
                 p.kill()
     line = _error_line(procs[0].returncode, log, status=3)
     assert "rank 0 lost its connection to another rank" in line and "that rank died first" in line, line
+
+
+# -- profile your own model -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_profile_your_own_checkpoint_with_the_command_the_error_names(tmp_path):
+    """Issue 18, trap 1, as a user meets it: a local Qwen3 directory trained with the default cost
+    model fails the shape check; the one line names the flexsp-profile command (the same tree:
+    model.hf_checkpoint=DIR) and the file it writes; that command, run as printed (plus settings
+    that only make it short), profiles the checkpoint's model; training with the file it wrote
+    passes the shape check and trains."""
+    import shlex
+
+    from solver.costmodel import CostModel
+    model_dir = _qwen3_without_tokenizer(tmp_path / "qwen3", vocab=300, hidden=96)   # cpu-gloo-tiny: 64
+    out = tmp_path / "run"
+    data = ["data=synthetic", "data.num_docs=16", "data.corpus.max_doc_tokens=48", "data.synthetic_vocab_size=300",
+            "train.global_batch=4", "train.progress=false", "solver.time_limit=0.2", f"output_dir={out}"]
+    line = _error_line(*_train([f"model.hf_checkpoint={model_dir}", *data]))
+    assert "solver.cost_model=cpu-gloo-tiny: cost model cpu-gloo-tiny was built for hidden=64 but the model has " \
+           "hidden=96: profile this model with `flexsp-profile" in line, line
+    command = line.split("profile this model with `", 1)[1].split("`", 1)[0]
+    written = line.split("then set solver.cost_model=", 1)[1].split(" ", 1)[0]
+    argv = shlex.split(command)
+    assert argv[0] == "flexsp-profile" and f"model.hf_checkpoint={model_dir}" in argv, command
+    fast = ["profile.repeats=1", "profile.validate_batches=0", "profile.max_len=64", "profile.progress=false",
+            "profile.plot=false"]
+    proc = subprocess.run([sys.executable, "-m", "flexsp.profile", *argv[1:], *fast], cwd=REPO, env=launch_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    cm = CostModel.load(written)
+    assert (cm.layers, cm.hidden, cm.heads, cm.kv_heads) == (2, 96, 4, 2), cm
+    assert f"model {model_dir}" in cm.source
+    rc, log = _train([f"model.hf_checkpoint={model_dir}", *data, f"solver.cost_model={written}", "train.steps=1"])
+    assert rc == 0 and "step    1/1" in log, log[-3000:]

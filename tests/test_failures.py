@@ -66,10 +66,10 @@ CONFIG_ERRORS = [
 
 
 def test_bad_config_values_are_one_line(tmp_path, capsys):
-    """Every case through the real entry function (flexsp.launcher.main, what flexsp-train runs),
+    """Every case through the real entry function (flexsp.train.main, what flexsp-train runs),
     in this process: config errors are found before any rank or process group exists; one case
     also as a real subprocess with the launcher's torchrun options."""
-    from flexsp.launcher import main
+    from flexsp.train import main
     for override, needle in CONFIG_ERRORS:
         launcher = ["--nproc-per-node", "2"] if override.startswith(("train.steps", "output_dir")) else []
         rc = main([*launcher, *TINY, f"output_dir={tmp_path / 'out'}", override])
@@ -197,3 +197,25 @@ def test_sigint_writes_a_checkpoint_and_resume_continues_exactly(tmp_path):
     got, ref = _losses(out_dir), _losses(ref_dir)
     assert sorted(got) == list(range(1, steps + 1))
     assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_internal_bug_prints_its_traceback_once_user_error_one_line(tmp_path):
+    """Errors are classified by type, not by the file that raised them: a ValueError raised deep
+    inside the runtime (inside a micro-batch of step 1, injected by FLEXSP_FAULTS=bug:..., whose
+    code lives in flexsp/) is a bug: its traceback is printed ONCE (by the failing rank; the other
+    rank is stopped without printing), no one-line "error:", exit status 1. A user error found by
+    the ranks (a missing corpus) is one line, no traceback, exit status 2. Both through the launcher
+    with 2 ranks, as a user types them."""
+    env = {**_env(), "FLEXSP_FAULTS": "bug:rank=1:step=0"}
+    proc = subprocess.run([sys.executable, "-m", "flexsp.train", "--nproc-per-node", "2", *TINY, "train.steps=3",
+                           f"output_dir={tmp_path / 'bug'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, (proc.returncode, out[-3000:])
+    assert out.count("Traceback (most recent call last)") == 1, out[-4000:]
+    assert out.count("ValueError: injected internal error inside a micro-batch of step 1 on rank 1") == 1, out[-3000:]
+    assert "flexsp-train: error:" not in out and "ChildFailedError" not in out, out[-3000:]
+
+    rc, out = _train(["--nproc-per-node", "2", *BASE, "data=corpus", f"data.corpus.paths=[{tmp_path / 'missing'}]",
+                      f"output_dir={tmp_path / 'user'}"], timeout=300)
+    _one_clean_line(rc, out, f"corpus path {tmp_path / 'missing'} does not exist")
