@@ -19,6 +19,23 @@ import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
+PRECISIONS = ("fp32", "bf16", "bf16-pure")
+"""``train.precision``: fp32 | bf16 (fp32 master params and AdamW states, bf16 compute, fp32 gradient
+reduction) | bf16-pure (bf16 parameters and optimizer states: for comparison, not recommended)."""
+
+
+def precision_dtypes(precision: str) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(compute/param dtype for the sharding wrapper's cast, gradient-reduction dtype)."""
+    if precision == "fp32":
+        return None, None
+    if precision == "bf16":
+        return torch.bfloat16, torch.float32
+    if precision == "bf16-pure":
+        return None, None      # the parameters themselves are bf16
+    raise ValueError(f"train.precision={precision!r}; valid options: {list(PRECISIONS)}")
+
+
+
 @dataclass(frozen=True)
 class ParallelizeConfig:
     """What :func:`parallelize` applies."""
@@ -85,7 +102,6 @@ def shard_units(model, mesh, cfg: ParallelizeConfig) -> list:
     """``fully_shard`` unit by unit: the token embedding, every block, final norm + head (kept
     gathered: they run right before backward starts), then the root. Tied embeddings: embedding
     and head share a weight, so both stay in the root unit. Returns the FSDP modules."""
-    from flexsp.engines import precision_dtypes
     param_dtype, reduce_dtype = precision_dtypes(cfg.precision)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kw = dict(mesh=mesh, mp_policy=mp)

@@ -39,6 +39,10 @@ class UserError(ValueError):
         return cls(f"{field}={value!r}; valid options: {options}", field=field, options=options)
 
 
+class PlanningError(UserError):
+    """The batch cannot be planned on this cluster (e.g. a sequence longer than it can hold)."""
+
+
 def is_user_error(exc: BaseException) -> bool:
     """A :class:`UserError`, or an ``OSError`` naming a file (missing, unreadable, not a directory)."""
     return isinstance(exc, UserError) or (isinstance(exc, OSError) and bool(getattr(exc, "filename", None)))

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .baselines import check_lengths, usable_degrees
+from .schedules import check_lengths, usable_degrees
 from .build import build_plan, layout_ranks
 from .costmodel import CostModel
 from .plan import Plan

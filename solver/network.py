@@ -24,7 +24,7 @@ the filled tables, not the form.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from .errors import UserError
 
 MAX_DEVICES = 1 << 14
@@ -140,32 +140,3 @@ RESERVE_GB = 8.0
 def machine_preset_name(machine: str, model: str) -> str:
     """``h100-nvlink4-ib8x400-gpt7b-estimate``: machine, links, model, and that it is an estimate."""
     return f"{machine}-nvlink4-ib8x400-{model}-estimate"
-
-
-def machine_cost_model(machine: str, model: str, num_devices: int = 64):
-    """An ESTIMATED cost model of a paper GPT (``presets.PAPER_MODELS``: layers, hidden, parameters
-    and activation MB per token of the paper's cost model) on ``MACHINES[machine]``: compute from
-    ``presets.analytic_cost_model`` at ``ESTIMATE_MFU`` of the bf16 peak, bandwidths from the
-    machine's topology, memory = device GB - ``RESERVE_GB``, heads = hidden / 128 (ring attention
-    on, so every degree runs). Replace it with a profile of the real cluster."""
-    from .presets import PAPER_MODELS, analytic_cost_model
-    if machine not in MACHINES or model not in PAPER_MODELS:
-        raise UserError(f"machine must be one of {sorted(MACHINES)} and model one of "
-                         f"{sorted(PAPER_MODELS)}, got {machine!r}, {model!r}")
-    spec = MACHINES[machine]
-    layers, hidden, _, _, _, act, params = PAPER_MODELS[model]
-    a2a, p2p = spec.topology.tables()
-    heads = hidden // 128
-    cm = analytic_cost_model(
-        machine_preset_name(machine, model), layers=layers, hidden=hidden, heads=heads, kv_heads=heads,
-        params=params[192] * 2**30, num_devices=num_devices, devices_per_node=spec.topology.gpus_per_node,
-        memory_mb=(spec.memory_gb - RESERVE_GB) * 1e9 / 2**20, act_mb_per_token=act,
-        peak_tflops=spec.peak_tflops, mfu=ESTIMATE_MFU, zero_gbps=spec.topology.collective_gbps(num_devices),
-        bandwidth_gbps=a2a, p2p_bandwidth_gbps=p2p)
-    t = spec.topology
-    return replace(cm, source=(
-        f"ESTIMATE, not measured: {spec.description}; compute at MFU {ESTIMATE_MFU:g} of the bf16 peak; "
-        f"all-to-all/ring bandwidths from the topology form (g={t.gpus_per_node}, "
-        f"intra {t.intra_node_gbps:g} GB/s, inter {t.inter_node_gbps:g} GB/s per GPU, efficiency "
-        f"{t.efficiency:g}); memory {spec.memory_gb:g} GB - {RESERVE_GB:g} GB reserve; activation "
-        f"MB/token of the paper's {model}. Replace with flexsp-profile."))

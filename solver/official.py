@@ -45,7 +45,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import lil_matrix
 
-from .baselines import check_lengths, usable_degrees
+from .schedules import check_lengths, usable_degrees
 from .build import build_plan
 from .costmodel import CostModel
 from .plan import Plan

@@ -48,7 +48,8 @@ import numpy as np
 
 from .build import build_plan
 from .costmodel import CostModel
-from .baselines import (BaselineTimeout, best_homogeneous_plan, greedy_hybrid_cp_plan, static_plan,
+from .errors import PlanningError  # noqa: F401 (re-exported)
+from .schedules import (BaselineTimeout, best_homogeneous_plan, check_lengths, greedy_hybrid_cp_plan, static_plan,
                         usable_degrees)
 from .megatron_dcp import megatron_dcp_plan
 from .milp import DEFAULT_PULP_SOLVER, check_backend, exact_size, reassign_micro_batch, solve_exact
@@ -56,33 +57,6 @@ from .official import chunk_global_batch
 from .packing import Workload, mbs_time, pack, quick_pack, solve_micro_batch
 from .plan import Plan
 from .errors import UserError
-
-
-class PlanningError(UserError):
-    """The batch cannot be planned on this cluster (e.g. a sequence longer than it can hold)."""
-
-
-def check_lengths(lengths: Sequence[int], cm: CostModel) -> np.ndarray:
-    """Validated integer lengths; PlanningError naming the offending sequences otherwise."""
-    arr = np.asarray(lengths)
-    if arr.ndim != 1 or arr.size == 0:
-        raise PlanningError("the batch is empty: give at least one sequence length")
-    if not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-            raise PlanningError("sequence lengths must be whole numbers")
-        arr = arr.astype(np.int64)
-    bad = np.flatnonzero(arr < 1)
-    if bad.size:
-        raise PlanningError(f"sequence lengths must be >= 1: ids {bad[:5].tolist()} have {arr[bad[:5]].tolist()}")
-    max_sp = max(d for d in cm.degrees if cm.attention_modes(d))
-    limit = max_sp * cm.capacity_tokens
-    over = np.flatnonzero(arr > limit)
-    if over.size:
-        raise PlanningError(
-            f"{over.size} sequence(s) longer than the largest usable SP group holds ({max_sp} devices x "
-            f"{cm.capacity_tokens} tokens = {limit}): ids {over[:5].tolist()} with lengths "
-            f"{arr[over[:5]].tolist()}; drop or split them, or plan with more devices/memory")
-    return arr.astype(np.int64)
 
 
 def min_micro_batches(wl: Workload) -> int:

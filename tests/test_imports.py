@@ -126,3 +126,19 @@ def test_solver_imports_neither_torch_nor_flexsp():
         if hits:
             bad[name] = hits
     assert not bad, f"solver/ must not import torch or flexsp: {bad}"
+
+
+def test_no_cycles_between_packages():
+    """Each package imports only from below it: the graph collapsed to ``flexsp.<package or module>``
+    (flexsp.model, flexsp.data, flexsp.engines, ... and each top-level module) and ``solver`` has no
+    cycle either (a submodule importing a sibling package that imports it back is an upward import)."""
+    def unit(m: str) -> str:
+        return ".".join(m.split(".")[:2]) if m.startswith("flexsp.") else m.split(".")[0]
+    packed: dict[str, set[str]] = {}
+    for a, bs in graph().items():
+        packed.setdefault(unit(a), set()).update(unit(b) for b in bs if unit(b) != unit(a))
+    for bs in list(packed.values()):
+        for b in bs:
+            packed.setdefault(b, set())
+    found = cycles(packed)
+    assert not found, "cycles between packages:\n" + "\n".join(" <-> ".join(c) for c in found)

@@ -14,7 +14,11 @@ import torch
 
 from flexsp.hostcopy import to_device
 
+from flexsp.varlen import doc_lengths_from_cu_seqlens
+
 from .local import varlen_attention
+from .sp import sp_attention
+from .ulysses import ulysses_attention
 
 
 def _host_bounds(cu) -> list[int]:
@@ -66,7 +70,6 @@ class AttnContext:
         key = str(device)
         if key not in self._doc_len_cache:
             if self.meta is None:
-                from flexsp.model.layers import doc_lengths_from_cu_seqlens
                 lens = doc_lengths_from_cu_seqlens(self._cu_list, device="cpu")
                 self._doc_len_cache[key] = to_device(lens, device)
             else:
@@ -99,7 +102,6 @@ class AttnContext:
             return varlen_attention(q, k, v, self._cu_list, causal=True, scale=scale)
         if window:
             if self.meta.ring_degree == 1:
-                from .ulysses import ulysses_attention
                 if q.shape[0] != self.meta.tokens_local or k.shape[0] != self.meta.tokens_local:
                     raise ValueError(f"q/k have {q.shape[0]}/{k.shape[0]} tokens, meta expects "
                                      f"{self.meta.tokens_local}")
@@ -109,5 +111,4 @@ class AttnContext:
                 f"{self.meta.ring_degree}) when a document is longer than the window (longest: "
                 f"{self.max_doc_len()} tokens); use mode='ulysses', or documents of at most "
                 f"{window} tokens (then attention is plain causal)")
-        from . import sp_attention
         return sp_attention(q, k, v, self.meta, self.group, self.mode, causal=True, scale=scale)

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from flexsp.data.config import SamplerConfig
-from flexsp.model.layers import positions_from_cu_seqlens
-from flexsp.model.loss import lm_labels
+from flexsp.varlen import lm_labels, positions_from_cu_seqlens
 from flexsp.errors import UserError
 
 

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from flexsp.engines import build_optimizer, build_scheduler
+from flexsp.engines.common import build_optimizer, build_scheduler
 from flexsp.errors import UserError
 
 CKPT_SUBDIR = "deepspeed"

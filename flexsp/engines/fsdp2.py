@@ -26,7 +26,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 
-from flexsp.engines import build_optimizer, build_scheduler
+from flexsp.engines.common import build_optimizer, build_scheduler
+from flexsp.model.init import fill_local_shards
 from flexsp.parallelize import parallelize
 
 
@@ -116,19 +117,3 @@ class FSDP2Engine:
                                                                            broadcast_from_rank0=False))
 
 
-@torch.no_grad()
-def fill_local_shards(model, weights) -> None:
-    """Every parameter's local shard (a dim-0 row range of a DTensor, or a full tensor) filled by
-    ``weights`` with exactly the elements it holds in the full tensor."""
-    import math
-
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    weights.check(model)
-    for name, p in model.named_parameters():
-        if hasattr(p, "to_local"):
-            _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-            local = p.to_local()
-            if local.numel():
-                weights.fill_(local, name, p.numel(), offset[0] * math.prod(p.shape[1:]))
-        else:
-            weights.fill_(p.data, name, p.numel(), 0)

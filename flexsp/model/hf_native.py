@@ -60,6 +60,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from flexsp.model.config import ModelConfig
+from flexsp.model.hf_files import _load_config_dict
 from flexsp.model.loss import lm_loss
 from flexsp.errors import UserError
 
@@ -178,7 +180,6 @@ class HFNativeConfig:
         """A LLaMA-equivalent :class:`flexsp.model.ModelConfig` of this shape for what models the
         native blocks (the cost-model shape check, the CUDA cost-model estimate): an approximation
         (e.g. an MoE counts as a dense MLP of ``intermediate_size``)."""
-        from flexsp.model.config import ModelConfig
         head_dim = self.head_size if self.head_size * self.heads != self.hidden else 0
         return ModelConfig(vocab_size=self.vocab_size, hidden=self.hidden, layers=self.layers,
                            heads=self.heads, kv_heads=self.kv_heads, intermediate=self.intermediate,
@@ -490,24 +491,9 @@ class HFNativeModel(nn.Module):
 def hf_native_config(path, **overrides) -> HFNativeConfig:
     """The :class:`HFNativeConfig` of the HF model directory ``path`` (config.json), checked:
     the model is built on ``meta`` and every refusal is raised here, at start-up."""
-    from flexsp.model.hf import _load_config_dict
     d, src = _load_config_dict(path)
     cfg = HFNativeConfig(hf_config=d, **overrides)
     inspect_architecture(build_causal_lm(cfg), src)
     return cfg
 
 
-def load_hf_native(path, device="cpu", dtype=None, **overrides) -> HFNativeModel:
-    """The :class:`HFNativeModel` of the checkpoint at ``path`` with its weights on ``device``."""
-    from flexsp.engines.fsdp2 import fill_local_shards
-    from flexsp.model.hf_native_weights import HFNativeWeights
-    if dtype is not None:
-        overrides["dtype"] = str(dtype).replace("torch.", "")
-    elif "dtype" not in overrides:
-        from flexsp.model.hf import _hf_dtype, _load_config_dict
-        overrides["dtype"] = _hf_dtype(_load_config_dict(path)[0])
-    cfg = hf_native_config(path, **overrides)
-    model = HFNativeModel(cfg)
-    model.to_empty(device=device)
-    fill_local_shards(model, HFNativeWeights(path))
-    return model

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 from flexsp.errors import UserError
+from flexsp.model.hf_files import DEFAULT_MAX_SHARD_BYTES, HFCheckpointReader, _hf_dtype, _load_config_dict, _save_tokenizer
+from flexsp.model.hf_native import HFNativeModel, build_causal_lm, hf_native_config
+from flexsp.model.init import fill_local_shards
 
 
 def _shape(p) -> tuple[int, ...]:
@@ -34,7 +37,6 @@ class HFNativeWeights:
     """Element ranges of an HF-native model's parameters, read lazily from ``path``'s safetensors."""
 
     def __init__(self, path: str | os.PathLike):
-        from flexsp.model.hf import HFCheckpointReader
         self.path = Path(path)
         self.reader = HFCheckpointReader(path, names="hf")
         self.direct: dict[str, str] = {}          # parameter -> checkpoint key (same tensor)
@@ -133,8 +135,6 @@ def save_hf_native(cfg, state_dict: dict[str, torch.Tensor], path, *, dtype: tor
     (+ generation_config.json); the tokenizer of ``tokenizer_from`` is copied/saved."""
     from dataclasses import replace
 
-    from flexsp.model.hf import DEFAULT_MAX_SHARD_BYTES, _save_tokenizer
-    from flexsp.model.hf_native import build_causal_lm
     name = str(dtype).replace("torch.", "")
     model = build_causal_lm(replace(cfg, dtype=name if name in ("float32", "bfloat16") else "float32"),
                             attn_implementation=None)
@@ -167,3 +167,16 @@ def save_hf_native(cfg, state_dict: dict[str, torch.Tensor], path, *, dtype: tor
     model.config.dtype = dtype
     model.save_pretrained(str(out), max_shard_size=int(max_shard_bytes or DEFAULT_MAX_SHARD_BYTES))
     return out
+
+
+def load_hf_native(path, device="cpu", dtype=None, **overrides) -> HFNativeModel:
+    """The :class:`HFNativeModel` of the checkpoint at ``path`` with its weights on ``device``."""
+    if dtype is not None:
+        overrides["dtype"] = str(dtype).replace("torch.", "")
+    elif "dtype" not in overrides:
+        overrides["dtype"] = _hf_dtype(_load_config_dict(path)[0])
+    cfg = hf_native_config(path, **overrides)
+    model = HFNativeModel(cfg)
+    model.to_empty(device=device)
+    fill_local_shards(model, HFNativeWeights(path))
+    return model

@@ -91,3 +91,21 @@ def init_module_(module: torch.nn.Module, seed: int, init_std: float, layers: in
             fill_elements_(local, name, p.numel(), offset[0] * row, seed, init_std, layers)
         else:
             fill_elements_(p.data, name, p.numel(), 0, seed, init_std, layers)
+
+
+@torch.no_grad()
+def fill_local_shards(model, weights) -> None:
+    """Every parameter's local shard (a dim-0 row range of a DTensor, or a full tensor) filled by
+    ``weights`` with exactly the elements it holds in the full tensor."""
+    import math
+
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    weights.check(model)
+    for name, p in model.named_parameters():
+        if hasattr(p, "to_local"):
+            _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            local = p.to_local()
+            if local.numel():
+                weights.fill_(local, name, p.numel(), offset[0] * math.prod(p.shape[1:]))
+        else:
+            weights.fill_(p.data, name, p.numel(), 0)

@@ -89,48 +89,7 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
 
 
-def _token_documents(cu_seqlens, total, device):
-    """``(cu int64, token index [total], document of each token, output device)`` shared by the
-    per-token helpers below; ``total`` defaults to the last boundary (read once from the device
-    only when the boundaries live there)."""
-    if not torch.is_tensor(cu_seqlens):
-        cu_seqlens = [int(c) for c in cu_seqlens]
-        total = cu_seqlens[-1] if total is None else total
-        cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int64)
-    cu = cu_seqlens.to(torch.int64)
-    if device is None:
-        device = cu.device
-    if total is None:
-        total = int(cu[-1].cpu()) if cu.device.type != "cpu" else int(cu[-1])
-    idx = torch.arange(int(total), device=cu.device, dtype=torch.int64)
-    # document of each token: how many boundaries cu[1:] are <= its index (the tail past
-    # cu[-1] falls into the extra pseudo-document starting at cu[-1])
-    doc = torch.searchsorted(cu[1:].contiguous(), idx, right=True)
-    return cu, idx, doc, device
-
-
-def positions_from_cu_seqlens(cu_seqlens, total: int | None = None,
-                              device: torch.device | str | None = None) -> torch.Tensor:
-    """Position of every token of the packed buffer inside its own document (restarts at 0).
-
-    ``cu_seqlens``: a Python list, a CPU tensor or a device tensor. ``total`` (>= cu_seqlens[-1])
-    pads the tail with positions 0.. of an extra pseudo-document. The result is on ``device``
-    (default: the device of ``cu_seqlens``, CPU for a list). No host sync when the boundaries are
-    host-side or ``total`` is given; a device tensor without ``total`` needs its last boundary on
-    the host (one transfer; pass host boundaries or ``total`` to avoid it).
-    """
-    cu, idx, doc, device = _token_documents(cu_seqlens, total, device)
-    pos = idx - cu[doc]
-    return pos.to(device)
-
-
-def doc_lengths_from_cu_seqlens(cu_seqlens, total: int | None = None,
-                                device: torch.device | str | None = None) -> torch.Tensor:
-    """Length of each token's document, ``[total]`` int64 (tail tokens: the tail's length);
-    same conventions as :func:`positions_from_cu_seqlens`. Used by dynamic RoPE scaling."""
-    cu, idx, doc, device = _token_documents(cu_seqlens, total, device)
-    ends = torch.cat([cu[1:], cu.new_full((1,), idx.numel())])
-    return (ends[doc] - cu[doc]).to(device)
+from flexsp.varlen import doc_lengths_from_cu_seqlens, positions_from_cu_seqlens  # noqa: E402,F401 (re-exported)
 
 
 # ------------------------------------------------------------------------------------------------
