@@ -39,27 +39,47 @@ with the commit, machine, command, cost model and the baselines as run.
 
 Exit status: 0 done, 2 a user error (one line ``flexsp-bench: error: ...``), 1 a bug (traceback).
 """
+
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import platform
 import shlex
+import subprocess
 import sys
 import time
-import importlib.util
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from flexsp.attention.context import AttnContext
+from flexsp.attention.local import varlen_attention
+from flexsp.bench_report import merge_deepspeed, write_outputs
 from flexsp.config import BackgroundMode, BenchConfig, ParallelMode, RunConfig, check_output_dir
 from flexsp.config.bench import METHODS, WORLDS  # noqa: F401 (re-exported)
 from flexsp.config.compose import CONFIG_DIR, compose_container, to_yaml
 from flexsp.config.compose import compose as compose_tree
 from flexsp.errors import UserError
+from flexsp.executor import StepExecutor
+from flexsp.failure import AbortWatch
+from flexsp.hostcopy import read_to_host, to_device
 from flexsp.launcher import launch, launched_world, run_here, say, split_args
 from flexsp.log import setup_logging
+from flexsp.pipeline import InputPipeline
+from flexsp.planning import solve_plan
 from flexsp.train import build, prepare_data, setup, validate
+from solver.baselines import best_homogeneous_plan, static_plan, usable_degrees
+from solver.build import build_plan, price_plan, validate_plan
+from solver.plan import Plan
 
 PROG = "flexsp-bench"
+
+
 # -- config --------------------------------------------------------------------------------------------
 def compose(overrides: list[str]) -> RunConfig:
     """The bench's tree: the training config + the ``bench`` section, with ``overrides``."""
@@ -71,8 +91,11 @@ def check(cfg: RunConfig) -> BenchConfig:
     deepspeed-ulysses is listed)."""
     bench = cfg.bench if cfg.bench is not None else BenchConfig()
     if "deepspeed-ulysses" in bench.methods and importlib.util.find_spec("deepspeed") is None:
-        raise UserError("bench.methods lists deepspeed-ulysses but DeepSpeed is not installed "
-                        "(pip install -e .[dist]); drop it from bench.methods", field="bench.methods")
+        raise UserError(
+            "bench.methods lists deepspeed-ulysses but DeepSpeed is not installed "
+            "(pip install -e .[dist]); drop it from bench.methods",
+            field="bench.methods",
+        )
     return bench
 
 
@@ -83,27 +106,34 @@ def out_stem(cfg: RunConfig, bench: BenchConfig) -> Path:
 def _train_cfg(cfg: RunConfig, max_steps: int) -> RunConfig:
     """The training config every rank sets up: adaptive mode (the plans come from here, never from a
     background planner or its fallback) and a schedule long enough for every step the bench takes."""
-    return replace(cfg, parallel=replace(cfg.parallel, mode=ParallelMode.adaptive),
-                   solver=replace(cfg.solver, background=BackgroundMode.off),
-                   train=replace(cfg.train, steps=max(cfg.train.steps, max_steps), resume="never"))
+    return replace(
+        cfg,
+        parallel=replace(cfg.parallel, mode=ParallelMode.adaptive),
+        solver=replace(cfg.solver, background=BackgroundMode.off),
+        train=replace(cfg.train, steps=max(cfg.train.steps, max_steps), resume="never"),
+    )
 
 
 # -- plans ---------------------------------------------------------------------------------------------
 def as_mode(plan, lengths, cm, mode: str):
     """``plan``'s groups rebuilt with every degree > 1 group forced to attention ``mode``."""
-    from solver.build import build_plan
     mbs = [[(g.sp, g.seq_ids) for g in mb.groups] for mb in plan.micro_batches]
-    return build_plan(mbs, lengths, cm, method=plan.method, solve_seconds=plan.solve_seconds,
-                      status=plan.status, extra=plan.extra, attention=mode)
+    return build_plan(
+        mbs,
+        lengths,
+        cm,
+        method=plan.method,
+        solve_seconds=plan.solve_seconds,
+        status=plan.status,
+        extra=plan.extra,
+        attention=mode,
+    )
 
 
 def plan_methods(lengths, cm, methods, solver) -> dict:
     """Every method's Plan for one batch (``methods`` as in bench.methods; ``solver`` a
     SolverConfig), each checked by solver.build.validate_plan."""
-    from solver.baselines import best_homogeneous_plan, static_plan, usable_degrees
-    from solver.build import validate_plan
 
-    from flexsp.planning import solve_plan
     lengths = [int(n) for n in lengths]
     longest, plans = max(lengths), {}
     if "flexsp" in methods:
@@ -129,20 +159,13 @@ def plan_methods(lengths, cm, methods, solver) -> dict:
 def _deepspeed_classes():
     """(AttnContext subclass, InputPipeline subclass, StepExecutor subclass) running attention
     through DeepSpeed's DistributedAttention; defined on first use (DeepSpeed's world only)."""
-    import numpy as np
-
-    from flexsp.executor import StepExecutor
-    from flexsp.attention.context import AttnContext
-    from flexsp.pipeline import InputPipeline
 
     class DeepSpeedAttnContext(AttnContext):
         """Ulysses layout of flexsp.attention.shard, all-to-alls by DeepSpeed-Ulysses."""
 
         def attention(self, q, k, v, window=None):
-            import torch.distributed as dist
             from deepspeed.sequence.layer import DistributedAttention
 
-            from flexsp.attention.local import varlen_attention
             if window:
                 raise UserError("deepspeed-ulysses: sliding-window models are not supported")
             sp = dist.get_world_size(self.group)
@@ -181,7 +204,8 @@ FLOPS_CONVENTION = (
     "model FLOPs of a step = 6 x P x tokens + 6 x layers x (heads x head_dim) x sum(L^2) (forward "
     "+ backward of the matmuls and of causal attention, each document of L tokens attending to "
     "itself), x 8/6 with activation checkpointing (the recomputed forward counted: hardware FLOPs); "
-    "P = parameters without the input embedding (a lookup) but with the output head (vocab x hidden)")
+    "P = parameters without the input embedding (a lookup) but with the output head (vocab x hidden)"
+)
 
 
 def step_flops(mcfg, lengths) -> float:
@@ -196,7 +220,6 @@ def step_flops(mcfg, lengths) -> float:
 def matmul_peak_flops(device, n: int, reps: int = 5, iters: int = 10) -> float:
     """Measured bf16 matmul FLOP/s of ``device`` (CUDA): the fastest of ``reps`` timings of ``iters``
     n x n x n products."""
-    import torch
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
@@ -211,7 +234,7 @@ def matmul_peak_flops(device, n: int, reps: int = 5, iters: int = 10) -> float:
         end.record()
         end.synchronize()
         best = min(best, start.elapsed_time(end) / 1e3 / iters)
-    return 2.0 * n ** 3 / best
+    return 2.0 * n**3 / best
 
 
 # -- stamps ----------------------------------------------------------------------------------------------
@@ -220,22 +243,28 @@ REPO = Path(__file__).resolve().parent.parent
 
 def git_stamp() -> dict:
     """Commit of the code that ran and whether tracked files differed from it."""
-    import subprocess
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=30, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown (not a git checkout)", "dirty": None}
     return {"commit": commit, "dirty": bool(dirty)}
 
 
 def machine_stamp(device, world: int) -> dict:
-    import platform
 
-    import torch
-    import torch.distributed as dist
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -245,10 +274,19 @@ def machine_stamp(device, world: int) -> dict:
     except OSError:
         pass
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"host": platform.node(), "os": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "device": str(device.type), "device_name": name, "backend": dist.get_backend(),
-            "world_size": world, "threads_per_rank": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__}
+    return {
+        "host": platform.node(),
+        "os": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "device": str(device.type),
+        "device_name": name,
+        "backend": dist.get_backend(),
+        "world_size": world,
+        "threads_per_rank": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def invocation(argv: list[str]) -> str:
@@ -274,24 +312,24 @@ def _rank_command() -> str:
 
 # -- the measurement ---------------------------------------------------------------------------------------
 def _sync(device) -> None:
-    import torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def timed_step(st, executor, plan, batch) -> tuple[float, float]:
     """(milliseconds, loss) of one training step as flexsp-train runs it, fenced by barriers."""
-    import torch
-    import torch.distributed as dist
 
-    from flexsp.hostcopy import read_to_host, to_device
     _sync(st.device)
     dist.barrier()
     t0 = time.perf_counter()
     res = executor.run(plan, batch)
     st.engine.step()
-    stats = torch.cat([res.loss_sum.double().reshape(1),
-                       to_device(torch.tensor([float(res.targets)], dtype=torch.float64), st.device)])
+    stats = torch.cat(
+        [
+            res.loss_sum.double().reshape(1),
+            to_device(torch.tensor([float(res.targets)], dtype=torch.float64), st.device),
+        ]
+    )
     if st.world > 1:
         dist.all_reduce(stats)
     loss_sum, targets = read_to_host(stats)
@@ -301,7 +339,6 @@ def timed_step(st, executor, plan, batch) -> tuple[float, float]:
 
 
 def _broadcast(obj, st):
-    import torch.distributed as dist
     box = [obj]
     if st.world > 1:
         dist.broadcast_object_list(box, src=0, group=st.topo.host_group)
@@ -310,10 +347,7 @@ def _broadcast(obj, st):
 
 def _measure_batch(st, executor, bench, k, batch, methods) -> list[dict]:
     """Warm-up and timed steps of every method on one batch; the rows of rank 0."""
-    import numpy as np
 
-    from solver.build import price_plan
-    from solver.plan import Plan
     plans = None
     if st.rank == 0:
         plans = plan_methods(batch.lengths, st.cm, methods, st.cfg.solver)
@@ -322,12 +356,12 @@ def _measure_batch(st, executor, bench, k, batch, methods) -> list[dict]:
     names = list(plans)
     warm = {m: [] for m in names}
     for w in range(bench.warmup):
-        for m in (names if w % 2 == 0 else names[::-1]):
+        for m in names if w % 2 == 0 else names[::-1]:
             warm[m].append(timed_step(st, executor, plans[m], batch)[1])
     times = {m: [] for m in names}
     losses = {m: [] for m in names}
     for r in range(bench.repeats):
-        for m in (names if r % 2 == 0 else names[::-1]):
+        for m in names if r % 2 == 0 else names[::-1]:
             ms, loss = timed_step(st, executor, plans[m], batch)
             times[m].append(ms)
             losses[m].append(loss)
@@ -335,30 +369,46 @@ def _measure_batch(st, executor, bench, k, batch, methods) -> list[dict]:
     rows = []
     for m, plan in plans.items():
         t = np.asarray(times[m])
-        rows.append({"batch": k, "method": m, "world": bench.world, "docs": len(lengths),
-                     "tokens": sum(lengths), "longest": max(lengths), "plan": plan.summary(),
-                     "plan_method": plan.method, "solve_seconds": plan.solve_seconds,
-                     "predicted_ms": price_plan(plan, lengths, st.cm), "times_ms": t.tolist(),
-                     "median_ms": float(np.median(t)), "min_ms": float(t.min()), "max_ms": float(t.max()),
-                     "q1_ms": float(np.percentile(t, 25)), "q3_ms": float(np.percentile(t, 75)),
-                     "losses": losses[m], "warmup_losses": warm[m], "flops": step_flops(st.mcfg, lengths),
-                     "modes": sorted({g.attention for mb in plan.micro_batches for g in mb.groups}),
-                     "plan_json": plan.to_dict(), "loadavg": list(os.getloadavg())})
+        rows.append(
+            {
+                "batch": k,
+                "method": m,
+                "world": bench.world,
+                "docs": len(lengths),
+                "tokens": sum(lengths),
+                "longest": max(lengths),
+                "plan": plan.summary(),
+                "plan_method": plan.method,
+                "solve_seconds": plan.solve_seconds,
+                "predicted_ms": price_plan(plan, lengths, st.cm),
+                "times_ms": t.tolist(),
+                "median_ms": float(np.median(t)),
+                "min_ms": float(t.min()),
+                "max_ms": float(t.max()),
+                "q1_ms": float(np.percentile(t, 25)),
+                "q3_ms": float(np.percentile(t, 75)),
+                "losses": losses[m],
+                "warmup_losses": warm[m],
+                "flops": step_flops(st.mcfg, lengths),
+                "modes": sorted({g.attention for mb in plan.micro_batches for g in mb.groups}),
+                "plan_json": plan.to_dict(),
+                "loadavg": list(os.getloadavg()),
+            }
+        )
     if st.rank == 0:
-        print(f"[bench] batch {k} ({len(lengths)} docs, {sum(lengths)} tokens, longest {max(lengths)}): "
-              + ", ".join(f"{r['method']} {r['median_ms']:.0f} ms (pred {r['predicted_ms']:.0f})"
-                          for r in rows),
-              flush=True)
+        print(
+            f"[bench] batch {k} ({len(lengths)} docs, {sum(lengths)} tokens, longest {max(lengths)}): "
+            + ", ".join(
+                f"{r['method']} {r['median_ms']:.0f} ms (pred {r['predicted_ms']:.0f})" for r in rows
+            ),
+            flush=True,
+        )
     return rows
 
 
 def run(cfg: RunConfig) -> dict:
     """Every rank: set up as flexsp-train does, measure, and (rank 0) write the outputs. Returns the
     result dict on rank 0, {} elsewhere."""
-    import torch
-    import torch.distributed as dist
-
-    from flexsp.failure import AbortWatch
 
     bench = check(cfg)
     methods = bench.world_methods()
@@ -370,14 +420,16 @@ def run(cfg: RunConfig) -> dict:
     st = setup(_train_cfg(cfg, max_steps))
     try:
         if "deepspeed-ulysses" in bench.methods and st.world < 2:
-            raise UserError(f"bench.methods lists deepspeed-ulysses, which needs >= 2 ranks; "
-                             f"{st.world} launched")
+            raise UserError(
+                f"bench.methods lists deepspeed-ulysses, which needs >= 2 ranks; {st.world} launched"
+            )
         if bench.capacity_tokens:
             st.cm = replace(st.cm, capacity_override=bench.capacity_tokens)
         prepare_data(st)
         build(st)
         if bench.world == "deepspeed":
             import deepspeed
+
             deepspeed.init_distributed(dist_backend=dist.get_backend())
             st.executor.close()
             executor_cls = _deepspeed_classes()[2]
@@ -404,7 +456,6 @@ def run(cfg: RunConfig) -> dict:
     if st.rank != 0:
         return {}
     res = _result(st, bench, batches, rows, peak, seconds, load_start)
-    from flexsp.bench_report import merge_deepspeed, write_outputs
     stem = out_stem(cfg, bench)
     if bench.world == "deepspeed":
         res = merge_deepspeed(stem, res)
@@ -424,28 +475,58 @@ def _result(st, bench, batches, rows, peak, seconds, load_start) -> dict:
     cfg, mcfg, cm = st.cfg, st.mcfg, st.cm
     data = cfg.data
     return {
-        "tool": "flexsp-bench", **git_stamp(), "machine": machine_stamp(st.device, st.world),
-        "command": _rank_command(), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "world_size": st.world, "device": st.device.type, "bench": asdict(bench),
-        "model": {"preset": cfg.model.preset, "params": mcfg.num_params(), "layers": mcfg.layers,
-                  "hidden": mcfg.hidden, "heads": mcfg.heads, "kv_heads": mcfg.kv_heads,
-                  "vocab_size": mcfg.vocab_size, "activation_checkpointing": mcfg.activation_checkpointing,
-                  "precision": str(cfg.train.precision), "engine": str(cfg.parallel.engine)},
-        "data": {"source": data.source,
-                 "distribution": data.distribution if data.source == "synthetic" else None,
-                 "max_doc_tokens": data.corpus.max_doc_tokens, "global_batch": cfg.train.global_batch,
-                 "global_batch_tokens": data.sampler.global_batch_tokens, "seed": data.seed},
-        "solver": {"time_limit": cfg.solver.time_limit, "milp_backend": str(cfg.solver.milp_backend),
-                   "pulp_solver": cfg.solver.pulp_solver},
-        "cost_model": {"spec": cfg.solver.cost_model, "name": cm.name, "source": cm.source,
-                       "capacity_tokens": cm.capacity_tokens,
-                       "capacity_emulated": bool(bench.capacity_tokens),
-                       "model": cm.to_dict()},
-        "batches": [{"index": k, "doc_ids": list(b.doc_ids), "lengths": [int(n) for n in b.lengths]}
-                    for k, b in enumerate(batches)],
-        "rows": rows, "first_loss": _first_loss(rows, bench), "matmul_peak_flops": peak,
+        "tool": "flexsp-bench",
+        **git_stamp(),
+        "machine": machine_stamp(st.device, st.world),
+        "command": _rank_command(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "world_size": st.world,
+        "device": st.device.type,
+        "bench": asdict(bench),
+        "model": {
+            "preset": cfg.model.preset,
+            "params": mcfg.num_params(),
+            "layers": mcfg.layers,
+            "hidden": mcfg.hidden,
+            "heads": mcfg.heads,
+            "kv_heads": mcfg.kv_heads,
+            "vocab_size": mcfg.vocab_size,
+            "activation_checkpointing": mcfg.activation_checkpointing,
+            "precision": str(cfg.train.precision),
+            "engine": str(cfg.parallel.engine),
+        },
+        "data": {
+            "source": data.source,
+            "distribution": data.distribution if data.source == "synthetic" else None,
+            "max_doc_tokens": data.corpus.max_doc_tokens,
+            "global_batch": cfg.train.global_batch,
+            "global_batch_tokens": data.sampler.global_batch_tokens,
+            "seed": data.seed,
+        },
+        "solver": {
+            "time_limit": cfg.solver.time_limit,
+            "milp_backend": str(cfg.solver.milp_backend),
+            "pulp_solver": cfg.solver.pulp_solver,
+        },
+        "cost_model": {
+            "spec": cfg.solver.cost_model,
+            "name": cm.name,
+            "source": cm.source,
+            "capacity_tokens": cm.capacity_tokens,
+            "capacity_emulated": bool(bench.capacity_tokens),
+            "model": cm.to_dict(),
+        },
+        "batches": [
+            {"index": k, "doc_ids": list(b.doc_ids), "lengths": [int(n) for n in b.lengths]}
+            for k, b in enumerate(batches)
+        ],
+        "rows": rows,
+        "first_loss": _first_loss(rows, bench),
+        "matmul_peak_flops": peak,
         "flops_convention": FLOPS_CONVENTION,
-        "seconds": seconds, "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
+        "seconds": seconds,
+        "loadavg_start": load_start,
+        "loadavg_end": list(os.getloadavg()),
     }
 
 
@@ -456,9 +537,11 @@ def print_help() -> None:
     for line in (CONFIG_DIR / "bench" / "default.yaml").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             print(f"  bench.{line}")
-    print("\nEvery training key works too (model=..., data=..., solver.cost_model=..., parallel.engine=...,\n"
-          "train.global_batch=..., output_dir=...); see flexsp-train --help. parallel.mode is ignored:\n"
-          "bench.methods decides what runs. Launcher options (--nproc-per-node N, ...) as flexsp-train's.")
+    print(
+        "\nEvery training key works too (model=..., data=..., solver.cost_model=..., parallel.engine=...,\n"
+        "train.global_batch=..., output_dir=...); see flexsp-train --help. parallel.mode is ignored:\n"
+        "bench.methods decides what runs. Launcher options (--nproc-per-node N, ...) as flexsp-train's."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -475,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         if "cfg" in flags:
             print(to_yaml(compose_container(overrides, "bench")))
             return 0
-        cfg = compose(overrides)                   # typed and validated before anything starts
+        cfg = compose(overrides)  # typed and validated before anything starts
         bench = check(cfg)
     except UserError as exc:
         return say(exc, PROG)
@@ -486,8 +569,10 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, world)
         check_output_dir(out_stem(cfg, bench).parent, "bench.out")
         if "deepspeed-ulysses" in bench.methods and world is not None and world < 2:
-            raise UserError(f"bench.methods lists deepspeed-ulysses, which needs >= 2 ranks; "
-                            f"{world} launched", field="bench.methods")
+            raise UserError(
+                f"bench.methods lists deepspeed-ulysses, which needs >= 2 ranks; {world} launched",
+                field="bench.methods",
+            )
     except UserError as exc:
         return say(exc, PROG)
     os.environ["FLEXSP_BENCH_COMMAND"] = invocation(argv)

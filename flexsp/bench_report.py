@@ -16,10 +16,14 @@ Definitions (every number below is computed here from the rows of one run):
 - deepspeed-ulysses, when present, ran in a world of its own: it is listed but is not part of
   best baseline (not timed side by side with the others).
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
+
 from flexsp.errors import UserError
 
 
@@ -36,8 +40,11 @@ STATS = ("median", "predicted", "min")
 
 def _ratios(base: dict, fx: dict) -> dict:
     """FlexSP's speedups over ``base`` (totals in ms): measured (medians), predicted, fastest runs."""
-    return {"measured": base["median_ms"] / fx["median_ms"],
-            "predicted": base["predicted_ms"] / fx["predicted_ms"], "fastest": base["min_ms"] / fx["min_ms"]}
+    return {
+        "measured": base["median_ms"] / fx["median_ms"],
+        "predicted": base["predicted_ms"] / fx["predicted_ms"],
+        "fastest": base["min_ms"] / fx["min_ms"],
+    }
 
 
 def _best_of(cands: dict) -> dict:
@@ -51,7 +58,6 @@ def _best_of(cands: dict) -> dict:
 
 def summarize(res: dict) -> dict:
     """Per-method totals, best static / best baseline per batch, speedups and prediction errors."""
-    import numpy as np
     rows = res["rows"]
     batches = _by_batch(rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -61,10 +67,17 @@ def summarize(res: dict) -> dict:
         total = sum(r["median_ms"] for r in mine)
         pred = sum(r["predicted_ms"] for r in mine)
         tokens = sum(r["tokens"] for r in mine)
-        per_method[m] = {"batches": len(mine), "tokens": tokens, "median_ms": total,
-                         "min_ms": sum(r["min_ms"] for r in mine), "max_ms": sum(r["max_ms"] for r in mine),
-                         "predicted_ms": pred, "tokens_per_s": tokens / total * 1e3,
-                         "error": (pred - total) / total, "flops": sum(r["flops"] for r in mine)}
+        per_method[m] = {
+            "batches": len(mine),
+            "tokens": tokens,
+            "median_ms": total,
+            "min_ms": sum(r["min_ms"] for r in mine),
+            "max_ms": sum(r["max_ms"] for r in mine),
+            "predicted_ms": pred,
+            "tokens_per_s": tokens / total * 1e3,
+            "error": (pred - total) / total,
+            "flops": sum(r["flops"] for r in mine),
+        }
     picks = []
     for k in sorted(batches):
         got, pick = batches[k], {"batch": k}
@@ -85,9 +98,17 @@ def summarize(res: dict) -> dict:
                 speedups[m] = _ratios(s, fx)
     errors = np.array([abs(r["predicted_ms"] - r["median_ms"]) / r["median_ms"] for r in rows])
     under = int(sum(r["predicted_ms"] < r["median_ms"] for r in rows))
-    out = {"methods": per_method, "per_batch": picks, "speedups": speedups,
-           "prediction_error": {"rows": len(rows), "median_abs": float(np.median(errors)),
-                                "max_abs": float(errors.max()), "under_predicted": under}}
+    out = {
+        "methods": per_method,
+        "per_batch": picks,
+        "speedups": speedups,
+        "prediction_error": {
+            "rows": len(rows),
+            "median_abs": float(np.median(errors)),
+            "max_abs": float(errors.max()),
+            "under_predicted": under,
+        },
+    }
     peak = res.get("matmul_peak_flops")
     if peak:
         for m, s in per_method.items():
@@ -99,13 +120,17 @@ def merge_deepspeed(stem: Path, ds: dict) -> dict:
     """The main world's STEM.json with the rows of DeepSpeed's world added (same batches required)."""
     path = Path(f"{stem}.json")
     if not path.is_file():
-        raise UserError(f"bench.world=deepspeed adds its rows to {path}, which does not exist: run the main "
-                         f"world first (the same command with bench.world=main)")
+        raise UserError(
+            f"bench.world=deepspeed adds its rows to {path}, which does not exist: run the main "
+            f"world first (the same command with bench.world=main)"
+        )
     main = json.loads(path.read_text())
     if main.get("batches") != ds["batches"] or main.get("world_size") != ds["world_size"]:
-        raise UserError(f"{path} holds other batches or another world size than this run "
-                         f"({main.get('world_size')} vs {ds['world_size']} ranks): rerun the main world with "
-                         f"the same overrides")
+        raise UserError(
+            f"{path} holds other batches or another world size than this run "
+            f"({main.get('world_size')} vs {ds['world_size']} ranks): rerun the main world with "
+            f"the same overrides"
+        )
     main["rows"] = [r for r in main["rows"] if r["method"] != "deepspeed-ulysses"] + ds["rows"]
     keep = ("command", "date", "seconds", "loadavg_start", "loadavg_end", "commit", "dirty", "first_loss")
     main["deepspeed_world"] = {k: ds[k] for k in keep}
@@ -123,18 +148,25 @@ def markdown(res: dict, summary: dict) -> str:
     loads = [r["loadavg"][0] for r in res["rows"]]
     dirty = " (with uncommitted changes to tracked files)" if res.get("dirty") else ""
     batches = res["batches"]
-    lines = [f"# flexsp-bench: FlexSP adaptive vs static SP, measured ({res['world_size']} ranks, "
-             f"{m['device']}/{m['backend']})", "",
-             f"Commit `{res['commit']}`{dirty}; date {res['date']}.", "",
-             f"Command: `{res['command']}`", "",
-             f"Machine: {m['host']}, {m['os']}; {m['cpu']}, {m['cpu_count']} CPUs; "
-             f"device {m['device_name']}; "
-             f"{m['world_size']} ranks x {m['threads_per_rank']} thread(s), backend {m['backend']}; "
-             f"Python {m['python']}, torch {m['torch']}.", "",
-             f"**Load** (1-min load average): {res['loadavg_start'][0]:.2f} at start, {min(loads):.2f}-"
-             f"{max(loads):.2f} after each batch, {res['loadavg_end'][0]:.2f} at the end, on "
-             f"{m['cpu_count']} CPUs. Other jobs on the machine add time to every method and scatter the "
-             f"timings; the methods are interleaved so that load drift hits them alike.", ""]
+    lines = [
+        f"# flexsp-bench: FlexSP adaptive vs static SP, measured ({res['world_size']} ranks, "
+        f"{m['device']}/{m['backend']})",
+        "",
+        f"Commit `{res['commit']}`{dirty}; date {res['date']}.",
+        "",
+        f"Command: `{res['command']}`",
+        "",
+        f"Machine: {m['host']}, {m['os']}; {m['cpu']}, {m['cpu_count']} CPUs; "
+        f"device {m['device_name']}; "
+        f"{m['world_size']} ranks x {m['threads_per_rank']} thread(s), backend {m['backend']}; "
+        f"Python {m['python']}, torch {m['torch']}.",
+        "",
+        f"**Load** (1-min load average): {res['loadavg_start'][0]:.2f} at start, {min(loads):.2f}-"
+        f"{max(loads):.2f} after each batch, {res['loadavg_end'][0]:.2f} at the end, on "
+        f"{m['cpu_count']} CPUs. Other jobs on the machine add time to every method and scatter the "
+        f"timings; the methods are interleaved so that load drift hits them alike.",
+        "",
+    ]
     if b.get("note"):
         lines += [b["note"], ""]
     mod = res["model"]
@@ -146,16 +178,24 @@ def markdown(res: dict, summary: dict) -> str:
         + f", documents of at most {data['max_doc_tokens']} tokens, global batches of at most "
         f"{data['global_batch']} documents / {data['global_batch_tokens']} tokens; the first "
         f"{len(batches)} batches the sampler deals: "
-        + "; ".join(f"batch {x['index']}: {len(x['lengths'])} docs, {sum(x['lengths'])} tokens, longest "
-                    f"{max(x['lengths'])}" for x in batches) + ".", "",
+        + "; ".join(
+            f"batch {x['index']}: {len(x['lengths'])} docs, {sum(x['lengths'])} tokens, longest "
+            f"{max(x['lengths'])}"
+            for x in batches
+        )
+        + ".",
+        "",
         f"Cost model `{cm['spec']}` ({cm['name']}): {cm['source']}. Memory budget C = "
         f"{cm['capacity_tokens']} tokens per rank"
-        + (" (emulated: bench.capacity_tokens)" if cm["capacity_emulated"] else "") + ".", "",
+        + (" (emulated: bench.capacity_tokens)" if cm["capacity_emulated"] else "")
+        + ".",
+        "",
         f"Each (batch, method): {b['warmup']} untimed warm-up step(s), then {b['repeats']} timed steps, "
         f"methods interleaved (order reversed every other repetition). A step = StepExecutor.run (every "
         f"micro-batch) + engine.step() + the step's host sync, fenced by barriers (as flexsp-train "
         f"trains). Times are **measured** medians; spread = min-max; predicted = solver.build.price_plan "
-        f"of the plan the method ran under the cost model above.", "",
+        f"of the plan the method ran under the cost model above.",
+        "",
         "Methods, exactly as run:",
         f"- `flexsp`: parallel.mode=adaptive: flexsp.planning.solve_plan (the FlexSP planner), time limit "
         f"{res['solver']['time_limit']} s per batch, MILP backend {res['solver']['milp_backend']};",
@@ -169,11 +209,13 @@ def markdown(res: dict, summary: dict) -> str:
     ]
     ds = res.get("deepspeed_world")
     if ds:
-        lines.append("- `deepspeed-ulysses`: the static plan at the largest Ulysses degree, attention "
-                     "through DeepSpeed's DistributedAttention, in a second world launched after the main "
-                     "one (not side by side with the others: not part of best baseline). Its first step's "
-                     f"loss {ds['first_loss']:.6f} vs the main world's {res['first_loss']:.6f} (same seeded "
-                     "weights, same batch: equal up to float rounding).")
+        lines.append(
+            "- `deepspeed-ulysses`: the static plan at the largest Ulysses degree, attention "
+            "through DeepSpeed's DistributedAttention, in a second world launched after the main "
+            "one (not side by side with the others: not part of best baseline). Its first step's "
+            f"loss {ds['first_loss']:.6f} vs the main world's {res['first_loss']:.6f} (same seeded "
+            "weights, same batch: equal up to float rounding)."
+        )
     lines += ["", *_summary_lines(res, summary), "", *_row_lines(res)]
     return "\n".join(lines) + "\n"
 
@@ -182,16 +224,20 @@ def _summary_lines(res: dict, summary: dict) -> list[str]:
     sp, per, err = summary["speedups"], summary["methods"], summary["prediction_error"]
     nb = len(res["batches"])
     mfu = bool(res.get("matmul_peak_flops"))
-    head = ("| method | batches | tokens/s (measured) | step ms, sum of medians [min-max] | predicted ms | "
-            "pred. error | FlexSP speedup over it: medians / fastest runs / predicted |"
-            + (" MFU |" if mfu else ""))
+    head = (
+        "| method | batches | tokens/s (measured) | step ms, sum of medians [min-max] | predicted ms | "
+        "pred. error | FlexSP speedup over it: medians / fastest runs / predicted |"
+        + (" MFU |" if mfu else "")
+    )
     lines = ["## Summary", "", head, "|---" * (7 + mfu) + "|"]
     for m, s in per.items():
         ratio = sp.get(m)
         ratio_s = "-" if m == "flexsp" else ("n/a (not every batch)" if ratio is None else _ratio_cell(ratio))
-        lines.append(f"| {m} | {s['batches']}/{nb} | {s['tokens_per_s']:.0f} | {s['median_ms']:.0f} "
-                     f"[{s['min_ms']:.0f}-{s['max_ms']:.0f}] | {s['predicted_ms']:.0f} | {s['error']:+.1%} | "
-                     f"{ratio_s} |" + (f" {s['mfu']:.1%} |" if mfu else ""))
+        lines.append(
+            f"| {m} | {s['batches']}/{nb} | {s['tokens_per_s']:.0f} | {s['median_ms']:.0f} "
+            f"[{s['min_ms']:.0f}-{s['max_ms']:.0f}] | {s['predicted_ms']:.0f} | {s['error']:+.1%} | "
+            f"{ratio_s} |" + (f" {s['mfu']:.1%} |" if mfu else "")
+        )
     for name, label in (("best_static", "best static"), ("best_baseline", "best baseline")):
         picks = [p[name] for p in summary["per_batch"] if name in p]
         if len(picks) == nb:
@@ -199,31 +245,52 @@ def _summary_lines(res: dict, summary: dict) -> list[str]:
             ratio = sp.get(name)
             ratio_s = "n/a" if ratio is None else _ratio_cell(ratio)
             tokens = sum(sum(x["lengths"]) for x in res["batches"])
-            lines.append(f"| {label} ({', '.join(p['method'] for p in picks)}) | {nb}/{nb} | "
-                         f"{tokens / total * 1e3:.0f} | {total:.0f} | "
-                         f"{sum(p['predicted_ms'] for p in picks):.0f} | | {ratio_s} |"
-                         + (" |" if mfu else ""))
+            lines.append(
+                f"| {label} ({', '.join(p['method'] for p in picks)}) | {nb}/{nb} | "
+                f"{tokens / total * 1e3:.0f} | {total:.0f} | "
+                f"{sum(p['predicted_ms'] for p in picks):.0f} | | {ratio_s} |" + (" |" if mfu else "")
+            )
     lines.append("")
     if "flexsp" in per:
-        lines.append(f"**FlexSP speedup, measured: {_fmt_speed(sp, 'best_static')} over best static, "
-                     f"{_fmt_speed(sp, 'best-homogeneous')} over best-homogeneous, "
-                     f"{_fmt_speed(sp, 'best_baseline')} over the best baseline** (predicted: "
-                     + ", ".join(f"{sp[k]['predicted']:.3f}x" if k in sp else "n/a"
-                                 for k in ("best_static", "best-homogeneous", "best_baseline")) + ").")
-        lines += ["", "Load-robust cross-check (other jobs only ever add time, so the fastest of the "
-                  f"{res['bench']['repeats']} repetitions is the least disturbed): from the fastest runs, "
-                  "FlexSP "
-                  + ", ".join(f"{sp[k]['fastest']:.3f}x over {label}" for k, label in
-                              (("best_static", "best static"), ("best-homogeneous", "best-homogeneous"),
-                               ("best_baseline", "the best baseline")) if k in sp) + "."]
+        lines.append(
+            f"**FlexSP speedup, measured: {_fmt_speed(sp, 'best_static')} over best static, "
+            f"{_fmt_speed(sp, 'best-homogeneous')} over best-homogeneous, "
+            f"{_fmt_speed(sp, 'best_baseline')} over the best baseline** (predicted: "
+            + ", ".join(
+                f"{sp[k]['predicted']:.3f}x" if k in sp else "n/a"
+                for k in ("best_static", "best-homogeneous", "best_baseline")
+            )
+            + ")."
+        )
+        lines += [
+            "",
+            "Load-robust cross-check (other jobs only ever add time, so the fastest of the "
+            f"{res['bench']['repeats']} repetitions is the least disturbed): from the fastest runs, "
+            "FlexSP "
+            + ", ".join(
+                f"{sp[k]['fastest']:.3f}x over {label}"
+                for k, label in (
+                    ("best_static", "best static"),
+                    ("best-homogeneous", "best-homogeneous"),
+                    ("best_baseline", "the best baseline"),
+                )
+                if k in sp
+            )
+            + ".",
+        ]
         lines.append("")
-    lines.append(f"Predicted vs measured step time over all {err['rows']} (batch, method) rows: median "
-                 f"|error| {err['median_abs']:.1%}, max {err['max_abs']:.1%}; {err['under_predicted']} of "
-                 f"{err['rows']} under-predicted.")
+    lines.append(
+        f"Predicted vs measured step time over all {err['rows']} (batch, method) rows: median "
+        f"|error| {err['median_abs']:.1%}, max {err['max_abs']:.1%}; {err['under_predicted']} of "
+        f"{err['rows']} under-predicted."
+    )
     if mfu:
-        lines += ["", f"MFU = model FLOPs per second / (measured bf16 matmul peak "
-                      f"{res['matmul_peak_flops'] / 1e12:.0f} TFLOP/s per device x {res['world_size']} "
-                      f"devices); {res['flops_convention']}."]
+        lines += [
+            "",
+            f"MFU = model FLOPs per second / (measured bf16 matmul peak "
+            f"{res['matmul_peak_flops'] / 1e12:.0f} TFLOP/s per device x {res['world_size']} "
+            f"devices); {res['flops_convention']}.",
+        ]
     return lines
 
 
@@ -232,25 +299,30 @@ def _ratio_cell(ratio: dict) -> str:
 
 
 def _row_lines(res: dict) -> list[str]:
-    lines = ["## Every (batch, method)", "",
-             "| batch | method | plan | predicted ms | median ms | min-max | IQR | error | "
-             "loss, first -> last |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Every (batch, method)",
+        "",
+        "| batch | method | plan | predicted ms | median ms | min-max | IQR | error | loss, first -> last |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(res["rows"], key=lambda r: r["batch"]):
-        plan = r["plan"].replace("|", "\\|")   # a plan summary separates micro-batches with |
-        lines.append(f"| {r['batch']} | {r['method']} | {plan} | {r['predicted_ms']:.0f} | "
-                     f"{r['median_ms']:.0f} | {r['min_ms']:.0f}-{r['max_ms']:.0f} | {r['q1_ms']:.0f}-"
-                     f"{r['q3_ms']:.0f} | {(r['predicted_ms'] - r['median_ms']) / r['median_ms']:+.1%} | "
-                     f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} |")
+        plan = r["plan"].replace("|", "\\|")  # a plan summary separates micro-batches with |
+        lines.append(
+            f"| {r['batch']} | {r['method']} | {plan} | {r['predicted_ms']:.0f} | "
+            f"{r['median_ms']:.0f} | {r['min_ms']:.0f}-{r['max_ms']:.0f} | {r['q1_ms']:.0f}-"
+            f"{r['q3_ms']:.0f} | {(r['predicted_ms'] - r['median_ms']) / r['median_ms']:+.1%} | "
+            f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} |"
+        )
     return lines
 
 
 def plot(res: dict, summary: dict, path: Path) -> None:
     """Per-batch median step time per method (min-max whiskers) and predicted vs measured."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+
     rows = res["rows"]
     batches = sorted({r["batch"] for r in rows})
     methods = list(summary["methods"])
@@ -261,14 +333,18 @@ def plot(res: dict, summary: dict, path: Path) -> None:
         xs = [i + j * w for i, k in enumerate(batches) if (k, m) in by]
         got = [by[k, m] for k in batches if (k, m) in by]
         med = np.array([r["median_ms"] for r in got])
-        err = np.array([[r["median_ms"] - r["min_ms"] for r in got],
-                        [r["max_ms"] - r["median_ms"] for r in got]])
+        err = np.array(
+            [[r["median_ms"] - r["min_ms"] for r in got], [r["max_ms"] - r["median_ms"] for r in got]]
+        )
         axes[0].bar(xs, med, w, yerr=err, capsize=2, label=m)
     axes[0].set_xticks(np.arange(len(batches)) + 0.4 - w / 2, [f"batch {k}" for k in batches])
     axes[0].set_ylabel("step time, ms (measured median, min-max)")
     axes[0].legend(fontsize=7)
-    axes[0].set_title(f"{res['world_size']} ranks, {res['machine']['device']} ({res['machine']['backend']}), "
-                      f"commit {res['commit'][:10]}", fontsize=9)
+    axes[0].set_title(
+        f"{res['world_size']} ranks, {res['machine']['device']} ({res['machine']['backend']}), "
+        f"commit {res['commit'][:10]}",
+        fontsize=9,
+    )
     ax = axes[1]
     for m in methods:
         pts = [(r["median_ms"], r["predicted_ms"]) for r in rows if r["method"] == m]
@@ -287,8 +363,9 @@ def _dumps(res: dict) -> str:
     """JSON of the run, one line per row and per batch (a diff-able file of modest size)."""
     lists = ("batches", "rows")
     head = json.dumps({k: v for k, v in res.items() if k not in lists}, indent=1)
-    tail = [f' "{k}": [\n' + ",\n".join("  " + json.dumps(x) for x in res[k]) + "\n ]"
-            for k in lists if k in res]
+    tail = [
+        f' "{k}": [\n' + ",\n".join("  " + json.dumps(x) for x in res[k]) + "\n ]" for k in lists if k in res
+    ]
     return head[:-2] + ",\n" + ",\n".join(tail) + "\n}\n"
 
 

@@ -34,25 +34,36 @@ The sampler state saved is the one from BEFORE the next batch was
 drawn (the trainer draws step t+1's batch early to plan it), so a resumed run draws exactly the
 batches of the uninterrupted one. Checkpoints live on a filesystem every rank can read.
 """
+
 from __future__ import annotations
 
 import os
 import pickle
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
 from flexsp.errors import UserError
+from flexsp.failure import is_peer_lost
 
 DCP_SUBDIR = "dcp"
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -78,7 +89,7 @@ class Checkpointer:
 
     def __init__(self, root: Path, keep: int = 2, async_save: bool = False):
         self.root, self.keep, self.async_save = Path(root), int(keep), bool(async_save)
-        self._pending = None       # (future, tmp, final) of an async DCP write
+        self._pending = None  # (future, tmp, final) of an async DCP write
         self._pg = None
         if self.async_save and dist.is_initialized() and dist.get_world_size() > 1:
             # the background write's collectives must not interleave with training's
@@ -96,13 +107,17 @@ class Checkpointer:
         torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
         extra = {}
         if hasattr(engine, "state_dict"):
-            import torch.distributed.checkpoint as dcp
             extra["scheduler"] = engine.scheduler.state_dict()
             if _rank() == 0:
                 torch.save({"step": step, **trainer_state, **extra}, tmp / "trainer.pt")
             if self.async_save:
-                self._pending = (dcp.async_save(engine.state_dict(), checkpoint_id=str(tmp / DCP_SUBDIR),
-                                                process_group=self._pg), tmp, final)
+                self._pending = (
+                    dcp.async_save(
+                        engine.state_dict(), checkpoint_id=str(tmp / DCP_SUBDIR), process_group=self._pg
+                    ),
+                    tmp,
+                    final,
+                )
                 return final
             dcp.save(engine.state_dict(), checkpoint_id=str(tmp / DCP_SUBDIR))
         else:
@@ -137,7 +152,7 @@ class Checkpointer:
             fh.write(final.name)
         os.replace(self.root / "latest.tmp", self.root / "latest")
         done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[:-self.keep] if self.keep > 0 else []:
+        for old in done[: -self.keep] if self.keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -147,8 +162,10 @@ def latest_checkpoint(root: Path) -> Path | None:
         return None
     d = Path(root) / p.read_text().strip()
     if not (d / "trainer.pt").is_file():
-        raise UserError(f"{p} points to {d}, which is not a complete checkpoint (no trainer.pt); "
-                         f"delete {p} to start over or set train.resume=<an older step_* directory>")
+        raise UserError(
+            f"{p} points to {d}, which is not a complete checkpoint (no trainer.pt); "
+            f"delete {p} to start over or set train.resume=<an older step_* directory>"
+        )
     return d
 
 
@@ -156,14 +173,14 @@ def verify_checkpoint(directory: Path) -> None:
     """ValueError naming the first missing or truncated file of checkpoint ``directory``."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise UserError(f"checkpoint {directory} does not exist (train.resume expects a step_* directory "
-                         f"or auto | never)")
+        raise UserError(
+            f"checkpoint {directory} does not exist (train.resume expects a step_* directory or auto | never)"
+        )
     if not (directory / "trainer.pt").is_file():
         raise UserError(f"{directory} is not a checkpoint: {directory / 'trainer.pt'} is missing")
     dcp_dir = directory / DCP_SUBDIR
     if not dcp_dir.is_dir():
-        return                        # a DeepSpeed checkpoint: DeepSpeed checks its own files
-    from torch.distributed.checkpoint import FileSystemReader
+        return  # a DeepSpeed checkpoint: DeepSpeed checks its own files
     meta_file = dcp_dir / ".metadata"
     if not meta_file.is_file():
         raise UserError(f"checkpoint {directory} is incomplete: {meta_file} is missing")
@@ -179,15 +196,19 @@ def verify_checkpoint(directory: Path) -> None:
         if not f.is_file():
             raise UserError(f"checkpoint {directory} is incomplete: shard file {f} is missing")
         if f.stat().st_size < size:
-            raise UserError(f"checkpoint shard file {f} is truncated: {f.stat().st_size} bytes, the metadata "
-                             f"needs at least {size}")
+            raise UserError(
+                f"checkpoint shard file {f} is truncated: {f.stat().st_size} bytes, the metadata "
+                f"needs at least {size}"
+            )
 
 
 def read_trainer_state(directory: Path) -> dict:
     try:
         return torch.load(Path(directory) / "trainer.pt", map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
-        raise UserError(f"{Path(directory) / 'trainer.pt'} is corrupt ({type(exc).__name__}: {exc})") from None
+        raise UserError(
+            f"{Path(directory) / 'trainer.pt'} is corrupt ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 UNCOMPARED_MODEL_FIELDS = ("activation_checkpointing", "dtype")
@@ -212,8 +233,7 @@ def _differences(saved: dict, expect: dict) -> tuple[list[str], list[str]]:
     if old_model is None:
         unknown.append("model_config")
         return diffs, unknown
-    if not isinstance(old_model, dict):          # a dataclass pickled by an older trainer
-        from dataclasses import asdict
+    if not isinstance(old_model, dict):  # a dataclass pickled by an older trainer
         old_model = asdict(old_model)
     new_model = expect["model_config"]
     for name in [*new_model, *(k for k in old_model if k not in new_model)]:
@@ -230,25 +250,35 @@ def check_resumable(directory: Path, state: dict, expect: dict, auto: bool) -> N
     checkpoint does not record are skipped with a warning (printed by rank 0)."""
     diffs, unknown = _differences(state, expect)
     if diffs:
-        where = (f"output_dir holds checkpoint {directory} (train.resume=auto)" if auto
-                 else f"train.resume={directory} is a checkpoint")
-        ways = ("train with another output_dir, or set train.resume=never to start over in this one "
-                "(its checkpoints are then overwritten)" if auto else
-                "point train.resume at a checkpoint of this model, or set train.resume=never to start over")
-        raise UserError(f"{where} of another model or setup (checkpoint -> this run: {'; '.join(diffs)}); "
-                         f"resuming would continue a changed model: {ways}")
+        where = (
+            f"output_dir holds checkpoint {directory} (train.resume=auto)"
+            if auto
+            else f"train.resume={directory} is a checkpoint"
+        )
+        ways = (
+            "train with another output_dir, or set train.resume=never to start over in this one "
+            "(its checkpoints are then overwritten)"
+            if auto
+            else "point train.resume at a checkpoint of this model, or set train.resume=never to start over"
+        )
+        raise UserError(
+            f"{where} of another model or setup (checkpoint -> this run: {'; '.join(diffs)}); "
+            f"resuming would continue a changed model: {ways}"
+        )
     if unknown and _rank() == 0:
-        print(f"[flexsp] warning: checkpoint {directory} records no {', '.join(unknown)} (written by an "
-              f"older FlexSP): resuming without checking them against this run (tensor shapes are still "
-              f"checked)", flush=True)
+        print(
+            f"[flexsp] warning: checkpoint {directory} records no {', '.join(unknown)} (written by an "
+            f"older FlexSP): resuming without checking them against this run (tensor shapes are still "
+            f"checked)",
+            flush=True,
+        )
 
 
 def describe_dcp_mismatch(dcp_dir: Path, state_dict: dict) -> str | None:
     """The first tensor of ``state_dict`` (in its order) that the DCP checkpoint ``dcp_dir`` lacks
     or holds with another shape, as ``name: why``; None when every tensor matches."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     saved = FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata
     flat, _ = flatten_state_dict(state_dict)
     bad = []
@@ -259,8 +289,10 @@ def describe_dcp_mismatch(dcp_dir: Path, state_dict: dict) -> str | None:
         if meta is None:
             bad.append(f"tensor {name} is not in the checkpoint")
         elif isinstance(meta, TensorStorageMetadata) and tuple(meta.size) != tuple(value.shape):
-            bad.append(f"tensor {name} has shape {tuple(meta.size)} in the checkpoint and "
-                       f"{tuple(value.shape)} in this run")
+            bad.append(
+                f"tensor {name} has shape {tuple(meta.size)} in the checkpoint and "
+                f"{tuple(value.shape)} in this run"
+            )
     if not bad:
         return None
     return bad[0] + (f" (the first of {len(bad)} mismatching tensors)" if len(bad) > 1 else "")
@@ -269,26 +301,27 @@ def describe_dcp_mismatch(dcp_dir: Path, state_dict: dict) -> str | None:
 def _dcp_load(directory: Path, sd: dict) -> None:
     """``dcp.load`` of ``sd``; any failure is one ValueError naming the checkpoint and the first
     mismatching tensor (a peer rank lost mid-load is left as it is: flexsp.failure handles it)."""
-    import torch.distributed.checkpoint as dcp
 
-    from flexsp.failure import is_peer_lost
     dcp_dir = directory / DCP_SUBDIR
     try:
         dcp.load(sd, checkpoint_id=str(dcp_dir))
-    except BaseException as exc:   # noqa: BLE001 - DCP's CheckpointException is a BaseException
+    except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
         if isinstance(exc, (KeyboardInterrupt, SystemExit)) or is_peer_lost(exc):
             raise
         try:
             first = describe_dcp_mismatch(dcp_dir, sd)
-        except Exception:      # noqa: BLE001 - the metadata itself is unreadable: say what DCP said
+        except Exception:  # noqa: BLE001 - the metadata itself is unreadable: say what DCP said
             first = None
         detail = first or f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-        raise UserError(f"cannot load checkpoint {directory}: {detail}; it does not fit this run's model "
-                         f"(train with another output_dir, or set train.resume=never)") from None
+        raise UserError(
+            f"cannot load checkpoint {directory}: {detail}; it does not fit this run's model "
+            f"(train with another output_dir, or set train.resume=never)"
+        ) from None
 
 
-def load_checkpoint(directory: Path, engine, world_size: int, expect: dict | None = None,
-                    auto: bool = False) -> dict:
+def load_checkpoint(
+    directory: Path, engine, world_size: int, expect: dict | None = None, auto: bool = False
+) -> dict:
     """Collective. Restores the engine and this rank's RNG; returns the trainer state. ``expect``
     (:func:`resume_identity`): checked against the checkpoint before anything is loaded."""
     directory = Path(directory)
@@ -299,8 +332,10 @@ def load_checkpoint(directory: Path, engine, world_size: int, expect: dict | Non
     has_dcp = (directory / DCP_SUBDIR).is_dir()
     if hasattr(engine, "state_dict"):
         if not has_dcp:
-            raise UserError(f"{directory} holds no FSDP2 state ({directory / DCP_SUBDIR} missing): it was "
-                             f"written with parallel.engine={state.get('engine', 'deepspeed')}; resume with that engine")
+            raise UserError(
+                f"{directory} holds no FSDP2 state ({directory / DCP_SUBDIR} missing): it was "
+                f"written with parallel.engine={state.get('engine', 'deepspeed')}; resume with that engine"
+            )
         sd = engine.state_dict()
         _dcp_load(directory, sd)
         engine.load_state_dict(sd)
@@ -308,15 +343,21 @@ def load_checkpoint(directory: Path, engine, world_size: int, expect: dict | Non
     else:
         saved_world = state.get("world_size")
         if has_dcp:
-            raise UserError(f"{directory} was written with parallel.engine=fsdp2 (a DCP checkpoint); resume it "
-                             f"with parallel.engine=fsdp2")
+            raise UserError(
+                f"{directory} was written with parallel.engine=fsdp2 (a DCP checkpoint); resume it "
+                f"with parallel.engine=fsdp2"
+            )
         if saved_world is not None and saved_world != world_size:
             raise UserError(
-                f"{directory} is a DeepSpeed ZeRO-3 checkpoint of {saved_world} ranks and this run has {world_size}: "
-                f"DeepSpeed partitions resume only at their world size. Convert it with DeepSpeed's universal "
+                f"{directory} is a DeepSpeed ZeRO-3 checkpoint of {saved_world} ranks and this run has "
+                f"{world_size}: "
+                "DeepSpeed partitions resume only at their world size. Convert it with DeepSpeed's "
+                "universal "
                 f"checkpoint (python -m deepspeed.checkpoint.ds_to_universal --input_folder "
-                f"{directory / 'deepspeed'} --output_folder <dir>), or restart with {saved_world} ranks, or train "
-                f"with parallel.engine=fsdp2 (its checkpoints reshard to any world size)")
+                f"{directory / 'deepspeed'} --output_folder <dir>), or restart with {saved_world} ranks, "
+                "or train "
+                f"with parallel.engine=fsdp2 (its checkpoints reshard to any world size)"
+            )
         engine.load(directory)
     rng = directory / f"rng_rank{_rank()}.pt"
     if rng.is_file():

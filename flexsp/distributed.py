@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
+
 from flexsp.errors import UserError
 
 
@@ -44,12 +46,19 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *, si
         device = torch.device("cpu")
     if not dist.is_initialized():
         if single:
-            import socket
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                                    timeout=datetime.timedelta(seconds=timeout_s), **_bound(device))
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=0,
+                world_size=1,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                **_bound(device),
+            )
         else:
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **_bound(device))
+            dist.init_process_group(
+                backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **_bound(device)
+            )
     return dist.get_rank(), dist.get_world_size(), device

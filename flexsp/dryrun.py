@@ -41,6 +41,7 @@ Units: ``dryrun.device_memory_gb`` and ``dryrun.reserve_gb`` are GB, 10^9 bytes 
 Exit status: 0 the model fits, 4 (``DOES_NOT_FIT_EXIT_CODE``) it does not (the report is still
 printed and written), 2 a user error (one line ``flexsp-dryrun: error: ...``), 1 a bug (traceback).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,17 +53,28 @@ import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from flexsp import dryrun_sizing as sizing
 from flexsp.config import DryRunConfig, RunConfig, check_output_dir
 from flexsp.config.compose import compose as compose_tree
 from flexsp.config.compose import compose_container, to_yaml
 from flexsp.dryrun_report import PROG, format_report
+from flexsp.dryrun_sizing import param_shapes
+from flexsp.engines import precision_dtypes
+from flexsp.engines.fsdp2 import data_parallel_mesh, shard_model
 from flexsp.errors import UserError, print_error
 from flexsp.log import setup_logging
 from flexsp.memory import activation_bytes_per_token  # noqa: F401 (re-exported)
+from flexsp.model import Transformer
 from flexsp.modelspec import model_config_of
-from flexsp.planning import load_cost_model
+from flexsp.planning import load_cost_model, solve_plan
+from solver.planner import PlanningError
+from solver.presets import analytic_cost_model
+from solver.workloads import sample_lengths
 
-_T_START = time.perf_counter()     # the command's wall time counts from this module's import
+_T_START = time.perf_counter()  # the command's wall time counts from this module's import
 GIB = 2**30
 MIB = 2**20
 GB = 10**9
@@ -76,12 +88,15 @@ def check(cfg: RunConfig) -> DryRunConfig:
     size dividing the fake world, a readable cost model): UserError before any work."""
     d = cfg.dryrun if cfg.dryrun is not None else DryRunConfig()
     if cfg.parallel.engine != "fsdp2":
-        raise UserError(f"parallel.engine={str(cfg.parallel.engine)!r}: flexsp-dryrun shards with FSDP2 as "
-                        f"training does with parallel.engine=fsdp2; valid: fsdp2", field="parallel.engine")
+        raise UserError(
+            f"parallel.engine={str(cfg.parallel.engine)!r}: flexsp-dryrun shards with FSDP2 as "
+            f"training does with parallel.engine=fsdp2; valid: fsdp2",
+            field="parallel.engine",
+        )
     s = cfg.parallel.shard_size
     if s and (s > d.world_size or d.world_size % s):
         raise UserError(f"parallel.shard_size={s} must divide dryrun.world_size={d.world_size}")
-    load_cost_model(cfg.solver.cost_model, d.world_size)     # a missing/bad cost model: before any work
+    load_cost_model(cfg.solver.cost_model, d.world_size)  # a missing/bad cost model: before any work
     return d
 
 
@@ -94,25 +109,21 @@ class FakeWorld:
         self.world_size = world_size
 
     def __enter__(self):
-        import torch.distributed as dist
         from torch.testing._internal.distributed.fake_pg import FakeStore
+
         if dist.is_initialized():
             raise RuntimeError("a default process group already exists; run the dry run in a fresh process")
         dist.init_process_group(backend="fake", rank=0, world_size=self.world_size, store=FakeStore())
         return self
 
     def __exit__(self, *exc):
-        import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def build_sharded(mcfg, precision: str, world_size: int, shard_size: int):
     """The Transformer built on meta and sharded as FSDP2Engine does; (model, units, mesh)."""
-    import torch
 
-    from flexsp.engines.fsdp2 import data_parallel_mesh, shard_model
-    from flexsp.model import Transformer
     mesh = data_parallel_mesh("cpu", world_size, shard_size)
     with torch.device("meta"):
         model = Transformer(mcfg, device=torch.device("meta"))
@@ -121,7 +132,6 @@ def build_sharded(mcfg, precision: str, world_size: int, shard_size: int):
 
 
 def _dtype_bytes(dtype) -> int:
-    import torch
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -162,10 +172,16 @@ def _unit_table(model, units) -> list[dict]:
                 padded += math.prod(fp.padded_sharded_param_size) * shards
                 if fp._module_info.param_name == "weight" and fp._module_info.module is model.lm_head:
                     holds_head = True
-                if (model.lm_head.weight is None and fp._module_info.module is model.embed):
-                    holds_head = True   # tied: the embedding matrix is the head's weight
-        table.append({"unit": names.get(id(u), type(u).__name__), "numel": full, "padded_numel": padded,
-                      "holds_head": holds_head})
+                if model.lm_head.weight is None and fp._module_info.module is model.embed:
+                    holds_head = True  # tied: the embedding matrix is the head's weight
+        table.append(
+            {
+                "unit": names.get(id(u), type(u).__name__),
+                "numel": full,
+                "padded_numel": padded,
+                "holds_head": holds_head,
+            }
+        )
     return table
 
 
@@ -189,7 +205,6 @@ def unsharded_bytes(model, units, precision: str) -> dict:
 
     The forward holds at most gathered + prefetched (no gradients), so the backward bounds it.
     Returns the worst phase's parts, its unit, the total, and the unit sizes."""
-    from flexsp.engines import precision_dtypes
     mp_param, mp_reduce = precision_dtypes(precision)
     param_dtype = next(model.parameters()).dtype
     cb = _dtype_bytes(mp_param or param_dtype)
@@ -213,9 +228,14 @@ def unsharded_bytes(model, units, precision: str) -> dict:
         }
         phases.append({"unit": u["unit"], "parts": parts, "total": sum(parts.values())})
     worst = max(phases, key=lambda p: p["total"]) if phases else {"unit": None, "parts": {}, "total": 0}
-    return {"phase": worst["unit"], "parts": worst["parts"], "total": worst["total"],
-            "compute_dtype_bytes": cb, "reduce_dtype_bytes": rb,
-            "units": _compress_units(table)}
+    return {
+        "phase": worst["unit"],
+        "parts": worst["parts"],
+        "total": worst["total"],
+        "compute_dtype_bytes": cb,
+        "reduce_dtype_bytes": rb,
+        "units": _compress_units(table),
+    }
 
 
 def _compress_units(table: list[dict]) -> list[dict]:
@@ -224,8 +244,12 @@ def _compress_units(table: list[dict]) -> list[dict]:
     for u in table:
         row = {"unit": u["unit"], "count": 1, "numel": u["numel"], "padded_numel": u["padded_numel"]}
         last = rows[-1] if rows else None
-        if (last and last["unit"].startswith("blocks.") and row["unit"].startswith("blocks.")
-                and (last["numel"], last["padded_numel"]) == (row["numel"], row["padded_numel"])):
+        if (
+            last
+            and last["unit"].startswith("blocks.")
+            and row["unit"].startswith("blocks.")
+            and (last["numel"], last["padded_numel"]) == (row["numel"], row["padded_numel"])
+        ):
             last["count"] += 1
             last["unit"] = f"{last['unit'].split('-')[0]}-{row['unit'].split('.')[1]}"
         else:
@@ -246,13 +270,13 @@ def model_name(cfg: RunConfig) -> str:
     return f"{arch} ({Path(hf).name})"
 
 
-def pick_cost_model(cfg: RunConfig, d: DryRunConfig, mcfg, states_bytes: int, act_bytes_per_token: float,
-                    reserve_bytes: int):
+def pick_cost_model(
+    cfg: RunConfig, d: DryRunConfig, mcfg, states_bytes: int, act_bytes_per_token: float, reserve_bytes: int
+):
     """(cost model, how it was chosen): the configured ``solver.cost_model`` if it was built for this
     model's shape and HSDP layout, else an analytic one whose memory side is the measured bytes on
     the device minus ``reserve_bytes``. The choice's ``note`` says it in a few neutral words (the
     full reason is in ``why``)."""
-    from solver.presets import analytic_cost_model
     spec, world = cfg.solver.cost_model, d.world_size
     shard_size = cfg.parallel.shard_size if cfg.parallel.shard_size < world else 0
     cm = load_cost_model(spec, world)
@@ -265,59 +289,76 @@ def pick_cost_model(cfg: RunConfig, d: DryRunConfig, mcfg, states_bytes: int, ac
         reason = f"cost model {cm.name} does not record the model shape it was built for"
         note = "records no model shape"
     if reason is None and (cm.shard_size if cm.shard_size < world else 0) != shard_size:
-        reason = f"cost model {cm.name} has shard_size={cm.shard_size}, the run parallel.shard_size={shard_size}"
+        reason = (
+            f"cost model {cm.name} has shard_size={cm.shard_size}, the run parallel.shard_size={shard_size}"
+        )
         note = "is for another HSDP layout"
     if reason is None:
         return cm, {"choice": "configured", "spec": spec, "note": "built for this model shape"}
     free = d.device_memory_bytes - reserve_bytes - states_bytes
     if free < act_bytes_per_token:
-        return None, {"choice": "none", "spec": spec,
-                      "note": f"solver.cost_model={spec} {note}, and no token fits for an analytic one",
-                      "why": f"solver.cost_model={spec}: {reason}; and no analytic model either: model states + "
-                             f"unsharded buffers ({states_bytes / GIB:.2f} GiB) and the reserve "
-                             f"({reserve_bytes / GIB:.2f} GiB) leave no room for one token's activations in "
-                             f"{d.device_memory_gb:g} GB ({d.device_memory_bytes / GIB:.2f} GiB)"}
+        return None, {
+            "choice": "none",
+            "spec": spec,
+            "note": f"solver.cost_model={spec} {note}, and no token fits for an analytic one",
+            "why": f"solver.cost_model={spec}: {reason}; and no analytic model either: model states + "
+            f"unsharded buffers ({states_bytes / GIB:.2f} GiB) and the reserve "
+            f"({reserve_bytes / GIB:.2f} GiB) leave no room for one token's activations in "
+            f"{d.device_memory_gb:g} GB ({d.device_memory_bytes / GIB:.2f} GiB)",
+        }
     note = f"solver.cost_model={spec} {note}: an analytic roofline with the memory measured here is used"
     params = mcfg.num_params()
-    sbpp = states_bytes * (shard_size or world) / params      # so that model_states_mb == measured
+    sbpp = states_bytes * (shard_size or world) / params  # so that model_states_mb == measured
     short = Path(cfg.model.hf_checkpoint).name if cfg.model.hf_checkpoint else cfg.model.preset
     cm = analytic_cost_model(
-        f"analytic-{short}-{world}", layers=mcfg.layers, hidden=mcfg.hidden, heads=mcfg.heads,
-        kv_heads=mcfg.kv_heads, params=float(params), num_devices=world,
+        f"analytic-{short}-{world}",
+        layers=mcfg.layers,
+        hidden=mcfg.hidden,
+        heads=mcfg.heads,
+        kv_heads=mcfg.kv_heads,
+        params=float(params),
+        num_devices=world,
         devices_per_node=min(d.devices_per_node, world),
         memory_mb=(d.device_memory_bytes - reserve_bytes) / MIB,
-        act_mb_per_token=act_bytes_per_token / MIB, peak_tflops=d.peak_tflops, mfu=d.mfu,
-        bytes_per_element=2 if cfg.train.precision != "fp32" else 4, zero_gbps=d.zero_gbps,
-        activation_checkpointing=bool(mcfg.activation_checkpointing), shard_size=shard_size,
-        replicate_gbps=d.replicate_gbps if shard_size else 0.0)
-    cm = replace(cm, state_bytes_per_param=sbpp, source=cm.source + "; memory: flexsp-dryrun's measured model "
-                 "states + unsharded buffers and activation bytes per token, on the device minus the reserve")
-    return cm, {"choice": "analytic", "spec": spec, "note": note,
-                "why": f"solver.cost_model={spec}: {reason}"}
+        act_mb_per_token=act_bytes_per_token / MIB,
+        peak_tflops=d.peak_tflops,
+        mfu=d.mfu,
+        bytes_per_element=2 if cfg.train.precision != "fp32" else 4,
+        zero_gbps=d.zero_gbps,
+        activation_checkpointing=bool(mcfg.activation_checkpointing),
+        shard_size=shard_size,
+        replicate_gbps=d.replicate_gbps if shard_size else 0.0,
+    )
+    cm = replace(
+        cm,
+        state_bytes_per_param=sbpp,
+        source=cm.source + "; memory: flexsp-dryrun's measured model "
+        "states + unsharded buffers and activation bytes per token, on the device minus the reserve",
+    )
+    return cm, {
+        "choice": "analytic",
+        "spec": spec,
+        "note": note,
+        "why": f"solver.cost_model={spec}: {reason}",
+    }
 
 
 # -- the dry run -------------------------------------------------------------------------------------
 def run(cfg: RunConfig, t0: float | None = None) -> dict:
-    """The dry run of ``cfg`` (flexsp.config.compose(..., "dryrun")); returns the report written to dryrun.json.
+    """The dry run of ``cfg`` (flexsp.config.compose(..., "dryrun")); returns the report written to
+    dryrun.json.
     ``wall_seconds`` counts from ``t0`` (``time.perf_counter()``; default: this call)."""
     t0 = time.perf_counter() if t0 is None else t0
-    import torch
-
-    from flexsp import dryrun_sizing as sizing
-    from flexsp.dryrun_sizing import param_shapes
-    from flexsp.engines import precision_dtypes
-    from flexsp.model import Transformer
-    from flexsp.planning import solve_plan
-    from solver.planner import PlanningError
-    from solver.workloads import sample_lengths
 
     d = check(cfg)
     out = cfg.output_dir
     check_output_dir(out)
     mcfg, precision = model_config_of(cfg, cfg.model.overrides.get("vocab_size"))
     if getattr(mcfg, "hf_native", False):
-        raise UserError(f"flexsp-dryrun sizes the native model's blocks; {mcfg.architecture} trains "
-                         "HF-native (transformers' modules), whose memory it does not model yet")
+        raise UserError(
+            f"flexsp-dryrun sizes the native model's blocks; {mcfg.architecture} trains "
+            "HF-native (transformers' modules), whose memory it does not model yet"
+        )
     cfg = replace(cfg, train=replace(cfg.train, precision=precision))
     shard_size = cfg.parallel.shard_size
     with torch.device("meta"):
@@ -335,34 +376,60 @@ def run(cfg: RunConfig, t0: float | None = None) -> dict:
     resident = model_states + unsh["total"]
     capacity_no_reserve = sizing.capacity(d.device_memory_bytes - resident, per_token)
     loss = sizing.loss_transient_bytes(mcfg.vocab_size, mcfg.hidden, _dtype_bytes(compute))
-    reserve = {"fixed": d.reserve_bytes, "loss_chunk": loss["bytes"],
-               "total": d.reserve_bytes + loss["bytes"], "loss": loss}
+    reserve = {
+        "fixed": d.reserve_bytes,
+        "loss_chunk": loss["bytes"],
+        "total": d.reserve_bytes + loss["bytes"],
+        "loss": loss,
+    }
     cm, cm_choice = pick_cost_model(cfg, d, mcfg, resident, per_token, reserve["total"])
     measured_capacity = sizing.capacity(d.device_memory_bytes - reserve["total"] - resident, per_token)
     capacity = cm.capacity_tokens if cm is not None else 0
     activations = int(capacity * per_token)
     total = resident + activations + reserve["total"]
     fits = capacity >= 1 and total <= d.device_memory_bytes
-    suggestion = None if fits else sizing.smallest_fit(shapes, unsh["total"], per_token,
-                                                       d.device_memory_bytes - reserve["total"], d.world_size,
-                                                       shard_size if shard_size < d.world_size else 0)
+    suggestion = (
+        None
+        if fits
+        else sizing.smallest_fit(
+            shapes,
+            unsh["total"],
+            per_token,
+            d.device_memory_bytes - reserve["total"],
+            d.world_size,
+            shard_size if shard_size < d.world_size else 0,
+        )
+    )
     lengths = sample_lengths(d.workload, d.num_sequences, d.seed, context_limit=d.context_tokens)
-    batch = {"workload": d.workload, "num_sequences": int(lengths.size), "seed": d.seed,
-             "context_tokens": d.context_tokens, "tokens": int(lengths.sum()), "longest": int(lengths.max()),
-             "mean": round(float(lengths.mean()), 1)}
+    batch = {
+        "workload": d.workload,
+        "num_sequences": int(lengths.size),
+        "seed": d.seed,
+        "context_tokens": d.context_tokens,
+        "tokens": int(lengths.sum()),
+        "longest": int(lengths.max()),
+        "mean": round(float(lengths.mean()), 1),
+    }
     plan_out = None
     try:
         if cm is None:
             raise PlanningError(f"nothing to plan: {cm_choice['why'].split('either: ')[-1]}")
         plan = solve_plan(lengths, cm, d.time_limit, cfg.solver.milp_backend, cfg.solver.pulp_solver)
-        plan_out = {"summary": plan.summary(), "micro_batches": len(plan.micro_batches),
-                    "groups": sum(len(mb.groups) for mb in plan.micro_batches),
-                    "predicted_ms": round(plan.predicted_ms, 3), "lower_bound_ms": round(plan.lower_bound_ms, 3),
-                    "gap": round(plan.gap, 4), "status": plan.status, "solve_seconds": plan.solve_seconds,
-                    "degrees": sorted({g.sp for mb in plan.micro_batches for g in mb.groups}),
-                    "max_group_memory_mb": round(max(g.memory_mb for mb in plan.micro_batches for g in mb.groups), 1)}
+        plan_out = {
+            "summary": plan.summary(),
+            "micro_batches": len(plan.micro_batches),
+            "groups": sum(len(mb.groups) for mb in plan.micro_batches),
+            "predicted_ms": round(plan.predicted_ms, 3),
+            "lower_bound_ms": round(plan.lower_bound_ms, 3),
+            "gap": round(plan.gap, 4),
+            "status": plan.status,
+            "solve_seconds": plan.solve_seconds,
+            "degrees": sorted({g.sp for mb in plan.micro_batches for g in mb.groups}),
+            "max_group_memory_mb": round(max(g.memory_mb for mb in plan.micro_batches for g in mb.groups), 1),
+        }
         try:
             from solver.baselines import static_plan
+
             plan_out["static_sp_ms"] = round(static_plan(lengths, cm).predicted_ms, 3)
             plan_out["speedup_over_static"] = round(plan_out["static_sp_ms"] / plan.predicted_ms, 3)
         except (ValueError, PlanningError):
@@ -375,20 +442,39 @@ def run(cfg: RunConfig, t0: float | None = None) -> dict:
     report = {
         "world_size": d.world_size,
         "devices_per_node": min(d.devices_per_node, d.world_size),
-        "model": {"name": model_name(cfg), "preset": None if cfg.model.hf_checkpoint else cfg.model.preset,
-                  "hf_checkpoint": cfg.model.hf_checkpoint, "layers": mcfg.layers,
-                  "hidden": mcfg.hidden, "heads": mcfg.heads, "kv_heads": mcfg.kv_heads,
-                  "intermediate": mcfg.intermediate, "vocab_size": mcfg.vocab_size,
-                  "tie_embeddings": mcfg.tie_embeddings, "activation_checkpointing": mcfg.activation_checkpointing},
+        "model": {
+            "name": model_name(cfg),
+            "preset": None if cfg.model.hf_checkpoint else cfg.model.preset,
+            "hf_checkpoint": cfg.model.hf_checkpoint,
+            "layers": mcfg.layers,
+            "hidden": mcfg.hidden,
+            "heads": mcfg.heads,
+            "kv_heads": mcfg.kv_heads,
+            "intermediate": mcfg.intermediate,
+            "vocab_size": mcfg.vocab_size,
+            "tie_embeddings": mcfg.tie_embeddings,
+            "activation_checkpointing": mcfg.activation_checkpointing,
+        },
         "model_params": mcfg.num_params(),
         "precision": precision,
-        "sharding": {"engine": "fsdp2", "mesh": mesh_shape, "shard_size": shard_size or d.world_size,
-                     "replicas": d.world_size // (shard_size or d.world_size), "local_numel": states["local_numel"],
-                     "param_dtype": str(mcfg.torch_dtype).replace("torch.", ""),
-                     "compute_dtype": str(compute).replace("torch.", "")},
-        "per_rank_bytes": {"params": states["params"], "grads": states["grads"], "optimizer": states["optimizer"],
-                           "activations": activations, "unsharded": unsh["total"],
-                           "reserve": reserve["total"], "total": total},
+        "sharding": {
+            "engine": "fsdp2",
+            "mesh": mesh_shape,
+            "shard_size": shard_size or d.world_size,
+            "replicas": d.world_size // (shard_size or d.world_size),
+            "local_numel": states["local_numel"],
+            "param_dtype": str(mcfg.torch_dtype).replace("torch.", ""),
+            "compute_dtype": str(compute).replace("torch.", ""),
+        },
+        "per_rank_bytes": {
+            "params": states["params"],
+            "grads": states["grads"],
+            "optimizer": states["optimizer"],
+            "activations": activations,
+            "unsharded": unsh["total"],
+            "reserve": reserve["total"],
+            "total": total,
+        },
         "unsharded_parts": {"phase": unsh["phase"], **unsh["parts"]},
         "units": unsh["units"],
         "activation": act,
@@ -399,10 +485,24 @@ def run(cfg: RunConfig, t0: float | None = None) -> dict:
         "capacity_tokens_no_reserve": capacity_no_reserve,
         "fits": bool(fits),
         "fit_suggestion": suggestion,
-        "cost_model": {**cm_choice, **({"name": cm.name, "source": cm.source, "memory_mb": cm.memory_mb,
-                                         "model_states_mb": round(cm.model_states_mb, 1),
-                                         "act_mb_per_token": cm.act_mb_per_token, "capacity_tokens": cm.capacity_tokens,
-                                         "a1": cm.a1, "a2": cm.a2, "b": cm.b} if cm is not None else {"name": None})},
+        "cost_model": {
+            **cm_choice,
+            **(
+                {
+                    "name": cm.name,
+                    "source": cm.source,
+                    "memory_mb": cm.memory_mb,
+                    "model_states_mb": round(cm.model_states_mb, 1),
+                    "act_mb_per_token": cm.act_mb_per_token,
+                    "capacity_tokens": cm.capacity_tokens,
+                    "a1": cm.a1,
+                    "a2": cm.a2,
+                    "b": cm.b,
+                }
+                if cm is not None
+                else {"name": None}
+            ),
+        },
         "batch": batch,
         "plan": plan_out,
         "dryrun": asdict(d),
@@ -430,28 +530,32 @@ def main(argv: list[str] | None = None) -> int:
         print("dryrun.* keys (flexsp.config.DryRunConfig):")
         for f in fields(DryRunConfig):
             print(f"  dryrun.{f.name} (default {f.default!r})")
-        print("Every training key works too (model=..., train.precision=..., parallel.shard_size=..., "
-              "solver.cost_model=..., output_dir=...); see flexsp-train --help.")
+        print(
+            "Every training key works too (model=..., train.precision=..., parallel.shard_size=..., "
+            "solver.cost_model=..., output_dir=...); see flexsp-train --help."
+        )
         return 0
     show_cfg = "--cfg" in argv
     overrides = [a for a in argv if a != "--cfg"]
     bad = [a for a in overrides if a.startswith("-")]
     try:
         if bad:
-            raise UserError(f"unknown option {bad[0]!r}; options: --help, --cfg; everything else is a "
-                            f"Hydra override (key=value)")
+            raise UserError(
+                f"unknown option {bad[0]!r}; options: --help, --cfg; everything else is a "
+                f"Hydra override (key=value)"
+            )
         if show_cfg:
             print(to_yaml(compose_container(overrides, "dryrun")))
             return 0
         cfg = compose(overrides)
-        check(cfg)                       # every field validated before any work
+        check(cfg)  # every field validated before any work
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         report = run(cfg, t0=_T_START)
     except UserError as exc:
         return print_error(PROG, exc)
     try:
         print(format_report(report), flush=True)
-    except BrokenPipeError:          # e.g. `flexsp-dryrun ... | head -1`
+    except BrokenPipeError:  # e.g. `flexsp-dryrun ... | head -1`
         sys.stdout = open(os.devnull, "w")
     return 0 if report["fits"] else DOES_NOT_FIT_EXIT_CODE
 

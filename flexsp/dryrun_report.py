@@ -3,6 +3,7 @@
 Units as printed: the device in GB (10^9 bytes, as ``dryrun.device_memory_gb``) and GiB (2^30);
 per-rank parts in GiB / MiB / KiB (powers of two).
 """
+
 from __future__ import annotations
 
 import json
@@ -36,10 +37,12 @@ def suggestion_text(r: dict) -> str:
     s, world = r.get("fit_suggestion"), r["world_size"]
     hsdp = r["sharding"]["shard_size"] < world
     if s is None:
-        return (f"no world size fits: the unsharded buffers ({_gib(r['per_rank_bytes']['unsharded'])}) and "
-                f"the reserve ({_gib(r['reserve']['total'])}) leave no room for one token in "
-                f"{device_text(r['device_memory_bytes'])}; use devices with more memory or a smaller "
-                f"dryrun.reserve_gb")
+        return (
+            f"no world size fits: the unsharded buffers ({_gib(r['per_rank_bytes']['unsharded'])}) and "
+            f"the reserve ({_gib(r['reserve']['total'])}) leave no room for one token in "
+            f"{device_text(r['device_memory_bytes'])}; use devices with more memory or a smaller "
+            f"dryrun.reserve_gb"
+        )
     c = f"C = {s['capacity_tokens']:,} tokens/rank"
     if s["world_size"] == world and s["shard_size"]:
         return f"it fits with parallel.shard_size={s['shard_size']} on these {world} ranks ({c})"
@@ -52,30 +55,40 @@ def suggestion_text(r: dict) -> str:
 def _per_rank_line(r: dict) -> str:
     b, act, u, res = r["per_rank_bytes"], r["activation"], r["unsharded_parts"], r["reserve"]
     ac = "on" if act["activation_checkpointing"] else "off"
-    return " | ".join([
-        f"  per rank: params {_gib(b['params'])}", f"grads {_gib(b['grads'])}",
-        f"optimizer {_gib(b['optimizer'])}", f"unsharded {_gib(b['unsharded'])} (backward of {u['phase']})",
-        f"reserve {_gib(b['reserve'])} (dryrun.reserve_gb {res['fixed'] / GB:g} GB + loss chunk "
-        f"{_gib(res['loss_chunk'])})",
-        f"activations {_gib(b['activations'])} (C = {r['capacity_tokens']:,} tokens x "
-        f"{act['bytes_per_token'] / MIB:.3f} MiB/token, AC {ac}; {r['capacity_tokens_no_reserve']:,} without "
-        f"the reserve)",
-        f"total {_gib(b['total'])} (reserve included) of {_gib(r['device_memory_bytes'])}: "
-        f"{'fits' if r['fits'] else 'DOES NOT FIT'}"])
+    return " | ".join(
+        [
+            f"  per rank: params {_gib(b['params'])}",
+            f"grads {_gib(b['grads'])}",
+            f"optimizer {_gib(b['optimizer'])}",
+            f"unsharded {_gib(b['unsharded'])} (backward of {u['phase']})",
+            f"reserve {_gib(b['reserve'])} (dryrun.reserve_gb {res['fixed'] / GB:g} GB + loss chunk "
+            f"{_gib(res['loss_chunk'])})",
+            f"activations {_gib(b['activations'])} (C = {r['capacity_tokens']:,} tokens x "
+            f"{act['bytes_per_token'] / MIB:.3f} MiB/token, AC {ac}; {r['capacity_tokens_no_reserve']:,} "
+            "without "
+            f"the reserve)",
+            f"total {_gib(b['total'])} (reserve included) of {_gib(r['device_memory_bytes'])}: "
+            f"{'fits' if r['fits'] else 'DOES NOT FIT'}",
+        ]
+    )
 
 
 def _plan_line(r: dict) -> str | None:
     bt, p = r["batch"], r["plan"]
-    head = (f"  plan of one batch ({bt['workload']}, {bt['num_sequences']} sequences, {bt['tokens']:,} "
-            f"tokens, longest {bt['longest']:,}): ")
+    head = (
+        f"  plan of one batch ({bt['workload']}, {bt['num_sequences']} sequences, {bt['tokens']:,} "
+        f"tokens, longest {bt['longest']:,}): "
+    )
     if p and "error" in p:
         return head + f"NONE: {p['error']}"
     if not p:
         return None
     extra = f", {p['speedup_over_static']}x over static SP" if "speedup_over_static" in p else ""
-    return head + (f"{p['summary']}; predicted {p['predicted_ms']:.1f} ms (lower bound "
-                   f"{p['lower_bound_ms']:.1f}, gap {100 * p['gap']:.1f}%{extra}), {p['status']}, "
-                   f"solved in {p['solve_seconds']:.2f} s")
+    return head + (
+        f"{p['summary']}; predicted {p['predicted_ms']:.1f} ms (lower bound "
+        f"{p['lower_bound_ms']:.1f}, gap {100 * p['gap']:.1f}%{extra}), {p['status']}, "
+        f"solved in {p['solve_seconds']:.2f} s"
+    )
 
 
 def format_report(r: dict) -> str:
@@ -91,38 +104,55 @@ def format_report(r: dict) -> str:
     if plan:
         lines.append(plan)
     if not r["fits"]:
-        lines.append(f"  DOES NOT FIT on {r['world_size']} x {device_text(r['device_memory_bytes'])}: "
-                     f"{suggestion_text(r)}")
-    lines.append(f"  dry run: {r['wall_seconds']:.1f} s, peak RSS {_gib(r['peak_rss_bytes'])} -> "
-                 f"{r.get('path', '')}")
+        lines.append(
+            f"  DOES NOT FIT on {r['world_size']} x {device_text(r['device_memory_bytes'])}: "
+            f"{suggestion_text(r)}"
+        )
+    lines.append(
+        f"  dry run: {r['wall_seconds']:.1f} s, peak RSS {_gib(r['peak_rss_bytes'])} -> {r.get('path', '')}"
+    )
     return "\n".join(lines)
 
 
-TABLE_HEAD = ("| run | device | params + grads + optimizer | unsharded | reserve (fixed + loss chunk) "
-              "| activations | total | fits | C before the reserve | C after the reserve | act/token "
-              "| plan of the batch | predicted iteration | vs static SP=N | dry run: time, peak RSS |\n"
-              + "|---" * 15 + "|\n")
+TABLE_HEAD = (
+    "| run | device | params + grads + optimizer | unsharded | reserve (fixed + loss chunk) "
+    "| activations | total | fits | C before the reserve | C after the reserve | act/token "
+    "| plan of the batch | predicted iteration | vs static SP=N | dry run: time, peak RSS |\n"
+    + "|---" * 15
+    + "|\n"
+)
 
 
 def _table_row(r: dict) -> str:
     b, plan, res = r["per_rank_bytes"], r["plan"] or {}, r["reserve"]
     mesh = "x".join(str(x) for x in r["sharding"]["mesh"])
-    name = (f"{r['model']['name']} {r['precision']} {r['world_size']} ranks, mesh {mesh}"
-            + ("" if r["model"]["activation_checkpointing"] else ", AC off"))
-    g = lambda n: f"{n / GIB:.2f} GiB"   # noqa: E731
+    name = f"{r['model']['name']} {r['precision']} {r['world_size']} ranks, mesh {mesh}" + (
+        "" if r["model"]["activation_checkpointing"] else ", AC off"
+    )
+    g = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
     if "error" in plan:
         summary, ms, vs = "none: " + plan["error"][:90], "-", "-"
     else:
         summary = f"{plan['summary']} ({plan['status']}, {plan['solve_seconds']:.2f} s)".replace("|", "\\|")
         ms = f"{plan['predicted_ms'] / 1000:.2f} s"
         vs = f"{plan['speedup_over_static']}x" if "speedup_over_static" in plan else "-"
-    cells = [name, device_text(r["device_memory_bytes"]), g(b["params"] + b["grads"] + b["optimizer"]),
-             g(b["unsharded"]),
-             f"{g(b['reserve'])} ({res['fixed'] / GB:g} GB + {res['loss_chunk'] / GIB:.2f} GiB)",
-             g(b["activations"]), g(b["total"]), "yes" if r["fits"] else f"**no**: {suggestion_text(r)}",
-             f"{r['capacity_tokens_no_reserve']:,}", f"{r['capacity_tokens']:,}",
-             f"{r['activation']['bytes_per_token'] / MIB:.3f} MiB", summary, ms, vs,
-             f"{r['wall_seconds']:.1f} s, {r['peak_rss_bytes'] / MIB:.0f} MiB"]
+    cells = [
+        name,
+        device_text(r["device_memory_bytes"]),
+        g(b["params"] + b["grads"] + b["optimizer"]),
+        g(b["unsharded"]),
+        f"{g(b['reserve'])} ({res['fixed'] / GB:g} GB + {res['loss_chunk'] / GIB:.2f} GiB)",
+        g(b["activations"]),
+        g(b["total"]),
+        "yes" if r["fits"] else f"**no**: {suggestion_text(r)}",
+        f"{r['capacity_tokens_no_reserve']:,}",
+        f"{r['capacity_tokens']:,}",
+        f"{r['activation']['bytes_per_token'] / MIB:.3f} MiB",
+        summary,
+        ms,
+        vs,
+        f"{r['wall_seconds']:.1f} s, {r['peak_rss_bytes'] / MIB:.0f} MiB",
+    ]
     return "| " + " | ".join(cells) + " |"
 
 

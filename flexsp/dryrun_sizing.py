@@ -15,9 +15,12 @@ unsharded buffers (gathered parameters and gradients of a unit, in full) and the
 per token do not depend on the shard count (up to the reduce-scatter buffer's padding to a
 multiple of it, a few rows), so the values measured at the dry run's world size are reused.
 """
+
 from __future__ import annotations
 
 import math
+
+from flexsp.ops.torch_ops import DEFAULT_CHUNK_ELEMENTS, default_chunk_size
 
 GB = 10**9
 MAX_WORLD_SIZE = 2**20
@@ -44,13 +47,17 @@ def loss_transient_bytes(vocab: int, hidden: int, compute_bytes: int) -> dict:
 
     liger's fused kernel (CUDA, when installed) chunks by tokens x hidden instead; this is the
     torch path's figure."""
-    from flexsp.ops.torch_ops import DEFAULT_CHUNK_ELEMENTS, default_chunk_size
     chunk = default_chunk_size(DEFAULT_CHUNK_ELEMENTS, vocab)
-    upcast = 4 if compute_bytes != 4 else 0          # .float() of a float32 tensor is the tensor itself
+    upcast = 4 if compute_bytes != 4 else 0  # .float() of a float32 tensor is the tensor itself
     logits = chunk * vocab * (compute_bytes + 4 + 4)
     weight_grad = chunk * vocab * compute_bytes + vocab * hidden * (compute_bytes + upcast)
-    return {"chunk_tokens": chunk, "vocab": vocab, "logits": logits, "weight_grad": weight_grad,
-            "bytes": max(logits, weight_grad)}
+    return {
+        "chunk_tokens": chunk,
+        "vocab": vocab,
+        "logits": logits,
+        "weight_grad": weight_grad,
+        "bytes": max(logits, weight_grad),
+    }
 
 
 def param_shapes(model) -> list[tuple[int, int, int]]:
@@ -74,15 +81,18 @@ def capacity(free_bytes: float, act_bytes_per_token: float) -> int:
     return max(0, math.floor(free_bytes / act_bytes_per_token)) if act_bytes_per_token > 0 else 0
 
 
-def smallest_fit(shapes, unsharded: int, act_bytes_per_token: float, usable_bytes: int, world_size: int,
-                 shard_size: int) -> dict | None:
+def smallest_fit(
+    shapes, unsharded: int, act_bytes_per_token: float, usable_bytes: int, world_size: int, shard_size: int
+) -> dict | None:
     """Where a model that does not fit at ``world_size`` (HSDP ``shard_size``, 0: all ranks) would:
     with HSDP, the smallest larger shard size at this world size; else (or if none) the smallest
     power-of-two world size with every rank sharding. ``usable_bytes``: the device minus the
     reserve. Returns ``{"world_size", "shard_size" (0: all ranks), "capacity_tokens"}`` or None
     (the unsharded buffers and the reserve alone overflow the device)."""
+
     def c_at(shards: int) -> int:
         return capacity(usable_bytes - unsharded - state_bytes(shapes, shards), act_bytes_per_token)
+
     if shard_size and shard_size < world_size:
         s = shard_size * 2
         while s < world_size:

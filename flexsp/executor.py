@@ -22,6 +22,7 @@ collective, in that global order, that has not completed: every participant has 
 its earlier collectives, so it reaches this one and it completes - by induction every collective
 completes. A group that finishes its micro-batch early just waits in the next world all-gather.
 """
+
 from __future__ import annotations
 
 import time
@@ -95,7 +96,7 @@ class StepExecutor:
         ready = pipe.copy(futures[0]) if futures else None
         for index in range(len(plan.micro_batches)):
             current = ready
-            if index < last:        # queue the next copy before this micro-batch's compute
+            if index < last:  # queue the next copy before this micro-batch's compute
                 ready = pipe.copy(futures[index + 1])
             self.engine.begin_micro_batch(index == last)
             inputs = pipe.wait(current)

@@ -25,6 +25,7 @@ sliding window), or ``--architecture``.
 Errors (not a checkpoint, missing trainer.pt, missing or truncated shard, a config the
 architecture cannot express) are one line on stderr naming the file, exit status 2, no traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,14 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 
+from flexsp.checkpoint import read_trainer_state, verify_checkpoint
 from flexsp.errors import UserError, print_error
+from flexsp.model import ModelConfig, Transformer, model_config
+from flexsp.model.hf import DEFAULT_MAX_SHARD_BYTES, SUPPORTED_ARCHITECTURES, to_hf
+from flexsp.model.hf_native import HFNativeModel
+from flexsp.model.hf_native_weights import save_hf_native
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -60,7 +67,6 @@ def resolve_checkpoint(path) -> Path:
 
 
 def _verify(ckpt: Path) -> dict:
-    from flexsp.checkpoint import read_trainer_state, verify_checkpoint
     try:
         verify_checkpoint(ckpt)
         return read_trainer_state(ckpt)
@@ -69,12 +75,12 @@ def _verify(ckpt: Path) -> dict:
 
 
 def _model_config(state: dict, ckpt: Path):
-    from flexsp.model import ModelConfig, model_config
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     mc = state.get("model_config")
     try:
         if isinstance(mc, dict) and mc.get("hf_native"):
             from flexsp.model.hf_native import HFNativeConfig
+
             return HFNativeConfig(**mc)
         if mc is not None:
             if dataclasses.is_dataclass(mc):
@@ -93,28 +99,25 @@ def _model_config(state: dict, ckpt: Path):
 def _strip(name: str) -> str:
     for prefix in ("module.", "_orig_mod."):
         while name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name.replace("._orig_mod.", ".").replace("._checkpoint_wrapped_module.", ".")
 
 
 def load_model_state(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
     """fp32 CPU state dict (our names) of the checkpoint ``ckpt``, read on this one process."""
-    from flexsp.model import Transformer
     dcp_dir, ds_dir = ckpt / "dcp", ckpt / "deepspeed"
     if dcp_dir.is_dir():
-        import torch.distributed.checkpoint as dcp
         if getattr(cfg, "hf_native", False):
-            from flexsp.model.hf_native import HFNativeModel
             model = HFNativeModel(dataclasses.replace(cfg, dtype="float32"))
         else:
             model = Transformer(dataclasses.replace(cfg, dtype="float32"), device="meta")
         model.to_empty(device="cpu")
         sd = model.state_dict()
         try:
-            with warnings.catch_warnings():   # "no process group: loading in a single process" is the intent
+            with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent
                 warnings.simplefilter("ignore", UserWarning)
                 dcp.load({"model": sd}, checkpoint_id=str(dcp_dir), no_dist=True)
-        except Exception as exc:   # DCP wraps reader failures in CheckpointException
+        except Exception as exc:  # DCP wraps reader failures in CheckpointException
             msg = " ".join(str(exc).split())[:400]
             raise ExportError(f"cannot read the model from {dcp_dir}: {type(exc).__name__}: {msg}") from None
         return sd
@@ -127,8 +130,9 @@ def load_model_state(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
             raw = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="engine")
         except Exception as exc:
             msg = " ".join(str(exc).split())[:400]
-            raise ExportError(f"cannot read the DeepSpeed checkpoint {ds_dir / 'engine'}: "
-                              f"{type(exc).__name__}: {msg}") from None
+            raise ExportError(
+                f"cannot read the DeepSpeed checkpoint {ds_dir / 'engine'}: {type(exc).__name__}: {msg}"
+            ) from None
         return {_strip(k): v.float() for k, v in raw.items()}
     raise ExportError(f"{ckpt} holds no model weights: neither {dcp_dir} nor {ds_dir / 'engine'} exists")
 
@@ -152,11 +156,18 @@ def _origin(state: dict) -> Path | None:
     return Path(hf) if hf else None
 
 
-def export(checkpoint, out_dir, *, dtype: str | None = None, architecture: str | None = None,
-           max_shard_bytes: int | None = None, tokenizer=None, log=None) -> Path:
+def export(
+    checkpoint,
+    out_dir,
+    *,
+    dtype: str | None = None,
+    architecture: str | None = None,
+    max_shard_bytes: int | None = None,
+    tokenizer=None,
+    log=None,
+) -> Path:
     """Export ``checkpoint`` to the HF directory ``out_dir``; raises :class:`ExportError`.
     ``dtype`` None: the dtype the model was trained in (:func:`trained_dtype`)."""
-    from flexsp.model.hf import DEFAULT_MAX_SHARD_BYTES, SUPPORTED_ARCHITECTURES, to_hf
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}; valid options: bf16, fp32")
     ckpt = resolve_checkpoint(checkpoint)
@@ -165,8 +176,9 @@ def export(checkpoint, out_dir, *, dtype: str | None = None, architecture: str |
     cfg = _model_config(state, ckpt)
     origin = _origin(state)
     if getattr(cfg, "hf_native", False):
-        return _export_hf_native(ckpt, state, cfg, out_dir, dtype, why, architecture, max_shard_bytes,
-                                 tokenizer, origin, log)
+        return _export_hf_native(
+            ckpt, state, cfg, out_dir, dtype, why, architecture, max_shard_bytes, tokenizer, origin, log
+        )
     if architecture is None and origin is not None and (origin / "config.json").is_file():
         try:
             archs = json.loads((origin / "config.json").read_text()).get("architectures") or []
@@ -179,8 +191,15 @@ def export(checkpoint, out_dir, *, dtype: str | None = None, architecture: str |
     tok = _tokenizer_source(state, tokenizer, origin, log)
     sd = load_model_state(ckpt, cfg)
     try:
-        out = to_hf(sd, out_dir, config=cfg, architecture=architecture, dtype=DTYPES[dtype],
-                    max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, tokenizer_from=tok)
+        out = to_hf(
+            sd,
+            out_dir,
+            config=cfg,
+            architecture=architecture,
+            dtype=DTYPES[dtype],
+            max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+            tokenizer_from=tok,
+        )
     except (ValueError, FileNotFoundError) as exc:
         raise ExportError(str(exc)) from None
     if log:
@@ -200,24 +219,39 @@ def _tokenizer_source(state: dict, tokenizer, origin: Path | None, log):
     return tok
 
 
-def _export_hf_native(ckpt: Path, state: dict, cfg, out_dir, dtype: str, why: str, architecture,
-                      max_shard_bytes, tokenizer, origin, log) -> Path:
+def _export_hf_native(
+    ckpt: Path,
+    state: dict,
+    cfg,
+    out_dir,
+    dtype: str,
+    why: str,
+    architecture,
+    max_shard_bytes,
+    tokenizer,
+    origin,
+    log,
+) -> Path:
     """An HF-native checkpoint -> transformers' ``save_pretrained`` files of its own architecture."""
-    from flexsp.model.hf_native_weights import save_hf_native
     if architecture is not None and architecture != cfg.architecture:
-        raise ExportError(f"--architecture {architecture!r}: this checkpoint trained {cfg.architecture} "
-                          "HF-native (transformers' modules); it exports as that architecture only")
+        raise ExportError(
+            f"--architecture {architecture!r}: this checkpoint trained {cfg.architecture} "
+            "HF-native (transformers' modules); it exports as that architecture only"
+        )
     tok = _tokenizer_source(state, tokenizer, origin, log)
     sd = load_model_state(ckpt, cfg)
     try:
-        out = save_hf_native(cfg, sd, out_dir, dtype=DTYPES[dtype], max_shard_bytes=max_shard_bytes,
-                             tokenizer_from=tok)
+        out = save_hf_native(
+            cfg, sd, out_dir, dtype=DTYPES[dtype], max_shard_bytes=max_shard_bytes, tokenizer_from=tok
+        )
     except (ValueError, FileNotFoundError) as exc:
         raise ExportError(str(exc)) from None
     if log:
         name = str(DTYPES[dtype]).replace("torch.", "")
-        log(f"exported {ckpt} (step {state.get('step')}, {cfg.architecture}, HF-native) -> {out} with "
-            f"save_pretrained, weights in {name} ({why})")
+        log(
+            f"exported {ckpt} (step {state.get('step')}, {cfg.architecture}, HF-native) -> {out} with "
+            f"save_pretrained, weights in {name} ({why})"
+        )
     return out
 
 
@@ -225,19 +259,34 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="flexsp-export", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a step_N checkpoint directory (or a checkpoints root with `latest`)")
     ap.add_argument("out_dir", help="the HF model directory to write")
-    ap.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
-                    help="weights dtype on disk (default: the dtype the model was trained in: fp32 for "
-                         "train.precision=fp32, bf16 for bf16 / bf16-pure)")
-    ap.add_argument("--architecture", default=None,
-                    help="HF architecture (default: the HF origin's, else LLaMA / Qwen3 / Qwen2 / Mistral as the "
-                         "config needs)")
-    ap.add_argument("--max-shard-size", type=int, default=None, help="bytes per safetensors shard (default 5 GiB)")
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bf16", "fp32"],
+        help="weights dtype on disk (default: the dtype the model was trained in: fp32 for "
+        "train.precision=fp32, bf16 for bf16 / bf16-pure)",
+    )
+    ap.add_argument(
+        "--architecture",
+        default=None,
+        help="HF architecture (default: the HF origin's, else LLaMA / Qwen3 / Qwen2 / Mistral as the "
+        "config needs)",
+    )
+    ap.add_argument(
+        "--max-shard-size", type=int, default=None, help="bytes per safetensors shard (default 5 GiB)"
+    )
     ap.add_argument("--tokenizer", default=None, help="HF dir or tokenizer.json (default: the checkpoint's)")
     args = ap.parse_args(argv)
     try:
-        export(args.checkpoint, args.out_dir, dtype=args.dtype, architecture=args.architecture,
-               max_shard_bytes=args.max_shard_size, tokenizer=args.tokenizer,
-               log=lambda m: print(m, file=sys.stderr))
+        export(
+            args.checkpoint,
+            args.out_dir,
+            dtype=args.dtype,
+            architecture=args.architecture,
+            max_shard_bytes=args.max_shard_size,
+            tokenizer=args.tokenizer,
+            log=lambda m: print(m, file=sys.stderr),
+        )
     except ExportError as exc:
         return print_error("flexsp-export", exc)
     return 0

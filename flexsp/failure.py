@@ -5,7 +5,8 @@ Two problems this module solves:
 1. **A user error is one line.** A bad value, a missing or corrupt file, a document longer than the
    cluster holds: :func:`flexsp.errors.is_user_error` tells these (a ``UserError``, raised where the
    bad value is known, or an OSError naming a file) from bugs (anything else: a ValueError of an
-   internal check included), by type, and :func:`report` prints ``flexsp-train: error: <message>`` on one rank only (rank 0 for errors
+   internal check included), by type, and :func:`report` prints ``flexsp-train: error: <message>`` on one
+   rank only (rank 0 for errors
    every rank hits at start-up; the first rank to fail inside the training loop), with no
    traceback. A bug still prints its traceback, once.
 
@@ -31,15 +32,20 @@ Two problems this module solves:
    ends in an all-reduce over all ranks, so the last step rank 0 logged to metrics.jsonl is the
    last step every rank, the dead one included, completed.
 """
+
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
+import signal
 import sys
 import threading
 import traceback
 from pathlib import Path
+
+import torch.distributed as dist
 
 from flexsp.errors import BUG_EXIT_CODE, USER_ERROR_EXIT_CODE, is_user_error, print_error
 
@@ -52,8 +58,7 @@ LAUNCHER_ENV = "FLEXSP_LAUNCHER"
 """Set (to "1") in the ranks' environment by flexsp-train's launcher, which reports a dead rank itself."""
 
 
-def report(exc: BaseException, prog: str = "flexsp-train", *, printer: bool = True,
-           stream=None) -> int:
+def report(exc: BaseException, prog: str = "flexsp-train", *, printer: bool = True, stream=None) -> int:
     """Print ``exc`` if ``printer``: one line for a user error (flexsp.errors.is_user_error: a
     UserError, or an OSError naming a file), else its traceback (a bug, printed once). Returns the
     exit status to use (2 user error, 1 bug)."""
@@ -68,9 +73,11 @@ def report(exc: BaseException, prog: str = "flexsp-train", *, printer: bool = Tr
     return USER_ERROR_EXIT_CODE if user else BUG_EXIT_CODE
 
 
-_PEER_LOST = re.compile(r"gloo/transport|Connection (reset|closed) by peer|Broken pipe|Connection refused|"
-                        r"NCCL communicator was aborted|remote process exited|"
-                        r"ProcessGroupNCCL.*(abort|[Tt]imeout)")
+_PEER_LOST = re.compile(
+    r"gloo/transport|Connection (reset|closed) by peer|Broken pipe|Connection refused|"
+    r"NCCL communicator was aborted|remote process exited|"
+    r"ProcessGroupNCCL.*(abort|[Tt]imeout)"
+)
 
 
 def is_peer_lost(exc: BaseException) -> bool:
@@ -86,7 +93,6 @@ def is_peer_lost(exc: BaseException) -> bool:
 def last_logged_step(metrics: Path, since: float) -> int | None:
     """The last step in ``metrics`` (rank 0's metrics.jsonl) if the file was written at or after
     ``since`` (time.time()), else None: the run logged no step (a file of an earlier run)."""
-    import json
     try:
         if metrics.stat().st_mtime < since:
             return None
@@ -96,11 +102,17 @@ def last_logged_step(metrics: Path, since: float) -> int | None:
         return None
 
 
-def dead_rank_line(rank: int, host: str, pid: int, exitcode: int, done_steps: int | None,
-                   total_steps: int, checkpoint: Path | None) -> str:
+def dead_rank_line(
+    rank: int,
+    host: str,
+    pid: int,
+    exitcode: int,
+    done_steps: int | None,
+    total_steps: int,
+    checkpoint: Path | None,
+) -> str:
     """The one line for a rank that died without reporting (``exitcode`` < 0: killed by that
     signal). ``done_steps``: steps every rank completed (None: none in this run)."""
-    import signal
     if exitcode < 0:
         try:
             how = f"was killed by {signal.Signals(-exitcode).name}"
@@ -116,12 +128,17 @@ def dead_rank_line(rank: int, host: str, pid: int, exitcode: int, done_steps: in
         when = f"during step {done_steps + 1} ({done_steps} completed)"
     hint = ""
     if exitcode == -signal.SIGKILL:
-        hint = (" -- out of memory? (the kernel's OOM killer sends SIGKILL: see `dmesg` or the job's memory "
-                "limit)")
+        hint = (
+            " -- out of memory? (the kernel's OOM killer sends SIGKILL: see `dmesg` or the job's memory "
+            "limit)"
+        )
     elif exitcode in (-signal.SIGSEGV, -signal.SIGBUS, -signal.SIGABRT):
         hint = " -- a crash in native code (a driver, a kernel, a library)"
-    resume = (f"the same command resumes from {checkpoint} (train.resume=auto)" if checkpoint
-              else "no checkpoint was written: the same command starts over")
+    resume = (
+        f"the same command resumes from {checkpoint} (train.resume=auto)"
+        if checkpoint
+        else "no checkpoint was written: the same command starts over"
+    )
     return f"rank {rank} (host {host}, pid {pid}) {how} {when}{hint}; {resume}"
 
 
@@ -146,12 +163,15 @@ class AbortWatch:
 
     def __enter__(self) -> "AbortWatch":
         if self.world > 1 and os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
-            import torch.distributed as dist
             try:
-                self._store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                            is_master=False, timeout=datetime.timedelta(seconds=30),
-                                            wait_for_workers=False)
-            except Exception:          # no reachable store: no cross-rank abort (still correct)
+                self._store = dist.TCPStore(
+                    os.environ["MASTER_ADDR"],
+                    int(os.environ["MASTER_PORT"]),
+                    is_master=False,
+                    timeout=datetime.timedelta(seconds=30),
+                    wait_for_workers=False,
+                )
+            except Exception:  # no reachable store: no cross-rank abort (still correct)
                 self._store = None
         if self._store is not None:
             self._thread = threading.Thread(target=self._watch, name="flexsp-abort-watch", daemon=True)
@@ -165,7 +185,7 @@ class AbortWatch:
         while not self._stop.wait(self.poll_s):
             try:
                 aborted = self._store.check([self.key])
-            except Exception:          # the store is gone: its host (rank 0) died
+            except Exception:  # the store is gone: its host (rank 0) died
                 aborted = not self._stop.is_set()
             if aborted and not self._stop.is_set():
                 # let the failing rank finish its report and exit first (launchers report the

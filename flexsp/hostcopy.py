@@ -7,6 +7,7 @@ page-locked memory (PyTorch's caching host allocator, which also keeps the block
 copy has finished) and the copy is queued asynchronously on the current stream. On the CPU, and
 for tensors already on the device, these are no-ops.
 """
+
 from __future__ import annotations
 
 import torch

@@ -23,6 +23,7 @@ traceback is printed once), 3 a rank stopped because another rank failed, 130/14
 SIGINT/SIGTERM after writing a checkpoint, 128 + N a rank killed by signal N (137: SIGKILL), or the
 status of a rank that exited without reporting.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,15 @@ from flexsp.checkpoint import latest_checkpoint
 from flexsp.config import RunConfig
 from flexsp.config.compose import CONFIG_DIR, compose, compose_container, to_yaml
 from flexsp.errors import UserError, print_error
-from flexsp.failure import (ABORTED_EXIT_CODE, LAUNCHER_ENV, REPORTED_EXIT_CODES, dead_rank_line, is_peer_lost,
-                            last_logged_step, report)
+from flexsp.failure import (
+    ABORTED_EXIT_CODE,
+    LAUNCHER_ENV,
+    REPORTED_EXIT_CODES,
+    dead_rank_line,
+    is_peer_lost,
+    last_logged_step,
+    report,
+)
 from flexsp.log import LOG_RANKS_ENV, parse_log_ranks, setup_logging
 
 PROG = "flexsp-train"
@@ -73,15 +81,20 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
         elif a == "--log-ranks" or a.startswith("--log-ranks="):
             value = a.partition("=")[2] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
             i += 0 if "=" in a else 1
-            parse_log_ranks(value)                 # ValueError for a bad value (the caller reports it)
+            parse_log_ranks(value)  # ValueError for a bad value (the caller reports it)
             os.environ[LOG_RANKS_ENV] = value
         elif a == "--":
-            overrides += argv[i + 1:]
+            overrides += argv[i + 1 :]
             break
         elif a.startswith("--"):
             launcher.append(a)
-            if ("=" not in a and a not in NO_VALUE_OPTIONS and i + 1 < len(argv)
-                    and not argv[i + 1].startswith("-") and not _is_override(argv[i + 1])):
+            if (
+                "=" not in a
+                and a not in NO_VALUE_OPTIONS
+                and i + 1 < len(argv)
+                and not argv[i + 1].startswith("-")
+                and not _is_override(argv[i + 1])
+            ):
                 launcher.append(argv[i + 1])
                 i += 1
         else:
@@ -97,19 +110,31 @@ def _is_override(a: str) -> bool:
 
 
 def print_help(doc: str = __doc__) -> None:
-    groups = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in sorted(CONFIG_DIR.iterdir()) if p.is_dir()
-              and p.name not in ("costmodels", "dryrun", "bench", "profile")}
+    groups = {
+        p.name: sorted(q.stem for q in p.glob("*.yaml"))
+        for p in sorted(CONFIG_DIR.iterdir())
+        if p.is_dir() and p.name not in ("costmodels", "dryrun", "bench", "profile")
+    }
     print(doc)
     print("Config groups (group=option):")
     for g, opts in groups.items():
         print(f"  {g}: {', '.join(opts)}")
-    print("Keys: every field of flexsp.config.TrainConfig (train.*), ParallelConfig (parallel.*),\n"
-          "SolverConfig (solver.*), flexsp.data.DataConfig (data.*), flexsp.model.ModelConfig\n"
-          "(model.*) and output_dir; each is documented where it is defined. `--cfg` prints the resolved config.")
+    print(
+        "Keys: every field of flexsp.config.TrainConfig (train.*), ParallelConfig (parallel.*),\n"
+        "SolverConfig (solver.*), flexsp.data.DataConfig (data.*), flexsp.model.ModelConfig\n"
+        "(model.*) and output_dir; each is documented where it is defined. `--cfg` prints the resolved "
+        "config."
+    )
 
 
-def main(argv: list[str], run_fn: Callable[[RunConfig], dict], validate_fn: Callable[[RunConfig, int | None], None],
-         module: str = "flexsp.train", prog: str = PROG, doc: str = __doc__) -> int:
+def main(
+    argv: list[str],
+    run_fn: Callable[[RunConfig], dict],
+    validate_fn: Callable[[RunConfig, int | None], None],
+    module: str = "flexsp.train",
+    prog: str = PROG,
+    doc: str = __doc__,
+) -> int:
     """``flexsp-train``'s command line: compose and validate the config, then launch the ranks
     (torchrun options given, not a rank yet) or run ``run_fn`` here (one process, or a rank)."""
     try:
@@ -124,7 +149,7 @@ def main(argv: list[str], run_fn: Callable[[RunConfig], dict], validate_fn: Call
         if "cfg" in flags:
             print(to_yaml(compose_container(overrides)))
             return 0
-        cfg = compose(overrides)                   # typed and validated before anything starts
+        cfg = compose(overrides)  # typed and validated before anything starts
         if launcher and "RANK" not in os.environ:
             validate_fn(cfg, launched_world(launcher))
     except UserError as exc:
@@ -144,9 +169,13 @@ def run_here(cfg: RunConfig, run_fn: Callable[[RunConfig], dict], prog: str = PR
             code = 143 if summary["interrupted"] == "SIGTERM" else 130
     except KeyboardInterrupt:
         if _rank() == 0:
-            print(f"{prog}: interrupted before training started (no checkpoint written)", file=sys.stderr, flush=True)
+            print(
+                f"{prog}: interrupted before training started (no checkpoint written)",
+                file=sys.stderr,
+                flush=True,
+            )
         code = 130
-    except BaseException as exc:   # noqa: BLE001 - every failure becomes one report and a status
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one report and a status
         first = getattr(exc, "flexsp_first", None)
         printer = first if first is not None else _rank() == 0
         if dist.is_initialized() and is_peer_lost(exc):
@@ -154,9 +183,12 @@ def run_here(cfg: RunConfig, run_fn: Callable[[RunConfig], dict], prog: str = PR
             # secondary (no traceback); flexsp-train's launcher reports the dead rank, others get one line
             code = ABORTED_EXIT_CODE
             if printer and not os.environ.get(LAUNCHER_ENV):
-                print_error(prog, f"rank {_rank()} lost its connection to another rank "
-                                  f"({type(exc).__name__}: {_first_line(exc)}): that rank died first; its launcher's "
-                                  f"report (torchrun: the failed rank's exitcode or signal) says which and why")
+                print_error(
+                    prog,
+                    f"rank {_rank()} lost its connection to another rank "
+                    f"({type(exc).__name__}: {_first_line(exc)}): that rank died first; its launcher's "
+                    f"report (torchrun: the failed rank's exitcode or signal) says which and why",
+                )
         else:
             code = report(exc, prog, printer=printer)
         if first is not None:
@@ -169,7 +201,7 @@ def run_here(cfg: RunConfig, run_fn: Callable[[RunConfig], dict], prog: str = PR
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
-            except Exception:   # noqa: BLE001, S110 - a broken world is torn down best-effort
+            except Exception:  # noqa: BLE001, S110 - a broken world is torn down best-effort
                 pass
     return code
 
@@ -194,25 +226,37 @@ def launched_world(launcher: list[str]) -> int | None:
         return None
 
 
-def launch(launcher: list[str], overrides: list[str], cfg: RunConfig | None = None, module: str = "flexsp.train",
-           prog: str = PROG) -> int:
+def launch(
+    launcher: list[str],
+    overrides: list[str],
+    cfg: RunConfig | None = None,
+    module: str = "flexsp.train",
+    prog: str = PROG,
+) -> int:
     """torchrun's elastic agent in this process running ``python -m <module> <overrides>`` on every
     rank, its log quieted; the failed rank's status (messages prefixed ``prog``). ``cfg``: the
     config (its output_dir tells the step a dead rank reached and the checkpoint to resume from)."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError   # the launcher alone
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # the launcher alone
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")       # torchrun would warn and set it
-    os.environ[LAUNCHER_ENV] = "1"                      # the ranks leave a dead peer to us
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun would warn and set it
+    os.environ[LAUNCHER_ENV] = "1"  # the ranks leave a dead peer to us
     if not os.environ.get("FLEXSP_LAUNCHER_VERBOSE"):
         # torchrun's loggers each set their own level: quiet every one of them (the ranks report)
         for name, logger in list(logging.Logger.manager.loggerDict.items()):
             if name.startswith("torch.distributed") and isinstance(logger, logging.Logger):
                 logger.setLevel(logging.CRITICAL)
     names = {a.partition("=")[0].replace("_", "-") for a in launcher}
-    if not names & {"--nnodes", "--rdzv-endpoint", "--rdzv-backend", "--master-addr", "--master-port", "--standalone"}:
-        launcher = ["--standalone", *launcher]       # one node: a free port, no fixed 29500
+    if not names & {
+        "--nnodes",
+        "--rdzv-endpoint",
+        "--rdzv-backend",
+        "--master-addr",
+        "--master-port",
+        "--standalone",
+    }:
+        launcher = ["--standalone", *launcher]  # one node: a free port, no fixed 29500
     try:
         args = get_args_parser().parse_args([*launcher, "-m", module, *overrides])
     except SystemExit as exc:
@@ -224,7 +268,7 @@ def launch(launcher: list[str], overrides: list[str], cfg: RunConfig | None = No
         return _report_failed_ranks(exc.failures, cfg, started, prog)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:   # torchrun's SignalException on SIGINT/SIGTERM of the launcher
+    except Exception as exc:  # torchrun's SignalException on SIGINT/SIGTERM of the launcher
         sig = getattr(exc, "sigval", None)
         if sig is not None:
             return 128 + int(sig)
@@ -241,10 +285,12 @@ def _report_failed_ranks(failures: dict, cfg: RunConfig | None, started: float, 
     traceback is already printed); else a rank stopped because of another (exit status 3, or
     SIGTERM/SIGINT: how torchrun's agent stops the other ranks once one failed). Earliest first
     within each kind. A signal is reported here even as the last resort (nobody else did)."""
+
     def kind(f) -> int:
         if f.exitcode in (ABORTED_EXIT_CODE, -signal.SIGTERM, -signal.SIGINT):
             return 2
         return 0 if f.exitcode < 0 or f.exitcode not in REPORTED_EXIT_CODES else 1
+
     rank, failure = min(failures.items(), key=lambda kv: (kind(kv[1]), kv[1].timestamp))
     if kind(failure) and failure.exitcode > 0:
         return failure.exitcode
@@ -253,9 +299,11 @@ def _report_failed_ranks(failures: dict, cfg: RunConfig | None, started: float, 
         out = cfg.output_dir
         try:
             checkpoint = latest_checkpoint(out / "checkpoints")
-        except UserError:                     # `latest` names an incomplete checkpoint
+        except UserError:  # `latest` names an incomplete checkpoint
             checkpoint = None
         done, steps = last_logged_step(out / "metrics.jsonl", since=started), cfg.train.steps
-    print_error(prog, dead_rank_line(rank, socket.gethostname(), failure.pid, failure.exitcode, done, steps,
-                                     checkpoint))
+    print_error(
+        prog,
+        dead_rank_line(rank, socket.gethostname(), failure.pid, failure.exitcode, done, steps, checkpoint),
+    )
     return 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode

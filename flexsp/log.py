@@ -9,6 +9,7 @@ sets it for every rank, and a rank other than 0 then prefixes its rank: ``[flexs
 Errors are not logged here: a user error is one line on stderr (flexsp.errors.print_error), a bug its
 traceback (flexsp.failure.report).
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,10 +1,17 @@
 """Activation bytes per token of the native model, measured on meta tensors (no memory, no device):
 the dry run's and the CUDA cost-model estimate's memory side."""
+
 from __future__ import annotations
 
 from dataclasses import replace
 
 import torch
+
+from flexsp.attention.context import AttnContext
+from flexsp.attention.local import varlen_attention
+from flexsp.model import layers as L
+from flexsp.model.transformer import Block, LMHead, RMSNorm
+
 
 def activation_bytes_per_token(mcfg, compute_dtype, tokens: tuple[int, int] = (4096, 8192)) -> dict:
     """Activation bytes per token held for backward on one rank, MEASURED on meta tensors.
@@ -30,11 +37,6 @@ def activation_bytes_per_token(mcfg, compute_dtype, tokens: tuple[int, int] = (4
     gradients, one logits chunk) are not included.
     """
 
-    from flexsp.attention.local import varlen_attention
-    from flexsp.model import layers as L
-    from flexsp.attention.context import AttnContext
-    from flexsp.model.transformer import Block, LMHead, RMSNorm
-
     class _Ctx(AttnContext):
         def attention(self, q, k, v, window=None):
             return varlen_attention(q, k, v, self._cu_list, causal=True, backend="math")
@@ -58,9 +60,11 @@ def activation_bytes_per_token(mcfg, compute_dtype, tokens: tuple[int, int] = (4
                 keep.append(t)
                 seen[s._cdata] = max(seen.get(s._cdata, 0), s.nbytes())
             return t
+
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = fn()
-        del out, keep
+        del out
+        keep.clear()
         return sum(seen.values())
 
     def measure(T: int) -> dict:
@@ -68,33 +72,51 @@ def activation_bytes_per_token(mcfg, compute_dtype, tokens: tuple[int, int] = (4
         labels = torch.zeros(T, dtype=torch.int64, device=meta)
         pos = torch.arange(T, device=meta)
         cu = [0, T // 2, T]
-        cos, sin = L.rope_cos_sin(pos, cfg.head_size, cfg.rope_theta, torch.float32, scaling=cfg.rope_scaling,
-                                  max_position_embeddings=cfg.max_position_embeddings,
-                                  seq_lens=torch.full((T,), T // 2, dtype=torch.int64, device=meta))
+        cos, sin = L.rope_cos_sin(
+            pos,
+            cfg.head_size,
+            cfg.rope_theta,
+            torch.float32,
+            scaling=cfg.rope_scaling,
+            max_position_embeddings=cfg.max_position_embeddings,
+            seq_lens=torch.full((T,), T // 2, dtype=torch.int64, device=meta),
+        )
         x = torch.empty(T, cfg.hidden, dtype=cfg.torch_dtype, device=meta, requires_grad=True)
         return {
-            "stem": saved(lambda: embed(ids)) + cos.untyped_storage().nbytes() + sin.untyped_storage().nbytes(),
+            "stem": saved(lambda: embed(ids))
+            + cos.untyped_storage().nbytes()
+            + sin.untyped_storage().nbytes(),
             "block": saved(lambda: block(x, cos, sin, _Ctx(cu_seqlens=cu)), exclude=(cos, sin)),
             "block_input": x.untyped_storage().nbytes(),
             "head": saved(lambda: head(norm(x), labels)),
         }
 
-    method = ("measured: saved_tensors_hooks on meta tensors (attention: flexsp.attention.local._VarlenAttention, "
-              "the FlashAttention path's autograd Function; ops: flexsp.ops torch path)")
+    method = (
+        "measured: saved_tensors_hooks on meta tensors (attention: flexsp.attention.local._VarlenAttention, "
+        "the FlashAttention path's autograd Function; ops: flexsp.ops torch path)"
+    )
     try:
         lo, hi = measure(tokens[0]), measure(tokens[1])
         per = {k: (hi[k] - lo[k]) / (tokens[1] - tokens[0]) for k in lo}
-    except Exception as exc:   # noqa: BLE001 - a kernel without a meta implementation
+    except Exception as exc:  # noqa: BLE001 - a kernel without a meta implementation
         per = _fallback_per_token(cfg, torch.tensor([], dtype=compute_dtype).element_size())
-        method = (f"FALLBACK FORMULA (meta forward failed: {type(exc).__name__}: {str(exc)[:160]}): "
-                  f"LLaMA block with flash-style attention, see flexsp.memory._fallback_per_token")
+        method = (
+            f"FALLBACK FORMULA (meta forward failed: {type(exc).__name__}: {str(exc)[:160]}): "
+            f"LLaMA block with flash-style attention, see flexsp.memory._fallback_per_token"
+        )
     ac = bool(mcfg.activation_checkpointing)
     if ac:
         total = per["stem"] + mcfg.layers * per["block_input"] + per["block"] + per["head"]
     else:
         total = per["stem"] + mcfg.layers * per["block"] + per["head"]
-    return {"bytes_per_token": total, "parts_per_token": per, "activation_checkpointing": ac,
-            "layers": mcfg.layers, "method": method, "measured_at_tokens": list(tokens)}
+    return {
+        "bytes_per_token": total,
+        "parts_per_token": per,
+        "activation_checkpointing": ac,
+        "layers": mcfg.layers,
+        "method": method,
+        "measured_at_tokens": list(tokens),
+    }
 
 
 def _fallback_per_token(cfg, c: int) -> dict:
@@ -103,8 +125,12 @@ def _fallback_per_token(cfg, c: int) -> dict:
     projections' inputs."""
     h, q = cfg.hidden, cfg.heads * cfg.head_size
     kv = cfg.kv_heads * cfg.head_size
-    block = c * (2 * h + 2 * h + 2 * (q + kv) + (q + 2 * kv) + q + 3 * cfg.intermediate) + 4 * (2 * h + cfg.heads)
-    return {"stem": 8 + 2 * 4 * cfg.head_size, "block": block, "block_input": c * h,
-            "head": c * h + 4 * h + 8}
-
-
+    block = c * (2 * h + 2 * h + 2 * (q + kv) + (q + 2 * kv) + q + 3 * cfg.intermediate) + 4 * (
+        2 * h + cfg.heads
+    )
+    return {
+        "stem": 8 + 2 * 4 * cfg.head_size,
+        "block": block,
+        "block_input": c * h,
+        "head": c * h + 4 * h + 8,
+    }

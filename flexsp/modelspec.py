@@ -7,6 +7,7 @@ config.json: the native model, or transformers' modules when it trains HF-native
 model's shape check compares against that same shape. :func:`profile_command` is the command that
 profiles it, named by the shape-mismatch error.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -48,7 +49,7 @@ def model_config_of(cfg: RunConfig, vocab_size: int | None = None):
     else:
         mcfg = model_config(cfg.model.preset, **over)
     precision = resolve_precision(cfg.train.precision, mcfg.dtype, cfg.parallel.engine)
-    if vocab_size is not None and not hf_native:      # HF-native: the checkpoint's vocabulary, always
+    if vocab_size is not None and not hf_native:  # HF-native: the checkpoint's vocabulary, always
         mcfg = replace(mcfg, vocab_size=int(vocab_size))
     return replace(mcfg, dtype=param_dtype(precision)), precision
 
@@ -79,6 +80,6 @@ def profile_command(cfg: RunConfig, world_size: int) -> tuple[str, str]:
     """(the ``flexsp-profile`` command that profiles the model ``cfg`` trains on ``world_size`` ranks,
     the cost-model file it writes)."""
     out = cfg.output_dir / "profile"
-    ranks = max(1, min(world_size, cfg.parallel.devices_per_node or world_size))   # one node's devices
+    ranks = max(1, min(world_size, cfg.parallel.devices_per_node or world_size))  # one node's devices
     args = ["flexsp-profile", *model_overrides_args(cfg), f"profile.world_size={ranks}", f"output_dir={out}"]
     return " ".join(shlex.quote(a) for a in args), str(out / "profile.json")

@@ -10,6 +10,7 @@ same names with and without it). Compile is ``nn.Module.compile`` (in place, nam
 ``blocks`` of a model: its ``decoder_blocks()`` if it has one (the HF-native path names its decoder
 layers), else ``model.blocks``.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
 
 PRECISIONS = ("fp32", "bf16", "bf16-pure")
 """``train.precision``: fp32 | bf16 (fp32 master params and AdamW states, bf16 compute, fp32 gradient
@@ -31,9 +31,8 @@ def precision_dtypes(precision: str) -> tuple[torch.dtype | None, torch.dtype | 
     if precision == "bf16":
         return torch.bfloat16, torch.float32
     if precision == "bf16-pure":
-        return None, None      # the parameters themselves are bf16
+        return None, None  # the parameters themselves are bf16
     raise ValueError(f"train.precision={precision!r}; valid options: {list(PRECISIONS)}")
-
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,7 @@ def blocks_of(model) -> list[torch.nn.Module]:
 
 def apply_activation_checkpointing(model) -> None:
     from torch.distributed._composable import checkpoint
+
     for block in blocks_of(model):
         checkpoint(block)
 
@@ -66,9 +66,10 @@ def apply_activation_checkpointing(model) -> None:
 def set_activation_checkpointing(model, enabled: bool) -> None:
     """Switch the recompute of already checkpointed blocks on or off (no effect on others)."""
     from torch.distributed._composable import checkpoint
+
     for block in blocks_of(model):
         state = checkpoint.state(block)
-        if state is not None:   # None: not checkpointed
+        if state is not None:  # None: not checkpointed
             state.enable_hook = enabled
 
 
@@ -76,13 +77,14 @@ def set_activation_checkpointing(model, enabled: bool) -> None:
 def activation_checkpointing_disabled(model):
     """Run forward without the recompute (e.g. to measure what a block would save)."""
     from torch.distributed._composable import checkpoint
+
     states = []
     for block in blocks_of(model):
         try:
             state = checkpoint.state(block)
-        except Exception:       # noqa: BLE001 -- not checkpointed
+        except Exception:  # noqa: BLE001 -- not checkpointed
             continue
-        if state is None:       # torch 2.13: a block that was never checkpointed has no state
+        if state is None:  # torch 2.13: a block that was never checkpointed has no state
             continue
         states.append((state, state.enable_hook))
         state.enable_hook = False
@@ -118,7 +120,7 @@ def shard_units(model, mesh, cfg: ParallelizeConfig) -> list:
     fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kw)
     units.append(model)
     for m in units:
-        m.set_gradient_divide_factor(1.0)          # sums: each rank's loss is already / global targets
+        m.set_gradient_divide_factor(1.0)  # sums: each rank's loss is already / global targets
         m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM/AVG reduce-scatter
     return units
 

@@ -9,6 +9,7 @@ queues the copy of micro-batch ``i + 1`` (on a side stream on CUDA, so it overla
 micro-batch ``i``) before it launches micro-batch ``i``, and makes the compute stream wait for a
 copy only where its tensors are first used. No value is ever read back from the device here.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -69,14 +70,14 @@ class InputPipeline:
         if self._stream is None:
             return Ready(host.to_device(self.device), host)
         main = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(main)     # the copy may reuse memory the compute stream freed
+        self._stream.wait_stream(main)  # the copy may reuse memory the compute stream freed
         with torch.cuda.stream(self._stream):
             inputs = host.to_device(self.device)
             event = torch.cuda.Event()
             event.record(self._stream)
         for t in (inputs.input_ids, inputs.positions, inputs.labels, inputs.pad_mask):
             if t is not None:
-                t.record_stream(main)     # freed only after the compute stream is done with it
+                t.record_stream(main)  # freed only after the compute stream is done with it
         return Ready(inputs, host, event)
 
     def wait(self, ready: Ready) -> ModelInputs | None:

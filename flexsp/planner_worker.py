@@ -6,6 +6,7 @@ Protocol (pickles over stdin/stdout): the first message is the cost model as a d
 or end of input stops it. SIGINT is ignored: a Ctrl-C in the terminal reaches the whole process
 group, and the trainer (not its planner) decides how to stop. Imports only ``solver`` (no torch).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,12 +14,13 @@ import pickle
 import signal
 import sys
 
+from solver.costmodel import CostModel
+
 
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     module, _, name = argv[0].partition(":")
     solve = getattr(importlib.import_module(module), name)
-    from solver.costmodel import CostModel
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     try:
         cm = CostModel.from_dict(pickle.load(inp))
@@ -34,7 +36,7 @@ def main(argv: list[str]) -> int:
         job_id, lengths, kwargs = job
         try:
             reply = (job_id, True, solve(lengths, cm, **kwargs).to_dict())
-        except Exception as exc:   # reported to the trainer, which names the step
+        except Exception as exc:  # reported to the trainer, which names the step
             reply = (job_id, False, f"{type(exc).__name__}: {exc}")
         try:
             pickle.dump(reply, out)

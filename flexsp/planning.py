@@ -16,27 +16,39 @@ shares its GIL) or ``off`` (solve synchronously at the step boundary). Static mo
 (``mode="static"``) uses ``solver.baselines.static_plan`` (one SP degree for every sequence,
 DeepSpeed-Ulysses-like) synchronously: it takes milliseconds.
 """
+
 from __future__ import annotations
 
+import inspect
+import os
+import pickle
+import queue
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from flexsp.config import ParallelMode, SolverConfig
+from flexsp.costmodels import check_device, gpu_estimate
+from flexsp.errors import UserError
 from solver.baselines import BASELINES, static_plan
 from solver.costmodel import CostModel
 from solver.plan import Plan
 from solver.planner import PlanningError, check_lengths, plan_batch
-
-from flexsp.config import ParallelMode, SolverConfig
-from flexsp.errors import UserError
+from solver.presets import PRESETS, load_preset
 
 PARALLEL_MODES = tuple(ParallelMode.values())
 
 
-def solve_plan(lengths, cm: CostModel, time_limit: float, milp_backend: str = "highs",
-               pulp_solver: str | None = None) -> Plan:
+def solve_plan(
+    lengths, cm: CostModel, time_limit: float, milp_backend: str = "highs", pulp_solver: str | None = None
+) -> Plan:
     """The planner call the trainer makes (``plan_batch`` with the configured backend)."""
-    import inspect
     kwargs = {}
     params = inspect.signature(plan_batch).parameters
     if "milp_backend" in params:
@@ -67,15 +79,14 @@ class PlannerProcess:
         return bool(self.outstanding)
 
     def _start(self) -> None:
-        import os
-        import pickle
-        import queue
-        import subprocess
-        import sys
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.proc = subprocess.Popen([sys.executable, "-m", "flexsp.planner_worker", self.target],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flexsp.planner_worker", self.target],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
         self.replies = queue.Queue()
         pickle.dump(self.cm.to_dict(), self.proc.stdin)
         self.proc.stdin.flush()
@@ -84,28 +95,28 @@ class PlannerProcess:
             while True:
                 try:
                     replies.put(pickle.load(stream))
-                except Exception:   # end of stream: the process exited
+                except Exception:  # end of stream: the process exited
                     replies.put(None)
                     return
-        threading.Thread(target=read, args=(self.proc.stdout, self.replies), daemon=True,
-                         name="flexsp-planner-reader").start()
+
+        threading.Thread(
+            target=read, args=(self.proc.stdout, self.replies), daemon=True, name="flexsp-planner-reader"
+        ).start()
 
     def submit(self, job_id: int, lengths: tuple, kwargs: dict) -> None:
-        import pickle
         now = time.monotonic()
         if any(now - t > self.stuck_s for t in self.outstanding.values()):
-            self.close()            # a stuck solve: start afresh rather than queue behind it
+            self.close()  # a stuck solve: start afresh rather than queue behind it
             self._start()
         try:
             pickle.dump((job_id, lengths, kwargs), self.proc.stdin)
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            pass                    # reported by result(): the process died
+            pass  # reported by result(): the process died
         self.outstanding[job_id] = now
 
     def result(self, job_id: int, timeout: float):
         """``(ok, payload)`` of ``job_id`` within ``timeout`` seconds, or None (still running)."""
-        import queue
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -121,7 +132,6 @@ class PlannerProcess:
                 return ok, payload
 
     def close(self) -> None:
-        import pickle
         busy = self.busy
         try:
             if not busy:
@@ -139,9 +149,17 @@ class PlannerProcess:
         self.outstanding.clear()
 
 
-def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0, *, device=None,
-                    devices_per_node: int | None = None, allow_foreign: bool = False,
-                    profile_hint: tuple[str, str] | None = None) -> CostModel:
+def load_cost_model(
+    spec: str,
+    world_size: int,
+    shape=None,
+    shard_size: int = 0,
+    *,
+    device=None,
+    devices_per_node: int | None = None,
+    allow_foreign: bool = False,
+    profile_hint: tuple[str, str] | None = None,
+) -> CostModel:
     """The cost model ``spec`` (preset name, JSON path or ``auto``) for ``world_size`` devices.
 
     ``device`` (default CPU) is where the run trains: ``auto`` means ``cpu-gloo-tiny`` on the CPU
@@ -158,19 +176,21 @@ def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0,
     model of another model fails with that mismatch, not with whatever it implies at this size.
     ``profile_hint``: (the flexsp-profile command that profiles the model, the file it writes),
     named by that error (flexsp.modelspec.profile_command)."""
-    from pathlib import Path
 
-    import torch
-
-    from flexsp.costmodels import check_device, gpu_estimate
-    from solver.presets import PRESETS, load_preset
     device = torch.device("cpu") if device is None else torch.device(device)
     if spec == "auto" and device.type == "cuda":
         if shape is None:
-            raise UserError("solver.cost_model=auto on CUDA estimates the model being trained: give its shape")
-        return gpu_estimate(shape, torch.cuda.get_device_name(device),
-                            torch.cuda.get_device_properties(device).total_memory, world_size,
-                            devices_per_node or world_size, shard_size)
+            raise UserError(
+                "solver.cost_model=auto on CUDA estimates the model being trained: give its shape"
+            )
+        return gpu_estimate(
+            shape,
+            torch.cuda.get_device_name(device),
+            torch.cuda.get_device_properties(device).total_memory,
+            world_size,
+            devices_per_node or world_size,
+            shard_size,
+        )
     spec_in = spec
     if spec == "auto":
         spec = "cpu-gloo-tiny"
@@ -178,12 +198,16 @@ def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0,
         cm = load_preset(spec)
     elif Path(spec).suffix == ".json" or Path(spec).exists():
         if Path(spec).is_dir():
-            raise UserError(f"solver.cost_model={spec} is a directory; give a cost-model JSON file or a preset "
-                             f"({', '.join(sorted(PRESETS))})")
+            raise UserError(
+                f"solver.cost_model={spec} is a directory; give a cost-model JSON file or a preset "
+                f"({', '.join(sorted(PRESETS))})"
+            )
         cm = CostModel.load(spec)
     else:
-        raise UserError(f"solver.cost_model={spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
-                         f"nor an existing cost-model JSON file")
+        raise UserError(
+            f"solver.cost_model={spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+            f"nor an existing cost-model JSON file"
+        )
     check_device(cm, spec_in, device, allow_foreign)
     if shape is not None and hasattr(cm, "check_model_shape"):
         try:
@@ -192,9 +216,11 @@ def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0,
             text = str(exc)
             if profile_hint is not None:
                 command, path = profile_hint
-                text = text.replace("profile this model (flexsp-profile) or pick a matching cost model",
-                                    f"profile this model with `{command}`, then set solver.cost_model={path} "
-                                    f"(or pick a cost model of this shape)")
+                text = text.replace(
+                    "profile this model (flexsp-profile) or pick a matching cost model",
+                    f"profile this model with `{command}`, then set solver.cost_model={path} "
+                    f"(or pick a cost model of this shape)",
+                )
             raise UserError(f"solver.cost_model={spec}: {text}", field="solver.cost_model") from None
     if cm.num_devices != world_size:
         try:
@@ -210,7 +236,9 @@ def load_cost_model(spec: str, world_size: int, shape=None, shard_size: int = 0,
         try:
             cm = replace(cm, shard_size=shard_size, replicate_gbps=gbps, source=cm.source + note)
         except ValueError as exc:
-            raise UserError(f"solver.cost_model={spec} with parallel.shard_size={shard_size}: {exc}") from None
+            raise UserError(
+                f"solver.cost_model={spec} with parallel.shard_size={shard_size}: {exc}"
+            ) from None
     return cm
 
 
@@ -225,8 +253,17 @@ class _Job:
 class StepPlanner:
     """Produces the plan of every step; the same object on every rank (only rank 0 solves)."""
 
-    def __init__(self, cfg: SolverConfig, cm: CostModel, rank: int, world_size: int,
-                 mode: str = "adaptive", static_degree: int = 0, group=None, solve_fn=solve_plan):
+    def __init__(
+        self,
+        cfg: SolverConfig,
+        cm: CostModel,
+        rank: int,
+        world_size: int,
+        mode: str = "adaptive",
+        static_degree: int = 0,
+        group=None,
+        solve_fn=solve_plan,
+    ):
         """``group``: the process group the plan is broadcast on (a gloo group under NCCL, so the
         handoff never touches the device; None = the default group). ``solve_fn``: what the planner
         process / thread calls (``fn(lengths, cm, time_limit, milp_backend, pulp_solver) -> Plan``, a
@@ -236,9 +273,12 @@ class StepPlanner:
             degree = static_degree or world_size
             valid = [1 << k for k in range(world_size.bit_length())]
             if degree not in valid:
-                raise UserError(f"parallel.static_degree={static_degree} needs a power of two <= the "
-                                f"{world_size} ranks that exist; valid options: {valid} (0 = all ranks)",
-                                field="parallel.static_degree", options=valid)
+                raise UserError(
+                    f"parallel.static_degree={static_degree} needs a power of two <= the "
+                    f"{world_size} ranks that exist; valid options: {valid} (0 = all ranks)",
+                    field="parallel.static_degree",
+                    options=valid,
+                )
             static_degree = degree
         self.cfg, self.cm, self.rank, self.world_size = cfg, cm, rank, world_size
         self.mode, self.static_degree, self.group = mode, static_degree, group
@@ -247,7 +287,7 @@ class StepPlanner:
         self.solve_fn = solve_fn
         self.late = 0
         if rank == 0 and mode == "adaptive" and cfg.background == "process":
-            self._proc = PlannerProcess(solve_fn, cm)   # starts now: its imports overlap the set-up
+            self._proc = PlannerProcess(solve_fn, cm)  # starts now: its imports overlap the set-up
 
     def use_solver(self, solve_fn) -> None:
         """Plan with ``solve_fn`` from now on (the planner process, if any, is restarted with it)."""
@@ -258,8 +298,11 @@ class StepPlanner:
 
     @property
     def _kwargs(self) -> dict:
-        return {"time_limit": self.cfg.time_limit, "milp_backend": self.cfg.milp_backend,
-                "pulp_solver": self.cfg.pulp_solver}
+        return {
+            "time_limit": self.cfg.time_limit,
+            "milp_backend": self.cfg.milp_backend,
+            "pulp_solver": self.cfg.pulp_solver,
+        }
 
     # -- solving (rank 0) -----------------------------------------------------------------------
     def _solve(self, lengths) -> Plan:
@@ -282,11 +325,13 @@ class StepPlanner:
                 self._proc = PlannerProcess(self.solve_fn, self.cm)
             self._proc.submit(step, job.lengths, self._kwargs)
         elif background == "thread":
+
             def work():
                 try:
                     job.result["plan"] = self._solve(job.lengths)
                 except BaseException as exc:  # reported on the main thread
                     job.result["error"] = exc
+
             job.thread = threading.Thread(target=work, name=f"flexsp-plan-{step}", daemon=True)
             job.thread.start()
         else:
@@ -319,7 +364,6 @@ class StepPlanner:
         Rank 0 takes the submitted job's plan if it is ready within ``wait_s``, else the fallback;
         then broadcasts ``plan.to_dict()`` as one object.
         """
-        import torch.distributed as dist
 
         payload = [None]
         wait_ms = 0.0
@@ -333,7 +377,7 @@ class StepPlanner:
             # (and the planner process its start-up)
             grace = self.cfg.time_limit * 1.5 + (5.0 if self._proc is not None else 0.0) if first else 0.0
             payload[0] = self._collect(job, self.cfg.wait_s + grace)
-            if payload[0] is None:   # late: never stall training
+            if payload[0] is None:  # late: never stall training
                 self.late += 1
                 try:
                     payload[0] = self._fallback(job.lengths).to_dict()

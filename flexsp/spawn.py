@@ -11,6 +11,7 @@ are killed: they may be blocked in a collective with it); ranks still running af
 seconds are killed and ``TimeoutError`` is raised, so a deadlock never hangs the caller. Used by
 ``flexsp-profile`` and by the test suite's ``dist_harness``.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -39,8 +40,14 @@ def _free_port() -> int:
 def _child(fn, rank, world_size, port, threads, env, args, kwargs, q):
     try:
         os.environ.update({k: str(v) for k, v in (env or {}).items()})
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                          LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
         torch.set_num_threads(threads)
         try:
             result = fn(rank, world_size, *args, **kwargs)
@@ -51,21 +58,34 @@ def _child(fn, rank, world_size, port, threads, env, args, kwargs, q):
                 except Exception:
                     pass
         q.put((rank, True, result))
-    except UserError as exc:          # the user's input: one line, not a traceback
+    except UserError as exc:  # the user's input: one line, not a traceback
         q.put((rank, False, UserError(str(exc))))
     except BaseException:
         q.put((rank, False, traceback.format_exc()))
 
 
-def spawn_ranks(fn, world_size: int, args=(), kwargs=None, *, timeout: float = 120.0,
-                threads_per_rank: int = 1, env: dict | None = None) -> list:
+def spawn_ranks(
+    fn,
+    world_size: int,
+    args=(),
+    kwargs=None,
+    *,
+    timeout: float = 120.0,
+    threads_per_rank: int = 1,
+    env: dict | None = None,
+) -> list:
     """``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned ranks; the per-rank
     return values (index = rank). ``fn`` must be a picklable module-level function."""
     ctx = mp.get_context("spawn")
     q, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_child, daemon=True,
-                         args=(fn, r, world_size, port, threads_per_rank, env, tuple(args), dict(kwargs or {}), q))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(
+            target=_child,
+            daemon=True,
+            args=(fn, r, world_size, port, threads_per_rank, env, tuple(args), dict(kwargs or {}), q),
+        )
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results, deadline = {}, time.monotonic() + timeout
@@ -73,8 +93,10 @@ def spawn_ranks(fn, world_size: int, args=(), kwargs=None, *, timeout: float = 1
         while len(results) < world_size:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(results))} "
-                                   f"did not finish within {timeout}s (deadlock?)")
+                raise TimeoutError(
+                    f"ranks {sorted(set(range(world_size)) - set(results))} "
+                    f"did not finish within {timeout}s (deadlock?)"
+                )
             try:
                 rank, ok, value = q.get(timeout=min(left, 1.0))
             except queue_mod.Empty:
@@ -82,8 +104,10 @@ def spawn_ranks(fn, world_size: int, args=(), kwargs=None, *, timeout: float = 1
                 if dead:
                     time.sleep(0.5)  # let a traceback already in flight arrive
                     if q.empty():
-                        raise RankError(f"rank(s) {dead} died with exit codes "
-                                        f"{[procs[r].exitcode for r in dead]} and no traceback")
+                        raise RankError(
+                            f"rank(s) {dead} died with exit codes "
+                            f"{[procs[r].exitcode for r in dead]} and no traceback"
+                        )
                 continue
             if not ok:
                 if isinstance(value, UserError):

@@ -21,6 +21,7 @@ loop and the configuration know nothing about them.
 Used through subprocesses (``FLEXSP_FAULTS=... python -m flexsp.train ...``) or spawned ranks (set
 ``os.environ`` before :func:`flexsp.train.run`).
 """
+
 from __future__ import annotations
 
 import os
@@ -82,8 +83,11 @@ def install(st) -> None:
     def run_step(plan, batch):
         current["step"] = batch.step
         for f in faults:
-            if (f.kind == "kill" and f.at(st.rank, batch.step)
-                    and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0):
+            if (
+                f.kind == "kill"
+                and f.at(st.rank, batch.step)
+                and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+            ):
                 log.error(f"rank {st.rank}: simulated failure at step {batch.step}")
                 os._exit(KILL_EXIT_CODE)
         return run(plan, batch)
@@ -92,9 +96,13 @@ def install(st) -> None:
         step = current["step"]
         for f in faults:
             if f.kind == "raise" and f.at(st.rank, step):
-                raise RuntimeError(f"simulated failure inside a micro-batch of step {step + 1} on rank {st.rank}")
+                raise RuntimeError(
+                    f"simulated failure inside a micro-batch of step {step + 1} on rank {st.rank}"
+                )
             if f.kind == "bug" and f.at(st.rank, step):
-                raise ValueError(f"injected internal error inside a micro-batch of step {step + 1} on rank {st.rank}")
+                raise ValueError(
+                    f"injected internal error inside a micro-batch of step {step + 1} on rank {st.rank}"
+                )
         return backward(loss)
 
     executor.run, engine.backward = run_step, backward_once

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch.distributed as dist
+
 from flexsp.errors import UserError, check_power_of_two
 
 
 def dist_world():
-    import torch.distributed as dist
     return dist.group.WORLD
 
 
@@ -56,8 +57,8 @@ class SPTopology:
         check_power_of_two("devices_per_node", self.devices_per_node)
         if self.world_size > self.devices_per_node and self.world_size % self.devices_per_node:
             raise UserError(
-                f"world_size={self.world_size} is not a multiple of "
-                f"devices_per_node={self.devices_per_node}")
+                f"world_size={self.world_size} is not a multiple of devices_per_node={self.devices_per_node}"
+            )
 
     # ---- pure layout (no torch.distributed needed) ----
     @property
@@ -74,8 +75,8 @@ class SPTopology:
         self._check_degree(degree)
         if not (isinstance(block, int) and 0 <= block < self.world_size // degree):
             raise UserError(
-                f"block must be in [0, {self.world_size // degree}) for degree {degree}, "
-                f"got {block!r}")
+                f"block must be in [0, {self.world_size // degree}) for degree {degree}, got {block!r}"
+            )
         return list(range(block * degree, (block + 1) * degree))
 
     def block_of(self, degree: int, rank: int) -> int:
@@ -102,27 +103,31 @@ class SPTopology:
 
         Uses the default process group's backend unless ``backend`` is given.
         """
-        import torch.distributed as dist
 
         if not dist.is_initialized():
-            raise RuntimeError("SPTopology.build() needs torch.distributed to be initialised "
-                               "(see flexsp.distributed.init_distributed)")
+            raise RuntimeError(
+                "SPTopology.build() needs torch.distributed to be initialised "
+                "(see flexsp.distributed.init_distributed)"
+            )
         if dist.get_world_size() != self.world_size:
-            raise UserError(f"SPTopology(world_size={self.world_size}) but the default group "
-                             f"has {dist.get_world_size()} ranks")
+            raise UserError(
+                f"SPTopology(world_size={self.world_size}) but the default group "
+                f"has {dist.get_world_size()} ranks"
+            )
         if self._groups:
             return self
         groups = {}
-        for degree, block in self.all_blocks():   # identical order on every rank
+        for degree, block in self.all_blocks():  # identical order on every rank
             if degree == 1:
-                groups[(degree, block)] = None          # local attention: no communicator
+                groups[(degree, block)] = None  # local attention: no communicator
             elif degree == self.world_size:
                 groups[(degree, block)] = dist.group.WORLD
             else:
                 groups[(degree, block)] = dist.new_group(self.ranks(degree, block), backend=backend)
         # gloo (and the dry run's fake backend) already carry host objects without a device
-        self.host_group = (dist.group.WORLD if dist.get_backend() in ("gloo", "fake")
-                           else dist.new_group(backend="gloo"))
+        self.host_group = (
+            dist.group.WORLD if dist.get_backend() in ("gloo", "fake") else dist.new_group(backend="gloo")
+        )
         self._groups = groups
         return self
 
@@ -138,7 +143,7 @@ class SPTopology:
 
     def group(self, degree: int, block: int):
         """The ProcessGroup of ``(degree, block)`` (built by :meth:`build`); None for degree 1."""
-        self.ranks(degree, block)   # validates
+        self.ranks(degree, block)  # validates
         if not self._groups:
             raise RuntimeError("call SPTopology.build() before looking groups up")
         return self._groups[(degree, block)]

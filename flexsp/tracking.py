@@ -34,6 +34,7 @@ a run resumed at step 13 gets a picture of step 13 at once). The PNG goes to
 Drawing costs a few hundred ms on a CPU (matplotlib, Agg backend), so pick N accordingly. A failed
 picture prints one warning line on stderr and training goes on.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,20 +43,31 @@ import numbers
 import os
 import sys
 from pathlib import Path
+
 from flexsp.errors import UserError
 
 TRACKERS = ("none", "tensorboard", "wandb")
 
 TAGS = {
     # optimisation
-    "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "epoch": "train/epoch",
-    "tokens": "train/tokens", "targets": "train/targets", "docs": "train/docs",
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "epoch": "train/epoch",
+    "tokens": "train/tokens",
+    "targets": "train/targets",
+    "docs": "train/docs",
     # speed and memory
-    "tokens_per_s": "perf/tokens_per_s", "measured_ms": "perf/measured_ms", "step_s": "perf/step_s",
+    "tokens_per_s": "perf/tokens_per_s",
+    "measured_ms": "perf/measured_ms",
+    "step_s": "perf/step_s",
     "memory_mb": "perf/memory_mb",
     # planner
-    "predicted_ms": "plan/predicted_ms", "planner_ms": "plan/solve_ms", "solve_ms": "plan/solve_ms",
-    "plan_wait_ms": "plan/wait_ms", "late_plans": "plan/late_plans",
+    "predicted_ms": "plan/predicted_ms",
+    "planner_ms": "plan/solve_ms",
+    "solve_ms": "plan/solve_ms",
+    "plan_wait_ms": "plan/wait_ms",
+    "late_plans": "plan/late_plans",
 }
 """Stable tag of each scalar the trainer passes (other keys: see the module docstring)."""
 
@@ -96,9 +108,15 @@ def plan_scalars(plan) -> dict[str, float]:
             max_sp = max(max_sp, g.sp)
     out = {"plan/micro_batches": float(len(plan.micro_batches)), "plan/groups": float(groups)}
     out.update({f"plan/groups_sp{sp}": float(n) for sp, n in sorted(counts.items())})
-    out.update({"plan/max_sp": float(max_sp), "plan/sequences": float(sequences),
-                "plan/tokens": float(tokens), "plan/predicted_ms": float(plan.predicted_ms),
-                "plan/solve_ms": float(plan.solve_seconds) * 1e3})
+    out.update(
+        {
+            "plan/max_sp": float(max_sp),
+            "plan/sequences": float(sequences),
+            "plan/tokens": float(tokens),
+            "plan/predicted_ms": float(plan.predicted_ms),
+            "plan/solve_ms": float(plan.solve_seconds) * 1e3,
+        }
+    )
     total = sum(mb.predicted_ms for mb in plan.micro_batches) * plan.num_devices
     if total > 0:
         out["plan/idle_frac"] = max(0.0, 1.0 - busy / total)
@@ -127,9 +145,17 @@ def _jsonable(config: dict) -> dict:
 class Tracker:
     """One run's tracker (create it on rank 0 only). See the module docstring."""
 
-    def __init__(self, kind: str, output_dir: str | Path, *, run_name: str, config: dict,
-                 plot_plan_every: int = 0, wandb_project: str = "flexsp",
-                 wandb_mode: str | None = None):
+    def __init__(
+        self,
+        kind: str,
+        output_dir: str | Path,
+        *,
+        run_name: str,
+        config: dict,
+        plot_plan_every: int = 0,
+        wandb_project: str = "flexsp",
+        wandb_mode: str | None = None,
+    ):
         kind = "none" if kind is None else str(kind)
         if kind not in TRACKERS:
             raise UserError(f"train.logger={kind!r}; valid options: {list(TRACKERS)}")
@@ -140,8 +166,8 @@ class Tracker:
         self.run_name = run_name
         self.plot_plan_every = int(plot_plan_every)
         self.plans_dir = self.output_dir / "plans"
-        self._writer = None   # TensorBoard SummaryWriter
-        self._run = None      # wandb Run
+        self._writer = None  # TensorBoard SummaryWriter
+        self._run = None  # wandb Run
         self._wandb = None
         self._seen_plan = False
         self._closed = False
@@ -150,20 +176,27 @@ class Tracker:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
-                raise UserError(f"train.logger=tensorboard needs the 'tensorboard' package "
-                                 f"(pip install tensorboard): {exc}") from exc
+                raise UserError(
+                    f"train.logger=tensorboard needs the 'tensorboard' package "
+                    f"(pip install tensorboard): {exc}"
+                ) from exc
             self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), flush_secs=30)
-            self._writer.add_text("config", "```\n" + json.dumps(config, indent=2, sort_keys=True) + "\n```", 0)
+            self._writer.add_text(
+                "config", "```\n" + json.dumps(config, indent=2, sort_keys=True) + "\n```", 0
+            )
         elif kind == "wandb":
             try:
                 import wandb
             except ImportError as exc:
-                raise UserError(f"train.logger=wandb needs the 'wandb' package (pip install wandb): {exc}") from exc
+                raise UserError(
+                    f"train.logger=wandb needs the 'wandb' package (pip install wandb): {exc}"
+                ) from exc
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._wandb = wandb
             mode = wandb_mode or os.environ.get("WANDB_MODE") or "online"
-            self._run = wandb.init(project=wandb_project, name=run_name, dir=str(self.output_dir),
-                                   config=config, mode=mode)
+            self._run = wandb.init(
+                project=wandb_project, name=run_name, dir=str(self.output_dir), config=config, mode=mode
+            )
 
     # -- logging -------------------------------------------------------------------------------
     def wants_picture(self, step: int) -> bool:
@@ -198,6 +231,7 @@ class Tracker:
             if picture is not None:
                 try:
                     import matplotlib.image
+
                     img = matplotlib.image.imread(str(picture))
                     self._writer.add_image(PLAN_IMAGE_TAG, img[..., :3], step, dataformats="HWC")
                 except Exception as exc:  # noqa: BLE001 - a picture never stops training
@@ -212,9 +246,12 @@ class Tracker:
         path = self.picture_path(step)
         try:
             from solver.plot import plot_plan  # draws with the Agg backend
+
             predicted = values.get("plan/predicted_ms", plan.predicted_ms)
             measured = values.get("perf/measured_ms")
-            times = f"predicted {predicted:.0f} ms" + (f", measured {measured:.0f} ms" if measured is not None else "")
+            times = f"predicted {predicted:.0f} ms" + (
+                f", measured {measured:.0f} ms" if measured is not None else ""
+            )
             title = f"step {step}: {plan.summary()[:80]}\n{times}"
             self.plans_dir.mkdir(parents=True, exist_ok=True)
             plot_plan(plan, str(path), title=title)

@@ -21,6 +21,7 @@ validated before any rank starts and a failure reported as one line, without tor
    the step, checkpoint and stop;
 6. ``_finish``: summary line and summary.json.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -123,15 +124,18 @@ def _memory_mb(device: torch.device) -> float:
 def _init_world(cfg: RunConfig):
     """Initialise torch.distributed; a plain `python -m flexsp.train` becomes a 1-rank world."""
     parallel = cfg.parallel
-    single = not dist.is_initialized() and "RANK" not in os.environ   # a 1-rank world of its own
+    single = not dist.is_initialized() and "RANK" not in os.environ  # a 1-rank world of its own
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if restart is not None and not dist.is_initialized():
         _init_elastic(parallel.backend, int(restart))
     rank, world, device = init_distributed(parallel.backend, single=single)
     if parallel.world_size and parallel.world_size != world:
-        raise UserError(f"parallel.world_size={parallel.world_size} but the launcher started {world} "
-                        f"ranks; start {parallel.world_size} ranks (e.g. torchrun --nproc_per_node "
-                        f"{parallel.world_size}) or set parallel.world_size=0", field="parallel.world_size")
+        raise UserError(
+            f"parallel.world_size={parallel.world_size} but the launcher started {world} "
+            f"ranks; start {parallel.world_size} ranks (e.g. torchrun --nproc_per_node "
+            f"{parallel.world_size}) or set parallel.world_size=0",
+            field="parallel.world_size",
+        )
     return rank, world, device
 
 
@@ -145,17 +149,28 @@ def _init_elastic(backend: str | None, attempt: int) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     timeout = datetime.timedelta(seconds=600)
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=(not agent_store and rank == 0), timeout=timeout,
-                          multi_tenant=not agent_store)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=(not agent_store and rank == 0),
+        timeout=timeout,
+        multi_tenant=not agent_store,
+    )
     store = dist.PrefixStore(f"flexsp/attempt_{attempt}", store)
     bound = {}
     if (backend or default_backend()) == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        bound = {"device_id": device}     # eager NCCL init on this device; barriers use it
-    dist.init_process_group(backend=backend or default_backend(), store=store, rank=rank,
-                            world_size=world, timeout=timeout, **bound)
+        bound = {"device_id": device}  # eager NCCL init on this device; barriers use it
+    dist.init_process_group(
+        backend=backend or default_backend(),
+        store=store,
+        rank=rank,
+        world_size=world,
+        timeout=timeout,
+        **bound,
+    )
 
 
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
@@ -169,13 +184,20 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         except ValueError as exc:
             raise UserError(f"{world_size} ranks: {exc}") from None
         if cfg.parallel.world_size and cfg.parallel.world_size != world_size:
-            raise UserError(f"parallel.world_size={cfg.parallel.world_size} but {world_size} ranks are launched",
-                            field="parallel.world_size")
+            raise UserError(
+                f"parallel.world_size={cfg.parallel.world_size} but {world_size} ranks are launched",
+                field="parallel.world_size",
+            )
     device = torch.device("cuda" if (cfg.parallel.backend or default_backend()) == "nccl" else "cpu")
-    if not (cfg.solver.cost_model == "auto" and device.type == "cuda"):   # the estimate is built per rank
-        load_cost_model(cfg.solver.cost_model, world_size or 1, shape=mcfg, device=device,
-                        allow_foreign=cfg.solver.allow_foreign_cost_model,
-                        profile_hint=profile_command(cfg, world_size or 1))
+    if not (cfg.solver.cost_model == "auto" and device.type == "cuda"):  # the estimate is built per rank
+        load_cost_model(
+            cfg.solver.cost_model,
+            world_size or 1,
+            shape=mcfg,
+            device=device,
+            allow_foreign=cfg.solver.allow_foreign_cost_model,
+            profile_hint=profile_command(cfg, world_size or 1),
+        )
 
 
 def setup(cfg: RunConfig) -> RunState:
@@ -186,26 +208,45 @@ def setup(cfg: RunConfig) -> RunState:
     mcfg_shape, precision = model_config_of(cfg)
     reason = hf_native_reason(cfg.model)
     if rank == 0 and reason:
-        log.info(f"model {mcfg_shape.architecture} from {cfg.model.hf_checkpoint} trains HF-native "
-                 f"(transformers' modules, FlexSP attention and loss): {reason}")
+        log.info(
+            f"model {mcfg_shape.architecture} from {cfg.model.hf_checkpoint} trains HF-native "
+            f"(transformers' modules, FlexSP attention and loss): {reason}"
+        )
     mcfg_shape = planning_shape(mcfg_shape)
-    hint = profile_command(cfg, world)             # named by a cost model of another model's shape
+    hint = profile_command(cfg, world)  # named by a cost model of another model's shape
     cfg = replace(cfg, train=replace(cfg.train, precision=precision))
     if parallel.shard_size and (parallel.shard_size > world or world % parallel.shard_size):
-        raise UserError(f"parallel.shard_size={parallel.shard_size} must divide the {world} ranks",
-                        field="parallel.shard_size")
+        raise UserError(
+            f"parallel.shard_size={parallel.shard_size} must divide the {world} ranks",
+            field="parallel.shard_size",
+        )
     dpn = parallel.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     topo = SPTopology(world, min(dpn, world)).build()
-    cm = load_cost_model(solver.cost_model, world, shape=mcfg_shape, shard_size=parallel.shard_size, device=device,
-                         devices_per_node=min(dpn, world), allow_foreign=solver.allow_foreign_cost_model,
-                         profile_hint=hint)
+    cm = load_cost_model(
+        solver.cost_model,
+        world,
+        shape=mcfg_shape,
+        shard_size=parallel.shard_size,
+        device=device,
+        devices_per_node=min(dpn, world),
+        allow_foreign=solver.allow_foreign_cost_model,
+        profile_hint=hint,
+    )
     if rank == 0 and cm.source.startswith("ESTIMATE"):
         log.info(f"cost model {cm.name}: {cm.source}")
-    if rank == 0 and getattr(cm, "layers", 0) and cm.activation_checkpointing != mcfg_shape.activation_checkpointing:
-        log.warning(f"warning: cost model {cm.name} was measured with activation_checkpointing="
-                    f"{cm.activation_checkpointing} but the model trains with {mcfg_shape.activation_checkpointing}: "
-                    f"its times and memory per token are off (re-profile with the model's setting)")
-    planner = StepPlanner(solver, cm, rank, world, parallel.mode, parallel.static_degree, group=topo.host_group)
+    if (
+        rank == 0
+        and getattr(cm, "layers", 0)
+        and cm.activation_checkpointing != mcfg_shape.activation_checkpointing
+    ):
+        log.warning(
+            f"warning: cost model {cm.name} was measured with activation_checkpointing="
+            f"{cm.activation_checkpointing} but the model trains with {mcfg_shape.activation_checkpointing}: "
+            f"its times and memory per token are off (re-profile with the model's setting)"
+        )
+    planner = StepPlanner(
+        solver, cm, rank, world, parallel.mode, parallel.static_degree, group=topo.host_group
+    )
     st = RunState(cfg=cfg, rank=rank, world=world, device=device, out=out, topo=topo, cm=cm, planner=planner)
     if rank == 0:
         _write_config(out, cfg)
@@ -216,8 +257,9 @@ def _write_config(out: Path, cfg: RunConfig) -> None:
     """<output_dir>/config.yaml: the run's typed configuration (config.json without PyYAML)."""
     try:
         import yaml
+
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_container(), sort_keys=False))
-    except ImportError:   # a machine without PyYAML (e.g. a bare GPU image)
+    except ImportError:  # a machine without PyYAML (e.g. a bare GPU image)
         (out / "config.json").write_text(json.dumps(cfg.to_container(), indent=1))
 
 
@@ -258,7 +300,7 @@ def prepare_data(st: RunState) -> None:
     static = cfg.parallel.mode == "static"
     ranks = planner.static_degree if static else st.world
     limit = ranks * cm.capacity_tokens
-    if data_cfg.source == "sft":   # over-long conversations: dropped or cut (data.truncate), logged
+    if data_cfg.source == "sft":  # over-long conversations: dropped or cut (data.truncate), logged
         holds = f"the cluster holds {ranks} ranks x {cm.capacity_tokens} tokens under cost model {cm.name}"
         source = source.fit(limit, data_cfg.truncate, holds)
         if st.rank == 0:
@@ -269,10 +311,12 @@ def prepare_data(st: RunState) -> None:
         i = int(too_long[0])
         raise PlanningError(
             f"{too_long.size} document(s) are longer than the cluster can hold ({limit} tokens = "
-            f"{ranks} ranks x {cm.capacity_tokens} tokens per rank under cost model {cm.name}), e.g. document "
+            f"{ranks} ranks x {cm.capacity_tokens} tokens per rank under cost model {cm.name}), e.g. "
+            "document "
             f"{i} with {int(source.lengths[i])} tokens. Policy: they are never silently dropped; lower "
             f"data.corpus.max_doc_tokens (long documents are then split, data.corpus.long_doc_policy=split) "
-            f"or add ranks/memory")
+            f"or add ranks/memory"
+        )
     st.source = source
     st.sampler = GlobalBatchSampler(source.lengths, data_cfg.sampler, targets=source.target_counts)
 
@@ -284,13 +328,15 @@ def build(st: RunState) -> None:
     vocab = cfg.model.overrides.get("vocab_size") or st.source.vocab_size
     if hf:
         vocab = model_config_of(cfg)[0].vocab_size
-        if cfg.data.source in TOKENIZED_SOURCES:   # the data's tokenizer must be the model's
+        if cfg.data.source in TOKENIZED_SOURCES:  # the data's tokenizer must be the model's
             tok = cfg.data.corpus.tokenizer
             check_vocabulary(st.source.vocab_size, vocab, hf if tok == "bpe" else tok, hf)
     if vocab < st.source.vocab_size:
-        raise UserError(f"model.vocab_size={vocab} is smaller than the data's vocabulary "
-                        f"({st.source.vocab_size}); set model.vocab_size=null to follow the data",
-                        field="model.vocab_size")
+        raise UserError(
+            f"model.vocab_size={vocab} is smaller than the data's vocabulary "
+            f"({st.source.vocab_size}); set model.vocab_size=null to follow the data",
+            field="model.vocab_size",
+        )
     mcfg, _ = model_config_of(cfg, vocab)
     if getattr(mcfg, "hf_native", False):
         weights = HFNativeWeights(hf)
@@ -298,14 +344,20 @@ def build(st: RunState) -> None:
         def make_model(device):
             return HFNativeModel(mcfg, device=device)
     else:
-        weights = HFWeights(HFCheckpointReader(hf)) if hf else RandomWeights(cfg.train.seed, mcfg.init_std,
-                                                                             mcfg.layers)
+        weights = (
+            HFWeights(HFCheckpointReader(hf))
+            if hf
+            else RandomWeights(cfg.train.seed, mcfg.init_std, mcfg.layers)
+        )
 
         def make_model(device):
             return Transformer(mcfg, device=device)
+
     torch.manual_seed(cfg.train.seed)
     st.mcfg = mcfg
-    st.engine = build_engine(cfg.parallel.engine, make_model, weights, cfg.train, cfg.parallel, st.world, st.device)
+    st.engine = build_engine(
+        cfg.parallel.engine, make_model, weights, cfg.train, cfg.parallel, st.world, st.device
+    )
     st.executor = StepExecutor(st.engine, st.source, st.topo, st.rank, st.device, mcfg.heads)
 
 
@@ -376,11 +428,13 @@ def _header(st: RunState) -> None:
     if getattr(st.mcfg, "hf_native", False):
         origin += f" ({st.mcfg.architecture}, HF-native)"
     hsdp = f" HSDP {cfg.parallel.shard_size}" if cfg.parallel.shard_size else ""
-    log.info(f"{st.world} rank(s) on {st.device.type} ({dist.get_backend()}), engine {cfg.parallel.engine}"
-             f"{hsdp}, precision {cfg.train.precision}, mode {cfg.parallel.mode}, model {origin} "
-             f"{nparams / 1e6:.2f}M params, data {cfg.data.source}: {st.source.num_docs} docs / "
-             f"{int(st.source.lengths.sum())} tokens, cost model {cm.name} (C={cm.capacity_tokens} tokens/rank), "
-             f"output {st.out}")
+    log.info(
+        f"{st.world} rank(s) on {st.device.type} ({dist.get_backend()}), engine {cfg.parallel.engine}"
+        f"{hsdp}, precision {cfg.train.precision}, mode {cfg.parallel.mode}, model {origin} "
+        f"{nparams / 1e6:.2f}M params, data {cfg.data.source}: {st.source.num_docs} docs / "
+        f"{int(st.source.lengths.sum())} tokens, cost model {cm.name} (C={cm.capacity_tokens} tokens/rank), "
+        f"output {st.out}"
+    )
 
 
 def _loop(st: RunState) -> None:
@@ -388,7 +442,9 @@ def _loop(st: RunState) -> None:
     rank, planner, sampler = st.rank, st.planner, st.sampler
     if rank == 0:
         _header(st)
-    ckpt = Checkpointer(st.out / "checkpoints", keep=train.keep_checkpoints, async_save=train.async_checkpoint)
+    ckpt = Checkpointer(
+        st.out / "checkpoints", keep=train.keep_checkpoints, async_save=train.async_checkpoint
+    )
     metrics = _RankZeroLog(st) if rank == 0 else None
     batch = next(sampler) if st.start < train.steps else None
     if batch is not None:
@@ -416,13 +472,15 @@ def _loop(st: RunState) -> None:
     st.seconds = time.perf_counter() - t_run
 
 
-def _one_step(st: RunState, step: int, batch: GlobalBatch, ckpt: Checkpointer, metrics, interrupt: _Interrupt):
+def _one_step(
+    st: RunState, step: int, batch: GlobalBatch, ckpt: Checkpointer, metrics, interrupt: _Interrupt
+):
     """Train ``step`` on ``batch``; returns the next batch (drawn and submitted to the planner
     before this step trains)."""
     cfg, train = st.cfg, st.cfg.train
     t0 = time.perf_counter()
     plan, wait_ms = st.planner.get(step, batch.lengths, first=(step == st.start))
-    sampler_state = st.sampler.state_dict()       # before the next batch is drawn
+    sampler_state = st.sampler.state_dict()  # before the next batch is drawn
     nxt = None
     if step + 1 < train.steps:
         nxt = next(st.sampler)
@@ -431,13 +489,16 @@ def _one_step(st: RunState, step: int, batch: GlobalBatch, ckpt: Checkpointer, m
     gnorm = st.engine.step()
     # the step's one host sync: loss/targets/tokens summed over ranks, plus "stop" (any rank
     # signalled) so every rank stops after the same step
-    counts = to_device(torch.tensor([res.targets, res.tokens, interrupt.signal], dtype=torch.float64), st.device)
+    counts = to_device(
+        torch.tensor([res.targets, res.tokens, interrupt.signal], dtype=torch.float64), st.device
+    )
     stats = torch.cat([res.loss_sum.double().reshape(1), counts])
     if st.world > 1:
         dist.all_reduce(stats)
     # the global grad norm is the same on every rank: read with the sums, in the same sync
     loss_sum, targets, _, stop, gnorm = read_to_host(
-        torch.cat([stats, to_device(gnorm.detach().double().reshape(1), st.device)]))
+        torch.cat([stats, to_device(gnorm.detach().double().reshape(1), st.device)])
+    )
     loss = loss_sum / targets
     dt = time.perf_counter() - t0
     st.tokens += batch.num_tokens
@@ -446,11 +507,19 @@ def _one_step(st: RunState, step: int, batch: GlobalBatch, ckpt: Checkpointer, m
     if metrics is not None:
         metrics.step(done, loss, gnorm, int(targets), dt, plan, wait_ms, batch)
     if stop:
-        st.interrupted = signal.Signals(interrupt.signal).name if interrupt.signal else "a signal on another rank"
+        st.interrupted = (
+            signal.Signals(interrupt.signal).name if interrupt.signal else "a signal on another rank"
+        )
     if (train.checkpoint_every and done % train.checkpoint_every == 0) or done == train.steps or stop:
-        state = {"sampler": sampler_state, "config": cfg.to_container(), "world_size": st.world,
-                 "engine": str(cfg.parallel.engine), "precision": str(train.precision),
-                 "model_config": asdict(st.mcfg), "tokenizer": _tokenizer_of(st)}
+        state = {
+            "sampler": sampler_state,
+            "config": cfg.to_container(),
+            "world_size": st.world,
+            "engine": str(cfg.parallel.engine),
+            "precision": str(train.precision),
+            "model_config": asdict(st.mcfg),
+            "tokenizer": _tokenizer_of(st),
+        }
         st.last_checkpoint = ckpt.save(done, st.engine, state)
     return nxt
 
@@ -476,27 +545,56 @@ class _RankZeroLog:
         self.fh = open(st.out / "metrics.jsonl", "a")
         self.bar = None
         if train.progress and sys.stderr.isatty() and st.start < train.steps:
-            self.bar = tqdm(total=train.steps, initial=st.start, desc="train", unit="step", dynamic_ncols=True,
-                            file=sys.stderr)
-        self.tracker = Tracker(str(train.logger), st.out, run_name=st.out.name, config=st.cfg.to_container(),
-                               plot_plan_every=train.plot_plan_every, wandb_project=train.wandb_project)
+            self.bar = tqdm(
+                total=train.steps,
+                initial=st.start,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+        self.tracker = Tracker(
+            str(train.logger),
+            st.out,
+            run_name=st.out.name,
+            config=st.cfg.to_container(),
+            plot_plan_every=train.plot_plan_every,
+            wandb_project=train.wandb_project,
+        )
 
     def step(self, done, loss, gnorm, targets, dt, plan, wait_ms, batch) -> None:
         st, train = self.st, self.st.cfg.train
         ntok = batch.num_tokens
-        rec = {"step": done, "loss": round(loss, 6), "tokens": ntok, "targets": targets,
-               "docs": len(batch.doc_ids), "plan": plan.summary(), "method": plan.method,
-               "status": plan.status, "planner_ms": round(plan.solve_seconds * 1e3, 2),
-               "plan_wait_ms": round(wait_ms, 2), "predicted_ms": plan.predicted_ms,
-               "step_s": round(dt, 4), "tokens_per_s": round(ntok / dt, 1),
-               "grad_norm": round(gnorm, 6), "lr": st.engine.lr, "memory_mb": round(_memory_mb(st.device), 1),
-               "epoch": batch.epoch, "late_plans": st.planner.late, "doc_ids": list(batch.doc_ids)}
+        rec = {
+            "step": done,
+            "loss": round(loss, 6),
+            "tokens": ntok,
+            "targets": targets,
+            "docs": len(batch.doc_ids),
+            "plan": plan.summary(),
+            "method": plan.method,
+            "status": plan.status,
+            "planner_ms": round(plan.solve_seconds * 1e3, 2),
+            "plan_wait_ms": round(wait_ms, 2),
+            "predicted_ms": plan.predicted_ms,
+            "step_s": round(dt, 4),
+            "tokens_per_s": round(ntok / dt, 1),
+            "grad_norm": round(gnorm, 6),
+            "lr": st.engine.lr,
+            "memory_mb": round(_memory_mb(st.device), 1),
+            "epoch": batch.epoch,
+            "late_plans": st.planner.late,
+            "doc_ids": list(batch.doc_ids),
+        }
         self.fh.write(json.dumps(rec) + "\n")
         self.fh.flush()
         st.history.append(rec)
-        line = (f"step {done:>4}/{train.steps} | loss {loss:7.4f} | {ntok / dt:8.0f} tok/s | "
-                f"plan {plan.summary()} [{plan.method}] | pred {plan.predicted_ms:.0f} ms, took {dt * 1e3:.0f} ms | "
-                f"planner {rec['planner_ms']:.0f} ms (wait {wait_ms:.0f} ms) | mem {rec['memory_mb']:.0f} MB")
+        line = (
+            f"step {done:>4}/{train.steps} | loss {loss:7.4f} | {ntok / dt:8.0f} tok/s | "
+            f"plan {plan.summary()} [{plan.method}] | pred {plan.predicted_ms:.0f} ms, took "
+            f"{dt * 1e3:.0f} ms | "
+            f"planner {rec['planner_ms']:.0f} ms (wait {wait_ms:.0f} ms) | mem {rec['memory_mb']:.0f} MB"
+        )
         if self.bar is not None:
             self.bar.write(line)
             self.bar.update(1)
@@ -515,24 +613,38 @@ class _RankZeroLog:
 def _finish(st: RunState, return_state: bool) -> dict:
     train = st.cfg.train
     last_step = max(st.losses) + 1 if st.losses else st.start
-    summary = {"start_step": st.start, "steps": train.steps, "last_step": last_step, "losses": st.losses,
-               "seconds": st.seconds, "tokens": st.tokens,
-               "tokens_per_s": st.tokens / st.seconds if st.seconds > 0 else 0.0,
-               "late_plans": st.planner.late, "world_size": st.world, "interrupted": st.interrupted,
-               "checkpoint": str(st.last_checkpoint) if st.last_checkpoint else None}
+    summary = {
+        "start_step": st.start,
+        "steps": train.steps,
+        "last_step": last_step,
+        "losses": st.losses,
+        "seconds": st.seconds,
+        "tokens": st.tokens,
+        "tokens_per_s": st.tokens / st.seconds if st.seconds > 0 else 0.0,
+        "late_plans": st.planner.late,
+        "world_size": st.world,
+        "interrupted": st.interrupted,
+        "checkpoint": str(st.last_checkpoint) if st.last_checkpoint else None,
+    }
     if return_state:
         summary["state_dict"] = {k: v.detach().clone() for k, v in st.engine.full_state_dict().items()}
     if st.rank == 0 and st.interrupted:
-        log.info(f"interrupted at step {last_step} ({st.interrupted}), checkpoint {st.last_checkpoint}; "
-                 f"run the same command again (train.resume=auto) to continue")
+        log.info(
+            f"interrupted at step {last_step} ({st.interrupted}), checkpoint {st.last_checkpoint}; "
+            f"run the same command again (train.resume=auto) to continue"
+        )
     if st.rank == 0 and st.history:
         first, last = st.history[0]["loss"], st.history[-1]["loss"]
-        log.info(f"done: steps {st.start + 1}-{last_step} in {st.seconds:.1f} s, "
-                 f"{summary['tokens_per_s']:.0f} tok/s, loss {first:.4f} -> {last:.4f}, "
-                 f"late plans {st.planner.late}, metrics {st.out / 'metrics.jsonl'}, "
-                 f"checkpoints {st.out / 'checkpoints'}")
+        log.info(
+            f"done: steps {st.start + 1}-{last_step} in {st.seconds:.1f} s, "
+            f"{summary['tokens_per_s']:.0f} tok/s, loss {first:.4f} -> {last:.4f}, "
+            f"late plans {st.planner.late}, metrics {st.out / 'metrics.jsonl'}, "
+            f"checkpoints {st.out / 'checkpoints'}"
+        )
         keep = {k: v for k, v in summary.items() if k not in ("losses", "state_dict")}
-        (st.out / "summary.json").write_text(json.dumps(keep | {"first_loss": first, "last_loss": last}, indent=2))
+        (st.out / "summary.json").write_text(
+            json.dumps(keep | {"first_loss": first, "last_loss": last}, indent=2)
+        )
     return summary
 
 
@@ -543,7 +655,7 @@ def run(cfg: RunConfig, return_state: bool = False) -> dict:
     st = setup(cfg)
     prepare_data(st)
     build(st)
-    testing.install(st)           # fault injection for the test suite: a no-op without FLEXSP_FAULTS
+    testing.install(st)  # fault injection for the test suite: a no-op without FLEXSP_FAULTS
     _resume(st)
     _loop(st)
     return _finish(st, return_state)

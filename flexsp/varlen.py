@@ -1,9 +1,9 @@
 """Packed variable-length buffers: where each token's document starts, its position in it, its
 length, and the next-token labels -- the helpers the data, attention and model layers share."""
+
 from __future__ import annotations
 
 import torch
-
 
 IGNORE_INDEX = -100
 
@@ -18,8 +18,9 @@ def lm_labels(input_ids: torch.Tensor, cu_seqlens, target_mask: torch.Tensor | N
     if t == 0:
         return labels
     labels[:-1] = input_ids[1:]
-    cu = torch.as_tensor(cu_seqlens if torch.is_tensor(cu_seqlens) else list(cu_seqlens),
-                         dtype=torch.int64).to(input_ids.device)
+    cu = torch.as_tensor(
+        cu_seqlens if torch.is_tensor(cu_seqlens) else list(cu_seqlens), dtype=torch.int64
+    ).to(input_ids.device)
     # cu[i+1] - 1 is the last token of document i; for an empty document it is the last token
     # of an earlier one (or -1 -> wrapped to T-1, which is a document end or past cu[-1]):
     # either way a token that has no target already, so no data-dependent filtering is needed.
@@ -31,8 +32,9 @@ def lm_labels(input_ids: torch.Tensor, cu_seqlens, target_mask: torch.Tensor | N
     if target_mask is None:
         return labels
     if target_mask.shape != input_ids.shape:
-        raise ValueError(f"target_mask {tuple(target_mask.shape)} does not match input_ids "
-                         f"{tuple(input_ids.shape)}")
+        raise ValueError(
+            f"target_mask {tuple(target_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
     next_is_target = torch.zeros_like(labels, dtype=torch.bool)
     next_is_target[:-1] = target_mask[1:].to(device=input_ids.device, dtype=torch.bool)
     return labels.masked_fill(~next_is_target, IGNORE_INDEX)
@@ -58,8 +60,9 @@ def _token_documents(cu_seqlens, total, device):
     return cu, idx, doc, device
 
 
-def positions_from_cu_seqlens(cu_seqlens, total: int | None = None,
-                              device: torch.device | str | None = None) -> torch.Tensor:
+def positions_from_cu_seqlens(
+    cu_seqlens, total: int | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Position of every token of the packed buffer inside its own document (restarts at 0).
 
     ``cu_seqlens``: a Python list, a CPU tensor or a device tensor. ``total`` (>= cu_seqlens[-1])
@@ -73,8 +76,9 @@ def positions_from_cu_seqlens(cu_seqlens, total: int | None = None,
     return pos.to(device)
 
 
-def doc_lengths_from_cu_seqlens(cu_seqlens, total: int | None = None,
-                                device: torch.device | str | None = None) -> torch.Tensor:
+def doc_lengths_from_cu_seqlens(
+    cu_seqlens, total: int | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Length of each token's document, ``[total]`` int64 (tail tokens: the tail's length);
     same conventions as :func:`positions_from_cu_seqlens`. Used by dynamic RoPE scaling."""
     cu, idx, doc, device = _token_documents(cu_seqlens, total, device)

@@ -16,6 +16,7 @@ torch.distributed group (gloo on CPU, nccl on GPU); the trainer reuses it. A use
 workers (a missing corpus, ...) is printed once, by the worker that found it first, and the driver
 exits with status 2 without Ray's traceback; a bug keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,6 +51,7 @@ def train_loop_per_worker(config: dict) -> None:
     from flexsp.errors import is_user_error
     from flexsp.failure import report
     from flexsp.train import run
+
     try:
         run(config["cfg"])
     except Exception as exc:
@@ -62,7 +64,7 @@ def train_loop_per_worker(config: dict) -> None:
             return
         try:
             (Path(config["cfg"].output_dir) / ERROR_MARKER).write_text(str(exc))
-        except OSError:            # no shared output_dir to tell the driver through: let Ray report it
+        except OSError:  # no shared output_dir to tell the driver through: let Ray report it
             raise exc from None
 
 
@@ -81,13 +83,14 @@ def main(argv=None) -> int:
         # Ray resolves 127.0.0.1 to the machine's network address unless it runs in single-machine
         # mode; this keeps the local instance (and the workers' MASTER_ADDR) on loopback.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from dataclasses import replace
+
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dataclasses import replace
-
     from flexsp.train import validate
+
     try:
         cfg = compose_config(args.overrides)
         out = cfg.output_dir.resolve()
@@ -95,17 +98,23 @@ def main(argv=None) -> int:
         validate(cfg, args.num_workers)
     except UserError as exc:
         return print_error("ray_job", exc)
-    if not local:                            # ray job submit / existing cluster
+    if not local:  # ray job submit / existing cluster
         ray.init()
-    else:                                    # local: bound to loopback
-        ray.init(num_cpus=max(2, int(args.num_workers * args.cpus_per_worker)), include_dashboard=False,
-                 _node_ip_address="127.0.0.1")
+    else:  # local: bound to loopback
+        ray.init(
+            num_cpus=max(2, int(args.num_workers * args.cpus_per_worker)),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+        )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "repo": str(REPO)},
         torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
-                                     resources_per_worker={"CPU": args.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=args.num_workers,
+            use_gpu=args.use_gpu,
+            resources_per_worker={"CPU": args.cpus_per_worker},
+        ),
         run_config=RunConfig(name="flexsp", storage_path=args.storage_path or str(out / "ray")),
     )
     if local:
@@ -116,8 +125,12 @@ def main(argv=None) -> int:
         ray.shutdown()
         return 2
     metrics = out / "metrics.jsonl"
-    lines = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.is_file() else []
-    print(f"[ray_job] {len(lines)} steps logged in {metrics}; losses {[ln['loss'] for ln in lines]}", flush=True)
+    lines = (
+        [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.is_file() else []
+    )
+    print(
+        f"[ray_job] {len(lines)} steps logged in {metrics}; losses {[ln['loss'] for ln in lines]}", flush=True
+    )
     ray.shutdown()
     return 0
 

@@ -6,11 +6,24 @@
 
 No torch and no torch.distributed here: ``flexsp`` imports ``solver``, never the reverse.
 """
+
 from .build import build_plan, price_plan, validate_plan
 from .costmodel import CostModel
 from .plan import GroupPlan, MicroBatchPlan, Plan
 from .planner import PlanningError, lower_bound_ms, plan_batch
 from .presets import PRESETS, load_preset
 
-__all__ = ["CostModel", "GroupPlan", "MicroBatchPlan", "Plan", "PlanningError", "PRESETS", "build_plan",
-           "load_preset", "lower_bound_ms", "plan_batch", "price_plan", "validate_plan"]
+__all__ = [
+    "CostModel",
+    "GroupPlan",
+    "MicroBatchPlan",
+    "Plan",
+    "PlanningError",
+    "PRESETS",
+    "build_plan",
+    "load_preset",
+    "lower_bound_ms",
+    "plan_batch",
+    "price_plan",
+    "validate_plan",
+]

@@ -6,10 +6,19 @@ planner also uses as safety nets; the planner never imports this module):
 - ``best-homogeneous``: :func:`solver.schedules.best_homogeneous_plan` (the official code's BatchAda);
 - ``greedy-hybrid-cp``: :func:`solver.schedules.greedy_hybrid_cp_plan` (the runtime's fast fallback).
 """
+
 from __future__ import annotations
 
-from .schedules import (STATIC_FILL, BaselineTimeout, best_fit_decreasing,  # noqa: F401 (re-exported)
-                        best_homogeneous_plan, check_lengths, greedy_hybrid_cp_plan, static_plan, usable_degrees)
+from .schedules import (  # noqa: F401 (re-exported)
+    STATIC_FILL,
+    BaselineTimeout,
+    best_fit_decreasing,
+    best_homogeneous_plan,
+    check_lengths,
+    greedy_hybrid_cp_plan,
+    static_plan,
+    usable_degrees,
+)
 
 BASELINES = {
     "static": static_plan,

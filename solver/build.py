@@ -2,6 +2,7 @@
 and checking any Plan against lengths and a cost model. Every planner and baseline builds its
 plans here, so they are laid out and priced identically.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -49,21 +50,35 @@ class _Pricer:
             self.cache[key] = self.cm.seq_time_ms(self.L, sp, mode)
         if not len(ids):
             return 0.0
-        return float(self.cache[key][np.asarray(ids, dtype=np.int64)].sum()) + self.cm.group_overhead_ms(sp, mode)
+        return float(self.cache[key][np.asarray(ids, dtype=np.int64)].sum()) + self.cm.group_overhead_ms(
+            sp, mode
+        )
 
 
-def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: CostModel, *,
-               method: str, solve_seconds: float = 0.0, lower_bound_ms: float = 0.0,
-               status: str = "feasible", extra: dict | None = None, attention: str | None = None) -> Plan:
+def build_plan(
+    micro_batches: Sequence[Assignment],
+    lengths: Sequence[int],
+    cm: CostModel,
+    *,
+    method: str,
+    solve_seconds: float = 0.0,
+    lower_bound_ms: float = 0.0,
+    status: str = "feasible",
+    extra: dict | None = None,
+    attention: str | None = None,
+) -> Plan:
     """Lay out ranks, pick each group's attention mode (``attention`` forces one for every group
     of degree > 1, e.g. a static Ulysses baseline), price everything; drops empty groups.
     Vectorised: one NumPy reduction per (degree, mode) prices every group of the plan."""
     pricer = _Pricer(lengths, cm)
     modes: dict[int, str] = {}
-    laid = []       # per micro-batch: [(sp, start, sorted ids, mode)]
+    laid = []  # per micro-batch: [(sp, start, sorted ids, mode)]
     for assignment in micro_batches:
-        groups = [(int(sp), sorted(ids.tolist() if isinstance(ids, np.ndarray) else map(int, ids)))
-                  for sp, ids in assignment if len(ids)]
+        groups = [
+            (int(sp), sorted(ids.tolist() if isinstance(ids, np.ndarray) else map(int, ids)))
+            for sp, ids in assignment
+            if len(ids)
+        ]
         if not groups:
             continue
         starts = layout_ranks([sp for sp, _ in groups], cm.num_devices)
@@ -72,7 +87,9 @@ def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: 
             if sp not in modes:
                 mode = cm.best_mode(sp) if sp == 1 or attention is None else attention
                 if mode not in cm.attention_modes(sp):
-                    raise ValueError(f"attention={mode!r} cannot run SP degree {sp}; valid: {cm.attention_modes(sp)}")
+                    raise ValueError(
+                        f"attention={mode!r} cannot run SP degree {sp}; valid: {cm.attention_modes(sp)}"
+                    )
                 modes[sp] = mode
             row.append((sp, start, ids, modes[sp]))
         laid.append(row)
@@ -87,9 +104,13 @@ def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: 
         if (sp, mode) not in pricer.cache:
             pricer.cache[sp, mode] = cm.seq_time_ms(pricer.L, sp, mode)
         sizes = [len(flat[n][2]) for n in members]
-        cat = np.fromiter(itertools.chain.from_iterable(flat[n][2] for n in members), dtype=np.int64, count=sum(sizes))
+        cat = np.fromiter(
+            itertools.chain.from_iterable(flat[n][2] for n in members), dtype=np.int64, count=sum(sizes)
+        )
         offsets = np.cumsum([0] + sizes[:-1])
-        times[members] = np.add.reduceat(pricer.cache[sp, mode][cat], offsets) + cm.group_overhead_ms(sp, mode)
+        times[members] = np.add.reduceat(pricer.cache[sp, mode][cat], offsets) + cm.group_overhead_ms(
+            sp, mode
+        )
         tokens[members] = np.add.reduceat(pricer.lengths[cat], offsets)
     sps = np.array([g[0] for g in flat], dtype=np.float64)
     memory = np.round(cm.model_states_mb + cm.act_mb_per_token * tokens / np.maximum(sps, 1), 2).tolist()
@@ -98,15 +119,31 @@ def build_plan(micro_batches: Sequence[Assignment], lengths: Sequence[int], cm: 
     for row in laid:
         built = []
         for sp, start, ids, mode in row:
-            built.append(GroupPlan(sp=sp, ranks=tuple(range(start, start + sp)), seq_ids=tuple(ids), attention=mode,
-                                   tokens=tokens_l[n], predicted_ms=times_l[n], memory_mb=memory[n]))
+            built.append(
+                GroupPlan(
+                    sp=sp,
+                    ranks=tuple(range(start, start + sp)),
+                    seq_ids=tuple(ids),
+                    attention=mode,
+                    tokens=tokens_l[n],
+                    predicted_ms=times_l[n],
+                    memory_mb=memory[n],
+                )
+            )
             n += 1
         mbs.append(MicroBatchPlan(groups=tuple(built), predicted_ms=max(g.predicted_ms for g in built)))
-    return Plan(num_devices=cm.num_devices, micro_batches=tuple(mbs),
-                predicted_ms=sum(mb.predicted_ms for mb in mbs) + cm.step_fixed_ms,
-                solve_seconds=round(solve_seconds, 4), lower_bound_ms=lower_bound_ms,
-                method=method, status=status, cost_model=cm.name, num_sequences=len(lengths),
-                extra=dict(extra or {}))
+    return Plan(
+        num_devices=cm.num_devices,
+        micro_batches=tuple(mbs),
+        predicted_ms=sum(mb.predicted_ms for mb in mbs) + cm.step_fixed_ms,
+        solve_seconds=round(solve_seconds, 4),
+        lower_bound_ms=lower_bound_ms,
+        method=method,
+        status=status,
+        cost_model=cm.name,
+        num_sequences=len(lengths),
+        extra=dict(extra or {}),
+    )
 
 
 def price_plan(plan: Plan, lengths: Sequence[int], cm: CostModel) -> float:
@@ -115,8 +152,15 @@ def price_plan(plan: Plan, lengths: Sequence[int], cm: CostModel) -> float:
     total = cm.step_fixed_ms
     pricer = _Pricer(lengths, cm)
     for mb in plan.micro_batches:
-        total += max((pricer.group_ms(g.seq_ids, g.sp, g.attention if g.attention in cm.attention_modes(g.sp) else None)
-                      for g in mb.groups), default=0.0)
+        total += max(
+            (
+                pricer.group_ms(
+                    g.seq_ids, g.sp, g.attention if g.attention in cm.attention_modes(g.sp) else None
+                )
+                for g in mb.groups
+            ),
+            default=0.0,
+        )
     return total
 
 
@@ -132,9 +176,18 @@ def validate_plan(plan: Plan, lengths: Sequence[int], cm: CostModel) -> None:
         used: set[int] = set()
         for g in mb.groups:
             sp, ranks = g.sp, list(g.ranks)
-            if sp < 1 or sp & (sp - 1) or not ranks or ranks != list(range(ranks[0], ranks[0] + sp)) \
-                    or ranks[0] % sp or ranks[-1] >= n:
-                raise ValueError(f"micro-batch {mi}: group sp={sp} ranks={ranks[:4]}... is not an aligned block in {n} devices")
+            if (
+                sp < 1
+                or sp & (sp - 1)
+                or not ranks
+                or ranks != list(range(ranks[0], ranks[0] + sp))
+                or ranks[0] % sp
+                or ranks[-1] >= n
+            ):
+                raise ValueError(
+                    f"micro-batch {mi}: group sp={sp} ranks={ranks[:4]}... is not an aligned block in {n} "
+                    "devices"
+                )
             if used & set(ranks):
                 raise ValueError(f"micro-batch {mi}: ranks {sorted(used & set(ranks))[:4]} are in two groups")
             used |= set(ranks)

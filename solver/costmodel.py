@@ -18,6 +18,7 @@ volumes in MB, so a volume / bandwidth ratio is in ms (the paper's units, kept e
 A cost model is plain data: it round-trips through JSON (``save`` / ``load``), which is how the
 profiler hands a calibrated model to the planner and the trainer.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .network import apply_topology
 from .errors import UserError, check_power_of_two
+from .network import apply_topology
 
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -130,40 +131,63 @@ class CostModel:
         check_power_of_two("devices_per_node", self.devices_per_node)
         if self.zero_stage not in ZERO_STAGES:
             raise UserError(f"zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage}")
-        if min(self.a1, self.a2, self.b, self.a2a_mb_per_token, self.act_mb_per_token,
-               self.per_sequence_ms, self.step_overhead_ms) < 0:
+        if (
+            min(
+                self.a1,
+                self.a2,
+                self.b,
+                self.a2a_mb_per_token,
+                self.act_mb_per_token,
+                self.per_sequence_ms,
+                self.step_overhead_ms,
+            )
+            < 0
+        ):
             raise UserError(f"cost coefficients must be >= 0 (a1={self.a1}, a2={self.a2}, b={self.b})")
         if self.memory_mb <= 0:
             raise UserError(f"memory_mb must be > 0, got {self.memory_mb}")
         for name in ("layers", "hidden", "heads", "kv_heads"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0 (0 = unknown), got {getattr(self, name)}")
-        s = check_power_of_two("shard_size", self.shard_size, zero_ok=True, at_most=n, at_most_name=f"num_devices={n}")
+        s = check_power_of_two(
+            "shard_size", self.shard_size, zero_ok=True, at_most=n, at_most_name=f"num_devices={n}"
+        )
         if self.replicate_gbps < 0 or self.grad_bytes_per_param < 0:
-            raise UserError(f"replicate_gbps and grad_bytes_per_param must be >= 0, got "
-                             f"{self.replicate_gbps} and {self.grad_bytes_per_param}")
+            raise UserError(
+                f"replicate_gbps and grad_bytes_per_param must be >= 0, got "
+                f"{self.replicate_gbps} and {self.grad_bytes_per_param}"
+            )
         if self.replicas > 1 and self.replicate_gbps <= 0:
-            raise UserError(f"shard_size={s} on num_devices={n} makes {self.replicas} replicas: "
-                             f"replicate_gbps (the gradient all-reduce bandwidth across them, GB/s) "
-                             f"must be > 0, got {self.replicate_gbps}")
+            raise UserError(
+                f"shard_size={s} on num_devices={n} makes {self.replicas} replicas: "
+                f"replicate_gbps (the gradient all-reduce bandwidth across them, GB/s) "
+                f"must be > 0, got {self.replicate_gbps}"
+            )
         if self.act_mb_per_token <= 0 and self.capacity_override <= 0:
-            raise UserError(f"act_mb_per_token must be > 0 (or capacity_override set), got {self.act_mb_per_token}")
+            raise UserError(
+                f"act_mb_per_token must be > 0 (or capacity_override set), got {self.act_mb_per_token}"
+            )
         for name in ("bandwidth_gbps", "p2p_bandwidth_gbps"):
             bad = {k: v for k, v in getattr(self, name).items() if not v > 0}
             if bad:
                 raise UserError(f"{name} entries must be > 0 GB/s, got {bad}")
         # JSON turns int keys into strings: normalise so loaded and built models compare equal.
         object.__setattr__(self, "bandwidth_gbps", {int(k): float(v) for k, v in self.bandwidth_gbps.items()})
-        object.__setattr__(self, "p2p_bandwidth_gbps", {int(k): float(v) for k, v in self.p2p_bandwidth_gbps.items()})
+        object.__setattr__(
+            self, "p2p_bandwidth_gbps", {int(k): float(v) for k, v in self.p2p_bandwidth_gbps.items()}
+        )
         for name in ("group_latency_ms", "per_sequence_comm_ms"):
             object.__setattr__(self, name, _mode_degree_table(name, getattr(self, name)))
         missing = [s for s in self.degrees if s > 1 and self._lookup(self.bandwidth_gbps, s) is None]
         if missing:
-            raise UserError(f"bandwidth_gbps has no entry for SP degrees {missing}; have {sorted(self.bandwidth_gbps)}")
+            raise UserError(
+                f"bandwidth_gbps has no entry for SP degrees {missing}; have {sorted(self.bandwidth_gbps)}"
+            )
         if self.capacity_tokens < 1:
             raise UserError(
                 f"model states ({self.model_states_mb:.0f} MB) leave no room for activations in "
-                f"{self.memory_mb:.0f} MB per device; add devices, memory or a higher ZeRO stage")
+                f"{self.memory_mb:.0f} MB per device; add devices, memory or a higher ZeRO stage"
+            )
 
     # -- topology ---------------------------------------------------------------------------
     @property
@@ -239,8 +263,13 @@ class CostModel:
         """Time every plan pays once per iteration: step_overhead_ms + the HSDP all-reduce."""
         return self.step_overhead_ms + self.replicate_allreduce_ms
 
-    def check_model_shape(self, layers: int | None = None, hidden: int | None = None,
-                          heads: int | None = None, kv_heads: int | None = None) -> None:
+    def check_model_shape(
+        self,
+        layers: int | None = None,
+        hidden: int | None = None,
+        heads: int | None = None,
+        kv_heads: int | None = None,
+    ) -> None:
         """Raise ValueError naming every field where the model being run differs from the one this
         cost model was built for (fields that are 0 here, or None in the call, are not checked)."""
         bad = []
@@ -249,8 +278,11 @@ class CostModel:
             if value is not None and mine and int(value) != mine:
                 bad.append(f"{name}={mine} but the model has {name}={int(value)}")
         if bad:
-            raise UserError(f"cost model {self.name} was built for " + "; ".join(bad)
-                             + ": profile this model (flexsp-profile) or pick a matching cost model")
+            raise UserError(
+                f"cost model {self.name} was built for "
+                + "; ".join(bad)
+                + ": profile this model (flexsp-profile) or pick a matching cost model"
+            )
 
     def attention_modes(self, sp: int) -> tuple[str, ...]:
         """Attention modes the runtime can use for a group of degree ``sp`` under this model."""
@@ -304,8 +336,12 @@ class CostModel:
     def seq_time_ms(self, length: float, sp: int, mode: str | None = None) -> float:
         """Time one sequence adds to a group of degree sp running ``mode`` (default: the best
         mode), without the group's fixed overhead."""
-        return ((self.a1 * length * length + self.a2 * length) / sp + self.comm_ms_per_token(sp, mode) * length
-                + self.per_sequence_ms + self._mode_term(self.per_sequence_comm_ms, sp, mode))
+        return (
+            (self.a1 * length * length + self.a2 * length) / sp
+            + self.comm_ms_per_token(sp, mode) * length
+            + self.per_sequence_ms
+            + self._mode_term(self.per_sequence_comm_ms, sp, mode)
+        )
 
     def group_time_ms(self, lengths, sp: int, mode: str | None = None) -> float:
         """Predicted time of a group: per-sequence times + its fixed overhead (0 when empty)."""
@@ -325,8 +361,11 @@ class CostModel:
         for name, value in (("num_devices", num_devices), ("memory_mb", memory_mb)):
             if value is not None and not value > 0:
                 raise UserError(f"{name} must be > 0, got {value}")
-        return replace(self, num_devices=self.num_devices if num_devices is None else int(num_devices),
-                       memory_mb=self.memory_mb if memory_mb is None else float(memory_mb))
+        return replace(
+            self,
+            num_devices=self.num_devices if num_devices is None else int(num_devices),
+            memory_mb=self.memory_mb if memory_mb is None else float(memory_mb),
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -339,13 +378,16 @@ class CostModel:
         """A cost model from plain data; ValueError naming unknown, missing or mistyped fields."""
         if not isinstance(data, dict):
             raise UserError(f"a cost model must be a JSON object, got {type(data).__name__}")
-        data = apply_topology(data)   # the "topology" form fills the bandwidth tables
+        data = apply_topology(data)  # the "topology" form fills the bandwidth tables
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
             raise UserError(f"unknown cost-model keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        missing = [k for k, f in cls.__dataclass_fields__.items() if k not in data
-                   and f.default is MISSING and f.default_factory is MISSING]
+        missing = [
+            k
+            for k, f in cls.__dataclass_fields__.items()
+            if k not in data and f.default is MISSING and f.default_factory is MISSING
+        ]
         if missing:
             raise UserError(f"incomplete cost model: missing required fields {missing}")
         return cls(**data)
@@ -363,7 +405,9 @@ class CostModel:
         except PermissionError:
             raise UserError(f"cost-model file {path} is not readable (permission denied)") from None
         except UnicodeDecodeError as exc:
-            raise UserError(f"cost-model file {path} is not UTF-8 text (byte {exc.start}): expected JSON") from None
+            raise UserError(
+                f"cost-model file {path} is not UTF-8 text (byte {exc.start}): expected JSON"
+            ) from None
         except OSError as exc:
             raise UserError(f"cost-model file {path} cannot be read: {exc.strerror or exc}") from None
         except json.JSONDecodeError as exc:

@@ -10,6 +10,7 @@ else that escapes a command is a bug: it prints its traceback once and exits wit
 This module lives in ``solver/`` because ``solver/`` never imports ``flexsp`` (it runs without
 torch); ``flexsp.errors`` re-exports it for the runtime.
 """
+
 from __future__ import annotations
 
 import sys
@@ -62,8 +63,9 @@ def print_error(prog: str, exc: BaseException | str, stream=None) -> int:
     return USER_ERROR_EXIT_CODE
 
 
-def check_power_of_two(field: str, value, *, zero_ok: bool = False, at_most: int | None = None,
-                       at_most_name: str = "") -> int:
+def check_power_of_two(
+    field: str, value, *, zero_ok: bool = False, at_most: int | None = None, at_most_name: str = ""
+) -> int:
     """``value`` unchanged if it is an integer power of two >= 1 (or 0 with ``zero_ok``) and at most
     ``at_most``; UserError otherwise: "<field>=<value> must be a power of two >= 1" / "must be 0 or a
     power of two" (+ " <= <at_most_name or at_most>"). The one power-of-two check of the project."""

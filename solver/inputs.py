@@ -4,6 +4,7 @@ Each function turns one user input (a lengths file, a cost-model name or file, a
 output path, a number) into a value, or raises ``ValueError`` with ONE line naming the input, the
 offending value and what is valid. The CLIs print that line and exit with status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .costmodel import CostModel
-from .presets import PRESETS, load_preset
 from .errors import UserError, check_power_of_two
+from .presets import PRESETS, load_preset
 
 
 def read_lengths(source: str) -> list[int]:
@@ -43,13 +44,15 @@ def read_lengths(source: str) -> list[int]:
     except FileNotFoundError:
         raise UserError(f"lengths file {source} does not exist") from None
     except IsADirectoryError:
-        raise UserError(f"--lengths {source} is a directory; give a file of lengths "
-                         "(or - for stdin)") from None
+        raise UserError(
+            f"--lengths {source} is a directory; give a file of lengths (or - for stdin)"
+        ) from None
     except PermissionError:
         raise UserError(f"lengths file {source} is not readable (permission denied)") from None
     except UnicodeDecodeError:
-        raise UserError(f"{source}: not a text file of lengths (not UTF-8); use text, .npy or "
-                         "a JSON list") from None
+        raise UserError(
+            f"{source}: not a text file of lengths (not UTF-8); use text, .npy or a JSON list"
+        ) from None
     except OSError as exc:
         raise UserError(f"lengths file {source} cannot be read: {exc.strerror or exc}") from None
     stripped = text.strip()
@@ -89,8 +92,9 @@ def resolve_cost_model(spec: str) -> CostModel:
         return load_preset(spec)
     if os.path.exists(spec) or spec.endswith(".json") or os.sep in spec:
         return CostModel.load(spec)
-    raise UserError(f"--cost-model {spec!r} is neither a preset nor a file; valid presets: "
-                     f"{', '.join(sorted(PRESETS))}")
+    raise UserError(
+        f"--cost-model {spec!r} is neither a preset nor a file; valid presets: {', '.join(sorted(PRESETS))}"
+    )
 
 
 def resize(cm: CostModel, num_devices: int | None, memory_mb: float | None) -> CostModel:
@@ -110,8 +114,10 @@ def check_output_path(option: str, path: str, suffixes: tuple[str, ...] = ()) ->
     """Before any work: the output's folder exists and is writable, and the suffix is supported."""
     p = Path(path)
     if suffixes and p.suffix.lower() not in suffixes:
-        raise UserError(f"{option} {path}: unsupported file type {p.suffix or '(none)'!r}; "
-                         f"use one of {', '.join(suffixes)}")
+        raise UserError(
+            f"{option} {path}: unsupported file type {p.suffix or '(none)'!r}; "
+            f"use one of {', '.join(suffixes)}"
+        )
     if p.is_dir():
         raise UserError(f"{option} {path} is a directory; give a file name")
     parent = p.parent if str(p.parent) else Path(".")
@@ -135,7 +141,9 @@ def power_of_two(text: str) -> int:
         return check_power_of_two("value", n)
     except ValueError:
         got = n if text.strip().lstrip("-").isdigit() else repr(text)
-        raise argparse.ArgumentTypeError(f"expected a power of two >= 1 (1, 2, 4, ..., 1024), got {got}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a power of two >= 1 (1, 2, 4, ..., 1024), got {got}"
+        ) from None
 
 
 def positive(text: str) -> float:
@@ -151,6 +159,7 @@ def positive(text: str) -> float:
 
 def int_at_least(low: int):
     """argparse type factory: an integer >= ``low``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -159,4 +168,5 @@ def int_at_least(low: int):
         if value < low:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
         return value
+
     return parse

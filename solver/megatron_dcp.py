@@ -49,6 +49,7 @@ What differs, and why:
 - The plan is priced by our cost model like every other policy; Megatron's own ``L^2/cp`` estimate
   only steers its choices.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,11 +59,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .schedules import check_lengths, usable_degrees
 from .build import build_plan, layout_ranks
 from .costmodel import CostModel
-from .plan import Plan
 from .errors import UserError
+from .plan import Plan
+from .schedules import check_lengths, usable_degrees
 
 WORKLOAD_CAP_DELTA = 0.05
 """Megatron's ``_DYNAMIC_CP_WORKLOAD_CAP_DELTA``: options may load the busiest rank up to
@@ -117,7 +118,7 @@ class _SizeIndex:
 
     def update(self, k: int, load: float, packed: float) -> None:
         self.load[k], self.packed[k] = load, packed
-        self.min_packed = float(self.packed[:len(self.gids)].min())
+        self.min_packed = float(self.packed[: len(self.gids)].min())
 
     def best(self, busiest: float, cost: float, per_rank: float, m: float) -> tuple[float, int] | None:
         """(score, position) of the option Megatron picks among these groups, or None."""
@@ -130,8 +131,9 @@ class _SizeIndex:
         return (float(score[pos]), pos) if ok[pos] else None
 
 
-def next_micro_batch(samples: list[tuple[int, int]], total: int, m: int, min_cp: int = 1,
-                     max_cp: int | None = None) -> tuple[list[_Group], list[tuple[int, int]], int]:
+def next_micro_batch(
+    samples: list[tuple[int, int]], total: int, m: int, min_cp: int = 1, max_cp: int | None = None
+) -> tuple[list[_Group], list[tuple[int, int]], int]:
     """One call of Megatron's ``next_hdp_group_packing_aware`` on ``samples`` ((id, length),
     longest first): (groups in Megatron's rank order, leftovers in order, ranks left idle because
     of ``max_cp``). ``max_cp`` (default ``total``) caps the CP sizes tried and filled."""
@@ -140,14 +142,15 @@ def next_micro_batch(samples: list[tuple[int, int]], total: int, m: int, min_cp:
     cap = float(tall) * float(m) * (1.0 + WORKLOAD_CAP_DELTA)
     groups: list[_Group] = []
     index: dict[int, _SizeIndex] = {}
-    where: list[tuple[int, int]] = []       # gid -> (size, position in its index)
+    where: list[tuple[int, int]] = []  # gid -> (size, position in its index)
     allocated = 0
     busiest = 0.0
 
     def open_group(sid: int, length: int, cp: int) -> None:
         nonlocal allocated, busiest
-        g = _Group(size=cp, start=allocated, load=_work(length, cp), packed=length / cp, ids=[sid],
-                   lengths=[length])
+        g = _Group(
+            size=cp, start=allocated, load=_work(length, cp), packed=length / cp, ids=[sid], lengths=[length]
+        )
         groups.append(g)
         idx = index.setdefault(cp, _SizeIndex(total // cp))
         where.append((cp, len(idx.gids)))
@@ -163,12 +166,13 @@ def next_micro_batch(samples: list[tuple[int, int]], total: int, m: int, min_cp:
     smallest = samples[-1][1]
     for n, (sid, length) in enumerate(samples[1:], 1):
         if total - allocated < dcp_gpus_needed(smallest, m, min_cp) and all(
-                idx.min_packed + smallest / size > m for size, idx in index.items()):
+            idx.min_packed + smallest / size > m for size, idx in index.items()
+        ):
             # not even the shortest sample fits anywhere (no free ranks for it, no group with room):
             # every sample left is a leftover, in order (what the scan would conclude one by one)
             leftovers += samples[n:]
             break
-        best = None                          # (score, cp, gid or None for a new group)
+        best = None  # (score, cp, gid or None for a new group)
         cp = dcp_gpus_needed(length, m, min_cp)
         while cp <= max_cp:
             cost = _work(length, cp)
@@ -181,7 +185,7 @@ def next_micro_batch(samples: list[tuple[int, int]], total: int, m: int, min_cp:
                 if score <= cap and (best is None or score < best[0]):
                     best = (score, cp, None)
             if best is not None and best[0] <= busiest:
-                break                        # no later option can score below the busiest rank
+                break  # no later option can score below the busiest rank
             cp *= 2
         if best is None:
             leftovers.append((sid, length))
@@ -228,8 +232,9 @@ def _fill_empty_ranks(groups: list[_Group], total: int, max_cp: int) -> int:
     return 0
 
 
-def megatron_dcp_plan(lengths: Sequence[int], cm: CostModel, *, max_seqlen_per_rank: int | None = None,
-                      min_cp_size: int = 1) -> Plan:
+def megatron_dcp_plan(
+    lengths: Sequence[int], cm: CostModel, *, max_seqlen_per_rank: int | None = None, min_cp_size: int = 1
+) -> Plan:
     """Megatron-Core dynamic context parallelism's schedule of one global batch (see the module
     docstring for the source read: ``DefaultDynamicCPScheduler.get_groups_and_subsamples`` and
     ``next_hdp_group_packing_aware``), priced by ``cm``.
@@ -248,8 +253,10 @@ def megatron_dcp_plan(lengths: Sequence[int], cm: CostModel, *, max_seqlen_per_r
         raise UserError(f"min_cp_size must be a power of two in 1..{max_cp}, got {min_cp_size}")
     too_long = [i for i, length in enumerate(arr.tolist()) if dcp_gpus_needed(length, m) > max_cp]
     if too_long:
-        raise UserError(f"sequences {too_long[:5]} of lengths {arr[too_long[:5]].tolist()} fit no CP group: "
-                         f"longest holds {max_cp} ranks x {m} tokens = {max_cp * m}")
+        raise UserError(
+            f"sequences {too_long[:5]} of lengths {arr[too_long[:5]].tolist()} fit no CP group: "
+            f"longest holds {max_cp} ranks x {m} tokens = {max_cp * m}"
+        )
     # Python's sort is stable with reverse=True, as Megatron's sorted(..., reverse=True)
     remaining = sorted(enumerate(arr.tolist()), key=lambda s: s[1], reverse=True)
     micro_batches, capped, sizes = [], 0, []
@@ -260,9 +267,17 @@ def megatron_dcp_plan(lengths: Sequence[int], cm: CostModel, *, max_seqlen_per_r
         assert starts == [g.start for g in groups], "Megatron's layout is the aligned biggest-first one"
         micro_batches.append([(g.size, g.ids) for g in groups])
         sizes.append([g.size for g in groups])
-    return build_plan(micro_batches, arr.tolist(), cm, method="megatron-dcp",
-                      solve_seconds=time.perf_counter() - t0,
-                      extra={"max_seqlen_per_rank": m, "min_cp_size": min_cp_size, "max_cp_size": max_cp,
-                             "capped_fills": capped,
-                             "source": "Megatron-LM dev d48bd6be: DefaultDynamicCPScheduler / "
-                                       "next_hdp_group_packing_aware"})
+    return build_plan(
+        micro_batches,
+        arr.tolist(),
+        cm,
+        method="megatron-dcp",
+        solve_seconds=time.perf_counter() - t0,
+        extra={
+            "max_seqlen_per_rank": m,
+            "min_cp_size": min_cp_size,
+            "max_cp_size": max_cp,
+            "capped_fills": capped,
+            "source": "Megatron-LM dev d48bd6be: DefaultDynamicCPScheduler / next_hdp_group_packing_aware",
+        },
+    )

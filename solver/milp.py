@@ -28,6 +28,7 @@ Two models, each used where it is tractable:
   counts per group (priced at the class's largest length for memory, its mean for time), then
   mapped back to real sequences and priced exactly. Only a strictly faster, valid result is used.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,8 +39,8 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix, csr_matrix
 
-from .packing import Workload
 from .errors import UserError
+from .packing import Workload
 
 MILP_BACKENDS = ("highs", "pulp")
 DEFAULT_PULP_SOLVER = "PULP_CBC_CMD"
@@ -49,6 +50,7 @@ DEFAULT_PULP_SOLVER = "PULP_CBC_CMD"
 class MilpModel:
     """minimise c @ x  s.t.  row_lo <= A @ x <= row_hi,  lb <= x <= ub,  x[j] integer where
     integrality[j] == 1. The one form every backend solves."""
+
     c: np.ndarray
     A: csr_matrix
     row_lo: np.ndarray
@@ -75,6 +77,7 @@ class MilpResult:
 def available_pulp_solvers() -> list[str]:
     """Names of the solvers PuLP can run on this machine (``pulp.listSolvers(onlyAvailable=True)``)."""
     import pulp
+
     return list(pulp.listSolvers(onlyAvailable=True))
 
 
@@ -91,35 +94,60 @@ def check_backend(backend: str, pulp_solver: str | None = None) -> None:
             raise UserError("milp_backend='pulp' needs the pulp package (pip install pulp)") from None
         name = pulp_solver or DEFAULT_PULP_SOLVER
         if name not in available:
-            raise UserError(f"PuLP solver {name!r} is not available here; available: {', '.join(available) or 'none'}")
+            raise UserError(
+                f"PuLP solver {name!r} is not available here; available: {', '.join(available) or 'none'}"
+            )
 
 
-def solve_model(model: MilpModel, *, time_limit: float, node_limit: int, mip_rel_gap: float,
-                backend: str = "highs", pulp_solver: str | None = None) -> MilpResult:
+def solve_model(
+    model: MilpModel,
+    *,
+    time_limit: float,
+    node_limit: int,
+    mip_rel_gap: float,
+    backend: str = "highs",
+    pulp_solver: str | None = None,
+) -> MilpResult:
     """Solve ``model`` with the chosen backend within ``time_limit`` s and ``node_limit`` nodes
     (CBC and HiGHS honour the node limit; other PuLP solvers only the time limit and gap)."""
     t0 = time.perf_counter()
     if backend == "highs":
-        res = milp(model.c, constraints=LinearConstraint(model.A, model.row_lo, model.row_hi),
-                   integrality=model.integrality, bounds=Bounds(model.lb, model.ub),
-                   options={"time_limit": time_limit, "node_limit": node_limit, "disp": False,
-                            "mip_rel_gap": mip_rel_gap})
+        res = milp(
+            model.c,
+            constraints=LinearConstraint(model.A, model.row_lo, model.row_hi),
+            integrality=model.integrality,
+            bounds=Bounds(model.lb, model.ub),
+            options={
+                "time_limit": time_limit,
+                "node_limit": node_limit,
+                "disp": False,
+                "mip_rel_gap": mip_rel_gap,
+            },
+        )
         seconds = time.perf_counter() - t0
         timed_out = res.status == 1 and "time limit" in str(res.message).lower()
         if res.x is None:
             return MilpResult(None, "none", float("inf"), None, timed_out, seconds)
         bound = getattr(res, "mip_dual_bound", None)
         status = "optimal" if res.status == 0 else "feasible"
-        return MilpResult(np.asarray(res.x), status, float(res.fun),
-                          float(res.fun) if status == "optimal" else (None if bound is None else float(bound)),
-                          timed_out, seconds)
+        return MilpResult(
+            np.asarray(res.x),
+            status,
+            float(res.fun),
+            float(res.fun) if status == "optimal" else (None if bound is None else float(bound)),
+            timed_out,
+            seconds,
+        )
     if backend == "pulp":
         return _solve_pulp(model, time_limit, node_limit, mip_rel_gap, pulp_solver or DEFAULT_PULP_SOLVER, t0)
     raise UserError(f"milp_backend must be one of {', '.join(MILP_BACKENDS)}, got {backend!r}")
 
 
-def _solve_pulp(model: MilpModel, time_limit: float, node_limit: int, gap: float, solver_name: str, t0: float):
+def _solve_pulp(
+    model: MilpModel, time_limit: float, node_limit: int, gap: float, solver_name: str, t0: float
+):
     import pulp
+
     n = len(model.c)
     prob = pulp.LpProblem("flexsp", pulp.LpMinimize)
     xs = []
@@ -127,14 +155,14 @@ def _solve_pulp(model: MilpModel, time_limit: float, node_limit: int, gap: float
         lb = None if not np.isfinite(model.lb[j]) else float(model.lb[j])
         ub = None if not np.isfinite(model.ub[j]) else float(model.ub[j])
         cat = pulp.LpInteger if model.integrality[j] else pulp.LpContinuous
-        if hasattr(prob, "add_variable"):    # PuLP >= 3.3; LpVariable(...) alone is deprecated there
+        if hasattr(prob, "add_variable"):  # PuLP >= 3.3; LpVariable(...) alone is deprecated there
             xs.append(prob.add_variable(f"x{j}", lowBound=lb, upBound=ub, cat=cat))
         else:
             xs.append(pulp.LpVariable(f"x{j}", lowBound=lb, upBound=ub, cat=cat))
     prob += pulp.lpSum(float(v) * xs[j] for j, v in enumerate(model.c) if v)
     A = model.A.tocsr()
     for r in range(A.shape[0]):
-        cols, vals = A.indices[A.indptr[r]:A.indptr[r + 1]], A.data[A.indptr[r]:A.indptr[r + 1]]
+        cols, vals = A.indices[A.indptr[r] : A.indptr[r + 1]], A.data[A.indptr[r] : A.indptr[r + 1]]
         expr = pulp.lpSum(float(v) * xs[c] for c, v in zip(cols, vals))
         lo, hi = model.row_lo[r], model.row_hi[r]
         if np.isfinite(lo) and np.isfinite(hi) and lo == hi:
@@ -147,7 +175,7 @@ def _solve_pulp(model: MilpModel, time_limit: float, node_limit: int, gap: float
     kwargs = {"msg": False, "timeLimit": max(float(time_limit), 0.01), "gapRel": mip_gap_floor(gap)}
     if solver_name == "PULP_CBC_CMD":
         kwargs.update(maxNodes=int(node_limit), threads=1)
-    with warnings.catch_warnings():   # PuLP 3.3 flags PULP_CBC_CMD for removal in 4.0: still the bundled CBC
+    with warnings.catch_warnings():  # PuLP 3.3 flags PULP_CBC_CMD for removal in 4.0: still the bundled CBC
         warnings.simplefilter("ignore", DeprecationWarning)
         solver = pulp.getSolver(solver_name, **kwargs)
     t_solve = time.perf_counter()
@@ -156,16 +184,23 @@ def _solve_pulp(model: MilpModel, time_limit: float, node_limit: int, gap: float
     seconds = time.perf_counter() - t0
     sol = prob.sol_status
     values = [v.varValue for v in xs]
-    if sol not in (pulp.constants.LpSolutionOptimal, pulp.constants.LpSolutionIntegerFeasible) \
-            or any(v is None for v in values):
+    if sol not in (pulp.constants.LpSolutionOptimal, pulp.constants.LpSolutionIntegerFeasible) or any(
+        v is None for v in values
+    ):
         return MilpResult(None, "none", float("inf"), None, solve_s >= 0.95 * time_limit, seconds)
     x = np.array(values, dtype=float)
     objective = float(model.c @ x)
     optimal = sol == pulp.constants.LpSolutionOptimal and prob.status == pulp.constants.LpStatusOptimal
     # CBC stopped by its node limit also reports "solution found" (sol_status 2): only a proven
     # optimum is "optimal"; the time limit, not the node limit, is what makes it machine-dependent
-    return MilpResult(x, "optimal" if optimal else "feasible", objective, objective if optimal else None,
-                      not optimal and solve_s >= 0.95 * time_limit, seconds)
+    return MilpResult(
+        x,
+        "optimal" if optimal else "feasible",
+        objective,
+        objective if optimal else None,
+        not optimal and solve_s >= 0.95 * time_limit,
+        seconds,
+    )
 
 
 def mip_gap_floor(gap: float) -> float:
@@ -190,8 +225,15 @@ class _Rows:
 
     def model(self, c, lb, ub, integrality) -> MilpModel:
         a = coo_matrix((self.vals, (self.rows, self.cols)), shape=(len(self.lo), len(c))).tocsr()
-        return MilpModel(np.asarray(c, float), a, np.asarray(self.lo, float), np.asarray(self.hi, float),
-                         np.asarray(lb, float), np.asarray(ub, float), np.asarray(integrality, float))
+        return MilpModel(
+            np.asarray(c, float),
+            a,
+            np.asarray(self.lo, float),
+            np.asarray(self.hi, float),
+            np.asarray(lb, float),
+            np.asarray(ub, float),
+            np.asarray(integrality, float),
+        )
 
 
 def exact_size(n_seq: int, n_dev: int, max_mbs: int) -> int:
@@ -199,8 +241,15 @@ def exact_size(n_seq: int, n_dev: int, max_mbs: int) -> int:
     return max_mbs * (2 * n_dev - 1) * (n_seq + 1)
 
 
-def solve_exact(wl: Workload, max_mbs: int, time_limit: float, node_limit: int = 20000, *,
-                backend: str = "highs", pulp_solver: str | None = None):
+def solve_exact(
+    wl: Workload,
+    max_mbs: int,
+    time_limit: float,
+    node_limit: int = 20000,
+    *,
+    backend: str = "highs",
+    pulp_solver: str | None = None,
+):
     """Solve the full MILP. Returns (status, objective, dual bound, micro-batches, timed_out) or
     None when no solution was found.
 
@@ -226,12 +275,18 @@ def solve_exact(wl: Workload, max_mbs: int, time_limit: float, node_limit: int =
         rows.add([(v, 1), (u_index[j, s], -1)], -np.inf, 0)
     for j in range(m):
         for r in range(n_dev):
-            rows.add([(u_index[j, s], 1) for s, (_, sp, st) in enumerate(blocks) if st <= r < st + sp], -np.inf, 1)
+            rows.add(
+                [(u_index[j, s], 1) for s, (_, sp, st) in enumerate(blocks) if st <= r < st + sp], -np.inf, 1
+            )
         for s, (k, sp, _) in enumerate(blocks):
             members = [(i, x_index[i, j, s]) for i in range(n) if (i, j, s) in x_index]
             rows.add([(v, wl.lengths[i]) for i, v in members], -np.inf, sp * cap)
-            rows.add([(tau0 + j, 1), (u_index[j, s], -(b + wl.latency[k]))] + [(v, -wl.time[k, i]) for i, v in members],
-                     0, np.inf)
+            rows.add(
+                [(tau0 + j, 1), (u_index[j, s], -(b + wl.latency[k]))]
+                + [(v, -wl.time[k, i]) for i, v in members],
+                0,
+                np.inf,
+            )
         if j + 1 < m:
             rows.add([(tau0 + j, 1), (tau0 + j + 1, -1)], 0, np.inf)
     c = np.zeros(nvar)
@@ -240,8 +295,14 @@ def solve_exact(wl: Workload, max_mbs: int, time_limit: float, node_limit: int =
     integrality[tau0:] = 0
     ub = np.ones(nvar)
     ub[tau0:] = np.inf
-    res = solve_model(rows.model(c, np.zeros(nvar), ub, integrality), time_limit=max(time_limit, 0.05),
-                      node_limit=node_limit, mip_rel_gap=1e-6, backend=backend, pulp_solver=pulp_solver)
+    res = solve_model(
+        rows.model(c, np.zeros(nvar), ub, integrality),
+        time_limit=max(time_limit, 0.05),
+        node_limit=node_limit,
+        mip_rel_gap=1e-6,
+        backend=backend,
+        pulp_solver=pulp_solver,
+    )
     if res.x is None:
         return None
     mbs = []
@@ -257,9 +318,18 @@ def solve_exact(wl: Workload, max_mbs: int, time_limit: float, node_limit: int =
     return res.status, res.objective, bound, mbs, res.timed_out
 
 
-def reassign_micro_batch(wl: Workload, groups: list, time_limit: float, n_individual: int = 12,
-                         n_buckets: int = 12, node_limit: int = 2000, *, backend: str = "highs",
-                         pulp_solver: str | None = None, report: dict | None = None):
+def reassign_micro_batch(
+    wl: Workload,
+    groups: list,
+    time_limit: float,
+    n_individual: int = 12,
+    n_buckets: int = 12,
+    node_limit: int = 2000,
+    *,
+    backend: str = "highs",
+    pulp_solver: str | None = None,
+    report: dict | None = None,
+):
     """Re-deal one micro-batch's sequences over its fixed groups (see module docstring).
 
     groups: [(sp, [ids]), ...]. Returns a faster [(sp, [ids]), ...] or None. ``report`` (a dict)
@@ -273,9 +343,13 @@ def reassign_micro_batch(wl: Workload, groups: list, time_limit: float, n_indivi
     current = max(wl.time[k, g].sum() + wl.latency[k] for k, (_, g) in zip(ks, groups))
     singles = ids[:n_individual]
     rest = ids[n_individual:]
-    classes = [list(c) for c in np.array_split(np.array(rest, dtype=np.int64), min(n_buckets, len(rest)))] if rest else []
+    classes = (
+        [list(c) for c in np.array_split(np.array(rest, dtype=np.int64), min(n_buckets, len(rest)))]
+        if rest
+        else []
+    )
     classes = [c for c in classes if len(c)]
-    items = [[i] for i in singles] + classes          # each item: a list of interchangeable ids
+    items = [[i] for i in singles] + classes  # each item: a list of interchangeable ids
     nvar_x = len(items) * ng
     t_var = nvar_x
     rows = _Rows()
@@ -285,7 +359,9 @@ def reassign_micro_batch(wl: Workload, groups: list, time_limit: float, n_indivi
         k = ks[g]
         mem = [(a * ng + g, max(wl.lengths[i] for i in members)) for a, members in enumerate(items)]
         rows.add(mem, -np.inf, degs[g] * cap)
-        tim = [(a * ng + g, -float(np.mean([wl.time[k, i] for i in members]))) for a, members in enumerate(items)]
+        tim = [
+            (a * ng + g, -float(np.mean([wl.time[k, i] for i in members]))) for a, members in enumerate(items)
+        ]
         rows.add([(t_var, 1)] + tim, float(wl.latency[k]), np.inf)
     ub = np.array([len(members) for members in items for _ in range(ng)] + [np.inf], dtype=float)
     for a, members in enumerate(items):  # a sequence only where its group's memory holds it
@@ -296,8 +372,14 @@ def reassign_micro_batch(wl: Workload, groups: list, time_limit: float, n_indivi
     c[t_var] = 1.0
     integrality = np.ones(nvar_x + 1)
     integrality[t_var] = 0
-    res = solve_model(rows.model(c, np.zeros(nvar_x + 1), ub, integrality), time_limit=max(time_limit, 0.02),
-                      node_limit=node_limit, mip_rel_gap=1e-4, backend=backend, pulp_solver=pulp_solver)
+    res = solve_model(
+        rows.model(c, np.zeros(nvar_x + 1), ub, integrality),
+        time_limit=max(time_limit, 0.02),
+        node_limit=node_limit,
+        mip_rel_gap=1e-4,
+        backend=backend,
+        pulp_solver=pulp_solver,
+    )
     if report is not None and res.timed_out:
         report["timed_out"] = True
     if res.x is None:
@@ -307,8 +389,8 @@ def reassign_micro_batch(wl: Workload, groups: list, time_limit: float, n_indivi
     for a, members in enumerate(items):
         pool = list(members)  # largest first: the MILP's memory row priced every one at the largest
         for g in range(ng):
-            new[g].extend(pool[:counts[a, g]])
-            pool = pool[counts[a, g]:]
+            new[g].extend(pool[: counts[a, g]])
+            pool = pool[counts[a, g] :]
         if pool:
             return None
     out = [(degs[g], new[g]) for g in range(ng) if new[g]]

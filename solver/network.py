@@ -22,9 +22,11 @@ In a cost-model JSON file the form is ``"topology": {"gpus_per_node": 8, "intra_
 leave out (entries the file gives win) and ``devices_per_node`` if absent; the loaded model carries
 the filled tables, not the form.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+
 from .errors import UserError
 
 MAX_DEVICES = 1 << 14
@@ -51,8 +53,11 @@ class Topology:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise UserError(f"topology {name} must be a finite number > 0 (GB/s), got {value!r}")
-        if isinstance(self.efficiency, bool) or not isinstance(self.efficiency, (int, float)) \
-                or not 0 < self.efficiency <= 1:
+        if (
+            isinstance(self.efficiency, bool)
+            or not isinstance(self.efficiency, (int, float))
+            or not 0 < self.efficiency <= 1
+        ):
             raise UserError(f"topology efficiency must be in (0, 1], got {self.efficiency!r}")
 
     def all_to_all_gbps(self, sp: int) -> float:
@@ -77,8 +82,10 @@ class Topology:
     def tables(self, max_devices: int = MAX_DEVICES) -> tuple[dict[int, float], dict[int, float]]:
         """(all-to-all, p2p) GB/s for every power-of-two degree 2..max_devices."""
         degrees = [1 << k for k in range(1, max_devices.bit_length())]
-        return ({sp: round(self.all_to_all_gbps(sp), 4) for sp in degrees},
-                {sp: round(self.p2p_gbps(sp), 4) for sp in degrees})
+        return (
+            {sp: round(self.all_to_all_gbps(sp), 4) for sp in degrees},
+            {sp: round(self.p2p_gbps(sp), 4) for sp in degrees},
+        )
 
 
 def apply_topology(data: dict) -> dict:
@@ -88,10 +95,15 @@ def apply_topology(data: dict) -> dict:
         return data
     form = data["topology"]
     known = [f.name for f in fields(Topology)]
-    if not isinstance(form, dict) or set(form) - set(known) or \
-            {"gpus_per_node", "intra_node_gbps", "inter_node_gbps"} - set(form):
-        raise UserError(f"topology must be an object with gpus_per_node, intra_node_gbps, inter_node_gbps "
-                         f"(optional efficiency), got {form!r}")
+    if (
+        not isinstance(form, dict)
+        or set(form) - set(known)
+        or {"gpus_per_node", "intra_node_gbps", "inter_node_gbps"} - set(form)
+    ):
+        raise UserError(
+            f"topology must be an object with gpus_per_node, intra_node_gbps, inter_node_gbps "
+            f"(optional efficiency), got {form!r}"
+        )
     topo = Topology(**form)
     a2a, p2p = topo.tables()
     out = {k: v for k, v in data.items() if k != "topology"}
@@ -106,6 +118,7 @@ def apply_topology(data: dict) -> dict:
 @dataclass(frozen=True)
 class Machine:
     """A GPU server from public datasheet figures."""
+
     name: str
     """Short name used in preset names (e.g. h100)."""
     description: str
@@ -122,12 +135,22 @@ NVLINK4_IB8X400 = Topology(gpus_per_node=8, intra_node_gbps=450.0, inter_node_gb
 """8 GPUs on NVLink 4 (900 GB/s bidirectional per GPU), 8 x 400 Gb/s InfiniBand NDR per node."""
 
 MACHINES = {
-    "h100": Machine("h100", "NVIDIA H100 SXM5 80 GB: 989 TFLOP/s dense bf16, NVLink 4 900 GB/s, "
-                            "8 x 400 Gb/s InfiniBand per 8-GPU node (NVIDIA datasheet / DGX H100)",
-                    989.0, 80.0, NVLINK4_IB8X400),
-    "h200": Machine("h200", "NVIDIA H200 SXM 141 GB: 989 TFLOP/s dense bf16, NVLink 4 900 GB/s, "
-                            "8 x 400 Gb/s InfiniBand per 8-GPU node (NVIDIA datasheet / DGX H200)",
-                    989.0, 141.0, NVLINK4_IB8X400),
+    "h100": Machine(
+        "h100",
+        "NVIDIA H100 SXM5 80 GB: 989 TFLOP/s dense bf16, NVLink 4 900 GB/s, "
+        "8 x 400 Gb/s InfiniBand per 8-GPU node (NVIDIA datasheet / DGX H100)",
+        989.0,
+        80.0,
+        NVLINK4_IB8X400,
+    ),
+    "h200": Machine(
+        "h200",
+        "NVIDIA H200 SXM 141 GB: 989 TFLOP/s dense bf16, NVLink 4 900 GB/s, "
+        "8 x 400 Gb/s InfiniBand per 8-GPU node (NVIDIA datasheet / DGX H200)",
+        989.0,
+        141.0,
+        NVLINK4_IB8X400,
+    ),
 }
 
 ESTIMATE_MFU = 0.4

@@ -35,6 +35,7 @@ What differs from the original:
   64 heads, all of 2..64).
 - Plans are priced by ``build.build_plan`` with real (unpadded) lengths, like every other planner.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,17 +46,19 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import lil_matrix
 
-from .schedules import check_lengths, usable_degrees
 from .build import build_plan
 from .costmodel import CostModel
-from .plan import Plan
 from .errors import UserError
+from .plan import Plan
+from .schedules import check_lengths, usable_degrees
 
 NUM_BUCKETS = 16
 EXTRA_MICRO_BATCHES = 4
 
 
-def chunk_global_batch(lengths: np.ndarray, order: list[int], m: int, should_stop=None) -> list[list[int]] | None:
+def chunk_global_batch(
+    lengths: np.ndarray, order: list[int], m: int, should_stop=None
+) -> list[list[int]] | None:
     """Split ``order`` (ids, longest first) into m contiguous chunks minimising the largest token sum.
 
     The official DP: dp[i][k] = min over j of max(dp[j][k-1], tokens(j..i)), first minimiser kept.
@@ -152,52 +155,66 @@ def _solve_milp(bounds, counts, slots, cm: CostModel, time_limit: float, cutoff:
     """
     K, P = len(bounds), len(slots)
     cap, total = cm.capacity_tokens, sum(counts)
-    nv = K * P + P + 1                      # A[k,p] at k*P+p, m[p] at K*P+p, M last
-    c = np.zeros(nv); c[-1] = 1.0
+    nv = K * P + P + 1  # A[k,p] at k*P+p, m[p] at K*P+p, M last
+    c = np.zeros(nv)
+    c[-1] = 1.0
     lb, ub = np.zeros(nv), np.full(nv, np.inf)
-    integrality = np.ones(nv); integrality[-1] = 0
+    integrality = np.ones(nv)
+    integrality[-1] = 0
     for k in range(K):
         min_sp = cm.min_degree(bounds[k])
         for p in range(P):
-            fit = (slots[p] * cap) // bounds[k]   # memory alone caps the count
+            fit = (slots[p] * cap) // bounds[k]  # memory alone caps the count
             ub[k * P + p] = min(counts[k], fit) if slots[p] >= min_sp else 0
-    ub[K * P:K * P + P] = 1
+    ub[K * P : K * P + P] = 1
     ub[-1] = cutoff
     rows = K + 3 * P + 1 + sum(slots[p] == slots[p + 1] for p in range(P - 1))
-    A = lil_matrix((rows, nv)); lo, hi = np.zeros(rows), np.zeros(rows)
+    A = lil_matrix((rows, nv))
+    lo, hi = np.zeros(rows), np.zeros(rows)
     r = 0
-    for k in range(K):                      # every bucket placed
+    for k in range(K):  # every bucket placed
         for p in range(P):
             A[r, k * P + p] = 1
-        lo[r] = hi[r] = counts[k]; r += 1
+        lo[r] = hi[r] = counts[k]
+        r += 1
     for p in range(P):
         sp = slots[p]
-        for k in range(K):                  # memory
+        for k in range(K):  # memory
             A[r, k * P + p] = bounds[k]
-        lo[r], hi[r] = -np.inf, sp * cap; r += 1
-        for k in range(K):                  # time <= M
+        lo[r], hi[r] = -np.inf, sp * cap
+        r += 1
+        for k in range(K):  # time <= M
             A[r, k * P + p] = cm.seq_time_ms(bounds[k], sp)
         A[r, nv - 1] = -1
-        lo[r], hi[r] = -np.inf, -cm.b; r += 1
-        for k in range(K):                  # sum_k A[k,p] <= total * m[p] (empty unless used)
+        lo[r], hi[r] = -np.inf, -cm.b
+        r += 1
+        for k in range(K):  # sum_k A[k,p] <= total * m[p] (empty unless used)
             A[r, k * P + p] = 1
         A[r, K * P + p] = -total
-        lo[r], hi[r] = -total, 0; r += 1
-    for p in range(P):                      # all GPUs used
+        lo[r], hi[r] = -total, 0
+        r += 1
+    for p in range(P):  # all GPUs used
         A[r, K * P + p] = slots[p]
-    lo[r] = hi[r] = cm.num_devices; r += 1
-    for p in range(P - 1):                  # symmetry breaking among equal slots
+    lo[r] = hi[r] = cm.num_devices
+    r += 1
+    for p in range(P - 1):  # symmetry breaking among equal slots
         if slots[p] == slots[p + 1]:
             A[r, K * P + p], A[r, K * P + p + 1] = 1, -1
-            lo[r], hi[r] = 0, 1; r += 1
-    nonempty = lil_matrix((P, nv))          # sum_k A[k,p] - m[p] >= 0
+            lo[r], hi[r] = 0, 1
+            r += 1
+    nonempty = lil_matrix((P, nv))  # sum_k A[k,p] - m[p] >= 0
     for p in range(P):
         for k in range(K):
             nonempty[p, k * P + p] = 1
         nonempty[p, K * P + p] = -1
     cons = [LinearConstraint(A.tocsr(), lo, hi), LinearConstraint(nonempty.tocsr(), 0, np.inf)]
-    res = milp(c, constraints=cons, integrality=integrality, bounds=Bounds(lb, ub),
-               options={"time_limit": time_limit, "disp": False})
+    res = milp(
+        c,
+        constraints=cons,
+        integrality=integrality,
+        bounds=Bounds(lb, ub),
+        options={"time_limit": time_limit, "disp": False},
+    )
     if res.x is None:
         return None
     x = np.round(res.x).astype(np.int64)
@@ -207,8 +224,9 @@ def _solve_milp(bounds, counts, slots, cm: CostModel, time_limit: float, cutoff:
     return float(res.x[-1]), [slots[p] for p in used], assign, ok
 
 
-def solve_micro_batch(ids: list[int], lengths: np.ndarray, cm: CostModel, time_limit: float,
-                      num_buckets: int = NUM_BUCKETS):
+def solve_micro_batch(
+    ids: list[int], lengths: np.ndarray, cm: CostModel, time_limit: float, num_buckets: int = NUM_BUCKETS
+):
     """Bucket, solve the MILP (homogeneous fallback), map back: ([(sp, ids)], status) or None."""
     ids = sorted(ids, key=lambda i: (int(lengths[i]), i))
     lens = np.array([int(lengths[i]) for i in ids], dtype=np.int64)
@@ -234,15 +252,19 @@ def solve_micro_batch(ids: list[int], lengths: np.ndarray, cm: CostModel, time_l
     _, sps, assign = best
     groups = [[] for _ in sps]
     for k, (_, pos) in enumerate(buckets):
-        members = [ids[j] for j in pos][::-1]   # longest first
+        members = [ids[j] for j in pos][::-1]  # longest first
         for p, cnt in enumerate(assign[k]):
             groups[p] += members[:cnt]
             members = members[cnt:]
     return [(sp, g) for sp, g in zip(sps, groups)], status
 
 
-def official_flexsp_plan(lengths: Sequence[int], cm: CostModel, time_limit_per_milp: float = 1.0,
-                         extra_micro_batches: int = EXTRA_MICRO_BATCHES) -> Plan:
+def official_flexsp_plan(
+    lengths: Sequence[int],
+    cm: CostModel,
+    time_limit_per_milp: float = 1.0,
+    extra_micro_batches: int = EXTRA_MICRO_BATCHES,
+) -> Plan:
     """The official FlexSP planner's plan for one global batch (see the module docstring)."""
     t0 = time.perf_counter()
     arr = check_lengths(lengths, cm)
@@ -251,8 +273,9 @@ def official_flexsp_plan(lengths: Sequence[int], cm: CostModel, time_limit_per_m
     order = sorted(range(len(arr)), key=lambda i: (-int(arr[i]), i))
     cluster = cm.num_devices * cm.capacity_tokens
     m = max(1, math.ceil(int(arr.sum()) / cluster))
-    while m < len(arr) and any(sum(int(arr[i]) for i in c) >= cluster
-                               for c in chunk_global_batch(arr, order, m)):
+    while m < len(arr) and any(
+        sum(int(arr[i]) for i in c) >= cluster for c in chunk_global_batch(arr, order, m)
+    ):
         m += 1
     best, best_ms, tried, statuses = None, math.inf, [], {}
     m_hi = m + extra_micro_batches
@@ -263,7 +286,8 @@ def official_flexsp_plan(lengths: Sequence[int], cm: CostModel, time_limit_per_m
             if sol is None:
                 mbs = None
                 break
-            mbs.append(sol[0]); stats.append(sol[1])
+            mbs.append(sol[0])
+            stats.append(sol[1])
         if mbs is not None:
             plan = build_plan(mbs, arr.tolist(), cm, method="official-flexsp")
             tried.append((m, plan.predicted_ms))
@@ -272,8 +296,16 @@ def official_flexsp_plan(lengths: Sequence[int], cm: CostModel, time_limit_per_m
         m += 1
     if best is None:
         raise UserError(f"official planner found no feasible plan for {len(arr)} sequences on {cm.name}")
-    return build_plan(best, arr.tolist(), cm, method="official-flexsp",
-                      solve_seconds=time.perf_counter() - t0,
-                      status="optimal" if set(statuses) == {"optimal"} else "feasible",
-                      extra={"micro_batches_tried": tried, "milp_status": statuses,
-                             "time_limit_per_milp": time_limit_per_milp})
+    return build_plan(
+        best,
+        arr.tolist(),
+        cm,
+        method="official-flexsp",
+        solve_seconds=time.perf_counter() - t0,
+        status="optimal" if set(statuses) == {"optimal"} else "feasible",
+        extra={
+            "micro_batches_tried": tried,
+            "milp_status": statuses,
+            "time_limit_per_milp": time_limit_per_milp,
+        },
+    )

@@ -14,8 +14,10 @@ least-work degree to meet ``tau`` (a longer micro-batch instead of more all-to-a
 the feasibility test the planner bisects ``tau`` over; ``solve_micro_batch`` packs one
 micro-batch on its own.
 """
+
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,8 +39,9 @@ class Workload:
         L = self.lengths.astype(np.float64)
         # degrees no attention mode can run (e.g. Ulysses past the head count) are never used
         usable = np.array([bool(cm.attention_modes(d)) for d in self.degrees])
-        self.time = np.stack([cm.seq_time_ms(L, d) if ok else np.full_like(L, np.inf)
-                              for d, ok in zip(self.degrees, usable)])   # [degrees, n]
+        self.time = np.stack(
+            [cm.seq_time_ms(L, d) if ok else np.full_like(L, np.inf) for d, ok in zip(self.degrees, usable)]
+        )  # [degrees, n]
         fits = (self.lengths[None, :] <= np.array(self.degrees)[:, None] * self.cap) & usable[:, None]
         self.fits = fits
         # device-ms of work at each degree (inf where memory does not allow that degree)
@@ -47,8 +50,9 @@ class Workload:
         self.min_work = self.work.min(axis=0)
         self.min_time = np.where(fits, self.time, np.inf).min(axis=0)
         # fixed time a new group of each degree starts with (beyond b, which every group pays)
-        self.latency = np.array([cm.group_overhead_ms(d) - cm.b if ok else 0.0
-                                 for d, ok in zip(self.degrees, usable)])
+        self.latency = np.array(
+            [cm.group_overhead_ms(d) - cm.b if ok else 0.0 for d, ok in zip(self.degrees, usable)]
+        )
 
 
 @dataclass
@@ -70,8 +74,9 @@ class MicroBatch:
         return max((g.load for g in self.groups), default=0.0)
 
 
-def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1.0,
-         clock=None) -> list[MicroBatch] | None:
+def pack(
+    wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1.0, clock=None
+) -> list[MicroBatch] | None:
     """First-fit-decreasing under load cap ``tau`` into at most ``max_mbs`` micro-batches.
 
     Returns None if they do not suffice. Each sequence joins the open group with the least load
@@ -110,7 +115,9 @@ def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1
             return None
         if pos % 64 == 0 and na:
             act = alive[:na]
-            keep = (g_cap[act] - g_load[act] >= suf_time[g_k[act], pos]) & (g_captok[act] - g_tok[act] >= suf_len[pos])
+            keep = (g_cap[act] - g_load[act] >= suf_time[g_k[act], pos]) & (
+                g_captok[act] - g_tok[act] >= suf_len[pos]
+            )
             na = int(keep.sum())
             alive[:na] = act[keep]
         L = int(lengths[i])
@@ -147,7 +154,13 @@ def pack(wl: Workload, order, tau: float, max_mbs: int, giant_stretch: float = 1
                 mb_cap[nm] = max(t[k], tau)
             mb_free[nm] = n_dev
             target, nm = nm, nm + 1
-        g_mb[ng], g_k[ng], g_load[ng], g_tok[ng], g_captok[ng] = target, k, time_[k, i] + lat[k], L, degrees[k] * cap
+        g_mb[ng], g_k[ng], g_load[ng], g_tok[ng], g_captok[ng] = (
+            target,
+            k,
+            time_[k, i] + lat[k],
+            L,
+            degrees[k] * cap,
+        )
         g_cap[ng] = mb_cap[target]
         mb_free[target] -= degrees[k]
         members.append([i])
@@ -190,7 +203,7 @@ def pack_micro_batch(wl: Workload, ids, tau: float, min_sp: int = 1) -> list[Gro
     """
     n_dev, cap = wl.cm.num_devices, wl.cap
     nk = len(wl.degrees)
-    g_k = np.zeros(n_dev, dtype=np.int64)        # degree index of each open group
+    g_k = np.zeros(n_dev, dtype=np.int64)  # degree index of each open group
     g_load = np.zeros(n_dev)
     g_tok = np.zeros(n_dev, dtype=np.int64)
     g_captok = np.zeros(n_dev, dtype=np.int64)
@@ -292,7 +305,6 @@ def quick_pack(wl: Workload, ids) -> list[list[tuple[int, list[int]]]]:
     micro-batches first-fit by free devices (a few micro-batches open at a time), so groups of
     similar time share a micro-batch. Returns [[(sp, ids), ...] per micro-batch].
     """
-    import bisect
 
     ids = np.asarray(list(ids) if not isinstance(ids, (range, np.ndarray)) else ids, dtype=np.int64)
     n_dev, cap = wl.cm.num_devices, wl.cap
@@ -300,11 +312,11 @@ def quick_pack(wl: Workload, ids) -> list[list[tuple[int, list[int]]]]:
     loads, sps, bins = [], [], []
     for k in np.unique(k_best).tolist():
         members = ids[k_best == k]
-        members = members[np.lexsort((members, -wl.lengths[members]))]      # longest first, ties by id
+        members = members[np.lexsort((members, -wl.lengths[members]))]  # longest first, ties by id
         lens = wl.lengths[members]
         limit = int(wl.degrees[k]) * cap
         n = len(members)
-        asc = np.concatenate([[0], np.cumsum(lens[::-1])]).tolist()            # shortest first
+        asc = np.concatenate([[0], np.cumsum(lens[::-1])]).tolist()  # shortest first
         order = members.tolist()
         lens_l = lens.tolist()
         t_desc = wl.time[k][members]
@@ -324,7 +336,7 @@ def quick_pack(wl: Workload, ids) -> list[list[tuple[int, list[int]]]]:
     rank = sorted(range(len(bins)), key=lambda g: (-loads[g], -sps[g], bins[g][0]))
     mbs: list[list[tuple[int, list[int]]]] = []
     free: list[int] = []
-    open_mbs: list[int] = []                      # at most 8 micro-batches open at a time
+    open_mbs: list[int] = []  # at most 8 micro-batches open at a time
     for g in rank:
         sp = sps[g]
         for j in open_mbs:

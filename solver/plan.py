@@ -9,11 +9,13 @@ Plans are frozen dataclasses that round-trip through JSON. The JSON keys ``num_d
 ``micro_batches[*].groups[*].{sp, ranks, seq_ids}``, ``predicted_ms`` and ``solve_seconds`` are the
 public contract; everything else is informative.
 """
+
 from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+
 from .errors import UserError
 
 ATTENTION_MODES = ("local", "ulysses", "ring", "hybrid")
@@ -119,7 +121,9 @@ class Plan:
         seqs = sum(len(g.seq_ids) for mb in self.micro_batches for g in mb.groups)
         kept, shown, length = [], 0, len(head)
         for item, k in items:
-            tail = f" | ... (+{len(self.micro_batches) - shown - k} more mb; {groups} groups, {seqs} sequences)"
+            tail = (
+                f" | ... (+{len(self.micro_batches) - shown - k} more mb; {groups} groups, {seqs} sequences)"
+            )
             if length + len(item) + 3 + len(tail) > max_chars and kept:
                 break
             kept.append(item)
@@ -131,10 +135,23 @@ class Plan:
     def to_dict(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("micro_batches", "extra")}
         out["micro_batches"] = [
-            {"groups": [{"sp": g.sp, "ranks": list(g.ranks), "seq_ids": list(g.seq_ids), "attention": g.attention,
-                         "tokens": g.tokens, "predicted_ms": g.predicted_ms, "memory_mb": g.memory_mb}
-                        for g in mb.groups], "predicted_ms": mb.predicted_ms}
-            for mb in self.micro_batches]
+            {
+                "groups": [
+                    {
+                        "sp": g.sp,
+                        "ranks": list(g.ranks),
+                        "seq_ids": list(g.seq_ids),
+                        "attention": g.attention,
+                        "tokens": g.tokens,
+                        "predicted_ms": g.predicted_ms,
+                        "memory_mb": g.memory_mb,
+                    }
+                    for g in mb.groups
+                ],
+                "predicted_ms": mb.predicted_ms,
+            }
+            for mb in self.micro_batches
+        ]
         out["extra"] = copy.deepcopy(self.extra)
         out["gap"] = None if self.lower_bound_ms <= 0 else self.gap
         return out
@@ -176,7 +193,10 @@ class Plan:
                 extra=dict(data.get("extra", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"malformed plan: {exc!r}; expected keys num_devices, micro_batches[*].groups[*].sp/ranks/seq_ids") from exc
+            raise UserError(
+                f"malformed plan: {exc!r}; expected keys num_devices, "
+                "micro_batches[*].groups[*].sp/ranks/seq_ids"
+            ) from exc
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":

@@ -36,27 +36,36 @@ Method (all under the cost model of ``costmodel.py``):
    best plan so far (always valid) comes back as "time_limit", and as "fallback" when only the
    safety net fitted in the box.
 """
+
 from __future__ import annotations
 
 import itertools
 import math
 import time
-from dataclasses import replace
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from .build import build_plan
 from .costmodel import CostModel
-from .errors import PlanningError  # noqa: F401 (re-exported)
-from .schedules import (BaselineTimeout, best_homogeneous_plan, check_lengths, greedy_hybrid_cp_plan, static_plan,
-                        usable_degrees)
+from .errors import (
+    PlanningError,  # noqa: F401 (re-exported)
+    UserError,
+)
 from .megatron_dcp import megatron_dcp_plan
 from .milp import DEFAULT_PULP_SOLVER, check_backend, exact_size, reassign_micro_batch, solve_exact
 from .official import chunk_global_batch
 from .packing import Workload, mbs_time, pack, quick_pack, solve_micro_batch
 from .plan import Plan
-from .errors import UserError
+from .schedules import (
+    BaselineTimeout,
+    best_homogeneous_plan,
+    check_lengths,
+    greedy_hybrid_cp_plan,
+    static_plan,
+    usable_degrees,
+)
 
 
 def min_micro_batches(wl: Workload) -> int:
@@ -76,8 +85,15 @@ def _lower_bound(wl: Workload, m: int) -> float:
     return m * wl.cm.b + max(work, float(wl.min_time.max()))
 
 
-def _bisect_tau(wl: Workload, order, m: int, stretch: float, clock, rel_tol: float = 4e-3,
-                bracket: tuple[float, float] | None = None):
+def _bisect_tau(
+    wl: Workload,
+    order,
+    m: int,
+    stretch: float,
+    clock,
+    rel_tol: float = 4e-3,
+    bracket: tuple[float, float] | None = None,
+):
     """Smallest load cap (to rel_tol) at which ``pack`` fits the batch in m micro-batches.
 
     Starts at the work bound and grows by 1.5x until feasible, or from ``bracket`` (lo, hi).
@@ -140,11 +156,20 @@ CHUNK_SEQUENCES = 8192
 """...and at most this many sequences, so the search's cost grows linearly with the batch."""
 
 
-def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0,
-               max_extra_micro_batches: int = 3, rebalance_rounds: int = 2,
-               exact_max_binaries: int = 4000, milp_node_limit: int = 500,
-               milp_micro_batches: int = 2, milp_backend: str = "highs", pulp_solver: str | None = None,
-               progress: Callable[[str], None] | None = None) -> Plan:
+def plan_batch(
+    lengths: Sequence[int],
+    cm: CostModel,
+    *,
+    time_limit: float = 1.0,
+    max_extra_micro_batches: int = 3,
+    rebalance_rounds: int = 2,
+    exact_max_binaries: int = 4000,
+    milp_node_limit: int = 500,
+    milp_micro_batches: int = 2,
+    milp_backend: str = "highs",
+    pulp_solver: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Plan:
     """Plan one global batch: the fastest valid plan the search finds within ``time_limit`` s.
 
     The search is a fixed amount of work (MILPs stop at ``milp_node_limit`` branch-and-bound
@@ -167,8 +192,12 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
     line of text as chunks finish (flexsp-plan prints it on stderr).
     """
     start = time.perf_counter()
-    if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not math.isfinite(time_limit) \
-            or time_limit <= 0:
+    if (
+        isinstance(time_limit, bool)
+        or not isinstance(time_limit, (int, float))
+        or not math.isfinite(time_limit)
+        or time_limit <= 0
+    ):
         raise UserError(f"time_limit must be a finite number of seconds > 0, got {time_limit!r}")
     check_backend(milp_backend, pulp_solver)
     clock = _Clock(start + time_limit)
@@ -179,8 +208,11 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
     chunks = max(1, math.ceil(n / CHUNK_SEQUENCES))
     if m0 > 1.5 * CHUNK_MICRO_BATCHES:
         chunks = max(chunks, math.ceil(m0 / CHUNK_MICRO_BATCHES))
-    chunk_ids = [np.array(order[c::chunks], dtype=np.int64) for c in range(chunks)] if chunks > 1 \
+    chunk_ids = (
+        [np.array(order[c::chunks], dtype=np.int64) for c in range(chunks)]
+        if chunks > 1
         else [np.arange(n, dtype=np.int64)]
+    )
     sub = [Workload(wl.lengths[ids], cm) for ids in chunk_ids] if chunks > 1 else [wl]
     # The safety net first, timed: the whole batch packed in O(n log n) (a plan never loses to
     # it). The end of the run re-packs what the search did not improve in one piece and prices
@@ -197,12 +229,18 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
             safety, whole = name, mbs
     plans: list = [whole if chunks == 1 else None] + [None] * (chunks - 1)
     improved = [False] * chunks
-    opts = dict(max_extra=max_extra_micro_batches, rebalance_rounds=rebalance_rounds,
-                exact_max_binaries=exact_max_binaries if chunks == 1 else 0, node_limit=milp_node_limit,
-                milp_micro_batches=milp_micro_batches, backend=milp_backend, pulp_solver=pulp_solver,
-                # each re-deal MILP may use a tenth of the box (at least 0.3 s): on a slow or busy
-                # machine the node limit, not the clock, should still end it
-                milp_cap_s=max(0.3, 0.1 * time_limit))
+    opts = dict(
+        max_extra=max_extra_micro_batches,
+        rebalance_rounds=rebalance_rounds,
+        exact_max_binaries=exact_max_binaries if chunks == 1 else 0,
+        node_limit=milp_node_limit,
+        milp_micro_batches=milp_micro_batches,
+        backend=milp_backend,
+        pulp_solver=pulp_solver,
+        # each re-deal MILP may use a tenth of the box (at least 0.3 s): on a slow or busy
+        # machine the node limit, not the clock, should still end it
+        milp_cap_s=max(0.3, 0.1 * time_limit),
+    )
     searched, info, lower_exact, proven, starved, whole_won = 0, [], 0.0, False, 0, False
     last_report = start
     for c, w in enumerate(sub):
@@ -214,7 +252,7 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
             break
         # an even share of what is left (time a chunk leaves rolls over); each chunk whose share
         # was too short to find even its first packing doubles the shares after it
-        share = min(left, left / (chunks - c) * 2 ** starved)
+        share = min(left, left / (chunks - c) * 2**starved)
         chunk_clock = _Clock(time.perf_counter() + share, parent=clock)
         result = _search(w, chunk_clock, opts)
         if result is None:
@@ -233,8 +271,10 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
             lower_exact, proven = meta.pop("exact_bound", 0.0), meta.pop("proven", False)
         now = time.perf_counter()
         if progress is not None and chunks > 1 and (c == 0 or now - last_report > 1.0 or c == chunks - 1):
-            progress(f"planned chunk {c + 1}/{chunks} ({len(w.lengths)} sequences), "
-                     f"{now - start:.1f} s of {time_limit:g} s")
+            progress(
+                f"planned chunk {c + 1}/{chunks} ({len(w.lengths)} sequences), "
+                f"{now - start:.1f} s of {time_limit:g} s"
+            )
             last_report = now
     if chunks == 1:
         merged = plans[0]
@@ -245,14 +285,20 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
                 ids = ids.tolist()
                 merged += [[(sp, [ids[x] for x in g]) for sp, g in mb] for mb in mbs]
         rest = [c for c in range(chunks) if not improved[c]]
-        if rest and len(rest) < chunks:   # one safety net over the chunks the search did not improve
+        if rest and len(rest) < chunks:  # one safety net over the chunks the search did not improve
             merged += quick_pack(wl, np.concatenate([chunk_ids[c] for c in rest]))
         if len(rest) == chunks or _plan_time(wl, whole) < _plan_time(wl, merged):
             merged, whole_won = whole, True
     lower = max(_lower_bound(wl, m0), lower_exact)
-    extra = {"chunks": chunks, "chunks_searched": searched, "time_limit": time_limit,
-             "cut": sorted(clock.reasons),
-             "milp_backend": milp_backend if milp_backend == "highs" else f"pulp:{pulp_solver or DEFAULT_PULP_SOLVER}"}
+    extra = {
+        "chunks": chunks,
+        "chunks_searched": searched,
+        "time_limit": time_limit,
+        "cut": sorted(clock.reasons),
+        "milp_backend": milp_backend
+        if milp_backend == "highs"
+        else f"pulp:{pulp_solver or DEFAULT_PULP_SOLVER}",
+    }
     if chunks == 1 and info:
         extra.update(info[0])
     elif info and not whole_won:
@@ -270,8 +316,12 @@ def plan_batch(lengths: Sequence[int], cm: CostModel, *, time_limit: float = 1.0
         status = "time_limit"
     else:
         status = "feasible"
-    return replace(plan, status=status, lower_bound_ms=min(lower, plan_ms) + cm.step_fixed_ms,
-                   solve_seconds=round(time.perf_counter() - start, 4))
+    return replace(
+        plan,
+        status=status,
+        lower_bound_ms=min(lower, plan_ms) + cm.step_fixed_ms,
+        solve_seconds=round(time.perf_counter() - start, 4),
+    )
 
 
 MEGATRON_SAFETY_WORK = 400_000
@@ -284,12 +334,17 @@ def _cheap_plans(wl: Workload):
     sequence (one O(n log n) best-fit pass each) and of ``megatron_dcp_plan`` (while
     ``MEGATRON_SAFETY_WORK`` allows)."""
     cm, longest = wl.cm, int(wl.lengths.max())
-    plans = [(f"static-{d}", static_plan(wl.lengths, cm, d)) for d in usable_degrees(cm)
-             if d * cm.capacity_tokens >= longest]
+    plans = [
+        (f"static-{d}", static_plan(wl.lengths, cm, d))
+        for d in usable_degrees(cm)
+        if d * cm.capacity_tokens >= longest
+    ]
     if len(wl.lengths) * min_micro_batches(wl) <= MEGATRON_SAFETY_WORK:
         plans.append(("megatron-dcp-net", megatron_dcp_plan(wl.lengths, cm)))
-    return [(name, [[(g.sp, list(g.seq_ids)) for g in mb.groups] for mb in plan.micro_batches])
-            for name, plan in plans]
+    return [
+        (name, [[(g.sp, list(g.seq_ids)) for g in mb.groups] for mb in plan.micro_batches])
+        for name, plan in plans
+    ]
 
 
 def _search(wl: Workload, clock: _Clock, opts: dict):
@@ -338,16 +393,29 @@ def _search(wl: Workload, clock: _Clock, opts: dict):
     if contiguous is not None and _plan_time(wl, contiguous) < _plan_time(wl, groups) - 1e-9:
         groups, method = _rebalance(wl, contiguous, opts["rebalance_rounds"], clock), "contiguous"
     phases["contiguous"] = _plan_time(wl, groups)
-    groups = _milp_polish(wl, groups, clock, opts["node_limit"], opts["milp_micro_batches"], backend, pulp_solver,
-                          cap_s=opts["milp_cap_s"])
+    groups = _milp_polish(
+        wl,
+        groups,
+        clock,
+        opts["node_limit"],
+        opts["milp_micro_batches"],
+        backend,
+        pulp_solver,
+        cap_s=opts["milp_cap_s"],
+    )
     phases["milp"] = _plan_time(wl, groups)
     # the exact model needs only the micro-batch counts that could still beat this plan: m more
     # micro-batches cost at least m * b on top of the m-independent part of the bound
     m_cap = len(wl.lengths)
     if cm.b > 0:
-        m_cap = min(m_cap, max(min_micro_batches(wl), int((_plan_time(wl, groups) - _lower_bound(wl, 0)) // cm.b)))
+        m_cap = min(
+            m_cap, max(min_micro_batches(wl), int((_plan_time(wl, groups) - _lower_bound(wl, 0)) // cm.b))
+        )
     exact_bound, proven = 0.0, False
-    if exact_size(len(wl.lengths), cm.num_devices, m_cap) <= opts["exact_max_binaries"] and not clock.expired():
+    if (
+        exact_size(len(wl.lengths), cm.num_devices, m_cap) <= opts["exact_max_binaries"]
+        and not clock.expired()
+    ):
         exact = solve_exact(wl, max(m_cap, 1), clock.left(), backend=backend, pulp_solver=pulp_solver)
         if exact is not None:
             ex_status, _, bound, ex_groups, timed_out = exact
@@ -357,16 +425,24 @@ def _search(wl: Workload, clock: _Clock, opts: dict):
                 groups, method = ex_groups, "exact-milp"
             exact_bound = bound
             proven = ex_status == "optimal" and _plan_time(wl, groups) <= _plan_time(wl, ex_groups) + 1e-9
-    return groups, {"search": method, "phases_ms": {k: round(v, 3) for k, v in phases.items()},
-                    "tried": tried[:20], "exact_bound": exact_bound, "proven": proven}
+    return groups, {
+        "search": method,
+        "phases_ms": {k: round(v, 3) for k, v in phases.items()},
+        "tried": tried[:20],
+        "exact_bound": exact_bound,
+        "proven": proven,
+    }
 
 
 def _baseline_candidates(wl: Workload, groups: list, method: str, clock: _Clock) -> tuple[list, str]:
     """The faster of ``groups`` and each baseline's plan: best homogeneous, the greedy hybrid-CP
     scheduler and Megatron-Core's dynamic-CP schedule (``megatron_dcp``), while the box allows."""
     cm = wl.cm
-    for name, make in (("homogeneous", best_homogeneous_plan), ("megatron-dcp", megatron_dcp_plan),
-                       ("greedy", greedy_hybrid_cp_plan)):
+    for name, make in (
+        ("homogeneous", best_homogeneous_plan),
+        ("megatron-dcp", megatron_dcp_plan),
+        ("greedy", greedy_hybrid_cp_plan),
+    ):
         # the greedy scheduler scans rank blocks per sequence: skip it where that is slow
         if name == "greedy" and len(wl.lengths) * cm.num_devices > 100_000:
             continue
@@ -376,7 +452,7 @@ def _baseline_candidates(wl: Workload, groups: list, method: str, clock: _Clock)
             break
         try:
             if name == "megatron-dcp":
-                other = make(wl.lengths.tolist(), cm)    # one pass per micro-batch, no deadline needed
+                other = make(wl.lengths.tolist(), cm)  # one pass per micro-batch, no deadline needed
             else:
                 other = make(wl.lengths.tolist(), cm, deadline=clock.deadline)
         except BaselineTimeout:
@@ -407,8 +483,11 @@ def _plan_time(wl: Workload, mbs: list) -> float:
     loads = np.empty(len(sizes))
     for k in np.unique(ks_a).tolist():
         sel = np.flatnonzero(ks_a == k)
-        ids = np.fromiter(itertools.chain.from_iterable(cat[g] for g in sel.tolist()), dtype=np.int64,
-                          count=int(sum(sizes[g] for g in sel.tolist())))
+        ids = np.fromiter(
+            itertools.chain.from_iterable(cat[g] for g in sel.tolist()),
+            dtype=np.int64,
+            count=int(sum(sizes[g] for g in sel.tolist())),
+        )
         offsets = np.cumsum([0] + [sizes[g] for g in sel.tolist()[:-1]])
         loads[sel] = np.add.reduceat(wl.time[k][ids], offsets) + wl.latency[k]
     worst = np.full(len(mbs), -np.inf)
@@ -417,20 +496,37 @@ def _plan_time(wl: Workload, mbs: list) -> float:
     return float(worst[used].sum() + wl.cm.b * used.sum())
 
 
-def _milp_polish(wl: Workload, mbs: list, clock, node_limit: int, count: int, backend: str = "highs",
-                 pulp_solver: str | None = None, cap_s: float = 0.3) -> list:
+def _milp_polish(
+    wl: Workload,
+    mbs: list,
+    clock,
+    node_limit: int,
+    count: int,
+    backend: str = "highs",
+    pulp_solver: str | None = None,
+    cap_s: float = 0.3,
+) -> list:
     """Re-deal the sequences of the ``count`` slowest micro-batches over their groups with the
     MILP (each solve capped at ``cap_s`` s; the node limit normally ends it first). Skips
     micro-batches whose slowest group runs a single sequence (no re-deal helps)."""
     out = []
     for rank, mb in enumerate(sorted(mbs, key=lambda mb: -_mb_time(wl, mb))):
-        slowest = max(mb, key=lambda g: wl.time[g[0].bit_length() - 1, g[1]].sum() + wl.latency[g[0].bit_length() - 1])
+        slowest = max(
+            mb, key=lambda g: wl.time[g[0].bit_length() - 1, g[1]].sum() + wl.latency[g[0].bit_length() - 1]
+        )
         # at most 16 groups keeps the model small (<= ~400 integers): HiGHS then stays in ~0.1 s
         if rank < count and 1 < len(mb) <= 16 and len(slowest[1]) > 1 and not clock.expired():
             report: dict = {}
-            better = reassign_micro_batch(wl, mb, min(max(clock.left(), 0.02), cap_s), node_limit=node_limit,
-                                          backend=backend, pulp_solver=pulp_solver, report=report)
-            if report.get("timed_out"):   # the wall clock, not the node limit, ended it
+            better = reassign_micro_batch(
+                wl,
+                mb,
+                min(max(clock.left(), 0.02), cap_s),
+                node_limit=node_limit,
+                backend=backend,
+                pulp_solver=pulp_solver,
+                report=report,
+            )
+            if report.get("timed_out"):  # the wall clock, not the node limit, ended it
                 clock.mark("re-deal MILP stopped on its time cap")
             if better is not None:
                 mb = better
@@ -445,7 +541,10 @@ def _order(wl: Workload, ids) -> list[int]:
 
 
 def _mb_time(wl: Workload, mb) -> float:
-    return max(wl.time[sp.bit_length() - 1, ids].sum() + wl.latency[sp.bit_length() - 1] for sp, ids in mb) + wl.cm.b
+    return (
+        max(wl.time[sp.bit_length() - 1, ids].sum() + wl.latency[sp.bit_length() - 1] for sp, ids in mb)
+        + wl.cm.b
+    )
 
 
 def _rebalance(wl: Workload, mbs: list, rounds: int, clock) -> list:
@@ -510,8 +609,9 @@ def _polish(wl: Workload, mbs: list, clock) -> list:
     out = []
     for mb in sorted(mbs, key=lambda mb: -_mb_time(wl, mb)):
         if not clock.expired():
-            found = solve_micro_batch(wl, [i for _, g in mb for i in g], clock,
-                                      target=_mb_time(wl, mb) - wl.cm.b)
+            found = solve_micro_batch(
+                wl, [i for _, g in mb for i in g], clock, target=_mb_time(wl, mb) - wl.cm.b
+            )
             if found is not None and found[0] + wl.cm.b < _mb_time(wl, mb) - 1e-9:
                 mb = [(g.sp, g.ids) for g in found[1]]
         out.append(mb)

@@ -4,12 +4,15 @@ Micro-batches run one after another, so each starts where the previous one's slo
 idle device-time (a group finishing early) shows as white space — exactly what the planner
 minimises.
 """
+
 from __future__ import annotations
 
 import textwrap
 
-from .plan import Plan
+import numpy as np
+
 from .errors import UserError
+from .plan import Plan
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 """File types ``plot_plan`` writes (matplotlib picks the format from the suffix)."""
@@ -22,8 +25,13 @@ def plot_title(plan: Plan, width: int = 110) -> str:
     iteration time and gap."""
     gap = f", gap {plan.gap * 100:.1f}% to lower bound" if plan.lower_bound_ms > 0 else ""
     lines = textwrap.wrap(plan.summary(max_chars=3 * width), width=width, break_on_hyphens=False)
-    return "\n".join(lines[:3] + [f"{plan.predicted_ms:.0f} ms predicted{gap} | {plan.num_devices} devices, "
-                                   f"{plan.num_sequences} sequences, status {plan.status}"])
+    return "\n".join(
+        lines[:3]
+        + [
+            f"{plan.predicted_ms:.0f} ms predicted{gap} | {plan.num_devices} devices, "
+            f"{plan.num_sequences} sequences, status {plan.status}"
+        ]
+    )
 
 
 MAX_MB_LABELS = 40
@@ -47,9 +55,9 @@ def label_micro_batches(ax, starts: list[float]) -> None:
 
 def plot_plan(plan: Plan, path: str, title: str | None = None) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.collections import PolyCollection
 
     if not str(path).lower().endswith(PLOT_SUFFIXES):
@@ -60,23 +68,40 @@ def plot_plan(plan: Plan, path: str, title: str | None = None) -> None:
     cmap = plt.get_cmap("viridis")
     max_log = max(plan.num_devices.bit_length() - 1, 1)
     x0, y0, w, h, starts, t0 = [], [], [], [], [], 0.0
-    label = len(plan.micro_batches) <= 64          # labels only where they can be read
+    label = len(plan.micro_batches) <= 64  # labels only where they can be read
     for mb in plan.micro_batches:
         starts.append(t0)
         for g in mb.groups:
             x0.append(t0), y0.append(g.ranks[0]), w.append(g.predicted_ms), h.append(g.sp)
             if label and g.sp >= max(2, plan.num_devices // 16):
-                ax.text(t0 + g.predicted_ms / 2, g.ranks[0] + g.sp / 2, f"SP{g.sp}\n{len(g.seq_ids)} seq",
-                        ha="center", va="center", fontsize=7, color="white")
+                ax.text(
+                    t0 + g.predicted_ms / 2,
+                    g.ranks[0] + g.sp / 2,
+                    f"SP{g.sp}\n{len(g.seq_ids)} seq",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white",
+                )
         t0 += mb.predicted_ms
     starts.append(t0)
     x0, y0, w, h = (np.asarray(v, dtype=float) for v in (x0, y0, w, h))
-    verts = np.stack([np.stack([x0, y0], 1), np.stack([x0 + w, y0], 1), np.stack([x0 + w, y0 + h], 1),
-                      np.stack([x0, y0 + h], 1)], axis=1)
+    verts = np.stack(
+        [
+            np.stack([x0, y0], 1),
+            np.stack([x0 + w, y0], 1),
+            np.stack([x0 + w, y0 + h], 1),
+            np.stack([x0, y0 + h], 1),
+        ],
+        axis=1,
+    )
     colors = cmap(np.log2(np.maximum(h, 1)) / max_log)
     big = len(x0) > 2000
-    ax.add_collection(PolyCollection(verts, facecolors=colors, edgecolors="black",
-                                     linewidths=0.05 if big else 0.4, rasterized=big))
+    ax.add_collection(
+        PolyCollection(
+            verts, facecolors=colors, edgecolors="black", linewidths=0.05 if big else 0.4, rasterized=big
+        )
+    )
     ax.vlines(starts, 0, plan.num_devices, colors="red", linewidth=0.6 if len(starts) <= 200 else 0.2)
     label_micro_batches(ax, starts)
     ax.set_xlim(0, t0 * 1.01 if t0 > 0 else 1)
@@ -97,6 +122,7 @@ def plot_steps(result: dict, path: str) -> None:
     """``flexsp-simulate``'s plot: predicted time per step, one line per policy (static-D thin and
     grey, the others in colour), the lower bound dashed."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
@@ -120,8 +146,12 @@ def plot_steps(result: dict, path: str) -> None:
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("predicted step time (s)")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"{result['cost_model']} on {result['num_devices']} devices, {result['global_batch']} "
-                 f"sequences per step: predicted by the cost model", fontsize=9, loc="left")
+    ax.set_title(
+        f"{result['cost_model']} on {result['num_devices']} devices, {result['global_batch']} "
+        f"sequences per step: predicted by the cost model",
+        fontsize=9,
+        loc="left",
+    )
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()

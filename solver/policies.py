@@ -5,6 +5,7 @@ Names (the simulator's JSON keys, a contract): ``flexsp``, ``flexsp-official``, 
 ``best-static``, ``best-homogeneous`` and ``static-D`` for each power-of-two degree D. No policy
 drops, pads or reorders lengths: a length that fits no group raises ValueError.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -12,11 +13,11 @@ from dataclasses import dataclass
 
 from .baselines import best_homogeneous_plan, static_plan, usable_degrees
 from .costmodel import CostModel
+from .errors import UserError
 from .megatron_dcp import megatron_dcp_plan
 from .official import official_flexsp_plan
 from .plan import Plan
 from .planner import plan_batch
-from .errors import UserError
 
 PAPER_MILP_SECONDS = 10.0
 """The official FlexSP planner's time limit per MILP (SCIP), as published."""
@@ -25,6 +26,7 @@ PAPER_MILP_SECONDS = 10.0
 @dataclass(frozen=True)
 class PolicySettings:
     """Knobs of the policies that have any."""
+
     time_limit: float = 1.0
     """flexsp: the planner's time box per plan, seconds."""
     official_milp_s: float = PAPER_MILP_SECONDS
@@ -76,8 +78,10 @@ def static_policy(degree: int):
     """``static-D``: DeepSpeed-Ulysses-like static SP, every sequence at degree D, packed as the
     official FlexSP code's static baseline (best-fit-decreasing into bins of 0.9 x C x D tokens,
     ``solver.baselines.static_plan``)."""
+
     def run(lengths: Sequence[int], cm: CostModel, settings: PolicySettings) -> Plan:
         return static_plan(lengths, cm, degree)
+
     run.__doc__ = static_policy.__doc__
     return run
 
@@ -90,9 +94,16 @@ def best_static_policy(lengths: Sequence[int], cm: CostModel, settings: PolicySe
         raise UserError(f"no static degree holds a sequence of {max(lengths)} tokens on {cm.name}")
     plans = [static_plan(lengths, cm, d) for d in degrees]
     best = min(plans, key=lambda p: p.predicted_ms)
-    return Plan(**{**best.__dict__, "method": "best-static",
-                   "extra": {**best.extra, "static_ms": {f"static-{d}": p.predicted_ms
-                                                        for d, p in zip(degrees, plans)}}})
+    return Plan(
+        **{
+            **best.__dict__,
+            "method": "best-static",
+            "extra": {
+                **best.extra,
+                "static_ms": {f"static-{d}": p.predicted_ms for d, p in zip(degrees, plans)},
+            },
+        }
+    )
 
 
 NAMED = {
@@ -124,16 +135,20 @@ def parse_policies(text: str | None, cm: CostModel, longest: int) -> list[str]:
     degrees = static_degrees(cm, longest)
     for name in names:
         if name.startswith("static-"):
-            tail = name[len("static-"):]
+            tail = name[len("static-") :]
             d = int(tail) if tail.isdigit() else -1
             if d not in degrees:
                 valid = ", ".join(f"static-{x}" for x in degrees) or "none"
-                raise UserError(f"--policies: {name} cannot run this input on {cm.name} with "
-                                 f"{cm.num_devices} devices (longest sequence {longest} tokens, "
-                                 f"C = {cm.capacity_tokens}); valid static degrees: {valid}")
+                raise UserError(
+                    f"--policies: {name} cannot run this input on {cm.name} with "
+                    f"{cm.num_devices} devices (longest sequence {longest} tokens, "
+                    f"C = {cm.capacity_tokens}); valid static degrees: {valid}"
+                )
         elif name not in NAMED:
-            raise UserError(f"--policies: unknown policy {name!r}; valid: {', '.join(NAMED)}, "
-                             f"{', '.join(f'static-{x}' for x in degrees)}")
+            raise UserError(
+                f"--policies: unknown policy {name!r}; valid: {', '.join(NAMED)}, "
+                f"{', '.join(f'static-{x}' for x in degrees)}"
+            )
         elif name == "flexsp-official" and cm.num_devices < 2:
             raise UserError("--policies: flexsp-official uses SP sizes 2..N and needs --num-devices >= 2")
     if len(set(names)) != len(names):
@@ -143,5 +158,5 @@ def parse_policies(text: str | None, cm: CostModel, longest: int) -> list[str]:
 
 def run_policy(name: str, lengths: Sequence[int], cm: CostModel, settings: PolicySettings) -> Plan:
     """The plan policy ``name`` makes for ``lengths`` under ``cm``."""
-    fn = static_policy(int(name[len("static-"):])) if name.startswith("static-") else NAMED[name]
+    fn = static_policy(int(name[len("static-") :])) if name.startswith("static-") else NAMED[name]
     return fn(lengths, cm, settings)

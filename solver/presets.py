@@ -15,24 +15,39 @@ MFU, bandwidths from the topology form; nothing in them is measured.
 ``cpu-gloo-tiny`` is a rough model of this repository's CPU demo (tiny LLaMA on 4 gloo ranks); the
 profiler (``flexsp-profile``) measures a real one.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
 
 from .costmodel import CostModel
-from .network import ESTIMATE_MFU, MACHINES, RESERVE_GB, machine_preset_name
 from .errors import UserError
+from .network import ESTIMATE_MFU, MACHINES, RESERVE_GB, machine_preset_name
 
 # SP degree -> all-to-all GB/s on the paper's cluster ("4k seq, 2 IB").
 PAPER_BANDWIDTH = {2: 119.54, 4: 104.07, 8: 96.5, 16: 10.33, 32: 5.94, 64: 4.87}
 
 # model -> (layers, hidden, a1, a2, b, act_mb_per_token, {context limit K: params in 2^30})
 PAPER_MODELS = {
-    "gpt7b": (32, 4096, 5.128e-6, 0.1839576, 629.3563, 4.480441895,
-              {192: 7.1174468994140625, 384: 7.8498687744140625}),
+    "gpt7b": (
+        32,
+        4096,
+        5.128e-6,
+        0.1839576,
+        629.3563,
+        4.480441895,
+        {192: 7.1174468994140625, 384: 7.8498687744140625},
+    ),
     "gpt13b": (40, 5120, 9.2852e-6, 0.3060189, 1132.5632, 4.220, {192: 13.116, 384: 14.032}),
-    "gpt30b": (60, 6656, 15.4262e-6, 0.8035742, 2789.3644, 3.417381836,
-               {192: 31.525, 384: 32.71532440185547}),
+    "gpt30b": (
+        60,
+        6656,
+        15.4262e-6,
+        0.8035742,
+        2789.3644,
+        3.417381836,
+        {192: 31.525, 384: 32.71532440185547},
+    ),
 }
 
 
@@ -43,7 +58,9 @@ def _paper(model: str, limit_k: int) -> CostModel:
         num_devices=64,
         devices_per_node=8,
         memory_mb=30 * 1024,
-        a1=a1, a2=a2, b=b,
+        a1=a1,
+        a2=a2,
+        b=b,
         a2a_mb_per_token=16 * layers * hidden / 2**20,
         bandwidth_gbps=dict(PAPER_BANDWIDTH),
         act_mb_per_token=act,
@@ -52,7 +69,8 @@ def _paper(model: str, limit_k: int) -> CostModel:
         zero_stage=3,
         heads=64,  # the paper patches its GPTs to 64 heads so Ulysses reaches SP=64
         kv_heads=64,
-        layers=layers, hidden=hidden,
+        layers=layers,
+        hidden=hidden,
         source="FlexSP (ASPLOS'25) official planner constants, shared/reference/flexsp-paper.md",
         device="cuda:the FlexSP paper's 64-GPU cluster",
     )
@@ -61,11 +79,23 @@ def _paper(model: str, limit_k: int) -> CostModel:
 def _cpu_tiny() -> CostModel:
     return CostModel(
         name="cpu-gloo-tiny",
-        num_devices=4, devices_per_node=4, memory_mb=2048,
-        a1=2.0e-6, a2=0.05, b=20.0,
-        a2a_mb_per_token=0.002, bandwidth_gbps={2: 1.0, 4: 0.6},
-        act_mb_per_token=0.05, params_gi=0.0001, zero_stage=3, heads=4, kv_heads=2, layers=2, hidden=64,
-        ring_mb_per_token=0.001, p2p_bandwidth_gbps={2: 1.0, 4: 0.8},
+        num_devices=4,
+        devices_per_node=4,
+        memory_mb=2048,
+        a1=2.0e-6,
+        a2=0.05,
+        b=20.0,
+        a2a_mb_per_token=0.002,
+        bandwidth_gbps={2: 1.0, 4: 0.6},
+        act_mb_per_token=0.05,
+        params_gi=0.0001,
+        zero_stage=3,
+        heads=4,
+        kv_heads=2,
+        layers=2,
+        hidden=64,
+        ring_mb_per_token=0.001,
+        p2p_bandwidth_gbps={2: 1.0, 4: 0.8},
         source="hand estimate for the CPU demo; run flexsp-profile for a measured model",
         device="cpu",
     )
@@ -74,9 +104,15 @@ def _cpu_tiny() -> CostModel:
 PRESETS = {f"paper-{m}-{k}k": (lambda m=m, k=k: _paper(m, k)) for m in PAPER_MODELS for k in (192, 384)}
 PRESETS["cpu-gloo-tiny"] = _cpu_tiny
 # ESTIMATES from public machine figures (solver/network.py), e.g. h100-nvlink4-ib8x400-gpt7b-estimate
-PRESETS.update({machine_preset_name(machine, model): (lambda machine=machine, model=model:
-                                                      machine_cost_model(machine, model))
-                for machine in MACHINES for model in PAPER_MODELS})
+PRESETS.update(
+    {
+        machine_preset_name(machine, model): (
+            lambda machine=machine, model=model: machine_cost_model(machine, model)
+        )
+        for machine in MACHINES
+        for model in PAPER_MODELS
+    }
+)
 
 
 def load_preset(name: str) -> CostModel:
@@ -108,13 +144,30 @@ def _paper_like_bandwidth(num_devices: int, devices_per_node: int) -> dict[int, 
     return table
 
 
-def analytic_cost_model(name: str, *, layers: int, hidden: int, heads: int, kv_heads: int,
-                        params: float, num_devices: int, devices_per_node: int = 8,
-                        memory_mb: float, act_mb_per_token: float, peak_tflops: float = 312.0,
-                        mfu: float = 0.5, bytes_per_element: int = 2, zero_gbps: float = 50.0,
-                        bandwidth_gbps: dict | None = None, p2p_bandwidth_gbps: dict | None = None,
-                        ring: bool = True, activation_checkpointing: bool = False,
-                        shard_size: int = 0, replicate_gbps: float = 0.0, device: str = "") -> CostModel:
+def analytic_cost_model(
+    name: str,
+    *,
+    layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    params: float,
+    num_devices: int,
+    devices_per_node: int = 8,
+    memory_mb: float,
+    act_mb_per_token: float,
+    peak_tflops: float = 312.0,
+    mfu: float = 0.5,
+    bytes_per_element: int = 2,
+    zero_gbps: float = 50.0,
+    bandwidth_gbps: dict | None = None,
+    p2p_bandwidth_gbps: dict | None = None,
+    ring: bool = True,
+    activation_checkpointing: bool = False,
+    shard_size: int = 0,
+    replicate_gbps: float = 0.0,
+    device: str = "",
+) -> CostModel:
     """A roofline-style cost model for an arbitrary model shape at cluster scale (a dry run of the
     planner before anything was profiled). ANALYTIC: no measurement; profile for real numbers.
 
@@ -139,15 +192,22 @@ def analytic_cost_model(name: str, *, layers: int, hidden: int, heads: int, kv_h
         if not isinstance(value, int) or value < 1:
             raise UserError(f"{key} must be a positive integer, got {value!r}")
     if hidden % heads or heads % kv_heads:
-        raise UserError(f"need heads | hidden and kv_heads | heads, got hidden={hidden}, heads={heads}, "
-                         f"kv_heads={kv_heads}")
-    for key, value in (("params", params), ("peak_tflops", peak_tflops), ("zero_gbps", zero_gbps),
-                       ("act_mb_per_token", act_mb_per_token), ("memory_mb", memory_mb)):
+        raise UserError(
+            f"need heads | hidden and kv_heads | heads, got hidden={hidden}, heads={heads}, "
+            f"kv_heads={kv_heads}"
+        )
+    for key, value in (
+        ("params", params),
+        ("peak_tflops", peak_tflops),
+        ("zero_gbps", zero_gbps),
+        ("act_mb_per_token", act_mb_per_token),
+        ("memory_mb", memory_mb),
+    ):
         if not value > 0 or value == float("inf"):
             raise UserError(f"{key} must be a finite number > 0, got {value!r}")
     if not 0 < mfu <= 1:
         raise UserError(f"mfu must be in (0, 1], got {mfu}")
-    flops_ms = mfu * peak_tflops * 1e12 / 1e3          # FLOPs per ms
+    flops_ms = mfu * peak_tflops * 1e12 / 1e3  # FLOPs per ms
     recompute = 8 / 6 if activation_checkpointing else 1.0
     kv_dim = hidden * kv_heads // heads
     a2a = 4 * (hidden + kv_dim) * bytes_per_element * layers * (1.5 if activation_checkpointing else 1.0)
@@ -156,15 +216,32 @@ def analytic_cost_model(name: str, *, layers: int, hidden: int, heads: int, kv_h
     b = (2 * bytes_per_element + 4) * params_gi * 1024 / zero_gbps
     table = bandwidth_gbps or _paper_like_bandwidth(num_devices, devices_per_node)
     return CostModel(
-        name=name, num_devices=num_devices, devices_per_node=devices_per_node, memory_mb=memory_mb,
-        a1=6 * layers * hidden * recompute / flops_ms, a2=6 * params * recompute / flops_ms, b=b,
-        a2a_mb_per_token=a2a / 2**20, bandwidth_gbps=table, act_mb_per_token=act_mb_per_token,
-        params_gi=params_gi, heads=heads, kv_heads=kv_heads, layers=layers, hidden=hidden,
-        ring_mb_per_token=ring_bytes / 2**20, p2p_bandwidth_gbps=p2p_bandwidth_gbps or dict(table),
-        activation_checkpointing=activation_checkpointing, shard_size=shard_size,
-        replicate_gbps=replicate_gbps, device=device,
-        source=(f"ANALYTIC roofline estimate (no measurement): {peak_tflops:g} TFLOP/s peak at MFU {mfu:g}, "
-                f"ZeRO traffic at {zero_gbps:g} GB/s, paper-like all-to-all bandwidths; profile for real numbers"))
+        name=name,
+        num_devices=num_devices,
+        devices_per_node=devices_per_node,
+        memory_mb=memory_mb,
+        a1=6 * layers * hidden * recompute / flops_ms,
+        a2=6 * params * recompute / flops_ms,
+        b=b,
+        a2a_mb_per_token=a2a / 2**20,
+        bandwidth_gbps=table,
+        act_mb_per_token=act_mb_per_token,
+        params_gi=params_gi,
+        heads=heads,
+        kv_heads=kv_heads,
+        layers=layers,
+        hidden=hidden,
+        ring_mb_per_token=ring_bytes / 2**20,
+        p2p_bandwidth_gbps=p2p_bandwidth_gbps or dict(table),
+        activation_checkpointing=activation_checkpointing,
+        shard_size=shard_size,
+        replicate_gbps=replicate_gbps,
+        device=device,
+        source=(
+            f"ANALYTIC roofline estimate (no measurement): {peak_tflops:g} TFLOP/s peak at MFU {mfu:g}, "
+            f"ZeRO traffic at {zero_gbps:g} GB/s, paper-like all-to-all bandwidths; profile for real numbers"
+        ),
+    )
 
 
 def machine_cost_model(machine: str, model: str, num_devices: int = 64):
@@ -174,22 +251,39 @@ def machine_cost_model(machine: str, model: str, num_devices: int = 64):
     machine's topology, memory = device GB - ``RESERVE_GB``, heads = hidden / 128 (ring attention
     on, so every degree runs). Replace it with a profile of the real cluster."""
     if machine not in MACHINES or model not in PAPER_MODELS:
-        raise UserError(f"machine must be one of {sorted(MACHINES)} and model one of "
-                         f"{sorted(PAPER_MODELS)}, got {machine!r}, {model!r}")
+        raise UserError(
+            f"machine must be one of {sorted(MACHINES)} and model one of "
+            f"{sorted(PAPER_MODELS)}, got {machine!r}, {model!r}"
+        )
     spec = MACHINES[machine]
     layers, hidden, _, _, _, act, params = PAPER_MODELS[model]
     a2a, p2p = spec.topology.tables()
     heads = hidden // 128
     cm = analytic_cost_model(
-        machine_preset_name(machine, model), layers=layers, hidden=hidden, heads=heads, kv_heads=heads,
-        params=params[192] * 2**30, num_devices=num_devices, devices_per_node=spec.topology.gpus_per_node,
-        memory_mb=(spec.memory_gb - RESERVE_GB) * 1e9 / 2**20, act_mb_per_token=act,
-        peak_tflops=spec.peak_tflops, mfu=ESTIMATE_MFU, zero_gbps=spec.topology.collective_gbps(num_devices),
-        bandwidth_gbps=a2a, p2p_bandwidth_gbps=p2p)
+        machine_preset_name(machine, model),
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=heads,
+        params=params[192] * 2**30,
+        num_devices=num_devices,
+        devices_per_node=spec.topology.gpus_per_node,
+        memory_mb=(spec.memory_gb - RESERVE_GB) * 1e9 / 2**20,
+        act_mb_per_token=act,
+        peak_tflops=spec.peak_tflops,
+        mfu=ESTIMATE_MFU,
+        zero_gbps=spec.topology.collective_gbps(num_devices),
+        bandwidth_gbps=a2a,
+        p2p_bandwidth_gbps=p2p,
+    )
     t = spec.topology
-    return replace(cm, source=(
-        f"ESTIMATE, not measured: {spec.description}; compute at MFU {ESTIMATE_MFU:g} of the bf16 peak; "
-        f"all-to-all/ring bandwidths from the topology form (g={t.gpus_per_node}, "
-        f"intra {t.intra_node_gbps:g} GB/s, inter {t.inter_node_gbps:g} GB/s per GPU, efficiency "
-        f"{t.efficiency:g}); memory {spec.memory_gb:g} GB - {RESERVE_GB:g} GB reserve; activation "
-        f"MB/token of the paper's {model}. Replace with flexsp-profile."))
+    return replace(
+        cm,
+        source=(
+            f"ESTIMATE, not measured: {spec.description}; compute at MFU {ESTIMATE_MFU:g} of the bf16 peak; "
+            f"all-to-all/ring bandwidths from the topology form (g={t.gpus_per_node}, "
+            f"intra {t.intra_node_gbps:g} GB/s, inter {t.inter_node_gbps:g} GB/s per GPU, efficiency "
+            f"{t.efficiency:g}); memory {spec.memory_gb:g} GB - {RESERVE_GB:g} GB reserve; activation "
+            f"MB/token of the paper's {model}. Replace with flexsp-profile."
+        ),
+    )

@@ -18,6 +18,7 @@ plans are laid out and priced identically (the paper's cost model, see
 Every baseline raises ValueError when a sequence cannot fit the cluster (longer than N * C tokens,
 or than degree * C for a fixed degree).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -30,8 +31,8 @@ import numpy as np
 
 from .build import build_plan
 from .costmodel import CostModel
-from .plan import Plan
 from .errors import PlanningError, UserError
+from .plan import Plan
 
 STATIC_FILL = 0.9
 """Fraction of a group's token capacity the official static baseline fills per bin."""
@@ -65,7 +66,9 @@ def check_lengths(lengths: Sequence[int], cm: CostModel, degree: int | None = No
         arr = arr.astype(np.int64)
     bad = np.flatnonzero(arr < 1)
     if bad.size:
-        raise PlanningError(f"sequence lengths must be >= 1: ids {bad[:5].tolist()} have {arr[bad[:5]].tolist()}")
+        raise PlanningError(
+            f"sequence lengths must be >= 1: ids {bad[:5].tolist()} have {arr[bad[:5]].tolist()}"
+        )
     max_sp = degree or max(usable_degrees(cm))
     limit = max_sp * cm.capacity_tokens
     over = np.flatnonzero(arr > limit)
@@ -74,7 +77,8 @@ def check_lengths(lengths: Sequence[int], cm: CostModel, degree: int | None = No
         raise PlanningError(
             f"{over.size} sequence(s) longer than {group} holds ({max_sp} devices x "
             f"{cm.capacity_tokens} tokens = {limit}; they exceed it): ids {over[:5].tolist()} with lengths "
-            f"{arr[over[:5]].tolist()}; drop or split them, or plan with more devices/memory")
+            f"{arr[over[:5]].tolist()}; drop or split them, or plan with more devices/memory"
+        )
     return arr.astype(np.int64)
 
 
@@ -105,11 +109,12 @@ def best_fit_decreasing(lengths: np.ndarray, ids: Sequence[int], capacity: float
 def _chunk_groups(groups: list[list[int]], degree: int, cm: CostModel) -> list[list[tuple[int, list[int]]]]:
     """Micro-batches of N/degree groups each, taken in the given order."""
     per = cm.num_devices // degree
-    return [[(degree, g) for g in groups[s:s + per]] for s in range(0, len(groups), per)]
+    return [[(degree, g) for g in groups[s : s + per]] for s in range(0, len(groups), per)]
 
 
-def static_plan(lengths: Sequence[int], cm: CostModel, degree: int | None = None, *,
-                deadline: float | None = None) -> Plan:
+def static_plan(
+    lengths: Sequence[int], cm: CostModel, degree: int | None = None, *, deadline: float | None = None
+) -> Plan:
     """DeepSpeed-Ulysses-like static SP: one degree for every sequence (default N = all devices).
 
     As the official FlexSP code's "static" baseline: best-fit-decreasing packing into bins of
@@ -124,15 +129,22 @@ def static_plan(lengths: Sequence[int], cm: CostModel, degree: int | None = None
         raise UserError(f"degree must be a power of two in {usable_degrees(cm)}, got {degree}")
     arr = check_lengths(lengths, cm, degree)
     cap = STATIC_FILL * cm.capacity_tokens * degree
-    bins = best_fit_decreasing(arr, range(len(arr)), cap)   # O(n log n): the deadline is checked after
+    bins = best_fit_decreasing(arr, range(len(arr)), cap)  # O(n log n): the deadline is checked after
     _check_deadline(deadline, "static")
     mbs = _chunk_groups(bins, degree, cm)
-    return build_plan(mbs, arr.tolist(), cm, method=f"static-{degree}",
-                      solve_seconds=time.perf_counter() - t0, extra={"degree": degree, "bin_tokens": cap})
+    return build_plan(
+        mbs,
+        arr.tolist(),
+        cm,
+        method=f"static-{degree}",
+        solve_seconds=time.perf_counter() - t0,
+        extra={"degree": degree, "bin_tokens": cap},
+    )
 
 
-def _lpt_groups(arr: np.ndarray, times: np.ndarray, num_groups: int, capacity: int,
-                deadline: float | None = None) -> list[list[int]] | None:
+def _lpt_groups(
+    arr: np.ndarray, times: np.ndarray, num_groups: int, capacity: int, deadline: float | None = None
+) -> list[list[int]] | None:
     """Longest-processing-time-first over ``num_groups`` groups with a token capacity each.
 
     Each sequence (by decreasing time) goes to the least-loaded group that still has memory for
@@ -199,8 +211,14 @@ def best_homogeneous_plan(lengths: Sequence[int], cm: CostModel, *, deadline: fl
             ms = sum(sl[s] + cm.b for s in range(0, len(sl), per))  # each chunk's max is its first
             if ms < best_ms - 1e-9:
                 best, best_ms, best_deg = mbs, ms, degree
-    return build_plan(best or [], arr.tolist(), cm, method="best-homogeneous",
-                      solve_seconds=time.perf_counter() - t0, extra={"degree": best_deg})
+    return build_plan(
+        best or [],
+        arr.tolist(),
+        cm,
+        method="best-homogeneous",
+        solve_seconds=time.perf_counter() - t0,
+        extra={"degree": best_deg},
+    )
 
 
 def _next_pow2(x: int) -> int:
@@ -210,7 +228,7 @@ def _next_pow2(x: int) -> int:
 def _free_block(free: list[bool], size: int) -> int:
     """Start of the lowest aligned block of ``size`` free ranks, -1 if none."""
     for start in range(0, len(free), size):
-        if all(free[start:start + size]):
+        if all(free[start : start + size]):
             return start
     return -1
 
@@ -252,7 +270,7 @@ def greedy_hybrid_cp_plan(lengths: Sequence[int], cm: CostModel, *, deadline: fl
     mbs = []
     while remaining:
         free = [True] * n
-        groups: list[dict] = []   # {"sp", "load", "tokens", "ids"}
+        groups: list[dict] = []  # {"sp", "load", "tokens", "ids"}
         deferred = []
         for step, i in enumerate(remaining):
             if step % 256 == 0:
@@ -270,7 +288,7 @@ def greedy_hybrid_cp_plan(lengths: Sequence[int], cm: CostModel, *, deadline: fl
                 continue
             if isinstance(best, tuple):
                 start = best[1]
-                free[start:start + c] = [False] * c
+                free[start : start + c] = [False] * c
                 best = {"sp": c, "load": cm.b, "tokens": 0, "ids": []}
                 groups.append(best)
             best["load"] += cm.seq_time_ms(float(L), best["sp"])
@@ -278,5 +296,6 @@ def greedy_hybrid_cp_plan(lengths: Sequence[int], cm: CostModel, *, deadline: fl
             best["ids"].append(i)
         mbs.append([(g["sp"], g["ids"]) for g in groups])
         remaining = deferred
-    return build_plan(mbs, arr.tolist(), cm, method="greedy-hybrid-cp",
-                      solve_seconds=time.perf_counter() - t0)
+    return build_plan(
+        mbs, arr.tolist(), cm, method="greedy-hybrid-cp", solve_seconds=time.perf_counter() - t0
+    )

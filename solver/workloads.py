@@ -40,6 +40,7 @@ Sampling is deterministic per (name, seed). Lengths are >= 1, optionally padded 
 are dropped and redrawn, as the paper drops them from the dataset (``overflow="drop"``), or cut to
 the limit (``overflow="clip"``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,17 +53,16 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import brentq
 
-from .inputs import OneLineParser, int_at_least
 from .errors import UserError
+from .inputs import OneLineParser, int_at_least
 
 K = 1024
-OCTAVES = [64 * 2**i for i in range(16)]          # 64 .. 2M
+OCTAVES = [64 * 2**i for i in range(16)]  # 64 .. 2M
 
 # Dataset Decomposition token share per chunk (256 .. 8K): chunk 2^i holds lengths (2^(i-1), 2^i],
 # the first one everything from 64 up.
 DD_EDGES = [64, 256, 512, 1 * K, 2 * K, 4 * K, 8 * K]
-DD_SHARES = {"wikipedia": [15.3, 21.5, 23.0, 19.1, 13.1, 8.0],
-             "dclm": [10.8, 18.2, 22.5, 19.2, 15.7, 13.7]}
+DD_SHARES = {"wikipedia": [15.3, 21.5, 23.0, 19.1, 13.1, 8.0], "dclm": [10.8, 18.2, 22.5, 19.2, 15.7, 13.7]}
 
 
 def _mean_loguniform(lo: float, hi: float) -> float:
@@ -81,8 +81,9 @@ def _with_tail(body, tail_frac: float, ratio: float, top: int):
     edges = [e for e in OCTAVES if 8 * K <= e <= top]
     w = np.array([ratio**i for i in range(len(edges) - 1)])
     w = tail_frac * w / w.sum()
-    return [(lo, hi, c * (1 - tail_frac)) for lo, hi, c in body] + \
-        [(lo, hi, float(c)) for lo, hi, c in zip(edges, edges[1:], w)]
+    return [(lo, hi, c * (1 - tail_frac)) for lo, hi, c in body] + [
+        (lo, hi, float(c)) for lo, hi, c in zip(edges, edges[1:], w)
+    ]
 
 
 def token_share_above(bins, threshold: float) -> float:
@@ -111,23 +112,33 @@ def _bytescale_bins():
     M = _mean_loguniform
     top = (1800 * K, 2048 * K)
     mu = 0.0005 * M(*top) / 0.121
-    big = 0.443 * mu - 0.0005 * M(*top)                      # tokens/sample in 128K..1.8M
+    big = 0.443 * mu - 0.0005 * M(*top)  # tokens/sample in 128K..1.8M
     m1, m2 = M(128 * K, 256 * K), M(256 * K, top[0])
-    p2 = (big - 0.0095 * m1) / (m2 - m1); p1 = 0.0095 - p2
-    mid = mu - 0.80 * M(64, 4 * K) - 0.443 * mu              # tokens/sample in 4K..128K
+    p2 = (big - 0.0095 * m1) / (m2 - m1)
+    p1 = 0.0095 - p2
+    mid = mu - 0.80 * M(64, 4 * K) - 0.443 * mu  # tokens/sample in 4K..128K
     n1, n2 = M(4 * K, 32 * K), M(32 * K, 128 * K)
-    q2 = (mid - 0.19 * n1) / (n2 - n1); q1 = 0.19 - q2
-    return [(64, 4 * K, 0.80), (4 * K, 32 * K, q1), (32 * K, 128 * K, q2), (128 * K, 256 * K, p1),
-            (256 * K, top[0], p2), (top[0], top[1], 0.0005)]
+    q2 = (mid - 0.19 * n1) / (n2 - n1)
+    q1 = 0.19 - q2
+    return [
+        (64, 4 * K, 0.80),
+        (4 * K, 32 * K, q1),
+        (32 * K, 128 * K, q2),
+        (128 * K, 256 * K, p1),
+        (256 * K, top[0], p2),
+        (top[0], top[1], 0.0005),
+    ]
 
 
 def _olmo_bins():
-    tokens_b = [144, 118, 139, 96, 61, 35, 21.5, 26.9]       # B tokens, 8-16K .. 1M+ (1M+ as 1-2M)
+    tokens_b = [144, 118, 139, 96, 61, 35, 21.5, 26.9]  # B tokens, 8-16K .. 1M+ (1M+ as 1-2M)
     return _from_token_shares([8 * K * 2**i for i in range(9)], tokens_b)
 
 
 HISTOGRAMS = {
-    "wikipedia": lambda: _with_tail(_from_token_shares(DD_EDGES, DD_SHARES["wikipedia"]), 0.035, 0.4, 512 * K),
+    "wikipedia": lambda: _with_tail(
+        _from_token_shares(DD_EDGES, DD_SHARES["wikipedia"]), 0.035, 0.4, 512 * K
+    ),
     "commoncrawl": lambda: _with_tail(_from_token_shares(DD_EDGES, DD_SHARES["dclm"]), 0.05, 0.5, 1024 * K),
     "github": _github_bins,
     "bytescale": _bytescale_bins,
@@ -136,8 +147,10 @@ HISTOGRAMS = {
 HISTOGRAMS["dclm"] = HISTOGRAMS["commoncrawl"]
 
 # ProLong stages: (token share, length) of the long sequences, then the short domains' token shares.
-PROLONG_LONG = {"prolong-64k": [(0.30 + 0.30, 64 * K)],
-                "prolong-512k": [(0.15 + 0.05, 512 * K), (0.15 + 0.25, 64 * K)]}
+PROLONG_LONG = {
+    "prolong-64k": [(0.30 + 0.30, 64 * K)],
+    "prolong-512k": [(0.15 + 0.05, 512 * K), (0.15 + 0.25, 64 * K)],
+}
 PROLONG_SHORT = {"wikipedia": 0.04, "dclm": 0.10 + 0.10 + 0.04 + 0.03 + 0.03 + 0.03 + 0.03}
 """Short domains' token shares by the Dataset Decomposition histogram that stands in for them
 (wikipedia: dolmawiki; dclm: fineweb-edu, fineweb, stackexchange, tulu-v2, arxiv, openwebmath,
@@ -163,14 +176,22 @@ def _draw_bins(bins, size: int, rng: np.random.Generator) -> np.ndarray:
     """``size`` lengths: a bin by its sample share, then log-uniform inside it."""
     lo = np.array([b[0] for b in bins], dtype=np.float64)
     hi = np.array([b[1] for b in bins], dtype=np.float64)
-    p = np.array([b[2] for b in bins]); p /= p.sum()
+    p = np.array([b[2] for b in bins])
+    p /= p.sum()
     k = rng.choice(len(bins), size=size, p=p)
     u = rng.random(size)
     return np.ceil(np.exp(np.log(lo[k]) + u * np.log(hi[k] / lo[k]))).astype(np.int64)
 
+
 # Llama 3 SFT: (share of examples %, mean tokens, log-normal sigma)
-LLAMA3_SFT = [(52.66, 974, 0.8), (14.89, 753, 0.8), (3.01, 521, 0.8), (8.14, 298, 0.8),
-              (21.19, 662, 0.8), (0.11, 38136, 0.3)]
+LLAMA3_SFT = [
+    (52.66, 974, 0.8),
+    (14.89, 753, 0.8),
+    (3.01, 521, 0.8),
+    (8.14, 298, 0.8),
+    (21.19, 662, 0.8),
+    (0.11, 38136, 0.3),
+]
 
 CPYTHON_P50_TOKENS = 3100
 """Median GPT-2 tokens of a CPython stdlib .py file (length-distributions.md)."""
@@ -225,7 +246,8 @@ def _draw(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
             out[sel] = what if isinstance(what, int) else _draw_bins(what, sel.size, rng)
         return out
     if name == "llama3-sft":
-        share = np.array([c[0] for c in LLAMA3_SFT]); share /= share.sum()
+        share = np.array([c[0] for c in LLAMA3_SFT])
+        share /= share.sum()
         k = rng.choice(len(LLAMA3_SFT), size=size, p=share)
         mean = np.array([c[1] for c in LLAMA3_SFT], dtype=np.float64)[k]
         sigma = np.array([c[2] for c in LLAMA3_SFT])[k]
@@ -236,8 +258,15 @@ def _draw(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     raise UserError(f"unknown workload {name!r}; valid: {', '.join(NAMES)}")
 
 
-def sample_lengths(name: str, n: int, seed: int = 0, context_limit: int | None = None, *,
-                   pad_to: int = 1, overflow: str = "drop") -> np.ndarray:
+def sample_lengths(
+    name: str,
+    n: int,
+    seed: int = 0,
+    context_limit: int | None = None,
+    *,
+    pad_to: int = 1,
+    overflow: str = "drop",
+) -> np.ndarray:
     """n sequence lengths of workload ``name`` (deterministic per name and seed).
 
     pad_to: round every length up to a multiple of it (the paper: 2N = 128).
@@ -280,23 +309,39 @@ def load_lengths(path: str | Path) -> np.ndarray:
 def describe(name: str, lengths: np.ndarray, seed: int) -> str:
     """One line about a drawn batch: how many, from what, and its spread."""
     L = np.asarray(lengths)
-    return (f"{L.size} lengths of {name} (seed {seed}): min {int(L.min())}, median {int(np.median(L))}, "
-            f"p99 {int(np.percentile(L, 99))}, max {int(L.max())}, {int(L.sum()):,} tokens")
+    return (
+        f"{L.size} lengths of {name} (seed {seed}): min {int(L.min())}, median {int(np.median(L))}, "
+        f"p99 {int(np.percentile(L, 99))}, max {int(L.max())}, {int(L.sum()):,} tokens"
+    )
 
 
 def main(argv=None) -> int:
-    ap = OneLineParser(prog="python -m solver.workloads",
-                 description="Sample a global batch of sequence lengths (one integer per line).")
+    ap = OneLineParser(
+        prog="python -m solver.workloads",
+        description="Sample a global batch of sequence lengths (one integer per line).",
+    )
     ap.add_argument("name", choices=NAMES, help="length distribution: " + ", ".join(NAMES))
     ap.add_argument("n", type=int_at_least(1), help="number of sequences to draw (>= 1)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same lengths")
-    ap.add_argument("--context-limit", type=int_at_least(1), default=None,
-                    help="longest allowed length in tokens (after padding); longer draws are dropped "
-                         "or clipped (--overflow); default: no limit")
-    ap.add_argument("--pad-to", type=int_at_least(1), default=1,
-                    help="round every length up to a multiple of this (the paper: 128); default 1")
-    ap.add_argument("--overflow", choices=("drop", "clip"), default="drop",
-                    help="lengths above --context-limit: drop and redraw (default) or clip to the limit")
+    ap.add_argument(
+        "--context-limit",
+        type=int_at_least(1),
+        default=None,
+        help="longest allowed length in tokens (after padding); longer draws are dropped "
+        "or clipped (--overflow); default: no limit",
+    )
+    ap.add_argument(
+        "--pad-to",
+        type=int_at_least(1),
+        default=1,
+        help="round every length up to a multiple of this (the paper: 128); default 1",
+    )
+    ap.add_argument(
+        "--overflow",
+        choices=("drop", "clip"),
+        default="drop",
+        help="lengths above --context-limit: drop and redraw (default) or clip to the limit",
+    )
     ap.add_argument("-o", "--output", help="file to write (default: stdout)")
     a = ap.parse_args(argv)
     if a.output:

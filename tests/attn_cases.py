@@ -40,8 +40,7 @@ def reference(q, k, v, cu, causal=True):
         if a == b:
             continue
         t = lambda x, rep: x[a:b].float().repeat_interleave(rep, 1).transpose(0, 1)  # noqa
-        o = F.scaled_dot_product_attention(t(q, 1), t(k, H // Hk), t(v, H // Hk),
-                                           is_causal=causal)
+        o = F.scaled_dot_product_attention(t(q, 1), t(k, H // Hk), t(v, H // Hk), is_causal=causal)
         outs.append(o.transpose(0, 1))
     return torch.cat(outs)
 
@@ -68,6 +67,5 @@ def check_case(group, mode, cu, nheads, kv_heads, dtype, dim=16, seed=0, causal=
     torch.testing.assert_close(full.float(), ref_out, **tol)
     for name, got, want in zip("qkv", (ql.grad, kl.grad, vl.grad), ref_grads):
         want_local, _ = shard(want, cu, group, mode, meta=meta)
-        torch.testing.assert_close(got.float(), want_local, **tol,
-                                   msg=lambda m, n=name: f"d{n}: {m}")
+        torch.testing.assert_close(got.float(), want_local, **tol, msg=lambda m, n=name: f"d{n}: {m}")
     return meta

@@ -45,12 +45,19 @@ def _init_and_call(rank, world_size, fn, backend, args, kwargs):
     return fn(rank, world_size, *args, **kwargs)
 
 
-def run_distributed(fn, world_size, args=(), kwargs=None, timeout=120.0, backend="gloo",
-                    threads_per_rank=1, env=None):
+def run_distributed(
+    fn, world_size, args=(), kwargs=None, timeout=120.0, backend="gloo", threads_per_rank=1, env=None
+):
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned ranks with a
     ``backend`` process group (``flexsp.spawn.spawn_ranks`` does the spawning and the timeout).
 
     See the module docstring for the full contract.
     """
-    return spawn_ranks(_init_and_call, world_size, args=(fn, backend, tuple(args), dict(kwargs or {})),
-                       timeout=timeout, threads_per_rank=threads_per_rank, env=env)
+    return spawn_ranks(
+        _init_and_call,
+        world_size,
+        args=(fn, backend, tuple(args), dict(kwargs or {})),
+        timeout=timeout,
+        threads_per_rank=threads_per_rank,
+        env=env,
+    )

@@ -9,23 +9,25 @@ import itertools
 
 import pytest
 import torch
-
 from attn_cases import check_case
 from dist_harness import run_distributed
 
 # Uneven documents: empty, shorter than the degree, a long one, odd lengths.
-DOCS = [[0, 3, 3, 20, 21, 40, 47],          # 6 docs incl. an empty one and a 1-token one
-        [0, 57]]                            # one document spanning every rank
+DOCS = [
+    [0, 3, 3, 20, 21, 40, 47],  # 6 docs incl. an empty one and a 1-token one
+    [0, 57],
+]  # one document spanning every rank
 FP32, BF16 = torch.float32, torch.bfloat16
 
 
 def _cases(degree):
     heads = 4
-    for mode, cu, kvh, dtype in itertools.product(("ulysses", "ring", "hybrid"), DOCS,
-                                                  (1, 2, heads), (FP32, BF16)):
+    for mode, cu, kvh, dtype in itertools.product(
+        ("ulysses", "ring", "hybrid"), DOCS, (1, 2, heads), (FP32, BF16)
+    ):
         kw = {"heads": heads} if mode == "hybrid" else {}
         if mode == "hybrid" and degree == 4:
-            kw = {"ulysses_degree": 2}       # 2 x 2: both levels active
+            kw = {"ulysses_degree": 2}  # 2 x 2: both levels active
         yield mode, cu, heads, kvh, dtype, kw
 
 
@@ -66,7 +68,7 @@ def _concurrency(rank, world, topo):
         check_case(topo.group_of(2, rank), "ring", cu, 4, 2, FP32, seed=1)
     else:
         check_case(topo.group_of(1, rank), "ulysses", cu, 4, 2, FP32, seed=2)
-        check_case(None, "ring", cu, 4, 2, FP32, seed=3)      # group=None: local
+        check_case(None, "ring", cu, 4, 2, FP32, seed=3)  # group=None: local
     check_case(topo.group(4, 0), "hybrid", cu, 4, 2, FP32, seed=4, ulysses_degree=2)
     # and the other way round: two rings of 2 concurrently, then Ulysses on 4
     check_case(topo.group_of(2, rank), "ring", [0, 1, 2, 19], 2, 1, FP32, seed=5)
@@ -91,6 +93,7 @@ def _noncausal_2(rank, world, topo):
 
 @pytest.mark.slow
 def test_attention_4_ranks_with_concurrency():
-    res = run_distributed(_run_all, 4, args=(["_noncausal_and_gqa_replication", "_concurrency"],),
-                          timeout=170)
+    res = run_distributed(
+        _run_all, 4, args=(["_noncausal_and_gqa_replication", "_concurrency"],), timeout=170
+    )
     assert all(r == res[0] for r in res) and "concurrency" in res[0]

@@ -12,13 +12,16 @@ import os
 
 import pytest
 import torch
-
 from attn_cases import FP32_TOL, make_inputs
 from dist_harness import run_distributed
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                 reason="deepspeed is not installed (pip install -e .[dist])")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None,
+        reason="deepspeed is not installed (pip install -e .[dist])",
+    ),
+]
 
 
 def _body(rank, world):
@@ -28,17 +31,21 @@ def _body(rank, world):
     from flexsp.attention import shard, sp_attention
     from flexsp.attention.local import varlen_attention
 
-    deepspeed.init_distributed(dist_backend="gloo")   # reuses the harness' process group
+    deepspeed.init_distributed(dist_backend="gloo")  # reuses the harness' process group
     group = torch.distributed.new_group(list(range(world)))
     checked = []
-    for cu, heads, kvh in (([0, 64], 4, 4), ([0, 64], 4, 2), ([0, 5, 6, 40, 61], 4, 2),
-                           ([0, 5, 6, 40, 61], 8, 8)):
+    for cu, heads, kvh in (
+        ([0, 64], 4, 4),
+        ([0, 64], 4, 2),
+        ([0, 5, 6, 40, 61], 4, 2),
+        ([0, 5, 6, 40, 61], 8, 8),
+    ):
         q, k, v, dout = make_inputs(cu, heads, kvh, 16, torch.float32, seed=len(cu) + kvh)
         ql, meta = shard(q, cu, group, "ulysses")
         kl, vl, dl = (shard(x, cu, group, "ulysses", meta=meta)[0] for x in (k, v, dout))
         cu_pad = torch.tensor([0, *meta.padded_seqlens]).cumsum(0).tolist()
 
-        def local_attn(qq, kk, vv, *args, **kw):   # DeepSpeed layout [s, b, h, d], b = 1
+        def local_attn(qq, kk, vv, *args, **kw):  # DeepSpeed layout [s, b, h, d], b = 1
             return varlen_attention(qq[:, 0], kk[:, 0], vv[:, 0], cu_pad)[:, None]
 
         ds = DistributedAttention(local_attn, group, scatter_idx=2, gather_idx=0)

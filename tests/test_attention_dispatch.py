@@ -10,14 +10,15 @@ GPU (``@pytest.mark.gpu``): torch's built-in FlashAttention-2 varlen kernels (``
 against the fp32 reference, forward and backward, with GQA, empty documents and a sliding window;
 and the automatic choice on a bf16 CUDA input.
 """
+
 from __future__ import annotations
 
 import warnings
 
 import pytest
 import torch
-
 from attn_cases import BF16_TOL, FP32_TOL, make_inputs, reference_grads
+
 from flexsp.attention import flex as FX
 from flexsp.attention import local as L
 
@@ -36,7 +37,7 @@ def _variants():
 def _run(kernels, dtype, dim, kv_heads, cu=CU, return_lse=False):
     q, k, v, _ = make_inputs(list(cu), 4, kv_heads, dim, dtype, seed=dim)
     with torch.no_grad():
-        return q, k, v, FX.flex_forward(q, k, v, cu, cu, True, dim ** -0.5, return_lse, kernels=kernels)
+        return q, k, v, FX.flex_forward(q, k, v, cu, cu, True, dim**-0.5, return_lse, kernels=kernels)
 
 
 def test_more_variants_than_dynamo_limit_all_stay_compiled():
@@ -44,7 +45,7 @@ def test_more_variants_than_dynamo_limit_all_stay_compiled():
     kernels = FX.FlexKernels(compile=True, backend="eager")
     seen = 0
     for dtype, dim, kv_heads in _variants():
-        for cu in (CU, (0, 7, 30), (0, 64)):      # new lengths for every variant
+        for cu in (CU, (0, 7, 30), (0, 64)):  # new lengths for every variant
             q, k, v, out = _run(kernels, dtype, dim, kv_heads, cu)
             ref, _ = reference_grads(q, k, v, torch.zeros_like(q), list(cu))
             tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
@@ -63,8 +64,10 @@ def test_variant_past_its_budget_is_retired_loudly_and_falls_back_exactly(monkey
     kernels = FX.FlexKernels(compile=True, backend="eager", recompile_budget=2)
     monkeypatch.setattr(FX, "KERNELS", kernels)
     outs = []
-    with warnings.catch_warnings(record=True) as caught, \
-            torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        torch._dynamo.config.patch(automatic_dynamic_shapes=False),
+    ):
         warnings.simplefilter("always")
         for n in (16, 24, 40, 56):
             cu = (0, n // 2, n)
@@ -98,6 +101,7 @@ def _cuda_vs_reference(backend, cu, heads=8, kv_heads=2, dim=128, window=None):
 
 def _window_reference(q, k, v, dout, cu, window):
     from flexsp.model.layers import varlen_attention_ref
+
     q, k, v = (x.detach().float().requires_grad_() for x in (q, k, v))
     out = varlen_attention_ref(q, k, v, cu, causal=True, window=window)
     return out.detach(), torch.autograd.grad(out, (q, k, v), dout.float())
@@ -105,7 +109,9 @@ def _window_reference(q, k, v, dout, cu, window):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("cu,kv_heads", [((0, 100, 100, 1000, 1027), 2), ((0, 4096), 8), ((0, 1, 2, 3000), 1)])
+@pytest.mark.parametrize(
+    "cu,kv_heads", [((0, 100, 100, 1000, 1027), 2), ((0, 4096), 8), ((0, 1, 2, 3000), 1)]
+)
 def test_aten_flash_on_cuda_matches_reference(cu, kv_heads):
     _cuda_vs_reference("aten_flash", cu, kv_heads=kv_heads)
 
@@ -130,9 +136,12 @@ def test_hybrid_long_documents_per_call_short_ones_packed(monkeypatch, window):
     # to the math kernel, so the gather/scatter is checked against an independent reference
     monkeypatch.setattr(L, "HYBRID_LONG_TOKENS", 16)
     real_pick = L._pick
-    monkeypatch.setattr(L, "_pick", lambda q, k, b, need_lse: "math" if b is None and not need_lse
-                        else real_pick(q, k, b, need_lse))
-    cu = [0, 3, 20, 20, 27, 60, 61]       # docs of 3, 17 (long), 0, 7, 33 (long), 1 tokens
+    monkeypatch.setattr(
+        L,
+        "_pick",
+        lambda q, k, b, need_lse: "math" if b is None and not need_lse else real_pick(q, k, b, need_lse),
+    )
+    cu = [0, 3, 20, 20, 27, 60, 61]  # docs of 3, 17 (long), 0, 7, 33 (long), 1 tokens
     q, k, v, dout = make_inputs(cu, 4, 2, 16, torch.float32, seed=7)
     if window:
         ref_out, ref_grads = _window_reference(q, k, v, dout, cu, window)
@@ -154,7 +163,7 @@ def test_sdpa_loop_backward_is_linear_in_documents():
     cu = list(range(0, 401, 4))
     q, k, v, dout = make_inputs(cu, 2, 1, 8, torch.float32, seed=1)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out = L._sdpa_loop(q, k, v, cu, cu, True, 8 ** -0.5)
+    out = L._sdpa_loop(q, k, v, cu, cu, True, 8**-0.5)
     names, seen = set(), set()
     stack = [out.grad_fn]
     while stack:

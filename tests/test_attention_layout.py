@@ -23,16 +23,15 @@ def _reference_layout(cu, d, r):
     if tail:
         docs.append((0, 0, tail))
         padded.append(tail)
-    slots = [[] for _ in range(r)]                    # entries: (global idx, doc, pos)
+    slots = [[] for _ in range(r)]  # entries: (global idx, doc, pos)
     for i, (start, n, p) in enumerate(docs):
         c = p // m
         for j in range(r):
-            for ch in ((j, 2 * r - 1 - j) if r > 1 else (0,)):
-                slots[j].extend((start + t if t < n else -1, i, t)
-                                for t in range(ch * c, (ch + 1) * c))
+            for ch in (j, 2 * r - 1 - j) if r > 1 else (0,):
+                slots[j].extend((start + t if t < n else -1, i, t) for t in range(ch * c, (ch + 1) * c))
     u = d // r
     per = len(slots[0]) // u
-    ranks = [slots[j][i * per:(i + 1) * per] for j in range(r) for i in range(u)]
+    ranks = [slots[j][i * per : (i + 1) * per] for j in range(r) for i in range(u)]
     runs = []
     for mine in ranks:
         rr, prev = [0], None
@@ -55,7 +54,7 @@ def _random_cu(rng):
     return cu
 
 
-class _G:   # stand-in process group: only size/rank are read
+class _G:  # stand-in process group: only size/rank are read
     def __init__(self, rank):
         self.rank = rank
 
@@ -68,7 +67,7 @@ def test_vectorised_layout_matches_reference(degree, monkeypatch):
     configs = [("ulysses", {}), ("ring", {})]
     configs += [("hybrid", {"ulysses_degree": u}) for u in (1, 2, 4, 8) if degree % u == 0]
     for trial in range(12):
-        cu = _random_cu(rng) if trial else [0]          # first trial: an empty batch
+        cu = _random_cu(rng) if trial else [0]  # first trial: an empty batch
         for mode, kw in configs:
             r, _ = sh.split_degree(mode, degree, **kw)
             ranks, padded, runs = _reference_layout(cu, degree, r)
@@ -83,8 +82,9 @@ def test_vectorised_layout_matches_reference(degree, monkeypatch):
                 assert torch.equal(m.index, want[:, 0]) and torch.equal(m.doc_ids, want[:, 1])
                 assert torch.equal(m.position_ids, want[:, 2])
                 assert torch.equal(m.valid_mask, want[:, 0] >= 0)
-                assert torch.equal(m.all_index, torch.tensor(
-                    [e[0] for rk in ranks for e in rk], dtype=torch.long))
+                assert torch.equal(
+                    m.all_index, torch.tensor([e[0] for rk in ranks for e in rk], dtype=torch.long)
+                )
                 assert m.padded_seqlens == tuple(padded) and m.tokens_local == len(ranks[g])
 
 

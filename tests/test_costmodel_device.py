@@ -1,5 +1,6 @@
 """Honest cost-model defaults per device (flexsp.costmodels): a CUDA run never plans with CPU
 timings unless told to, and ``auto`` on CUDA is an analytic estimate labelled as such."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,11 @@ CUDA = torch.device("cuda")
 
 
 def test_cuda_run_refuses_a_cpu_cost_model_unless_allowed():
-    with pytest.raises(ValueError, match=r"solver.cost_model=cpu-gloo-tiny was measured on 'cpu'.*"
-                                         r"solver.allow_foreign_cost_model=true"):
+    with pytest.raises(
+        ValueError,
+        match=r"solver.cost_model=cpu-gloo-tiny was measured on 'cpu'.*"
+        r"solver.allow_foreign_cost_model=true",
+    ):
         load_cost_model("cpu-gloo-tiny", 4, device=CUDA)
     assert load_cost_model("cpu-gloo-tiny", 4, device=CUDA, allow_foreign=True).device == "cpu"
     # a GPU cost model (the paper's cluster) is fine on CUDA; anything is fine on the CPU
@@ -26,6 +30,7 @@ def test_cost_model_without_a_recorded_device_is_foreign_on_cuda(tmp_path):
     from dataclasses import replace
 
     from solver.presets import load_preset
+
     path = tmp_path / "old.json"
     replace(load_preset("cpu-gloo-tiny"), device="").save(path)
     with pytest.raises(ValueError, match="without recording its device"):
@@ -47,7 +52,12 @@ def test_gpu_estimate_is_labelled_and_follows_the_datasheet():
     assert cm.a2 == pytest.approx(want, rel=1e-9)
     assert cm.memory_mb == pytest.approx(0.9 * 141e9 / 2**20)
     assert cm.bandwidth_gbps[8] > cm.bandwidth_gbps[16] > cm.bandwidth_gbps[64] > 0
-    assert (cm.layers, cm.hidden, cm.heads, cm.kv_heads) == (mcfg.layers, mcfg.hidden, mcfg.heads, mcfg.kv_heads)
+    assert (cm.layers, cm.hidden, cm.heads, cm.kv_heads) == (
+        mcfg.layers,
+        mcfg.hidden,
+        mcfg.heads,
+        mcfg.kv_heads,
+    )
     with pytest.raises(ValueError, match="no datasheet figures for 'Mystery GPU'"):
         gpu_estimate(mcfg, "Mystery GPU", 10**10, 8, 8)
 

@@ -1,11 +1,22 @@
 """Corpus building: tokenizers, formats, long-document policy, cache, and clear errors on bad input."""
+
 import json
 
 import numpy as np
 import pytest
 
-from flexsp.data import (ByteTokenizer, CorpusConfig, DataConfig, TokenizedCorpus, build_corpus,
-                         build_source, build_stdlib_corpus, load_tokenizer, stdlib_files, train_bpe)
+from flexsp.data import (
+    ByteTokenizer,
+    CorpusConfig,
+    DataConfig,
+    TokenizedCorpus,
+    build_corpus,
+    build_source,
+    build_stdlib_corpus,
+    load_tokenizer,
+    stdlib_files,
+    train_bpe,
+)
 
 TEXTS = ["def add(a, b):\n    return a + b\n" * 3, "hello world, hello tokens\n" * 4, "x = 1\n"]
 
@@ -15,7 +26,9 @@ def _write_corpus(root):
     for i, t in enumerate(TEXTS):
         (root / "src" / f"f{i}.py").write_text(t)
     (root / "src" / "notes.bin.skip").write_text("ignored: unknown extension")
-    (root / "data.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(TEXTS)) + "\n\n")
+    (root / "data.jsonl").write_text(
+        "\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(TEXTS)) + "\n\n"
+    )
     return root
 
 
@@ -83,7 +96,9 @@ def test_long_doc_policies(tmp_path):
     tail = build_corpus(_cfg(tmp_path, [f], max_doc_tokens=10, min_doc_tokens=7))
     assert tail.lengths.tolist() == [10, 10]  # trailing chunk shorter than min_doc_tokens dropped
     (tmp_path / "short.txt").write_text("bb")
-    drop = build_corpus(_cfg(tmp_path, [f, tmp_path / "short.txt"], max_doc_tokens=10, long_doc_policy="drop"))
+    drop = build_corpus(
+        _cfg(tmp_path, [f, tmp_path / "short.txt"], max_doc_tokens=10, long_doc_policy="drop")
+    )
     assert drop.lengths.tolist() == [3]
     with pytest.raises(ValueError, match="long.txt.*exceeds max_doc_tokens=10"):
         build_corpus(_cfg(tmp_path, [f], max_doc_tokens=10, long_doc_policy="error"))
@@ -110,24 +125,36 @@ def test_pretokenized_npy_and_bin(tmp_path):
 def test_random_bytes_as_bin_rejected_beyond_declared_vocab(tmp_path):
     # A new user's mistake: arbitrary bytes named .bin read as uint16 ids up to 65535.
     (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(ValueError, match=r"random.bin \(document 0\): token ids in \[\d+, \d+\] fall "
-                       r"outside the vocabulary \[0, 8192\) declared by corpus.vocab_size: set "
-                       r"data.corpus.vocab_size"):
+    with pytest.raises(
+        ValueError,
+        match=r"random.bin \(document 0\): token ids in \[\d+, \d+\] fall "
+        r"outside the vocabulary \[0, 8192\) declared by corpus.vocab_size: set "
+        r"data.corpus.vocab_size",
+    ):
         build_corpus(_cfg(tmp_path, [tmp_path / "random.bin"], tokenizer="bpe"))
     (tmp_path / "t.txt").write_text("text")  # with a tokenizer, its vocabulary is the bound
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 257\) of the tokenizer \(byte\)"):
         build_corpus(_cfg(tmp_path, [tmp_path / "t.txt", tmp_path / "random.bin"]))
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("bad.jsonl", '{"text": "ok"}\n{"text": broken\n',
-     r"bad.jsonl:2: corrupt JSONL line \(Expecting value at column 10\); each line must be one JSON "
-     r"object with a string 'text' field$"),
-    ("notext.jsonl", '{"body": "x"}\n',
-     r"notext.jsonl:1: expected a JSON object with a string 'text' field, got keys \['body'\]"),
-    ("bad.npy", b"\x93NUMPY garbage", r"bad.npy: not a valid .npy"),
-    ("odd.bin", b"\x01\x02\x03", r"odd.bin: size 3 bytes is not a multiple of uint16"),
-])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        (
+            "bad.jsonl",
+            '{"text": "ok"}\n{"text": broken\n',
+            r"bad.jsonl:2: corrupt JSONL line \(Expecting value at column 10\); each line must be one JSON "
+            r"object with a string 'text' field$",
+        ),
+        (
+            "notext.jsonl",
+            '{"body": "x"}\n',
+            r"notext.jsonl:1: expected a JSON object with a string 'text' field, got keys \['body'\]",
+        ),
+        ("bad.npy", b"\x93NUMPY garbage", r"bad.npy: not a valid .npy"),
+        ("odd.bin", b"\x01\x02\x03", r"odd.bin: size 3 bytes is not a multiple of uint16"),
+    ],
+)
 def test_corrupt_inputs_raise_naming_the_file(tmp_path, name, content, match):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -153,8 +180,11 @@ def test_bad_npy_contents_and_offsets(tmp_path):
 
 
 def test_empty_and_missing_corpus(tmp_path):
-    with pytest.raises(ValueError, match=r"nope does not exist \(CorpusConfig.paths: existing files "
-                       r"or directories of text \(.txt, .md.*\), .jsonl, .npy or .bin files\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"nope does not exist \(CorpusConfig.paths: existing files "
+        r"or directories of text \(.txt, .md.*\), .jsonl, .npy or .bin files\)$",
+    ):
         build_corpus(_cfg(tmp_path, [tmp_path / "nope"]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="corpus is empty"):
@@ -181,8 +211,11 @@ def test_stdlib_corpus_subset(tmp_path):
     assert not any("site-packages" in str(f) for f in files)
     subset = stdlib_files(max_files=8, seed=1, max_file_bytes=20000)
     assert subset == stdlib_files(max_files=8, seed=1, max_file_bytes=20000) and len(subset) == 8
-    corpus = build_stdlib_corpus(CorpusConfig(cache_dir=str(tmp_path), vocab_size=400,
-                                              max_doc_tokens=2048), max_files=8, max_file_bytes=20000)
+    corpus = build_stdlib_corpus(
+        CorpusConfig(cache_dir=str(tmp_path), vocab_size=400, max_doc_tokens=2048),
+        max_files=8,
+        max_file_bytes=20000,
+    )
     assert corpus.num_docs >= 7 and corpus.lengths.max() <= 2048
     assert corpus.tokenizer.decode(corpus.tokens(0)[:-1]).strip()  # real source text back
 
@@ -190,8 +223,11 @@ def test_stdlib_corpus_subset(tmp_path):
 def test_data_config_and_build_source(tmp_path):
     with pytest.raises(ValueError, match="valid options"):
         DataConfig(source="web")
-    src = build_source(DataConfig(source="synthetic", distribution="stdlib", num_docs=50,
-                                  corpus=CorpusConfig(max_doc_tokens=4096)))
+    src = build_source(
+        DataConfig(
+            source="synthetic", distribution="stdlib", num_docs=50, corpus=CorpusConfig(max_doc_tokens=4096)
+        )
+    )
     assert src.num_docs == 50 and src.lengths.max() <= 4096
     (tmp_path / "a.txt").write_text("abc def")
     corpus = build_source(DataConfig(source="corpus", corpus=_cfg(tmp_path, [tmp_path / "a.txt"])))

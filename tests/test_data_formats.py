@@ -1,6 +1,7 @@
 """Hugging Face datasets (save_to_disk, Parquet, JSONL, Arrow, pre-tokenized columns), Megatron-LM
 indexed datasets and Hugging Face model-directory tokenizers: each gives the same token stream and
 document boundaries as the text-file / pre-tokenized-file path, and bad input is one clear error."""
+
 import json
 import os
 import struct
@@ -9,8 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexsp.data import (CorpusConfig, DataConfig, GlobalBatchSampler, HFTokenizer, TokenizedCorpus,
-                         build_corpus, build_source, load_tokenizer, pack_documents, read_index)
+from flexsp.data import (
+    CorpusConfig,
+    DataConfig,
+    GlobalBatchSampler,
+    HFTokenizer,
+    TokenizedCorpus,
+    build_corpus,
+    build_source,
+    load_tokenizer,
+    pack_documents,
+    read_index,
+)
 
 datasets = pytest.importorskip("datasets")
 pa = pytest.importorskip("pyarrow")
@@ -18,14 +29,21 @@ pq = pytest.importorskip("pyarrow.parquet")
 datasets.disable_progress_bars()
 
 EOT = "<|end_of_text|>"
-TEXTS = ["def add(a, b):\n    return a + b\n", "hello world, hello tokens\n" * 6, "x = 1\n",
-         "a long document " * 20, "", "naïve café ünïcode\n"]
+TEXTS = [
+    "def add(a, b):\n    return a + b\n",
+    "hello world, hello tokens\n" * 6,
+    "x = 1\n",
+    "a long document " * 20,
+    "",
+    "naïve café ünïcode\n",
+]
 MAX_DOC = 24  # small enough that documents 1 and 3 are split
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers: a local Hugging Face tokenizer directory, reference stores, a Megatron writer
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
@@ -36,8 +54,12 @@ def tok_dir(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[EOT, "<pad>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=[EOT, "<pad>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([t for t in TEXTS if t] * 3, trainer=trainer)
     d = tmp_path_factory.mktemp("hf_model")
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, pad_token="<pad>").save_pretrained(d)
@@ -71,12 +93,23 @@ def _ids_reference(tmp_path, docs, vocab, name="ref_ids"):
     d.mkdir()
     np.concatenate([np.asarray(x, np.uint16) for x in docs]).tofile(d / "ids.bin")
     np.save(d / "ids.offsets.npy", np.concatenate([[0], np.cumsum([len(x) for x in docs])]))
-    return build_corpus(CorpusConfig(**{**vars(_corpus_cfg(tmp_path, "bpe", vocab_size=vocab)),
-                                        "paths": [str(d / "ids.bin")]}))
+    return build_corpus(
+        CorpusConfig(
+            **{**vars(_corpus_cfg(tmp_path, "bpe", vocab_size=vocab)), "paths": [str(d / "ids.bin")]}
+        )
+    )
 
 
-MEGATRON_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6,
-                  np.float32: 7, np.uint16: 8}
+MEGATRON_CODES = {
+    np.uint8: 1,
+    np.int8: 2,
+    np.int16: 3,
+    np.int32: 4,
+    np.int64: 5,
+    np.float64: 6,
+    np.float32: 7,
+    np.uint16: 8,
+}
 
 
 def write_megatron(prefix, documents, dtype=np.uint16, modes=None, order=None):
@@ -118,6 +151,7 @@ def _mega(tmp_path, prefixes, **kw):
 # the Hugging Face model-directory tokenizer
 # ---------------------------------------------------------------------------------------------
 
+
 def test_model_directory_tokenizer_and_its_eos(tok_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -158,6 +192,7 @@ def test_text_corpus_with_model_directory_tokenizer(tok_dir, tmp_path):
 # data.source=hf: every format gives the text-file path's documents
 # ---------------------------------------------------------------------------------------------
 
+
 def _make_format(kind, root, rows):
     """``rows`` (list of dicts) stored as ``kind``; returns the hf_path value."""
     table = pa.Table.from_pylist(rows)
@@ -192,7 +227,9 @@ FORMATS = ["save_to_disk", "save_to_disk_dict", "parquet", "parquet_dir", "jsonl
 def test_hf_text_formats_match_the_text_file_path(kind, tok_dir, tmp_path):
     rows = [{"text": t, "meta": i} for i, t in enumerate(TEXTS)]
     path = _make_format(kind, tmp_path, rows)
-    src = build_source(_hf(tmp_path, path, tok_dir, hf_split="validation" if kind.endswith("dict") else "train"))
+    src = build_source(
+        _hf(tmp_path, path, tok_dir, hf_split="validation" if kind.endswith("dict") else "train")
+    )
     ref = _text_reference(tmp_path, tok_dir)
     assert isinstance(src, TokenizedCorpus) and src.directory != ref.directory
     assert src.lengths.tolist() == ref.lengths.tolist() and _docs(src) == _docs(ref)
@@ -203,7 +240,9 @@ def test_hf_text_formats_match_the_text_file_path(kind, tok_dir, tmp_path):
 
 def test_hf_bpe_trained_on_the_dataset_and_long_doc_policies(tmp_path):
     path = _make_format("parquet", tmp_path, [{"text": t} for t in TEXTS])
-    corpus = CorpusConfig(cache_dir=str(tmp_path / "cache"), tokenizer="bpe", vocab_size=300, max_doc_tokens=MAX_DOC)
+    corpus = CorpusConfig(
+        cache_dir=str(tmp_path / "cache"), tokenizer="bpe", vocab_size=300, max_doc_tokens=MAX_DOC
+    )
     src = build_source(DataConfig(source="hf", hf_path=path, corpus=corpus))
     ref = _text_reference(tmp_path, "bpe", vocab_size=300)
     assert _docs(src) == _docs(ref) and src.tokenizer.vocab_size == ref.tokenizer.vocab_size
@@ -212,7 +251,9 @@ def test_hf_bpe_trained_on_the_dataset_and_long_doc_policies(tmp_path):
             kw = dict(long_doc_policy=policy, min_doc_tokens=min_doc)
             a = build_source(_hf(tmp_path, path, "byte", _corpus_cfg(tmp_path, "byte", **kw)))
             b = _text_reference(tmp_path, "byte", **kw)
-            assert _docs(a) == _docs(b) and a.meta["stats"]["dropped_short"] == b.meta["stats"]["dropped_short"]
+            assert (
+                _docs(a) == _docs(b) and a.meta["stats"]["dropped_short"] == b.meta["stats"]["dropped_short"]
+            )
     with pytest.raises(ValueError, match=r"data.parquet: document of \d+ tokens exceeds max_doc_tokens=24"):
         build_source(_hf(tmp_path, path, "byte", _corpus_cfg(tmp_path, "byte", long_doc_policy="error")))
     no_eos = build_source(_hf(tmp_path, path, "byte", _corpus_cfg(tmp_path, "byte", append_eos=False)))
@@ -237,8 +278,11 @@ def test_hf_pretokenized_ids_column_matches_the_bin_path(tmp_path):
     texts = build_source(_hf(tmp_path, path, "byte", ids_column="tokens"))
     assert texts.tokens(0).tolist()[:2] == list(b"zz")
     # Without data.vocab_size the named tokenizer declares the vocabulary (ids up to 499 > 257 here).
-    with pytest.raises(ValueError, match=r"\(row 0\): token ids in \[\d+, \d+\] fall outside the vocabulary "
-                                         r"\[0, 257\) of data.corpus.tokenizer \(byte\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"\(row 0\): token ids in \[\d+, \d+\] fall outside the vocabulary "
+        r"\[0, 257\) of data.corpus.tokenizer \(byte\)",
+    ):
         build_source(_hf(tmp_path, path, "byte", text_column="", ids_column="tokens"))
 
 
@@ -246,13 +290,18 @@ def test_hf_null_rows_and_arrow_list_types(tmp_path):
     (tmp_path / "t.jsonl").write_text('{"text": "abc"}\n{"other": 1}\n{"text": null}\n{"text": "de"}\n')
     src = build_source(_hf(tmp_path, tmp_path / "t.jsonl", "byte"))
     assert _docs(src) == [[97, 98, 99, 256], [100, 101, 256]] and src.meta["stats"]["null_rows"] == 2
-    for name, typ in [("large", pa.large_list(pa.int64())), ("fixed", pa.list_(pa.uint16(), 3)),
-                      ("plain", pa.list_(pa.int8()))]:
+    for name, typ in [
+        ("large", pa.large_list(pa.int64())),
+        ("fixed", pa.list_(pa.uint16(), 3)),
+        ("plain", pa.list_(pa.int8())),
+    ]:
         rows = [[1, 2, 3], None, [4, 5, 6]]
         pq.write_table(pa.table({"input_ids": pa.array(rows, type=typ)}), tmp_path / f"{name}.parquet")
         ids = build_source(_hf(tmp_path, tmp_path / f"{name}.parquet", "bpe", vocab_size=10))
         assert _docs(ids) == [[1, 2, 3], [4, 5, 6]] and ids.meta["stats"]["null_rows"] == 1, name
-    pq.write_table(pa.table({"input_ids": pa.array([[1, None]], type=pa.list_(pa.int32()))}), tmp_path / "n.parquet")
+    pq.write_table(
+        pa.table({"input_ids": pa.array([[1, None]], type=pa.list_(pa.int32()))}), tmp_path / "n.parquet"
+    )
     with pytest.raises(ValueError, match=r"n.parquet: column 'input_ids' holds null token ids"):
         build_source(_hf(tmp_path, tmp_path / "n.parquet", "bpe", vocab_size=10))
 
@@ -267,9 +316,15 @@ def test_hf_streams_bounded_batches_into_a_memmap_and_caches(tmp_path, monkeypat
     def recording(self, texts):
         seen.append(len(texts))
         return orig(self, texts)
+
     monkeypatch.setattr(HFTokenizer, "encode_batch", recording)
-    cfg = _hf(tmp_path, path, "bpe", corpus=CorpusConfig(cache_dir=str(tmp_path / "c"), vocab_size=300),
-              hf_batch_rows=batch)
+    cfg = _hf(
+        tmp_path,
+        path,
+        "bpe",
+        corpus=CorpusConfig(cache_dir=str(tmp_path / "c"), vocab_size=300),
+        hf_batch_rows=batch,
+    )
     src = build_source(cfg)
     stats = src.meta["stats"]
     assert stats["batches"] == -(-n // batch) and stats["max_batch_rows"] == batch and stats["rows"] == n
@@ -281,6 +336,7 @@ def test_hf_streams_bounded_batches_into_a_memmap_and_caches(tmp_path, monkeypat
 
     def no_reading(*args):
         raise AssertionError("a cached store must open without reading the dataset")
+
     monkeypatch.setattr(hf, "open_input", no_reading)
     again = build_source(cfg)  # cached: opened, not re-tokenized, no row read
     assert again.directory == src.directory and seen == []
@@ -298,31 +354,59 @@ def test_hf_bad_input_is_one_clear_error(tmp_path):
             build_source(_hf(tmp_path, path, "byte", **kw))
         assert "\n" not in str(info.value)
 
-    err(tmp_path / "missing", r"data.hf_path entry .*missing does not exist \(valid: a directory written by save_to_disk")
+    err(
+        tmp_path / "missing",
+        r"data.hf_path entry .*missing does not exist \(valid: a directory written by save_to_disk",
+    )
     dd = _make_format("save_to_disk_dict", tmp_path, [{"text": "a b c"}])
-    err(dd, r"dd: DatasetDict has no split 'test' \(data.hf_split\); its splits: \['train', 'validation'\]",
-        hf_split="test")
+    err(
+        dd,
+        r"dd: DatasetDict has no split 'test' \(data.hf_split\); its splits: \['train', 'validation'\]",
+        hf_split="test",
+    )
     pqf = _make_format("parquet", tmp_path, [{"body": "x", "n": 1}])
-    err(pqf, r"data.parquet: no column 'text'; expected a text column 'text' \(data.text_column\) or a "
-             r"token-id column 'input_ids' \(data.ids_column\); its columns: \['body', 'n'\]")
+    err(
+        pqf,
+        r"data.parquet: no column 'text'; expected a text column 'text' \(data.text_column\) or a "
+        r"token-id column 'input_ids' \(data.ids_column\); its columns: \['body', 'n'\]",
+    )
     err(pqf, r"no column 'input_ids'; expected a token-id column", text_column=None)
-    err(pqf, r"data.parquet: column 'n' has type int64 \(not all values are strings\), expected strings "
-             r"\(data.text_column\)", text_column="n")
-    err(pqf, r"column 'body' has type string, expected lists of integer token ids", text_column=None,
-        ids_column="body", vocab_size=10)
+    err(
+        pqf,
+        r"data.parquet: column 'n' has type int64 \(not all values are strings\), expected strings "
+        r"\(data.text_column\)",
+        text_column="n",
+    )
+    err(
+        pqf,
+        r"column 'body' has type string, expected lists of integer token ids",
+        text_column=None,
+        ids_column="body",
+        vocab_size=10,
+    )
     nested = tmp_path / "nested"
     nested.mkdir()
     pq.write_table(pa.Table.from_pylist([{"input_ids": [[1, 2]]}]), nested / "n.parquet")
-    err(nested, r"n.parquet: column 'input_ids' has type list<element: list<element: int64>>, expected lists",
-        vocab_size=10)
-    with pytest.raises(ValueError, match=r"data.hf_path column 'input_ids' is pre-tokenized: declare its "
-                                         r"vocabulary with data.vocab_size=N, or name its tokenizer"):
+    err(
+        nested,
+        r"n.parquet: column 'input_ids' has type list<element: list<element: int64>>, expected lists",
+        vocab_size=10,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"data.hf_path column 'input_ids' is pre-tokenized: declare its "
+        r"vocabulary with data.vocab_size=N, or name its tokenizer",
+    ):
         build_source(_hf(tmp_path, nested, "bpe"))
     big = tmp_path / "big"
     big.mkdir()
     pq.write_table(pa.Table.from_pylist([{"input_ids": [1, 2]}, {"input_ids": [3, 900]}]), big / "b.parquet")
-    err(big, r"b.parquet \(row 1\): token ids in \[3, 900\] fall outside the vocabulary \[0, 500\) declared "
-             r"by data.vocab_size", vocab_size=500)
+    err(
+        big,
+        r"b.parquet \(row 1\): token ids in \[3, 900\] fall outside the vocabulary \[0, 500\) declared "
+        r"by data.vocab_size",
+        vocab_size=500,
+    )
     empty = tmp_path / "empty"
     datasets.Dataset.from_dict({"text": []}).save_to_disk(str(empty))
     err(empty, r"empty: empty dataset \(0 rows\)")
@@ -332,12 +416,19 @@ def test_hf_bad_input_is_one_clear_error(tmp_path):
     err(tmp_path / "none.jsonl", r"none.jsonl: empty dataset \(0 rows\)")
     (tmp_path / "mixed.jsonl").write_text('{"text": "a"}\n{"text": 5}\n')
     err(tmp_path / "mixed.jsonl", r"mixed.jsonl: column 'text' has type .* \(not all values are strings\)")
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": []}),
-                          "test": datasets.Dataset.from_dict({"text": ["a b"]})}).save_to_disk(str(tmp_path / "ed"))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": []}),
+            "test": datasets.Dataset.from_dict({"text": ["a b"]}),
+        }
+    ).save_to_disk(str(tmp_path / "ed"))
     err(tmp_path / "ed", r"ed/train: empty dataset \(0 rows\)")
     assert build_source(_hf(tmp_path, tmp_path / "ed", "byte", hf_split="test")).num_docs == 1
     (tmp_path / "notes.csv").write_text("a,b\n")
-    err(tmp_path / "notes.csv", r"unsupported file type '.csv'; valid: \['.arrow', '.json', '.jsonl', '.parquet'\]")
+    err(
+        tmp_path / "notes.csv",
+        r"unsupported file type '.csv'; valid: \['.arrow', '.json', '.jsonl', '.parquet'\]",
+    )
     (tmp_path / "nodata").mkdir()
     err(tmp_path / "nodata", r"nodata: a directory with no \['.parquet', '.jsonl', '.arrow'\] files")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet")
@@ -346,8 +437,12 @@ def test_hf_bad_input_is_one_clear_error(tmp_path):
     err(tmp_path / "broken.jsonl", r"broken.jsonl: could not be read as 'json' by datasets")
     (tmp_path / "idsdir").mkdir()
     ids = _make_format("jsonl", tmp_path / "idsdir", [{"input_ids": [1, 2, 3]}])
-    err([dd, ids], r"data.hf_path mixes text and token-id inputs \(.*dd: text column 'text'; .*data.jsonl: "
-                   r"ids column 'input_ids'\)", vocab_size=10)
+    err(
+        [dd, ids],
+        r"data.hf_path mixes text and token-id inputs \(.*dd: text column 'text'; .*data.jsonl: "
+        r"ids column 'input_ids'\)",
+        vocab_size=10,
+    )
     with pytest.raises(ValueError, match=r"data.source='hf' needs data.hf_path"):
         DataConfig(source="hf")
     with pytest.raises(ValueError, match=r"DataConfig.hf_batch_rows=0 must be >= 1"):
@@ -370,8 +465,14 @@ def test_megatron_matches_the_pretokenized_path(tmp_path):
     idx = read_index(prefix + ".idx")
     assert idx.dtype == np.uint16 and idx.document_indices.tolist() == [0, 1, 3, 4, 5, 5, 8]
     for policy, min_doc in (("split", 2), ("split", 5), ("drop", 2)):
-        corpus = _corpus_cfg(tmp_path, "bpe", max_doc_tokens=MAX_DOC, long_doc_policy=policy,
-                             min_doc_tokens=min_doc, vocab_size=1000)
+        corpus = _corpus_cfg(
+            tmp_path,
+            "bpe",
+            max_doc_tokens=MAX_DOC,
+            long_doc_policy=policy,
+            min_doc_tokens=min_doc,
+            vocab_size=1000,
+        )
         src = build_source(_mega(tmp_path, prefix, corpus=corpus))
         ref = build_corpus(CorpusConfig(**{**vars(corpus), "paths": [str(_bin_ref(tmp_path, MEGA_DOCS))]}))
         assert _docs(src) == _docs(ref) and src.lengths.tolist() == ref.lengths.tolist(), (policy, min_doc)
@@ -397,8 +498,14 @@ def test_megatron_multiple_prefixes_dtypes_noncontiguous_and_multimodal(tmp_path
     b = write_megatron(tmp_path / "b", MEGA_DOCS[3:], dtype=np.uint16, order=[3, 2, 1, 0])  # stored reversed
     c = write_megatron(tmp_path / "c", [[[700, 701], [702]]], dtype=np.int64, modes=[0, 0])
     src = build_source(_mega(tmp_path, [a, b + ".idx", c]))
-    assert _docs(src) == [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10] * 24, [10] * 6, [12, 13, 14, 15, 16],
-                          [700, 701, 702]]
+    assert _docs(src) == [
+        [1, 2, 3],
+        [4, 5, 6, 7, 8, 9],
+        [10] * 24,
+        [10] * 6,
+        [12, 13, 14, 15, 16],
+        [700, 701, 702],
+    ]
     assert [src.tokens(i).dtype for i in (0, 4, 5)] == [np.int32, np.uint16, np.int64]
     assert not src._parts[1].contiguous[2] and src.directory.count(", ") == 2
     sampler = GlobalBatchSampler(src.lengths, global_batch_tokens=64, seed=0)
@@ -411,11 +518,17 @@ def test_megatron_multiple_prefixes_dtypes_noncontiguous_and_multimodal(tmp_path
 
 def test_megatron_vocabulary_and_scan_marker(tok_dir, tmp_path):
     prefix = write_megatron(tmp_path / "v", [[[1, 2, 3]], [[4, 300]]])
-    with pytest.raises(ValueError, match=r"v.bin: token id 300 at token 4 is outside the vocabulary \[0, 300\) "
-                                         r"declared by data.vocab_size"):
+    with pytest.raises(
+        ValueError,
+        match=r"v.bin: token id 300 at token 4 is outside the vocabulary \[0, 300\) "
+        r"declared by data.vocab_size",
+    ):
         build_source(_mega(tmp_path, prefix, vocab_size=300))
-    with pytest.raises(ValueError, match=r"is pre-tokenized: declare its vocabulary with data.vocab_size=N, or "
-                                         r"name its tokenizer with data.corpus.tokenizer"):
+    with pytest.raises(
+        ValueError,
+        match=r"is pre-tokenized: declare its vocabulary with data.vocab_size=N, or "
+        r"name its tokenizer with data.corpus.tokenizer",
+    ):
         build_source(_mega(tmp_path, prefix, vocab_size=0))
     src = build_source(_mega(tmp_path, prefix, vocab_size=0, tokenizer=tok_dir))  # the tokenizer's vocabulary
     assert src.vocab_size == load_tokenizer(tok_dir).vocab_size and src.tokenizer is not None
@@ -448,15 +561,24 @@ def test_megatron_bad_files_name_the_file(tmp_path):
     err(idx_bytes[:9] + struct.pack("<Q", 2) + idx_bytes[17:], r"bad.idx: index version 2; only version 1")
     err(idx_bytes[:17] + b"\x09" + idx_bytes[18:], r"bad.idx: dtype code 9; valid codes: \{1: 'uint8'")
     err(idx_bytes[:17] + b"\x07" + idx_bytes[18:], r"token dtype float32 \(code 7\) holds no token ids")
-    err(idx_bytes[:-5], r"bad.idx: \d+ bytes, but 8 sequences and 7 document indices need \d+ bytes .*truncated")
+    err(
+        idx_bytes[:-5],
+        r"bad.idx: \d+ bytes, but 8 sequences and 7 document indices need \d+ bytes .*truncated",
+    )
     err(idx_bytes[:20], r"bad.idx: truncated")
-    err(idx_bytes, r"bad.bin: sequence 7 of bad.idx spans bytes \[\d+, \d+\) beyond the file's \d+ bytes",
-        bin_bytes[:-4])
+    err(
+        idx_bytes,
+        r"bad.bin: sequence 7 of bad.idx spans bytes \[\d+, \d+\) beyond the file's \d+ bytes",
+        bin_bytes[:-4],
+    )
     err(idx_bytes, r"bad.bin: 89 bytes is not a multiple of the index's uint16 tokens", bin_bytes[:-1])
     docs = np.frombuffer(idx_bytes, np.int64, count=7, offset=len(idx_bytes) - 56).copy()
     docs[-1] = 3
-    err(idx_bytes[:-56] + docs.tobytes(), r"bad.idx: document indices must rise from 0 to the sequence count 8",
-        bin_bytes)
+    err(
+        idx_bytes[:-56] + docs.tobytes(),
+        r"bad.idx: document indices must rise from 0 to the sequence count 8",
+        bin_bytes,
+    )
     with pytest.raises(ValueError, match=r"data.source='megatron' needs data.megatron_prefix"):
         DataConfig(source="megatron")
 
@@ -464,6 +586,7 @@ def test_megatron_bad_files_name_the_file(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # configs and the command line
 # ---------------------------------------------------------------------------------------------
+
 
 def test_trainer_configs_compose(tmp_path):
     pytest.importorskip("hydra")
@@ -474,13 +597,26 @@ def test_trainer_configs_compose(tmp_path):
         return compose(overrides).data
 
     path = _make_format("parquet", tmp_path, [{"text": t} for t in TEXTS])
-    cfg = data_config(["data=hf", f"data.hf_path={path}", "data.corpus.tokenizer=byte",
-                       f"data.corpus.cache_dir={tmp_path / 'cache'}", "data.corpus.max_doc_tokens=24"])
+    cfg = data_config(
+        [
+            "data=hf",
+            f"data.hf_path={path}",
+            "data.corpus.tokenizer=byte",
+            f"data.corpus.cache_dir={tmp_path / 'cache'}",
+            "data.corpus.max_doc_tokens=24",
+        ]
+    )
     assert cfg.source == "hf" and cfg.hf_path == [path] and cfg.text_column == "text"
     assert _docs(build_source(cfg)) == _docs(_text_reference(tmp_path, "byte"))
     prefix = write_megatron(tmp_path / "m", MEGA_DOCS)
-    cfg = data_config(["data=megatron", f"data.megatron_prefix=[{prefix}]", "data.vocab_size=100",
-                       f"data.corpus.cache_dir={tmp_path / 'cache'}"])
+    cfg = data_config(
+        [
+            "data=megatron",
+            f"data.megatron_prefix=[{prefix}]",
+            "data.vocab_size=100",
+            f"data.corpus.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     assert cfg.megatron_prefix == [prefix] and build_source(cfg).num_docs == 4 and cfg.vocab_size == 100
 
 
@@ -488,17 +624,46 @@ def test_cli_new_sources_and_one_line_errors(tmp_path, capsys):
     from flexsp.data.__main__ import main
 
     path = _make_format("jsonl", tmp_path, [{"text": t} for t in TEXTS])
-    main(["--hf", path, "--tokenizer", "byte", "--cache-dir", str(tmp_path / "c"), "--max-doc-tokens", "24",
-          "--batch-rows", "2"])
+    main(
+        [
+            "--hf",
+            path,
+            "--tokenizer",
+            "byte",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--max-doc-tokens",
+            "24",
+            "--batch-rows",
+            "2",
+        ]
+    )
     out = capsys.readouterr().out
     assert "documents" in out and "vocab 257" in out and "'batches': 3" in out
     prefix = write_megatron(tmp_path / "m", MEGA_DOCS)
-    main(["--megatron", prefix, "--vocab-size", "50", "--max-doc-tokens", "24", "--cache-dir", str(tmp_path / "c")])
+    main(
+        [
+            "--megatron",
+            prefix,
+            "--vocab-size",
+            "50",
+            "--max-doc-tokens",
+            "24",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ]
+    )
     assert "5 documents, 44 tokens, vocab 50" in capsys.readouterr().out
     for argv, match in [
-        (["--megatron", prefix, "--cache-dir", str(tmp_path / "c")], "declare its vocabulary with data.vocab_size"),
+        (
+            ["--megatron", prefix, "--cache-dir", str(tmp_path / "c")],
+            "declare its vocabulary with data.vocab_size",
+        ),
         (["--hf", str(tmp_path / "nope")], "nope does not exist"),
-        (["--megatron", prefix, "--vocab-size", "5", "--cache-dir", str(tmp_path / "c")], "is outside the vocabulary [0, 5)"),
+        (
+            ["--megatron", prefix, "--vocab-size", "5", "--cache-dir", str(tmp_path / "c")],
+            "is outside the vocabulary [0, 5)",
+        ),
         (["--paths", str(tmp_path / "missing")], "missing does not exist"),
         ([], "one of the arguments --paths --stdlib --hf --megatron is required"),
         (["--paths", "x", "--long-doc-policy", "cut"], "invalid choice: 'cut'"),
@@ -507,7 +672,11 @@ def test_cli_new_sources_and_one_line_errors(tmp_path, capsys):
             main(argv)
         err = capsys.readouterr().err
         assert info.value.code == 2 and match in err, (argv, err)
-        assert err.count("\n") == 1 and err.startswith("python -m flexsp.data: error: ") and "Traceback" not in err
+        assert (
+            err.count("\n") == 1
+            and err.startswith("python -m flexsp.data: error: ")
+            and "Traceback" not in err
+        )
 
 
 def test_cli_subprocess_exit_status(tmp_path):
@@ -516,8 +685,22 @@ def test_cli_subprocess_exit_status(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
-    r = subprocess.run([sys.executable, "-m", "flexsp.data", "--paths", str(tmp_path / "bad.jsonl"),
-                        "--tokenizer", "byte", "--cache-dir", str(tmp_path / "c")],
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flexsp.data",
+            "--paths",
+            str(tmp_path / "bad.jsonl"),
+            "--tokenizer",
+            "byte",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "bad.jsonl:2: corrupt JSONL line" in r.stderr and "each line must be one JSON object" in r.stderr

@@ -6,14 +6,16 @@ environment that has megatron-core installed, e.g.
 ``python -m venv /tmp/mc && /tmp/mc/bin/pip install --no-deps megatron-core`` plus a .pth line
 naming the project's site-packages, then ``/tmp/mc/bin/python -m pytest tests/test_data_megatron_core.py``.
 """
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 indexed = pytest.importorskip("megatron.core.datasets.indexed_dataset")
 
-from flexsp.data import CorpusConfig, MegatronSource, read_index  # noqa: E402
 from test_data_formats import write_megatron  # noqa: E402
+
+from flexsp.data import CorpusConfig, MegatronSource, read_index  # noqa: E402
 
 DOCS = [[[5, 6, 7], [8]], [[9] * 40], [[1, 2]], [[3], [], [4, 4, 4]]]
 

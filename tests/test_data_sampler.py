@@ -1,10 +1,17 @@
 """Global-batch sampler (determinism, epochs, budget, resume), packing, synthetic sources."""
+
 import numpy as np
 import pytest
 import torch
 
-from flexsp.data import (DISTRIBUTIONS, GlobalBatchSampler, SamplerConfig, SyntheticSource,
-                         pack_documents, sample_lengths)
+from flexsp.data import (
+    DISTRIBUTIONS,
+    GlobalBatchSampler,
+    SamplerConfig,
+    SyntheticSource,
+    pack_documents,
+    sample_lengths,
+)
 from flexsp.model import lm_labels, positions_from_cu_seqlens
 
 
@@ -83,7 +90,7 @@ def test_pack_documents_for_a_group():
     lens = [batch.lengths[i] for i in seq_ids]
     assert packed.cu_seqlens.tolist() == [0, lens[0], sum(lens)]
     assert packed.cu_seqlens.dtype == torch.int32 and packed.input_ids.dtype == torch.int64
-    assert torch.equal(packed.input_ids[:lens[0]], torch.from_numpy(src.tokens(docs[0]).astype(np.int64)))
+    assert torch.equal(packed.input_ids[: lens[0]], torch.from_numpy(src.tokens(docs[0]).astype(np.int64)))
     assert torch.equal(packed.positions, positions_from_cu_seqlens(packed.cu_seqlens))
     assert torch.equal(packed.labels, lm_labels(packed.input_ids, packed.cu_seqlens))
     assert packed.num_targets == sum(lens) - 2
@@ -127,8 +134,11 @@ def test_corpus_to_model_end_to_end(tmp_path):
 
     for i in range(6):
         (tmp_path / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * (i + 1))
-    corpus = build_corpus(CorpusConfig(paths=[str(tmp_path)], cache_dir=str(tmp_path / "c"),
-                                       tokenizer="byte", max_doc_tokens=64))
+    corpus = build_corpus(
+        CorpusConfig(
+            paths=[str(tmp_path)], cache_dir=str(tmp_path / "c"), tokenizer="byte", max_doc_tokens=64
+        )
+    )
     batch = next(GlobalBatchSampler(corpus.lengths, global_batch_tokens=256, seed=0))
     packed = pack_documents(corpus, batch.doc_ids)
     model = Transformer(model_config("tiny", vocab_size=corpus.vocab_size))

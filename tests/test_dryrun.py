@@ -10,6 +10,7 @@ its architecture, a neutral cost-model line), and bad dryrun fields (one error l
 The activation measurement is cross-checked in-process against the bytes autograd saves in a real
 CPU forward of the whole tiny model.
 """
+
 import json
 import os
 import subprocess
@@ -20,16 +21,36 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-KEYS = {"world_size", "model_params", "per_rank_bytes", "device_memory_bytes", "fits", "plan",
-        "capacity_tokens", "unsharded_parts", "activation", "cost_model", "batch", "wall_seconds",
-        "peak_rss_bytes", "sharding", "precision"}
+KEYS = {
+    "world_size",
+    "model_params",
+    "per_rank_bytes",
+    "device_memory_bytes",
+    "fits",
+    "plan",
+    "capacity_tokens",
+    "unsharded_parts",
+    "activation",
+    "cost_model",
+    "batch",
+    "wall_seconds",
+    "peak_rss_bytes",
+    "sharding",
+    "precision",
+}
 BYTES_KEYS = {"params", "grads", "optimizer", "activations", "unsharded", "reserve", "total"}
 
 
 def _dryrun(tmp_path, *overrides, timeout=240):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "flexsp.dryrun", *overrides, f"output_dir={tmp_path}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexsp.dryrun", *overrides, f"output_dir={tmp_path}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc
 
 
@@ -56,7 +77,11 @@ def test_tiny_at_64_ranks_uses_the_configured_cost_model(tmp_path):
     # fp32: params + grads + AdamW = 16 B per parameter, sharded over 64 ranks (tiny shards pad a little)
     b = r["per_rank_bytes"]
     assert b["params"] == b["grads"] == b["optimizer"] / 2
-    assert 16 * r["model_params"] / 64 <= b["params"] + b["grads"] + b["optimizer"] <= 1.1 * 16 * r["model_params"] / 64
+    assert (
+        16 * r["model_params"] / 64
+        <= b["params"] + b["grads"] + b["optimizer"]
+        <= 1.1 * 16 * r["model_params"] / 64
+    )
     assert b["activations"] == int(r["capacity_tokens"] * r["activation"]["bytes_per_token"])
     assert r["plan"]["plan"]["num_devices"] == 64 and r["plan"]["predicted_ms"] > 0
     assert sum(len(g["seq_ids"]) for mb in r["plan"]["plan"]["micro_batches"] for g in mb["groups"]) == 64
@@ -71,11 +96,17 @@ def test_7b_at_64_ranks_bf16_nothing_materialised(tmp_path):
     # fp32 master (4) + fp32 grads (4) + AdamW exp_avg/exp_avg_sq (8) = 16 B per parameter / 64 ranks
     states = b["params"] + b["grads"] + b["optimizer"]
     assert abs(states - 16 * p / 64) <= 0.1 * 16 * p / 64, (states, 16 * p / 64)
-    # unsharded: a block (the largest unit) gathered in bf16, the next prefetched, its bf16 grads, fp32 RS input
+    # unsharded: a block (the largest unit) gathered in bf16, the next prefetched, its bf16 grads, fp32 RS
+    # input
     block = next(u for u in r["units"] if u["unit"].startswith("blocks."))
     u = r["unsharded_parts"]
-    assert u["phase"].startswith("blocks.") and u["gathered_params"] == u["prefetched_params"] == 2 * block["numel"]
-    assert u["unsharded_grads"] == 2 * block["numel"] and u["reduce_scatter_input"] == 4 * block["padded_numel"]
+    assert (
+        u["phase"].startswith("blocks.")
+        and u["gathered_params"] == u["prefetched_params"] == 2 * block["numel"]
+    )
+    assert (
+        u["unsharded_grads"] == 2 * block["numel"] and u["reduce_scatter_input"] == 4 * block["padded_numel"]
+    )
     assert r["activation"]["activation_checkpointing"] and r["activation"]["method"].startswith("measured")
     assert r["cost_model"]["choice"] == "analytic" and "ANALYTIC" in r["cost_model"]["source"]
     assert r["capacity_tokens"] > 1000 and r["fits"]
@@ -105,30 +136,46 @@ def test_hsdp_shards_within_groups(tmp_path):
     assert r["sharding"]["mesh"] == [8, 8] and r["sharding"]["replicas"] == 8
     b, p = r["per_rank_bytes"], r["model_params"]
     assert abs(b["params"] - 4 * p / 8) <= 0.1 * 4 * p / 8
-    assert r["cost_model"]["choice"] == "analytic"       # cpu-gloo-tiny is not an HSDP model
+    assert r["cost_model"]["choice"] == "analytic"  # cpu-gloo-tiny is not an HSDP model
 
 
-@pytest.mark.parametrize("override, message", [
-    ("dryrun.world_size=48", "dryrun.world_size=48 must be a power of two"),
-    ("dryrun.device_memory_gb=abc", "dryrun.device_memory_gb='abc' must be a number"),
-    ("dryrun.workload=nope", "dryrun.workload='nope'; valid options"),
-    ("dryrun.nope=1", "unknown config key 'dryrun.nope'"),
-    ("parallel.shard_size=128", "parallel.shard_size=128 must divide dryrun.world_size=64"),
-    ("dryrun.reserve_gb=80", "dryrun.reserve_gb=80.0 must be >= 0 and below dryrun.device_memory_gb=80.0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dryrun.world_size=48", "dryrun.world_size=48 must be a power of two"),
+        ("dryrun.device_memory_gb=abc", "dryrun.device_memory_gb='abc' must be a number"),
+        ("dryrun.workload=nope", "dryrun.workload='nope'; valid options"),
+        ("dryrun.nope=1", "unknown config key 'dryrun.nope'"),
+        ("parallel.shard_size=128", "parallel.shard_size=128 must divide dryrun.world_size=64"),
+        (
+            "dryrun.reserve_gb=80",
+            "dryrun.reserve_gb=80.0 must be >= 0 and below dryrun.device_memory_gb=80.0",
+        ),
+    ],
+)
 def test_bad_dryrun_field_is_one_line_and_exit_2(tmp_path, override, message):
     proc = _dryrun(tmp_path, override, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("flexsp-dryrun: error: ") and message in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("flexsp-dryrun: error: ") and message in lines[0], (
+        proc.stderr
+    )
     assert not (tmp_path / "dryrun.json").exists()
 
 
 def test_dryrun_config_validation_in_process():
     from flexsp.dryrun import DryRunConfig
+
     assert DryRunConfig().world_size == 64
-    for bad in (dict(world_size=0), dict(devices_per_node=3), dict(mfu=0.0), dict(num_sequences=0),
-                dict(context_tokens=0), dict(time_limit=float("inf")), dict(seed=-1)):
+    for bad in (
+        dict(world_size=0),
+        dict(devices_per_node=3),
+        dict(mfu=0.0),
+        dict(num_sequences=0),
+        dict(context_tokens=0),
+        dict(time_limit=float("inf")),
+        dict(seed=-1),
+    ):
         with pytest.raises(ValueError, match="dryrun."):
             DryRunConfig(**bad)
 
@@ -142,6 +189,7 @@ def _saved_bytes(fn) -> int:
         keep.append(t)
         seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     del out
@@ -151,10 +199,11 @@ def _saved_bytes(fn) -> int:
 def test_measured_activations_match_a_real_cpu_forward_of_the_whole_model():
     """stem + layers x block + head (measured on meta) == what a real forward of the tiny model
     (no activation checkpointing, the CPU path of the same attention Function) saves, per token."""
+    from flexsp.attention.context import AttnContext
     from flexsp.dryrun import activation_bytes_per_token
     from flexsp.model import Transformer, model_config
     from flexsp.model.layers import positions_from_cu_seqlens
-    from flexsp.attention.context import AttnContext
+
     cfg = model_config("tiny", layers=3)
     measured = activation_bytes_per_token(cfg, torch.float32)
     assert measured["method"].startswith("measured") and not measured["activation_checkpointing"]
@@ -167,6 +216,7 @@ def test_measured_activations_match_a_real_cpu_forward_of_the_whole_model():
         pos = positions_from_cu_seqlens(cu)
         seen = _saved_bytes(lambda: model(ids, pos, AttnContext.local(cu), labels=ids))
         return sum(v for k, v in seen.items() if k not in params)
+
     per_token = (real(512) - real(256)) / 256
     assert abs(per_token - measured["bytes_per_token"]) <= 0.01 * per_token, (per_token, measured)
 
@@ -175,25 +225,26 @@ def test_in_process_run_destroys_the_fake_world(tmp_path):
     import torch.distributed as dist
 
     from flexsp.dryrun import compose, run
+
     assert not dist.is_initialized()
     r = run(compose(["dryrun.num_sequences=16", "dryrun.world_size=16", f"output_dir={tmp_path}"]))
     assert r["world_size"] == 16 and r["sharding"]["mesh"] == [16]
-    assert not dist.is_initialized()            # the fake default group is gone
+    assert not dist.is_initialized()  # the fake default group is gone
     assert json.loads((tmp_path / "dryrun.json").read_text())["per_rank_bytes"] == r["per_rank_bytes"]
 
 
 def test_activation_fallback_formula_is_labelled(monkeypatch):
     import flexsp.attention.local as local
-
     from flexsp.dryrun import activation_bytes_per_token
     from flexsp.model import model_config
 
     def broken(*a, **k):
         raise NotImplementedError("no meta kernel")
+
     monkeypatch.setattr(local, "varlen_attention", broken)
     r = activation_bytes_per_token(model_config("7b"), torch.bfloat16)
     assert r["method"].startswith("FALLBACK FORMULA") and "no meta kernel" in r["method"]
-    assert r["bytes_per_token"] > 32 * 4096 * 2          # at least every block's bf16 input
+    assert r["bytes_per_token"] > 32 * 4096 * 2  # at least every block's bf16 input
 
 
 def test_bad_cost_model_is_an_error_before_any_work(tmp_path):
@@ -202,13 +253,18 @@ def test_bad_cost_model_is_an_error_before_any_work(tmp_path):
     assert "flexsp-dryrun: error: cost-model file /nonexistent/cm.json does not exist" in proc.stderr
 
 
-SMALL_DEVICE = ("model=7b", "dryrun.device_memory_gb=12", "dryrun.reserve_gb=2", "dryrun.num_sequences=32",
-                "dryrun.time_limit=0.5")
+SMALL_DEVICE = (
+    "model=7b",
+    "dryrun.device_memory_gb=12",
+    "dryrun.reserve_gb=2",
+    "dryrun.num_sequences=32",
+    "dryrun.time_limit=0.5",
+)
 
 
 def _does_not_fit(tmp_path, *overrides):
     proc = _dryrun(tmp_path, *SMALL_DEVICE, *overrides)
-    assert proc.returncode == 4, proc.stdout + proc.stderr       # DOES_NOT_FIT_EXIT_CODE
+    assert proc.returncode == 4, proc.stdout + proc.stderr  # DOES_NOT_FIT_EXIT_CODE
     line = [ln for ln in proc.stdout.splitlines() if "DOES NOT FIT on" in ln]
     assert len(line) == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     r = json.loads((tmp_path / "dryrun.json").read_text())
@@ -223,8 +279,10 @@ def test_does_not_fit_exits_4_and_names_the_smallest_world_that_fits(tmp_path):
     line, s = _does_not_fit(tmp_path / "8", "dryrun.world_size=8")
     world = s["world_size"]
     assert world > 8 and s["shard_size"] == 0, s
-    assert (f"DOES NOT FIT on 8 x 12 GB (11.18 GiB): the smallest world size that fits is {world} ranks "
-            f"(dryrun.world_size={world}: C = {s['capacity_tokens']:,} tokens/rank)") in line, line
+    assert (
+        f"DOES NOT FIT on 8 x 12 GB (11.18 GiB): the smallest world size that fits is {world} ranks "
+        f"(dryrun.world_size={world}: C = {s['capacity_tokens']:,} tokens/rank)"
+    ) in line, line
     there = _report(tmp_path / "there", *SMALL_DEVICE, f"dryrun.world_size={world}")
     assert there["fits"] and there["capacity_tokens"] == s["capacity_tokens"], (there["capacity_tokens"], s)
     _does_not_fit(tmp_path / "half", f"dryrun.world_size={world // 2}")
@@ -247,18 +305,31 @@ def test_hf_checkpoint_is_named_and_the_cost_model_line_reads_as_no_error(tmp_pa
     for hidden=64) does not match this 96-wide model: the printed line says so in neutral words,
     the full reason stays in dryrun.json."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen3Config(vocab_size=300, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-                                   max_position_embeddings=512)
+    cfg = transformers.Qwen3Config(
+        vocab_size=300,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=512,
+    )
     transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "my-qwen3")
-    proc = _dryrun(tmp_path / "out", f"model.hf_checkpoint={tmp_path / 'my-qwen3'}",
-                   "dryrun.num_sequences=16", "dryrun.context_tokens=4096")
+    proc = _dryrun(
+        tmp_path / "out",
+        f"model.hf_checkpoint={tmp_path / 'my-qwen3'}",
+        "dryrun.num_sequences=16",
+        "dryrun.context_tokens=4096",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     head, *rest = proc.stdout.splitlines()
     assert head.startswith("flexsp-dryrun: Qwen3ForCausalLM (my-qwen3) (") and " tiny " not in head, head
     cm_line = next(ln for ln in rest if ln.startswith("  cost model:"))
-    assert cm_line == ("  cost model: analytic-my-qwen3-64 (solver.cost_model=auto is for another "
-                       "model shape: an analytic roofline with the memory measured here is used)"), cm_line
+    assert cm_line == (
+        "  cost model: analytic-my-qwen3-64 (solver.cost_model=auto is for another "
+        "model shape: an analytic roofline with the memory measured here is used)"
+    ), cm_line
     r = json.loads((tmp_path / "out" / "dryrun.json").read_text())
     assert "was built for hidden=64 but the model has hidden=96" in r["cost_model"]["why"]
     assert r["model"]["name"] == "Qwen3ForCausalLM (my-qwen3)"

@@ -9,6 +9,7 @@
   FSDP2 in a fake world (so the world size suggested for a model that does not fit is exact);
 - smallest_fit: HSDP first grows the shard groups, then the world size.
 """
+
 import weakref
 
 import pytest
@@ -31,7 +32,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not any(r.alias_info is not None for r in func._schema.returns):   # new storage, not a view
+        if not any(r.alias_info is not None for r in func._schema.returns):  # new storage, not a view
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor) and not t._is_view():
                     n = t.untyped_storage().nbytes()
@@ -44,8 +45,9 @@ class LiveBytes(TorchDispatchMode):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_loss_transient_is_the_backward_peak(monkeypatch, dtype):
     from flexsp.ops import linear_cross_entropy, torch_ops
-    monkeypatch.setattr(torch_ops, "DEFAULT_CHUNK_ELEMENTS", 2**20)      # 1M-logit chunks: a light test
-    vocab, hidden, tokens = 8192, 48, 300                                 # 128-token chunks: 3 of them
+
+    monkeypatch.setattr(torch_ops, "DEFAULT_CHUNK_ELEMENTS", 2**20)  # 1M-logit chunks: a light test
+    vocab, hidden, tokens = 8192, 48, 300  # 128-token chunks: 3 of them
     g = torch.Generator().manual_seed(0)
     h = (torch.randn(tokens, hidden, generator=g) * 0.02).to(dtype).requires_grad_()
     w = (torch.randn(vocab, hidden, generator=g) * 0.02).to(dtype).requires_grad_()
@@ -67,7 +69,8 @@ def test_loss_transient_is_the_backward_peak(monkeypatch, dtype):
 def test_state_bytes_equal_the_fsdp2_sharded_model(world, shard):
     from flexsp.dryrun import FakeWorld, build_sharded, model_state_bytes
     from flexsp.model import Transformer, model_config
-    cfg = model_config("tiny", vocab_size=333)          # rows that do not divide the shard counts
+
+    cfg = model_config("tiny", vocab_size=333)  # rows that do not divide the shard counts
     with torch.device("meta"):
         shapes = sizing.param_shapes(Transformer(cfg, device=torch.device("meta")))
     with FakeWorld(world):
@@ -78,7 +81,7 @@ def test_state_bytes_equal_the_fsdp2_sharded_model(world, shard):
 
 
 def test_smallest_fit_grows_the_shard_groups_then_the_world():
-    shapes = [(1024, 1024, 4)]                          # one fp32 matrix: 16 MiB of states unsharded
+    shapes = [(1024, 1024, 4)]  # one fp32 matrix: 16 MiB of states unsharded
     full = sizing.state_bytes(shapes, 1)
     assert full == 4 * 1024 * 1024 * 4
     act = 1000.0

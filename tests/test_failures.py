@@ -15,6 +15,7 @@
   same command with ``train.resume=auto`` continues and every step's loss equals an uninterrupted
   run's (rtol 1e-5: same world, plans may differ by time box only in rounding).
 """
+
 import json
 import os
 import signal
@@ -24,7 +25,6 @@ import sys
 import time
 
 import pytest
-
 from train_cases import REPO, launch_env
 
 pytestmark = pytest.mark.slow
@@ -39,8 +39,15 @@ def _env():
 
 
 def _train(args, timeout=120, **kw):
-    proc = subprocess.run([sys.executable, "-m", "flexsp.train", *args], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=timeout, **kw)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexsp.train", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -70,13 +77,16 @@ def test_bad_config_values_are_one_line(tmp_path, capsys):
     in this process: config errors are found before any rank or process group exists; one case
     also as a real subprocess with the launcher's torchrun options."""
     from flexsp.train import main
+
     for override, needle in CONFIG_ERRORS:
         launcher = ["--nproc-per-node", "2"] if override.startswith(("train.steps", "output_dir")) else []
         rc = main([*launcher, *TINY, f"output_dir={tmp_path / 'out'}", override])
         captured = capsys.readouterr()
         _one_clean_line(rc, captured.out + captured.err, needle)
-    _one_clean_line(*_train(["--nproc-per-node", "2", *TINY, f"output_dir={tmp_path / 'out'}", "train.steps=abc"]),
-                    "train.steps='abc' must be an integer")
+    _one_clean_line(
+        *_train(["--nproc-per-node", "2", *TINY, f"output_dir={tmp_path / 'out'}", "train.steps=abc"]),
+        "train.steps='abc' must be an integer",
+    )
 
 
 def test_rank_errors_are_printed_once(tmp_path):
@@ -84,15 +94,29 @@ def test_rank_errors_are_printed_once(tmp_path):
     (tmp_path / "bad" / "a.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
     (tmp_path / "notckpt").mkdir()
     cases = [
-        (["data=corpus", f"data.corpus.paths=[{tmp_path / 'missing'}]"], f"corpus path {tmp_path / 'missing'} does not exist"),
-        (["data=corpus", f"data.corpus.paths=[{tmp_path / 'bad'}]", f"data.corpus.cache_dir={tmp_path / 'cache'}"],
-         "a.jsonl:2: corrupt JSONL line"),
+        (
+            ["data=corpus", f"data.corpus.paths=[{tmp_path / 'missing'}]"],
+            f"corpus path {tmp_path / 'missing'} does not exist",
+        ),
+        (
+            [
+                "data=corpus",
+                f"data.corpus.paths=[{tmp_path / 'bad'}]",
+                f"data.corpus.cache_dir={tmp_path / 'cache'}",
+            ],
+            "a.jsonl:2: corrupt JSONL line",
+        ),
         ([*SYNTH, "data.corpus.max_doc_tokens=100000"], "longer than the cluster can hold"),
         ([*SYNTH, f"train.resume={tmp_path / 'notckpt'}"], "is not a checkpoint"),
-        ([*SYNTH, "solver.cost_model=paper-gpt7b-192k"], "was built for layers=32 but the model has layers=2"),
+        (
+            [*SYNTH, "solver.cost_model=paper-gpt7b-192k"],
+            "was built for layers=32 but the model has layers=2",
+        ),
     ]
     for extra, needle in cases:
-        rc, out = _train(["--nproc-per-node", "2", *BASE, f"output_dir={tmp_path / 'out'}", *extra], timeout=300)
+        rc, out = _train(
+            ["--nproc-per-node", "2", *BASE, f"output_dir={tmp_path / 'out'}", *extra], timeout=300
+        )
         _one_clean_line(rc, out, needle)
     rc, out = _train(["--nproc-per-node", "3", *TINY, f"output_dir={tmp_path / 'out'}"])
     _one_clean_line(rc, out, "3 ranks: world_size=3 must be a power of two")
@@ -108,6 +132,7 @@ def _watch(procs, needle, timeout=240):
     """Read every process's output line by line (one reader thread each); returns (the outputs, the
     time ``needle`` first appeared, the time the last process exited). Times are time.monotonic()."""
     import threading
+
     seen, outs = [], [[] for _ in procs]
 
     def read(i, p):
@@ -115,6 +140,7 @@ def _watch(procs, needle, timeout=240):
             outs[i].append(line)
             if needle in line and not seen:
                 seen.append(time.monotonic())
+
     threads = [threading.Thread(target=read, args=(i, p), daemon=True) for i, p in enumerate(procs)]
     for t in threads:
         t.start()
@@ -142,10 +168,21 @@ def test_one_rank_failing_mid_step_stops_every_rank(tmp_path):
     args = [sys.executable, "-m", "flexsp.train", *TINY, f"output_dir={tmp_path / 'out'}", "train.steps=6"]
     procs = []
     for rank in range(2):
-        env = dict(_env(), FLEXSP_FAULTS="raise:rank=1:step=1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        env = dict(
+            _env(),
+            FLEXSP_FAULTS="raise:rank=1:step=1",
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        procs.append(
+            subprocess.Popen(
+                args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outs, failed_at, ended = _watch(procs, FAILURE)
     text = "\n".join(outs)
     assert failed_at is not None and ended - failed_at < 60, (failed_at, ended, text[-3000:])
@@ -153,10 +190,23 @@ def test_one_rank_failing_mid_step_stops_every_rank(tmp_path):
     assert procs[1].returncode == 1 and procs[0].returncode in (1, 3), [p.returncode for p in procs]
 
     # through the launcher: the same, and no torchrun summary
-    proc = subprocess.Popen([sys.executable, "-m", "flexsp.train", "--nproc-per-node", "2", *TINY,
-                             f"output_dir={tmp_path / 'out2'}", "train.steps=6"], cwd=REPO,
-                            env={**_env(), "FLEXSP_FAULTS": "raise:rank=1:step=1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flexsp.train",
+            "--nproc-per-node",
+            "2",
+            *TINY,
+            f"output_dir={tmp_path / 'out2'}",
+            "train.steps=6",
+        ],
+        cwd=REPO,
+        env={**_env(), "FLEXSP_FAULTS": "raise:rank=1:step=1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     (out,), failed_at, ended = _watch([proc], FAILURE)
     assert failed_at is not None and ended - failed_at < 60, (failed_at, ended, out[-3000:])
     assert proc.returncode == 1 and out.count(FAILURE) == 1, out[-4000:]
@@ -164,7 +214,9 @@ def test_one_rank_failing_mid_step_stops_every_rank(tmp_path):
 
 
 def _losses(out_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())}
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
+    }
 
 
 def test_sigint_writes_a_checkpoint_and_resume_continues_exactly(tmp_path):
@@ -174,16 +226,22 @@ def test_sigint_writes_a_checkpoint_and_resume_continues_exactly(tmp_path):
     rc, out = _train([*common, f"output_dir={ref_dir}"], timeout=180)
     assert rc == 0, out[-3000:]
 
-    proc = subprocess.Popen([sys.executable, "-m", "flexsp.train", *common, f"output_dir={out_dir}"], cwd=REPO,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flexsp.train", *common, f"output_dir={out_dir}"],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     metrics = out_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)          # like Ctrl-C in a terminal
+    os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C in a terminal
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, (proc.returncode, out[-3000:])
     lines = [ln for ln in out.splitlines() if "interrupted at step" in ln]
@@ -207,15 +265,40 @@ def test_internal_bug_prints_its_traceback_once_user_error_one_line(tmp_path):
     the ranks (a missing corpus) is one line, no traceback, exit status 2. Both through the launcher
     with 2 ranks, as a user types them."""
     env = {**_env(), "FLEXSP_FAULTS": "bug:rank=1:step=0"}
-    proc = subprocess.run([sys.executable, "-m", "flexsp.train", "--nproc-per-node", "2", *TINY, "train.steps=3",
-                           f"output_dir={tmp_path / 'bug'}"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flexsp.train",
+            "--nproc-per-node",
+            "2",
+            *TINY,
+            "train.steps=3",
+            f"output_dir={tmp_path / 'bug'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, (proc.returncode, out[-3000:])
     assert out.count("Traceback (most recent call last)") == 1, out[-4000:]
-    assert out.count("ValueError: injected internal error inside a micro-batch of step 1 on rank 1") == 1, out[-3000:]
+    assert out.count("ValueError: injected internal error inside a micro-batch of step 1 on rank 1") == 1, (
+        out[-3000:]
+    )
     assert "flexsp-train: error:" not in out and "ChildFailedError" not in out, out[-3000:]
 
-    rc, out = _train(["--nproc-per-node", "2", *BASE, "data=corpus", f"data.corpus.paths=[{tmp_path / 'missing'}]",
-                      f"output_dir={tmp_path / 'user'}"], timeout=300)
+    rc, out = _train(
+        [
+            "--nproc-per-node",
+            "2",
+            *BASE,
+            "data=corpus",
+            f"data.corpus.paths=[{tmp_path / 'missing'}]",
+            f"output_dir={tmp_path / 'user'}",
+        ],
+        timeout=300,
+    )
     _one_clean_line(rc, out, f"corpus path {tmp_path / 'missing'} does not exist")

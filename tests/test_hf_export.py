@@ -1,5 +1,6 @@
 """flexsp-export: a DCP training checkpoint (made here with dcp.save, no process group) -> an HF
 directory that transformers loads with logits equal to ours; clear one-line errors (exit 2)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,33 +17,46 @@ transformers = pytest.importorskip("transformers")
 from flexsp.export import main  # noqa: E402
 from flexsp.model import AttnContext, Transformer, model_config, positions_from_cu_seqlens  # noqa: E402
 
-TOL = dict(rtol=1e-4, atol=1e-4)   # fp32 both sides, different summation order (see test_hf_parity)
+TOL = dict(rtol=1e-4, atol=1e-4)  # fp32 both sides, different summation order (see test_hf_parity)
 
 
 def _tokenizer_json(path: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["some text for a tiny tokenizer"] * 10,
-                            trainers.BpeTrainer(vocab_size=100, special_tokens=["<unk>", "<|endoftext|>"]))
+    tok.train_from_iterator(
+        ["some text for a tiny tokenizer"] * 10,
+        trainers.BpeTrainer(vocab_size=100, special_tokens=["<unk>", "<|endoftext|>"]),
+    )
     tok.save(str(path))
     return path
 
 
-def make_checkpoint(root: Path, model: Transformer, step: int = 7, tokenizer=None, hf_checkpoint=None,
-                    precision=None) -> Path:
+def make_checkpoint(
+    root: Path, model: Transformer, step: int = 7, tokenizer=None, hf_checkpoint=None, precision=None
+) -> Path:
     """A trainer-style step_N checkpoint: dcp/ with {"model", "optim"} and trainer.pt (``precision``:
     the train.precision it records, None: none, as older checkpoints)."""
     import torch.distributed.checkpoint as dcp
+
     d = root / f"step_{step:06d}"
     d.mkdir(parents=True)
-    state = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-             "optim": {"state": {"exp_avg": torch.randn(5)}, "param_groups": [{"lr": 1e-3}]}}
+    state = {
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "optim": {"state": {"exp_avg": torch.randn(5)}, "param_groups": [{"lr": 1e-3}]},
+    }
     dcp.save(state, checkpoint_id=str(d / "dcp"), no_dist=True)
-    torch.save({"step": step, "config": {"model": {"preset": "tiny", "hf_checkpoint": hf_checkpoint}},
-                "model_config": dataclasses.asdict(model.config),
-                "tokenizer": None if tokenizer is None else str(tokenizer),
-                **({"precision": precision} if precision else {})}, d / "trainer.pt")
+    torch.save(
+        {
+            "step": step,
+            "config": {"model": {"preset": "tiny", "hf_checkpoint": hf_checkpoint}},
+            "model_config": dataclasses.asdict(model.config),
+            "tokenizer": None if tokenizer is None else str(tokenizer),
+            **({"precision": precision} if precision else {}),
+        },
+        d / "trainer.pt",
+    )
     (root / "latest").write_text(d.name)
     return d
 
@@ -81,8 +95,9 @@ def test_export_dcp_checkpoint_loads_in_transformers(tmp_path, capsys):
     assert transformers.AutoTokenizer.from_pretrained(str(out)).eos_token == "<|endoftext|>"
     # the checkpoints root (its `latest`) works too; bf16 on request, sharded on request
     out16 = tmp_path / "hf16"
-    assert main([str(tmp_path / "checkpoints"), str(out16), "--max-shard-size", "40000",
-                 "--dtype", "bf16"]) == 0
+    assert (
+        main([str(tmp_path / "checkpoints"), str(out16), "--max-shard-size", "40000", "--dtype", "bf16"]) == 0
+    )
     assert (out16 / "model.safetensors.index.json").is_file()
     hf16 = transformers.AutoModelForCausalLM.from_pretrained(str(out16))
     assert next(hf16.parameters()).dtype == torch.bfloat16
@@ -95,6 +110,7 @@ def test_export_writes_the_trained_dtype_by_default(tmp_path, capsys):
     from safetensors.torch import load_file
 
     from flexsp.model.hf import from_hf
+
     model = _trained_model()
     fp32 = make_checkpoint(tmp_path / "fp32", model, precision="fp32")
     assert main([str(fp32), str(tmp_path / "out32")]) == 0
@@ -105,7 +121,7 @@ def test_export_writes_the_trained_dtype_by_default(tmp_path, capsys):
     trained = model.state_dict()
     assert exported.keys() == trained.keys()
     for name, tensor in trained.items():
-        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)   # exact: no rounding
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)  # exact: no rounding
     bf16 = make_checkpoint(tmp_path / "bf16", model, precision="bf16")
     assert main([str(bf16), str(tmp_path / "out16")]) == 0
     assert "weights in bfloat16 (trained with train.precision=bf16)" in capsys.readouterr().err
@@ -114,22 +130,31 @@ def test_export_writes_the_trained_dtype_by_default(tmp_path, capsys):
     assert main([str(old), str(tmp_path / "out_old")]) == 0
     assert "weights in float32 (the checkpoint records no train.precision)" in capsys.readouterr().err
     # --help says what the default is
-    proc = subprocess.run([sys.executable, "-m", "flexsp.export", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexsp.export", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert "the dtype the model was trained in" in " ".join(proc.stdout.split())
 
 
 def test_export_keeps_hf_origin_architecture_and_qwen3_default(tmp_path):
     from flexsp.model.hf import from_hf
+
     origin = tmp_path / "origin"
-    hfm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=96))
+    hfm = transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=100,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+        )
+    )
     hfm.save_pretrained(str(origin))
     model = from_hf(origin, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)     # "training"
+            p.add_(torch.randn_like(p) * 0.02)  # "training"
     ckpt = make_checkpoint(tmp_path / "a", model, hf_checkpoint=str(origin))
     assert main([str(ckpt), str(tmp_path / "out"), "--dtype", "fp32"]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
@@ -164,8 +189,12 @@ def test_export_errors_are_one_line_exit_2(tmp_path, capsys):
     shard.unlink()
     assert shard.name in err([str(ckpt), str(tmp_path / "o")])
     # as a process: exit status 2, no traceback
-    proc = subprocess.run([sys.executable, "-m", "flexsp.export", str(ckpt), str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexsp.export", str(ckpt), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and shard.name in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
@@ -174,19 +203,37 @@ def _ds_body(rank, world_size, root):
     import deepspeed
 
     model = _trained_model(tie_embeddings=True)
-    config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world_size,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                    "stage3_model_persistence_threshold": 0},
-              "zero_allow_untested_optimizer": True, "steps_per_print": 10**12}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "train_batch_size": world_size,
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_model_persistence_threshold": 0,
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+    }
     deepspeed.init_distributed(dist_backend="gloo")
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                      optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3), config=config,
-                                      dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=list(model.parameters()),
+        optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+        config=config,
+        dist_init_required=False,
+    )
     step = Path(root) / "step_000003"
     engine.save_checkpoint(str(step / "deepspeed"), tag="engine", save_latest=False)
     if rank == 0:
-        torch.save({"step": 3, "config": {"model": {"preset": "tiny", "hf_checkpoint": None}},
-                    "model_config": dataclasses.asdict(model.config), "tokenizer": None}, step / "trainer.pt")
+        torch.save(
+            {
+                "step": 3,
+                "config": {"model": {"preset": "tiny", "hf_checkpoint": None}},
+                "model_config": dataclasses.asdict(model.config),
+                "tokenizer": None,
+            },
+            step / "trainer.pt",
+        )
     return True
 
 
@@ -194,6 +241,7 @@ def _ds_body(rank, world_size, root):
 def test_export_deepspeed_zero3_checkpoint(tmp_path):
     pytest.importorskip("deepspeed")
     from dist_harness import run_distributed
+
     run_distributed(_ds_body, world_size=2, args=(str(tmp_path),), timeout=300, env={"DS_ACCELERATOR": "cpu"})
     assert main([str(tmp_path / "step_000003"), str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
     _logits_equal(_trained_model(tie_embeddings=True), tmp_path / "hf")

@@ -23,6 +23,7 @@ absolute (1e-7 relative). Asserted: logits and gradients within 1e-4 absolute + 
 loss within 1e-4 relative -- 10-100x the measured rounding, far below what a wrong frequency,
 mask, bias or norm causes (O(0.1-1) logit differences).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,19 +35,38 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from flexsp.model import AttnContext, lm_labels, positions_from_cu_seqlens  # noqa: E402
-from flexsp.model.hf import (SUPPORTED_ARCHITECTURES, HFCheckpointReader, config_from_hf, from_hf,  # noqa: E402
-                             hf_config_from_model, hf_name, to_hf)
+from flexsp.model.hf import (  # noqa: E402
+    SUPPORTED_ARCHITECTURES,
+    HFCheckpointReader,
+    config_from_hf,
+    from_hf,
+    hf_config_from_model,
+    hf_name,
+    to_hf,
+)
 
 TOL = dict(rtol=1e-4, atol=1e-4)
-BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=96, max_position_embeddings=64, rms_norm_eps=1e-6)
+BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+)
 LENGTHS = [5, 23, 40]
 MEASURED: dict[str, tuple[float, float, float]] = {}
 
 
 def _config(arch: str, **kw):
-    cls = {"LlamaForCausalLM": transformers.LlamaConfig, "MistralForCausalLM": transformers.MistralConfig,
-           "Qwen2ForCausalLM": transformers.Qwen2Config, "Qwen3ForCausalLM": transformers.Qwen3Config}[arch]
+    cls = {
+        "LlamaForCausalLM": transformers.LlamaConfig,
+        "MistralForCausalLM": transformers.MistralConfig,
+        "Qwen2ForCausalLM": transformers.Qwen2Config,
+        "Qwen3ForCausalLM": transformers.Qwen3Config,
+    }[arch]
     extra = {"sliding_window": None} if arch == "MistralForCausalLM" else {}
     cfg = cls(**{**BASE, **extra, **kw})
     cfg._attn_implementation = "eager"
@@ -137,25 +157,76 @@ def compare(model, hf, lengths=LENGTHS, label=None):
 CASES = {
     "llama-gqa": ("LlamaForCausalLM", {}),
     "llama-mha-tied": ("LlamaForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=True)),
-    "llama-rope-linear": ("LlamaForCausalLM", dict(rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                                                     "rope_theta": 10000.0})),
-    "llama-rope-dynamic": ("LlamaForCausalLM", dict(max_position_embeddings=16, rope_parameters={
-        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
-    "llama-rope-yarn": ("LlamaForCausalLM", dict(rope_parameters={
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0})),
-    "llama-rope-yarn-mscale": ("LlamaForCausalLM", dict(rope_parameters={
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0,
-        "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 16.0, "beta_slow": 2.0})),
-    "llama-rope-llama3": ("LlamaForCausalLM", dict(rope_parameters={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16, "rope_theta": 10000.0})),
+    "llama-rope-linear": (
+        "LlamaForCausalLM",
+        dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    ),
+    "llama-rope-dynamic": (
+        "LlamaForCausalLM",
+        dict(
+            max_position_embeddings=16,
+            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        ),
+    ),
+    "llama-rope-yarn": (
+        "LlamaForCausalLM",
+        dict(
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 10000.0,
+            }
+        ),
+    ),
+    "llama-rope-yarn-mscale": (
+        "LlamaForCausalLM",
+        dict(
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 10000.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.5,
+                "beta_fast": 16.0,
+                "beta_slow": 2.0,
+            }
+        ),
+    ),
+    "llama-rope-llama3": (
+        "LlamaForCausalLM",
+        dict(
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 10000.0,
+            }
+        ),
+    ),
     "mistral-window": ("MistralForCausalLM", dict(sliding_window=8, head_dim=24)),
     "qwen2-bias": ("Qwen2ForCausalLM", {}),
-    "qwen2-bias-tied-window": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True, use_sliding_window=True,
-                                                        sliding_window=8, max_window_layers=0)),
+    "qwen2-bias-tied-window": (
+        "Qwen2ForCausalLM",
+        dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=8, max_window_layers=0),
+    ),
     "qwen3-qknorm-headdim": ("Qwen3ForCausalLM", dict(head_dim=24)),
-    "qwen3-yarn": ("Qwen3ForCausalLM", dict(head_dim=32, max_position_embeddings=32, rope_parameters={
-        "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16, "rope_theta": 1000.0})),
+    "qwen3-yarn": (
+        "Qwen3ForCausalLM",
+        dict(
+            head_dim=32,
+            max_position_embeddings=32,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 2.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 1000.0,
+            },
+        ),
+    ),
 }
 
 
@@ -189,17 +260,30 @@ def test_parity_hf_own_packed_path(tmp_path):
 
 def test_rope_inverse_frequencies_equal_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     from flexsp.ops import rope_inv_freq
-    for case in ("llama-rope-linear", "llama-rope-dynamic", "llama-rope-yarn", "llama-rope-yarn-mscale",
-                 "llama-rope-llama3", "qwen3-yarn"):
+
+    for case in (
+        "llama-rope-linear",
+        "llama-rope-dynamic",
+        "llama-rope-yarn",
+        "llama-rope-yarn-mscale",
+        "llama-rope-llama3",
+        "qwen3-yarn",
+    ):
         arch, kw = CASES[case]
         hfc = _config(arch, **kw)
         cfg = config_from_hf(hfc.to_dict())
         rt = cfg.rope_type
         seq = 40 if rt == "dynamic" else None
         ref, ref_att = ROPE_INIT_FUNCTIONS[rt](hfc, "cpu", **({"seq_len": torch.tensor(seq)} if seq else {}))
-        ours, att = rope_inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,
-                                  seq_lens=torch.tensor([seq]) if seq else None)
+        ours, att = rope_inv_freq(
+            cfg.head_size,
+            cfg.rope_theta,
+            cfg.rope_scaling,
+            cfg.max_position_embeddings,
+            seq_lens=torch.tensor([seq]) if seq else None,
+        )
         torch.testing.assert_close(ours.reshape(-1), ref.float(), rtol=1e-6, atol=0, msg=case)
         assert att == pytest.approx(ref_att, rel=1e-12), case
 
@@ -211,13 +295,15 @@ def test_unsupported_architectures_and_features(tmp_path):
     msg = str(e.value)
     assert "GPT2LMHeadModel" in msg and all(a in msg for a in SUPPORTED_ARCHITECTURES)
     with pytest.raises(ValueError, match="model_type 'gpt2'.*LlamaForCausalLM"):
-        config_from_hf(transformers.GPT2Config().to_dict())     # no architectures: by model_type
+        config_from_hf(transformers.GPT2Config().to_dict())  # no architectures: by model_type
     bad_rope = _config("LlamaForCausalLM").to_dict()
     bad_rope["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0]}
     bad_rope.pop("rope_scaling", None)
     with pytest.raises(ValueError, match="longrope.*valid options"):
         config_from_hf(bad_rope)
-    mixed = _config("Qwen2ForCausalLM", use_sliding_window=True, sliding_window=8, max_window_layers=1).to_dict()
+    mixed = _config(
+        "Qwen2ForCausalLM", use_sliding_window=True, sliding_window=8, max_window_layers=1
+    ).to_dict()
     with pytest.raises(ValueError, match="mixing full and sliding"):
         config_from_hf(mixed)
     llama_bias = _config("LlamaForCausalLM", attention_bias=True).to_dict()
@@ -236,16 +322,22 @@ def test_sharded_checkpoint_reader_rows_elements_and_errors(tmp_path):
     reader = HFCheckpointReader(tmp_path / "m")
     full = model.blocks[1].mlp.w_up.weight.detach()
     torch.testing.assert_close(reader.read_rows("blocks.1.mlp.w_up.weight", 3, 9), full[3:9], rtol=0, atol=0)
-    torch.testing.assert_close(reader.read_elements("blocks.1.mlp.w_up.weight", 70, 333),
-                               full.reshape(-1)[70:333], rtol=0, atol=0)
-    torch.testing.assert_close(reader.read_elements("blocks.0.attn.wq.bias", 5, 17),
-                               model.blocks[0].attn.wq.bias.detach()[5:17], rtol=0, atol=0)
+    torch.testing.assert_close(
+        reader.read_elements("blocks.1.mlp.w_up.weight", 70, 333), full.reshape(-1)[70:333], rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        reader.read_elements("blocks.0.attn.wq.bias", 5, 17),
+        model.blocks[0].attn.wq.bias.detach()[5:17],
+        rtol=0,
+        atol=0,
+    )
     # shape mismatch / missing keys: one error naming them, nothing written
     from flexsp.model import Transformer, model_config
+
     other = Transformer(model_config("tiny", vocab_size=128, attention_bias=True, hidden=64, intermediate=64))
     with pytest.raises(ValueError, match="shape mismatches.*w_gate"):
         reader.load_into_(other)
-    reader.check(Transformer(config_from_hf(tmp_path / "m"), device="meta"))   # meta: global shapes, fine
+    reader.check(Transformer(config_from_hf(tmp_path / "m"), device="meta"))  # meta: global shapes, fine
     nobias = Transformer(config_from_hf(tmp_path / "m", attention_bias=False))
     with pytest.raises(ValueError, match="unexpected keys.*q_proj.bias"):
         reader.load_into_(nobias)
@@ -267,6 +359,7 @@ def test_sharded_checkpoint_reader_rows_elements_and_errors(tmp_path):
 
 def _tiny_tokenizer_json(path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<|endoftext|>"])
@@ -281,9 +374,16 @@ def test_to_hf_roundtrip_with_automodel(tmp_path, tied):
     norms); AutoModelForCausalLM.from_pretrained gives our logits (fp32 export exact, bf16 export
     within bf16 rounding), sharded output included, and the tokenizer loads."""
     from flexsp.model import Transformer, model_config
-    cfg = model_config("tiny", vocab_size=128, tie_embeddings=tied, qk_norm=tied, head_dim=24 if tied else 0,
-                       rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16},
-                       max_position_embeddings=64)
+
+    cfg = model_config(
+        "tiny",
+        vocab_size=128,
+        tie_embeddings=tied,
+        qk_norm=tied,
+        head_dim=24 if tied else 0,
+        rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16},
+        max_position_embeddings=64,
+    )
     model = Transformer(cfg)
     model.init_weights(3)
     with torch.no_grad():
@@ -295,7 +395,9 @@ def test_to_hf_roundtrip_with_automodel(tmp_path, tied):
     hf_cfg = json.loads((out / "config.json").read_text())
     assert hf_cfg["architectures"] == ["Qwen3ForCausalLM" if tied else "LlamaForCausalLM"]
     assert (out / "model.safetensors.index.json").is_file()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), dtype=torch.float32, attn_implementation="eager"
+    )
     _, ids, cu = _docs([30])
     with torch.no_grad():
         ref = hf(input_ids=ids[None]).logits[0]
@@ -349,9 +451,12 @@ def _sp_body(rank, world_size, paths):
                 gerr = max(gerr, (g - rp.grad).abs().max().item())
             with torch.no_grad():
                 logits = unshard(inputs.logits(model), inputs.attn_ctx.meta, dist.group.WORLD)
-            out[f"{name}/{mode}"] = dict(loss=abs(tot.item() - ref_sum.item()), grad=gerr,
-                                         logits=(logits - ref_logits).abs().max().item())
-        if name == "mistral":   # window 8 < document 26: ring must refuse, short documents run
+            out[f"{name}/{mode}"] = dict(
+                loss=abs(tot.item() - ref_sum.item()),
+                grad=gerr,
+                logits=(logits - ref_logits).abs().max().item(),
+            )
+        if name == "mistral":  # window 8 < document 26: ring must refuse, short documents run
             model = from_hf(path, dtype=torch.float32)
             try:
                 shard_inputs(ids, cu_t, dist.group.WORLD, "ring").logits(model)
@@ -369,6 +474,7 @@ def _sp_body(rank, world_size, paths):
 
     from flexsp.model import Transformer
     from flexsp.model.hf import config_from_hf
+
     path = paths["qwen3"]
     cfg = config_from_hf(path, dtype="float32")
     model = Transformer(cfg, device="meta")
@@ -390,18 +496,28 @@ def _sp_body(rank, world_size, paths):
 @pytest.mark.slow
 def test_sp_parity_ulysses_and_ring(tmp_path):
     from dist_harness import run_distributed
+
     paths = {}
-    for name, arch, kw in (("qwen3", "Qwen3ForCausalLM", dict(head_dim=24)),
-                           ("qwen2", "Qwen2ForCausalLM", {}),
-                           ("mistral", "MistralForCausalLM", dict(sliding_window=8))):
+    for name, arch, kw in (
+        ("qwen3", "Qwen3ForCausalLM", dict(head_dim=24)),
+        ("qwen2", "Qwen2ForCausalLM", {}),
+        ("mistral", "MistralForCausalLM", dict(sliding_window=8)),
+    ):
         make_hf(arch, tmp_path / name, **kw)
         paths[name] = str(tmp_path / name)
     results = run_distributed(_sp_body, world_size=2, args=(paths,), timeout=240)
     for res in results:
         err = res.pop("mistral/ring-error")
         assert err is not None and "sliding_window=8" in err and "ulysses" in err
-        assert set(res) >= {"qwen3/ulysses", "qwen3/ring", "qwen2/ulysses", "qwen2/ring", "mistral/ulysses",
-                            "mistral/ring-short", "fsdp2-load"}
+        assert set(res) >= {
+            "qwen3/ulysses",
+            "qwen3/ring",
+            "qwen2/ulysses",
+            "qwen2/ring",
+            "mistral/ulysses",
+            "mistral/ring-short",
+            "fsdp2-load",
+        }
         for key, r in res.items():
             assert r["loss"] < 1e-3 and r["grad"] < 1e-4 and r["logits"] < 1e-4, (key, r)
         assert res["fsdp2-load"]["logits"] == 0.0

@@ -13,6 +13,7 @@ of the importing code).
 - ``solver/`` imports neither ``torch`` nor ``flexsp`` (it runs on a machine without them:
   ``flexsp-plan``, ``flexsp-simulate``), anywhere, not even inside a function.
 """
+
 from __future__ import annotations
 
 import ast
@@ -45,7 +46,7 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module
@@ -57,8 +58,10 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
 
 def graph() -> dict[str, set[str]]:
     modules = module_files()
-    return {name: {m for m in imports_of(name, path, modules) if m in modules and m != name}
-            for name, path in modules.items()}
+    return {
+        name: {m for m in imports_of(name, path, modules) if m in modules and m != name}
+        for name, path in modules.items()
+    }
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -113,7 +116,8 @@ def test_cycle_finder_finds_a_cycle():
 def test_no_import_cycles():
     found = cycles(graph())
     assert not found, "import cycles (module-level and function-level imports):\n" + "\n".join(
-        " <-> ".join(c) for c in found)
+        " <-> ".join(c) for c in found
+    )
 
 
 def test_solver_imports_neither_torch_nor_flexsp():
@@ -132,8 +136,10 @@ def test_no_cycles_between_packages():
     """Each package imports only from below it: the graph collapsed to ``flexsp.<package or module>``
     (flexsp.model, flexsp.data, flexsp.engines, ... and each top-level module) and ``solver`` has no
     cycle either (a submodule importing a sibling package that imports it back is an upward import)."""
+
     def unit(m: str) -> str:
         return ".".join(m.split(".")[:2]) if m.startswith("flexsp.") else m.split(".")[0]
+
     packed: dict[str, set[str]] = {}
     for a, bs in graph().items():
         packed.setdefault(unit(a), set()).update(unit(b) for b in bs if unit(b) != unit(a))

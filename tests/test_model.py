@@ -1,10 +1,18 @@
 """Single-device tests of the decoder: shapes, per-document RoPE, GQA, tying, checkpointing, bf16."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from flexsp.model import (AttnContext, ModelConfig, Transformer, lm_labels, lm_loss, model_config,
-                          positions_from_cu_seqlens)
+from flexsp.model import (
+    AttnContext,
+    ModelConfig,
+    Transformer,
+    lm_labels,
+    lm_loss,
+    model_config,
+    positions_from_cu_seqlens,
+)
 from flexsp.model import layers as L
 
 
@@ -95,8 +103,9 @@ def test_gqa_matches_repeated_kv_attention():
     out = L.varlen_attention_ref(q, k, v, cu)
     kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
     for s, e in [(0, 6), (6, 10)]:
-        ref = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), kr[s:e].transpose(0, 1),
-                                             vr[s:e].transpose(0, 1), is_causal=True).transpose(0, 1)
+        ref = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), kr[s:e].transpose(0, 1), vr[s:e].transpose(0, 1), is_causal=True
+        ).transpose(0, 1)
         torch.testing.assert_close(out[s:e], ref)
     model = Transformer(cfg)
     assert model.blocks[0].attn.wk.weight.shape == (2 * cfg.head_size, cfg.hidden)
@@ -195,10 +204,12 @@ def test_seam_ops_match_references():
     torch.testing.assert_close(L.swiglu(x, x.flip(0)), L.swiglu_ref(x, x.flip(0)))
     weight, labels = torch.randn(32, 16, generator=g), torch.randint(0, 32, (10,), generator=g)
     labels[3] = -100
-    torch.testing.assert_close(L.linear_cross_entropy(x, weight, labels),
-                               L.linear_cross_entropy_ref(x, weight, labels))
+    torch.testing.assert_close(
+        L.linear_cross_entropy(x, weight, labels), L.linear_cross_entropy_ref(x, weight, labels)
+    )
     cu = torch.tensor([0, 4, 10])
     from flexsp.attention.local import varlen_attention
+
     torch.testing.assert_close(varlen_attention(q, k, k, cu), L.varlen_attention_ref(q, k, k, cu))
 
 
@@ -207,19 +218,24 @@ def test_init_of_any_shard_equals_the_full_init():
     gets exactly the values of the same slice of the full draw, so the full weights do not
     depend on the world size; chunk boundaries (CHUNK elements) are crossed on purpose."""
     from flexsp.model.init import CHUNK, fill_elements_, normal_elements
+
     numel = 3 * CHUNK + 123
     full = normal_elements("blocks.0.mlp.w_up.weight", numel, 0, numel, seed=5, std=0.02)
     assert abs(full.std().item() - 0.02) < 1e-3
     for world in (2, 3, 4, 7, 64):
         part = -(-numel // world)
-        pieces = [normal_elements("blocks.0.mlp.w_up.weight", numel, r * part, min(numel, (r + 1) * part), 5, 0.02)
-                  for r in range(world)]
+        pieces = [
+            normal_elements("blocks.0.mlp.w_up.weight", numel, r * part, min(numel, (r + 1) * part), 5, 0.02)
+            for r in range(world)
+        ]
         assert torch.equal(torch.cat(pieces), full), world
     other = normal_elements("blocks.0.mlp.w_up.weight", numel, 0, numel, seed=6, std=0.02)
     assert not torch.equal(other, full)
     rows = torch.empty(4, 10)
     fill_elements_(rows, "x.weight", 100, 30, seed=1, init_std=0.02, layers=2)
-    torch.testing.assert_close(rows.flatten(), normal_elements("x.weight", 100, 0, 100, 1, 0.02)[30:70], rtol=0, atol=0)
+    torch.testing.assert_close(
+        rows.flatten(), normal_elements("x.weight", 100, 0, 100, 1, 0.02)[30:70], rtol=0, atol=0
+    )
     fill_elements_(rows, "blocks.1.attn_norm.weight", 100, 0, 1, 0.02, 2)
     assert torch.equal(rows, torch.ones(4, 10))
 
@@ -240,7 +256,9 @@ def test_new_config_fields_validation_and_presets():
         ModelConfig(hidden=66, heads=4, kv_heads=2)
     assert ModelConfig(hidden=66, heads=4, kv_heads=2, head_dim=24).head_size == 24
     assert ModelConfig(rope_scaling={"type": "linear", "factor": 2.0}).rope_scaling == {
-        "rope_type": "linear", "factor": 2.0}
+        "rope_type": "linear",
+        "factor": 2.0,
+    }
     assert ModelConfig(rope_scaling={"rope_type": "default", "rope_theta": 10000.0}).rope_scaling is None
     assert ModelConfig(sliding_window=0).window is None
     for name in ("1b", "7b", "13b", "30b", "70b"):
@@ -256,8 +274,14 @@ def test_new_config_fields_validation_and_presets():
     assert model_config("tiny", hidden=128).head_size == 32
 
 
-@pytest.mark.parametrize("kw", [dict(attention_bias=True), dict(qk_norm=True, head_dim=24),
-                                dict(qk_norm=True, attention_bias=True, head_dim=8, tie_embeddings=True)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(attention_bias=True),
+        dict(qk_norm=True, head_dim=24),
+        dict(qk_norm=True, attention_bias=True, head_dim=8, tie_embeddings=True),
+    ],
+)
 def test_num_params_exact_with_new_features(kw):
     cfg = model_config("tiny", **kw)
     model = Transformer(cfg)
@@ -298,13 +322,14 @@ def test_sliding_window_packed_equals_each_document_alone_and_reference():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(21, h, 16, generator=g, requires_grad=True) for h in (4, 2, 2))
     from flexsp.attention.local import varlen_attention
+
     out = varlen_attention(q, k, v, [0, 7, 10, 21], window=4)
     ref = L.varlen_attention_ref(q, k, v, [0, 7, 10, 21], window=4)
     torch.testing.assert_close(out, ref)
     # explicit per-query check of the band: query i sees keys i-3..i only
     kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-    i = 9   # 10th token of doc 3 (starts at 10) -> global 19
-    s = (q[19] * kr[16:20]).sum(-1) / 4.0    # [keys, H]
+    i = 9  # 10th token of doc 3 (starts at 10) -> global 19
+    s = (q[19] * kr[16:20]).sum(-1) / 4.0  # [keys, H]
     expect = (s.softmax(0)[..., None] * vr[16:20]).sum(0)
     torch.testing.assert_close(out[19], expect, rtol=1e-5, atol=1e-5)
     out.sum().backward()
@@ -315,6 +340,7 @@ def test_sliding_window_packed_equals_each_document_alone_and_reference():
 def test_sliding_window_flex_band_matches_sdpa_forward():
     pytest.importorskip("torch.nn.attention.flex_attention")
     from flexsp.attention.local import varlen_attention
+
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(150, h, 16, generator=g) for h in (4, 2, 2))
     cu = [0, 130, 150]
@@ -325,7 +351,9 @@ def test_sliding_window_flex_band_matches_sdpa_forward():
 
 def test_dynamic_rope_uses_each_documents_length():
     # dynamic NTK: a document's frequencies depend on its own length only (HF run alone).
-    cfg = model_config("tiny", max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    cfg = model_config(
+        "tiny", max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0}
+    )
     model = Transformer(cfg)
     docs, ids, cu = _packed([12, 5, 20], cfg.vocab_size)
     packed = _run(model, ids, cu)
@@ -340,8 +368,14 @@ def test_dynamic_rope_uses_each_documents_length():
 def test_forward_makes_no_host_sync(monkeypatch):
     # Host-side boundaries in, and no .item()/.tolist()/int()/bool()/float() on any tensor in the
     # forward + backward (on CUDA each would be a device sync).
-    cfg = model_config("tiny", qk_norm=True, attention_bias=True, sliding_window=4,
-                       max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    cfg = model_config(
+        "tiny",
+        qk_norm=True,
+        attention_bias=True,
+        sliding_window=4,
+        max_position_embeddings=8,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+    )
     model = Transformer(cfg)
     _, ids, cu = _packed([9, 3, 12], cfg.vocab_size)
     cu_list = cu.tolist()
@@ -368,6 +402,7 @@ def test_lm_labels_and_positions_accept_lists_and_empty_documents():
         assert lm_labels(ids, cu).tolist() == [11, 12, -100, 21, -100, -100, -100]
         assert positions_from_cu_seqlens(cu, total=7).tolist() == [0, 1, 2, 0, 1, 0, 0]
     from flexsp.model import shard_inputs
+
     model = Transformer(model_config("tiny"))
     toks = torch.randint(0, 512, (12,), generator=torch.Generator().manual_seed(0))
     a, b = shard_inputs(toks, [0, 5, 12]), shard_inputs(toks, torch.tensor([0, 5, 12], dtype=torch.int32))
@@ -379,6 +414,7 @@ def test_activation_checkpointing_applied_from_outside_keeps_names_and_gradients
     # flexsp.parallelize checkpoints each block with composable hooks: same parameter names, and
     # the same loss and gradients (the recompute runs the identical fp32 ops: exact up to ~1 ulp)
     from flexsp.parallelize import ParallelizeConfig, activation_checkpointing_disabled, parallelize
+
     cfg = model_config("tiny", layers=3)
     plain, ckpt = Transformer(cfg), Transformer(cfg)
     ckpt.load_state_dict(plain.state_dict())
@@ -393,6 +429,7 @@ def test_activation_checkpointing_applied_from_outside_keeps_names_and_gradients
         def pack(t):
             n[0] += t.numel()
             return t
+
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss, _ = model(ids, pos, ctx, labels=labels)
         loss.backward()
@@ -402,6 +439,6 @@ def test_activation_checkpointing_applied_from_outside_keeps_names_and_gradients
     torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
-    assert n1 < n0          # the blocks' internals are recomputed, not saved
+    assert n1 < n0  # the blocks' internals are recomputed, not saved
     with activation_checkpointing_disabled(ckpt):
         assert count_saved(ckpt)[1] == n0

@@ -1,7 +1,9 @@
 """The decoder under sequence parallelism (2 gloo ranks) equals the single-device decoder: loss sum,
-target count, logits and parameter gradients, for Ulysses and ring layouts, with and without activation checkpointing (ring pads documents,
+target count, logits and parameter gradients, for Ulysses and ring layouts, with and without activation
+checkpointing (ring pads documents,
 so this also checks that padding is kept out of the loss); plus q/k norm + biases + head_dim + dynamic RoPE
 (Ulysses, ring) and a sliding window (Ulysses)."""
+
 import pytest
 
 pytest.importorskip("flexsp.attention")
@@ -15,7 +17,7 @@ def _body(rank, world_size):
     import torch.distributed as dist
 
     from flexsp.attention import unshard
-    from flexsp.model import Transformer, lm_labels, model_config, shard_inputs
+    from flexsp.model import Transformer, model_config, shard_inputs
 
     torch.manual_seed(0)
     cfg = model_config("tiny")
@@ -43,20 +45,31 @@ def _body(rank, world_size):
             grad_err = max(grad_err, (g - rp.grad).abs().max().item())
         with torch.no_grad():
             logits = unshard(inputs.logits(model), inputs.attn_ctx.meta, dist.group.WORLD)
-        out[f"{mode}{'+ckpt' if ckpt else ''}"] = dict(sum_err=abs(totals[0].item() - ref_sum.item()), count=int(totals[1].item()),
-                         ref_count=int(ref_count), grad_err=grad_err,
-                         logit_err=(logits - ref_logits).abs().max().item(),
-                         padded=bool((inputs.pad_mask).any()))
+        out[f"{mode}{'+ckpt' if ckpt else ''}"] = dict(
+            sum_err=abs(totals[0].item() - ref_sum.item()),
+            count=int(totals[1].item()),
+            ref_count=int(ref_count),
+            grad_err=grad_err,
+            logit_err=(logits - ref_logits).abs().max().item(),
+            padded=bool((inputs.pad_mask).any()),
+        )
     # the architecture extensions: q/k norm + biases + head_dim != hidden/heads + dynamic RoPE
     # (per-document lengths come from the global boundaries, not the local shard), and a
     # sliding window shorter than the 17-token document under Ulysses.
-    ext = dict(qk_norm=True, attention_bias=True, head_dim=24, max_position_embeddings=8,
-               rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    for tag, kw, modes in (("ext", ext, ("ulysses", "ring")),
-                           ("window", dict(sliding_window=6, attention_bias=True), ("ulysses",))):
+    ext = dict(
+        qk_norm=True,
+        attention_bias=True,
+        head_dim=24,
+        max_position_embeddings=8,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+    )
+    for tag, kw, modes in (
+        ("ext", ext, ("ulysses", "ring")),
+        ("window", dict(sliding_window=6, attention_bias=True), ("ulysses",)),
+    ):
         ref_m = Transformer(model_config("tiny", **kw))
         ref_m.init_weights(5)
-        with torch.no_grad():   # biases / norms away from their 0 / 1 init
+        with torch.no_grad():  # biases / norms away from their 0 / 1 init
             g = torch.Generator().manual_seed(1)
             for n, p in ref_m.named_parameters():
                 if n.endswith(("bias", "norm.weight")):
@@ -81,9 +94,14 @@ def _body(rank, world_size):
                 grad_err = max(grad_err, (gr - rp.grad).abs().max().item())
             with torch.no_grad():
                 logits = unshard(inputs.logits(model), inputs.attn_ctx.meta, dist.group.WORLD)
-            out[f"{tag}:{mode}"] = dict(sum_err=abs(totals[0].item() - rs.item()), count=int(totals[1].item()),
-                                        ref_count=int(rc), grad_err=grad_err,
-                                        logit_err=(logits - rl).abs().max().item(), padded=False)
+            out[f"{tag}:{mode}"] = dict(
+                sum_err=abs(totals[0].item() - rs.item()),
+                count=int(totals[1].item()),
+                ref_count=int(rc),
+                grad_err=grad_err,
+                logit_err=(logits - rl).abs().max().item(),
+                padded=False,
+            )
     return out
 
 

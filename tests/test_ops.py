@@ -146,7 +146,9 @@ def test_rms_norm_matches_reference_fwd_bwd(dtype):
     torch.testing.assert_close(y1, y2, **_tol(dtype))
     torch.testing.assert_close(x1.grad, x2.grad, **_tol(dtype))
     # dW sums over 33 rows; in bf16 that accumulates more rounding
-    torch.testing.assert_close(w1.grad, w2.grad, **(FP32_TOL if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)))
+    torch.testing.assert_close(
+        w1.grad, w2.grad, **(FP32_TOL if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2))
+    )
 
 
 def test_rms_norm_output_keeps_input_dtype_with_fp32_weight():
@@ -317,15 +319,50 @@ def test_linear_ce_opts_out_of_liger_under_auto_and_the_others_do_not(monkeypatc
         (lambda: ops.rms_norm(torch.randn(2, 4), torch.ones(4), eps=0.0), "eps"),
         (lambda: ops.rope_cos_sin(torch.arange(4), 7), "even"),
         (lambda: ops.rope_cos_sin(torch.zeros(2, 2), 8), "1-D"),
-        (lambda: ops.apply_rope(torch.randn(4, 2, 8), torch.randn(4, 1, 8), torch.randn(4, 4), torch.randn(4, 4)), "cos/sin"),
-        (lambda: ops.apply_rope(torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)), "tokens, heads"),
-        (lambda: ops.apply_rope(torch.randn(4, 2, 8), torch.randn(3, 1, 8), torch.randn(4, 8), torch.randn(4, 8)), "does not match"),
+        (
+            lambda: ops.apply_rope(
+                torch.randn(4, 2, 8), torch.randn(4, 1, 8), torch.randn(4, 4), torch.randn(4, 4)
+            ),
+            "cos/sin",
+        ),
+        (
+            lambda: ops.apply_rope(
+                torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)
+            ),
+            "tokens, heads",
+        ),
+        (
+            lambda: ops.apply_rope(
+                torch.randn(4, 2, 8), torch.randn(3, 1, 8), torch.randn(4, 8), torch.randn(4, 8)
+            ),
+            "does not match",
+        ),
         (lambda: ops.swiglu(torch.randn(2, 4), torch.randn(2, 5)), "same shape"),
-        (lambda: ops.linear_cross_entropy(torch.randn(3, 4), torch.randn(7, 4), torch.zeros(3, dtype=torch.long), reduction="avg"), "reduction"),
-        (lambda: ops.linear_cross_entropy(torch.randn(3, 4), torch.randn(7, 5), torch.zeros(3, dtype=torch.long)), "weight"),
-        (lambda: ops.linear_cross_entropy(torch.randn(3, 4), torch.randn(7, 4), torch.zeros(2, dtype=torch.long)), "labels"),
+        (
+            lambda: ops.linear_cross_entropy(
+                torch.randn(3, 4), torch.randn(7, 4), torch.zeros(3, dtype=torch.long), reduction="avg"
+            ),
+            "reduction",
+        ),
+        (
+            lambda: ops.linear_cross_entropy(
+                torch.randn(3, 4), torch.randn(7, 5), torch.zeros(3, dtype=torch.long)
+            ),
+            "weight",
+        ),
+        (
+            lambda: ops.linear_cross_entropy(
+                torch.randn(3, 4), torch.randn(7, 4), torch.zeros(2, dtype=torch.long)
+            ),
+            "labels",
+        ),
         (lambda: ops.linear_cross_entropy(torch.randn(3, 4), torch.randn(7, 4), torch.zeros(3)), "integer"),
-        (lambda: ops.linear_cross_entropy(torch.randn(3, 4), torch.randn(7, 4), torch.zeros(3, dtype=torch.long), chunk_size=0), "chunk_size"),
+        (
+            lambda: ops.linear_cross_entropy(
+                torch.randn(3, 4), torch.randn(7, 4), torch.zeros(3, dtype=torch.long), chunk_size=0
+            ),
+            "chunk_size",
+        ),
     ],
 )
 def test_bad_input_raises_value_error(call, match):
@@ -344,18 +381,20 @@ def test_rope_scaling_tables():
     ref, _ = ops.rope_cos_sin(pos.float() / 4.0, 16, 10000.0)
     torch.testing.assert_close(lc, ref, **FP32_TOL)
     # yarn: cos/sin carry the attention factor 0.1 ln(factor) + 1
-    yc, ys = ops.rope_cos_sin(pos, 16, 10000.0, scaling={"rope_type": "yarn", "factor": 4.0,
-                                                         "original_max_position_embeddings": 16})
+    yc, ys = ops.rope_cos_sin(
+        pos, 16, 10000.0, scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    )
     att = 0.1 * math.log(4.0) + 1.0
     torch.testing.assert_close(yc[0], torch.full((16,), att))
-    torch.testing.assert_close((yc ** 2 + ys ** 2), torch.full_like(yc, att * att), **FP32_TOL)
+    torch.testing.assert_close((yc**2 + ys**2), torch.full_like(yc, att * att), **FP32_TOL)
     # dynamic: per-token document length; documents within max_position_embeddings = plain RoPE
     dyn = {"rope_type": "dynamic", "factor": 2.0}
     lens = torch.tensor([5] * 5 + [40] * 40)
     dc, _ = ops.rope_cos_sin(pos, 16, 10000.0, scaling=dyn, max_position_embeddings=16, seq_lens=lens)
     torch.testing.assert_close(dc[:5], base_c[:5], **FP32_TOL)
-    alone, _ = ops.rope_cos_sin(pos[5:], 16, 10000.0, scaling=dyn, max_position_embeddings=16,
-                                seq_lens=torch.full((40,), 40))
+    alone, _ = ops.rope_cos_sin(
+        pos[5:], 16, 10000.0, scaling=dyn, max_position_embeddings=16, seq_lens=torch.full((40,), 40)
+    )
     torch.testing.assert_close(dc[5:], alone, rtol=0, atol=0)
     assert not torch.allclose(dc[5:], base_c[5:], atol=1e-3)
     with pytest.raises(ValueError, match="seq_lens"):

@@ -59,11 +59,20 @@ def _alive(pid: int) -> bool:
 def smoke_run(tmp_path_factory):
     """One --smoke run with a hanging section after env; the report as it was while the hang ran."""
     out = tmp_path_factory.mktemp("gpu_check") / "out"
-    env = dict(os.environ, FLEXSP_GPU_CHECK_TEST_HANG=str(HANG_S),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        FLEXSP_GPU_CHECK_TEST_HANG=str(HANG_S),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    )
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--smoke"], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(out), "--smoke"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     during = None
     while proc.poll() is None and during is None:
         try:
@@ -74,9 +83,15 @@ def smoke_run(tmp_path_factory):
             during = (data, (out / "report.md").read_text())
         time.sleep(0.2)
     stdout, _ = proc.communicate(timeout=600)
-    return {"out": out, "rc": proc.returncode, "stdout": stdout, "during": during,
-            "seconds": time.monotonic() - t0, "results": json.loads((out / "results.json").read_text()),
-            "report": (out / "report.md").read_text()}
+    return {
+        "out": out,
+        "rc": proc.returncode,
+        "stdout": stdout,
+        "during": during,
+        "seconds": time.monotonic() - t0,
+        "results": json.loads((out / "results.json").read_text()),
+        "report": (out / "report.md").read_text(),
+    }
 
 
 @pytest.mark.slow
@@ -129,6 +144,7 @@ def test_sections_report_their_numbers(smoke_run):
     rows = s["attention"]["data"]["rows"]
     impls = {r["impl"] for r in rows}
     from flexsp.attention.local import BACKENDS
+
     for name in BACKENDS:  # every backend has a row: measured or "unavailable: reason"
         assert any(f"backend={name!r}" in i for i in impls), (name, impls)
     ours = [r for r in rows if r["impl"].startswith("ours")]
@@ -140,6 +156,7 @@ def test_sections_report_their_numbers(smoke_run):
 @pytest.mark.slow
 def test_smoke_cost_model_loads_and_says_what_was_measured(smoke_run):
     from solver.costmodel import CostModel
+
     cm = CostModel.load(smoke_run["out"] / "costmodel_smoke_cpu_tiny.json")
     prof = smoke_run["results"]["sections"]["profile"]["data"]
     assert cm.layers == 4 and cm.activation_checkpointing and cm.num_devices == 8  # tiny, 4 layers, AC on
@@ -176,12 +193,14 @@ def test_section_budgets_grow_only_with_time_left_by_earlier_sections(gc):
 
 
 def test_bad_command_lines_get_one_line_and_exit_2(tmp_path):
-    for args, msg in ((["--budget-s", "0"], "--budget-s must be > 0, got 0.0"),
-                      (["--section-budget", "tests=abc"],
-                       "--section-budget 'tests=abc': expected NAME=SECONDS"),
-                      (["--only", "nope"], "invalid choice: 'nope'")):
-        proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), *args], capture_output=True,
-                              text=True, timeout=60)
+    for args, msg in (
+        (["--budget-s", "0"], "--budget-s must be > 0, got 0.0"),
+        (["--section-budget", "tests=abc"], "--section-budget 'tests=abc': expected NAME=SECONDS"),
+        (["--only", "nope"], "invalid choice: 'nope'"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), str(tmp_path), *args], capture_output=True, text=True, timeout=60
+        )
         assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
 
@@ -217,6 +236,7 @@ def test_causal_attention_flops(common):
 
 def test_math_backend_is_skipped_where_it_would_be_dense():
     import torch
+
     attn = _load("gpu_attention")
     cfg = attn.attention_config(smoke=False)
     long = attn._implementations([128 * 1024], [0, 128 * 1024], torch.device("cpu"), cfg)
@@ -226,17 +246,22 @@ def test_math_backend_is_skipped_where_it_would_be_dense():
     short = attn._implementations([256, 256], [0, 256, 512], torch.device("cpu"), cfg)
     assert all(r is None for label, _f, _e, r in short if "backend=" in label)
     assert [label.split(" (")[0] for label, *_ in short][:4] == [
-        "ours, dispatched", "SDPA per-doc loop [FLASH_ATTENTION]", "SDPA per-doc loop [CUDNN_ATTENTION]",
-        "SDPA per-doc loop [EFFICIENT_ATTENTION]"]
+        "ours, dispatched",
+        "SDPA per-doc loop [FLASH_ATTENTION]",
+        "SDPA per-doc loop [CUDNN_ATTENTION]",
+        "SDPA per-doc loop [EFFICIENT_ATTENTION]",
+    ]
 
 
 def test_activation_slope_splits_per_layer_and_fixed():
     fit = _load("gpu_costfit")
     from flexsp.model import model_config
+
     # bytes = const + tokens * (fixed + layers * per_layer): constants cancel in the slope
     fixed, per_layer = 3000.0, 500.0
-    peaks = {n: [(t, 7e9 + n * 1e8 + t * (fixed + n * per_layer)) for t in (32768, 65536, 131072)]
-             for n in (1, 2)}
+    peaks = {
+        n: [(t, 7e9 + n * 1e8 + t * (fixed + n * per_layer)) for t in (32768, 65536, 131072)] for n in (1, 2)
+    }
     rec = fit.activation_record(peaks, model_config("tiny"), [1, 2])
     assert math.isclose(rec["per_layer_bytes_per_token"], per_layer, rel_tol=1e-6)
     assert math.isclose(rec["fixed_bytes_per_token"], fixed, rel_tol=1e-6)
@@ -247,10 +272,12 @@ def test_activation_slope_splits_per_layer_and_fixed():
 
 def test_run_time_estimate_of_a_profile_shape():
     fit = _load("gpu_costfit")
+
     # t = 1e-5 s/token + 2e-10 s/token^2: two samples pin both terms (estimate has a 1.2x margin)
     def sample(lengths, layers=2):
         t = 1e-5 * sum(lengths) + 2e-10 * sum(x * x for x in lengths)
         return {"lengths": lengths, "layers": layers, "ms": [t * 1e3 * 1.5, t * 1e3]}
+
     samples = [sample([32768]), sample([8192] * 4), sample([100], layers=1)]
     want = 1e-5 * 131072 + 2e-10 * 131072**2
     assert math.isclose(fit._estimate(samples, 2, [131072]), 1.2 * want, rel_tol=1e-6)
@@ -262,14 +289,23 @@ def test_run_time_estimate_of_a_profile_shape():
 
 def test_best_sdpa_row_of_a_batch():
     attn = _load("gpu_attention")
-    rows = [{"batch": "b", "impl": "SDPA per-doc loop [FLASH_ATTENTION]", "fwd": {"pct_peak": 70.0},
-             "fwd+bwd": {"pct_peak": float("nan")}},
-            {"batch": "b", "impl": "SDPA per-doc loop [CUDNN_ATTENTION]", "fwd": {"pct_peak": 60.0},
-             "fwd+bwd": {"pct_peak": 65.0}},
-            {"batch": "b", "impl": "SDPA per-doc loop [EFFICIENT_ATTENTION]", "unavailable": "no kernel"},
-            {"batch": "b", "impl": "ours, dispatched", "fwd": {"pct_peak": 99.0},
-             "fwd+bwd": {"pct_peak": 99.0}},
-            {"batch": "c", "impl": "SDPA per-doc loop [FLASH_ATTENTION]", "fwd": {"pct_peak": 90.0}}]
+    rows = [
+        {
+            "batch": "b",
+            "impl": "SDPA per-doc loop [FLASH_ATTENTION]",
+            "fwd": {"pct_peak": 70.0},
+            "fwd+bwd": {"pct_peak": float("nan")},
+        },
+        {
+            "batch": "b",
+            "impl": "SDPA per-doc loop [CUDNN_ATTENTION]",
+            "fwd": {"pct_peak": 60.0},
+            "fwd+bwd": {"pct_peak": 65.0},
+        },
+        {"batch": "b", "impl": "SDPA per-doc loop [EFFICIENT_ATTENTION]", "unavailable": "no kernel"},
+        {"batch": "b", "impl": "ours, dispatched", "fwd": {"pct_peak": 99.0}, "fwd+bwd": {"pct_peak": 99.0}},
+        {"batch": "c", "impl": "SDPA per-doc loop [FLASH_ATTENTION]", "fwd": {"pct_peak": 90.0}},
+    ]
     assert attn._best_sdpa(rows, "b") == (70.0, 65.0)
     assert attn._best_sdpa(rows, "d") is None
 
@@ -281,6 +317,7 @@ def test_profile_drops_checkpointing_when_its_warm_up_fails(tmp_path, monkeypatc
     import torch
 
     from solver.costmodel import CostModel
+
     fit, common = _load("gpu_costfit"), _load("gpu_common")
     real, seen = fit._warm_up, []
 
@@ -289,6 +326,7 @@ def test_profile_drops_checkpointing_when_its_warm_up_fails(tmp_path, monkeypatc
         if seen[-1]:
             raise RuntimeError("injected: checkpoint + compiled flex")
         real(c, runner, res)
+
     monkeypatch.setattr(fit, "_warm_up", flaky)
     res = common.SectionResult(tmp_path / "r.json")
     cfg = {"device": torch.device("cpu"), "smoke": True, "out_dir": tmp_path, "ctx": {"commit": "abc1234"}}
@@ -304,8 +342,10 @@ def test_tests_section_reports_each_outcome_and_the_failure(tmp_path):
     """The tests section streams pytest -m gpu: per-test outcomes, the failure's message, FAIL status."""
     sections, common = _load("gpu_sections"), _load("gpu_common")
     case = tmp_path / "test_fake_gpu.py"
-    case.write_text("import pytest\n\n\n@pytest.mark.gpu\ndef test_ok():\n    pass\n\n\n@pytest.mark.gpu\n"
-                    "def test_bad():\n    assert 1 == 2, 'kaboom 42'\n\n\ndef test_not_gpu():\n    pass\n")
+    case.write_text(
+        "import pytest\n\n\n@pytest.mark.gpu\ndef test_ok():\n    pass\n\n\n@pytest.mark.gpu\n"
+        "def test_bad():\n    assert 1 == 2, 'kaboom 42'\n\n\ndef test_not_gpu():\n    pass\n"
+    )
     res = common.SectionResult(tmp_path / "r.json")
     sections.section_tests({"pytest_targets": [str(case)]}, res, common.Deadline(60))
     assert res.status == "FAIL: pytest exited 1"

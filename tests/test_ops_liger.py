@@ -62,10 +62,12 @@ HAS_LIGER_PKGS = all(importlib.util.find_spec(m) is not None for m in ("triton",
 HAS_CUDA = torch.cuda.is_available()
 
 needs_liger_pkgs = pytest.mark.skipif(
-    not HAS_LIGER_PKGS, reason="triton/liger-kernel not installed (the test extra installs them)")
+    not HAS_LIGER_PKGS, reason="triton/liger-kernel not installed (the test extra installs them)"
+)
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 needs_liger_cuda = pytest.mark.skipif(
-    not (HAS_CUDA and ops.liger_available()), reason="needs a CUDA device and liger-kernel")
+    not (HAS_CUDA and ops.liger_available()), reason="needs a CUDA device and liger-kernel"
+)
 
 
 def _close(actual, expected, dtype, what):
@@ -125,7 +127,9 @@ def check_rope(device, dtype, tokens=40, hq=4, hk=2, d=32):
     k = torch.randn(tokens, hk, d, generator=gen).to(device, dtype)
     gq = torch.randn(tokens, hq, d, generator=gen).to(device)
     gk = torch.randn(tokens, hk, d, generator=gen).to(device)
-    results = _run_both(lambda q, k, backend: ops.apply_rope(q, k, cos, sin, backend=backend), [q, k], [gq, gk])
+    results = _run_both(
+        lambda q, k, backend: ops.apply_rope(q, k, cos, sin, backend=backend), [q, k], [gq, gk]
+    )
     _compare(results, dtype, "rope")
 
     # The tables reach liger with batch 1 (its cos_bs constexpr stays 1 for every token count) ...
@@ -155,7 +159,11 @@ def check_rms_norm(device, dtype, rows=33, cols=128):
     x = (3 * torch.randn(rows, cols, generator=gen)).to(device, dtype)
     w = torch.randn(cols, generator=gen).to(device, dtype)
     g = torch.randn(rows, cols, generator=gen).to(device)
-    _compare(_run_both(lambda x, w, backend: ops.rms_norm(x, w, 1e-6, backend=backend), [x, w], [g]), dtype, "rms_norm")
+    _compare(
+        _run_both(lambda x, w, backend: ops.rms_norm(x, w, 1e-6, backend=backend), [x, w], [g]),
+        dtype,
+        "rms_norm",
+    )
 
 
 def check_linear_ce(device, dtype, tokens=48, hidden=32, vocab=300):
@@ -210,8 +218,11 @@ def check_linear_ce_weight_grad_accumulation(device, tokens=256, hidden=4, vocab
     ours_w, ours_h = errors(lambda hh, ww: ops.linear_cross_entropy(hh, ww, y, backend="liger"))
     assert ours_w <= 2 * ours_h, f"weight grad rel. error {ours_w:.2e} > 2 x hidden grad's {ours_h:.2e}"
     # liger's default accum_dtype=None (bf16), called directly: the same bar fails
-    bf16_w, bf16_h = errors(lambda hh, ww: LigerFusedLinearCrossEntropyFunction.apply(
-        hh, ww, y, None, None, -100, 0.0, 0.0, "sum")[0])
+    bf16_w, bf16_h = errors(
+        lambda hh, ww: LigerFusedLinearCrossEntropyFunction.apply(
+            hh, ww, y, None, None, -100, 0.0, 0.0, "sum"
+        )[0]
+    )
     assert bf16_w > 2 * bf16_h, f"bf16 accumulation {bf16_w:.2e} vs {bf16_h:.2e}: check cannot tell"
 
 
@@ -223,7 +234,10 @@ INTERPRETER_CHECKS = {
     "linear_ce_weight_grad_accumulation": check_linear_ce_weight_grad_accumulation,
 }
 GPU_CHECKS = {
-    "rope": check_rope, "swiglu": check_swiglu, "rms_norm": check_rms_norm, "linear_ce": check_linear_ce,
+    "rope": check_rope,
+    "swiglu": check_swiglu,
+    "rms_norm": check_rms_norm,
+    "linear_ce": check_linear_ce,
 }
 
 
@@ -251,8 +265,10 @@ def interpreter_skip_reason(name: str) -> str | None:
     except TypeError:
         numpy_rejects = True
     if tuple(int(p) for p in triton_version.split(".")[:2]) < (3, 7) and numpy_rejects:
-        return (f"triton {triton_version}'s interpreter takes int() of a shape-(1,) array for liger's "
-                f"{RUNTIME_RANGE_BOUNDS[name]}, which NumPy {np.__version__} rejects; fixed in triton 3.7")
+        return (
+            f"triton {triton_version}'s interpreter takes int() of a shape-(1,) array for liger's "
+            f"{RUNTIME_RANGE_BOUNDS[name]}, which NumPy {np.__version__} rejects; fixed in triton 3.7"
+        )
     return None
 
 
@@ -260,18 +276,25 @@ def interpreter_skip_reason(name: str) -> str | None:
 def interpreter_results():
     """Run every runnable interpreter check once, in one subprocess; {name: result dict}."""
     names = [n for n in INTERPRETER_CHECKS if interpreter_skip_reason(n) is None]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    )
     env.pop(ops.ENV_VAR, None)
-    proc = subprocess.run([sys.executable, __file__, *names], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, __file__, *names], env=env, capture_output=True, text=True, timeout=300
+    )
     results = {}
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
             record = json.loads(line)
             results[record["check"]] = record
-    missing = {n: dict(ok=False, error=f"no result (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-               for n in names if n not in results}
+    missing = {
+        n: dict(ok=False, error=f"no result (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        for n in names
+        if n not in results
+    }
     return {**results, **missing}
 
 
@@ -367,11 +390,11 @@ def fused_ce_peak_bytes(tokens: int, hidden: int, vocab: int, chunk: int) -> int
     """Bytes a chunked bf16 linear + cross-entropy with a float32 weight-gradient accumulator
     must hold at its peak (both our torch path and liger 0.8.0's; the moment is a chunk's
     weight-gradient update, ``acc += (G_chunk.T @ h_chunk).float()``). No [tokens, vocab] term."""
-    accumulator = vocab * hidden * 4        # float32 weight-gradient accumulator
-    product = vocab * hidden * (2 + 4)      # that chunk's bf16 product and its float32 upcast
-    grad_hidden = tokens * hidden * 2       # bf16 hidden gradient (becomes h.grad)
-    grad_logits = chunk * vocab * 2         # the chunk's bf16 grad-logits
-    losses = tokens * 4                     # float32 per-token losses
+    accumulator = vocab * hidden * 4  # float32 weight-gradient accumulator
+    product = vocab * hidden * (2 + 4)  # that chunk's bf16 product and its float32 upcast
+    grad_hidden = tokens * hidden * 2  # bf16 hidden gradient (becomes h.grad)
+    grad_logits = chunk * vocab * 2  # the chunk's bf16 grad-logits
+    losses = tokens * 4  # float32 per-token losses
     return accumulator + product + grad_hidden + grad_logits + losses
 
 
@@ -420,8 +443,10 @@ def test_fused_linear_ce_never_materialises_full_logits_at_128k_vocab():
     for backend, chunk in (("torch", torch_ops.default_chunk_size(tokens, vocab)), ("liger", liger_chunk)):
         used = peak_extra(lambda: ops.linear_cross_entropy(h, w, y, reduction="sum", backend=backend))
         bound = fused_ce_peak_bytes(tokens, hidden, vocab, chunk) + margin
-        assert used <= bound, (f"{backend}: peak {used / 2**30:.2f} GiB > accounted {bound / 2**30:.2f} GiB "
-                               f"(eager {eager / 2**30:.2f} GiB)")
+        assert used <= bound, (
+            f"{backend}: peak {used / 2**30:.2f} GiB > accounted {bound / 2**30:.2f} GiB "
+            f"(eager {eager / 2**30:.2f} GiB)"
+        )
 
 
 if __name__ == "__main__":  # the interpreter subprocess: python tests/test_ops_liger.py NAME...

@@ -12,17 +12,18 @@ assertions).
   solve that never returns is late and the fallback is used; once it counts as stuck the next
   batch replaces the process and is planned by the new one; a solve that raises is reported with
   the step;
-- trainer (4 gloo ranks, FSDP2, planner subprocess): with every solve blocked, 3 steps train on fallback plans, every
+- trainer (4 gloo ranks, FSDP2, planner subprocess): with every solve blocked, 3 steps train on fallback
+plans, every
   step is counted late, every document of every batch is trained on exactly once (targets and doc
   ids in metrics.jsonl) and the losses equal 1-process training on the same batches (tolerance as
   in test_train.py: fp32, different summation order only).
 """
+
 import json
 import threading
 from dataclasses import replace
 
 import pytest
-
 from dist_harness import run_distributed
 from train_cases import base_overrides, compose, reference_training, tiny_cost_model
 
@@ -36,6 +37,7 @@ def _blocking_plan_batch(release: threading.Event, calls: list):
         calls.append(tuple(lengths))
         release.wait()
         return plan_batch(lengths, cm, **kw)
+
     return slow
 
 
@@ -47,14 +49,18 @@ def _covers_once(plan, n):
 @pytest.fixture
 def planner_factory(tmp_path, monkeypatch):
     import flexsp.planning as planning
+
     release, calls = threading.Event(), []
     monkeypatch.setattr(planning, "plan_batch", _blocking_plan_batch(release, calls))
     cm = planning.load_cost_model(tiny_cost_model(tmp_path / "cm32.json", capacity=32), 4)
 
     def make(**cfg):
-        return planning.StepPlanner(planning.SolverConfig(background="thread", **cfg), cm, rank=0, world_size=4)
+        return planning.StepPlanner(
+            planning.SolverConfig(background="thread", **cfg), cm, rank=0, world_size=4
+        )
+
     yield make, release, calls
-    release.set()   # let the blocked background threads finish
+    release.set()  # let the blocked background threads finish
 
 
 def test_late_solve_falls_back_and_counts(planner_factory):
@@ -62,7 +68,7 @@ def test_late_solve_falls_back_and_counts(planner_factory):
     planner = make(time_limit=0.05, wait_s=0.01)
     planner.submit(0, LENGTHS)
     plan, wait_ms = planner.get(0, LENGTHS, first=True)
-    assert calls == [tuple(LENGTHS)]          # the solver really was asked, and is still blocked
+    assert calls == [tuple(LENGTHS)]  # the solver really was asked, and is still blocked
     assert planner.late == 1
     assert plan.status == "fallback" and plan.method.endswith("(fallback)"), (plan.status, plan.method)
     assert plan.num_devices == 4 and _covers_once(plan, len(LENGTHS))
@@ -85,13 +91,14 @@ def test_job_of_another_step_is_not_used(planner_factory):
     planner = make(time_limit=0.05, wait_s=5.0)
     planner.submit(0, LENGTHS)
     other = LENGTHS[:5]
-    plan, _ = planner.get(1, other)           # step 1 was never submitted: planned now
+    plan, _ = planner.get(1, other)  # step 1 was never submitted: planned now
     assert calls[-1] == tuple(other) and _covers_once(plan, len(other)) and planner.late == 0
 
 
 def never_returns(lengths, cm, **kwargs):
     """A solve that never finishes (run in the planner subprocess, which is killed at the end)."""
     import time
+
     time.sleep(3600)
 
 
@@ -101,6 +108,7 @@ def solve_and_report_pid(lengths, cm, **kwargs):
     from dataclasses import replace
 
     from flexsp.planning import solve_plan
+
     plan = solve_plan(lengths, cm, **kwargs)
     return replace(plan, extra={**plan.extra, "pid": os.getpid()})
 
@@ -114,12 +122,14 @@ def test_planner_process_late_restart_and_errors(tmp_path, monkeypatch):
 
     import flexsp.planning as planning
     from solver.planner import PlanningError
+
     cm = planning.load_cost_model(tiny_cost_model(tmp_path / "cm32.json", capacity=32), 4)
-    planner = planning.StepPlanner(planning.SolverConfig(time_limit=0.05, wait_s=0.01), cm, rank=0, world_size=4,
-                                   solve_fn=never_returns)
+    planner = planning.StepPlanner(
+        planning.SolverConfig(time_limit=0.05, wait_s=0.01), cm, rank=0, world_size=4, solve_fn=never_returns
+    )
     try:
         planner.submit(0, LENGTHS)
-        plan, _ = planner.get(0, LENGTHS)         # not first: no start-up grace, the solve never ends
+        plan, _ = planner.get(0, LENGTHS)  # not first: no start-up grace, the solve never ends
         assert plan.status == "fallback" and planner.late == 1 and _covers_once(plan, len(LENGTHS))
         busy_pid = planner._proc.proc.pid
         # a late job queues the next one behind it; a stuck one (running past stuck_s) is replaced:
@@ -148,7 +158,7 @@ def _body(rank, world_size, cfg):
     from flexsp.testing import FAULTS_ENV
     from flexsp.train import run
 
-    os.environ[FAULTS_ENV] = "planner:hang"    # every solve (in the planner subprocess) blocks
+    os.environ[FAULTS_ENV] = "planner:hang"  # every solve (in the planner subprocess) blocks
     s = run(cfg)
     return {"losses": s["losses"], "late": s["late_plans"]}
 
@@ -159,7 +169,7 @@ def test_trainer_continues_on_fallback_plans(tmp_path):
 
     from flexsp.data import GlobalBatchSampler, build_source
     from flexsp.executor import num_targets
-    
+
     cm = tiny_cost_model(tmp_path / "cm32.json", capacity=32)
     out = tmp_path / "late"
     cfg = compose(base_overrides(out, cm, extra=["solver.time_limit=0.05", "solver.wait_s=0.01"]))

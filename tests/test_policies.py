@@ -1,6 +1,7 @@
 """The simulator's policies: Megatron-Core dynamic CP reproduced on hand-worked examples read from
 its source, every policy's plans valid on random and adversarial batches, flexsp never slower than
 best-static, the topology form and the H100/H200 estimate presets, the ProLong-like workloads."""
+
 from __future__ import annotations
 
 import json
@@ -14,26 +15,47 @@ from solver.build import price_plan, validate_plan
 from solver.costmodel import CostModel
 from solver.megatron_dcp import dcp_gpus_needed, megatron_dcp_plan
 from solver.network import MACHINES, Topology, machine_preset_name
-from solver.policies import (PolicySettings, best_static_policy, default_policies, parse_policies, run_policy,
-                             static_degrees)
+from solver.policies import (
+    PolicySettings,
+    best_static_policy,
+    default_policies,
+    parse_policies,
+    run_policy,
+    static_degrees,
+)
 from solver.presets import load_preset
 from solver.workloads import sample_lengths
 
 
 def toy(n: int, heads: int = 0) -> CostModel:
     """A model whose devices hold exactly 100 tokens (Megatron's max_seqlen_per_dp_cp_rank = 100)."""
-    return CostModel(name="toy", num_devices=n, devices_per_node=n, memory_mb=1000, a1=1e-6, a2=1e-3, b=1.0,
-                     a2a_mb_per_token=0.01, bandwidth_gbps={2: 10.0}, act_mb_per_token=1.0, params_gi=0.0,
-                     capacity_override=100, heads=heads)
+    return CostModel(
+        name="toy",
+        num_devices=n,
+        devices_per_node=n,
+        memory_mb=1000,
+        a1=1e-6,
+        a2=1e-3,
+        b=1.0,
+        a2a_mb_per_token=0.01,
+        bandwidth_gbps={2: 10.0},
+        act_mb_per_token=1.0,
+        params_gi=0.0,
+        capacity_override=100,
+        heads=heads,
+    )
 
 
 def groups(plan, lengths):
     """Per micro-batch: (degree, lengths) of each group, in rank order."""
-    return [[(g.sp, sorted((lengths[i] for i in g.seq_ids), reverse=True)) for g in mb.groups]
-            for mb in plan.micro_batches]
+    return [
+        [(g.sp, sorted((lengths[i] for i in g.seq_ids), reverse=True)) for g in mb.groups]
+        for mb in plan.micro_batches
+    ]
 
 
 # ---- megatron-dcp: hand-worked from Megatron-LM dev d48bd6be, data_schedule_utils.py -----------
+
 
 def test_dcp_gpus_needed_is_megatrons_formula():
     # dcp_gpus_needed: max(min_cp, max(1, 2 ** ceil(log2(L / m))))
@@ -131,15 +153,17 @@ def test_every_policy_valid_on_adversarial_batches(n):
     for label, L in adversarial(cm).items():
         for name in default_policies(cm, max(L)):
             plan = run_policy(name, L, cm, SETTINGS)
-            validate_plan(plan, L, cm)                      # each sequence once, aligned blocks, memory
+            validate_plan(plan, L, cm)  # each sequence once, aligned blocks, memory
             assert plan.predicted_ms == pytest.approx(price_plan(plan, L, cm), rel=1e-9), (label, name)
 
 
 def test_every_policy_valid_on_random_batches_and_presets():
     rng = np.random.default_rng(0)
-    for preset, n, dist in (("paper-gpt30b-384k", 32, "bytescale"), ("h100-nvlink4-ib8x400-gpt7b-estimate", 8,
-                                                                      "prolong-64k"),
-                            ("h200-nvlink4-ib8x400-gpt30b-estimate", 16, "cpython")):
+    for preset, n, dist in (
+        ("paper-gpt30b-384k", 32, "bytescale"),
+        ("h100-nvlink4-ib8x400-gpt7b-estimate", 8, "prolong-64k"),
+        ("h200-nvlink4-ib8x400-gpt30b-estimate", 16, "cpython"),
+    ):
         cm = load_preset(preset).with_devices(n)
         for seed in range(2):
             L = sample_lengths(dist, int(rng.integers(8, 48)), seed, n * cm.capacity_tokens).tolist()
@@ -154,27 +178,36 @@ def test_policy_names_are_checked():
     assert static_degrees(cm, longest) == [4, 8]
     assert parse_policies(None, cm, longest)[-2:] == ["static-4", "static-8"]
     assert parse_policies("flexsp, static-8", cm, longest) == ["flexsp", "static-8"]
-    for bad, needle in (("nope", "unknown policy 'nope'"),
-                        ("static-2", "valid static degrees: static-4, static-8"),
-                        ("static-x", "static-x cannot run"), ("", "names no policy"),
-                        ("flexsp,flexsp", "twice")):
+    for bad, needle in (
+        ("nope", "unknown policy 'nope'"),
+        ("static-2", "valid static degrees: static-4, static-8"),
+        ("static-x", "static-x cannot run"),
+        ("", "names no policy"),
+        ("flexsp,flexsp", "twice"),
+    ):
         with pytest.raises(ValueError, match=needle):
             parse_policies(bad, cm, longest)
 
 
 # ---- flexsp is never slower than best-static ---------------------------------------------------
 
-@pytest.mark.parametrize("preset,n,dist", [("paper-gpt7b-192k", 64, "wikipedia"),
-                                           ("paper-gpt7b-192k", 8, "cpython"),
-                                           ("paper-gpt30b-384k", 32, "github"),
-                                           ("h100-nvlink4-ib8x400-gpt7b-estimate", 64, "prolong-64k")])
+
+@pytest.mark.parametrize(
+    "preset,n,dist",
+    [
+        ("paper-gpt7b-192k", 64, "wikipedia"),
+        ("paper-gpt7b-192k", 8, "cpython"),
+        ("paper-gpt30b-384k", 32, "github"),
+        ("h100-nvlink4-ib8x400-gpt7b-estimate", 64, "prolong-64k"),
+    ],
+)
 def test_flexsp_never_slower_than_best_static_or_megatron_dcp(preset, n, dist):
     cm = load_preset(preset).with_devices(n)
     for seed in range(4):
         L = sample_lengths(dist, 48 + 16 * seed, seed, n * cm.capacity_tokens).tolist()
         best_static = best_static_policy(L, cm, SETTINGS).predicted_ms
         mdcp = megatron_dcp_plan(L, cm).predicted_ms
-        for limit in (0.02, 0.2):        # a box too short for the search falls back to its safety nets
+        for limit in (0.02, 0.2):  # a box too short for the search falls back to its safety nets
             ours = run_policy("flexsp", L, cm, PolicySettings(time_limit=limit)).predicted_ms
             assert ours <= min(best_static, mdcp) * (1 + 1e-12), (seed, limit, ours, best_static, mdcp)
 
@@ -193,6 +226,7 @@ def test_flexsp_never_slower_than_best_static_when_chunked(monkeypatch):
 
 # ---- topology form and machine presets ---------------------------------------------------------
 
+
 def test_topology_fills_bandwidth_tables_by_hand():
     t = Topology(gpus_per_node=8, intra_node_gbps=450, inter_node_gbps=50, efficiency=0.7)
     # SP=2 in a node: half of each device's data crosses NVLink: 0.7 / (0.5 / 450) = 630 GB/s
@@ -208,7 +242,7 @@ def test_cost_model_file_topology_form(tmp_path):
     data = load_preset("paper-gpt7b-192k").to_dict()
     del data["bandwidth_gbps"], data["devices_per_node"]
     data["topology"] = {"gpus_per_node": 4, "intra_node_gbps": 100, "inter_node_gbps": 10}
-    data["bandwidth_gbps"] = {"2": 99.0}                        # a given entry wins over the form
+    data["bandwidth_gbps"] = {"2": 99.0}  # a given entry wins over the form
     (tmp_path / "cm.json").write_text(json.dumps(data))
     cm = CostModel.load(tmp_path / "cm.json")
     assert cm.devices_per_node == 4 and cm.bandwidth_gbps[2] == 99.0
@@ -225,9 +259,9 @@ def test_machine_presets_are_labelled_estimates():
             name = machine_preset_name(machine, model)
             cm = load_preset(name)
             assert name.endswith("-estimate") and cm.source.startswith("ESTIMATE")
-            assert all(cm.attention_modes(d) for d in cm.with_devices(1024).degrees)   # ring: every degree
+            assert all(cm.attention_modes(d) for d in cm.with_devices(1024).degrees)  # ring: every degree
     h100, h200 = (load_preset(machine_preset_name(m, "gpt7b")) for m in ("h100", "h200"))
-    assert h200.capacity_tokens > 1.8 * h100.capacity_tokens      # 141 GB vs 80 GB, same compute
+    assert h200.capacity_tokens > 1.8 * h100.capacity_tokens  # 141 GB vs 80 GB, same compute
     assert h100.a2 == h200.a2
 
 

@@ -8,6 +8,7 @@ and of transformers. Two Qwen2-style templates render the same text, one with
 ``{% generation %}`` blocks (transformers' assistant mask) and one without (our prefix-rendering
 fallback); both must give exactly the hand-built ids and mask.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from dist_harness import run_distributed
 from train_cases import base_overrides, compose, reference_training, tiny_cost_model
 
@@ -32,21 +32,24 @@ TEMPLATE_GEN = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>\n{% endgeneration %}"
     "{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 TEMPLATE_PREFIX = (  # the same text without the markers
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CONVERSATION = [{"role": "system", "content": "You are terse."},
-                {"role": "user", "content": "What is 2+2?"},
-                {"role": "assistant", "content": "4."},
-                {"role": "user", "content": "And 3+3?"},
-                {"role": "assistant", "content": "6, of course."}]
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "6, of course."},
+]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map (what the ByteLevel pre-tokenizer emits)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -61,6 +64,7 @@ def make_tokenizer_dir(d: Path, template: str | None, eos: str = IM_END) -> Path
     """A merge-free byte-level tokenizer (id = byte value; specials 256, 257) saved with
     ``template`` as its chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
     vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -79,8 +83,13 @@ def expected_conversation(messages) -> tuple[list[int], list[bool]]:
     ids, mask = [], []
     for m in messages:
         trained = m["role"] == "assistant"
-        for piece, is_target in ((IM_START, False), (f"{m['role']}\n", False), (m["content"], trained),
-                                 (IM_END, trained), ("\n", trained)):
+        for piece, is_target in (
+            (IM_START, False),
+            (f"{m['role']}\n", False),
+            (m["content"], trained),
+            (IM_END, trained),
+            ("\n", trained),
+        ):
             piece_ids = {IM_START: [START_ID], IM_END: [END_ID]}.get(piece, list(piece.encode()))
             ids += piece_ids
             mask += [is_target] * len(piece_ids)
@@ -95,9 +104,14 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def sft_source(tmp_path, paths, tokenizer, **kw):
     from flexsp.data import CorpusConfig, DataConfig, build_source
+
     corpus = {k: kw.pop(k) for k in ("max_doc_tokens", "append_eos") if k in kw}
-    cfg = DataConfig(source="sft", sft_path=[str(p) for p in paths], corpus=CorpusConfig(
-        tokenizer=str(tokenizer), cache_dir=str(tmp_path / "cache"), **corpus), **kw)
+    cfg = DataConfig(
+        source="sft",
+        sft_path=[str(p) for p in paths],
+        corpus=CorpusConfig(tokenizer=str(tokenizer), cache_dir=str(tmp_path / "cache"), **corpus),
+        **kw,
+    )
     return build_source(cfg)
 
 
@@ -110,14 +124,18 @@ def expected_labels(ids, mask) -> list[int]:
 @pytest.mark.parametrize("template,method", [(TEMPLATE_GEN, "generation"), (TEMPLATE_PREFIX, "prefix")])
 def test_assistant_labels_token_by_token(tmp_path, template, method):
     from flexsp.data import GlobalBatchSampler, pack_documents
+
     tok = make_tokenizer_dir(tmp_path / "tok", template)
     short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
-    src = sft_source(tmp_path, [write_jsonl(tmp_path / "chats.jsonl", [{"messages": CONVERSATION},
-                                                                       {"messages": short}])], tok)
+    src = sft_source(
+        tmp_path,
+        [write_jsonl(tmp_path / "chats.jsonl", [{"messages": CONVERSATION}, {"messages": short}])],
+        tok,
+    )
     assert src.mask_method == method and src.num_docs == 2
     for i, conv in enumerate((CONVERSATION, short)):
         ids, mask = expected_conversation(conv)
-        assert src.tokens(i).tolist() == ids                      # token by token
+        assert src.tokens(i).tolist() == ids  # token by token
         assert src.target_mask(i).tolist() == mask
         assert int(src.target_counts[i]) == sum(mask[1:])
     # the trained text is exactly the assistant turns with their end-of-turn tokens
@@ -127,8 +145,9 @@ def test_assistant_labels_token_by_token(tmp_path, template, method):
     ids0, mask0 = expected_conversation(CONVERSATION)
     ids1, mask1 = expected_conversation(short)
     assert packed.labels.tolist() == expected_labels(ids0, mask0) + expected_labels(ids1, mask1)
-    batch = next(GlobalBatchSampler(src.lengths, global_batch_tokens=10_000, shuffle=False,
-                                    targets=src.target_counts))
+    batch = next(
+        GlobalBatchSampler(src.lengths, global_batch_tokens=10_000, shuffle=False, targets=src.target_counts)
+    )
     assert batch.targets == (sum(mask0[1:]), sum(mask1[1:]))
     assert batch.num_targets == packed.num_targets == int((packed.labels != -100).sum())
 
@@ -136,22 +155,31 @@ def test_assistant_labels_token_by_token(tmp_path, template, method):
 def test_generation_and_prefix_methods_agree_on_a_bpe_with_merges(tmp_path):
     """A BPE whose merges cross the turn boundaries: both methods mark the same tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     texts = [m["content"] for m in CONVERSATION] * 20 + ["assistant\n4. user\nAnd", "course.\nWhat"] * 20
-    convs = [CONVERSATION, CONVERSATION[:3], [{"role": "user", "content": "What is 3+3?"},
-                                              {"role": "assistant", "content": "6, of course. 4."}]]
+    convs = [
+        CONVERSATION,
+        CONVERSATION[:3],
+        [{"role": "user", "content": "What is 3+3?"}, {"role": "assistant", "content": "6, of course. 4."}],
+    ]
     got = {}
     for name, template in (("gen", TEMPLATE_GEN), ("prefix", TEMPLATE_PREFIX)):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[IM_START, IM_END], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=[IM_START, IM_END],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(texts, trainer)
         fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END)
         fast.chat_template = template
         fast.save_pretrained(tmp_path / name)
-        src = sft_source(tmp_path, [write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in convs])],
-                         tmp_path / name)
+        src = sft_source(
+            tmp_path, [write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in convs])], tmp_path / name
+        )
         got[name] = [(src.tokens(i).tolist(), src.target_mask(i).tolist()) for i in range(src.num_docs)]
         assert src.mask_method == ("generation" if name == "gen" else "prefix")
         assert fast.decode(src.tokens(2)[src.target_mask(2)]).startswith("6, of course. 4.")
@@ -160,7 +188,8 @@ def test_generation_and_prefix_methods_agree_on_a_bpe_with_merges(tmp_path):
 
 def test_prompt_completion_pairs(tmp_path):
     from flexsp.data import pack_documents
-    tok = make_tokenizer_dir(tmp_path / "tok", None)      # no chat template needed for pairs
+
+    tok = make_tokenizer_dir(tmp_path / "tok", None)  # no chat template needed for pairs
     rows = [{"prompt": "Q: 2+2?\nA:", "completion": " 4"}, {"prompt": "Say hi.", "completion": " Hi there"}]
     f = write_jsonl(tmp_path / "pairs.jsonl", rows)
     for append_eos in (True, False):
@@ -199,15 +228,19 @@ def test_length_limits_drop_or_truncate_with_counts(tmp_path):
     assert [len(ids) for ids, _ in full] == [101, 59, 115]
     src = sft_source(tmp_path, [f], tok, max_doc_tokens=80)
     assert src.lengths.tolist() == [59] and src.target_counts.tolist() == [sum(full[1][1][1:])]
-    assert src.report == ["data sft: dropped 2 of 3 conversation(s) longer than 80 tokens "
-                          "(data.corpus.max_doc_tokens=80), the longest 115; data.truncate=true cuts them "
-                          "instead"]
+    assert src.report == [
+        "data sft: dropped 2 of 3 conversation(s) longer than 80 tokens "
+        "(data.corpus.max_doc_tokens=80), the longest 115; data.truncate=true cuts them "
+        "instead"
+    ]
     cut = sft_source(tmp_path, [f], tok, max_doc_tokens=80, truncate=True)
     # conversation 0 keeps its first assistant turn; conversation 2's only turn starts after token 80
     assert cut.lengths.tolist() == [80, 59] and len(cut.report) == 1
-    assert cut.report[0] == ("data sft: truncated 2 of 3 conversation(s) longer than 80 tokens "
-                             "(data.corpus.max_doc_tokens=80) to 80 tokens; dropped 1 of them left without a "
-                             "trained token")
+    assert cut.report[0] == (
+        "data sft: truncated 2 of 3 conversation(s) longer than 80 tokens "
+        "(data.corpus.max_doc_tokens=80) to 80 tokens; dropped 1 of them left without a "
+        "trained token"
+    )
     ids, mask = full[0]
     assert cut.tokens(0).tolist() == ids[:80] and cut.target_mask(0).tolist() == mask[:80]
     assert cut.target_counts.tolist() == [sum(mask[1:80]), sum(full[1][1][1:])] == [4, 4]
@@ -218,40 +251,56 @@ def test_length_limits_drop_or_truncate_with_counts(tmp_path):
         both.fit(10, False, "tiny cluster")
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("no_template", "has no chat template"),
-    ("null_messages", "c.jsonl row 1 ('messages'): expected a non-empty list of {'role', 'content'} "
-                      "messages, got null"),
-    ("unknown_role", "c.jsonl row 0 ('messages') message 1: role 'bot'; valid roles: ['system', 'user', "
-                     "'assistant', 'tool']"),
-    ("empty_assistant", "c.jsonl row 0 ('messages') message 1: empty assistant turn"),
-    ("no_assistant", "c.jsonl row 0 ('messages'): no assistant message"),
-    ("content_not_string", "message 0 (user): 'content' must be a string, got list"),
-    ("no_columns", "needs a column 'messages' (data.messages_column) or columns ['prompt', 'completion']"),
-    ("bpe_tokenizer", "is not a model directory"),
-    ("not_prefix_stable", "row 0 ('messages') message 1: the chat template of"),
-    ("ignores_generation_prompt", "ignores add_generation_prompt"),
-    ("empty_completion", "c.jsonl row 0: empty completion"),
-])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("no_template", "has no chat template"),
+        (
+            "null_messages",
+            "c.jsonl row 1 ('messages'): expected a non-empty list of {'role', 'content'} messages, got null",
+        ),
+        (
+            "unknown_role",
+            "c.jsonl row 0 ('messages') message 1: role 'bot'; valid roles: ['system', 'user', "
+            "'assistant', 'tool']",
+        ),
+        ("empty_assistant", "c.jsonl row 0 ('messages') message 1: empty assistant turn"),
+        ("no_assistant", "c.jsonl row 0 ('messages'): no assistant message"),
+        ("content_not_string", "message 0 (user): 'content' must be a string, got list"),
+        (
+            "no_columns",
+            "needs a column 'messages' (data.messages_column) or columns ['prompt', 'completion']",
+        ),
+        ("bpe_tokenizer", "is not a model directory"),
+        ("not_prefix_stable", "row 0 ('messages') message 1: the chat template of"),
+        ("ignores_generation_prompt", "ignores add_generation_prompt"),
+        ("empty_completion", "c.jsonl row 0: empty completion"),
+    ],
+)
 def test_bad_input_is_one_clear_line(tmp_path, case, needle):
-    template = {"no_template": None,
-                # the last assistant turn rendered differently from earlier ones (as templates that
-                # strip reasoning from earlier turns do)
-                "not_prefix_stable": TEMPLATE_PREFIX.replace(
-                    "{{ m['content'] }}", "{{ m['content'] }}{% if loop.last %}!{% endif %}"),
-                "ignores_generation_prompt": TEMPLATE_PREFIX.split("{% if add_generation_prompt")[0],
-                }.get(case, TEMPLATE_PREFIX)
+    template = {
+        "no_template": None,
+        # the last assistant turn rendered differently from earlier ones (as templates that
+        # strip reasoning from earlier turns do)
+        "not_prefix_stable": TEMPLATE_PREFIX.replace(
+            "{{ m['content'] }}", "{{ m['content'] }}{% if loop.last %}!{% endif %}"
+        ),
+        "ignores_generation_prompt": TEMPLATE_PREFIX.split("{% if add_generation_prompt")[0],
+    }.get(case, TEMPLATE_PREFIX)
     tok = make_tokenizer_dir(tmp_path / "tok", template)
     ok = {"messages": CONVERSATION[1:3]}
-    rows = {"null_messages": [ok, {"other": 1}],
-            "unknown_role": [{"messages": [CONVERSATION[1], {"role": "bot", "content": "x"}]}],
-            "empty_assistant": [{"messages": [CONVERSATION[1], {"role": "assistant", "content": " "}]}],
-            "no_assistant": [{"messages": CONVERSATION[:2]}],
-            "content_not_string": [{"messages": [{"role": "user", "content": ["a"]},
-                                                 {"role": "assistant", "content": ["b"]}]}],
-            "no_columns": [{"text": "plain"}],
-            "not_prefix_stable": [{"messages": CONVERSATION[1:]}],
-            "empty_completion": [{"prompt": "Q", "completion": ""}]}.get(case, [ok])
+    rows = {
+        "null_messages": [ok, {"other": 1}],
+        "unknown_role": [{"messages": [CONVERSATION[1], {"role": "bot", "content": "x"}]}],
+        "empty_assistant": [{"messages": [CONVERSATION[1], {"role": "assistant", "content": " "}]}],
+        "no_assistant": [{"messages": CONVERSATION[:2]}],
+        "content_not_string": [
+            {"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": ["b"]}]}
+        ],
+        "no_columns": [{"text": "plain"}],
+        "not_prefix_stable": [{"messages": CONVERSATION[1:]}],
+        "empty_completion": [{"prompt": "Q", "completion": ""}],
+    }.get(case, [ok])
     f = write_jsonl(tmp_path / "c.jsonl", rows)
     with pytest.raises(ValueError) as err:
         sft_source(tmp_path, [f], "bpe" if case == "bpe_tokenizer" else tok)
@@ -277,14 +326,29 @@ def test_loss_equals_transformers_with_the_same_labels(tmp_path):
     from flexsp.data import pack_documents
     from flexsp.model import shard_inputs
     from flexsp.model.hf import from_hf
+
     d = make_tokenizer_dir(tmp_path / "llama", TEMPLATE_PREFIX)
-    cfg = transformers.LlamaConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=False, eos_token_id=END_ID)
+    cfg = transformers.LlamaConfig(
+        vocab_size=258,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=END_ID,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    convs = [CONVERSATION, CONVERSATION[1:3], [{"role": "user", "content": "Name three colours."},
-                                               {"role": "assistant", "content": "Red, green, blue."}]]
+    convs = [
+        CONVERSATION,
+        CONVERSATION[1:3],
+        [
+            {"role": "user", "content": "Name three colours."},
+            {"role": "assistant", "content": "Red, green, blue."},
+        ],
+    ]
     src = sft_source(tmp_path, [write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in convs])], d)
     packed = pack_documents(src, [0, 1, 2])
     ours = from_hf(d, dtype="float32")
@@ -306,6 +370,7 @@ def test_loss_equals_transformers_with_the_same_labels(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def _train_body(rank, world, cfgs):
     from flexsp.train import run
+
     out = {}
     for name, cfg in cfgs.items():
         log = io.StringIO()
@@ -324,8 +389,10 @@ def _conversations(n: int, seed: int = 0) -> list[dict]:
     while len(rows) < n:
         msgs = [] if rng.random() < 0.5 else [{"role": "system", "content": words(1)}]
         for _ in range(int(rng.integers(1, 3))):
-            msgs += [{"role": "user", "content": words(int(rng.integers(1, 5)))},
-                     {"role": "assistant", "content": words(int(rng.integers(1, 6)))}]
+            msgs += [
+                {"role": "user", "content": words(int(rng.integers(1, 5)))},
+                {"role": "assistant", "content": words(int(rng.integers(1, 6)))},
+            ]
         if len(expected_conversation(msgs)[0]) <= 125:
             rows.append({"messages": msgs})
     return rows
@@ -339,25 +406,35 @@ def test_sft_4_ranks_match_single_process(tmp_path):
     is dropped and counted in the log; with data.truncate=true it is cut and still equal."""
     tok = make_tokenizer_dir(tmp_path / "tok", TEMPLATE_PREFIX)
     long_early = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * 150}]}
-    long_late = {"messages": [{"role": "user", "content": "q" * 150},
-                              {"role": "assistant", "content": "late"}]}
+    long_late = {
+        "messages": [{"role": "user", "content": "q" * 150}, {"role": "assistant", "content": "late"}]
+    }
     rows = _conversations(22)
     rows[3:3], rows[11:11] = [long_early], [long_late]
     data = write_jsonl(tmp_path / "chats.jsonl", rows)
     cm = tiny_cost_model(tmp_path / "cm32.json", capacity=32)
-    sft = ["data=sft", f"data.sft_path=[{data}]", f"data.corpus.tokenizer={tok}",
-           f"data.corpus.cache_dir={tmp_path / 'cache'}"]
-    cfgs = {"drop": compose(base_overrides(tmp_path / "drop", cm, data=sft)),
-            "cut": compose(base_overrides(tmp_path / "cut", cm, steps=2, data=[*sft, "data.truncate=true"]))}
+    sft = [
+        "data=sft",
+        f"data.sft_path=[{data}]",
+        f"data.corpus.tokenizer={tok}",
+        f"data.corpus.cache_dir={tmp_path / 'cache'}",
+    ]
+    cfgs = {
+        "drop": compose(base_overrides(tmp_path / "drop", cm, data=sft)),
+        "cut": compose(base_overrides(tmp_path / "cut", cm, steps=2, data=[*sft, "data.truncate=true"])),
+    }
     results = run_distributed(_train_body, world_size=4, args=(cfgs,), timeout=240)
 
     from flexsp.data import build_source
+
     why = "the cluster holds 4 ranks x 32 tokens under cost model tiny-cap32"
     logs = {name: results[0][name]["log"] for name in cfgs}
     assert f"dropped 2 of 24 conversation(s) longer than 128 tokens ({why})" in logs["drop"], logs["drop"]
-    assert f"truncated 2 of 24 conversation(s) longer than 128 tokens ({why}) to 128 tokens; dropped 1 " \
-           f"of them left without a trained token" in logs["cut"], logs["cut"]
-    assert all(not r[name]["log"] for r in results[1:] for name in cfgs)     # rank 0 logs
+    assert (
+        f"truncated 2 of 24 conversation(s) longer than 128 tokens ({why}) to 128 tokens; dropped 1 "
+        f"of them left without a trained token" in logs["cut"]
+    ), logs["cut"]
+    assert all(not r[name]["log"] for r in results[1:] for name in cfgs)  # rank 0 logs
     lines = (tmp_path / "drop" / "metrics.jsonl").read_text().splitlines()
     plans = " ".join(json.loads(ln)["plan"] for ln in lines)
     assert sum(f"x{d}" in plans for d in (1, 2, 4)) >= 2, plans
@@ -368,7 +445,7 @@ def test_sft_4_ranks_match_single_process(tmp_path):
         ref_losses, ref_state = reference_training(cfgs[name], steps, source=source)
         metrics = [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         ref_targets = [int(sum(source.target_counts[d] for d in m["doc_ids"])) for m in metrics]
-        assert [m["targets"] for m in metrics] == ref_targets           # the trained tokens, not L - 1
+        assert [m["targets"] for m in metrics] == ref_targets  # the trained tokens, not L - 1
         assert all(t < m["tokens"] - m["docs"] for t, m in zip(ref_targets, metrics))
         for r in results:
             got = [r[name]["losses"][s] for s in range(steps)]
@@ -384,6 +461,7 @@ def test_pretraining_labels_and_targets_are_unchanged():
     document); an all-True mask gives the same labels."""
     from flexsp.data import GlobalBatchSampler
     from flexsp.model import lm_labels
+
     ids, cu = torch.arange(10, 20), [0, 4, 4, 10]
     plain = lm_labels(ids, cu)
     assert plain.tolist() == [11, 12, 13, -100, 15, 16, 17, 18, 19, -100]

@@ -1,5 +1,6 @@
 """PuLP as the MILP backend: the same backend-neutral models as HiGHS, valid plans, proven optima
 on the small exact instances (objective equal to HiGHS's and to brute force), honest statuses."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,12 +9,13 @@ from scipy.sparse import csr_matrix
 
 pulp = pytest.importorskip("pulp")
 
+from test_planner import brute_force, tiny_model  # noqa: E402
+
 from solver.build import price_plan, validate_plan  # noqa: E402
 from solver.milp import MilpModel, available_pulp_solvers, check_backend, solve_model  # noqa: E402
 from solver.planner import plan_batch  # noqa: E402
 from solver.presets import load_preset  # noqa: E402
 from solver.workloads import sample_lengths  # noqa: E402
-from test_planner import brute_force, tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.skipif("PULP_CBC_CMD" not in available_pulp_solvers(), reason="CBC not available")
 
@@ -21,8 +23,15 @@ pytestmark = pytest.mark.skipif("PULP_CBC_CMD" not in available_pulp_solvers(), 
 def _knapsack(n=12, seed=0) -> MilpModel:
     rng = np.random.default_rng(seed)
     w, v = rng.integers(3, 30, n), rng.integers(5, 60, n)
-    return MilpModel(c=-v.astype(float), A=csr_matrix(w[None, :].astype(float)), row_lo=np.array([-np.inf]),
-                     row_hi=np.array([float(w.sum() // 3)]), lb=np.zeros(n), ub=np.ones(n), integrality=np.ones(n))
+    return MilpModel(
+        c=-v.astype(float),
+        A=csr_matrix(w[None, :].astype(float)),
+        row_lo=np.array([-np.inf]),
+        row_hi=np.array([float(w.sum() // 3)]),
+        lb=np.zeros(n),
+        ub=np.ones(n),
+        integrality=np.ones(n),
+    )
 
 
 def test_both_backends_solve_the_same_model_to_the_same_optimum():
@@ -36,8 +45,15 @@ def test_both_backends_solve_the_same_model_to_the_same_optimum():
 
 
 def test_pulp_infeasible_model_reports_no_solution():
-    model = MilpModel(c=np.ones(2), A=csr_matrix(np.array([[1.0, 1.0]])), row_lo=np.array([5.0]),
-                      row_hi=np.array([5.0]), lb=np.zeros(2), ub=np.ones(2), integrality=np.ones(2))
+    model = MilpModel(
+        c=np.ones(2),
+        A=csr_matrix(np.array([[1.0, 1.0]])),
+        row_lo=np.array([5.0]),
+        row_hi=np.array([5.0]),
+        lb=np.zeros(2),
+        ub=np.ones(2),
+        integrality=np.ones(2),
+    )
     res = solve_model(model, time_limit=5, node_limit=100, mip_rel_gap=0, backend="pulp")
     assert res.x is None and res.status == "none"
 
@@ -45,8 +61,11 @@ def test_pulp_infeasible_model_reports_no_solution():
 @pytest.mark.parametrize("seed", range(5))
 def test_pulp_exact_instances_are_optimal_and_agree_with_highs(seed):
     rng = np.random.default_rng(seed)
-    cm = tiny_model(b=float(rng.choice([0.5, 5.0, 30.0])), per_sequence_ms=float(rng.choice([0.0, 2.0])),
-                    group_latency_ms=[{}, {2: 3.0, 4: 8.0}][int(rng.integers(2))])
+    cm = tiny_model(
+        b=float(rng.choice([0.5, 5.0, 30.0])),
+        per_sequence_ms=float(rng.choice([0.0, 2.0])),
+        group_latency_ms=[{}, {2: 3.0, 4: 8.0}][int(rng.integers(2))],
+    )
     lengths = [int(x) for x in rng.integers(5, 380, size=int(rng.integers(2, 6)))]
     by_pulp = plan_batch(lengths, cm, time_limit=30, milp_backend="pulp")
     by_highs = plan_batch(lengths, cm, time_limit=30)
@@ -82,11 +101,17 @@ def test_cbc_stopped_by_its_node_limit_is_not_reported_optimal():
     n = len(a)
     # x_i in {0,1}; d >= |sum a_i (2 x_i - 1)|; minimise d
     A = csr_matrix(np.vstack([np.append(2 * a, -1.0), np.append(2 * a, 1.0)]))
-    model = MilpModel(c=np.append(np.zeros(n), 1.0), A=A, row_lo=np.array([-np.inf, a.sum()]),
-                      row_hi=np.array([a.sum(), np.inf]), lb=np.zeros(n + 1),
-                      ub=np.append(np.ones(n), np.inf), integrality=np.append(np.ones(n), 0.0))
+    model = MilpModel(
+        c=np.append(np.zeros(n), 1.0),
+        A=A,
+        row_lo=np.array([-np.inf, a.sum()]),
+        row_hi=np.array([a.sum(), np.inf]),
+        lb=np.zeros(n + 1),
+        ub=np.append(np.ones(n), np.inf),
+        integrality=np.append(np.ones(n), 0.0),
+    )
     res = solve_model(model, time_limit=20, node_limit=1, mip_rel_gap=0, backend="pulp")
     assert res.status in ("feasible", "none")
-    assert not res.timed_out                       # the node limit ended it, not the clock
+    assert not res.timed_out  # the node limit ended it, not the clock
     if res.x is not None:
         assert res.dual_bound is None and res.objective >= 0

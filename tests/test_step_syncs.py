@@ -18,6 +18,7 @@ one-time kernel probes, nor the last, which writes the final checkpoint) run und
 ``torch.cuda.set_sync_debug_mode("error")``, which raises on any synchronising CUDA call. The one
 allowed read (``flexsp.hostcopy.read_to_host``) waits on an event, which that mode does not flag.
 """
+
 from __future__ import annotations
 
 import threading
@@ -25,7 +26,6 @@ import traceback
 
 import pytest
 import torch
-
 from dist_harness import run_distributed
 from train_cases import base_overrides, compose, tiny_cost_model
 
@@ -46,17 +46,21 @@ class SyncCounter:
 
             def wrapper(t, *a, _orig=orig, _name=name, **k):
                 if self.active and threading.current_thread() is self.main:
-                    frame = traceback.extract_stack(limit=2)[0]   # the caller
+                    frame = traceback.extract_stack(limit=2)[0]  # the caller
                     # AdamW's step counters are CPU scalars on every device (non-capturable
                     # AdamW keeps ``state["step"]`` on the host): reading them is no sync
                     host_counter = "/torch/optim/" in frame.filename and t.dim() == 0
                     # the plan handoff: an object broadcast on the topology's gloo host group, whose
                     # tensors are CPU tensors on every device
-                    host_object = frame.filename.endswith("distributed_c10d.py") and (
-                        "object" in frame.name) and t.device.type == "cpu"
+                    host_object = (
+                        frame.filename.endswith("distributed_c10d.py")
+                        and ("object" in frame.name)
+                        and t.device.type == "cpu"
+                    )
                     if not (host_counter or host_object):
                         self.calls.append(f"{_name} at {frame.filename.rsplit('/', 2)[-1]}:{frame.lineno}")
                 return _orig(t, *a, **k)
+
             setattr(torch.Tensor, name, wrapper)
         return self
 
@@ -67,6 +71,7 @@ class SyncCounter:
 
 def _count_body(rank, world_size, cfg):
     import flexsp.train as T
+
     counter = SyncCounter()
     per_step, original = [], T._one_step
 
@@ -103,16 +108,31 @@ def test_training_step_makes_exactly_one_host_sync(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_training_step_runs_under_sync_debug_error(tmp_path):
     import flexsp.train as T
-    cfg = {"model": {"preset": "tiny", "hf_checkpoint": None}, "parallel": {"mode": "adaptive", "engine": "fsdp2"},
-           "data": {"source": "synthetic", "num_docs": 64, "synthetic_vocab_size": 512,
-                    "corpus": {"max_doc_tokens": 1024}, "sampler": {"global_batch_tokens": 8192}},
-           "solver": {"cost_model": "auto", "time_limit": 0.5},
-           "train": {"steps": 4, "global_batch": 8, "precision": "bf16", "checkpoint_every": 0, "progress": False},
-           "output_dir": str(tmp_path / "run")}
+
+    cfg = {
+        "model": {"preset": "tiny", "hf_checkpoint": None},
+        "parallel": {"mode": "adaptive", "engine": "fsdp2"},
+        "data": {
+            "source": "synthetic",
+            "num_docs": 64,
+            "synthetic_vocab_size": 512,
+            "corpus": {"max_doc_tokens": 1024},
+            "sampler": {"global_batch_tokens": 8192},
+        },
+        "solver": {"cost_model": "auto", "time_limit": 0.5},
+        "train": {
+            "steps": 4,
+            "global_batch": 8,
+            "precision": "bf16",
+            "checkpoint_every": 0,
+            "progress": False,
+        },
+        "output_dir": str(tmp_path / "run"),
+    }
     original = T._one_step
 
     def strict_step(st, step, *args, **kwargs):
-        if step in (st.start, 3):   # first step: kernel probes, allocator warm-up; last: the final checkpoint
+        if step in (st.start, 3):  # first step: kernel probes, allocator warm-up; last: the final checkpoint
             return original(st, step, *args, **kwargs)
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -126,6 +146,7 @@ def test_cuda_training_step_runs_under_sync_debug_error(tmp_path):
     finally:
         T._one_step = original
         import torch.distributed as dist
+
         if dist.is_initialized():
             dist.destroy_process_group()
     assert summary["last_step"] == 4

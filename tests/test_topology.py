@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from dist_harness import run_distributed
+
 from flexsp.topology import SPTopology
 
 
@@ -37,7 +37,7 @@ def _body(rank, world):
     assert topo.num_communicators == 2 and topo.host_group is dist.group.WORLD
     assert topo.group(4, 0) is dist.group.WORLD and topo.group(1, rank) is None
     seen = {}
-    for (d, b) in topo.all_blocks():
+    for d, b in topo.all_blocks():
         g = topo.group(d, b)
         if rank in topo.ranks(d, b) and d > 1:
             assert dist.get_world_size(g) == d
@@ -58,7 +58,7 @@ def _body(rank, world):
 @pytest.mark.slow
 def test_build_groups_4_ranks():
     res = run_distributed(_body, 4, timeout=90)
-    assert res[0]["mixed"] == 3 * 2 ** 19 and res[2]["mixed"] == 3 and res[3]["mixed"] == 4
+    assert res[0]["mixed"] == 3 * 2**19 and res[2]["mixed"] == 3 and res[3]["mixed"] == 4
     assert all(r["all"] == 4 for r in res)
 
 
@@ -70,6 +70,7 @@ def test_communicators_for_64_ranks():
     import torch.distributed as dist
 
     from flexsp.dryrun import FakeWorld
+
     with FakeWorld(64):
         topo = SPTopology(64, 8).build()
         assert topo.num_communicators == 62

@@ -1,4 +1,5 @@
 """flexsp.tracking: TensorBoard / W&B (offline) scalars and images, plan pictures at the right steps."""
+
 from __future__ import annotations
 
 import json
@@ -16,27 +17,71 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def make_plan(scale: float = 1.0) -> Plan:
     """4 devices, 2 micro-batches: (SP2 + SP1 + SP1) then (SP4)."""
-    mb0 = MicroBatchPlan(groups=(
-        GroupPlan(sp=2, ranks=(0, 1), seq_ids=(0, 1), attention="ulysses", tokens=3000, predicted_ms=80.0 * scale),
-        GroupPlan(sp=1, ranks=(2,), seq_ids=(2,), attention="local", tokens=900, predicted_ms=60.0 * scale),
-        GroupPlan(sp=1, ranks=(3,), seq_ids=(3, 4), attention="local", tokens=1000, predicted_ms=100.0 * scale),
-    ), predicted_ms=100.0 * scale)
-    mb1 = MicroBatchPlan(groups=(
-        GroupPlan(sp=4, ranks=(0, 1, 2, 3), seq_ids=(5,), attention="ring", tokens=8000, predicted_ms=50.0 * scale),
-    ), predicted_ms=50.0 * scale)
-    return Plan(num_devices=4, micro_batches=(mb0, mb1), predicted_ms=150.0 * scale, solve_seconds=0.012,
-                lower_bound_ms=120.0 * scale, method="flexsp", status="feasible", num_sequences=6)
+    mb0 = MicroBatchPlan(
+        groups=(
+            GroupPlan(
+                sp=2,
+                ranks=(0, 1),
+                seq_ids=(0, 1),
+                attention="ulysses",
+                tokens=3000,
+                predicted_ms=80.0 * scale,
+            ),
+            GroupPlan(
+                sp=1, ranks=(2,), seq_ids=(2,), attention="local", tokens=900, predicted_ms=60.0 * scale
+            ),
+            GroupPlan(
+                sp=1, ranks=(3,), seq_ids=(3, 4), attention="local", tokens=1000, predicted_ms=100.0 * scale
+            ),
+        ),
+        predicted_ms=100.0 * scale,
+    )
+    mb1 = MicroBatchPlan(
+        groups=(
+            GroupPlan(
+                sp=4,
+                ranks=(0, 1, 2, 3),
+                seq_ids=(5,),
+                attention="ring",
+                tokens=8000,
+                predicted_ms=50.0 * scale,
+            ),
+        ),
+        predicted_ms=50.0 * scale,
+    )
+    return Plan(
+        num_devices=4,
+        micro_batches=(mb0, mb1),
+        predicted_ms=150.0 * scale,
+        solve_seconds=0.012,
+        lower_bound_ms=120.0 * scale,
+        method="flexsp",
+        status="feasible",
+        num_sequences=6,
+    )
 
 
 def step_scalars(step: int) -> dict:
     """What the trainer passes, including non-numeric fields of a metrics.jsonl record."""
-    return {"loss": 5.0 - step, "lr": 1e-3 * (step + 1), "grad_norm": 0.5 + step, "tokens_per_s": 1000.0 + step,
-            "predicted_ms": 150.0, "measured_ms": 165.0 + step, "planner_ms": 12.0, "plan_wait_ms": 0.5,
-            "late_plans": 0, "memory_mb": 321.0, "plan": "2 mb: 1x2 + 2x1 | 1x4", "doc_ids": [1, 2, 3]}
+    return {
+        "loss": 5.0 - step,
+        "lr": 1e-3 * (step + 1),
+        "grad_norm": 0.5 + step,
+        "tokens_per_s": 1000.0 + step,
+        "predicted_ms": 150.0,
+        "measured_ms": 165.0 + step,
+        "planner_ms": 12.0,
+        "plan_wait_ms": 0.5,
+        "late_plans": 0,
+        "memory_mb": 321.0,
+        "plan": "2 mb: 1x2 + 2x1 | 1x4",
+        "doc_ids": [1, 2, 3],
+    }
 
 
 def is_png(path: Path) -> bool:
     import matplotlib.image
+
     if path.read_bytes()[:8] != PNG_MAGIC:
         return False
     img = matplotlib.image.imread(str(path))
@@ -54,8 +99,9 @@ def test_plan_scalars_counts_groups_per_degree():
     assert s["plan/idle_frac"] == pytest.approx(1 - 520 / 600)
     assert s["plan/lower_bound_ms"] == 120.0 and s["plan/gap"] == pytest.approx(0.25)
     assert all(isinstance(v, float) for v in s.values())
-    single = Plan(num_devices=1, micro_batches=(MicroBatchPlan(groups=(GroupPlan(1, (0,), (0,)),)),),
-                  predicted_ms=0.0)
+    single = Plan(
+        num_devices=1, micro_batches=(MicroBatchPlan(groups=(GroupPlan(1, (0,), (0,)),)),), predicted_ms=0.0
+    )
     s1 = plan_scalars(single)
     assert s1["plan/groups_sp1"] == 1 and "plan/idle_frac" not in s1 and "plan/gap" not in s1
 
@@ -70,8 +116,13 @@ def test_tag_names():
 def test_tensorboard_scalars_and_image(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    with Tracker("tensorboard", tmp_path, run_name="tb", config={"train": {"steps": 3}, "out": tmp_path},
-                 plot_plan_every=2) as tr:
+    with Tracker(
+        "tensorboard",
+        tmp_path,
+        run_name="tb",
+        config={"train": {"steps": 3}, "out": tmp_path},
+        plot_plan_every=2,
+    ) as tr:
         for step in range(3):
             tr.log_step(step, step_scalars(step), plan=make_plan())
     assert sorted(p.name for p in (tmp_path / "plans").iterdir()) == ["step_000000.png", "step_000002.png"]
@@ -79,9 +130,23 @@ def test_tensorboard_scalars_and_image(tmp_path):
     ea = EventAccumulator(str(tmp_path / "tensorboard"))
     ea.Reload()
     tags = ea.Tags()["scalars"]
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/measured_ms",
-                "perf/memory_mb", "perf/prediction_error", "plan/predicted_ms", "plan/solve_ms", "plan/wait_ms",
-                "plan/late_plans", "plan/micro_batches", "plan/groups_sp1", "plan/groups_sp2", "plan/groups_sp4"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "perf/measured_ms",
+        "perf/memory_mb",
+        "perf/prediction_error",
+        "plan/predicted_ms",
+        "plan/solve_ms",
+        "plan/wait_ms",
+        "plan/late_plans",
+        "plan/micro_batches",
+        "plan/groups_sp1",
+        "plan/groups_sp2",
+        "plan/groups_sp4",
+    ):
         assert tag in tags, (tag, tags)
     assert not any(t.endswith(("/plan", "/doc_ids")) for t in tags)
     loss = ea.Scalars("train/loss")
@@ -94,11 +159,14 @@ def test_tensorboard_scalars_and_image(tmp_path):
     assert ea.Tags()["images"] == ["plan/timeline"]
     images = ea.Images("plan/timeline")
     assert [e.step for e in images] == [0, 2]
-    assert images[0].encoded_image_string[:8] == PNG_MAGIC and images[0].width > 100 and images[0].height > 100
+    assert (
+        images[0].encoded_image_string[:8] == PNG_MAGIC and images[0].width > 100 and images[0].height > 100
+    )
     assert "config" in " ".join(ea.Tags()["tensors"])
 
 
 # -- W&B offline -----------------------------------------------------------------------------------
+
 
 def wandb_records(path: Path):
     """Records of an offline run's ``run-*.wandb`` file (LevelDB log format: a 7-byte W&B header,
@@ -114,11 +182,11 @@ def wandb_records(path: Path):
         if left < 7:  # block trailer padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if length == 0 and kind == 0:
             pos += left
             continue
-        buf += data[pos + 7:pos + 7 + length]
+        buf += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST
             rec = wandb_internal_pb2.Record()
@@ -150,8 +218,14 @@ def test_wandb_offline_history_and_image(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    with Tracker("wandb", tmp_path, run_name="offline-test", config={"train": {"steps": 3}},
-                 plot_plan_every=2, wandb_project="flexsp-test") as tr:
+    with Tracker(
+        "wandb",
+        tmp_path,
+        run_name="offline-test",
+        config={"train": {"steps": 3}},
+        plot_plan_every=2,
+        wandb_project="flexsp-test",
+    ) as tr:
         assert tr._run.settings.mode == "offline"
         for step in range(3):
             tr.log_step(step, step_scalars(step), plan=make_plan())
@@ -169,6 +243,7 @@ def test_wandb_offline_history_and_image(tmp_path, monkeypatch):
 
 
 # -- plan pictures, kind none ----------------------------------------------------------------------
+
 
 def test_none_kind_saves_pictures_at_exact_steps(tmp_path):
     tr = Tracker("none", tmp_path, run_name="n", config={}, plot_plan_every=3)
@@ -189,8 +264,11 @@ def test_none_kind_saves_pictures_at_exact_steps(tmp_path):
         tr.log_step(4, {"loss": 1.0})  # no plan: no picture, does not count as the first plan
         for step in range(4, 10):
             tr.log_step(step, {"loss": 1.0}, plan=make_plan())
-    assert sorted(p.name for p in (out / "plans").iterdir()) == ["step_000004.png", "step_000006.png",
-                                                                  "step_000009.png"]
+    assert sorted(p.name for p in (out / "plans").iterdir()) == [
+        "step_000004.png",
+        "step_000006.png",
+        "step_000009.png",
+    ]
 
     off = tmp_path / "off"
     with Tracker("none", off, run_name="o", config={}) as tr:
@@ -210,12 +288,14 @@ def test_failed_picture_warns_once_and_training_goes_on(tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "plan picture for step 0 failed" in err[0] and "no display" in err[0]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     ea = EventAccumulator(str(tmp_path / "tensorboard"))
     ea.Reload()
     assert [e.value for e in ea.Scalars("train/loss")] == [2.0] and ea.Tags()["images"] == []
 
 
 # -- errors ----------------------------------------------------------------------------------------
+
 
 def test_unknown_kind(tmp_path):
     with pytest.raises(ValueError) as info:

@@ -33,6 +33,7 @@ from the reference by rounding only.
 - Resume vs uninterrupted: rtol 1e-6 / atol 1e-7 (DeepSpeed restores the exact fp32 partitions,
   AdamW moments and scheduler; the resumed step runs the same plan code on the same data).
 """
+
 import importlib.util
 import json
 import os
@@ -40,13 +41,16 @@ import shutil
 from dataclasses import replace
 
 import pytest
-
 from dist_harness import run_distributed
 from train_cases import REPO, base_overrides, compose, reference_training, tiny_cost_model
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                 reason="deepspeed is not installed (pip install -e .[dist])")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None,
+        reason="deepspeed is not installed (pip install -e .[dist])",
+    ),
+]
 
 WORLD = 4
 # every parameter partitioned: with DeepSpeed's default threshold the tiny model would stay whole
@@ -87,10 +91,12 @@ def _small_buckets(ds_config):
     ranks running different attention graphs (local, Ulysses, ring, zero-weight pass) must fire
     them in the same order. A bucket smaller than one weight matrix makes nearly every parameter
     its own flush, and DeepSpeed's sanity checks assert all ranks reduce the same parameters."""
+
     def config(cfg, world_size, persistence_threshold=None):
         d = ds_config(cfg, world_size, persistence_threshold)
         d["zero_optimization"].update(reduce_bucket_size=3000, enable_sanity_checks=True)
         return d
+
     return config
 
 
@@ -105,7 +111,7 @@ def _fixed_plan_run(cfg, steps, engine_name="deepspeed"):
     from flexsp.executor import StepExecutor
     from flexsp.model import Transformer, model_config
     from flexsp.topology import SPTopology
-    
+
     c = cfg
     rank, world = dist.get_rank(), dist.get_world_size()
     source = build_source(c.data)
@@ -119,13 +125,22 @@ def _fixed_plan_run(cfg, steps, engine_name="deepspeed"):
     original = ds_engine.ds_config
     ds_engine.ds_config = _small_buckets(original)
     try:
-        engine = build_engine(engine_name, lambda device: Transformer(mcfg, device=device), weights, train,
-                              c.parallel, world, torch.device("cpu"))
+        engine = build_engine(
+            engine_name,
+            lambda device: Transformer(mcfg, device=device),
+            weights,
+            train,
+            c.parallel,
+            world,
+            torch.device("cpu"),
+        )
     finally:
         ds_engine.ds_config = original
     zero = engine.engine.optimizer
     assert zero.enable_sanity_checks and zero.reduce_bucket_size == 3000
-    executor = StepExecutor(engine, source, SPTopology(world, world).build(), rank, torch.device("cpu"), mcfg.heads)
+    executor = StepExecutor(
+        engine, source, SPTopology(world, world).build(), rank, torch.device("cpu"), mcfg.heads
+    )
     losses, norms, idle = [], [], 0
     for plan, batch in zip(_fixed_plans([len(b.doc_ids) for b in batches]), batches):
         res = executor.run(plan, batch)
@@ -134,7 +149,7 @@ def _fixed_plan_run(cfg, steps, engine_name="deepspeed"):
         dist.all_reduce(stats)
         losses.append(float(stats[0] / stats[1]))
         idle += res.idle_passes
-    state = engine.full_state_dict()   # collective
+    state = engine.full_state_dict()  # collective
     return {"losses": losses, "norms": norms, "idle_passes": idle, "state": _np(state) if rank == 0 else None}
 
 
@@ -147,13 +162,18 @@ def _body(rank, world_size, cfgs, fake_ckpt):
     s = run(cfgs["adaptive"], return_state=True)
     out["adaptive"] = {"losses": s["losses"], "state": _np(s["state_dict"]) if rank == 0 else None}
     s = run(cfgs["resume"], return_state=True)
-    out["resume"] = {"losses": s["losses"], "start": s["start_step"],
-                     "state": _np(s["state_dict"]) if rank == 0 else None}
+    out["resume"] = {
+        "losses": s["losses"],
+        "start": s["start_step"],
+        "state": _np(s["state_dict"]) if rank == 0 else None,
+    }
     out["fixed"] = _fixed_plan_run(cfgs["adaptive"], 3)
     # a checkpoint with trainer state but no DeepSpeed engine state
     if rank == 0:
-        shutil.copy(os.path.join(cfgs["adaptive"]["output_dir"], "checkpoints", "step_000002", "trainer.pt"),
-                    os.path.join(fake_ckpt, "trainer.pt"))
+        shutil.copy(
+            os.path.join(cfgs["adaptive"]["output_dir"], "checkpoints", "step_000002", "trainer.pt"),
+            os.path.join(fake_ckpt, "trainer.pt"),
+        )
     dist.barrier()
     try:
         run(cfgs["foreign"])
@@ -167,6 +187,7 @@ def _body(rank, world_size, cfgs, fake_ckpt):
 def _reference(cfg, steps):
     """reference_training plus the pre-clip gradient norm of every step."""
     import torch
+
     norms, clip = [], torch.nn.utils.clip_grad_norm_
 
     def recording(*a, **kw):
@@ -184,19 +205,27 @@ def _reference(cfg, steps):
 
 def test_deepspeed_zero3_4_ranks_matches_single_process(tmp_path):
     import torch
+
     cm = tiny_cost_model(tmp_path / "cm32.json", capacity=32)
     a_dir = tmp_path / "adaptive"
     fake = tmp_path / "fsdp_like_ckpt"
     fake.mkdir()
     cfgs = {
-        "adaptive": compose(base_overrides(a_dir, cm, extra=[*DS, "train.checkpoint_every=2", "train.keep_checkpoints=5"])),
-        "resume": compose(base_overrides(tmp_path / "resumed", cm,
-                                         extra=[*DS, f"train.resume={a_dir}/checkpoints/step_000002"])),
+        "adaptive": compose(
+            base_overrides(a_dir, cm, extra=[*DS, "train.checkpoint_every=2", "train.keep_checkpoints=5"])
+        ),
+        "resume": compose(
+            base_overrides(
+                tmp_path / "resumed", cm, extra=[*DS, f"train.resume={a_dir}/checkpoints/step_000002"]
+            )
+        ),
         "foreign": compose(base_overrides(tmp_path / "foreign", cm, extra=[*DS, f"train.resume={fake}"])),
     }
     # the harness runs gloo on CPU, so DeepSpeed must use its cpu accelerator
-    env = {"DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))}
+    env = {
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
+    }
     results = run_distributed(_body, world_size=WORLD, args=(cfgs, str(fake)), timeout=240, env=env)
     ref_losses, ref_norms, ref_state = _reference(cfgs["adaptive"], 3)
     tol_loss = dict(rtol=1e-5, atol=1e-6)
@@ -220,20 +249,29 @@ def test_deepspeed_zero3_4_ranks_matches_single_process(tmp_path):
     for rank_out in results:  # every rank reports the same global losses
         got = [rank_out["adaptive"]["losses"][s] for s in range(3)]
         torch.testing.assert_close(torch.tensor(got), torch.tensor(ref_losses), **tol_loss)
-        torch.testing.assert_close(torch.tensor(rank_out["fixed"]["losses"]), torch.tensor(ref_losses), **tol_loss)
-    torch.testing.assert_close(torch.tensor([m["grad_norm"] for m in metrics]), torch.tensor(ref_norms),
-                               rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(
+            torch.tensor(rank_out["fixed"]["losses"]), torch.tensor(ref_losses), **tol_loss
+        )
+    torch.testing.assert_close(
+        torch.tensor([m["grad_norm"] for m in metrics]), torch.tensor(ref_norms), rtol=1e-5, atol=2e-6
+    )
     state = close_state(r0["adaptive"]["state"], "trainer")
 
     # fixed plans: 3/2/1 micro-batches per step, idle ranks in 3 of the 6 micro-batches
     assert [r["fixed"]["idle_passes"] for r in results] == [2, 2, 2, 1]
-    torch.testing.assert_close(torch.tensor(r0["fixed"]["norms"]), torch.tensor(ref_norms), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(r0["fixed"]["norms"]), torch.tensor(ref_norms), rtol=1e-5, atol=1e-6
+    )
     close_state(r0["fixed"]["state"], "fixed plans")
 
     # resume from the step-2 checkpoint == the uninterrupted run
     assert r0["resume"]["start"] == 2 and list(r0["resume"]["losses"]) == [2]
-    torch.testing.assert_close(torch.tensor(r0["resume"]["losses"][2]),
-                               torch.tensor(r0["adaptive"]["losses"][2]), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        torch.tensor(r0["resume"]["losses"][2]),
+        torch.tensor(r0["adaptive"]["losses"][2]),
+        rtol=1e-6,
+        atol=1e-7,
+    )
     resumed = {k: torch.from_numpy(v) for k, v in r0["resume"]["state"].items()}
     for k, v in state.items():
         torch.testing.assert_close(resumed[k], v, rtol=1e-6, atol=1e-7, msg=k)

@@ -1,9 +1,17 @@
 """Length samplers: determinism, shapes, limits, and the published quantiles they are fitted to."""
+
 import numpy as np
 import pytest
 
-from solver.workloads import (HISTOGRAMS, NAMES, cpython_lengths, load_lengths, sample_lengths,
-                              save_lengths, token_share_above)
+from solver.workloads import (
+    HISTOGRAMS,
+    NAMES,
+    cpython_lengths,
+    load_lengths,
+    sample_lengths,
+    save_lengths,
+    token_share_above,
+)
 
 K = 1024
 BIG = 100_000  # large samples: quantile errors ~1/sqrt(n) ~ 0.3%
@@ -24,7 +32,7 @@ def test_padding_and_overflow_rules():
     L = sample_lengths("bytescale", 2000, 0, lim, pad_to=128)
     assert np.all(L % 128 == 0) and L.max() <= lim
     clipped = sample_lengths("bytescale", 2000, 0, lim, pad_to=128, overflow="clip")
-    assert clipped.max() == lim // 128 * 128          # long ones are cut to the limit, not dropped
+    assert clipped.max() == lim // 128 * 128  # long ones are cut to the limit, not dropped
     assert len(sample_lengths("wikipedia", 0, 0)) == 0
 
 
@@ -93,19 +101,29 @@ def test_cpython_real_lengths_match_reference():
     assert set(L.tolist()) <= set(pool.tolist())
 
 
-@pytest.mark.parametrize("args,message", [
-    (["cpython", "-5"], "argument n: expected an integer >= 1, got -5"),
-    (["cpython", "0"], "argument n: expected an integer >= 1, got 0"),
-    (["cpython", "10", "--context-limit", "0"], "argument --context-limit: expected an integer >= 1, got 0"),
-    (["cpython", "10", "--pad-to", "0"], "argument --pad-to: expected an integer >= 1, got 0"),
-    (["cpython", "3", "-o", "/proc/x"], "cannot write /proc/x"),
-    (["cpython", "3", "-o", "/nonexistent-dir/l.txt"], "folder /nonexistent-dir does not exist"),
-    (["cpython", "3", "--context-limit", "10", "--pad-to", "100"], "context_limit 10 is below pad_to 100"),
-    (["nope", "3"], "invalid choice: 'nope'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["cpython", "-5"], "argument n: expected an integer >= 1, got -5"),
+        (["cpython", "0"], "argument n: expected an integer >= 1, got 0"),
+        (
+            ["cpython", "10", "--context-limit", "0"],
+            "argument --context-limit: expected an integer >= 1, got 0",
+        ),
+        (["cpython", "10", "--pad-to", "0"], "argument --pad-to: expected an integer >= 1, got 0"),
+        (["cpython", "3", "-o", "/proc/x"], "cannot write /proc/x"),
+        (["cpython", "3", "-o", "/nonexistent-dir/l.txt"], "folder /nonexistent-dir does not exist"),
+        (
+            ["cpython", "3", "--context-limit", "10", "--pad-to", "100"],
+            "context_limit 10 is below pad_to 100",
+        ),
+        (["nope", "3"], "invalid choice: 'nope'"),
+    ],
+)
 def test_cli_errors_are_one_line_and_exit_2(args, message):
     import subprocess
     import sys
+
     proc = subprocess.run([sys.executable, "-m", "solver.workloads", *args], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
@@ -115,11 +133,12 @@ def test_cli_errors_are_one_line_and_exit_2(args, message):
 
 def test_cli_writes_lengths_and_documents_its_options(tmp_path, capsys):
     from solver.workloads import main
+
     assert main(["cpython", "5", "--seed", "2", "-o", str(tmp_path / "l.txt")]) == 0
     assert np.array_equal(load_lengths(tmp_path / "l.txt"), sample_lengths("cpython", 5, 2))
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
     for option in ("--seed", "--context-limit", "--pad-to", "--overflow", "--output"):
-        line = next(x for x in text.splitlines() if option in x)
-        assert len(text.split(option, 1)[1].split("\n  -", 1)[0].strip()) > 10, option   # has help text
+        assert any(option in x for x in text.splitlines()), option
+        assert len(text.split(option, 1)[1].split("\n  -", 1)[0].strip()) > 10, option  # has help text

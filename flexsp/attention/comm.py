@@ -71,7 +71,7 @@ class AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows].contiguous(), None
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows].contiguous(), None
 
 
 def ring_send_recv(x, send_to: int, recv_from: int, group, tag: int = 0):
@@ -86,8 +86,7 @@ def ring_send_recv(x, send_to: int, recv_from: int, group, tag: int = 0):
     """
     x = x.contiguous()
     buf = torch.empty_like(x)
-    ops = [dist.P2POp(dist.isend, x, send_to, group, tag),
-           dist.P2POp(dist.irecv, buf, recv_from, group, tag)]
+    ops = [dist.P2POp(dist.isend, x, send_to, group, tag), dist.P2POp(dist.irecv, buf, recv_from, group, tag)]
     return buf, dist.batch_isend_irecv(ops)
 
 

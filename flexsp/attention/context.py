@@ -5,6 +5,7 @@ calls it: ``attn_ctx(q, k, v, window=None, scale=None)``. It closes over the doc
 and for sequence parallelism over the group's shard layout (``ShardMeta``), the process group and
 the mode (Ulysses/ring/hybrid). ``doc_lengths(device)`` serves dynamic RoPE scaling.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,6 @@ from typing import Any
 import torch
 
 from flexsp.hostcopy import to_device
-
 from flexsp.varlen import doc_lengths_from_cu_seqlens
 
 from .local import varlen_attention
@@ -80,14 +80,26 @@ class AttnContext:
                 self._doc_len_cache[key] = table[ids.clamp(max=table.numel() - 1)]
         return self._doc_len_cache[key]
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window: int | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         if scale is None:
             return self.attention(q, k, v, window)
         return self.attention(q, k, v, window, scale=scale)
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window: int | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         """Causal attention of the local tokens; ``window`` = sliding window (None: full);
         ``scale`` = softmax scale of the scores (None: ``head_dim ** -0.5``).
 
@@ -103,12 +115,14 @@ class AttnContext:
         if window:
             if self.meta.ring_degree == 1:
                 if q.shape[0] != self.meta.tokens_local or k.shape[0] != self.meta.tokens_local:
-                    raise ValueError(f"q/k have {q.shape[0]}/{k.shape[0]} tokens, meta expects "
-                                     f"{self.meta.tokens_local}")
+                    raise ValueError(
+                        f"q/k have {q.shape[0]}/{k.shape[0]} tokens, meta expects {self.meta.tokens_local}"
+                    )
                 return ulysses_attention(q, k, v, self.meta, self.group, True, scale=scale, window=window)
             raise ValueError(
                 f"sliding_window={window} is not supported with mode={self.mode!r} (ring degree "
                 f"{self.meta.ring_degree}) when a document is longer than the window (longest: "
                 f"{self.max_doc_len()} tokens); use mode='ulysses', or documents of at most "
-                f"{window} tokens (then attention is plain causal)")
+                f"{window} tokens (then attention is plain causal)"
+            )
         return sp_attention(q, k, v, self.meta, self.group, self.mode, causal=True, scale=scale)

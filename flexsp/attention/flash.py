@@ -18,6 +18,7 @@ writes ``+inf`` there; translated both ways). ``window`` = w: query ``i`` sees k
 ``i - w < j <= i`` (``window_size_left = w - 1``). Boundaries come as host ints and are copied
 to the device once per micro-batch from pinned memory (:func:`device_cu`), never synchronously.
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,16 +67,30 @@ def _lse_to_flash(lse: torch.Tensor) -> torch.Tensor:
 def _check_lse(lse: torch.Tensor, q: torch.Tensor, who: str) -> None:
     want = (q.shape[1], q.shape[0])
     if tuple(lse.shape) != want or lse.dtype != torch.float32:
-        raise RuntimeError(f"{who} returned a {tuple(lse.shape)} {lse.dtype} LSE, expected the unpadded "
-                           f"[H, Tq] = {list(want)} float32 of FlashAttention >= 2.4")
+        raise RuntimeError(
+            f"{who} returned a {tuple(lse.shape)} {lse.dtype} LSE, expected the unpadded "
+            f"[H, Tq] = {list(want)} float32 of FlashAttention >= 2.4"
+        )
 
 
 # ---------------------------------------------------------------- torch's built-in kernels
 def aten_forward(q, k, v, cu_q, cu_k, causal, scale, window=None):
     left, right = _window_sizes(causal, window)
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
-        q, k, v, device_cu(cu_q, q.device), device_cu(cu_k, q.device), max_len(cu_q), max_len(cu_k),
-        0.0, bool(causal), False, scale=scale, window_size_left=left, window_size_right=right)
+        q,
+        k,
+        v,
+        device_cu(cu_q, q.device),
+        device_cu(cu_k, q.device),
+        max_len(cu_q),
+        max_len(cu_k),
+        0.0,
+        bool(causal),
+        False,
+        scale=scale,
+        window_size_left=left,
+        window_size_right=right,
+    )
     _check_lse(lse, q, "aten._flash_attention_forward")
     return out, _lse_from_flash(lse)
 
@@ -90,9 +105,24 @@ def aten_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, window=Non
     left, right = _window_sizes(causal, window)
     seed, offset = _rng_placeholders(q.device)
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
-        dout.contiguous(), q, k, v, out.contiguous(), _lse_to_flash(lse), device_cu(cu_q, q.device),
-        device_cu(cu_k, q.device), max_len(cu_q), max_len(cu_k), 0.0, bool(causal), seed, offset,
-        scale=scale, window_size_left=left, window_size_right=right)
+        dout.contiguous(),
+        q,
+        k,
+        v,
+        out.contiguous(),
+        _lse_to_flash(lse),
+        device_cu(cu_q, q.device),
+        device_cu(cu_k, q.device),
+        max_len(cu_q),
+        max_len(cu_k),
+        0.0,
+        bool(causal),
+        seed,
+        offset,
+        scale=scale,
+        window_size_left=left,
+        window_size_right=right,
+    )
     return dq, dk, dv
 
 
@@ -123,16 +153,19 @@ def aten_flash_usable(device: torch.device, dtype: torch.dtype, head_dim: int, g
             q = torch.randn(8, hq, head_dim, generator=g).to(device, dtype)
             k, v = (torch.randn(8, hk, head_dim, generator=g).to(device, dtype) for _ in range(2))
             cu = (0, 3, 8)
-            out, lse = aten_forward(q, k, v, cu, cu, True, head_dim ** -0.5)
-            grads = aten_backward(torch.ones_like(out), q, k, v, out, lse, cu, cu, True, head_dim ** -0.5)
+            out, lse = aten_forward(q, k, v, cu, cu, True, head_dim**-0.5)
+            grads = aten_backward(torch.ones_like(out), q, k, v, out, lse, cu, cu, True, head_dim**-0.5)
             if not all(bool(torch.isfinite(t).all()) for t in (out, lse, *grads)):
                 reason = "the probe returned non-finite values"
         except Exception as exc:  # noqa: BLE001 -- any failure means: not usable here, say why
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     if reason:
         if device.type == "cuda":
-            warnings.warn(f"flexsp attention: torch's built-in flash kernels cannot run {dtype} head dim "
-                          f"{head_dim} on {device} ({reason}); using the next backend", stacklevel=3)
+            warnings.warn(
+                f"flexsp attention: torch's built-in flash kernels cannot run {dtype} head dim "
+                f"{head_dim} on {device} ({reason}); using the next backend",
+                stacklevel=3,
+            )
         return False
     return True
 
@@ -142,6 +175,7 @@ def aten_flash_usable(device: torch.device, dtype: torch.dtype, head_dim: int, g
 def have_flash_attn() -> bool:
     try:
         import flash_attn  # noqa: F401
+
         return True
     except Exception:
         return False
@@ -149,10 +183,18 @@ def have_flash_attn() -> bool:
 
 # Values for flash_attn parameters that some versions require and we do not use (no sliding
 # window, softcap, ALiBi, dropout RNG state). Passed only where a version has no default.
-_FLASH_FILL = {"window_size": (-1, -1), "window_size_left": -1, "window_size_right": -1,
-               "softcap": 0.0, "alibi_slopes": None, "deterministic": False,
-               "return_softmax": False, "rng_state": None, "block_table": None,
-               "zero_tensors": False}
+_FLASH_FILL = {
+    "window_size": (-1, -1),
+    "window_size_left": -1,
+    "window_size_right": -1,
+    "softcap": 0.0,
+    "alibi_slopes": None,
+    "deterministic": False,
+    "return_softmax": False,
+    "rng_state": None,
+    "block_table": None,
+    "zero_tensors": False,
+}
 
 
 def call_by_name(fn, **values):
@@ -165,9 +207,15 @@ def call_by_name(fn, **values):
     """
     try:
         params = inspect.signature(getattr(fn, "_init_fn", fn)).parameters
-    except (TypeError, ValueError):    # opaque callable: trust the 2.6+ names
-        return fn(**values, window_size_left=-1, window_size_right=-1, softcap=0.0,
-                  alibi_slopes=None, deterministic=False)
+    except (TypeError, ValueError):  # opaque callable: trust the 2.6+ names
+        return fn(
+            **values,
+            window_size_left=-1,
+            window_size_right=-1,
+            softcap=0.0,
+            alibi_slopes=None,
+            deterministic=False,
+        )
     args = {}
     for name, p in params.items():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -176,8 +224,10 @@ def call_by_name(fn, **values):
             args[name] = values[name]
         elif p.default is p.empty:
             if name not in _FLASH_FILL:
-                raise TypeError(f"flash_attn {getattr(fn, '__name__', fn)} has a required "
-                                f"parameter {name!r} this module does not know how to fill")
+                raise TypeError(
+                    f"flash_attn {getattr(fn, '__name__', fn)} has a required "
+                    f"parameter {name!r} this module does not know how to fill"
+                )
             args[name] = _FLASH_FILL[name]
     return fn(**args)
 
@@ -191,26 +241,57 @@ def _window_values(causal, window) -> dict:
 
 def pkg_forward(q, k, v, cu_q, cu_k, causal, scale, window=None):
     from flash_attn.flash_attn_interface import _flash_attn_varlen_forward
-    res = call_by_name(_flash_attn_varlen_forward, q=q, k=k, v=v,
-                       cu_seqlens_q=device_cu(cu_q, q.device), cu_seqlens_k=device_cu(cu_k, q.device),
-                       max_seqlen_q=max_len(cu_q), max_seqlen_k=max_len(cu_k),
-                       dropout_p=0.0, softmax_scale=scale, causal=causal, **_window_values(causal, window))
+
+    res = call_by_name(
+        _flash_attn_varlen_forward,
+        q=q,
+        k=k,
+        v=v,
+        cu_seqlens_q=device_cu(cu_q, q.device),
+        cu_seqlens_k=device_cu(cu_k, q.device),
+        max_seqlen_q=max_len(cu_q),
+        max_seqlen_k=max_len(cu_k),
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=causal,
+        **_window_values(causal, window),
+    )
     # 2.6+/FA3: (out, softmax_lse, ...); <= 2.5: (out, q, k, v, out_padded, softmax_lse, ...)
     want = (q.shape[1], q.shape[0])
-    lse = next((t for t in res[1:] if torch.is_tensor(t) and t.dtype == torch.float32
-                and tuple(t.shape) == want), None)
+    lse = next(
+        (t for t in res[1:] if torch.is_tensor(t) and t.dtype == torch.float32 and tuple(t.shape) == want),
+        None,
+    )
     if lse is None:
-        raise RuntimeError(f"flash_attn varlen forward returned no [H, Tq]={want} float32 LSE; "
-                           "flash_attn >= 2.4 (unpadded softmax_lse) is needed")
+        raise RuntimeError(
+            f"flash_attn varlen forward returned no [H, Tq]={want} float32 LSE; "
+            "flash_attn >= 2.4 (unpadded softmax_lse) is needed"
+        )
     return res[0], _lse_from_flash(lse)
 
 
 def pkg_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, window=None):
     from flash_attn.flash_attn_interface import _flash_attn_varlen_backward
+
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    call_by_name(_flash_attn_varlen_backward, dout=dout, q=q, k=k, v=v, out=out,
-                 softmax_lse=_lse_to_flash(lse), dq=dq, dk=dk, dv=dv,
-                 cu_seqlens_q=device_cu(cu_q, q.device), cu_seqlens_k=device_cu(cu_k, q.device),
-                 max_seqlen_q=max_len(cu_q), max_seqlen_k=max_len(cu_k),
-                 dropout_p=0.0, softmax_scale=scale, causal=causal, **_window_values(causal, window))
+    call_by_name(
+        _flash_attn_varlen_backward,
+        dout=dout,
+        q=q,
+        k=k,
+        v=v,
+        out=out,
+        softmax_lse=_lse_to_flash(lse),
+        dq=dq,
+        dk=dk,
+        dv=dv,
+        cu_seqlens_q=device_cu(cu_q, q.device),
+        cu_seqlens_k=device_cu(cu_k, q.device),
+        max_seqlen_q=max_len(cu_q),
+        max_seqlen_k=max_len(cu_k),
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=causal,
+        **_window_values(causal, window),
+    )
     return dq, dk, dv

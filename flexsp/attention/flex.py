@@ -20,6 +20,7 @@ kernels that stay compiled.
 Off CUDA flex runs eager (forward only: flex has no CPU backward); the eager path is a dense
 reference, used on CPU by tests only.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,11 @@ import warnings
 from collections import Counter
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-FLEX_BLOCK = 128      # flex_attention's default (and tuned) block size
+from flexsp.hostcopy import to_device
+
+FLEX_BLOCK = 128  # flex_attention's default (and tuned) block size
 _BLOCK_CHUNK = 1 << 24  # max elements of the [q-block rows x kv blocks] scratch per step
 RECOMPILE_BUDGET = 8
 """Compiles allowed per kernel variant: the first shape, the recompile that makes the token
@@ -46,7 +50,6 @@ def row_intervals(cu_q, cu_k, causal, rows=None, device=None, window=None):
     (causal only): a row sees at most its last ``window`` visible keys (``lo = max(lo, hi - w)``).
     Built on the host and copied once (asynchronously) when ``device`` is a GPU.
     """
-    from flexsp.hostcopy import to_device
     lng = dict(dtype=torch.long)
     cq, ck = torch.as_tensor(list(cu_q), **lng), torch.as_tensor(list(cu_k), **lng)
     lq, lk = cq.diff(), ck.diff()
@@ -78,10 +81,10 @@ def block_sparsity(lo, hi, tk, block_q=FLEX_BLOCK, block_k=FLEX_BLOCK):
     anys, fulls = [], []
     step = max(1, _BLOCK_CHUNK // max(1, block_q * nk))
     for s in range(0, nq, step):
-        lo_s = lo[s * block_q:(s + step) * block_q].view(-1, block_q, 1)
-        hi_s = hi[s * block_q:(s + step) * block_q].view(-1, block_q, 1)
+        lo_s = lo[s * block_q : (s + step) * block_q].view(-1, block_q, 1)
+        hi_s = hi[s * block_q : (s + step) * block_q].view(-1, block_q, 1)
         anys.append((torch.maximum(lo_s, c0) < torch.minimum(hi_s, c1)).any(1))
-        fulls.append(((lo_s <= c0) & (hi_s >= c0 + block_k)).all(1))   # hi <= tk: no ragged tail
+        fulls.append(((lo_s <= c0) & (hi_s >= c0 + block_k)).all(1))  # hi <= tk: no ragged tail
     if not anys:
         z = torch.zeros(0, nk, dtype=torch.bool, device=lo.device)
         return z, z
@@ -100,24 +103,37 @@ def _ordered(dense):
 def interval_mask_mod(lo, hi):
     def doc_mask(b, h, q_idx, kv_idx):
         return (kv_idx >= lo[q_idx]) & (kv_idx < hi[q_idx])
+
     return doc_mask
 
 
 @functools.lru_cache(maxsize=16)
-def doc_block_mask(cu_q: tuple, cu_k: tuple, causal: bool, device: torch.device,
-                   block: int = FLEX_BLOCK, window: int | None = None):
+def doc_block_mask(
+    cu_q: tuple,
+    cu_k: tuple,
+    causal: bool,
+    device: torch.device,
+    block: int = FLEX_BLOCK,
+    window: int | None = None,
+):
     """flex_attention ``BlockMask`` for packed documents (segment i of q sees segment i of k,
     causally when ``causal``). Cached per arguments (tuples of ints): every layer and ring step
     of a batch reuses it. Built with tensor ops on ``device``, no ``[Tq, Tk]`` mask."""
-    from torch.nn.attention.flex_attention import BlockMask
     tq, tk = int(cu_q[-1]), int(cu_k[-1])
     rows = -(-max(tq, 1) // block) * block
     lo, hi = row_intervals(cu_q, cu_k, causal, rows, device, window)
     partial, full = block_sparsity(lo, hi, tk, block, block)
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
-                                    mask_mod=interval_mask_mod(lo, hi), seq_lengths=(tq, tk))
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block,
+        mask_mod=interval_mask_mod(lo, hi),
+        seq_lengths=(tq, tk),
+    )
 
 
 def _mark_dynamic(qh, kh, vh, bm):
@@ -137,7 +153,6 @@ def _mark_dynamic(qh, kh, vh, bm):
 
 
 def _flex_entry(q, k, v, block_mask, scale, enable_gqa, extra):
-    from torch.nn.attention.flex_attention import flex_attention
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, **extra)
 
 
@@ -157,8 +172,9 @@ class FlexKernels:
     dynamo guards and recompile limit, without inductor's code generation).
     """
 
-    def __init__(self, compile: bool | None = None, backend: str = "inductor",
-                 recompile_budget: int = RECOMPILE_BUDGET):
+    def __init__(
+        self, compile: bool | None = None, backend: str = "inductor", recompile_budget: int = RECOMPILE_BUDGET
+    ):
         self.compile, self.backend, self.recompile_budget = compile, backend, recompile_budget
         self._fns: dict = {}
         self.retired: dict = {}
@@ -176,7 +192,6 @@ class FlexKernels:
 
     def __call__(self, qh, kh, vh, bm, scale, gqa, return_lse):
         """flex on ``[1,H,T,D]`` inputs; None when this variant is retired (caller falls back)."""
-        from torch.nn.attention.flex_attention import flex_attention
         extra = _lse_request() if return_lse else {}
         compile_ = qh.device.type == "cuda" if self.compile is None else self.compile
         key = (qh.device.type, qh.dtype, qh.shape[-1], gqa, return_lse, torch.is_grad_enabled())
@@ -194,10 +209,15 @@ class FlexKernels:
         except Exception as exc:  # noqa: BLE001 -- only the recompile-limit failure is ours
             if type(exc).__name__ not in ("FailOnRecompileLimitHit", "RecompileLimitExceeded"):
                 raise
-            self.retired[key] = (f"more than {self.recompile_budget} compiles of this variant (new shapes "
-                                 f"keep arriving); running it eager would materialise the score matrix")
-            warnings.warn(f"flexsp attention: compiled flex_attention variant {key} retired: "
-                          f"{self.retired[key]}; its calls now use the per-document SDPA loop", stacklevel=3)
+            self.retired[key] = (
+                f"more than {self.recompile_budget} compiles of this variant (new shapes "
+                f"keep arriving); running it eager would materialise the score matrix"
+            )
+            warnings.warn(
+                f"flexsp attention: compiled flex_attention variant {key} retired: "
+                f"{self.retired[key]}; its calls now use the per-document SDPA loop",
+                stacklevel=3,
+            )
             self.paths[key, "fallback"] += 1
             return None
         self.paths[key, "compiled"] += 1
@@ -209,6 +229,7 @@ def _lse_request_obj():
     """``AuxRequest(lse=True)`` where flex has it (``return_lse`` is deprecated), else None."""
     try:
         from torch.nn.attention.flex_attention import AuxRequest
+
         return AuxRequest(lse=True)
     except ImportError:
         return None
@@ -228,12 +249,18 @@ def flex_forward(q, k, v, cu_q, cu_k, causal, scale, return_lse, window=None, ke
     float32 with ``return_lse``). None when the compiled variant is retired (caller falls back)."""
     kernels = KERNELS if kernels is None else kernels
     gqa = q.shape[1] != k.shape[1]
-    if q.shape[0] == 0 or k.shape[0] == 0:   # nothing to attend: out 0, lse -inf
-        out = q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())   # keeps autograd
+    if q.shape[0] == 0 or k.shape[0] == 0:  # nothing to attend: out 0, lse -inf
+        out = q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())  # keeps autograd
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
         return (out, lse) if return_lse else out
-    bm = doc_block_mask(tuple(int(c) for c in cu_q), tuple(int(c) for c in cu_k), bool(causal),
-                        q.device, FLEX_BLOCK, window or None)
+    bm = doc_block_mask(
+        tuple(int(c) for c in cu_q),
+        tuple(int(c) for c in cu_k),
+        bool(causal),
+        q.device,
+        FLEX_BLOCK,
+        window or None,
+    )
     qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     res = kernels(qh, kh, vh, bm, scale, gqa, return_lse)
     if res is None:
@@ -264,9 +291,10 @@ def flex_block_backward(do, q, k, v, o, lse, cu_q, cu_k, causal, scale, kernels=
         if res is None:
             return None
         ob, lb = res
-        c = torch.where(torch.isneginf(lse), torch.zeros_like(lse),
-                        torch.exp(lb.detach().float() - lse.float()))      # [H, Tq]
-        ct = c.t().unsqueeze(-1)                                           # [Tq, H, 1]
+        c = torch.where(
+            torch.isneginf(lse), torch.zeros_like(lse), torch.exp(lb.detach().float() - lse.float())
+        )  # [H, Tq]
+        ct = c.t().unsqueeze(-1)  # [Tq, H, 1]
         dof = do.float()
         g = (dof * ct).to(ob.dtype)
         g_lse = (ct[..., 0] * (dof * (ob.detach().float() - o.float())).sum(-1)).t()

@@ -27,7 +27,8 @@ def hybrid_attention(q, k, v, meta, group, causal=True, backend=None, scale=None
             f"non-causal {meta.mode} attention needs document lengths that are multiples of "
             f"2*ring_degree={2 * r} and a total divisible by the degree {meta.degree} (padding "
             f"would be visible); got cu_seqlens={list(meta.cu_seqlens)}. Use causal=True or "
-            "mode='ulysses'")
+            "mode='ulysses'"
+        )
     rep = check_heads(q.shape[1], k.shape[1], u, meta.mode)
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -35,6 +36,19 @@ def hybrid_attention(q, k, v, meta, group, causal=True, backend=None, scale=None
     j, i = divmod(meta.rank, u)
     nxt = global_rank(group, ((j + 1) % r) * u + i)
     prv = global_rank(group, ((j - 1) % r) * u + i)
-    out = ring_attention(qh, kh, vh, meta.slot_chunk_lens, group, j, r, nxt, prv,
-                         causal=causal, scale=scale, backend=backend, plan=meta.ring_plan(q.device))
+    out = ring_attention(
+        qh,
+        kh,
+        vh,
+        meta.slot_chunk_lens,
+        group,
+        j,
+        r,
+        nxt,
+        prv,
+        causal=causal,
+        scale=scale,
+        backend=backend,
+        plan=meta.ring_plan(q.device),
+    )
     return gather_heads(out, group, u)

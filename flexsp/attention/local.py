@@ -67,6 +67,7 @@ def _have_flash() -> bool:
 def _have_flex() -> bool:
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+
         return True
     except Exception:
         return False
@@ -78,8 +79,15 @@ def _aten_flash_ok(device, dtype, head_dim, gqa) -> bool:
     return FA.aten_flash_usable(torch.device(device), dtype, int(head_dim), bool(gqa))
 
 
-def pick_backend(device: torch.device, backend: str | None = None, need_lse: bool = False, *,
-                 dtype: torch.dtype | None = None, head_dim: int | None = None, gqa: bool = False) -> str:
+def pick_backend(
+    device: torch.device,
+    backend: str | None = None,
+    need_lse: bool = False,
+    *,
+    dtype: torch.dtype | None = None,
+    head_dim: int | None = None,
+    gqa: bool = False,
+) -> str:
     """Resolve ``backend`` (None = automatic) for tensors on ``device``.
 
     ``need_lse``: the caller needs the LSE kernels (``attn_forward`` / ``attn_backward``).
@@ -87,12 +95,12 @@ def pick_backend(device: torch.device, backend: str | None = None, need_lse: boo
     for inputs they run; without them they are not considered).
     """
     if backend == "hybrid" and need_lse:
-        backend = None        # the LSE block kernels are whole-buffer kernels: the automatic one
+        backend = None  # the LSE block kernels are whole-buffer kernels: the automatic one
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
         if backend == "sdpa" and need_lse and device.type != "cpu":
-            return "math"     # the SDPA LSE kernels are the ATen CPU ones
+            return "math"  # the SDPA LSE kernels are the ATen CPU ones
         return backend
     if device.type != "cuda":
         return "sdpa" if (device.type == "cpu" or not need_lse) else "math"
@@ -106,8 +114,9 @@ def pick_backend(device: torch.device, backend: str | None = None, need_lse: boo
 
 
 def _pick(q, k, backend, need_lse):
-    return pick_backend(q.device, backend, need_lse, dtype=q.dtype, head_dim=q.shape[-1],
-                        gqa=q.shape[1] != k.shape[1])
+    return pick_backend(
+        q.device, backend, need_lse, dtype=q.dtype, head_dim=q.shape[-1], gqa=q.shape[1] != k.shape[1]
+    )
 
 
 def _bounds(cu) -> list[tuple[int, int]]:
@@ -116,23 +125,29 @@ def _bounds(cu) -> list[tuple[int, int]]:
 
 def _check(q, k, v, cu_q, cu_k):
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
-        raise ValueError(f"expected q [T,H,D], k/v [T,Hkv,D]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q [T,H,D], k/v [T,Hkv,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
     bq, bk = _bounds(cu_q), _bounds(cu_k)
     if len(bq) != len(bk) or bq[-1:] and (bq[-1][1] != q.shape[0] or bk[-1][1] != k.shape[0]):
-        raise ValueError(f"cu_seqlens do not cover the inputs: q rows {q.shape[0]}, "
-                         f"cu_q {cu_q}; k rows {k.shape[0]}, cu_k {cu_k}")
+        raise ValueError(
+            f"cu_seqlens do not cover the inputs: q rows {q.shape[0]}, "
+            f"cu_q {cu_q}; k rows {k.shape[0]}, cu_k {cu_k}"
+        )
     return bq, bk
 
 
-def _expand(x, groups):   # [L, Hkv, D] -> [1, H, L, D]
-    return x.repeat_interleave(groups, dim=1).transpose(0, 1).unsqueeze(0) if groups > 1 \
+def _expand(x, groups):  # [L, Hkv, D] -> [1, H, L, D]
+    return (
+        x.repeat_interleave(groups, dim=1).transpose(0, 1).unsqueeze(0)
+        if groups > 1
         else x.transpose(0, 1).unsqueeze(0)
+    )
 
 
-def _fold(dx, groups):    # [1, H, L, D] -> [L, Hkv, D], summing GQA replicas
+def _fold(dx, groups):  # [1, H, L, D] -> [L, Hkv, D], summing GQA replicas
     dx = dx[0].transpose(0, 1)
     if groups > 1:
         dx = dx.unflatten(1, (-1, groups)).sum(2)
@@ -149,7 +164,7 @@ def _math_scores(q, k, causal, scale):
     return s
 
 
-def _fwd_math_doc(q, k, v, causal, scale):   # [1,H,L,D] each
+def _fwd_math_doc(q, k, v, causal, scale):  # [1,H,L,D] each
     s = _math_scores(q[0], k[0], causal, scale)
     lse = torch.logsumexp(s, -1)
     out = torch.einsum("hqk,hkd->hqd", torch.exp(s - lse[..., None]), v[0].float())
@@ -170,13 +185,13 @@ def _bwd_math_doc(do, q, k, v, o, lse, causal, scale):
 
 # ---------------------------------------------------------------- CPU flash (SDPA) kernels
 def _fwd_sdpa_doc(q, k, v, causal, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, causal, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
 
 
 def _bwd_sdpa_doc(do, q, k, v, o, lse, causal, scale):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        do, q, k, v, o, lse, 0.0, causal, scale=scale)
+        do, q, k, v, o, lse, 0.0, causal, scale=scale
+    )
 
 
 _DOC_FWD = {"sdpa": _fwd_sdpa_doc, "math": _fwd_math_doc}
@@ -204,24 +219,23 @@ def attn_forward(q, k, v, cu_q, cu_k, causal=True, scale=None, backend=None, win
         res = FX.flex_forward(q, k, v, cu_q, cu_k, causal, scale, True)
         if res is not None:
             return res
-        backend = "math"      # variant retired (warned once): exact, per document
+        backend = "math"  # variant retired (warned once): exact, per document
     g = q.shape[1] // k.shape[1]
     out = q.new_zeros(q.shape)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32,
-                     device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     fwd = _DOC_FWD[backend]
     for (qs, qe), (ks, ke) in zip(bq, bk):
         if qe == qs or ke == ks:
             continue
-        o, l = fwd(q[qs:qe].transpose(0, 1).unsqueeze(0), _expand(k[ks:ke], g),
-                   _expand(v[ks:ke], g), causal, scale)
+        o, l = fwd(
+            q[qs:qe].transpose(0, 1).unsqueeze(0), _expand(k[ks:ke], g), _expand(v[ks:ke], g), causal, scale
+        )
         out[qs:qe] = o[0].transpose(0, 1)
         lse[:, qs:qe] = l[0]
     return out, lse
 
 
-def attn_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=True, scale=None, backend=None,
-                  window=None):
+def attn_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=True, scale=None, backend=None, window=None):
     """Block backward against the (possibly merged) ``out`` and ``lse``. Returns dq, dk, dv."""
     bq, bk = _check(q, k, v, cu_q, cu_k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -240,8 +254,16 @@ def attn_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=True, scale=None, 
     for (qs, qe), (ks, ke) in zip(bq, bk):
         if qe == qs or ke == ks:
             continue
-        gq, gk, gv = bwd(t(dout[qs:qe]), t(q[qs:qe]), _expand(k[ks:ke], g), _expand(v[ks:ke], g),
-                         t(out[qs:qe]), lse[:, qs:qe].unsqueeze(0), causal, scale)
+        gq, gk, gv = bwd(
+            t(dout[qs:qe]),
+            t(q[qs:qe]),
+            _expand(k[ks:ke], g),
+            _expand(v[ks:ke], g),
+            t(out[qs:qe]),
+            lse[:, qs:qe].unsqueeze(0),
+            causal,
+            scale,
+        )
         dq[qs:qe] = gq[0].transpose(0, 1)
         dk[ks:ke] = _fold(gk, g)
         dv[ks:ke] = _fold(gv, g)
@@ -272,14 +294,15 @@ def _doc_attention(qd, kd, vd, causal, scale, window):
     if lq == 0:
         return qd.new_zeros(qd.shape)
     if lk == 0:
-        return qd.new_zeros(qd.shape) + 0 * (kd.sum() + vd.sum())    # keeps autograd
+        return qd.new_zeros(qd.shape) + 0 * (kd.sum() + vd.sum())  # keeps autograd
     gqa = qd.shape[1] != kd.shape[1]
     t = lambda x: x.transpose(0, 1)[None]  # noqa: E731   [L, H, D] -> [1, H, L, D]
     if window and causal and lq > window:
         i = torch.arange(lq, device=qd.device)
         diff = i[:, None] - i[None, :]
-        o = F.scaled_dot_product_attention(t(qd), t(kd), t(vd), attn_mask=(diff >= 0) & (diff < window),
-                                           scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(
+            t(qd), t(kd), t(vd), attn_mask=(diff >= 0) & (diff < window), scale=scale, enable_gqa=gqa
+        )
     else:
         o = F.scaled_dot_product_attention(t(qd), t(kd), t(vd), is_causal=causal, scale=scale, enable_gqa=gqa)
     return o[0].transpose(0, 1)
@@ -292,8 +315,11 @@ def _sdpa_loop(q, k, v, cu_q, cu_k, causal, scale, window=None):
     lens_q = [e - s for s, e in _bounds(cu_q)]
     lens_k = [e - s for s, e in _bounds(cu_k)]
     qs = torch.split(q, lens_q)
-    ks, vs = (torch.split(k, lens_k), torch.split(v, lens_k)) if cu_k != cu_q or k.shape[0] != q.shape[0] \
+    ks, vs = (
+        (torch.split(k, lens_k), torch.split(v, lens_k))
+        if cu_k != cu_q or k.shape[0] != q.shape[0]
         else (torch.split(k, lens_q), torch.split(v, lens_q))
+    )
     outs = [_doc_attention(a, b, c, causal, scale, window) for a, b, c in zip(qs, ks, vs)]
     return torch.cat(outs) if outs else q.new_zeros(q.shape)
 
@@ -318,26 +344,48 @@ def _hybrid(q, k, v, cu, causal, scale, window, short_backend):
     cu_short = [0]
     for i in short:
         cu_short.append(cu_short[-1] + lens[i])
-    packed = varlen_attention(torch.cat([qs[i] for i in short]), torch.cat([ks[i] for i in short]),
-                              torch.cat([vs[i] for i in short]), cu_short, causal, backend=short_backend,
-                              scale=scale, window=window)
+    packed = varlen_attention(
+        torch.cat([qs[i] for i in short]),
+        torch.cat([ks[i] for i in short]),
+        torch.cat([vs[i] for i in short]),
+        cu_short,
+        causal,
+        backend=short_backend,
+        scale=scale,
+        window=window,
+    )
     short_out = iter(torch.split(packed, [lens[i] for i in short]))
-    outs = [_doc_attention(qs[i], ks[i], vs[i], causal, scale, window) if is_long else next(short_out)
-            for i, is_long in enumerate(long_)]
+    outs = [
+        _doc_attention(qs[i], ks[i], vs[i], causal, scale, window) if is_long else next(short_out)
+        for i, is_long in enumerate(long_)
+    ]
     return torch.cat(outs)
 
 
 def _host_list(cu) -> list[int]:
     if torch.is_tensor(cu):
         if cu.device.type != "cpu":
-            raise ValueError("cu_seqlens must be host-side (a list, tuple or CPU tensor): reading "
-                             f"boundaries back from {cu.device} would stall the device every call")
+            raise ValueError(
+                "cu_seqlens must be host-side (a list, tuple or CPU tensor): reading "
+                f"boundaries back from {cu.device} would stall the device every call"
+            )
         return [int(c) for c in cu.tolist()]
     return [int(c) for c in cu]
 
 
-def varlen_attention(q, k, v, cu_seqlens, causal=True, return_lse=False, backend=None, *,
-                     cu_seqlens_k=None, scale=None, window=None):
+def varlen_attention(
+    q,
+    k,
+    v,
+    cu_seqlens,
+    causal=True,
+    return_lse=False,
+    backend=None,
+    *,
+    cu_seqlens_k=None,
+    scale=None,
+    window=None,
+):
     """Attention over packed documents, each attending only to itself (autograd-aware).
 
     q ``[T, H, D]``, k/v ``[T, Hkv, D]`` (GQA when ``Hkv < H``), ``cu_seqlens`` host-side ints
@@ -377,11 +425,11 @@ def varlen_attention(q, k, v, cu_seqlens, causal=True, return_lse=False, backend
             if res is not None:
                 return res
         return _sdpa_loop(q, k, v, cu_q, cu_q, True, scale, window)
-    if name == "flex":       # flex's own autograd (its backward kernel), no LSE gradient
+    if name == "flex":  # flex's own autograd (its backward kernel), no LSE gradient
         res = FX.flex_forward(q, k, v, cu_q, cu_k, causal, scale, return_lse)
         if res is not None:
             return (res[0], res[1].detach()) if return_lse else res
-        name = "math" if return_lse else "sdpa"     # variant retired (warned once)
+        name = "math" if return_lse else "sdpa"  # variant retired (warned once)
     if name == "sdpa" and q.device.type != "cpu":
         # autograd through per-document SDPA (its LSE kernel is CPU-only; with return_lse
         # the choice is already "math")

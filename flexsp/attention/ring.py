@@ -77,7 +77,8 @@ def _merge(out, lse, o, l, rows=None):
     if rows is None:
         new = torch.logaddexp(lse, l)
         out.mul_(torch.exp(lse - new).t().unsqueeze(-1)).add_(
-            o.float() * torch.exp(l - new).t().unsqueeze(-1))
+            o.float() * torch.exp(l - new).t().unsqueeze(-1)
+        )
         lse.copy_(new)
     else:
         sub_out, sub_lse = out[rows], lse[:, rows]
@@ -136,18 +137,31 @@ class RingAttention(torch.autograd.Function):
             src = (j - s) % r
             bdkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
             if s == 0 or not causal:
-                gq, gk, gv = attn_backward(dout, q, ks, vs, out, lse, cu_full, cu_full,
-                                           causal and s == 0, scale, backend)
+                gq, gk, gv = attn_backward(
+                    dout, q, ks, vs, out, lse, cu_full, cu_full, causal and s == 0, scale, backend
+                )
                 dq += gq
                 bdkv[:, :hk], bdkv[:, hk:] = gk, gv
             elif src < j:
-                gq, gk, gv = attn_backward(dout, q, ks[head], vs[head], out, lse, cu_full,
-                                           cu_half, False, scale, backend)
+                gq, gk, gv = attn_backward(
+                    dout, q, ks[head], vs[head], out, lse, cu_full, cu_half, False, scale, backend
+                )
                 dq += gq
                 bdkv[head, :hk], bdkv[head, hk:] = gk.float(), gv.float()
             else:
-                gq, gk, gv = attn_backward(dout[tail], q[tail], ks, vs, out[tail], lse[:, tail],
-                                           cu_half, cu_full, False, scale, backend)
+                gq, gk, gv = attn_backward(
+                    dout[tail],
+                    q[tail],
+                    ks,
+                    vs,
+                    out[tail],
+                    lse[:, tail],
+                    cu_half,
+                    cu_full,
+                    False,
+                    scale,
+                    backend,
+                )
                 dq[tail] += gq.float()
                 bdkv[:, :hk], bdkv[:, hk:] = gk, gv
             if dkv_reqs is not None:
@@ -156,19 +170,40 @@ class RingAttention(torch.autograd.Function):
             if s + 1 < r:
                 wait(reqs)
                 kv = nxt_kv
-            if r > 1:   # pass the accumulator on (float32, see the module docstring): after
-                        # r hops it is back at its owner
+            if r > 1:  # pass the accumulator on (float32, see the module docstring): after
+                # r hops it is back at its owner
                 dkv, dkv_reqs = ring_send_recv(bdkv, nxt, prv, group, _DKV_TAG)
             else:
                 dkv = bdkv
         if dkv_reqs is not None:
             wait(dkv_reqs)
-        return (dq.to(q.dtype), dkv[:, :hk].to(k.dtype), dkv[:, hk:].to(v.dtype),
-                None, None, None, None, None)
+        return (
+            dq.to(q.dtype),
+            dkv[:, :hk].to(k.dtype),
+            dkv[:, hk:].to(v.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def ring_attention(q, k, v, chunk_lens, group, ring_index, ring_size, next_rank, prev_rank,
-                   causal=True, scale=None, backend=None, plan=None):
+def ring_attention(
+    q,
+    k,
+    v,
+    chunk_lens,
+    group,
+    ring_index,
+    ring_size,
+    next_rank,
+    prev_rank,
+    causal=True,
+    scale=None,
+    backend=None,
+    plan=None,
+):
     """Ring attention over the ring ``group``-ranks; ``next_rank``/``prev_rank`` are global.
 
     q ``[T, H, D]``, k/v ``[T, Hkv, D]`` in the head/tail layout with per-document chunk

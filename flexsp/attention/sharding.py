@@ -25,6 +25,7 @@ import torch
 from flexsp.hostcopy import to_device
 
 from .comm import AllGather, group_rank, group_size
+from .ring import make_plan
 
 MODES = ("ulysses", "ring", "hybrid")
 
@@ -68,7 +69,6 @@ class ShardMeta:
         per micro-batch (this layout) and device, not once per layer and pass."""
         key = ("ring_plan", str(device))
         if key not in self._cache:
-            from .ring import make_plan
             self._cache[key] = make_plan(self.slot_chunk_lens, device)
         return self._cache[key]
 
@@ -79,8 +79,9 @@ class ShardMeta:
         return tuple(p // (2 * r) if r > 1 else p for p in self.padded_seqlens)
 
 
-def split_degree(mode: str, degree: int, heads: int | None = None,
-                 ulysses_degree: int | None = None) -> tuple[int, int]:
+def split_degree(
+    mode: str, degree: int, heads: int | None = None, ulysses_degree: int | None = None
+) -> tuple[int, int]:
     """(ring_degree, ulysses_degree) for ``mode`` on ``degree`` ranks."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -90,9 +91,11 @@ def split_degree(mode: str, degree: int, heads: int | None = None,
         return degree, 1
     if ulysses_degree is None:
         if heads is None:
-            raise ValueError("mode='hybrid' needs heads=<query heads> or ulysses_degree=<u> "
-                             "at shard() time to fix the layout")
-        ulysses_degree = math.gcd(heads, degree)   # degree is a power of two
+            raise ValueError(
+                "mode='hybrid' needs heads=<query heads> or ulysses_degree=<u> "
+                "at shard() time to fix the layout"
+            )
+        ulysses_degree = math.gcd(heads, degree)  # degree is a power of two
     if ulysses_degree < 1 or degree % ulysses_degree:
         raise ValueError(f"ulysses_degree={ulysses_degree} must divide the group degree {degree}")
     return degree // ulysses_degree, ulysses_degree
@@ -120,25 +123,24 @@ def _layout(cu: list[int], d: int, r: int):
         padded.append(tail)
     lng = dict(dtype=torch.long)
     start, n = torch.tensor(starts, **lng), torch.tensor(real, **lng)
-    c = torch.tensor(padded, **lng) // m                 # chunk length per document
-    piece = c * (2 if r > 1 else 1)                      # rows per document in every slot
+    c = torch.tensor(padded, **lng) // m  # chunk length per document
+    piece = c * (2 if r > 1 else 1)  # rows per document in every slot
     slot_len = int(piece.sum())
     # Every slot has the same document structure: rows [off_i, off_i + piece_i) hold doc i.
     doc = torch.repeat_interleave(torch.arange(len(padded), **lng), piece, output_size=slot_len)
     off = torch.cumsum(piece, 0) - piece
-    o = torch.arange(slot_len, **lng) - off[doc]         # offset inside the doc's piece
+    o = torch.arange(slot_len, **lng) - off[doc]  # offset inside the doc's piece
     cd = c[doc]
-    if r > 1:   # slot j: first c rows = chunk j (head), next c rows = chunk 2r-1-j (tail)
+    if r > 1:  # slot j: first c rows = chunk j (head), next c rows = chunk 2r-1-j (tail)
         j = torch.arange(r, **lng).unsqueeze(1)
         first = o < cd
-        pos = torch.where(first, j * cd + o, (2 * r - 1 - j) * cd + (o - cd))   # [r, slot_len]
+        pos = torch.where(first, j * cd + o, (2 * r - 1 - j) * cd + (o - cd))  # [r, slot_len]
     else:
         pos = o.unsqueeze(0)
     index = torch.where(pos < n[doc], start[doc] + pos, torch.full_like(pos, -1))
     u = d // r
-    shape = (d, slot_len // u)          # slot j's rows split contiguously over its u ranks
-    return (index.reshape(shape), doc.expand_as(pos).reshape(shape), pos.reshape(shape),
-            padded)
+    shape = (d, slot_len // u)  # slot j's rows split contiguously over its u ranks
+    return (index.reshape(shape), doc.expand_as(pos).reshape(shape), pos.reshape(shape), padded)
 
 
 def make_meta(cu_seqlens, group, mode, *, heads=None, ulysses_degree=None, device=None):
@@ -150,18 +152,31 @@ def make_meta(cu_seqlens, group, mode, *, heads=None, ulysses_degree=None, devic
     # runs of consecutive positions of one document -> local cu_seqlens
     brk = (doc[1:] != doc[:-1]) | (pos[1:] != pos[:-1] + 1)
     runs = [0] + (brk.nonzero().squeeze(1) + 1).tolist() + ([len(index)] if len(index) else [])
-    def dev(x):   # own storage (not a view of every rank's layout), on ``device``
+
+    def dev(x):  # own storage (not a view of every rank's layout), on ``device``
         return x.clone() if device is None or torch.device(device) == x.device else x.to(device)
+
     index = dev(index)
-    return ShardMeta(mode=mode, degree=d, ring_degree=r, ulysses_degree=u, rank=g,
-                     num_tokens=cu[-1], cu_seqlens=tuple(cu), padded_seqlens=tuple(padded),
-                     tokens_local=len(index), local_cu_seqlens=tuple(runs), index=index,
-                     all_index=dev(index_all.reshape(-1)), valid_mask=index >= 0,
-                     position_ids=dev(pos), doc_ids=dev(doc))
+    return ShardMeta(
+        mode=mode,
+        degree=d,
+        ring_degree=r,
+        ulysses_degree=u,
+        rank=g,
+        num_tokens=cu[-1],
+        cu_seqlens=tuple(cu),
+        padded_seqlens=tuple(padded),
+        tokens_local=len(index),
+        local_cu_seqlens=tuple(runs),
+        index=index,
+        all_index=dev(index_all.reshape(-1)),
+        valid_mask=index >= 0,
+        position_ids=dev(pos),
+        doc_ids=dev(doc),
+    )
 
 
-def shard(x, cu_seqlens, group, mode, *, heads=None, ulysses_degree=None, pad_value=0,
-          meta=None):
+def shard(x, cu_seqlens, group, mode, *, heads=None, ulysses_degree=None, pad_value=0, meta=None):
     """This rank's tokens of the packed buffer ``x`` ``[tokens, ...]`` (same on every rank).
 
     Returns ``(local_x, meta)``. Pass ``meta=`` to shard more tensors (labels, positions)
@@ -169,8 +184,7 @@ def shard(x, cu_seqlens, group, mode, *, heads=None, ulysses_degree=None, pad_va
     (gradient flows to this rank's rows of ``x``).
     """
     if meta is None:
-        meta = make_meta(cu_seqlens, group, mode, heads=heads, ulysses_degree=ulysses_degree,
-                         device=x.device)
+        meta = make_meta(cu_seqlens, group, mode, heads=heads, ulysses_degree=ulysses_degree, device=x.device)
     if x.shape[0] != meta.num_tokens:
         raise ValueError(f"x has {x.shape[0]} tokens but cu_seqlens ends at {meta.num_tokens}")
     idx = to_device(meta.index, x.device)

@@ -1,4 +1,5 @@
 """Sequence-parallel attention of one rank's shard: Ulysses, or hybrid Ulysses x ring."""
+
 from __future__ import annotations
 
 from .hybrid import hybrid_attention
@@ -6,8 +7,7 @@ from .sharding import MODES, ShardMeta
 from .ulysses import ulysses_attention
 
 
-def sp_attention(q, k, v, meta: ShardMeta, group, mode, causal=True, *, backend=None,
-                 scale=None):
+def sp_attention(q, k, v, meta: ShardMeta, group, mode, causal=True, *, backend=None, scale=None):
     """Attention of this rank's tokens ``q [T_local, H, D]``, ``k/v [T_local, Hkv, D]``.
 
     ``meta`` comes from :func:`shard` with the same ``group`` and ``mode``. ``backend``
@@ -18,8 +18,7 @@ def sp_attention(q, k, v, meta: ShardMeta, group, mode, causal=True, *, backend=
     if mode != meta.mode and meta.degree > 1:
         raise ValueError(f"meta was built for mode {meta.mode!r}, not {mode!r}")
     if q.shape[0] != meta.tokens_local or k.shape[0] != meta.tokens_local:
-        raise ValueError(f"q/k have {q.shape[0]}/{k.shape[0]} tokens, meta expects "
-                         f"{meta.tokens_local}")
+        raise ValueError(f"q/k have {q.shape[0]}/{k.shape[0]} tokens, meta expects {meta.tokens_local}")
     if meta.ring_degree == 1:
         return ulysses_attention(q, k, v, meta, group, causal, backend, scale)
     return hybrid_attention(q, k, v, meta, group, causal, backend, scale)

@@ -46,7 +46,7 @@ def gather_heads(x, group, u: int):
     uT, h, D = x.shape
     T = uT // u
     sp = _splits(group, u, T)
-    recv = AllToAll.apply(x, group, sp, sp)              # [u*T, h, D], block p = heads of p
+    recv = AllToAll.apply(x, group, sp, sp)  # [u*T, h, D], block p = heads of p
     return recv.reshape(u, T, h, D).transpose(0, 1).reshape(T, u * h, D)
 
 
@@ -55,11 +55,12 @@ def check_heads(heads: int, kv_heads: int, u: int, mode: str) -> int:
     if heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
     if heads % u:
-        hint = ("use mode='hybrid' (Ulysses inside sub-groups x ring across them) or "
-                "mode='ring'" if mode == "ulysses" else
-                f"pass ulysses_degree=<a divisor of {heads}> to shard()")
-        raise ValueError(f"{mode}: {heads} query heads are not divisible by the Ulysses "
-                         f"degree {u}; {hint}")
+        hint = (
+            "use mode='hybrid' (Ulysses inside sub-groups x ring across them) or mode='ring'"
+            if mode == "ulysses"
+            else f"pass ulysses_degree=<a divisor of {heads}> to shard()"
+        )
+        raise ValueError(f"{mode}: {heads} query heads are not divisible by the Ulysses degree {u}; {hint}")
     rep = u // math.gcd(kv_heads, u)
     if (heads // u) % (kv_heads * rep // u):
         raise ValueError(f"cannot split kv_heads={kv_heads} for heads={heads} over {u} ranks")
@@ -79,8 +80,7 @@ def ulysses_attention(q, k, v, meta, group, causal=True, backend=None, scale=Non
     for p in meta.padded_seqlens:
         cu.append(cu[-1] + p)
     if window:
-        out = varlen_attention(qh, kh, vh, cu, causal=causal, backend=backend, scale=scale,
-                               window=window)
+        out = varlen_attention(qh, kh, vh, cu, causal=causal, backend=backend, scale=scale, window=window)
     else:
         out = varlen_attention(qh, kh, vh, cu, causal=causal, backend=backend, scale=scale)
     return gather_heads(out, group, u)

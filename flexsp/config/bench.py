@@ -1,4 +1,5 @@
 """Section ``bench`` of ``flexsp-bench`` (``configs/bench/default.yaml``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -41,18 +42,26 @@ class BenchConfig:
             self.methods = [self.methods]
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
-            raise UserError(f"bench.methods={list(self.methods)}: {bad or 'empty'}; valid methods: "
-                             f"{list(METHODS)}")
+            raise UserError(
+                f"bench.methods={list(self.methods)}: {bad or 'empty'}; valid methods: {list(METHODS)}"
+            )
         self.methods = list(dict.fromkeys(self.methods))
-        for name, low in (("batches", 1), ("warmup", 0), ("repeats", 1), ("capacity_tokens", 0),
-                          ("matmul_size", 1)):
+        for name, low in (
+            ("batches", 1),
+            ("warmup", 0),
+            ("repeats", 1),
+            ("capacity_tokens", 0),
+            ("matmul_size", 1),
+        ):
             if getattr(self, name) < low:
                 raise UserError(f"bench.{name}={getattr(self, name)} must be >= {low}")
         if self.world not in WORLDS:
             raise UserError(f"bench.world={self.world!r}; valid options: {list(WORLDS)}")
         if self.world == "deepspeed" and "deepspeed-ulysses" not in self.methods:
-            raise UserError("bench.world=deepspeed runs the deepspeed-ulysses method alone, but "
-                             f"bench.methods={self.methods} does not list it")
+            raise UserError(
+                "bench.world=deepspeed runs the deepspeed-ulysses method alone, but "
+                f"bench.methods={self.methods} does not list it"
+            )
 
     def world_methods(self) -> list[str]:
         """The methods this world trains."""

@@ -5,6 +5,7 @@
 validated by :func:`flexsp.config.load_config`. A bad override (unknown key, no such group option,
 unparsable value) is one :class:`flexsp.errors.UserError` line naming it and what is valid.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,7 +30,9 @@ def tool_overrides(overrides: list[str], tool: str | None) -> list[str]:
         overrides[i] = "+" + overrides[i].lstrip("+")
     if not picked:
         overrides.insert(0, f"+{tool}=default")
-    if tool in TOOL_OUTPUT_DIRS and not any(o.split("=", 1)[0].lstrip("+") == "output_dir" for o in overrides):
+    if tool in TOOL_OUTPUT_DIRS and not any(
+        o.split("=", 1)[0].lstrip("+") == "output_dir" for o in overrides
+    ):
         overrides.insert(1, f"output_dir={TOOL_OUTPUT_DIRS[tool]}")
     return overrides
 
@@ -59,6 +62,7 @@ def compose(overrides: list[str], tool: str | None = None) -> RunConfig:
 
 def to_yaml(container: dict) -> str:
     from omegaconf import OmegaConf
+
     return OmegaConf.to_yaml(OmegaConf.create(container))
 
 
@@ -73,10 +77,14 @@ def _hydra_message(exc, overrides: list[str], tool: str | None) -> str:
         if f"'{key}'" in text and "Could not override" in text:
             section, _, leaf = key.rpartition(".")
             if not section and tool in TOOL_SECTIONS and leaf in _section_keys(tool, [], tool):
-                return f"unknown config key {key!r}: {tool} settings are under {tool}.*, e.g. {tool}.{o.lstrip('+~')}"
+                example = f"{tool}.{o.lstrip('+~')}"
+                return f"unknown config key {key!r}: {tool} settings are under {tool}.*, e.g. {example}"
             valid = _section_keys(section, [x for x in overrides if x != o], tool)
-            return (f"unknown config key {key!r}; valid keys of {section or 'the config'}: {valid}"
-                    if valid else f"unknown config key {key!r} (--cfg prints the config)")
+            return (
+                f"unknown config key {key!r}; valid keys of {section or 'the config'}: {valid}"
+                if valid
+                else f"unknown config key {key!r} (--cfg prints the config)"
+            )
     return f"bad override: {text}"
 
 

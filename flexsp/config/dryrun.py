@@ -1,4 +1,5 @@
 """Section ``dryrun`` of ``flexsp-dryrun`` (``configs/dryrun/default.yaml``)."""
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,10 @@ class DryRunConfig:
             if not (v > 0 and math.isfinite(v)):
                 raise UserError(f"dryrun.{name}={v} must be a finite number > 0")
         if not (0 <= self.reserve_gb < self.device_memory_gb and math.isfinite(self.reserve_gb)):
-            raise UserError(f"dryrun.reserve_gb={self.reserve_gb} must be >= 0 and below "
-                             f"dryrun.device_memory_gb={self.device_memory_gb}")
+            raise UserError(
+                f"dryrun.reserve_gb={self.reserve_gb} must be >= 0 and below "
+                f"dryrun.device_memory_gb={self.device_memory_gb}"
+            )
         if not 0 < self.mfu <= 1:
             raise UserError(f"dryrun.mfu={self.mfu} must be in (0, 1]")
         if self.workload not in WORKLOADS:

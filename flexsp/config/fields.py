@@ -7,11 +7,15 @@ every key against the dataclass's fields and every value against its annotation:
 section dataclasses (checked the same way, under ``<section>.<field>``). A bad key or value is one
 :class:`flexsp.errors.UserError` naming ``<section>.<field>``, the value and what is valid.
 """
+
 from __future__ import annotations
 
+import ast
 import dataclasses
 import enum
+import inspect
 import math
+import textwrap
 import types
 import typing
 from collections.abc import Mapping
@@ -49,8 +53,15 @@ class Choice(str, enum.Enum):
 
 def type_name(tp) -> str:
     """How an annotation reads in an error message ("an integer", "a string or null", ...)."""
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-             dict: "a mapping", type(None): "null"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "null",
+    }
     args = typing.get_args(tp)
     if args and typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(type_name(a) for a in args)
@@ -103,7 +114,7 @@ def typed_value(tp, value, field: str):
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)           # a name that YAML read as a number (profile.name=2024)
+        return str(value)  # a name that YAML read as a number (profile.name=2024)
     if not matches_type(tp, value):
         extra = " (finite)" if tp is float and isinstance(value, float) else ""
         raise UserError(f"{field}={value!r} must be {type_name(tp)}{extra}", field=field)
@@ -116,13 +127,17 @@ def typed_section(cls, data, name: str, skip=()):
     """``cls(**data)`` after checking keys and value types against ``cls``'s annotations; UserError
     naming ``<name>.<field>``, the value and the expected type otherwise."""
     if data is not None and not isinstance(data, Mapping):
-        raise UserError(f"{name} must be a mapping of {sorted(f.name for f in dataclasses.fields(cls))}, "
-                        f"got {data!r}", field=name)
+        raise UserError(
+            f"{name} must be a mapping of {sorted(f.name for f in dataclasses.fields(cls))}, got {data!r}",
+            field=name,
+        )
     data = dict(data or {})
     valid = {f.name for f in dataclasses.fields(cls) if f.init}
     bad = sorted(set(data) - valid)
     if bad:
-        raise UserError(f"unknown {name} keys {bad}; valid keys: {sorted(valid)}", field=name, options=sorted(valid))
+        raise UserError(
+            f"unknown {name} keys {bad}; valid keys: {sorted(valid)}", field=name, options=sorted(valid)
+        )
     hints = typing.get_type_hints(cls)
     for key, value in data.items():
         if key not in skip:
@@ -149,9 +164,6 @@ def plain(value):
 def field_docs(cls) -> dict[str, str]:
     """The attribute docstrings of dataclass ``cls`` (the string right under each field), for
     ``--help`` (Python keeps no attribute docstrings at run time: read from the source)."""
-    import ast
-    import inspect
-    import textwrap
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}

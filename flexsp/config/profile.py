@@ -1,6 +1,7 @@
 """Section ``profile`` of ``flexsp-profile`` (``configs/profile.yaml`` composes it with the training
 tree: the model, precision, engine and backend profiled are the ones ``model.*``, ``train.precision``
 and ``parallel.*`` give training)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -85,35 +86,60 @@ class ProfileConfig:
         for key in ("repeats", "threads_per_rank"):
             if getattr(self, key) < 1:
                 raise UserError(f"profile.{key}={getattr(self, key)} must be >= 1")
-        for key in ("profile_layers", "max_len", "capacity_tokens", "validate_batches", "validate_tokens",
-                    "validate_max_len", "num_devices"):
+        for key in (
+            "profile_layers",
+            "max_len",
+            "capacity_tokens",
+            "validate_batches",
+            "validate_tokens",
+            "validate_max_len",
+            "num_devices",
+        ):
             if getattr(self, key) < 0:
                 raise UserError(f"profile.{key}={getattr(self, key)} must be >= 0 (0: {_ZERO[key]})")
         check_power_of_two("profile.num_devices", self.num_devices, zero_ok=True)
         if self.max_len and self.max_len < 16:
-            raise UserError(f"profile.max_len={self.max_len} must be 0 (the model's max_position_embeddings) or >= 16")
+            raise UserError(
+                f"profile.max_len={self.max_len} must be 0 (the model's max_position_embeddings) or >= 16"
+            )
         if self.memory_mb < 0 or self.timeout_s <= 0:
-            raise UserError(f"profile.memory_mb={self.memory_mb} must be >= 0 and profile.timeout_s={self.timeout_s} > 0")
+            raise UserError(
+                f"profile.memory_mb={self.memory_mb} must be >= 0 and profile.timeout_s={self.timeout_s} > 0"
+            )
         for key in ("compute_shapes", "comm_shapes"):
             shapes = getattr(self, key)
             if shapes is None:
                 continue
-            bad = [s for s in shapes if not isinstance(s, (list, tuple)) or not s
-                   or any(isinstance(x, bool) or not isinstance(x, int) or x < 2 for x in s)]
+            bad = [
+                s
+                for s in shapes
+                if not isinstance(s, (list, tuple))
+                or not s
+                or any(isinstance(x, bool) or not isinstance(x, int) or x < 2 for x in s)
+            ]
             if bad:
-                raise UserError(f"profile.{key} must be null or lists of integer document lengths >= 2, got {bad[:3]}")
+                raise UserError(
+                    f"profile.{key} must be null or lists of integer document lengths >= 2, got {bad[:3]}"
+                )
         if self.compute_shapes is not None and len(self.compute_shapes) < 3:
-            raise UserError(f"profile.compute_shapes needs >= 3 shapes for a 3-term fit, got {len(self.compute_shapes)}")
+            raise UserError(
+                f"profile.compute_shapes needs >= 3 shapes for a 3-term fit, got {len(self.compute_shapes)}"
+            )
         if self.comm_shapes is not None and not self.comm_shapes:
             raise UserError("profile.comm_shapes must be null (generated) or a non-empty list of shapes")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
-            raise UserError(f"profile.modes={self.modes} are not profiled; valid options: {list(MODES)} (one or both)")
-        if len(self.link_mb) < 2 or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0
-                                        for x in self.link_mb):
+            raise UserError(
+                f"profile.modes={self.modes} are not profiled; valid options: {list(MODES)} (one or both)"
+            )
+        if len(self.link_mb) < 2 or any(
+            isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 for x in self.link_mb
+        ):
             raise UserError(f"profile.link_mb={self.link_mb} needs >= 2 positive sizes (MB)")
         if self.validate_distribution not in _DISTRIBUTIONS:
-            raise UserError.choice("profile.validate_distribution", self.validate_distribution, _DISTRIBUTIONS)
+            raise UserError.choice(
+                "profile.validate_distribution", self.validate_distribution, _DISTRIBUTIONS
+            )
 
     def depths(self, layers: int) -> list[int]:
         """Depths built and timed for a model of ``layers`` layers: [layers] (full model), or
@@ -122,9 +148,11 @@ class ProfileConfig:
         if not n or n >= layers:
             return [layers]
         if n < 2:
-            raise UserError(f"profile.profile_layers={n} cannot separate the per-layer work from the fixed "
-                             f"embedding/head part (it builds profile_layers // 2 = 0 layers too); "
-                             f"valid: 0 (the full model, {layers} layers) or 2..{layers}")
+            raise UserError(
+                f"profile.profile_layers={n} cannot separate the per-layer work from the fixed "
+                f"embedding/head part (it builds profile_layers // 2 = 0 layers too); "
+                f"valid: 0 (the full model, {layers} layers) or 2..{layers}"
+            )
         return [n // 2, n]
 
     def resolved_max_len(self, mcfg) -> int:
@@ -142,10 +170,16 @@ class ProfileConfig:
         return vmax, self.validate_tokens or world * vmax
 
 
-_ZERO = {"profile_layers": "the full model", "max_len": "the model's max_position_embeddings",
-         "capacity_tokens": "from memory_mb", "validate_batches": "no validation",
-         "validate_tokens": "world size x validate_max_len", "validate_max_len": "max_len",
-         "devices_per_node": "LOCAL_WORLD_SIZE or the world size", "num_devices": "the profiled world size"}
+_ZERO = {
+    "profile_layers": "the full model",
+    "max_len": "the model's max_position_embeddings",
+    "capacity_tokens": "from memory_mb",
+    "validate_batches": "no validation",
+    "validate_tokens": "world size x validate_max_len",
+    "validate_max_len": "max_len",
+    "devices_per_node": "LOCAL_WORLD_SIZE or the world size",
+    "num_devices": "the profiled world size",
+}
 _DISTRIBUTIONS = ("wikipedia", "github", "commoncrawl")
 
 
@@ -172,11 +206,16 @@ def default_compute_shapes(max_len: int) -> list:
 
     def f(k):
         return max(16, M // k)
+
     short = max(2, min(16, M // 16))
     singles = [[f(k)] for k in (1, 2, 4, 8, 16, 64)]
     splits = [[f(2)] * 2, [f(8)] * 8, [f(32)] * min(32, max(1, M // 16)), [short] * min(64, M // short)]
-    mixes = [[f(2), f(4), f(8), f(16), f(32), f(32)], [f(2), f(8)], [3 * M // 8, 3 * M // 8, f(8)],
-             [f(4)] + [short] * min(32, M // 2 // short)]
+    mixes = [
+        [f(2), f(4), f(8), f(16), f(32), f(32)],
+        [f(2), f(8)],
+        [3 * M // 8, 3 * M // 8, f(8)],
+        [f(4)] + [short] * min(32, M // 2 // short),
+    ]
     return _dedupe(singles + splits + mixes, M)
 
 
@@ -187,9 +226,15 @@ def default_comm_shapes(max_len: int) -> list:
 
     def f(k):
         return max(16, M // k)
+
     small = [[min(64, M)], [min(128, M)], [16] * 8, [32] * 8]
-    large = [[f(16)], [f(4)], [f(2)], [M], [f(16)] * 4, [f(4), f(8), f(16), f(32), f(64), f(64)],
-             [f(4)] + [32] * 16]
+    large = [
+        [f(16)],
+        [f(4)],
+        [f(2)],
+        [M],
+        [f(16)] * 4,
+        [f(4), f(8), f(16), f(32), f(64), f(64)],
+        [f(4)] + [32] * 16,
+    ]
     return _dedupe(small + large, M)
-
-

@@ -1,4 +1,5 @@
 """Section ``solver``: how the trainer plans every step (flexsp.planning)."""
+
 from __future__ import annotations
 
 import math
@@ -52,12 +53,15 @@ class SolverConfig:
     None = PuLP's bundled CBC."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.background, bool):   # older configs: true/false
+        if isinstance(self.background, bool):  # older configs: true/false
             self.background = "process" if self.background else "off"
         self.background = BackgroundMode.parse("solver.background", self.background)
         self.milp_backend = MilpBackend.parse("solver.milp_backend", self.milp_backend)
         if self.fallback not in BASELINES:
             raise UserError.choice("solver.fallback", self.fallback, sorted(BASELINES))
         if not self.time_limit > 0 or not math.isfinite(self.time_limit) or not self.wait_s >= 0:
-            raise UserError(f"solver.time_limit={self.time_limit} must be a finite number > 0 and "
-                            f"solver.wait_s={self.wait_s} >= 0", field="solver.time_limit")
+            raise UserError(
+                f"solver.time_limit={self.time_limit} must be a finite number > 0 and "
+                f"solver.wait_s={self.wait_s} >= 0",
+                field="solver.time_limit",
+            )

@@ -1,4 +1,5 @@
 """Sections ``train`` (the training loop) and ``parallel`` (how ranks share the work)."""
+
 from __future__ import annotations
 
 import os
@@ -63,8 +64,11 @@ def resolve_precision(precision: str, model_dtype: str, engine: str) -> Precisio
     if precision == Precision.auto:
         precision = Precision.bf16 if model_dtype == "bfloat16" else Precision.fp32
     if precision == Precision.bf16_pure and engine != Engine.fsdp2:
-        raise UserError("train.precision=bf16-pure needs parallel.engine=fsdp2; valid with deepspeed: fp32, bf16",
-                        field="train.precision", options=["auto", "fp32", "bf16"])
+        raise UserError(
+            "train.precision=bf16-pure needs parallel.engine=fsdp2; valid with deepspeed: fp32, bf16",
+            field="train.precision",
+            options=["auto", "fp32", "bf16"],
+        )
     return precision
 
 
@@ -122,18 +126,32 @@ class TrainConfig:
         self.logger = TrainLogger.parse("train.logger", self.logger)
         for name in ("steps", "global_batch"):
             if getattr(self, name) < 1:
-                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)!r}", field=f"train.{name}")
-        for name in ("checkpoint_every", "warmup_steps", "grad_clip", "weight_decay", "keep_checkpoints",
-                     "plot_plan_every"):
+                raise UserError(
+                    f"train.{name} must be >= 1, got {getattr(self, name)!r}", field=f"train.{name}"
+                )
+        for name in (
+            "checkpoint_every",
+            "warmup_steps",
+            "grad_clip",
+            "weight_decay",
+            "keep_checkpoints",
+            "plot_plan_every",
+        ):
             if getattr(self, name) < 0:
-                raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)!r}", field=f"train.{name}")
+                raise UserError(
+                    f"train.{name} must be >= 0, got {getattr(self, name)!r}", field=f"train.{name}"
+                )
         if not self.lr > 0:
             raise UserError(f"train.lr must be > 0, got {self.lr}", field="train.lr")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}", field="train.min_lr_ratio")
+            raise UserError(
+                f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}", field="train.min_lr_ratio"
+            )
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
-            raise UserError(f"train.beta1={self.beta1}, beta2={self.beta2} must be in [0, 1) and "
-                            f"eps={self.eps} > 0", field="train.beta1")
+            raise UserError(
+                f"train.beta1={self.beta1}, beta2={self.beta2} must be in [0, 1) and eps={self.eps} > 0",
+                field="train.beta1",
+            )
         if self.resume not in ("auto", "never") and not self.resume.strip():
             raise UserError(f"train.resume is empty; valid: {RESUME_HELP}", field="train.resume")
 
@@ -166,14 +184,19 @@ class ParallelConfig:
         self.engine = Engine.parse("parallel.engine", self.engine)
         if self.backend is not None:
             if self.backend not in Backend.values():
-                raise UserError(f"parallel.backend={self.backend!r}; valid options: [null, nccl, gloo, mpi, ucc]",
-                                field="parallel.backend", options=[None, *Backend.values()])
+                raise UserError(
+                    f"parallel.backend={self.backend!r}; valid options: [null, nccl, gloo, mpi, ucc]",
+                    field="parallel.backend",
+                    options=[None, *Backend.values()],
+                )
             self.backend = Backend(self.backend)
         for name in ("world_size", "static_degree", "shard_size", "devices_per_node"):
             check_power_of_two(f"parallel.{name}", getattr(self, name), zero_ok=True)
         if self.shard_size and self.engine != Engine.fsdp2:
-            raise UserError(f"parallel.shard_size={self.shard_size} (HSDP) needs parallel.engine=fsdp2",
-                            field="parallel.shard_size")
+            raise UserError(
+                f"parallel.shard_size={self.shard_size} (HSDP) needs parallel.engine=fsdp2",
+                field="parallel.shard_size",
+            )
 
 
 def check_output_dir(out: Path, field: str = "output_dir") -> None:
@@ -184,5 +207,7 @@ def check_output_dir(out: Path, field: str = "output_dir") -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"{field}={out} cannot be created or written ({exc.strerror or exc}); "
-                        f"give a writable directory", field=field) from None
+        raise UserError(
+            f"{field}={out} cannot be created or written ({exc.strerror or exc}); give a writable directory",
+            field=field,
+        ) from None

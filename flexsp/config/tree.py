@@ -7,6 +7,7 @@ checked against its annotation (flexsp.config.fields), choices as enums -- befor
 group, data or model work starts. A bad key or value is one :class:`flexsp.errors.UserError` naming
 ``<section>.<field>``, the value and what is valid. Nothing downstream receives the mapping.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -54,8 +55,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.train.precision == Precision.bf16_pure and self.parallel.engine != Engine.fsdp2:
-            raise UserError("train.precision=bf16-pure needs parallel.engine=fsdp2; valid with deepspeed: fp32, bf16",
-                            field="train.precision", options=["auto", "fp32", "bf16"])
+            raise UserError(
+                "train.precision=bf16-pure needs parallel.engine=fsdp2; valid with deepspeed: fp32, bf16",
+                field="train.precision",
+                options=["auto", "fp32", "bf16"],
+            )
 
     def to_container(self) -> dict:
         """The tree as plain YAML/JSON data, in the shape Hydra composes (config.yaml, checkpoints)."""
@@ -84,9 +88,17 @@ def load_config(raw: Mapping) -> RunConfig:
     out = raw["output_dir"]
     if not isinstance(out, (str, Path)) or not str(out).strip():
         raise UserError(f"output_dir={out!r} must be a directory path", field="output_dir")
-    tools = {name: typed_section(cls, raw[name], name) for name, cls in TOOL_SECTIONS.items()
-             if raw.get(name) is not None}
-    return RunConfig(model=ModelSection.from_container(raw["model"]), data=typed_section(DataConfig, data, "data"),
-                     parallel=typed_section(ParallelConfig, raw["parallel"], "parallel"),
-                     solver=typed_section(SolverConfig, raw["solver"], "solver"), train=train,
-                     output_dir=Path(out), **tools)
+    tools = {
+        name: typed_section(cls, raw[name], name)
+        for name, cls in TOOL_SECTIONS.items()
+        if raw.get(name) is not None
+    }
+    return RunConfig(
+        model=ModelSection.from_container(raw["model"]),
+        data=typed_section(DataConfig, data, "data"),
+        parallel=typed_section(ParallelConfig, raw["parallel"], "parallel"),
+        solver=typed_section(SolverConfig, raw["solver"], "solver"),
+        train=train,
+        output_dir=Path(out),
+        **tools,
+    )

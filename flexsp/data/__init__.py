@@ -8,6 +8,7 @@ A *source* is anything with ``lengths`` (np.int64 ``[num_docs]``), ``num_docs``,
 ``target_counts`` and ``target_mask(i)``: the loss trains only the answers), :class:`MegatronSource`
 (memmap of .bin/.idx) or :class:`SyntheticSource`.
 """
+
 from flexsp.data.config import CorpusConfig, DataConfig, SamplerConfig
 from flexsp.data.corpus import TokenizedCorpus, build_corpus, collect_files
 from flexsp.data.hf import build_hf_corpus
@@ -16,7 +17,13 @@ from flexsp.data.sampler import GlobalBatch, GlobalBatchSampler, PackedBatch, pa
 from flexsp.data.sft import SFTSource, build_sft_source
 from flexsp.data.stdlib import build_stdlib_corpus, stdlib_corpus_config, stdlib_files
 from flexsp.data.synthetic import DISTRIBUTIONS, SyntheticSource, sample_lengths
-from flexsp.data.tokenizer import ByteTokenizer, HFTokenizer, load_hf_model_tokenizer, load_tokenizer, train_bpe
+from flexsp.data.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    load_hf_model_tokenizer,
+    load_tokenizer,
+    train_bpe,
+)
 
 
 def build_source(cfg: DataConfig):
@@ -28,8 +35,14 @@ def build_source(cfg: DataConfig):
     if cfg.source == "megatron":
         return build_megatron_source(cfg)
     if cfg.source == "synthetic":
-        return SyntheticSource.from_distribution(cfg.distribution, cfg.num_docs, cfg.synthetic_vocab_size,
-                                                 cfg.seed, min_len=2, max_len=cfg.corpus.max_doc_tokens)
+        return SyntheticSource.from_distribution(
+            cfg.distribution,
+            cfg.num_docs,
+            cfg.synthetic_vocab_size,
+            cfg.seed,
+            min_len=2,
+            max_len=cfg.corpus.max_doc_tokens,
+        )
     if cfg.source == "stdlib":
         return build_stdlib_corpus(cfg.corpus, cfg.stdlib_max_files, cfg.seed)
     return build_corpus(cfg.corpus)
@@ -40,10 +53,33 @@ def build_sampler(cfg: DataConfig, source) -> GlobalBatchSampler:
 
 
 __all__ = [
-    "ByteTokenizer", "CorpusConfig", "DISTRIBUTIONS", "DataConfig", "GlobalBatch", "GlobalBatchSampler",
-    "HFTokenizer", "MegatronSource", "PackedBatch", "SFTSource", "SamplerConfig", "SyntheticSource",
-    "TokenizedCorpus", "build_corpus", "build_hf_corpus", "build_megatron_source", "build_sampler",
-    "build_sft_source", "build_source",
-    "build_stdlib_corpus", "collect_files", "load_hf_model_tokenizer", "load_tokenizer", "pack_documents",
-    "read_index", "sample_lengths", "stdlib_corpus_config", "stdlib_files", "train_bpe",
+    "ByteTokenizer",
+    "CorpusConfig",
+    "DISTRIBUTIONS",
+    "DataConfig",
+    "GlobalBatch",
+    "GlobalBatchSampler",
+    "HFTokenizer",
+    "MegatronSource",
+    "PackedBatch",
+    "SFTSource",
+    "SamplerConfig",
+    "SyntheticSource",
+    "TokenizedCorpus",
+    "build_corpus",
+    "build_hf_corpus",
+    "build_megatron_source",
+    "build_sampler",
+    "build_sft_source",
+    "build_source",
+    "build_stdlib_corpus",
+    "collect_files",
+    "load_hf_model_tokenizer",
+    "load_tokenizer",
+    "pack_documents",
+    "read_index",
+    "sample_lengths",
+    "stdlib_corpus_config",
+    "stdlib_files",
+    "train_bpe",
 ]

@@ -6,9 +6,11 @@ drawn into global batches; ``DataConfig`` picks the source (a local corpus, a Hu
 ``datasets`` dataset or Parquet/JSONL/Arrow files, supervised fine-tuning conversations,
 Megatron-LM indexed datasets, the CPython stdlib, or synthetic lengths) and holds the other two.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 from flexsp.errors import UserError
 
 LONG_DOC_POLICIES = ("split", "drop", "error")
@@ -33,7 +35,8 @@ class CorpusConfig:
     path to a tokenizer.json, or a Hugging Face model directory (``save_pretrained`` output: a
     tokenizer.json, its EOS token from tokenizer_config.json). Used by every text source."""
     vocab_size: int = 8192
-    """Target vocab size when training BPE (> 258: 256 bytes + EOS + a merge). A corpus of only pre-tokenized files (.npy/.bin) with
+    """Target vocab size when training BPE (> 258: 256 bytes + EOS + a merge). A corpus of only
+    pre-tokenized files (.npy/.bin) with
     tokenizer='bpe' takes it as its declared vocabulary: token ids must be below it."""
     bpe_train_chars: int = 20_000_000
     """At most this many characters of the corpus (in file order) are used to train BPE."""
@@ -55,18 +58,24 @@ class CorpusConfig:
 
     def __post_init__(self) -> None:
         if self.long_doc_policy not in LONG_DOC_POLICIES:
-            raise UserError(f"CorpusConfig.long_doc_policy={self.long_doc_policy!r}; "
-                             f"valid options: {list(LONG_DOC_POLICIES)}")
+            raise UserError(
+                f"CorpusConfig.long_doc_policy={self.long_doc_policy!r}; "
+                f"valid options: {list(LONG_DOC_POLICIES)}"
+            )
         if self.bin_dtype not in BIN_DTYPES:
             raise UserError(f"CorpusConfig.bin_dtype={self.bin_dtype!r}; valid options: {list(BIN_DTYPES)}")
         if self.min_doc_tokens < 1 or self.max_doc_tokens < self.min_doc_tokens:
-            raise UserError(f"CorpusConfig needs 1 <= min_doc_tokens <= max_doc_tokens, got "
-                             f"min_doc_tokens={self.min_doc_tokens}, max_doc_tokens={self.max_doc_tokens}")
+            raise UserError(
+                f"CorpusConfig needs 1 <= min_doc_tokens <= max_doc_tokens, got "
+                f"min_doc_tokens={self.min_doc_tokens}, max_doc_tokens={self.max_doc_tokens}"
+            )
         if self.vocab_size < 1:
             raise UserError(f"CorpusConfig.vocab_size={self.vocab_size} must be >= 1 (> 258 to train BPE)")
         if not self.tokenizer:
-            raise UserError("CorpusConfig.tokenizer is empty; valid options: 'bpe', 'byte', a "
-                             "tokenizer.json path or a Hugging Face model directory")
+            raise UserError(
+                "CorpusConfig.tokenizer is empty; valid options: 'bpe', 'byte', a "
+                "tokenizer.json path or a Hugging Face model directory"
+            )
 
 
 @dataclass
@@ -181,9 +190,11 @@ class DataConfig:
         if self.source not in SOURCES:
             raise UserError(f"DataConfig.source={self.source!r}; valid options: {list(SOURCES)}")
         if self.num_docs < 1 or self.synthetic_vocab_size < 1 or self.stdlib_max_files < 0:
-            raise UserError(f"DataConfig: num_docs={self.num_docs}, synthetic_vocab_size="
-                             f"{self.synthetic_vocab_size} must be >= 1 and stdlib_max_files="
-                             f"{self.stdlib_max_files} >= 0")
+            raise UserError(
+                f"DataConfig: num_docs={self.num_docs}, synthetic_vocab_size="
+                f"{self.synthetic_vocab_size} must be >= 1 and stdlib_max_files="
+                f"{self.stdlib_max_files} >= 0"
+            )
         self.hf_path = _as_list(self.hf_path, "hf_path")
         self.megatron_prefix = _as_list(self.megatron_prefix, "megatron_prefix")
         if self.text_column == "":
@@ -197,8 +208,10 @@ class DataConfig:
         if not self.hf_split:
             raise UserError("DataConfig.hf_split is empty; give a split name such as 'train'")
         if self.source == "hf" and not self.hf_path:
-            raise UserError("data.source='hf' needs data.hf_path: a save_to_disk directory or "
-                             ".parquet/.jsonl/.json/.arrow files or directories")
+            raise UserError(
+                "data.source='hf' needs data.hf_path: a save_to_disk directory or "
+                ".parquet/.jsonl/.json/.arrow files or directories"
+            )
         self.sft_path = _as_list(self.sft_path, "sft_path")
         if self.sft_format not in SFT_FORMATS:
             raise UserError(f"DataConfig.sft_format={self.sft_format!r}; valid options: {list(SFT_FORMATS)}")
@@ -208,8 +221,12 @@ class DataConfig:
         if self.chat_template == "":
             self.chat_template = None
         if self.source == "sft" and not self.sft_path:
-            raise UserError("data.source='sft' needs data.sft_path: a save_to_disk directory or "
-                             ".parquet/.jsonl/.json/.arrow files or directories of conversations")
+            raise UserError(
+                "data.source='sft' needs data.sft_path: a save_to_disk directory or "
+                ".parquet/.jsonl/.json/.arrow files or directories of conversations"
+            )
         if self.source == "megatron" and not self.megatron_prefix:
-            raise UserError("data.source='megatron' needs data.megatron_prefix: the path prefix of "
-                             "<prefix>.bin and <prefix>.idx (one or a list)")
+            raise UserError(
+                "data.source='megatron' needs data.megatron_prefix: the path prefix of "
+                "<prefix>.bin and <prefix>.idx (one or a list)"
+            )

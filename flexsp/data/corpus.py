@@ -21,6 +21,7 @@ supervised fine-tuning source (flexsp.data.sft, with a target mask) through :fun
 Bad input raises ValueError naming the file and the problem (missing path, empty corpus, corrupt
 .npy/.bin/.jsonl, token ids outside the vocabulary).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,9 +53,11 @@ def collect_files(cfg: CorpusConfig) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, cfg.paths):
         if not p.exists():
-            raise UserError(f"corpus path {p} does not exist (CorpusConfig.paths: existing files or "
-                             f"directories of text ({', '.join(cfg.text_extensions)}), .jsonl, .npy "
-                             f"or .bin files)")
+            raise UserError(
+                f"corpus path {p} does not exist (CorpusConfig.paths: existing files or "
+                f"directories of text ({', '.join(cfg.text_extensions)}), .jsonl, .npy "
+                f"or .bin files)"
+            )
         if p.is_file():
             files.append(p)
             continue
@@ -78,13 +81,16 @@ def _iter_texts(path: Path) -> Iterator[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: corrupt JSONL line ({exc.msg} at column "
-                                 f"{exc.colno}); each line must be one JSON object with a string "
-                                 f"'text' field") from exc
+                raise UserError(
+                    f"{path}:{lineno}: corrupt JSONL line ({exc.msg} at column "
+                    f"{exc.colno}); each line must be one JSON object with a string "
+                    f"'text' field"
+                ) from exc
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                got = (f"keys {sorted(obj)[:8]}" if isinstance(obj, dict) else type(obj).__name__)
-                raise UserError(f"{path}:{lineno}: expected a JSON object with a string 'text' "
-                                 f"field, got {got}")
+                got = f"keys {sorted(obj)[:8]}" if isinstance(obj, dict) else type(obj).__name__
+                raise UserError(
+                    f"{path}:{lineno}: expected a JSON object with a string 'text' field, got {got}"
+                )
             yield obj["text"]
 
 
@@ -96,15 +102,18 @@ def _iter_token_arrays(path: Path, cfg: CorpusConfig) -> Iterator[np.ndarray]:
         except Exception as exc:
             raise UserError(f"{path}: not a valid .npy file ({exc})") from exc
         if arr.dtype.kind not in "iu" or arr.ndim not in (1, 2):
-            raise UserError(f"{path}: expected a 1-D or 2-D integer token array, got "
-                             f"dtype={arr.dtype} shape={arr.shape}")
+            raise UserError(
+                f"{path}: expected a 1-D or 2-D integer token array, got dtype={arr.dtype} shape={arr.shape}"
+            )
         yield from ([arr] if arr.ndim == 1 else list(arr))
         return
     dtype = np.dtype(cfg.bin_dtype)
     size = path.stat().st_size
     if size % dtype.itemsize:
-        raise UserError(f"{path}: size {size} bytes is not a multiple of {cfg.bin_dtype} "
-                         f"({dtype.itemsize} bytes): truncated file or wrong bin_dtype")
+        raise UserError(
+            f"{path}: size {size} bytes is not a multiple of {cfg.bin_dtype} "
+            f"({dtype.itemsize} bytes): truncated file or wrong bin_dtype"
+        )
     n = size // dtype.itemsize
     tokens = np.memmap(path, dtype=dtype, mode="r") if n else np.zeros(0, dtype)
     off_path = path.with_name(path.name[:-4] + ".offsets.npy")
@@ -114,12 +123,20 @@ def _iter_token_arrays(path: Path, cfg: CorpusConfig) -> Iterator[np.ndarray]:
             offsets = np.load(off_path, allow_pickle=False)
         except Exception as exc:
             raise UserError(f"{off_path}: not a valid .npy file ({exc})") from exc
-        if (offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) < 1 or offsets[0] != 0
-                or offsets[-1] != n or np.any(np.diff(offsets) < 0)):
-            raise UserError(f"{off_path}: offsets must be a non-decreasing integer array from 0 to "
-                             f"{n} (the token count of {path.name})")
+        if (
+            offsets.ndim != 1
+            or offsets.dtype.kind not in "iu"
+            or len(offsets) < 1
+            or offsets[0] != 0
+            or offsets[-1] != n
+            or np.any(np.diff(offsets) < 0)
+        ):
+            raise UserError(
+                f"{off_path}: offsets must be a non-decreasing integer array from 0 to "
+                f"{n} (the token count of {path.name})"
+            )
     for s, e in zip(offsets[:-1], offsets[1:]):
-        yield tokens[int(s):int(e)]
+        yield tokens[int(s) : int(e)]
 
 
 def tokenizer_digest(cfg: CorpusConfig) -> str:
@@ -129,8 +146,10 @@ def tokenizer_digest(cfg: CorpusConfig) -> str:
         return cfg.tokenizer
     p = Path(cfg.tokenizer)
     if not p.exists():
-        raise UserError(f"tokenizer {cfg.tokenizer} does not exist (CorpusConfig.tokenizer: 'bpe', "
-                         f"'byte', a tokenizer.json path or a Hugging Face model directory)")
+        raise UserError(
+            f"tokenizer {cfg.tokenizer} does not exist (CorpusConfig.tokenizer: 'bpe', "
+            f"'byte', a tokenizer.json path or a Hugging Face model directory)"
+        )
     h = hashlib.sha256()
     for f in tokenizer_files(p):
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
@@ -170,8 +189,11 @@ def train_bpe_on(texts: Iterator[str], cfg: CorpusConfig):
     """A byte-level BPE of ``cfg.vocab_size`` trained on the first ``cfg.bpe_train_chars``
     characters of ``texts``."""
     if cfg.vocab_size <= 258:
-        raise UserError(f"CorpusConfig.vocab_size={cfg.vocab_size} must be > 258 to train BPE "
-                         f"(tokenizer='bpe'); or use tokenizer='byte', a tokenizer.json or a model directory")
+        raise UserError(
+            f"CorpusConfig.vocab_size={cfg.vocab_size} must be > 258 to train BPE "
+            f"(tokenizer='bpe'); or use tokenizer='byte', a tokenizer.json or a model directory"
+        )
+
     def budgeted():
         budget = cfg.bpe_train_chars
         for t in texts:
@@ -179,6 +201,7 @@ def train_bpe_on(texts: Iterator[str], cfg: CorpusConfig):
             budget -= len(t)
             if budget <= 0:
                 return
+
     return train_bpe(budgeted(), cfg.vocab_size)
 
 
@@ -194,8 +217,9 @@ def _make_tokenizer(files: list[Path], cfg: CorpusConfig):
 class _Writer:
     """Appends documents to tokens.bin, applying the long-document policy."""
 
-    def __init__(self, directory: Path, dtype: np.dtype, vocab_size: int, cfg: CorpusConfig,
-                 vocab_origin: str = ""):
+    def __init__(
+        self, directory: Path, dtype: np.dtype, vocab_size: int, cfg: CorpusConfig, vocab_origin: str = ""
+    ):
         self.fh = open(directory / "tokens.bin", "wb")
         self.dtype, self.vocab_size, self.cfg, self.vocab_origin = dtype, vocab_size, cfg, vocab_origin
         self.offsets, self.doc_file = [0], []
@@ -206,8 +230,10 @@ class _Writer:
 
     def _check_ids(self, ids: np.ndarray, name: str) -> None:
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise UserError(f"{name}: token ids in [{int(ids.min())}, {int(ids.max())}] fall outside "
-                             f"the vocabulary [0, {self.vocab_size}){self.vocab_origin}")
+            raise UserError(
+                f"{name}: token ids in [{int(ids.min())}, {int(ids.max())}] fall outside "
+                f"the vocabulary [0, {self.vocab_size}){self.vocab_origin}"
+            )
         if ids.size and int(ids.max()) > np.iinfo(self.dtype).max:
             raise UserError(f"{name}: token id {int(ids.max())} does not fit {self.dtype}")
 
@@ -238,13 +264,15 @@ class _Writer:
         chunks = [ids]
         if ids.size > cfg.max_doc_tokens:
             if cfg.long_doc_policy == "error":
-                raise UserError(f"{name}: document of {ids.size} tokens exceeds max_doc_tokens="
-                                 f"{cfg.max_doc_tokens} (long_doc_policy='error')")
+                raise UserError(
+                    f"{name}: document of {ids.size} tokens exceeds max_doc_tokens="
+                    f"{cfg.max_doc_tokens} (long_doc_policy='error')"
+                )
             if cfg.long_doc_policy == "drop":
                 self.stats["dropped_long"] += 1
                 return
             self.stats["split"] += 1
-            chunks = [ids[i:i + cfg.max_doc_tokens] for i in range(0, ids.size, cfg.max_doc_tokens)]
+            chunks = [ids[i : i + cfg.max_doc_tokens] for i in range(0, ids.size, cfg.max_doc_tokens)]
         for c in chunks:
             if c.size < cfg.min_doc_tokens:
                 self.stats["dropped_short"] += 1
@@ -260,8 +288,17 @@ class _Writer:
             self.add(np.asarray(ids + eos, dtype=np.int64), file_index, name)
 
 
-def write_store(out: Path, cfg: CorpusConfig, tok, vocab_size: int, fill, inputs: list[str],
-                what: str, vocab_origin: str = "", extra_meta: dict | None = None) -> "TokenizedCorpus":
+def write_store(
+    out: Path,
+    cfg: CorpusConfig,
+    tok,
+    vocab_size: int,
+    fill,
+    inputs: list[str],
+    what: str,
+    vocab_origin: str = "",
+    extra_meta: dict | None = None,
+) -> "TokenizedCorpus":
     """Write a store into a temporary sibling of ``out`` and rename it into place. ``fill(writer)``
     adds the documents (``writer.add`` / ``writer.add_texts``); ``tok`` (or None) is saved with it;
     ``vocab_size`` is the vocabulary every token id must be below (``vocab_origin`` says where it
@@ -276,21 +313,31 @@ def write_store(out: Path, cfg: CorpusConfig, tok, vocab_size: int, fill, inputs
         finally:
             w.close()
         if len(w.offsets) == 1:
-            raise UserError(f"{what} has no documents left after tokenization "
-                             f"(min_doc_tokens={cfg.min_doc_tokens}, long_doc_policy="
-                             f"{cfg.long_doc_policy!r}, stats {w.stats})")
+            raise UserError(
+                f"{what} has no documents left after tokenization "
+                f"(min_doc_tokens={cfg.min_doc_tokens}, long_doc_policy="
+                f"{cfg.long_doc_policy!r}, stats {w.stats})"
+            )
         np.save(tmp / "offsets.npy", np.asarray(w.offsets, dtype=np.int64))
         np.save(tmp / "doc_file.npy", np.asarray(w.doc_file, dtype=np.int32))
         if w.mask_fh is not None:
             np.save(tmp / "target_counts.npy", np.asarray(w.target_counts, dtype=np.int64))
         if tok is not None:
             tok.save(tmp / "tokenizer.json")
-        meta = dict(version=FORMAT_VERSION, num_docs=len(w.offsets) - 1, num_tokens=w.offsets[-1],
-                    dtype=dtype.name, vocab_size=int(vocab_size),
-                    tokenizer="tokenizer.json" if tok is not None else None,
-                    eos_token=getattr(tok, "eos_token", None), files=list(inputs), stats=w.stats,
-                    config=asdict(cfg), target_mask="target_mask.bin" if w.mask_fh is not None else None,
-                    **(extra_meta or {}))
+        meta = dict(
+            version=FORMAT_VERSION,
+            num_docs=len(w.offsets) - 1,
+            num_tokens=w.offsets[-1],
+            dtype=dtype.name,
+            vocab_size=int(vocab_size),
+            tokenizer="tokenizer.json" if tok is not None else None,
+            eos_token=getattr(tok, "eos_token", None),
+            files=list(inputs),
+            stats=w.stats,
+            config=asdict(cfg),
+            target_mask="target_mask.bin" if w.mask_fh is not None else None,
+            **(extra_meta or {}),
+        )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.replace(tmp, out)
@@ -313,9 +360,13 @@ def build_corpus(cfg: CorpusConfig, batch_docs: int = 64) -> "TokenizedCorpus":
     if tok is not None:
         vocab, origin = tok.vocab_size, f" of the tokenizer ({cfg.tokenizer})"
     else:  # pre-tokenized only, tokenizer='bpe': the declared vocabulary
-        vocab, origin = cfg.vocab_size, (
-            " declared by corpus.vocab_size: set data.corpus.vocab_size (or data.corpus.tokenizer) "
-            "to the vocabulary the ids come from, or check corpus.bin_dtype")
+        vocab, origin = (
+            cfg.vocab_size,
+            (
+                " declared by corpus.vocab_size: set data.corpus.vocab_size (or data.corpus.tokenizer) "
+                "to the vocabulary the ids come from, or check corpus.bin_dtype"
+            ),
+        )
 
     def fill(w: _Writer) -> None:
         for fi, f in enumerate(files):
@@ -328,6 +379,7 @@ def build_corpus(cfg: CorpusConfig, batch_docs: int = 64) -> "TokenizedCorpus":
             texts = _iter_texts(f)
             while batch := [t for _, t in zip(range(batch_docs), texts)]:
                 w.add_texts(tok, batch, fi, str(f))
+
     return write_store(out, cfg, tok, vocab, fill, [str(f) for f in files], f"corpus {cfg.paths}", origin)
 
 
@@ -347,16 +399,20 @@ class TokenizedCorpus(DocumentSource):
         tokens_path = self.directory / "tokens.bin"
         expected = int(self.offsets[-1]) * self.dtype.itemsize
         if not tokens_path.exists() or tokens_path.stat().st_size != expected:
-            raise UserError(f"{tokens_path}: expected {expected} bytes for {int(self.offsets[-1])} "
-                             f"{self.dtype} tokens (corrupt or truncated cache; delete the directory)")
+            raise UserError(
+                f"{tokens_path}: expected {expected} bytes for {int(self.offsets[-1])} "
+                f"{self.dtype} tokens (corrupt or truncated cache; delete the directory)"
+            )
         self._tokens = np.memmap(tokens_path, dtype=self.dtype, mode="r")
         self.lengths = np.diff(self.offsets)
         self._mask = None
         if self.meta.get("target_mask"):
             mask_path = self.directory / self.meta["target_mask"]
             if not mask_path.exists() or mask_path.stat().st_size != int(self.offsets[-1]):
-                raise UserError(f"{mask_path}: expected {int(self.offsets[-1])} bytes, one per token "
-                                 f"(corrupt or truncated cache; delete the directory)")
+                raise UserError(
+                    f"{mask_path}: expected {int(self.offsets[-1])} bytes, one per token "
+                    f"(corrupt or truncated cache; delete the directory)"
+                )
             self._mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
             self.target_counts = np.load(self.directory / "target_counts.npy", allow_pickle=False)
         self.vocab_size = int(self.meta["vocab_size"])
@@ -364,7 +420,7 @@ class TokenizedCorpus(DocumentSource):
 
     def _read(self, index: int) -> np.ndarray:
         """Zero-copy view of document ``index``'s tokens."""
-        return self._tokens[self.offsets[index]:self.offsets[index + 1]]
+        return self._tokens[self.offsets[index] : self.offsets[index + 1]]
 
     def target_mask(self, index: int) -> np.ndarray | None:
         """bool ``[L]``: True on document ``index``'s trained target tokens (None: no mask, all)."""
@@ -372,14 +428,15 @@ class TokenizedCorpus(DocumentSource):
             return None
         if not 0 <= index < self.num_docs:
             raise IndexError(f"document {index} out of range [0, {self.num_docs})")
-        return self._mask[self.offsets[index]:self.offsets[index + 1]].view(np.bool_)
+        return self._mask[self.offsets[index] : self.offsets[index + 1]].view(np.bool_)
 
     @property
     def tokenizer(self):
         """The tokenizer the corpus was built with (None for pre-tokenized-only corpora)."""
         if self._tokenizer is None and self.meta.get("tokenizer"):
-            self._tokenizer = load_tokenizer(self.directory / self.meta["tokenizer"],
-                                             eos_token=self.meta.get("eos_token"))
+            self._tokenizer = load_tokenizer(
+                self.directory / self.meta["tokenizer"], eos_token=self.meta.get("eos_token")
+            )
         return self._tokenizer
 
 
@@ -393,6 +450,8 @@ def declared_vocabulary(data_cfg, what: str):
         return int(data_cfg.vocab_size), " declared by data.vocab_size", tok
     if tok is not None:
         return int(tok.vocab_size), f" of data.corpus.tokenizer ({data_cfg.corpus.tokenizer})", tok
-    raise UserError(f"{what} is pre-tokenized: declare its vocabulary with data.vocab_size=N, or name "
-                     f"its tokenizer with data.corpus.tokenizer=/path/to/hf_model_dir (or a "
-                     f"tokenizer.json); data.corpus.tokenizer={data_cfg.corpus.tokenizer!r} names none")
+    raise UserError(
+        f"{what} is pre-tokenized: declare its vocabulary with data.vocab_size=N, or name "
+        f"its tokenizer with data.corpus.tokenizer=/path/to/hf_model_dir (or a "
+        f"tokenizer.json); data.corpus.tokenizer={data_cfg.corpus.tokenizer!r} names none"
+    )

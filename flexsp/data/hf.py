@@ -21,6 +21,7 @@ null, ``data.ids_column`` (lists of integer token ids, checked against the decla
 Null rows are skipped and counted in ``meta["stats"]["null_rows"]``. The long-document policy is
 the text-file path's.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,14 @@ from typing import Iterator
 
 import numpy as np
 
-from flexsp.data.corpus import (TokenizedCorpus, declared_vocabulary, named_tokenizer, options_fingerprint,
-                                train_bpe_on, write_store)
+from flexsp.data.corpus import (
+    TokenizedCorpus,
+    declared_vocabulary,
+    named_tokenizer,
+    options_fingerprint,
+    train_bpe_on,
+    write_store,
+)
 from flexsp.errors import UserError
 
 FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".arrow": "arrow"}
@@ -52,7 +59,11 @@ class HFInput:
 
     @property
     def name(self) -> str:
-        return str(self.paths[0]) if len(self.paths) == 1 else f"{self.entry} ({len(self.paths)} {self.kind} files)"
+        return (
+            str(self.paths[0])
+            if len(self.paths) == 1
+            else f"{self.entry} ({len(self.paths)} {self.kind} files)"
+        )
 
     def files(self, split: str) -> list[Path]:
         """Every file whose contents define the data (they key the cache): the data files, a saved
@@ -68,28 +79,36 @@ class HFInput:
 def resolve_inputs(entries: list[str]) -> list[HFInput]:
     """``data.hf_path`` entries as readable inputs, in order (ValueError naming a bad entry)."""
     if not entries:
-        raise UserError("data.hf_path is empty: give a save_to_disk directory or .parquet/.jsonl/"
-                         ".json/.arrow files or directories")
+        raise UserError(
+            "data.hf_path is empty: give a save_to_disk directory or .parquet/.jsonl/"
+            ".json/.arrow files or directories"
+        )
     inputs: list[HFInput] = []
     for entry in entries:
         p = Path(entry)
         if not p.exists():
-            raise UserError(f"data.hf_path entry {p} does not exist (valid: a directory written by "
-                             f"save_to_disk, or .parquet/.jsonl/.json/.arrow files or directories of them)")
+            raise UserError(
+                f"data.hf_path entry {p} does not exist (valid: a directory written by "
+                f"save_to_disk, or .parquet/.jsonl/.json/.arrow files or directories of them)"
+            )
         if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
             inputs.append(HFInput("disk", [p], entry))
             continue
         if p.is_file():
             fmt = FILE_FORMATS.get(p.suffix.lower())
             if fmt is None:
-                raise UserError(f"data.hf_path entry {p}: unsupported file type {p.suffix!r}; valid: "
-                                 f"{sorted(FILE_FORMATS)} or a save_to_disk directory")
+                raise UserError(
+                    f"data.hf_path entry {p}: unsupported file type {p.suffix!r}; valid: "
+                    f"{sorted(FILE_FORMATS)} or a save_to_disk directory"
+                )
             files = [p]
         else:
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SCANNED)
             if not files:
-                raise UserError(f"data.hf_path entry {p}: a directory with no {list(SCANNED)} files "
-                                 f"and not a save_to_disk directory (no dataset_dict.json/state.json)")
+                raise UserError(
+                    f"data.hf_path entry {p}: a directory with no {list(SCANNED)} files "
+                    f"and not a save_to_disk directory (no dataset_dict.json/state.json)"
+                )
         for f in files:  # group consecutive files of one format into one load_dataset call
             fmt = FILE_FORMATS[f.suffix.lower()]
             if inputs and inputs[-1].kind == fmt and inputs[-1].entry == entry:
@@ -105,8 +124,9 @@ def _import_datasets():
     try:
         import datasets
     except ImportError as exc:
-        raise UserError(f"data.source='hf' needs the datasets package ({exc}); install it with "
-                         f"pip install datasets") from exc
+        raise UserError(
+            f"data.source='hf' needs the datasets package ({exc}); install it with pip install datasets"
+        ) from exc
     datasets.disable_progress_bars()
     return datasets
 
@@ -120,10 +140,14 @@ def open_input(inp: HFInput, split: str, cache_dir: str):
         try:
             splits = list(json.loads((directory / "dataset_dict.json").read_text())["splits"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{directory / 'dataset_dict.json'}: not a valid DatasetDict manifest ({exc})") from exc
+            raise UserError(
+                f"{directory / 'dataset_dict.json'}: not a valid DatasetDict manifest ({exc})"
+            ) from exc
         if split not in splits:
-            raise UserError(f"{inp.name}: DatasetDict has no split {split!r} (data.hf_split); its "
-                             f"splits: {sorted(splits)}")
+            raise UserError(
+                f"{inp.name}: DatasetDict has no split {split!r} (data.hf_split); its "
+                f"splits: {sorted(splits)}"
+            )
         directory = directory / split
     if inp.kind == "disk" and _saved_without_data(directory):
         raise UserError(f"{directory}: empty dataset (0 rows)")
@@ -138,15 +162,23 @@ def open_input(inp: HFInput, split: str, cache_dir: str):
         if inp.kind == "disk":
             ds = datasets.load_from_disk(str(directory), keep_in_memory=False)
         else:
-            ds = datasets.load_dataset(inp.kind, data_files=files, split="train",
-                                       streaming=True, cache_dir=str(Path(cache_dir) / "hf_datasets"))
+            ds = datasets.load_dataset(
+                inp.kind,
+                data_files=files,
+                split="train",
+                streaming=True,
+                cache_dir=str(Path(cache_dir) / "hf_datasets"),
+            )
     except Exception as exc:  # datasets/pyarrow/fsspec raise many types on unreadable input
-        raise UserError(f"{inp.name}: could not be read as {inp.kind!r} by datasets "
-                         f"({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise UserError(
+            f"{inp.name}: could not be read as {inp.kind!r} by datasets "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise UserError(f"{inp.name}: DatasetDict has no split {split!r} (data.hf_split); its "
-                             f"splits: {sorted(ds)}")
+            raise UserError(
+                f"{inp.name}: DatasetDict has no split {split!r} (data.hf_split); its splits: {sorted(ds)}"
+            )
         ds = ds[split]
     return ds
 
@@ -154,10 +186,13 @@ def open_input(inp: HFInput, split: str, cache_dir: str):
 def _parquet_rows(path: Path) -> int:
     """Row count from a Parquet footer (ValueError naming the file when it is not Parquet)."""
     import pyarrow.parquet as pq
+
     try:
         return pq.ParquetFile(path).metadata.num_rows
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError on non-Parquet bytes
-        raise UserError(f"{path}: not a valid Parquet file ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise UserError(
+            f"{path}: not a valid Parquet file ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
 
 
 def _saved_without_data(directory: Path) -> bool:
@@ -189,10 +224,12 @@ def choose_column(ds, inp: HFInput, text_column: str | None, ids_column: str) ->
         return "text", text_column
     if ids_column in names:
         return "ids", ids_column
-    wanted = (f"a text column {text_column!r} (data.text_column) or " if text_column else "") + \
-        f"a token-id column {ids_column!r} (data.ids_column)"
-    raise UserError(f"{inp.name}: no column {text_column or ids_column!r}; expected {wanted}; its "
-                     f"columns: {names}")
+    wanted = (
+        f"a text column {text_column!r} (data.text_column) or " if text_column else ""
+    ) + f"a token-id column {ids_column!r} (data.ids_column)"
+    raise UserError(
+        f"{inp.name}: no column {text_column or ids_column!r}; expected {wanted}; its columns: {names}"
+    )
 
 
 def _batches(ds, inp: HFInput, batch_rows: int, column: str | None = None):
@@ -206,20 +243,28 @@ def _batches(ds, inp: HFInput, batch_rows: int, column: str | None = None):
         except StopIteration:
             return
         except Exception as exc:  # corrupt file discovered while streaming
-            raise UserError(f"{inp.name}: could not be read as {inp.kind!r} by datasets "
-                             f"({type(exc).__name__}: {_first_line(exc)})") from exc
+            raise UserError(
+                f"{inp.name}: could not be read as {inp.kind!r} by datasets "
+                f"({type(exc).__name__}: {_first_line(exc)})"
+            ) from exc
         yield batch
 
 
 def _texts(table, column: str, inp: HFInput) -> list:
     import pyarrow as pa
+
     col = table.column(column)
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
-            or pa.types.is_string_view(col.type)):
-        raise UserError(f"{inp.name}: column {column!r} has type {col.type} (not all values are "
-                         f"strings), expected strings "
-                         f"(data.text_column); for token ids set data.text_column=null and "
-                         f"data.ids_column={column!r}")
+    if not (
+        pa.types.is_string(col.type)
+        or pa.types.is_large_string(col.type)
+        or pa.types.is_string_view(col.type)
+    ):
+        raise UserError(
+            f"{inp.name}: column {column!r} has type {col.type} (not all values are "
+            f"strings), expected strings "
+            f"(data.text_column); for token ids set data.text_column=null and "
+            f"data.ids_column={column!r}"
+        )
     return col.to_pylist()
 
 
@@ -227,14 +272,17 @@ def _id_rows(table, column: str, inp: HFInput) -> Iterator[np.ndarray | None]:
     """Row token arrays (None for null rows) of an Arrow list<int> column, without Python lists."""
     import pyarrow as pa
     import pyarrow.compute as pc
+
     col = table.column(column).combine_chunks()
     typ = col.type
     if pa.types.is_fixed_size_list(typ):
         col = col.cast(pa.list_(typ.value_type))
         typ = col.type
     if not ((pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_integer(typ.value_type)):
-        raise UserError(f"{inp.name}: column {column!r} has type {typ}, expected lists of integer "
-                         f"token ids (data.ids_column), e.g. list<int32>")
+        raise UserError(
+            f"{inp.name}: column {column!r} has type {typ}, expected lists of integer "
+            f"token ids (data.ids_column), e.g. list<int32>"
+        )
     flat = col.flatten()  # the values of the non-null rows, in order
     if flat.null_count:
         raise UserError(f"{inp.name}: column {column!r} holds null token ids")
@@ -242,7 +290,7 @@ def _id_rows(table, column: str, inp: HFInput) -> Iterator[np.ndarray | None]:
     offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(col).fill_null(0).to_numpy())])
     valid = col.is_valid().to_numpy(zero_copy_only=False)
     for i in range(len(col)):
-        yield values[offsets[i]:offsets[i + 1]] if valid[i] else None
+        yield values[offsets[i] : offsets[i + 1]] if valid[i] else None
 
 
 def build_hf_corpus(data_cfg, batch_rows: int | None = None) -> TokenizedCorpus:
@@ -253,9 +301,14 @@ def build_hf_corpus(data_cfg, batch_rows: int | None = None) -> TokenizedCorpus:
     inputs = resolve_inputs(data_cfg.hf_path)
     # The cache key depends on the configuration and the input files only, so a later run (or
     # another rank) opens the store without importing datasets or reading a row.
-    key = dict(source="hf", hf_split=data_cfg.hf_split, text_column=data_cfg.text_column,
-               ids_column=data_cfg.ids_column, vocab_size=data_cfg.vocab_size,
-               hf_inputs=[(i.kind, i.entry) for i in inputs])
+    key = dict(
+        source="hf",
+        hf_split=data_cfg.hf_split,
+        text_column=data_cfg.text_column,
+        ids_column=data_cfg.ids_column,
+        vocab_size=data_cfg.vocab_size,
+        hf_inputs=[(i.kind, i.entry) for i in inputs],
+    )
     files = [f for inp in inputs for f in inp.files(data_cfg.hf_split)]
     out = Path(cfg.cache_dir) / options_fingerprint(cfg, files, key)
     if (out / "meta.json").exists():
@@ -274,8 +327,16 @@ def build_hf_corpus(data_cfg, batch_rows: int | None = None) -> TokenizedCorpus:
         tok = named_tokenizer(cfg)
     extra = dict(key, kind=kind, columns=[c for _, c in chosen])
     if kind == "text" and tok is None:  # corpus.tokenizer='bpe': train on the dataset's texts
-        tok = train_bpe_on((t for (inp, ds), (_, c) in zip(opened, chosen)
-                            for b in _batches(ds, inp, batch_rows, c) for t in _texts(b, c, inp) if t), cfg)
+        tok = train_bpe_on(
+            (
+                t
+                for (inp, ds), (_, c) in zip(opened, chosen)
+                for b in _batches(ds, inp, batch_rows, c)
+                for t in _texts(b, c, inp)
+                if t
+            ),
+            cfg,
+        )
     if kind == "text":
         vocab, origin = tok.vocab_size, f" of the tokenizer ({cfg.tokenizer})"
 
@@ -297,8 +358,20 @@ def build_hf_corpus(data_cfg, batch_rows: int | None = None) -> TokenizedCorpus:
                     if ids is None:
                         w.stats["null_rows"] += 1
                     else:
-                        w.add(ids, fi, f"{inp.name} (row {w.stats['rows'] - table.num_rows + r - rows_before})")
+                        w.add(
+                            ids, fi, f"{inp.name} (row {w.stats['rows'] - table.num_rows + r - rows_before})"
+                        )
             if w.stats["rows"] == rows_before:
                 raise UserError(f"{inp.name}: empty dataset (0 rows)")
-    return write_store(out, cfg, tok, vocab, fill, [str(f) for f in files], f"data.hf_path {data_cfg.hf_path}",
-                       origin, extra_meta={"hf": extra})
+
+    return write_store(
+        out,
+        cfg,
+        tok,
+        vocab,
+        fill,
+        [str(f) for f in files],
+        f"data.hf_path {data_cfg.hf_path}",
+        origin,
+        extra_meta={"hf": extra},
+    )

@@ -13,6 +13,7 @@ cuts it greedily into batches of at most ``global_batch_tokens`` tokens (and at 
 batch). The position is (epoch, cursor into the epoch's order), which ``state_dict`` saves, so a
 resumed run continues with exactly the batches an uninterrupted run would have produced.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 
 from flexsp.data.config import SamplerConfig
-from flexsp.varlen import lm_labels, positions_from_cu_seqlens
 from flexsp.errors import UserError
+from flexsp.varlen import lm_labels, positions_from_cu_seqlens
 
 
 @dataclass(frozen=True)
@@ -71,29 +72,43 @@ class GlobalBatchSampler:
             raise UserError(f"pass either a SamplerConfig or keyword options, not both ({sorted(overrides)})")
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.ndim != 1 or self.lengths.size == 0:
-            raise UserError(f"GlobalBatchSampler needs a non-empty 1-D list of lengths, got shape {self.lengths.shape}")
+            raise UserError(
+                f"GlobalBatchSampler needs a non-empty 1-D list of lengths, got shape {self.lengths.shape}"
+            )
         self.targets = None if targets is None else np.asarray(targets, dtype=np.int64)
-        if self.targets is not None and (self.targets.shape != self.lengths.shape or np.any(self.targets < 0)
-                                         or np.any(self.targets > self.lengths - 1)):
-            raise UserError(f"GlobalBatchSampler: targets (shape {self.targets.shape}) must give 0 <= "
-                             f"targets <= length - 1 for each of the {self.lengths.size} documents")
+        if self.targets is not None and (
+            self.targets.shape != self.lengths.shape
+            or np.any(self.targets < 0)
+            or np.any(self.targets > self.lengths - 1)
+        ):
+            raise UserError(
+                f"GlobalBatchSampler: targets (shape {self.targets.shape}) must give 0 <= "
+                f"targets <= length - 1 for each of the {self.lengths.size} documents"
+            )
         too_long = np.flatnonzero(self.lengths > self.config.global_batch_tokens)
         if too_long.size:
             i = int(too_long[0])
-            raise UserError(f"document {i} has {int(self.lengths[i])} tokens > global_batch_tokens="
-                             f"{self.config.global_batch_tokens} ({too_long.size} such documents): raise "
-                             f"the budget or lower the corpus max_doc_tokens")
+            raise UserError(
+                f"document {i} has {int(self.lengths[i])} tokens > global_batch_tokens="
+                f"{self.config.global_batch_tokens} ({too_long.size} such documents): raise "
+                f"the budget or lower the corpus max_doc_tokens"
+            )
         if self.config.drop_last and int(self.lengths.sum()) < self.config.global_batch_tokens:
-            raise UserError(f"drop_last with {int(self.lengths.sum())} tokens in all documents < "
-                             f"global_batch_tokens={self.config.global_batch_tokens} would yield no batch")
+            raise UserError(
+                f"drop_last with {int(self.lengths.sum())} tokens in all documents < "
+                f"global_batch_tokens={self.config.global_batch_tokens} would yield no batch"
+            )
         self.epoch, self.cursor, self.step = 0, 0, 0
         self._order_epoch, self._order = -1, None
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
             n = len(self.lengths)
-            self._order = (np.random.default_rng([self.config.seed, epoch]).permutation(n)
-                           if self.config.shuffle else np.arange(n))
+            self._order = (
+                np.random.default_rng([self.config.seed, epoch]).permutation(n)
+                if self.config.shuffle
+                else np.arange(n)
+            )
             self._order_epoch = epoch
         return self._order
 
@@ -107,7 +122,11 @@ class GlobalBatchSampler:
             ids, total = [], 0
             cap = cfg.max_docs_per_batch or len(order)
             i = self.cursor
-            while i < len(order) and len(ids) < cap and total + self.lengths[order[i]] <= cfg.global_batch_tokens:
+            while (
+                i < len(order)
+                and len(ids) < cap
+                and total + self.lengths[order[i]] <= cfg.global_batch_tokens
+            ):
                 ids.append(int(order[i]))
                 total += int(self.lengths[order[i]])
                 i += 1
@@ -116,8 +135,12 @@ class GlobalBatchSampler:
                 self.epoch, self.cursor = self.epoch + 1, 0
             else:
                 self.cursor = i
-            if ids and not (end_of_epoch and cfg.drop_last and total < cfg.global_batch_tokens
-                            and (not cfg.max_docs_per_batch or len(ids) < cfg.max_docs_per_batch)):
+            if ids and not (
+                end_of_epoch
+                and cfg.drop_last
+                and total < cfg.global_batch_tokens
+                and (not cfg.max_docs_per_batch or len(ids) < cfg.max_docs_per_batch)
+            ):
                 break
         targets = None if self.targets is None else tuple(int(self.targets[j]) for j in ids)
         batch = GlobalBatch(self.step, epoch, tuple(ids), tuple(int(self.lengths[j]) for j in ids), targets)
@@ -126,23 +149,36 @@ class GlobalBatchSampler:
 
     def _fingerprint(self) -> str:
         h = hashlib.sha256(self.lengths.tobytes())
-        if self.targets is not None:     # SFT: the trained tokens are part of what the batches are
+        if self.targets is not None:  # SFT: the trained tokens are part of what the batches are
             h.update(self.targets.tobytes())
         return h.hexdigest()[:16]
 
     def state_dict(self) -> dict:
         """Position of the sampler (plain ints/str: safe in any checkpoint)."""
-        return dict(epoch=self.epoch, cursor=self.cursor, step=self.step, seed=self.config.seed,
-                    num_docs=len(self.lengths), lengths_fingerprint=self._fingerprint())
+        return dict(
+            epoch=self.epoch,
+            cursor=self.cursor,
+            step=self.step,
+            seed=self.config.seed,
+            num_docs=len(self.lengths),
+            lengths_fingerprint=self._fingerprint(),
+        )
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from ``state_dict()``; refuses a state saved for other documents or another seed."""
-        if state.get("num_docs") != len(self.lengths) or state.get("lengths_fingerprint") != self._fingerprint():
-            raise UserError(f"sampler state is for {state.get('num_docs')} documents with fingerprint "
-                             f"{state.get('lengths_fingerprint')}, this sampler has {len(self.lengths)} "
-                             f"documents with fingerprint {self._fingerprint()}")
+        if (
+            state.get("num_docs") != len(self.lengths)
+            or state.get("lengths_fingerprint") != self._fingerprint()
+        ):
+            raise UserError(
+                f"sampler state is for {state.get('num_docs')} documents with fingerprint "
+                f"{state.get('lengths_fingerprint')}, this sampler has {len(self.lengths)} "
+                f"documents with fingerprint {self._fingerprint()}"
+            )
         if state.get("seed") != self.config.seed:
-            raise UserError(f"sampler state has seed {state.get('seed')}, this sampler seed {self.config.seed}")
+            raise UserError(
+                f"sampler state has seed {state.get('seed')}, this sampler seed {self.config.seed}"
+            )
         self.epoch, self.cursor, self.step = int(state["epoch"]), int(state["cursor"]), int(state["step"])
 
 

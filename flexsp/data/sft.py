@@ -20,6 +20,7 @@ than ``corpus.max_doc_tokens`` (when the source is built) or than the cluster ho
 ``flexsp.train._data``) is dropped, or cut to the limit with ``data.truncate=true``; each view
 keeps a line per limit that applied (``report``), which the trainer logs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,8 +56,9 @@ class _SavedTokenizer:
 
 def _single_files(inputs: list[HFInput]) -> list[HFInput]:
     """One input per data file, so a row number names a row of one file."""
-    return [inp if inp.kind == "disk" else HFInput(inp.kind, [p], inp.entry)
-            for inp in inputs for p in inp.paths]
+    return [
+        inp if inp.kind == "disk" else HFInput(inp.kind, [p], inp.entry) for inp in inputs for p in inp.paths
+    ]
 
 
 def choose_format(ds, inp: HFInput, data_cfg) -> tuple[str, list[str]]:
@@ -68,11 +70,12 @@ def choose_format(ds, inp: HFInput, data_cfg) -> tuple[str, list[str]]:
         return "messages", [data_cfg.messages_column]
     if data_cfg.sft_format in ("auto", "prompt_completion") and all(c in names for c in pair):
         return "prompt_completion", pair
-    wanted = {"messages": f"a column {data_cfg.messages_column!r} (data.messages_column)",
-              "prompt_completion": f"columns {pair} (data.prompt_column, data.completion_column)"}
+    wanted = {
+        "messages": f"a column {data_cfg.messages_column!r} (data.messages_column)",
+        "prompt_completion": f"columns {pair} (data.prompt_column, data.completion_column)",
+    }
     want = " or ".join(v for k, v in wanted.items() if data_cfg.sft_format in ("auto", k))
-    raise UserError(f"{inp.name}: data.sft_format={data_cfg.sft_format!r} needs {want}; "
-                     f"its columns: {names}")
+    raise UserError(f"{inp.name}: data.sft_format={data_cfg.sft_format!r} needs {want}; its columns: {names}")
 
 
 def build_sft_store(data_cfg, batch_rows: int | None = None) -> TokenizedCorpus:
@@ -81,11 +84,15 @@ def build_sft_store(data_cfg, batch_rows: int | None = None) -> TokenizedCorpus:
     batch_rows = int(batch_rows or data_cfg.hf_batch_rows)
     inputs = _single_files(resolve_inputs(data_cfg.sft_path))
     tok, template = load_chat_tokenizer(cfg.tokenizer, data_cfg.chat_template, need_template=False)
-    key = dict(source="sft", version=SFT_STORE_VERSION, hf_split=data_cfg.hf_split,
-               sft_format=data_cfg.sft_format,
-               columns=[data_cfg.messages_column, data_cfg.prompt_column, data_cfg.completion_column],
-               chat_template=hashlib.sha256((template or "").encode()).hexdigest(),
-               hf_inputs=[(i.kind, i.entry) for i in inputs])
+    key = dict(
+        source="sft",
+        version=SFT_STORE_VERSION,
+        hf_split=data_cfg.hf_split,
+        sft_format=data_cfg.sft_format,
+        columns=[data_cfg.messages_column, data_cfg.prompt_column, data_cfg.completion_column],
+        chat_template=hashlib.sha256((template or "").encode()).hexdigest(),
+        hf_inputs=[(i.kind, i.entry) for i in inputs],
+    )
     files = [f for inp in inputs for f in inp.files(data_cfg.hf_split)]
     # only the tokenizer and append_eos change an SFT store (length limits apply to views)
     key_cfg = CorpusConfig(tokenizer=cfg.tokenizer, append_eos=cfg.append_eos)
@@ -119,10 +126,20 @@ def build_sft_store(data_cfg, batch_rows: int | None = None) -> TokenizedCorpus:
                 w.stats["batches"] += 1
             if row == 0:
                 raise UserError(f"{inp.name}: empty dataset (0 rows)")
+
     kinds = sorted({k for k, _ in chosen})
     meta = {"sft": dict(key, formats=kinds, mask_method=renderer.method if renderer else "completion")}
-    return write_store(out, cfg, _SavedTokenizer(tok), len(tok), fill, [str(f) for f in files],
-                       f"data.sft_path {data_cfg.sft_path}", f" of the tokenizer ({cfg.tokenizer})", meta)
+    return write_store(
+        out,
+        cfg,
+        _SavedTokenizer(tok),
+        len(tok),
+        fill,
+        [str(f) for f in files],
+        f"data.sft_path {data_cfg.sft_path}",
+        f" of the tokenizer ({cfg.tokenizer})",
+        meta,
+    )
 
 
 class SFTSource(DocumentSource):
@@ -134,8 +151,9 @@ class SFTSource(DocumentSource):
         self.store = store
         self.index = np.arange(store.num_docs) if index is None else np.asarray(index, dtype=np.int64)
         self.lengths = store.lengths.copy() if lengths is None else np.asarray(lengths, dtype=np.int64)
-        self.target_counts = (store.target_counts.copy() if target_counts is None
-                              else np.asarray(target_counts, dtype=np.int64))
+        self.target_counts = (
+            store.target_counts.copy() if target_counts is None else np.asarray(target_counts, dtype=np.int64)
+        )
         self.report: list[str] = list(report)
         """One line per length limit that dropped or cut conversations (the trainer logs them)."""
 
@@ -157,16 +175,18 @@ class SFTSource(DocumentSource):
         return self.store.meta["sft"]["mask_method"]
 
     def _read(self, index: int) -> np.ndarray:
-        return self.store.tokens(int(self.index[index]))[:int(self.lengths[index])]
+        return self.store.tokens(int(self.index[index]))[: int(self.lengths[index])]
 
     def target_mask(self, index: int) -> np.ndarray:
         if not 0 <= index < self.num_docs:
             raise IndexError(f"document {index} out of range [0, {self.num_docs})")
-        return self.store.target_mask(int(self.index[index]))[:int(self.lengths[index])]
+        return self.store.target_mask(int(self.index[index]))[: int(self.lengths[index])]
 
     def summary(self) -> str:
-        return (f"data sft: {self.num_docs} conversations, {self.num_tokens} tokens, "
-                f"{int(self.target_counts.sum())} trained ({self.mask_method} mask)")
+        return (
+            f"data sft: {self.num_docs} conversations, {self.num_tokens} tokens, "
+            f"{int(self.target_counts.sum())} trained ({self.mask_method} mask)"
+        )
 
     def fit(self, max_tokens: int, truncate: bool, why: str) -> "SFTSource":
         """This view without the conversations longer than ``max_tokens`` (``why``: the limit's
@@ -184,17 +204,22 @@ class SFTSource(DocumentSource):
                 targets[i] = int(np.count_nonzero(self.target_mask(int(i))[1:max_tokens]))
             untrainable = int(np.count_nonzero(targets[long] == 0))
             keep[long[targets[long] == 0]] = False
-            line = (f"data sft: truncated {long.size} of {n} conversation(s) longer than {max_tokens} "
-                    f"tokens ({why}) to {max_tokens} tokens; dropped {untrainable} of them left without a "
-                    f"trained token")
+            line = (
+                f"data sft: truncated {long.size} of {n} conversation(s) longer than {max_tokens} "
+                f"tokens ({why}) to {max_tokens} tokens; dropped {untrainable} of them left without a "
+                f"trained token"
+            )
         else:
             keep[long] = False
-            line = (f"data sft: dropped {long.size} of {n} conversation(s) longer than {max_tokens} "
-                    f"tokens ({why}), the longest {int(self.lengths[long].max())}; data.truncate=true "
-                    f"cuts them instead")
+            line = (
+                f"data sft: dropped {long.size} of {n} conversation(s) longer than {max_tokens} "
+                f"tokens ({why}), the longest {int(self.lengths[long].max())}; data.truncate=true "
+                f"cuts them instead"
+            )
         if not keep.any():
-            raise UserError(f"{line}: no conversation is left to train on; raise the limit or set "
-                             f"data.truncate=true")
+            raise UserError(
+                f"{line}: no conversation is left to train on; raise the limit or set data.truncate=true"
+            )
         return SFTSource(self.store, self.index[keep], lengths[keep], targets[keep], [*self.report, line])
 
 

@@ -5,6 +5,7 @@ synthetic source.
 Supervised fine-tuning sources (flexsp.data.sft) also set ``target_counts`` (trained target tokens
 per document) and implement ``target_mask(i)`` (True on the tokens the loss trains); for every
 other source ``target_counts`` is None: a document of L tokens trains all its L - 1 next tokens."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

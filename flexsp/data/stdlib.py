@@ -4,6 +4,7 @@ Used by demos and tests that need real, long-tailed documents without downloads 
 in GPT-2 tokens p50 ~3.1K, p90 ~22K, max ~414K). ``site-packages`` is excluded so the corpus is the
 same wherever the same Python version runs.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from flexsp.data.config import CorpusConfig
+from flexsp.data.corpus import build_corpus
 from flexsp.errors import UserError
 
 
@@ -39,15 +41,16 @@ def stdlib_files(max_files: int = 0, seed: int = 0, max_file_bytes: int = 0) -> 
     return files
 
 
-def stdlib_corpus_config(base: CorpusConfig | None = None, max_files: int = 200, seed: int = 0,
-                         max_file_bytes: int = 0) -> CorpusConfig:
+def stdlib_corpus_config(
+    base: CorpusConfig | None = None, max_files: int = 200, seed: int = 0, max_file_bytes: int = 0
+) -> CorpusConfig:
     """``base`` (tokenizer, cache, policy options) with ``paths`` set to the stdlib subset."""
     files = stdlib_files(max_files, seed, max_file_bytes)
     return replace(base or CorpusConfig(), paths=[str(f) for f in files])
 
 
-def build_stdlib_corpus(base: CorpusConfig | None = None, max_files: int = 200, seed: int = 0,
-                        max_file_bytes: int = 0):
+def build_stdlib_corpus(
+    base: CorpusConfig | None = None, max_files: int = 200, seed: int = 0, max_file_bytes: int = 0
+):
     """Tokenize (or load from cache) the stdlib subset; returns a TokenizedCorpus."""
-    from flexsp.data.corpus import build_corpus
     return build_corpus(stdlib_corpus_config(base, max_files, seed, max_file_bytes))

@@ -13,12 +13,16 @@ surface later as "no documents left after tokenization". :func:`check_vocabulary
 tokenizer whose vocabulary is far smaller than the model's embedding (under half of its rows:
 real checkpoints pad the embedding by well under that).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from flexsp.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -31,8 +35,13 @@ PROBE_TEXT = "Hello, world! def f(x): return x + 1"
 MIN_VOCAB_FRACTION = 0.5
 """A tokenizer's vocabulary below this fraction of the model's embedding rows is refused."""
 # files a Hugging Face tokenizer is built from: the fast file, or a slow tokenizer's vocabulary
-_TOKENIZER_SOURCES = ("tokenizer.json", "vocab.json + merges.txt", "tokenizer.model", "vocab.txt",
-                      "*.tiktoken")
+_TOKENIZER_SOURCES = (
+    "tokenizer.json",
+    "vocab.json + merges.txt",
+    "tokenizer.model",
+    "vocab.txt",
+    "*.tiktoken",
+)
 
 
 class ByteTokenizer:
@@ -94,14 +103,15 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None) -> HFTokenize
     Hugging Face model directory (see :func:`load_hf_model_tokenizer`). ``eos_token`` overrides the
     EOS spelling (default: the directory's tokenizer_config.json, else the first of EOS_CANDIDATES
     in the vocabulary)."""
-    from tokenizers import Tokenizer
 
     path = Path(path)
     if path.is_dir():
         return load_hf_model_tokenizer(path, eos_token)
     if not path.is_file():
-        raise UserError(f"tokenizer {path} does not exist (valid: 'bpe', 'byte', a tokenizer.json "
-                         f"file or a Hugging Face model directory holding tokenizer.json)")
+        raise UserError(
+            f"tokenizer {path} does not exist (valid: 'bpe', 'byte', a tokenizer.json "
+            f"file or a Hugging Face model directory holding tokenizer.json)"
+        )
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
         if json.loads(text).get("flexsp_byte_tokenizer"):
@@ -138,7 +148,6 @@ def load_hf_model_tokenizer(directory: str | Path, eos_token: str | None = None)
     through ``transformers.AutoTokenizer(local_files_only=True)``, which converts it to a fast one.
     EOS comes from tokenizer_config.json / special_tokens_map.json ("<|end_of_text|>", "</s>",
     "<|endoftext|>", "<|im_end|>", ...), else the first of EOS_CANDIDATES the vocabulary has."""
-    from tokenizers import Tokenizer
 
     directory = Path(directory)
     eos = eos_token or _config_eos(directory)
@@ -151,13 +160,16 @@ def load_hf_model_tokenizer(directory: str | Path, eos_token: str | None = None)
         return check_encodes(HFTokenizer(tok, source=str(directory), eos_token=eos), directory)
     try:
         from transformers import AutoTokenizer
+
         hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
         tok = hf.backend_tokenizer
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... on odd dirs
-        raise UserError(f"tokenizer directory {directory} has no tokenizer.json and transformers "
-                         f"could not load a fast tokenizer from it ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}); expected a "
-                         f"save_pretrained directory with tokenizer.json and tokenizer_config.json") from exc
+        raise UserError(
+            f"tokenizer directory {directory} has no tokenizer.json and transformers "
+            f"could not load a fast tokenizer from it ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); expected a "
+            f"save_pretrained directory with tokenizer.json and tokenizer_config.json"
+        ) from exc
     eos = eos or getattr(hf, "eos_token", None)
     return check_encodes(HFTokenizer(tok, source=str(directory), eos_token=eos), directory)
 
@@ -165,14 +177,17 @@ def load_hf_model_tokenizer(directory: str | Path, eos_token: str | None = None)
 def _missing_sources(directory: Path) -> str:
     """What a model directory lacks to define a tokenizer, and what tokenizer files it has."""
     have = [f.name for f in tokenizer_files(directory)]
-    found = {"tokenizer.json": (directory / "tokenizer.json").is_file(),
-             "vocab.json + merges.txt": all((directory / n).is_file() for n in ("vocab.json", "merges.txt")),
-             "tokenizer.model": (directory / "tokenizer.model").is_file(),
-             "vocab.txt": (directory / "vocab.txt").is_file(),
-             "*.tiktoken": any(directory.glob("*.tiktoken"))}
+    found = {
+        "tokenizer.json": (directory / "tokenizer.json").is_file(),
+        "vocab.json + merges.txt": all((directory / n).is_file() for n in ("vocab.json", "merges.txt")),
+        "tokenizer.model": (directory / "tokenizer.model").is_file(),
+        "vocab.txt": (directory / "vocab.txt").is_file(),
+        "*.tiktoken": any(directory.glob("*.tiktoken")),
+    }
     missing = [name for name in _TOKENIZER_SOURCES if not found[name]]
-    return (f"it lacks {', '.join(missing)} (a tokenizer is built from one of these) and has "
-            + (f"only {', '.join(have)}" if have else "no tokenizer files at all"))
+    return f"it lacks {', '.join(missing)} (a tokenizer is built from one of these) and has " + (
+        f"only {', '.join(have)}" if have else "no tokenizer files at all"
+    )
 
 
 def check_encodes(tok: HFTokenizer, path: Path) -> HFTokenizer:
@@ -182,27 +197,42 @@ def check_encodes(tok: HFTokenizer, path: Path) -> HFTokenizer:
         return tok
     empty = f"it encodes {PROBE_TEXT!r} to no token ids (a vocabulary of {tok.vocab_size})"
     if path.is_dir():
-        raise UserError(f"model directory {path} has no usable tokenizer: {empty}; "
-                         f"{_missing_sources(path)}. Copy the model's tokenizer files (tokenizer.json, "
-                         f"tokenizer_config.json) into it, or set data.corpus.tokenizer=<a directory or "
-                         f"tokenizer.json that has them>")
-    raise UserError(f"tokenizer file {path} is not a usable tokenizer: {empty}; use the model's "
-                     f"tokenizer.json (data.corpus.tokenizer)")
+        raise UserError(
+            f"model directory {path} has no usable tokenizer: {empty}; "
+            f"{_missing_sources(path)}. Copy the model's tokenizer files (tokenizer.json, "
+            f"tokenizer_config.json) into it, or set data.corpus.tokenizer=<a directory or "
+            f"tokenizer.json that has them>"
+        )
+    raise UserError(
+        f"tokenizer file {path} is not a usable tokenizer: {empty}; use the model's "
+        f"tokenizer.json (data.corpus.tokenizer)"
+    )
 
 
 def check_vocabulary(tokenizer_vocab: int, model_vocab: int, tokenizer: str, model: str) -> None:
     """ValueError if the tokenizer's vocabulary is far smaller than the model's embedding needs
     (below :data:`MIN_VOCAB_FRACTION` of its rows): it is not the model's tokenizer."""
     if tokenizer_vocab < MIN_VOCAB_FRACTION * model_vocab:
-        raise UserError(f"tokenizer {tokenizer} has a vocabulary of {tokenizer_vocab} but the model {model} "
-                         f"has {model_vocab} embedding rows: it is not this model's tokenizer (a model's "
-                         f"tokenizer covers at least {MIN_VOCAB_FRACTION:.0%} of them); set "
-                         f"data.corpus.tokenizer to the model's tokenizer (a directory with tokenizer.json, "
-                         f"or the file)")
+        raise UserError(
+            f"tokenizer {tokenizer} has a vocabulary of {tokenizer_vocab} but the model {model} "
+            f"has {model_vocab} embedding rows: it is not this model's tokenizer (a model's "
+            f"tokenizer covers at least {MIN_VOCAB_FRACTION:.0%} of them); set "
+            f"data.corpus.tokenizer to the model's tokenizer (a directory with tokenizer.json, "
+            f"or the file)"
+        )
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
 
 
 def tokenizer_files(path: str | Path) -> list[Path]:
@@ -210,28 +240,37 @@ def tokenizer_files(path: str | Path) -> list[Path]:
     itself, or a model directory's tokenizer files (not its weights or training state)."""
     path = Path(path)
     if path.is_dir():
-        return sorted(f for f in path.iterdir() if f.is_file() and (
-            f.name in TOKENIZER_FILES or f.suffix == ".tiktoken"))
+        return sorted(
+            f
+            for f in path.iterdir()
+            if f.is_file() and (f.name in TOKENIZER_FILES or f.suffix == ".tiktoken")
+        )
     files = [path]
     if path.name == "tokenizer.json":  # its EOS may come from the sibling config
-        files += [path.parent / n for n in ("tokenizer_config.json", "special_tokens_map.json")
-                  if (path.parent / n).is_file()]
+        files += [
+            path.parent / n
+            for n in ("tokenizer_config.json", "special_tokens_map.json")
+            if (path.parent / n).is_file()
+        ]
     return files
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> HFTokenizer:
     """Train a byte-level BPE (GPT-2 style pre-tokenization, all 256 bytes in the base alphabet,
     so any text round-trips) with ``<|endoftext|>`` as the only special token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257 + 1:
         raise UserError(f"BPE vocab_size={vocab_size} must be > 257 (256 bytes + EOS)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=[EOS_TOKEN], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_nonempty(texts), trainer=trainer)
     return HFTokenizer(tok, source="trained-bpe")
 

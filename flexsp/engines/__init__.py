@@ -27,11 +27,11 @@ Engines: ``fsdp2`` (``torch.distributed.fsdp.fully_shard`` per block + root) and
 averaging, no 1/gas, ``step()`` as the accumulation boundary of a varying number of micro-batches,
 DeepSpeed's partitioned checkpoints). Both give the same gradients, optimizer update and schedule.
 """
+
 from __future__ import annotations
 
 from flexsp.config import Engine, param_dtype  # noqa: F401 (re-exported)
-from flexsp.engines.common import (HFWeights, RandomWeights, build_optimizer, build_scheduler,  # noqa: F401
-                                   lr_lambda)
+from flexsp.engines.common import HFWeights, RandomWeights, build_optimizer, build_scheduler, lr_lambda  # noqa: F401
 from flexsp.engines.deepspeed import DeepSpeedEngine
 from flexsp.engines.fsdp2 import FSDP2Engine
 from flexsp.errors import UserError

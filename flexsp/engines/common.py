@@ -1,4 +1,5 @@
 """What every engine shares: weight sources, AdamW and its schedule."""
+
 from __future__ import annotations
 
 import math
@@ -40,20 +41,25 @@ class HFWeights:
 
 def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
     """Linear warmup to 1 over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``."""
+
     def f(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
             return (step + 1) / warmup_steps
         span = max(1, total_steps - warmup_steps)
         progress = min(1.0, (step - warmup_steps) / span)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return f
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     """AdamW from a TrainConfig (lr, betas, eps, weight_decay)."""
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
 
 
 def build_scheduler(optimizer, cfg):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    )

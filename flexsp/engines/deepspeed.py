@@ -49,6 +49,7 @@ fp32 master weights, AdamW moments and the LR scheduler. Resuming needs the same
 checkpoint of another world size is refused with the conversion to run (DeepSpeed's universal
 checkpoint, or parallel.engine=fsdp2 whose DCP checkpoints reshard).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -58,7 +59,9 @@ import torch
 import torch.distributed as dist
 
 from flexsp.engines.common import build_optimizer, build_scheduler
+from flexsp.engines.fsdp2 import parallelize_config
 from flexsp.errors import UserError
+from flexsp.parallelize import parallelize
 
 CKPT_SUBDIR = "deepspeed"
 CKPT_TAG = "engine"
@@ -68,8 +71,10 @@ def ds_config(cfg, world_size: int, persistence_threshold: int | None = None) ->
     """The DeepSpeed config of this engine (see the module docstring for every choice)."""
     zero = {"stage": 3, "reduce_scatter": True, "overlap_comm": True, "contiguous_gradients": True}
     if persistence_threshold is not None:
-        zero.update(stage3_param_persistence_threshold=int(persistence_threshold),
-                    stage3_model_persistence_threshold=int(persistence_threshold))
+        zero.update(
+            stage3_param_persistence_threshold=int(persistence_threshold),
+            stage3_model_persistence_threshold=int(persistence_threshold),
+        )
     out = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -87,8 +92,10 @@ def ds_config(cfg, world_size: int, persistence_threshold: int | None = None) ->
         out["bf16"] = {"enabled": True}
         out["communication_data_type"] = "fp32"
     elif cfg.precision != "fp32":
-        raise UserError(f"train.precision={cfg.precision!r} is not offered with parallel.engine=deepspeed; "
-                         f"valid options: ['fp32', 'bf16']")
+        raise UserError(
+            f"train.precision={cfg.precision!r} is not offered with parallel.engine=deepspeed; "
+            f"valid options: ['fp32', 'bf16']"
+        )
     return out
 
 
@@ -100,18 +107,25 @@ class DeepSpeedEngine:
             import deepspeed
             from deepspeed.accelerator import get_accelerator
         except ImportError as exc:
-            raise UserError("parallel.engine='deepspeed' needs DeepSpeed (pip install -e .[dist]); "
-                             f"import failed: {exc}") from exc
+            raise UserError(
+                f"parallel.engine='deepspeed' needs DeepSpeed (pip install -e .[dist]); import failed: {exc}"
+            ) from exc
         acc = get_accelerator().device_name()
         if acc != device.type:
-            raise UserError(f"DeepSpeed selected its '{acc}' accelerator but the model is on {device.type}; "
-                             f"set DS_ACCELERATOR={device.type}")
+            raise UserError(
+                f"DeepSpeed selected its '{acc}' accelerator but the model is on {device.type}; "
+                f"set DS_ACCELERATOR={device.type}"
+            )
         self.cfg = cfg
         self.world_size = world_size
         # DeepSpeed's comm layer still calls the torch 2.13-deprecated collective names, once per
         # call site and rank: noise, not a problem of the run
-        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|"
-                                r"reduce_scatter_tensor)` is deprecated", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`torch\.distributed\.(all_gather_into_tensor|"
+            r"reduce_scatter_tensor)` is deprecated",
+            category=FutureWarning,
+        )
         # reuses the process group flexsp.distributed created (backend chosen there)
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         config = ds_config(cfg, world_size, getattr(parallel_cfg, "deepspeed_persistence_threshold", None))
@@ -120,11 +134,9 @@ class DeepSpeedEngine:
         # is_bf16_supported else fp32` (precedence: on a CPU without mkldnn fp16 that is bf16, always)
         with deepspeed.zero.Init(config_dict_or_path=config, dtype=None, remote_device=device.type):
             model = make_model(device)
-        from flexsp.engines.fsdp2 import parallelize_config
-        from flexsp.parallelize import parallelize
-        parallelize(model, None, parallelize_config(model, cfg))   # checkpointing, compile (ZeRO-3 shards)
+        parallelize(model, None, parallelize_config(model, cfg))  # checkpointing, compile (ZeRO-3 shards)
         fill_partitions(model, weights)
-        if model.lm_head.weight is None:   # tied: the head's forward uses the embedding's weight
+        if model.lm_head.weight is None:  # tied: the head's forward uses the embedding's weight
             deepspeed.zero.register_external_parameter(model.lm_head, model.embed.weight)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -151,7 +163,7 @@ class DeepSpeedEngine:
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
     def step(self):
-        self.engine.step()          # boundary: clip (global norm), AdamW, LR scheduler, zero grads
+        self.engine.step()  # boundary: clip (global norm), AdamW, LR scheduler, zero grads
         norm = self.engine.get_global_grad_norm()
         return norm.detach() if torch.is_tensor(norm) else torch.tensor(float(norm))
 
@@ -160,6 +172,7 @@ class DeepSpeedEngine:
         """Unsharded fp32 parameters by name (collective: one gather per parameter); every rank
         gets them."""
         import deepspeed
+
         out = {}
         for name, p in self.model.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
@@ -176,10 +189,13 @@ class DeepSpeedEngine:
     def load(self, directory: Path) -> None:
         path = Path(directory) / CKPT_SUBDIR
         if not (path / CKPT_TAG).is_dir():
-            raise UserError(f"{directory} has no DeepSpeed engine state ({path / CKPT_TAG} missing): was it "
-                             f"written by another engine (parallel.engine)?")
-        load_path, _ = self.engine.load_checkpoint(str(path), tag=CKPT_TAG, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+            raise UserError(
+                f"{directory} has no DeepSpeed engine state ({path / CKPT_TAG} missing): was it "
+                f"written by another engine (parallel.engine)?"
+            )
+        load_path, _ = self.engine.load_checkpoint(
+            str(path), tag=CKPT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if load_path is None:
             raise UserError(f"DeepSpeed could not load the checkpoint in {path}")
 
@@ -197,7 +213,7 @@ def fill_partitions(model, weights) -> None:
         valid = max(0, min(start + size, numel) - start)
         if valid:
             weights.fill_(part.narrow(0, 0, valid), name, numel, start)
-        if valid < size:   # alignment padding past the parameter's end
+        if valid < size:  # alignment padding past the parameter's end
             part.narrow(0, valid, size - valid).zero_()
-        if p.data.numel() == numel:   # persistent (small) parameters are also kept whole
+        if p.data.numel() == numel:  # persistent (small) parameters are also kept whole
             weights.fill_(p.data, name, numel, 0)

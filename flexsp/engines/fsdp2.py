@@ -3,7 +3,8 @@
 ``flexsp.parallelize`` applies activation checkpointing, optional ``torch.compile`` of the blocks
 and the FSDP2 units (each its own all-gather / reduce-scatter): the token embedding, every
 transformer block, and the final norm + LM head together; the root holds nothing else (tied
-embeddings: embedding and head share a weight, so they stay in the root unit together). Sharding is over all ranks (ZeRO-3), or
+embeddings: embedding and head share a weight, so they stay in the root unit together). Sharding is over
+all ranks (ZeRO-3), or
 HSDP with ``parallel.shard_size = s``: shard within aligned groups of ``s`` ranks, replicate across
 them (2-D mesh ``(replicate, shard)``); the gradient all-reduce across replicas runs once per step,
 on the last micro-batch (``set_requires_all_reduce``), which the cost model prices.
@@ -19,38 +20,47 @@ number of target tokens. See flexsp.executor for why all ranks stay in lockstep.
 
 Checkpoints: ``torch.distributed.checkpoint`` (flexsp.checkpoint): every rank writes its own shards.
 """
+
 from __future__ import annotations
 
 import torch
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 
 from flexsp.engines.common import build_optimizer, build_scheduler
 from flexsp.model.init import fill_local_shards
-from flexsp.parallelize import parallelize
+from flexsp.parallelize import ParallelizeConfig, parallelize, shard_units
 
 
 def data_parallel_mesh(device_type: str, world_size: int, shard_size: int):
     """1-D mesh of all ranks, or the HSDP mesh ``(replicate, shard)`` when 0 < shard_size < world."""
     if not shard_size or shard_size >= world_size:
         return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
-    return init_device_mesh(device_type, (world_size // shard_size, shard_size),
-                            mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(
+        device_type, (world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard")
+    )
 
 
 def parallelize_config(model, train_cfg) -> "ParallelizeConfig":
     """What flexsp.parallelize applies to ``model`` for this training config."""
-    from flexsp.parallelize import ParallelizeConfig
-    return ParallelizeConfig(activation_checkpointing=bool(getattr(model.config, "activation_checkpointing", False)),
-                             compile=bool(getattr(train_cfg, "compile", False)), precision=train_cfg.precision)
+    return ParallelizeConfig(
+        activation_checkpointing=bool(getattr(model.config, "activation_checkpointing", False)),
+        compile=bool(getattr(train_cfg, "compile", False)),
+        precision=train_cfg.precision,
+    )
 
 
 def shard_model(model, mesh, precision: str, reshard_after_forward: bool = True) -> list:
     """The FSDP2 units alone (no checkpointing or compile), as training shards them."""
-    from flexsp.parallelize import ParallelizeConfig, shard_units
-    return shard_units(model, mesh, ParallelizeConfig(precision=precision,
-                                                      reshard_after_forward=reshard_after_forward))
+    return shard_units(
+        model, mesh, ParallelizeConfig(precision=precision, reshard_after_forward=reshard_after_forward)
+    )
 
 
 class FSDP2Engine:
@@ -103,8 +113,10 @@ class FSDP2Engine:
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Sharded (DTensor) model + optimizer state for ``torch.distributed.checkpoint``."""
-        return {"model": get_model_state_dict(self.module),
-                "optim": get_optimizer_state_dict(self.module, self.optimizer)}
+        return {
+            "model": get_model_state_dict(self.module),
+            "optim": get_optimizer_state_dict(self.module, self.optimizer),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         set_model_state_dict(self.module, state["model"])
@@ -112,8 +124,7 @@ class FSDP2Engine:
 
     def full_state_dict(self) -> dict:
         """Unsharded fp32 parameters on every rank's CPU (collective; tests and exports)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                           broadcast_from_rank0=False))
-
-
+        return get_model_state_dict(
+            self.module,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False),
+        )

@@ -10,12 +10,14 @@ The decoder family covered (see :mod:`flexsp.model.hf`): LLaMA (GQA, tied or unt
 llama3/linear/dynamic/yarn RoPE scaling), Mistral (sliding-window attention, explicit head_dim),
 Qwen2 (q/k/v biases) and Qwen3 (per-head q/k RMSNorm, head_dim != hidden / heads).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
+
 from flexsp.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -28,12 +30,25 @@ _ROPE_KEYS = {
     "default": set(),
     "linear": {"factor"},
     "dynamic": {"factor"},
-    "yarn": {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
-             "mscale", "mscale_all_dim", "truncate"},
+    "yarn": {
+        "factor",
+        "original_max_position_embeddings",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    },
     "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
 }
-_ROPE_REQUIRED = {"default": set(), "linear": {"factor"}, "dynamic": {"factor"}, "yarn": set(),
-                  "llama3": {"factor", "low_freq_factor", "high_freq_factor"}}
+_ROPE_REQUIRED = {
+    "default": set(),
+    "linear": {"factor"},
+    "dynamic": {"factor"},
+    "yarn": set(),
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor"},
+}
 
 
 def normalize_rope_scaling(value, rope_theta: float | None = None) -> dict | None:
@@ -55,20 +70,28 @@ def normalize_rope_scaling(value, rope_theta: float | None = None) -> dict | Non
     d.setdefault("rope_type", "default")
     theta = d.pop("rope_theta", None)
     if theta is not None and rope_theta is not None and float(theta) != float(rope_theta):
-        raise UserError(f"ModelConfig.rope_scaling['rope_theta']={theta} disagrees with "
-                         f"rope_theta={rope_theta}; set rope_theta only")
+        raise UserError(
+            f"ModelConfig.rope_scaling['rope_theta']={theta} disagrees with "
+            f"rope_theta={rope_theta}; set rope_theta only"
+        )
     prf = d.pop("partial_rotary_factor", None)
     if prf is not None and float(prf) != 1.0:
-        raise UserError(f"ModelConfig.rope_scaling['partial_rotary_factor']={prf} is not supported; "
-                         "valid options: 1.0 (RoPE on the full head_dim)")
+        raise UserError(
+            f"ModelConfig.rope_scaling['partial_rotary_factor']={prf} is not supported; "
+            "valid options: 1.0 (RoPE on the full head_dim)"
+        )
     rt = d["rope_type"]
     if rt not in ROPE_TYPES:
-        raise UserError(f"ModelConfig.rope_scaling['rope_type']={rt!r} is not supported; "
-                         f"valid options: {list(ROPE_TYPES)}")
+        raise UserError(
+            f"ModelConfig.rope_scaling['rope_type']={rt!r} is not supported; "
+            f"valid options: {list(ROPE_TYPES)}"
+        )
     bad = sorted(set(d) - {"rope_type"} - _ROPE_KEYS[rt])
     if bad:
-        raise UserError(f"ModelConfig.rope_scaling keys {bad} are not supported for rope_type={rt!r}; "
-                         f"valid keys: {sorted(_ROPE_KEYS[rt] | {'rope_type'})}")
+        raise UserError(
+            f"ModelConfig.rope_scaling keys {bad} are not supported for rope_type={rt!r}; "
+            f"valid keys: {sorted(_ROPE_KEYS[rt] | {'rope_type'})}"
+        )
     missing = sorted(_ROPE_REQUIRED[rt] - {k for k, v in d.items() if v is not None})
     if missing:
         raise UserError(f"ModelConfig.rope_scaling for rope_type={rt!r} needs keys {missing}")
@@ -132,17 +155,27 @@ class ModelConfig:
     dynamic and yarn/llama3 RoPE scaling)."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "intermediate",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden",
+            "layers",
+            "heads",
+            "kv_heads",
+            "intermediate",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise UserError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 0:
-            raise UserError(f"ModelConfig.head_dim must be an int >= 0 (0 = hidden // heads), "
-                             f"got {self.head_dim!r}")
+            raise UserError(
+                f"ModelConfig.head_dim must be an int >= 0 (0 = hidden // heads), got {self.head_dim!r}"
+            )
         if self.head_dim == 0 and self.hidden % self.heads:
-            raise UserError(f"ModelConfig.hidden={self.hidden} is not divisible by heads={self.heads} "
-                             "(set head_dim explicitly for such shapes)")
+            raise UserError(
+                f"ModelConfig.hidden={self.hidden} is not divisible by heads={self.heads} "
+                "(set head_dim explicitly for such shapes)"
+            )
         if self.heads % self.kv_heads:
             raise UserError(f"ModelConfig.heads={self.heads} is not divisible by kv_heads={self.kv_heads}")
         if self.head_size % 2:
@@ -160,8 +193,9 @@ class ModelConfig:
                 raise UserError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         w = self.sliding_window
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 0):
-            raise UserError(f"ModelConfig.sliding_window must be None or an int >= 0 (0/None = no "
-                             f"window), got {w!r}")
+            raise UserError(
+                f"ModelConfig.sliding_window must be None or an int >= 0 (0/None = no window), got {w!r}"
+            )
         self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.rope_theta)
 
     @property
@@ -229,19 +263,66 @@ def _swiglu_width(hidden: int, multiple_of: int = 256) -> int:
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192),
     "small": dict(vocab_size=8192, hidden=256, layers=4, heads=8, kv_heads=4, intermediate=704),
-    "1b": dict(vocab_size=128256, hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192,
-               rope_theta=500000.0, tie_embeddings=True, dtype="bfloat16", activation_checkpointing=True,
-               max_position_embeddings=131072,
-               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    "7b": dict(vocab_size=32000, hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008,
-               dtype="bfloat16", activation_checkpointing=True),
-    "13b": dict(vocab_size=32000, hidden=5120, layers=40, heads=40, kv_heads=40, intermediate=13824,
-                dtype="bfloat16", activation_checkpointing=True),
-    "30b": dict(vocab_size=32000, hidden=6656, layers=60, heads=64, kv_heads=64,
-                intermediate=_swiglu_width(6656), dtype="bfloat16", activation_checkpointing=True),
-    "70b": dict(vocab_size=32000, hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=28672,
-                dtype="bfloat16", activation_checkpointing=True),
+    "1b": dict(
+        vocab_size=128256,
+        hidden=2048,
+        layers=16,
+        heads=32,
+        kv_heads=8,
+        intermediate=8192,
+        rope_theta=500000.0,
+        tie_embeddings=True,
+        dtype="bfloat16",
+        activation_checkpointing=True,
+        max_position_embeddings=131072,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "7b": dict(
+        vocab_size=32000,
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv_heads=32,
+        intermediate=11008,
+        dtype="bfloat16",
+        activation_checkpointing=True,
+    ),
+    "13b": dict(
+        vocab_size=32000,
+        hidden=5120,
+        layers=40,
+        heads=40,
+        kv_heads=40,
+        intermediate=13824,
+        dtype="bfloat16",
+        activation_checkpointing=True,
+    ),
+    "30b": dict(
+        vocab_size=32000,
+        hidden=6656,
+        layers=60,
+        heads=64,
+        kv_heads=64,
+        intermediate=_swiglu_width(6656),
+        dtype="bfloat16",
+        activation_checkpointing=True,
+    ),
+    "70b": dict(
+        vocab_size=32000,
+        hidden=8192,
+        layers=80,
+        heads=64,
+        kv_heads=8,
+        intermediate=28672,
+        dtype="bfloat16",
+        activation_checkpointing=True,
+    ),
 }
 
 

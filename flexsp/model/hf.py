@@ -24,23 +24,41 @@ Every other causal LM trains HF-native (flexsp.model.hf_native: transformers' mo
 attention and loss). :func:`from_hf` returns either, called the same way; :func:`native_gap` says
 why the native model does not cover a checkpoint.
 """
+
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from flexsp.model.config import ModelConfig, normalize_rope_scaling
-from flexsp.model.hf_native_weights import load_hf_native
 from flexsp.errors import UserError
+from flexsp.model.config import ModelConfig, normalize_rope_scaling
 from flexsp.model.hf_files import (  # noqa: F401 (re-exported)
-    SUPPORTED_ARCHITECTURES, _MODEL_TYPE, _ARCH_OF_TYPE, _BLOCK_MAP, _BLOCK_INV, _GLOBAL_MAP, _GLOBAL_INV, _IGNORED_HF, DEFAULT_MAX_SHARD_BYTES, hf_name, our_name, checkpoint_dir, _load_config_dict, _hf_dtype, HFCheckpointReader, _TOKENIZER_FILES, _save_tokenizer)
+    _ARCH_OF_TYPE,
+    _BLOCK_INV,
+    _BLOCK_MAP,
+    _GLOBAL_INV,
+    _GLOBAL_MAP,
+    _IGNORED_HF,
+    _MODEL_TYPE,
+    _TOKENIZER_FILES,
+    DEFAULT_MAX_SHARD_BYTES,
+    SUPPORTED_ARCHITECTURES,
+    HFCheckpointReader,
+    _hf_dtype,
+    _load_config_dict,
+    _save_tokenizer,
+    checkpoint_dir,
+    hf_name,
+    our_name,
+)
+from flexsp.model.hf_native_weights import load_hf_native
+from flexsp.model.transformer import Transformer
+
 
 def config_from_hf(path_or_dict, **overrides) -> ModelConfig:
     """:class:`ModelConfig` of an HF causal LM: a model directory, a config.json path, a config
@@ -56,8 +74,9 @@ def config_from_hf(path_or_dict, **overrides) -> ModelConfig:
     arch = archs[0] if archs else _ARCH_OF_TYPE.get(d.get("model_type", ""))
     if arch not in SUPPORTED_ARCHITECTURES:
         what = f"architecture {arch!r}" if arch else f"model_type {d.get('model_type')!r}"
-        raise UserError(f"{src}: unsupported {what}; supported architectures: "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise UserError(
+            f"{src}: unsupported {what}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     problems = []
     act = d.get("hidden_act", "silu")
     if act != "silu":
@@ -66,8 +85,10 @@ def config_from_hf(path_or_dict, **overrides) -> ModelConfig:
         problems.append("mlp_bias=True")
     bias = arch == "Qwen2ForCausalLM"
     if arch != "Qwen2ForCausalLM" and d.get("attention_bias"):
-        problems.append(f"attention_bias=True for {arch} (its o_proj has a bias too; only Qwen2-style "
-                        "q/k/v biases are supported)")
+        problems.append(
+            f"attention_bias=True for {arch} (its o_proj has a bias too; only Qwen2-style "
+            "q/k/v biases are supported)"
+        )
     if float(d.get("attention_dropout") or 0.0) != 0.0:
         problems.append(f"attention_dropout={d['attention_dropout']}")
     if float(d.get("partial_rotary_factor") or 1.0) != 1.0:
@@ -86,8 +107,10 @@ def config_from_hf(path_or_dict, **overrides) -> ModelConfig:
             types = ["sliding_attention" if sliding and i >= mwl else "full_attention" for i in range(n)]
         kinds = set(types)
         if len(kinds) > 1:
-            problems.append(f"layer_types mixing full and sliding attention ({sorted(kinds)}, e.g. "
-                            "max_window_layers < num_hidden_layers with use_sliding_window)")
+            problems.append(
+                f"layer_types mixing full and sliding attention ({sorted(kinds)}, e.g. "
+                "max_window_layers < num_hidden_layers with use_sliding_window)"
+            )
         elif kinds == {"sliding_attention"}:
             window = d.get("sliding_window") or None
     elif d.get("sliding_window"):
@@ -117,12 +140,22 @@ def config_from_hf(path_or_dict, **overrides) -> ModelConfig:
     if head_dim and hidden % heads == 0 and head_dim == hidden // heads:
         head_dim = 0
     kw = dict(
-        vocab_size=int(d["vocab_size"]), hidden=hidden, layers=int(d["num_hidden_layers"]), heads=heads,
-        kv_heads=int(d.get("num_key_value_heads") or heads), intermediate=int(d["intermediate_size"]),
-        rope_theta=theta, norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)), dtype=_hf_dtype(d), head_dim=head_dim,
-        attention_bias=bias, qk_norm=arch == "Qwen3ForCausalLM", rope_scaling=scaling,
-        sliding_window=int(window) if window else None, max_position_embeddings=max_pos,
+        vocab_size=int(d["vocab_size"]),
+        hidden=hidden,
+        layers=int(d["num_hidden_layers"]),
+        heads=heads,
+        kv_heads=int(d.get("num_key_value_heads") or heads),
+        intermediate=int(d["intermediate_size"]),
+        rope_theta=theta,
+        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        dtype=_hf_dtype(d),
+        head_dim=head_dim,
+        attention_bias=bias,
+        qk_norm=arch == "Qwen3ForCausalLM",
+        rope_scaling=scaling,
+        sliding_window=int(window) if window else None,
+        max_position_embeddings=max_pos,
     )
     kw.update(overrides)
     return ModelConfig(**kw)
@@ -140,8 +173,9 @@ def default_architecture(cfg: ModelConfig) -> str:
     return "LlamaForCausalLM"
 
 
-def hf_config_from_model(cfg: ModelConfig, architecture: str | None = None, *,
-                         dtype: torch.dtype | str | None = None, **extra) -> dict:
+def hf_config_from_model(
+    cfg: ModelConfig, architecture: str | None = None, *, dtype: torch.dtype | str | None = None, **extra
+) -> dict:
     """config.json contents for ``cfg`` as ``architecture`` (default :func:`default_architecture`).
 
     RoPE is written both ways (``rope_parameters`` for transformers >= 5, ``rope_theta`` +
@@ -149,8 +183,10 @@ def hf_config_from_model(cfg: ModelConfig, architecture: str | None = None, *,
     the architecture cannot express the config (e.g. q/k norms as LLaMA)."""
     arch = architecture or default_architecture(cfg)
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise UserError(f"unsupported architecture {arch!r}; supported architectures: "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise UserError(
+            f"unsupported architecture {arch!r}; supported architectures: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     bad = []
     if cfg.qk_norm != (arch == "Qwen3ForCausalLM"):
         bad.append(f"qk_norm={cfg.qk_norm}")
@@ -159,8 +195,10 @@ def hf_config_from_model(cfg: ModelConfig, architecture: str | None = None, *,
     if cfg.window and arch == "LlamaForCausalLM":
         bad.append(f"sliding_window={cfg.window}")
     if bad:
-        raise UserError(f"{arch} cannot express a model with {', '.join(bad)}; use architecture="
-                         f"{default_architecture(cfg)!r} (the default for this config)")
+        raise UserError(
+            f"{arch} cannot express a model with {', '.join(bad)}; use architecture="
+            f"{default_architecture(cfg)!r} (the default for this config)"
+        )
     if dtype is None:
         dtype = cfg.dtype
     dt = str(dtype).replace("torch.", "")
@@ -168,15 +206,27 @@ def hf_config_from_model(cfg: ModelConfig, architecture: str | None = None, *,
     if cfg.rope_scaling is not None:
         rope = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
     d = {
-        "architectures": [arch], "model_type": _MODEL_TYPE[arch],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden, "intermediate_size": cfg.intermediate,
-        "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
-        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None if cfg.rope_scaling is None else dict(rope),
-        "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_dropout": 0.0, "initializer_range": cfg.init_std, "use_cache": True,
-        "torch_dtype": dt, "dtype": dt,
+        "architectures": [arch],
+        "model_type": _MODEL_TYPE[arch],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.intermediate,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_size,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if cfg.rope_scaling is None else dict(rope),
+        "rope_parameters": rope,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std,
+        "use_cache": True,
+        "torch_dtype": dt,
+        "dtype": dt,
     }
     if arch == "LlamaForCausalLM":
         d.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
@@ -184,8 +234,12 @@ def hf_config_from_model(cfg: ModelConfig, architecture: str | None = None, *,
         d.update(sliding_window=cfg.window)
     else:
         w = cfg.window
-        d.update(use_sliding_window=bool(w), sliding_window=w, max_window_layers=0 if w else cfg.layers,
-                 layer_types=["sliding_attention" if w else "full_attention"] * cfg.layers)
+        d.update(
+            use_sliding_window=bool(w),
+            sliding_window=w,
+            max_window_layers=0 if w else cfg.layers,
+            layer_types=["sliding_attention" if w else "full_attention"] * cfg.layers,
+        )
         if arch == "Qwen3ForCausalLM":
             d.update(attention_bias=False)
     d.update(extra)
@@ -203,8 +257,13 @@ def native_gap(path_or_dict) -> str | None:
     return None
 
 
-def from_hf(path: str | os.PathLike, device: torch.device | str = "cpu",
-            dtype: torch.dtype | str | None = None, hf_native: bool | None = None, **overrides):
+def from_hf(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    hf_native: bool | None = None,
+    **overrides,
+):
     """The model of the HF checkpoint at ``path`` with its weights, called the same way whatever
     the architecture: ``model(input_ids, positions, AttnContext.local(cu_seqlens))`` -> logits,
     ``labels=``/``pad_mask=`` -> ``(loss_sum, num_targets)``.
@@ -216,7 +275,6 @@ def from_hf(path: str | os.PathLike, device: torch.device | str = "cpu",
     ``dtype`` (torch dtype or "float32"/"bfloat16"): parameter dtype; None = the checkpoint's
     (bfloat16 stays bfloat16, anything else float32). ``overrides``: ModelConfig fields (native) or
     HFNativeConfig fields (``activation_checkpointing``)."""
-    from flexsp.model.transformer import Transformer
     if hf_native or (hf_native is None and native_gap(checkpoint_dir(path, "path")) is not None):
         return load_hf_native(path, device=device, dtype=dtype, **overrides)
     if dtype is not None:
@@ -244,9 +302,16 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
     return shards
 
 
-def to_hf(model_or_state_dict, path: str | os.PathLike, *, config: ModelConfig | None = None,
-          architecture: str | None = None, dtype: torch.dtype | str = torch.bfloat16,
-          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer_from=None) -> Path:
+def to_hf(
+    model_or_state_dict,
+    path: str | os.PathLike,
+    *,
+    config: ModelConfig | None = None,
+    architecture: str | None = None,
+    dtype: torch.dtype | str = torch.bfloat16,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer_from=None,
+) -> Path:
     """Write an HF model directory loadable by ``AutoModelForCausalLM.from_pretrained``.
 
     ``model_or_state_dict``: a Transformer (its config is used) or a state dict with our names
@@ -256,7 +321,6 @@ def to_hf(model_or_state_dict, path: str | os.PathLike, *, config: ModelConfig |
     (shards of at most ``max_shard_bytes``), the tokenizer of ``tokenizer_from`` (an HF directory's
     tokenizer files are copied; a tokenizer.json is saved through ``PreTrainedTokenizerFast``) and
     then ``generation_config.json`` with its bos/eos ids. Tied embeddings write no lm_head."""
-    from safetensors.torch import save_file
     if isinstance(model_or_state_dict, torch.nn.Module):
         config = config or model_or_state_dict.config
         sd = model_or_state_dict.state_dict()
@@ -269,15 +333,22 @@ def to_hf(model_or_state_dict, path: str | os.PathLike, *, config: ModelConfig |
     dt = getattr(torch, str(dtype).replace("torch.", "")) if not isinstance(dtype, torch.dtype) else dtype
     if dt not in (torch.bfloat16, torch.float32, torch.float16):
         raise UserError(f"to_hf dtype={dtype!r}; valid options: bfloat16, float32, float16")
-    hf_cfg_check = hf_config_from_model(config, architecture, dtype=dt)   # validates early
-    from flexsp.model.transformer import Transformer
+    hf_cfg_check = hf_config_from_model(config, architecture, dtype=dt)  # validates early
     expected = {n: tuple(p.shape) for n, p in Transformer(config, device="meta").named_parameters()}
     missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(k for k in set(sd) - set(expected) if not (config.tie_embeddings and k == "lm_head.weight"))
-    wrong = [f"{k}: {tuple(sd[k].shape)} vs {expected[k]}" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+    unexpected = sorted(
+        k for k in set(sd) - set(expected) if not (config.tie_embeddings and k == "lm_head.weight")
+    )
+    wrong = [
+        f"{k}: {tuple(sd[k].shape)} vs {expected[k]}"
+        for k in expected
+        if k in sd and tuple(sd[k].shape) != expected[k]
+    ]
     if missing or unexpected or wrong:
-        raise UserError(f"state dict does not match the config: missing {missing}, unexpected {unexpected}, "
-                         f"shape mismatches {wrong}")
+        raise UserError(
+            f"state dict does not match the config: missing {missing}, unexpected {unexpected}, "
+            f"shape mismatches {wrong}"
+        )
     tensors = {}
     for name in expected:
         t = sd[name]
@@ -300,8 +371,11 @@ def to_hf(model_or_state_dict, path: str | os.PathLike, *, config: ModelConfig |
             for k, t in shard.items():
                 weight_map[k] = fname
                 total += t.numel() * t.element_size()
-        (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True
+            )
+        )
     ids = _save_tokenizer(tokenizer_from, out) if tokenizer_from else {}
     hf_cfg = {**hf_cfg_check, **ids}
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))

@@ -2,6 +2,7 @@
 (ours <-> the checkpoint's), lazy safetensors reads (:class:`HFCheckpointReader`) and the tokenizer
 files an export ships. The base of flexsp.model.hf (native models) and flexsp.model.hf_native*
 (transformers' modules)."""
+
 from __future__ import annotations
 
 import json
@@ -13,30 +14,45 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from flexsp.data.tokenizer import EOS_CANDIDATES
 from flexsp.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
-_MODEL_TYPE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-               "Qwen3ForCausalLM": "qwen3"}
+_MODEL_TYPE = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
 _ARCH_OF_TYPE = {v: k for k, v in _MODEL_TYPE.items()}
 
 # ours <-> HF parameter names (per block, then global)
 _BLOCK_MAP = {
     "attn_norm.weight": "input_layernorm.weight",
-    "attn.wq.weight": "self_attn.q_proj.weight", "attn.wq.bias": "self_attn.q_proj.bias",
-    "attn.wk.weight": "self_attn.k_proj.weight", "attn.wk.bias": "self_attn.k_proj.bias",
-    "attn.wv.weight": "self_attn.v_proj.weight", "attn.wv.bias": "self_attn.v_proj.bias",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wq.bias": "self_attn.q_proj.bias",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wk.bias": "self_attn.k_proj.bias",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wv.bias": "self_attn.v_proj.bias",
     "attn.wo.weight": "self_attn.o_proj.weight",
-    "attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight",
+    "attn.q_norm.weight": "self_attn.q_norm.weight",
+    "attn.k_norm.weight": "self_attn.k_norm.weight",
     "mlp_norm.weight": "post_attention_layernorm.weight",
-    "mlp.w_gate.weight": "mlp.gate_proj.weight", "mlp.w_up.weight": "mlp.up_proj.weight",
+    "mlp.w_gate.weight": "mlp.gate_proj.weight",
+    "mlp.w_up.weight": "mlp.up_proj.weight",
     "mlp.w_down.weight": "mlp.down_proj.weight",
 }
 _BLOCK_INV = {v: k for k, v in _BLOCK_MAP.items()}
-_GLOBAL_MAP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-               "lm_head.weight": "lm_head.weight"}
+_GLOBAL_MAP = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 _GLOBAL_INV = {v: k for k, v in _GLOBAL_MAP.items()}
 _IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -71,14 +87,16 @@ def checkpoint_dir(path, field: str = "model.hf_checkpoint") -> Path:
         return p
     what = "is a file" if p.exists() else "does not exist"
     hint = f" (e.g. {field}={p.parent})" if p.exists() and (p.parent / "config.json").is_file() else ""
-    raise UserError(f"{field}={path} {what}; it must be a directory: a Hugging Face model directory holding "
-                     f"config.json, *.safetensors and the tokenizer files{hint}")
+    raise UserError(
+        f"{field}={path} {what}; it must be a directory: a Hugging Face model directory holding "
+        f"config.json, *.safetensors and the tokenizer files{hint}"
+    )
 
 
 def _load_config_dict(path_or_dict) -> tuple[dict, str]:
     if isinstance(path_or_dict, Mapping):
         return dict(path_or_dict), "<dict>"
-    if hasattr(path_or_dict, "to_dict"):          # a transformers PretrainedConfig
+    if hasattr(path_or_dict, "to_dict"):  # a transformers PretrainedConfig
         return path_or_dict.to_dict(), type(path_or_dict).__name__
     p = Path(path_or_dict)
     f = p / "config.json" if p.is_dir() else p
@@ -139,14 +157,15 @@ class HFCheckpointReader:
             if not files:
                 raise FileNotFoundError(
                     f"{self.path} has no model.safetensors, model.safetensors.index.json or *.safetensors "
-                    "(PyTorch .bin checkpoints are not supported: re-save with safe_serialization=True)")
+                    "(PyTorch .bin checkpoints are not supported: re-save with safe_serialization=True)"
+                )
             for f in files:
                 for k in self._keys_of(f):
                     key_file[k] = f
         self._key_file = key_file
         self._handles: dict[Path, object] = {}
-        self.names: dict[str, str] = {}            # our name -> HF key
-        self.unknown: list[str] = []               # HF keys that are not ours
+        self.names: dict[str, str] = {}  # our name -> HF key
+        self.unknown: list[str] = []  # HF keys that are not ours
         for key in key_file:
             ours = key if self.hf_names else our_name(key)
             if ours is not None:
@@ -158,7 +177,6 @@ class HFCheckpointReader:
 
     @staticmethod
     def _open(f: Path):
-        from safetensors import safe_open
         try:
             return safe_open(str(f), framework="pt", device="cpu")
         except FileNotFoundError:
@@ -213,7 +231,7 @@ class HFCheckpointReader:
             return self.read_rows(name, 0, 0).reshape(-1)
         r0, r1 = start // row, -(-stop // row)
         block = self.read_rows(name, r0, r1).reshape(-1)
-        return block[start - r0 * row: stop - r0 * row]
+        return block[start - r0 * row : stop - r0 * row]
 
     def check(self, module: torch.nn.Module) -> None:
         """ValueError naming every missing key, unexpected key and shape mismatch of the
@@ -223,10 +241,14 @@ class HFCheckpointReader:
         params = {n: tuple(getattr(p, "ds_shape", None) or p.shape) for n, p in module.named_parameters()}
         tied = "lm_head.weight" not in params and "embed.weight" in params
         missing = [n for n in params if n not in self.names]
-        unexpected = [self.names[n] for n in self.names if n not in params
-                      and not (tied and n == "lm_head.weight")] + self.unknown
-        shapes = [f"{n}: checkpoint {self.shape(n)} vs model {shape}"
-                  for n, shape in params.items() if n in self.names and self.shape(n) != shape]
+        unexpected = [
+            self.names[n] for n in self.names if n not in params and not (tied and n == "lm_head.weight")
+        ] + self.unknown
+        shapes = [
+            f"{n}: checkpoint {self.shape(n)} vs model {shape}"
+            for n, shape in params.items()
+            if n in self.names and self.shape(n) != shape
+        ]
         msgs = []
         if missing:
             msgs.append(f"missing keys (HF names): {[self._key(n) for n in missing]}")
@@ -247,10 +269,11 @@ class HFCheckpointReader:
         self.check(module)
         for name, p in module.named_parameters():
             if p.device.type == "meta":
-                raise UserError(f"parameter {name} is on the meta device; call module.to_empty(device=...) "
-                                 "before load_into_")
+                raise UserError(
+                    f"parameter {name} is on the meta device; call module.to_empty(device=...) "
+                    "before load_into_"
+                )
             if hasattr(p, "to_local"):
-                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
                 shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
                 local = p.to_local()
                 if any(o != 0 for o in offset[1:]) or tuple(local.shape[1:]) != tuple(p.shape[1:]):
@@ -264,8 +287,17 @@ class HFCheckpointReader:
         return module
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def _save_tokenizer(src, out: Path) -> dict:
@@ -279,8 +311,8 @@ def _save_tokenizer(src, out: Path) -> dict:
             shutil.copy2(src / f, out / f)
     elif src.is_file() and src.suffix == ".json":
         from transformers import PreTrainedTokenizerFast
+
         tok = PreTrainedTokenizerFast(tokenizer_file=str(src))
-        from flexsp.data.tokenizer import EOS_CANDIDATES
         vocab = tok.get_vocab()
         eos = next((t for t in EOS_CANDIDATES if t in vocab), None)
         if eos is not None:
@@ -291,6 +323,7 @@ def _save_tokenizer(src, out: Path) -> dict:
     ids = {}
     try:
         from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(str(out))
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(tok, key, None)

@@ -49,6 +49,7 @@ e.g. per-expert MoE weights stacked into v5's fused expert tensors). Buffers (Ro
 frequencies, embedding scales) are computed after materialisation the way transformers'
 ``from_pretrained`` does: its ``_init_weights`` with every parameter marked initialised.
 """
+
 from __future__ import annotations
 
 import copy
@@ -60,10 +61,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from flexsp.errors import UserError
 from flexsp.model.config import ModelConfig
 from flexsp.model.hf_files import _load_config_dict
 from flexsp.model.loss import lm_loss
-from flexsp.errors import UserError
 
 ATTENTION = "flexsp"
 """The name FlexSP's attention is registered under in ``transformers.AttentionInterface``."""
@@ -74,15 +75,37 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 BATCH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 # fields/attributes XForCausalLM.forward reads after the decoder that do not change the logits
-_HEAD_INERT = {"vocab_size", "return_dict", "use_return_dict", "output_attentions", "output_hidden_states",
-               "use_cache", "lm_head", "loss_function", "training", "config"}
+_HEAD_INERT = {
+    "vocab_size",
+    "return_dict",
+    "use_return_dict",
+    "output_attentions",
+    "output_hidden_states",
+    "use_cache",
+    "lm_head",
+    "loss_function",
+    "training",
+    "config",
+}
 _ROUTER = {"output_router_logits", "num_experts", "num_experts_per_tok", "router_aux_loss_coef"}
 _HEAD_SCALES = {"logits_scaling": "divides", "logit_scale": "multiplies"}
 _HEAD_REFUSED_WHEN_SET = {"final_logit_softcapping": "soft-capped logits"}
-_TOKEN_MIXING_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.RNNBase,
-                       nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)
-_TOKEN_MIXING_NAMES = re.compile(r"Mixer$|SSM|Ssm|RWKV|Rwkv|DeltaNet|LinearAttention|LinearAttn|ShortConv|"
-                                 r"Recurrent|Retention|TimeMix|TokenShift|Lightning|Hyena|Conv")
+_TOKEN_MIXING_TYPES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.RNNBase,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+)
+_TOKEN_MIXING_NAMES = re.compile(
+    r"Mixer$|SSM|Ssm|RWKV|Rwkv|DeltaNet|LinearAttention|LinearAttn|ShortConv|"
+    r"Recurrent|Retention|TimeMix|TokenShift|Lightning|Hyena|Conv"
+)
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f")
 
 
@@ -105,12 +128,14 @@ class HFNativeConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"model.dtype={self.dtype!r}; valid options: ['bfloat16', 'float32']")
         if not isinstance(self.activation_checkpointing, bool):
-            raise UserError(f"model.activation_checkpointing must be a bool, got "
-                             f"{self.activation_checkpointing!r}")
+            raise UserError(
+                f"model.activation_checkpointing must be a bool, got {self.activation_checkpointing!r}"
+            )
 
     def transformers_config(self):
         """A fresh transformers ``PretrainedConfig`` of :attr:`hf_config`."""
         from transformers import AutoConfig
+
         d = copy.deepcopy(self.hf_config)
         if "model_type" not in d:
             raise UserError("config.json has no model_type: transformers cannot tell the architecture")
@@ -172,8 +197,13 @@ class HFNativeConfig:
         model = build_causal_lm(self)
         n = sum(p.numel() for p in model.parameters())
         if not include_embeddings:
-            n -= sum(p.numel() for p in {id(p): p for p in (model.get_input_embeddings().weight,
-                                                            model.get_output_embeddings().weight)}.values())
+            n -= sum(
+                p.numel()
+                for p in {
+                    id(p): p
+                    for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+                }.values()
+            )
         return n
 
     def planning_shape(self):
@@ -181,24 +211,47 @@ class HFNativeConfig:
         native blocks (the cost-model shape check, the CUDA cost-model estimate): an approximation
         (e.g. an MoE counts as a dense MLP of ``intermediate_size``)."""
         head_dim = self.head_size if self.head_size * self.heads != self.hidden else 0
-        return ModelConfig(vocab_size=self.vocab_size, hidden=self.hidden, layers=self.layers,
-                           heads=self.heads, kv_heads=self.kv_heads, intermediate=self.intermediate,
-                           head_dim=head_dim, tie_embeddings=self.tie_embeddings, dtype=self.dtype,
-                           activation_checkpointing=self.activation_checkpointing,
-                           max_position_embeddings=self.max_position_embeddings)
+        return ModelConfig(
+            vocab_size=self.vocab_size,
+            hidden=self.hidden,
+            layers=self.layers,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            intermediate=self.intermediate,
+            head_dim=head_dim,
+            tie_embeddings=self.tie_embeddings,
+            dtype=self.dtype,
+            activation_checkpointing=self.activation_checkpointing,
+            max_position_embeddings=self.max_position_embeddings,
+        )
 
 
 # ---------------------------------------------------------------------------------- attention
-def flexsp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                     sliding_window=None, softcap=None, s_aux=None, sinks=None, is_causal=None,
-                     position_bias=None, **kwargs):
+def flexsp_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    sliding_window=None,
+    softcap=None,
+    s_aux=None,
+    sinks=None,
+    is_causal=None,
+    position_bias=None,
+    **kwargs,
+):
     """transformers attention function (``AttentionInterface``): q ``[1, H, T, D]``, k/v
     ``[1, Hkv, T, D]`` -> ``([1, T, H, D], None)`` through the injected attention of the forward."""
     attn = kwargs.get(ATTN_KWARG)
     name = type(module).__name__
     if attn is None:
-        raise RuntimeError(f"{name} called FlexSP's attention without {ATTN_KWARG}: the model must be run "
-                           "through flexsp.model.hf_native.HFNativeModel")
+        raise RuntimeError(
+            f"{name} called FlexSP's attention without {ATTN_KWARG}: the model must be run "
+            "through flexsp.model.hf_native.HFNativeModel"
+        )
     bad = []
     if attention_mask is not None:
         bad.append("an attention mask (FlexSP attention is causal per document)")
@@ -224,6 +277,7 @@ def flexsp_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 def register_attention() -> None:
     """Register :func:`flexsp_attention` with transformers (idempotent)."""
     from transformers import AttentionInterface
+
     if AttentionInterface._global_mapping.get(ATTENTION) is not flexsp_attention:
         AttentionInterface.register(ATTENTION, flexsp_attention)
 
@@ -244,6 +298,7 @@ def build_causal_lm(cfg: HFNativeConfig, device=None, attn_implementation: str |
     """``AutoModelForCausalLM.from_config`` of ``cfg`` on ``device`` (default ``meta``), with
     FlexSP's attention selected (``attn_implementation=None``: transformers' default)."""
     from transformers import AutoModelForCausalLM
+
     hf_cfg = cfg.transformers_config()
     kw = {"dtype": cfg.torch_dtype}
     if attn_implementation == ATTENTION:
@@ -254,8 +309,10 @@ def build_causal_lm(cfg: HFNativeConfig, device=None, attn_implementation: str |
         try:
             return AutoModelForCausalLM.from_config(hf_cfg, **kw)
         except ValueError as exc:
-            raise UserError(f"{cfg.architecture}: transformers cannot build it as a causal LM "
-                             f"({str(exc).splitlines()[0]})") from None
+            raise UserError(
+                f"{cfg.architecture}: transformers cannot build it as a causal LM "
+                f"({str(exc).splitlines()[0]})"
+            ) from None
 
 
 def _rope_dicts(hf_cfg) -> list[tuple[str, dict]]:
@@ -276,20 +333,25 @@ def _config_problems(hf_cfg) -> list[str]:
         bad.append("use_bidirectional_attention=True (FlexSP attention is causal)")
     for i, kind in enumerate(getattr(hf_cfg, "layer_types", None) or []):
         if kind not in ATTENTION_LAYER_TYPES:
-            bad.append(f"layer_types[{i}]={kind!r} mixes tokens outside attention (token-local kinds: "
-                       f"{list(ATTENTION_LAYER_TYPES)})")
+            bad.append(
+                f"layer_types[{i}]={kind!r} mixes tokens outside attention (token-local kinds: "
+                f"{list(ATTENTION_LAYER_TYPES)})"
+            )
             break
     if float(getattr(hf_cfg, "attention_dropout", 0.0) or 0.0):
-        bad.append(f"attention_dropout={hf_cfg.attention_dropout} (FlexSP's attention has no dropout; "
-                   "set 0.0)")
+        bad.append(
+            f"attention_dropout={hf_cfg.attention_dropout} (FlexSP's attention has no dropout; set 0.0)"
+        )
     for key, value in hf_cfg.to_dict().items():
         if "softcap" in key and value is not None and key not in _HEAD_REFUSED_WHEN_SET:
             bad.append(f"{key}={value} (soft-capped attention scores are not supported)")
     for where, rope in _rope_dicts(hf_cfg):
         kind = rope.get("rope_type", rope.get("type"))
         if kind in BATCH_DEPENDENT_ROPE:
-            bad.append(f"{where}['rope_type']={kind!r} (its frequencies depend on the longest position of "
-                       "the batch, which a token shard does not see)")
+            bad.append(
+                f"{where}['rope_type']={kind!r} (its frequencies depend on the longest position of "
+                "the batch, which a token shard does not see)"
+            )
             break
     return bad
 
@@ -300,8 +362,9 @@ def _head_problems(model, hf_cfg) -> tuple[list[str], float]:
     try:
         src = inspect.getsource(cls.forward)
     except (OSError, TypeError):
-        return [f"{cls.__name__}.forward has no readable source (cannot tell what it does to the "
-                "logits)"], 1.0
+        return [
+            f"{cls.__name__}.forward has no readable source (cannot tell what it does to the logits)"
+        ], 1.0
     body = src.split('"""')[-1]
     prefix = model.base_model_prefix
     used = set(re.findall(r"config\.(\w+)", body)) | set(re.findall(r"self\.(\w+)", body))
@@ -310,8 +373,10 @@ def _head_problems(model, hf_cfg) -> tuple[list[str], float]:
         value = getattr(model, name, getattr(hf_cfg, name, None))
         if name in _ROUTER:
             if name == "output_router_logits" and value:
-                bad.append("output_router_logits=True (transformers then adds its router load-balancing "
-                           "loss, which FlexSP does not compute; set it false)")
+                bad.append(
+                    "output_router_logits=True (transformers then adds its router load-balancing "
+                    "loss, which FlexSP does not compute; set it false)"
+                )
         elif name in _HEAD_SCALES:
             factor = float(getattr(hf_cfg, name, None) or getattr(model, name, 1.0) or 1.0)
             scale = scale / factor if _HEAD_SCALES[name] == "divides" else scale * factor
@@ -319,8 +384,10 @@ def _head_problems(model, hf_cfg) -> tuple[list[str], float]:
             if value is not None:
                 bad.append(f"{name}={value} ({_HEAD_REFUSED_WHEN_SET[name]} are not supported)")
         else:
-            bad.append(f"{name} (read by {cls.__name__}.forward after the decoder; FlexSP computes the "
-                       "logits itself and does not know what it does)")
+            bad.append(
+                f"{name} (read by {cls.__name__}.forward after the decoder; FlexSP computes the "
+                "logits itself and does not know what it does)"
+            )
     return bad, scale
 
 
@@ -330,15 +397,20 @@ def _module_problems(model, prefix: str) -> tuple[list[str], list[str]]:
     named = dict(model.named_modules())
     typed = [n for n, m in named.items() if isinstance(m, _TOKEN_MIXING_TYPES)]
     by_name = [n for n, m in named.items() if n and _TOKEN_MIXING_NAMES.search(type(m).__name__)]
-    if typed:      # a convolution / recurrence / shift over the sequence: name the layer that owns it
+    if typed:  # a convolution / recurrence / shift over the sequence: name the layer that owns it
         owner = typed[0].rpartition(".")[0]
-        bad.append(f"module {owner} ({type(named[owner]).__name__}) mixes tokens outside attention (its "
-                   f"{typed[0].rpartition('.')[2]} is a {type(named[typed[0]]).__name__})")
+        bad.append(
+            f"module {owner} ({type(named[owner]).__name__}) mixes tokens outside attention (its "
+            f"{typed[0].rpartition('.')[2]} is a {type(named[typed[0]]).__name__})"
+        )
     elif by_name:
         bad.append(f"module {by_name[0]} ({type(named[by_name[0]]).__name__}) mixes tokens outside attention")
     for name, child in model.named_children():
-        if name not in (prefix,) and child is not model.get_output_embeddings() \
-                and any(True for _ in child.parameters()):
+        if (
+            name not in (prefix,)
+            and child is not model.get_output_embeddings()
+            and any(True for _ in child.parameters())
+        ):
             bad.append(f"module {name} ({type(child).__name__}) is outside the decoder and the head")
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
@@ -360,17 +432,23 @@ def inspect_architecture(model, src: str = "") -> dict:
     base = getattr(model, prefix, None)
     bad = _config_problems(hf_cfg)
     head_bad, scale = _head_problems(model, hf_cfg)
-    mod_bad, blocks = ([f"no base model at {type(model).__name__}.{prefix}"], []) if base is None \
+    mod_bad, blocks = (
+        ([f"no base model at {type(model).__name__}.{prefix}"], [])
+        if base is None
         else _module_problems(model, prefix)
+    )
     bad += head_bad + mod_bad
-    norm = next((f"{prefix}.{n}" for n in _FINAL_NORM_NAMES
-                 if isinstance(getattr(base, n, None), nn.Module)), None)
-    if base is not None and norm is None:     # else the last norm-like child of the base model
+    norm = next(
+        (f"{prefix}.{n}" for n in _FINAL_NORM_NAMES if isinstance(getattr(base, n, None), nn.Module)), None
+    )
+    if base is not None and norm is None:  # else the last norm-like child of the base model
         norms = [n for n, m in base.named_children() if "Norm" in type(m).__name__]
         norm = f"{prefix}.{norms[-1]}" if norms else None
     if base is not None and norm is None:
-        bad.append(f"no final norm found on {type(base).__name__} (looked for {list(_FINAL_NORM_NAMES)} or a "
-                   "child whose class is a norm)")
+        bad.append(
+            f"no final norm found on {type(base).__name__} (looked for {list(_FINAL_NORM_NAMES)} or a "
+            "child whose class is a norm)"
+        )
     if bad:
         where = f"{src}: " if src else ""
         raise UserError(f"{where}{type(model).__name__} cannot train HF-native: " + "; ".join(bad))
@@ -438,6 +516,7 @@ class HFNativeModel(nn.Module):
         """transformers' checkpoint conversions of this architecture (renamings, e.g. MoE experts
         stacked into fused tensors), computed on a fresh ``meta`` copy of the causal LM."""
         from transformers.conversion_mapping import get_model_conversion_mapping
+
         return get_model_conversion_mapping(build_causal_lm(self.config))
 
     # -- materialisation ---------------------------------------------------------------------------
@@ -464,23 +543,34 @@ class HFNativeModel(nn.Module):
         base.initialize_weights()
 
     # -- forward -------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_ctx,
-                labels: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
-                return_hidden: bool = False):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn_ctx,
+        labels: torch.Tensor | None = None,
+        pad_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ):
         """Same contract as ``flexsp.model.Transformer.forward``: ``[T_local]`` ids and positions,
         the injected attention; returns logits, the final hidden, or ``(loss_sum, num_targets)``."""
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
-            raise UserError(f"input_ids and positions must both be [tokens]; got "
-                             f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
+            raise UserError(
+                f"input_ids and positions must both be [tokens]; got "
+                f"{tuple(input_ids.shape)} and {tuple(positions.shape)}"
+            )
         attn = attn_ctx if self._attention_checked else _CountingAttention(attn_ctx)
-        out = self.base_model()(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
-                                **{ATTN_KWARG: attn})
+        out = self.base_model()(
+            input_ids=input_ids[None], position_ids=positions[None], use_cache=False, **{ATTN_KWARG: attn}
+        )
         if not self._attention_checked:
             expected = len(self._block_paths)
             if attn.calls != expected:
-                raise UserError(f"{self._hf_class.__name__}: {expected} decoder layers made {attn.calls} "
-                                 "FlexSP attention calls; its attention does not go through transformers' "
-                                 "AttentionInterface once per layer, so it cannot be sharded")
+                raise UserError(
+                    f"{self._hf_class.__name__}: {expected} decoder layers made {attn.calls} "
+                    "FlexSP attention calls; its attention does not go through transformers' "
+                    "AttentionInterface once per layer, so it cannot be sharded"
+                )
             self._attention_checked = True
         h = out[0][0]
         if return_hidden and labels is None:
@@ -495,5 +585,3 @@ def hf_native_config(path, **overrides) -> HFNativeConfig:
     cfg = HFNativeConfig(hf_config=d, **overrides)
     inspect_architecture(build_causal_lm(cfg), src)
     return cfg
-
-

@@ -15,16 +15,25 @@ Out: :func:`save_hf_native`: a state dict with these names -> a ``save_pretraine
 (config.json, safetensors in the original checkpoint layout: transformers reverses its
 conversions when saving, tokenizer files), which ``AutoModelForCausalLM.from_pretrained`` loads.
 """
+
 from __future__ import annotations
 
 import copy
 import os
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+
 from flexsp.errors import UserError
-from flexsp.model.hf_files import DEFAULT_MAX_SHARD_BYTES, HFCheckpointReader, _hf_dtype, _load_config_dict, _save_tokenizer
+from flexsp.model.hf_files import (
+    DEFAULT_MAX_SHARD_BYTES,
+    HFCheckpointReader,
+    _hf_dtype,
+    _load_config_dict,
+    _save_tokenizer,
+)
 from flexsp.model.hf_native import HFNativeModel, build_causal_lm, hf_native_config
 from flexsp.model.init import fill_local_shards
 
@@ -39,16 +48,21 @@ class HFNativeWeights:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.reader = HFCheckpointReader(path, names="hf")
-        self.direct: dict[str, str] = {}          # parameter -> checkpoint key (same tensor)
-        self.converted: dict[str, tuple] = {}     # parameter -> (converter, {source pattern: [keys]})
+        self.direct: dict[str, str] = {}  # parameter -> checkpoint key (same tensor)
+        self.converted: dict[str, tuple] = {}  # parameter -> (converter, {source pattern: [keys]})
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._hf_config = None
         self._cache: tuple[str, torch.Tensor] | None = None
 
     def _map_keys(self, module) -> list[str]:
         """Map every checkpoint key onto the module's state dict; returns the unmapped keys."""
-        from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key,
-                                                     rename_source_key)
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            dot_natural_key,
+            rename_source_key,
+        )
+
         transforms = module.weight_conversions()
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -78,8 +92,11 @@ class HFNativeWeights:
         params = {n: _shape(p) for n, p in module.named_parameters()}
         self._shapes = params
         missing = [n for n in params if n not in self.direct and n not in self.converted]
-        shapes = [f"{n}: checkpoint {self.reader.shape(k)} vs model {params[n]}"
-                  for n, k in self.direct.items() if n in params and self.reader.shape(k) != params[n]]
+        shapes = [
+            f"{n}: checkpoint {self.reader.shape(k)} vs model {params[n]}"
+            for n, k in self.direct.items()
+            if n in params and self.reader.shape(k) != params[n]
+        ]
         msgs = []
         if missing:
             msgs.append(f"missing keys: {missing}")
@@ -96,12 +113,20 @@ class HFNativeWeights:
             return self._cache[1]
         template, sources = self.converted[name]
         conv = copy.deepcopy(template)
-        tensors = {pattern: [self.reader.read_rows(k, 0, self.reader.shape(k)[0]) for k in keys]
-                   for pattern, keys in sources.items()}
+        tensors = {
+            pattern: [self.reader.read_rows(k, 0, self.reader.shape(k)[0]) for k in keys]
+            for pattern, keys in sources.items()
+        }
         for op in conv.operations:
-            tensors = op.convert(tensors, source_patterns=conv.source_patterns,
-                                 target_patterns=conv.target_patterns, full_layer_name=name, model=None,
-                                 config=self._hf_config, missing_keys=None)
+            tensors = op.convert(
+                tensors,
+                source_patterns=conv.source_patterns,
+                target_patterns=conv.target_patterns,
+                full_layer_name=name,
+                model=None,
+                config=self._hf_config,
+                missing_keys=None,
+            )
         if len(tensors) == 1:
             full = next(iter(tensors.values()))
         else:
@@ -110,8 +135,10 @@ class HFNativeWeights:
         if full is None or tuple(full.shape) != self._shapes.get(name, tuple(full.shape)):
             got = None if full is None else tuple(full.shape)
             keys = sorted(k for v in sources.values() for k in v)
-            raise UserError(f"{self.path}: {name} converted from {keys} has shape {got}, the model expects "
-                             f"{self._shapes.get(name)}")
+            raise UserError(
+                f"{self.path}: {name} converted from {keys} has shape {got}, the model expects "
+                f"{self._shapes.get(name)}"
+            )
         self._cache = (name, full)
         return full
 
@@ -121,23 +148,30 @@ class HFNativeWeights:
         if name in self.direct:
             vals = self.reader.read_elements(self.direct[name], start, start + n)
         elif name in self.converted:
-            vals = self._assembled(name).reshape(-1)[start:start + n]
+            vals = self._assembled(name).reshape(-1)[start : start + n]
         else:
             raise KeyError(f"{self.path}: no tensor for parameter {name!r} (call check(module) first)")
         dest.copy_(vals.reshape(dest.shape).to(device=dest.device, dtype=dest.dtype))
 
 
-def save_hf_native(cfg, state_dict: dict[str, torch.Tensor], path, *, dtype: torch.dtype = torch.bfloat16,
-                   max_shard_bytes: int | None = None, tokenizer_from=None) -> Path:
+def save_hf_native(
+    cfg,
+    state_dict: dict[str, torch.Tensor],
+    path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int | None = None,
+    tokenizer_from=None,
+) -> Path:
     """Write ``state_dict`` (an HF-native model's, transformers' names) as a ``save_pretrained``
     directory in ``dtype``: the causal LM is built on ``meta`` from ``cfg.hf_config``, the tensors
     are assigned into it (no second copy), and transformers writes config.json + safetensors
     (+ generation_config.json); the tokenizer of ``tokenizer_from`` is copied/saved."""
-    from dataclasses import replace
 
     name = str(dtype).replace("torch.", "")
-    model = build_causal_lm(replace(cfg, dtype=name if name in ("float32", "bfloat16") else "float32"),
-                            attn_implementation=None)
+    model = build_causal_lm(
+        replace(cfg, dtype=name if name in ("float32", "bfloat16") else "float32"), attn_implementation=None
+    )
     expected = model.state_dict()
     tensors = {}
     for k, t in state_dict.items():
@@ -147,11 +181,16 @@ def save_hf_native(cfg, state_dict: dict[str, torch.Tensor], path, *, dtype: tor
     tied = {k for k in expected if k not in dict(model.named_parameters())}
     missing = sorted(set(expected) - set(tensors) - tied)
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
-             if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    wrong = [
+        f"{k}: {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)
+    ]
     if missing or unexpected or wrong:
-        raise UserError(f"state dict does not match {type(model).__name__}: missing {missing}, unexpected "
-                         f"{unexpected}, shape mismatches {wrong}")
+        raise UserError(
+            f"state dict does not match {type(model).__name__}: missing {missing}, unexpected "
+            f"{unexpected}, shape mismatches {wrong}"
+        )
     model.load_state_dict({k: v for k, v in tensors.items() if k not in tied}, strict=False, assign=True)
     model.tie_weights()
     out = Path(path)

@@ -16,12 +16,14 @@ Rules (:func:`init_rule`): ``*norm.weight`` -> 1 (RMSNorm gains, incl. per-head 
 ``*.bias`` -> 0, output projections (``wo``, ``w_down``) -> N(0, init_std / sqrt(2 * layers)),
 everything else -> N(0, init_std).
 """
+
 from __future__ import annotations
 
 import math
 import zlib
 
 import torch
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 CHUNK = 1 << 16
 """Elements per generator stream (a parameter of n elements uses ceil(n / CHUNK) streams)."""
@@ -55,14 +57,15 @@ def normal_elements(name: str, numel: int, start: int, stop: int, seed: int, std
         gen = torch.Generator().manual_seed(_chunk_seed(seed, name, c))
         vals = torch.empty(c_hi - c_lo, dtype=torch.float32).normal_(0.0, std, generator=gen)
         hi = min(stop, c_hi)
-        out[pos - start:hi - start] = vals[pos - c_lo:hi - c_lo]
+        out[pos - start : hi - start] = vals[pos - c_lo : hi - c_lo]
         pos = hi
     return out
 
 
 @torch.no_grad()
-def fill_elements_(dest: torch.Tensor, name: str, numel: int, start: int, seed: int, init_std: float,
-                   layers: int) -> None:
+def fill_elements_(
+    dest: torch.Tensor, name: str, numel: int, start: int, seed: int, init_std: float, layers: int
+) -> None:
     """Fill ``dest`` (any shape, contiguous) with flattened elements ``[start, start + dest.numel())``
     of parameter ``name`` under :func:`init_rule`."""
     kind, value = init_rule(name, init_std, layers)
@@ -80,8 +83,7 @@ def init_module_(module: torch.nn.Module, seed: int, init_std: float, layers: in
     for name, p in module.named_parameters():
         if p.device.type == "meta":
             continue
-        if hasattr(p, "to_local"):   # DTensor (FSDP2 / HSDP): the local rows of a dim-0 shard
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        if hasattr(p, "to_local"):  # DTensor (FSDP2 / HSDP): the local rows of a dim-0 shard
             shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
             local = p.to_local()
             if local.numel() == 0:
@@ -97,9 +99,7 @@ def init_module_(module: torch.nn.Module, seed: int, init_std: float, layers: in
 def fill_local_shards(model, weights) -> None:
     """Every parameter's local shard (a dim-0 row range of a DTensor, or a full tensor) filled by
     ``weights`` with exactly the elements it holds in the full tensor."""
-    import math
 
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     weights.check(model)
     for name, p in model.named_parameters():
         if hasattr(p, "to_local"):

@@ -11,6 +11,7 @@ token tensors; nothing here ever reads a value back from the device.
 ``shard_inputs`` is the one-call convenience (host preparation + copy to ``input_ids``'s device)
 used by tests and tools; a device ``input_ids`` is read back once for it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,10 +19,11 @@ from typing import Any
 
 import torch
 
+from flexsp.attention import shard
+from flexsp.attention.context import AttnContext
 from flexsp.hostcopy import pin, to_device
 from flexsp.model.layers import positions_from_cu_seqlens
 from flexsp.model.loss import IGNORE_INDEX, lm_labels
-from flexsp.attention.context import AttnContext
 
 
 @dataclass
@@ -41,8 +43,9 @@ class ModelInputs:
 
     def loss(self, model) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss_sum, num_targets)`` of ``model`` on these inputs."""
-        return model(self.input_ids, self.positions, self.attn_ctx, labels=self.labels,
-                     pad_mask=self.pad_mask)
+        return model(
+            self.input_ids, self.positions, self.attn_ctx, labels=self.labels, pad_mask=self.pad_mask
+        )
 
     def logits(self, model) -> torch.Tensor:
         return model(self.input_ids, self.positions, self.attn_ctx)
@@ -75,11 +78,19 @@ class HostInputs:
 
     def to_device(self, device) -> ModelInputs:
         """The model inputs on ``device``: four asynchronous copies from pinned memory."""
-        ctx = (AttnContext.local(self.cu_seqlens) if self.meta is None
-               else AttnContext(meta=self.meta, group=self.group, mode=self.mode))
+        ctx = (
+            AttnContext.local(self.cu_seqlens)
+            if self.meta is None
+            else AttnContext(meta=self.meta, group=self.group, mode=self.mode)
+        )
         pad = None if self.pad_mask is None else to_device(self.pad_mask, device)
-        return ModelInputs(to_device(self.input_ids, device), to_device(self.positions, device),
-                           to_device(self.labels, device), pad, ctx)
+        return ModelInputs(
+            to_device(self.input_ids, device),
+            to_device(self.positions, device),
+            to_device(self.labels, device),
+            pad,
+            ctx,
+        )
 
 
 def _host_cu(cu_seqlens) -> list[int]:
@@ -88,9 +99,16 @@ def _host_cu(cu_seqlens) -> list[int]:
     return [int(c) for c in cu_seqlens]
 
 
-def host_inputs(input_ids: torch.Tensor, cu_seqlens, group=None, mode: str = "ulysses",
-                labels: torch.Tensor | None = None, *, heads: int | None = None,
-                ulysses_degree: int | None = None) -> HostInputs:
+def host_inputs(
+    input_ids: torch.Tensor,
+    cu_seqlens,
+    group=None,
+    mode: str = "ulysses",
+    labels: torch.Tensor | None = None,
+    *,
+    heads: int | None = None,
+    ulysses_degree: int | None = None,
+) -> HostInputs:
     """This rank's :class:`HostInputs` for the packed host buffer ``input_ids [T]`` of its group.
 
     ``labels`` default to next-token labels within each document (:func:`lm_labels`). ``mode``:
@@ -104,22 +122,55 @@ def host_inputs(input_ids: torch.Tensor, cu_seqlens, group=None, mode: str = "ul
         labels = lm_labels(input_ids, cu)
     degree = 1 if group is None else torch.distributed.get_world_size(group)
     if degree == 1:
-        return HostInputs(pin(input_ids), pin(positions_from_cu_seqlens(cu)), pin(labels), None, cu,
-                          None, None, "local", int((labels != IGNORE_INDEX).sum()), input_ids.numel())
-    from flexsp.attention import shard
+        return HostInputs(
+            pin(input_ids),
+            pin(positions_from_cu_seqlens(cu)),
+            pin(labels),
+            None,
+            cu,
+            None,
+            None,
+            "local",
+            int((labels != IGNORE_INDEX).sum()),
+            input_ids.numel(),
+        )
     ids, meta = shard(input_ids, cu, group, mode, heads=heads, ulysses_degree=ulysses_degree)
     lab, _ = shard(labels, cu, group, mode, meta=meta, pad_value=IGNORE_INDEX)
     valid = meta.valid_mask
-    return HostInputs(pin(ids), pin(meta.position_ids), pin(lab), pin(~valid), cu, meta, group, mode,
-                      int((lab != IGNORE_INDEX).sum()), int(valid.sum()))
+    return HostInputs(
+        pin(ids),
+        pin(meta.position_ids),
+        pin(lab),
+        pin(~valid),
+        cu,
+        meta,
+        group,
+        mode,
+        int((lab != IGNORE_INDEX).sum()),
+        int(valid.sum()),
+    )
 
 
-def shard_inputs(input_ids: torch.Tensor, cu_seqlens, group=None, mode: str = "ulysses",
-                 labels: torch.Tensor | None = None, *, heads: int | None = None,
-                 ulysses_degree: int | None = None) -> ModelInputs:
+def shard_inputs(
+    input_ids: torch.Tensor,
+    cu_seqlens,
+    group=None,
+    mode: str = "ulysses",
+    labels: torch.Tensor | None = None,
+    *,
+    heads: int | None = None,
+    ulysses_degree: int | None = None,
+) -> ModelInputs:
     """This rank's :class:`ModelInputs` for the packed buffer ``input_ids [T]`` of its group, on
     ``input_ids``'s device (host preparation + copy; see :func:`host_inputs`)."""
     device = input_ids.device
-    host = host_inputs(input_ids.cpu(), cu_seqlens, group, mode,
-                       None if labels is None else labels.cpu(), heads=heads, ulysses_degree=ulysses_degree)
+    host = host_inputs(
+        input_ids.cpu(),
+        cu_seqlens,
+        group,
+        mode,
+        None if labels is None else labels.cpu(),
+        heads=heads,
+        ulysses_degree=ulysses_degree,
+    )
     return host.to_device(device)

@@ -3,11 +3,13 @@
 The model never calls these ``*_ref`` helpers: it calls the names bound in the OPS SEAM block at
 the bottom (``rms_norm``, ``rope_cos_sin``, ``apply_rope``, ``swiglu``, ``linear_cross_entropy``,
 ``varlen_attention``). That block is the single place that binds them to ``flexsp.ops`` (fused
-kernels) and ``flexsp.attention.local`` (single-device varlen attention). The references are also the numerical ground truth the
+kernels) and ``flexsp.attention.local`` (single-device varlen attention). The references are also the
+numerical ground truth the
 model tests compare against.
 
 Numerics: RMSNorm, RoPE angles and the cross-entropy run in fp32 whatever the activation dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +29,9 @@ def rope_cos_sin_ref(positions: torch.Tensor, head_dim: int, theta: float, dtype
     Angles are computed in fp32 from the positions themselves, so documents packed in one buffer
     each restart at position 0 (see :func:`positions_from_cu_seqlens`) and no max length is needed.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
-                                              dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -53,15 +56,26 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             ignore_index: int = -100, reduction: str = "sum") -> torch.Tensor:
+def linear_cross_entropy_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """Cross-entropy of ``hidden [T, d] @ weight[V, d].T`` against ``labels [T]`` (fp32 softmax)."""
     logits = (hidden @ weight.t()).float()
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
 
-def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         cu_seqlens, causal: bool = True, window: int | None = None) -> torch.Tensor:
+def varlen_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens,
+    causal: bool = True,
+    window: int | None = None,
+) -> torch.Tensor:
     """Attention within each packed document: ``q [T, H, D]``, ``k/v [T, Hkv, D]`` -> ``[T, H, D]``.
 
     A loop of per-document SDPA calls (the fastest exact option on CPU, see machine-notes); GQA via
@@ -89,12 +103,10 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
 
 
-from flexsp.varlen import doc_lengths_from_cu_seqlens, positions_from_cu_seqlens  # noqa: E402,F401 (re-exported)
-
-
 # ------------------------------------------------------------------------------------------------
 # OPS SEAM: the only place that chooses between the teammates' kernels and the references above.
 # flexsp.ops dispatches to liger-kernel on CUDA and to chunked PyTorch elsewhere; the references
 # stay as the test ground truth.
 # ------------------------------------------------------------------------------------------------
 from flexsp.ops import apply_rope, linear_cross_entropy, rms_norm, rope_cos_sin, swiglu  # noqa: E402,F401
+from flexsp.varlen import doc_lengths_from_cu_seqlens, positions_from_cu_seqlens  # noqa: E402,F401 (re-exported)

@@ -8,17 +8,18 @@ The loss is returned as a SUM over valid targets plus their count: with SP group
 sizes and gradient accumulation, the executor all-reduces both and divides once by the number of
 target tokens of the whole global batch (a per-rank mean would weight tokens unequally).
 """
+
 from __future__ import annotations
 
 import torch
 
 from flexsp.model import layers as L
-
 from flexsp.varlen import IGNORE_INDEX, lm_labels  # noqa: F401 (re-exported)
 
 
-def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-            pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pad_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss_sum, num_targets)``: summed fp32 token cross-entropy of ``hidden [T, d] @ weight.T``
     over labels != -100 and not padding (``pad_mask`` True = padding token), and their count."""
     if labels.shape != hidden.shape[:1]:

@@ -16,6 +16,7 @@ residual; tied or untied LM head.
 No host syncs in the forward: document boundaries live on the host (in the attention object), and
 everything computed from them on the device is built by tensor ops or asynchronous copies.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn as nn
 
 from flexsp.model import layers as L
 from flexsp.model.config import ModelConfig
+from flexsp.model.init import init_module_
 from flexsp.model.loss import lm_loss
 
 
@@ -140,7 +142,6 @@ class Transformer(nn.Module):
         local shard of a sharded one -- gets exactly the values it would have in an unsharded
         model, whatever the world size and device. Norm weights are 1, biases 0; output
         projections (wo, w_down) use init_std / sqrt(2 * layers)."""
-        from flexsp.model.init import init_module_
         init_module_(self, seed, self.config.init_std, self.config.layers)
 
     def input_embedding(self) -> nn.Module:
@@ -152,9 +153,15 @@ class Transformer(nn.Module):
     def output_head(self) -> nn.Module:
         return self.lm_head
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_ctx,
-                labels: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
-                return_hidden: bool = False):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn_ctx,
+        labels: torch.Tensor | None = None,
+        pad_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ):
         """Run the local tokens.
 
         Args:
@@ -170,14 +177,22 @@ class Transformer(nn.Module):
             logits ``[T_local, vocab]`` | hidden | ``(loss_sum, num_targets)``.
         """
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
-            raise ValueError(f"input_ids and positions must both be [tokens]; got "
-                             f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
+            raise ValueError(
+                f"input_ids and positions must both be [tokens]; got "
+                f"{tuple(input_ids.shape)} and {tuple(positions.shape)}"
+            )
         cfg = self.config
         x = self.embed(input_ids)
         seq_lens = attn_ctx.doc_lengths(positions.device) if cfg.rope_type == "dynamic" else None
-        cos, sin = L.rope_cos_sin(positions, cfg.head_size, cfg.rope_theta, torch.float32,
-                                  scaling=cfg.rope_scaling,
-                                  max_position_embeddings=cfg.max_position_embeddings, seq_lens=seq_lens)
+        cos, sin = L.rope_cos_sin(
+            positions,
+            cfg.head_size,
+            cfg.rope_theta,
+            torch.float32,
+            scaling=cfg.rope_scaling,
+            max_position_embeddings=cfg.max_position_embeddings,
+            seq_lens=seq_lens,
+        )
         for block in self.blocks:
             x = block(x, cos, sin, attn_ctx)
         h = self.norm(x)

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from flexsp.ops import torch_ops
+from flexsp.ops import liger_ops, torch_ops
 from flexsp.ops._dispatch import ENV_VAR, VALID_BACKENDS, liger_available, resolve_backend
 
 __all__ = [
@@ -45,12 +45,13 @@ _REDUCTIONS = ("sum", "mean")
 
 
 def _liger():
-    from flexsp.ops import liger_ops  # lazy: imports triton
 
     return liger_ops
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str | None = None) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str | None = None
+) -> torch.Tensor:
     """RMSNorm over the last dim: ``weight * (x / sqrt(mean(x**2) + eps))``.
 
     Statistics are computed in float32 and the normalised values cast back to ``x.dtype`` before
@@ -58,7 +59,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
     """
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(
-            f"rms_norm: weight must be 1-D of size x.shape[-1]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+            f"rms_norm: weight must be 1-D of size x.shape[-1]; got x {tuple(x.shape)}, weight "
+            f"{tuple(weight.shape)}"
         )
     if eps <= 0:
         raise ValueError(f"rms_norm: eps must be > 0, got {eps}")
@@ -106,24 +108,26 @@ def rope_inv_freq(
     dim = head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(torch.float32) / dim
     if rope_type == "default":
-        return 1.0 / (theta ** exponents), 1.0
+        return 1.0 / (theta**exponents), 1.0
     if rope_type == "linear":
-        return 1.0 / (theta ** exponents) / p["factor"], 1.0
+        return 1.0 / (theta**exponents) / p["factor"], 1.0
     if rope_type == "dynamic":
         if max_position_embeddings is None:
             raise ValueError("rope_inv_freq: rope_type 'dynamic' needs max_position_embeddings")
         factor, m = p["factor"], max_position_embeddings
         if seq_lens is None:
             base = theta * ((factor * m / m) - (factor - 1)) ** (dim / (dim - 2))
-            return 1.0 / (base ** exponents), 1.0
+            return 1.0 / (base**exponents), 1.0
         seq = torch.clamp(seq_lens.to(torch.int64), min=m)
-        base = theta * ((factor * seq / m) - (factor - 1)) ** (dim / (dim - 2))   # float32 [tokens]
+        base = theta * ((factor * seq / m) - (factor - 1)) ** (dim / (dim - 2))  # float32 [tokens]
         return 1.0 / (base[:, None] ** exponents.to(base.device)[None, :]), 1.0
     if rope_type == "yarn":
         orig = p.get("original_max_position_embeddings") or max_position_embeddings
         if orig is None:
-            raise ValueError("rope_inv_freq: rope_type 'yarn' needs original_max_position_embeddings "
-                             "or max_position_embeddings")
+            raise ValueError(
+                "rope_inv_freq: rope_type 'yarn' needs original_max_position_embeddings "
+                "or max_position_embeddings"
+            )
         factor = p.get("factor")
         if factor is None:
             if max_position_embeddings is None:
@@ -154,14 +158,16 @@ def rope_inv_freq(
         if low == high:
             high += 0.001  # HF: prevent singularity
         # built on the device (no host->device copy in the forward)
-        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
+        ramp = torch.clamp(
+            (torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1
+        )
         extrapolation_factor = 1 - ramp
         pos_freqs = theta ** (torch.arange(0, dim, 2, device=device).to(torch.float32) / dim)
         inv_extra, inv_inter = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
         inv_freq = inv_inter * (1 - extrapolation_factor) + inv_extra * extrapolation_factor
         return inv_freq, float(attention_factor)
     if rope_type == "llama3":
-        inv_freq = 1.0 / (theta ** exponents)
+        inv_freq = 1.0 / (theta**exponents)
         factor, low_ff, high_ff = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
         old = p.get("original_max_position_embeddings") or max_position_embeddings
         if old is None:
@@ -173,8 +179,10 @@ def rope_inv_freq(
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled), 1.0
-    raise ValueError(f"rope_inv_freq: rope_type {rope_type!r} is not supported; valid options: "
-                     "['default', 'linear', 'dynamic', 'yarn', 'llama3']")
+    raise ValueError(
+        f"rope_inv_freq: rope_type {rope_type!r} is not supported; valid options: "
+        "['default', 'linear', 'dynamic', 'yarn', 'llama3']"
+    )
 
 
 def rope_cos_sin(
@@ -206,11 +214,17 @@ def rope_cos_sin(
     device = positions.device
     dynamic = bool(scaling) and scaling.get("rope_type") == "dynamic"
     if seq_lens is not None and dynamic and seq_lens.shape != positions.shape:
-        raise ValueError(f"rope_cos_sin: seq_lens {tuple(seq_lens.shape)} must match positions "
-                         f"{tuple(positions.shape)}")
-    inv_freq, factor = rope_inv_freq(head_dim, theta, scaling, max_position_embeddings,
-                                     seq_lens=seq_lens.to(device) if (dynamic and seq_lens is not None) else None,
-                                     device=device)
+        raise ValueError(
+            f"rope_cos_sin: seq_lens {tuple(seq_lens.shape)} must match positions {tuple(positions.shape)}"
+        )
+    inv_freq, factor = rope_inv_freq(
+        head_dim,
+        theta,
+        scaling,
+        max_position_embeddings,
+        seq_lens=seq_lens.to(device) if (dynamic and seq_lens is not None) else None,
+        device=device,
+    )
     if inv_freq.dim() == 1:
         freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     else:
@@ -237,17 +251,21 @@ def apply_rope(
     """
     if q.dim() != 3 or k.dim() != 3:
         raise ValueError(
-            f"apply_rope: q and k must be [tokens, heads, head_dim]; got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            f"apply_rope: q and k must be [tokens, heads, head_dim]; got q {tuple(q.shape)}, k "
+            f"{tuple(k.shape)}"
         )
     tokens, _, head_dim = q.shape
     if k.shape[0] != tokens or k.shape[2] != head_dim:
-        raise ValueError(f"apply_rope: k {tuple(k.shape)} does not match q {tuple(q.shape)} in tokens/head_dim")
+        raise ValueError(
+            f"apply_rope: k {tuple(k.shape)} does not match q {tuple(q.shape)} in tokens/head_dim"
+        )
     if head_dim % 2:
         raise ValueError(f"apply_rope: head_dim must be even, got {head_dim}")
     expected = (tokens, head_dim)
     if tuple(cos.shape) != expected or tuple(sin.shape) != expected:
         raise ValueError(
-            f"apply_rope: cos/sin must be [tokens, head_dim] = {expected}; got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+            f"apply_rope: cos/sin must be [tokens, head_dim] = {expected}; got cos {tuple(cos.shape)}, "
+            f"sin {tuple(sin.shape)}"
         )
     if resolve_backend(backend, q, k, cos, sin) == "liger":
         return _liger().apply_rope(q, k, cos, sin)
@@ -257,7 +275,9 @@ def apply_rope(
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """SwiGLU activation ``silu(gate) * up`` (elementwise; same shapes)."""
     if gate.shape != up.shape:
-        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+        raise ValueError(
+            f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape"
+        )
     if resolve_backend(backend, gate, up) == "liger":
         return _liger().swiglu(gate, up)
     return torch_ops.swiglu(gate, up)

@@ -25,6 +25,7 @@ import functools
 import os
 
 import torch
+
 from flexsp.errors import UserError
 
 ENV_VAR = "FLEXSP_OPS_BACKEND"
@@ -35,8 +36,8 @@ VALID_BACKENDS = ("auto", "torch", "liger")
 def liger_available() -> bool:
     """True when liger-kernel and triton import (checked once per process, then cached)."""
     try:
-        import triton  # noqa: F401
         import liger_kernel.ops  # noqa: F401
+        import triton  # noqa: F401
     except Exception:  # ImportError, or a triton/torch mismatch raising at import time
         return False
     return True

@@ -67,8 +67,10 @@ def _positional_args(fn, **named) -> tuple:
     params = list(inspect.signature(fn).parameters)[1:]  # drop ctx
     unknown = sorted(set(named) - set(params))
     if unknown:
-        raise ValueError(f"installed liger-kernel's {fn.__qualname__} has no argument(s) {unknown}; "
-                         f"it takes {params}. flexsp.ops is written for liger-kernel==0.8.0")
+        raise ValueError(
+            f"installed liger-kernel's {fn.__qualname__} has no argument(s) {unknown}; "
+            f"it takes {params}. flexsp.ops is written for liger-kernel==0.8.0"
+        )
     bound = inspect.signature(fn).bind(None, **named)
     bound.apply_defaults()
     return bound.args[1:]
@@ -98,9 +100,18 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index: int, reduction: s
     """
     args = _positional_args(
         LigerFusedLinearCrossEntropyFunction.forward,
-        _input=hidden, weight=weight, target=labels, bias=None, ce_weight=None,
-        ignore_index=ignore_index, lse_square_scale=0.0, label_smoothing=0.0, reduction=reduction,
-        softcap=None, return_z_loss=False, accum_dtype=WEIGHT_GRAD_ACCUM_DTYPE,
+        _input=hidden,
+        weight=weight,
+        target=labels,
+        bias=None,
+        ce_weight=None,
+        ignore_index=ignore_index,
+        lse_square_scale=0.0,
+        label_smoothing=0.0,
+        reduction=reduction,
+        softcap=None,
+        return_z_loss=False,
+        accum_dtype=WEIGHT_GRAD_ACCUM_DTYPE,
     )
     out = LigerFusedLinearCrossEntropyFunction.apply(*args)
     return out[0] if isinstance(out, tuple) else out

@@ -38,6 +38,7 @@ Config: the training tree (``configs/config.yaml``: the model, ``train.precision
 (``configs/profile/default.yaml``, fields documented in :class:`flexsp.config.ProfileConfig`), composed
 by Hydra (see flexsp.profile.cli).
 """
+
 from flexsp.config import ProfileConfig
 from flexsp.profile.cli import main
 from flexsp.profile.runner import profile

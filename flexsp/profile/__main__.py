@@ -1,4 +1,5 @@
 """``python -m flexsp.profile [key=value ...]`` = ``flexsp-profile``."""
+
 import sys
 
 from flexsp.profile import main

@@ -12,6 +12,7 @@ where the files go, exactly as they say what training builds; the ``profile`` se
 Every user error is one line ``flexsp-profile: error: ...`` on stderr naming the field and what is
 valid, exit status 2, no traceback; under torchrun only rank 0 prints it (every rank exits 2).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,13 +38,18 @@ def _rank0() -> bool:
 
 def help_text() -> str:
     docs = field_docs(ProfileConfig)
-    lines = [f"usage: {PROG} [-h] [--cfg] [override ...]", "",
-             "Time real micro-batches of the training code path on this machine and write a calibrated",
-             "cost model (<output_dir>/<profile.name>.json) plus a report. Spawns profile.world_size local",
-             "ranks, or runs as one rank of a torchrun world (torchrun --nproc_per_node N -m flexsp.profile ...).",
-             "The model is the training tree's: model=PRESET, model.<field>=..., model.hf_checkpoint=DIR,",
-             "train.precision, parallel.engine / backend / devices_per_node (see flexsp-train --help);",
-             "output_dir (default outputs/profile) holds the files.", "", "profile.* fields:"]
+    lines = [
+        f"usage: {PROG} [-h] [--cfg] [override ...]",
+        "",
+        "Time real micro-batches of the training code path on this machine and write a calibrated",
+        "cost model (<output_dir>/<profile.name>.json) plus a report. Spawns profile.world_size local",
+        "ranks, or runs as one rank of a torchrun world (torchrun --nproc_per_node N -m flexsp.profile ...).",
+        "The model is the training tree's: model=PRESET, model.<field>=..., model.hf_checkpoint=DIR,",
+        "train.precision, parallel.engine / backend / devices_per_node (see flexsp-train --help);",
+        "output_dir (default outputs/profile) holds the files.",
+        "",
+        "profile.* fields:",
+    ]
     for f in fields(ProfileConfig):
         d = f.default if f.default is not MISSING else f.default_factory()
         shown = json.dumps(d) if not isinstance(d, str) else d
@@ -75,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bad = [a for a in overrides if a.startswith("-")]
         if bad:
-            raise UserError(f"unknown option {bad[0]!r}; options: --help, --cfg; everything else is a "
-                            f"Hydra override (key=value, e.g. profile.world_size=4)")
+            raise UserError(
+                f"unknown option {bad[0]!r}; options: --help, --cfg; everything else is a "
+                f"Hydra override (key=value, e.g. profile.world_size=4)"
+            )
         if "--cfg" in argv:
             print(to_yaml(compose_container(overrides, "profile")))
             return 0

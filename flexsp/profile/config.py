@@ -6,19 +6,33 @@ The model, its precision, the engine and the backend are the training tree's (``
 function training calls: ``flexsp-profile model.hf_checkpoint=DIR`` times exactly the model
 ``flexsp-train model.hf_checkpoint=DIR`` trains, and the cost model records its shape.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
 
 from flexsp.config import ProfileConfig, RunConfig, load_config
+from flexsp.config.compose import compose_container
 from flexsp.config.profile import MODES, default_comm_shapes, default_compute_shapes  # noqa: F401 (re-exported)
 from flexsp.errors import UserError
 from flexsp.modelspec import model_config_of, planning_shape
 
-__all__ = ["MODES", "ProfileConfig", "default_comm_shapes", "default_compute_shapes", "from_flat", "profiled_model"]
+__all__ = [
+    "MODES",
+    "ProfileConfig",
+    "default_comm_shapes",
+    "default_compute_shapes",
+    "from_flat",
+    "profiled_model",
+]
 
-FLAT_KEYS = {"model": ("model", "preset"), "precision": ("train", "precision"), "engine": ("parallel", "engine"),
-             "backend": ("parallel", "backend"), "devices_per_node": ("parallel", "devices_per_node")}
+FLAT_KEYS = {
+    "model": ("model", "preset"),
+    "precision": ("train", "precision"),
+    "engine": ("parallel", "engine"),
+    "backend": ("parallel", "backend"),
+    "devices_per_node": ("parallel", "devices_per_node"),
+}
 """Keys of the flat profile dicts of earlier versions that now live in the training tree."""
 
 
@@ -30,8 +44,10 @@ def profiled_model(cfg: RunConfig):
     mcfg, precision = model_config_of(cfg)
     if not getattr(mcfg, "hf_native", False):
         return mcfg, precision, None
-    note = (f"{mcfg.architecture} trains HF-native (transformers' modules): timed as its LLaMA-equivalent native "
-            f"blocks of the same shape (an approximation)")
+    note = (
+        f"{mcfg.architecture} trains HF-native (transformers' modules): timed as its LLaMA-equivalent native "
+        f"blocks of the same shape (an approximation)"
+    )
     return replace(planning_shape(mcfg), dtype=mcfg.dtype), precision, note
 
 
@@ -40,7 +56,6 @@ def from_flat(flat: dict) -> RunConfig:
     ``model_overrides``, ``precision``, ``engine``, ``backend``, ``devices_per_node`` and the profile
     fields): the training defaults of ``configs/`` with those values set. Used by scripts that build
     the profile's settings in Python (benchmarks/gpu_profile.py)."""
-    from flexsp.config.compose import compose_container
     raw = compose_container([], "profile")
     flat = dict(flat)
     for key, (section, field) in FLAT_KEYS.items():

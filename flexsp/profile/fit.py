@@ -19,11 +19,13 @@ one-parameter fit folds into ``c(d)``.
 
 Link micro-benchmarks: ``t = latency + bytes / bandwidth`` per degree.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from flexsp.errors import UserError
 
 
@@ -72,6 +74,7 @@ def _check_samples(samples) -> None:
 def _nnls(A: np.ndarray, y: np.ndarray) -> np.ndarray:
     try:
         from scipy.optimize import nnls
+
         return nnls(A, y)[0]
     except ImportError:  # pragma: no cover - scipy is a dependency; keep a fallback anyway
         coef = np.linalg.lstsq(A, y, rcond=None)[0]
@@ -79,8 +82,12 @@ def _nnls(A: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _fit_rows(samples, per_sequence: bool) -> np.ndarray:
-    rows = np.array([[float(np.sum(np.square(np.asarray(L, dtype=np.float64)))), float(np.sum(L)),
-                      float(len(L)), 1.0] for L, _ in samples])
+    rows = np.array(
+        [
+            [float(np.sum(np.square(np.asarray(L, dtype=np.float64)))), float(np.sum(L)), float(len(L)), 1.0]
+            for L, _ in samples
+        ]
+    )
     y = np.array([float(ms) for _, ms in samples])
     w = 1.0 / y
     cols = [0, 1, 2, 3] if per_sequence else [0, 1, 3]
@@ -102,7 +109,7 @@ def fit_compute(samples, per_sequence: bool = True) -> ComputeFit:
     fit.rel_errors = [(fit.predict(L) - ms) / ms for L, ms in samples]
     n = len(samples)
     if n > (4 if per_sequence else 3):  # jackknife: refit without each shape
-        loo = np.array([_fit_rows(samples[:i] + samples[i + 1:], per_sequence) for i in range(n)])
+        loo = np.array([_fit_rows(samples[:i] + samples[i + 1 :], per_sequence) for i in range(n)])
         se = np.sqrt((n - 1) / n * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0))
         fit.stderr = {"a1": float(se[0]), "a2": float(se[1]), "per_seq": float(se[2]), "b": float(se[3])}
     return fit
@@ -144,13 +151,17 @@ def _joint_rows(samples, keys, per_sequence: bool, latency: bool = True, key_doc
         row += [float(L.sum()) if key == k else 0.0 for k in keys]
         if latency:  # indicator: the group is of this key's degree and mode (its fixed latency)
             row += [1.0 if key == k else 0.0 for k in keys]
-        if key_docs:  # extra time per document in this key's groups, beyond per_seq (CostModel.per_sequence_comm_ms)
+        if (
+            key_docs
+        ):  # extra time per document in this key's groups, beyond per_seq (CostModel.per_sequence_comm_ms)
             row += [float(L.size) if key == k else 0.0 for k in keys]
         rows.append(row)
     return np.array(rows)
 
 
-def _joint_coef(samples, keys, per_sequence: bool, latency: bool = True, key_docs: bool = False) -> np.ndarray:
+def _joint_coef(
+    samples, keys, per_sequence: bool, latency: bool = True, key_docs: bool = False
+) -> np.ndarray:
     A = _joint_rows(samples, keys, per_sequence, latency, key_docs)
     y = np.array([float(ms) for _, ms, _, _ in samples])
     w = 1.0 / y
@@ -161,8 +172,13 @@ def _joint_coef(samples, keys, per_sequence: bool, latency: bool = True, key_doc
     return coef
 
 
-def fit_joint(compute_samples, comm_samples: dict, per_sequence: bool = True, group_latency: bool = True,
-              key_docs: bool = False):
+def fit_joint(
+    compute_samples,
+    comm_samples: dict,
+    per_sequence: bool = True,
+    group_latency: bool = True,
+    key_docs: bool = False,
+):
     """One NNLS over every timed shape: degree-1 shapes ``(lengths, ms)`` and, per ``"mode:d"`` key,
     shapes at degree d. The compute terms (a1, a2, per_seq, b) are shared by all degrees, as the
     CostModel shares them; each key adds its own communication ms per token and (``group_latency``)
@@ -185,14 +201,20 @@ def fit_joint(compute_samples, comm_samples: dict, per_sequence: bool = True, gr
             raise UserError(f"communication is fitted for SP degrees >= 2, got {sp} in {k!r}")
         _check_samples(list(comm_samples[k]) * 3)  # values only (a key may have < 3 shapes)
         if group_latency and len({sum(L) for L, _ in comm_samples[k]}) < 2:
-            raise UserError(f"{k!r}: a per-token cost and a group latency need shapes of at least 2 token "
-                             f"counts, got {sorted({sum(L) for L, _ in comm_samples[k]})}")
+            raise UserError(
+                f"{k!r}: a per-token cost and a group latency need shapes of at least 2 token "
+                f"counts, got {sorted({sum(L) for L, _ in comm_samples[k]})}"
+            )
         samples += [(list(L), float(ms), sp, k) for L, ms in comm_samples[k]]
     coef = _joint_coef(samples, keys, per_sequence, group_latency, key_docs)
     fit = ComputeFit(float(coef[0]), float(coef[1]), float(coef[3]), per_seq=float(coef[2]))
     n = len(samples)
-    loo = np.array([_joint_coef(samples[:i] + samples[i + 1:], keys, per_sequence, group_latency, key_docs)
-                    for i in range(n)])
+    loo = np.array(
+        [
+            _joint_coef(samples[:i] + samples[i + 1 :], keys, per_sequence, group_latency, key_docs)
+            for i in range(n)
+        ]
+    )
     se = np.sqrt((n - 1) / n * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0))
     fit.stderr = {"a1": float(se[0]), "a2": float(se[1]), "per_seq": float(se[2]), "b": float(se[3])}
     fit.rel_errors = [(fit.predict(L) - ms) / ms for L, ms in compute_samples]
@@ -203,10 +225,18 @@ def fit_joint(compute_samples, comm_samples: dict, per_sequence: bool = True, gr
         lat = float(coef[4 + nk + j]) if group_latency else 0.0
         jd = 4 + (2 if group_latency else 1) * nk + j
         doc = float(coef[jd]) if key_docs else 0.0
-        errs = [(fit.predict(L, sp) + c * float(np.sum(L)) + lat + doc * len(L) - ms) / ms
-                for L, ms, sp, kk in samples if kk == k]
-        comm[k] = {"ms_per_token": c, "stderr": float(se[4 + j]), "latency_ms": lat,
-                   "latency_stderr": float(se[4 + nk + j]) if group_latency else None, "rel_errors": errs}
+        errs = [
+            (fit.predict(L, sp) + c * float(np.sum(L)) + lat + doc * len(L) - ms) / ms
+            for L, ms, sp, kk in samples
+            if kk == k
+        ]
+        comm[k] = {
+            "ms_per_token": c,
+            "stderr": float(se[4 + j]),
+            "latency_ms": lat,
+            "latency_stderr": float(se[4 + nk + j]) if group_latency else None,
+            "rel_errors": errs,
+        }
         if key_docs:
             comm[k].update(extra_doc_ms=doc, extra_doc_stderr=float(se[jd]))
     return fit, comm
@@ -256,6 +286,7 @@ class DepthFit:
     """Coefficients per transformer layer and of the fixed part, from shapes timed at one or two
     depths; :meth:`compute_at` / :meth:`comm_at` give the CostModel's terms for any depth (with
     jackknife standard errors of the scaled values). One depth: only that depth (no split)."""
+
     depths: list
     keys: list
     coef: np.ndarray
@@ -285,13 +316,21 @@ class DepthFit:
 
     def _check(self, depth: int) -> None:
         if not self.two and depth != self.depths[0]:
-            raise UserError(f"shapes were timed at one depth ({self.depths[0]} layers): no per-layer / fixed "
-                             f"split to scale to {depth} layers; profile two depths (profile_layers)")
+            raise UserError(
+                f"shapes were timed at one depth ({self.depths[0]} layers): no per-layer / fixed "
+                f"split to scale to {depth} layers; profile two depths (profile_layers)"
+            )
 
     def _compute_vec(self, vec, depth: int) -> np.ndarray:
         lt, ft = self.layer_terms(vec), self.fixed_terms(vec)
-        return np.array([depth * lt["a1"], depth * lt["a2"] + ft["a2"], depth * lt["per_seq"] + ft["per_seq"],
-                         depth * lt["b"] + ft["b"]])
+        return np.array(
+            [
+                depth * lt["a1"],
+                depth * lt["a2"] + ft["a2"],
+                depth * lt["per_seq"] + ft["per_seq"],
+                depth * lt["b"] + ft["b"],
+            ]
+        )
 
     def _se(self, fn) -> list:
         if self.loo is None or len(self.loo) < 2:
@@ -317,20 +356,31 @@ class DepthFit:
         out = {}
         if self.comm_fixed is not None:
             for k, (c, errs) in self.comm_fixed.items():
-                out[k] = {"ms_per_token": depth * c, "stderr": None, "latency_ms": 0.0, "latency_stderr": None,
-                          "rel_errors": errs}
+                out[k] = {
+                    "ms_per_token": depth * c,
+                    "stderr": None,
+                    "latency_ms": 0.0,
+                    "latency_stderr": None,
+                    "rel_errors": errs,
+                }
             return out
         per_seq, latency, key_docs, _ = self.flags
         nk, base = len(self.keys), self._base()
         for j, k in enumerate(self.keys):
-            idx = [base + j] + ([base + nk + j] if latency else []) \
+            idx = (
+                [base + j]
+                + ([base + nk + j] if latency else [])
                 + ([base + (2 if latency else 1) * nk + j] if key_docs else [])
+            )
             se = self._se(lambda v: depth * v[idx])
             vals = depth * self.coef[idx]
-            rec = {"ms_per_token": float(vals[0]), "stderr": float(se[0]) if se else None,
-                   "latency_ms": float(vals[1]) if latency else 0.0,
-                   "latency_stderr": (float(se[1]) if se else None) if latency else None,
-                   "rel_errors": list(self.comm_rel_errors.get(k, []))}
+            rec = {
+                "ms_per_token": float(vals[0]),
+                "stderr": float(se[0]) if se else None,
+                "latency_ms": float(vals[1]) if latency else 0.0,
+                "latency_stderr": (float(se[1]) if se else None) if latency else None,
+                "rel_errors": list(self.comm_rel_errors.get(k, [])),
+            }
             if key_docs:
                 i = 2 if latency else 1
                 rec.update(extra_doc_ms=float(vals[i]), extra_doc_stderr=float(se[i]) if se else None)
@@ -338,8 +388,14 @@ class DepthFit:
         return out
 
 
-def fit_depth(compute_samples, comm_samples: dict, per_sequence: bool = True, group_latency: bool = True,
-              key_docs: bool = False, joint: bool = True) -> DepthFit:
+def fit_depth(
+    compute_samples,
+    comm_samples: dict,
+    per_sequence: bool = True,
+    group_latency: bool = True,
+    key_docs: bool = False,
+    joint: bool = True,
+) -> DepthFit:
     """One NNLS (relative residuals, jackknife errors) over shapes timed on models of one or two
     depths. ``compute_samples``: [(lengths, ms, layers)] at degree 1; ``comm_samples``:
     {"mode:d": [(lengths, ms, layers)]}. With two depths the time of a degree-d group is
@@ -358,8 +414,10 @@ def fit_depth(compute_samples, comm_samples: dict, per_sequence: bool = True, gr
         raise UserError(f"shapes at depths {depths}: at most two depths are fitted")
     two = len(depths) == 2
     if two and len({n for *_, n in compute_samples}) < 2:
-        raise UserError(f"two depths {depths} need degree-1 shapes at both (got only "
-                         f"{sorted({n for *_, n in compute_samples})})")
+        raise UserError(
+            f"two depths {depths} need degree-1 shapes at both (got only "
+            f"{sorted({n for *_, n in compute_samples})})"
+        )
     keys = sorted(comm_samples) if joint else []
     samples = [(L, ms, 1, None, n) for L, ms, n in compute_samples]
     for k in keys:
@@ -369,14 +427,20 @@ def fit_depth(compute_samples, comm_samples: dict, per_sequence: bool = True, gr
         rows = [(list(L), float(ms), int(n)) for L, ms, n in comm_samples[k]]
         _check_samples([(L, ms) for L, ms, _ in rows] * 3)
         if group_latency and len({sum(L) for L, _, _ in rows}) < 2:
-            raise UserError(f"{k!r}: a per-token cost and a group latency need shapes of at least 2 token "
-                             f"counts, got {sorted({sum(L) for L, _, _ in rows})}")
+            raise UserError(
+                f"{k!r}: a per-token cost and a group latency need shapes of at least 2 token "
+                f"counts, got {sorted({sum(L) for L, _, _ in rows})}"
+            )
         samples += [(L, ms, sp, k, n) for L, ms, n in rows]
     lat, kd = bool(group_latency and keys), bool(key_docs and keys)
     flags = (per_sequence, lat, kd, two)
     coef = _depth_coef(samples, keys, *flags)
     n = len(samples)
-    loo = np.array([_depth_coef(samples[:i] + samples[i + 1:], keys, *flags) for i in range(n)]) if n > 4 else None
+    loo = (
+        np.array([_depth_coef(samples[:i] + samples[i + 1 :], keys, *flags) for i in range(n)])
+        if n > 4
+        else None
+    )
     fit = DepthFit(depths=depths, keys=keys, coef=coef, loo=loo, flags=flags)
     A = _depth_rows(samples, keys, *flags)
     pred = A @ coef

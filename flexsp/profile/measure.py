@@ -31,24 +31,33 @@ re-priced with the final fit. Load averages are recorded at the start, after war
 pass and at the end. Each timed region is fenced by barriers (rank 0's wall time is the slowest
 rank's).
 """
+
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from flexsp.config import ParallelConfig, ProfileConfig, RunConfig, TrainConfig
+from flexsp.data import GlobalBatch, SyntheticSource
 from flexsp.distributed import init_distributed
 from flexsp.engines import RandomWeights, build_engine
 from flexsp.executor import StepExecutor
-from flexsp.model import Transformer
+from flexsp.model import Transformer, shard_inputs
+from flexsp.parallelize import activation_checkpointing_disabled
+from flexsp.profile.build import build_cost_model
 from flexsp.profile.config import profiled_model
 from flexsp.topology import SPTopology
+from solver.baselines import static_plan
+from solver.build import price_plan
+from solver.plan import GroupPlan, MicroBatchPlan, Plan
+from solver.planner import plan_batch
 
 
 def sync(device: torch.device) -> None:
@@ -58,15 +67,20 @@ def sync(device: torch.device) -> None:
 
 def one_mb_plan(world: int, sp: int, n_seq: int, mode: str):
     """A one-micro-batch plan: every aligned group of degree ``sp`` runs all ``n_seq`` sequences."""
-    from solver.plan import GroupPlan, MicroBatchPlan, Plan
-    groups = tuple(GroupPlan(sp=sp, ranks=tuple(range(k * sp, (k + 1) * sp)), seq_ids=tuple(range(n_seq)),
-                             attention="local" if sp == 1 else mode) for k in range(world // sp))
+    groups = tuple(
+        GroupPlan(
+            sp=sp,
+            ranks=tuple(range(k * sp, (k + 1) * sp)),
+            seq_ids=tuple(range(n_seq)),
+            attention="local" if sp == 1 else mode,
+        )
+        for k in range(world // sp)
+    )
     return Plan(num_devices=world, micro_batches=(MicroBatchPlan(groups),), predicted_ms=0.0)
 
 
 def sub_plan(plan, index: int):
     """Micro-batch ``index`` of ``plan`` alone, as a plan (to time it by itself)."""
-    from dataclasses import replace
     mb = plan.micro_batches[index]
     return replace(plan, micro_batches=(mb,), predicted_ms=mb.predicted_ms)
 
@@ -85,14 +99,13 @@ class Shapes:
         return tuple(range(start, len(self.lengths)))
 
     def batch(self, doc_ids):
-        from flexsp.data import GlobalBatch
-        return GlobalBatch(step=0, epoch=0, doc_ids=tuple(doc_ids),
-                           lengths=tuple(self.lengths[i] for i in doc_ids))
+        return GlobalBatch(
+            step=0, epoch=0, doc_ids=tuple(doc_ids), lengths=tuple(self.lengths[i] for i in doc_ids)
+        )
 
     @property
     def source(self):
         if self._source is None:
-            from flexsp.data import SyntheticSource
             self._source = SyntheticSource(self.lengths, self.vocab, self.seed)
         return self._source
 
@@ -120,7 +133,6 @@ def heldout_batches(cfg: ProfileConfig, mcfg, world: int = 1) -> list[list[int]]
 
 
 def _inputs(lengths, vocab: int, device):
-    from flexsp.model import shard_inputs
     T = int(sum(lengths))
     g = torch.Generator().manual_seed(T)
     ids = torch.randint(0, vocab, (T,), generator=g).to(device)
@@ -185,9 +197,11 @@ def activation_bytes(engine, lengths, device) -> dict:
     hooks = []
     for blk in model.blocks:
         hooks += [blk.register_forward_pre_hook(pre), blk.register_forward_hook(post)]
-    from flexsp.parallelize import activation_checkpointing_disabled
     try:
-        with activation_checkpointing_disabled(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            activation_checkpointing_disabled(model),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
             loss, _ = inputs.loss(model)
     finally:
         for h in hooks:
@@ -209,7 +223,7 @@ def activation_profile(engines: dict, ac: bool, max_len: int, device) -> dict:
     recomputed in backward (depth-independent: in the fixed part)."""
     doc = max(8, min(1024 if device.type == "cuda" else 256, max_len // 8))
     sizes = [[doc] * 4, [doc] * 12]
-    dT = (sum(sizes[1]) - sum(sizes[0]))
+    dT = sum(sizes[1]) - sum(sizes[0])
     points = {n: [(int(sum(s)), activation_bytes(e, s, device)) for s in sizes] for n, e in engines.items()}
 
     def slope(n, key):
@@ -218,8 +232,9 @@ def activation_profile(engines: dict, ac: bool, max_len: int, device) -> dict:
 
     depths = sorted(engines)
     if device.type == "cuda":
-        method = ("CUDA max_memory_allocated growth over forward + backward of the sharded model"
-                  + (" (activation checkpointing on: the recompute peak included)" if ac else ""))
+        method = "CUDA max_memory_allocated growth over forward + backward of the sharded model" + (
+            " (activation checkpointing on: the recompute peak included)" if ac else ""
+        )
         if len(depths) == 1:
             n = depths[0]
             return {"method": method, "points": points, "bytes_per_token": slope(n, "total"), "depth": n}
@@ -233,12 +248,24 @@ def activation_profile(engines: dict, ac: bool, max_len: int, device) -> dict:
             per_layer, fixed = kept, outside + blocks
         else:
             per_layer, fixed = blocks, outside
-        method = ("CPU estimate: bytes of tensors saved for backward (saved_tensors_hooks, params excluded) on "
-                  "the sharded model" + (", with activation checkpointing: each block's kept input per layer "
-                                         "+ one block's saved tensors (its recompute)" if ac else ""))
-    return {"method": method, "points": points, "per_layer_bytes_per_token": per_layer,
-            "fixed_bytes_per_token": fixed, "bytes_per_token": fixed + max(depths) * per_layer,
-            "depth": max(depths)}
+        method = (
+            "CPU estimate: bytes of tensors saved for backward (saved_tensors_hooks, params excluded) on "
+            "the sharded model"
+            + (
+                ", with activation checkpointing: each block's kept input per layer "
+                "+ one block's saved tensors (its recompute)"
+                if ac
+                else ""
+            )
+        )
+    return {
+        "method": method,
+        "points": points,
+        "per_layer_bytes_per_token": per_layer,
+        "fixed_bytes_per_token": fixed,
+        "bytes_per_token": fixed + max(depths) * per_layer,
+        "depth": max(depths),
+    }
 
 
 def rank_body(run: RunConfig) -> dict | None:
@@ -261,8 +288,15 @@ def rank_body(run: RunConfig) -> dict | None:
     shapes = Shapes(full.vocab_size, cfg.seed)
     for n in depths:
         mcfg = replace(full, layers=n)
-        engines[n] = build_engine(engine_name, lambda dev, m=mcfg: Transformer(m, device=dev), weights, train_cfg,
-                                  parallel, world, device)
+        engines[n] = build_engine(
+            engine_name,
+            lambda dev, m=mcfg: Transformer(m, device=dev),
+            weights,
+            train_cfg,
+            parallel,
+            world,
+            device,
+        )
         executors[n] = StepExecutor(engines[n], None, topo, rank, device, full.heads)
 
     degrees = [d for d in topo.degrees if d > 1]
@@ -278,7 +312,6 @@ def rank_body(run: RunConfig) -> dict | None:
     n_fit = len(compute_ids) * len(depths) + len(comm_ids) * len(degrees) * len(modes) + len(depths)
     bar = None
     if rank == 0 and cfg.progress:
-        from tqdm import tqdm
         bar = tqdm(total=n_fit + n_links + 1, desc="profile", unit="run", dynamic_ncols=True)
 
     def tick(n=1):
@@ -296,17 +329,21 @@ def rank_body(run: RunConfig) -> dict | None:
 
     def run_mb(n, plan, batch):
         """One forward/backward of ``plan`` on the ``n``-layer build (gradients dropped, untimed)."""
+
         def f():
             ms = timed(lambda: executors[n].run(plan, batch))
             engines[n].optimizer.zero_grad(set_to_none=True)
             return ms
+
         return f
 
     def run_step(n, plan, batch):
         """A whole training step: every micro-batch + the optimizer step (engine.step zeroes grads)."""
+
         def body():
             executors[n].run(plan, batch)
             engines[n].step()
+
         return lambda: timed(body)
 
     opt_plan, opt_batch = one_mb_plan(world, 1, len(compute_ids[0]), "local"), shapes.batch(compute_ids[0])
@@ -315,13 +352,14 @@ def rank_body(run: RunConfig) -> dict | None:
         def f():
             executors[n].run(opt_plan, opt_batch)  # untimed: gradients for the step to apply
             return timed(engines[n].step)
+
         return f
 
     def passes(items: dict, repeats: int, times: dict, loads: list | None = None) -> None:
         """``repeats`` passes over every item, order reversed on odd passes (drift hits all alike)."""
         keys = list(items)
         for r in range(repeats):
-            for k in (keys if r % 2 == 0 else keys[::-1]):
+            for k in keys if r % 2 == 0 else keys[::-1]:
                 times.setdefault(k, []).append(items[k]())
                 tick()
             if loads is not None:
@@ -331,31 +369,61 @@ def rank_body(run: RunConfig) -> dict | None:
         return replace(full, layers=n).num_params()
 
     one, two = replace(full, layers=1).num_params(), replace(full, layers=2).num_params()
-    mc = {k: getattr(full, k) for k in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "intermediate",
-                                        "dtype", "activation_checkpointing", "max_position_embeddings")}
-    mc.update(head_size=full.head_size, precision=str(precision),
-              compute_dtype="bfloat16" if precision in ("bf16", "bf16-pure") else "float32")
-    out: dict = {"world_size": world, "device": str(device), "backend": dist.get_backend(),
-                 "model": run.model.name, "model_config": mc, "profile_depths": depths, "model_note": model_note,
-                 "engine": str(engine_name), "devices_per_node": min(dpn, world),
-                 "max_len": cfg.resolved_max_len(full),
-                 "num_params": full.num_params(), "params_per_layer": two - one, "params_fixed": 2 * one - two,
-                 "threads_per_rank": torch.get_num_threads(),
-                 "cpu_count": os.cpu_count(), "loadavg_start": list(os.getloadavg()), "repeats": cfg.repeats,
-                 "statistic": f"fastest of {cfg.repeats} runs per item after one warm-up; fit and validation "
-                              f"items interleaved in the same passes (order reversed every other pass)"}
+    mc = {
+        k: getattr(full, k)
+        for k in (
+            "vocab_size",
+            "hidden",
+            "layers",
+            "heads",
+            "kv_heads",
+            "intermediate",
+            "dtype",
+            "activation_checkpointing",
+            "max_position_embeddings",
+        )
+    }
+    mc.update(
+        head_size=full.head_size,
+        precision=str(precision),
+        compute_dtype="bfloat16" if precision in ("bf16", "bf16-pure") else "float32",
+    )
+    out: dict = {
+        "world_size": world,
+        "device": str(device),
+        "backend": dist.get_backend(),
+        "model": run.model.name,
+        "model_config": mc,
+        "profile_depths": depths,
+        "model_note": model_note,
+        "engine": str(engine_name),
+        "devices_per_node": min(dpn, world),
+        "max_len": cfg.resolved_max_len(full),
+        "num_params": full.num_params(),
+        "params_per_layer": two - one,
+        "params_fixed": 2 * one - two,
+        "threads_per_rank": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": list(os.getloadavg()),
+        "repeats": cfg.repeats,
+        "statistic": f"fastest of {cfg.repeats} runs per item after one warm-up; fit and validation "
+        f"items interleaved in the same passes (order reversed every other pass)",
+    }
     out["params_by_depth"] = {n: layers_params(n) for n in depths}
     # -- fit items: compute at degree 1 (every depth), SP groups per degree and mode (deepest), the
     #    optimizer step (every depth) ---------------------------------------------------------------
     fit_items: dict = {}
     for n in depths:
         for j, ids in enumerate(compute_ids):
-            fit_items[("compute", n, j)] = run_mb(n, one_mb_plan(world, 1, len(ids), "local"), shapes.batch(ids))
+            fit_items[("compute", n, j)] = run_mb(
+                n, one_mb_plan(world, 1, len(ids), "local"), shapes.batch(ids)
+            )
     for d in degrees:
         for mode in modes:
             for j, ids in enumerate(comm_ids):
-                fit_items[(f"{mode}:{d}", deep, j)] = run_mb(deep, one_mb_plan(world, d, len(ids), mode),
-                                                             shapes.batch(ids))
+                fit_items[(f"{mode}:{d}", deep, j)] = run_mb(
+                    deep, one_mb_plan(world, d, len(ids), mode), shapes.batch(ids)
+                )
     for n in depths:
         fit_items[("optimizer", n, 0)] = run_opt(n)
     warm: dict = {}
@@ -375,11 +443,14 @@ def rank_body(run: RunConfig) -> dict | None:
                 if kind == "all_to_all":
                     fn = lambda: dist.all_to_all_single(y, x, group=g)  # noqa: E731
                 else:
+
                     def fn():
-                        reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, x, nxt, g),
-                                                       dist.P2POp(dist.irecv, y, prv, g)])
+                        reqs = dist.batch_isend_irecv(
+                            [dist.P2POp(dist.isend, x, nxt, g), dist.P2POp(dist.irecv, y, prv, g)]
+                        )
                         for r in reqs:
                             r.wait()
+
                 timed(fn)
                 ts = [timed(fn) for _ in range(cfg.repeats)]
                 # bytes each rank sends: all-to-all keeps 1/d locally
@@ -392,12 +463,13 @@ def rank_body(run: RunConfig) -> dict | None:
     out["activation"] = activation_profile(engines, full.activation_checkpointing, out["max_len"], device)
     tick()
     dist.barrier()
-    from flexsp.profile.build import build_cost_model
-    from solver.plan import Plan
 
     def collect(times: dict) -> None:
-        out["compute"] = [(list(shapes.batch(ids).lengths), min(times[("compute", n, j)]), n)
-                          for n in depths for j, ids in enumerate(compute_ids)]
+        out["compute"] = [
+            (list(shapes.batch(ids).lengths), min(times[("compute", n, j)]), n)
+            for n in depths
+            for j, ids in enumerate(compute_ids)
+        ]
         comm: dict = {}
         for (key, n, j), ts in times.items():
             if key not in ("compute", "optimizer") and key.count(":") == 1:
@@ -446,38 +518,64 @@ def rank_body(run: RunConfig) -> dict | None:
     at_depth = build_cost_model(cfg, dict(out), topo, depth=deep, profiled_world=True)
     out["validation_depth"] = deep
     out["validation"] = validation_rows(at_depth, held_ids, held_plans, shapes, times)
-    out["heldout"] = [{"lengths": list(shapes.batch(ids).lengths), "plans": plans}
-                      for ids, plans in zip(held_ids, box[0] or [])]  # to re-price with another model
+    out["heldout"] = [
+        {"lengths": list(shapes.batch(ids).lengths), "plans": plans}
+        for ids, plans in zip(held_ids, box[0] or [])
+    ]  # to re-price with another model
     return out
 
 
 def plan_heldout(cm, batches) -> list[dict]:
     """FlexSP and static full-degree plans of each held-out batch (as dicts, to broadcast)."""
-    from solver.baselines import static_plan
-    from solver.planner import plan_batch
-    return [{"flexsp": plan_batch(lens, cm, time_limit=1.0).to_dict(), "static": static_plan(lens, cm).to_dict()}
-            for lens in batches]
+    return [
+        {"flexsp": plan_batch(lens, cm, time_limit=1.0).to_dict(), "static": static_plan(lens, cm).to_dict()}
+        for lens in batches
+    ]
 
 
 def validation_rows(cm, held_ids, held_plans, shapes, times) -> list:
     """Predicted (final fitted model, re-priced) vs measured (fastest of the interleaved runs) for every
     held-out micro-batch timed alone and every whole step (micro-batches + optimizer)."""
-    from solver.build import price_plan
     rows = []
     for k, (ids, plans) in enumerate(zip(held_ids, held_plans)):
         lengths = shapes.batch(ids).lengths
         for method, plan in plans.items():
             for i, mb in enumerate(plan.micro_batches):
                 ts = times[("val-mb", k, method, i)]
-                pred = max(cm.group_time_ms([lengths[j] for j in g.seq_ids], g.sp,
-                                             g.attention if g.attention in cm.attention_modes(g.sp) else None)
-                           for g in mb.groups)
-                rows.append({"batch": k, "method": method, "kind": "micro-batch", "index": i,
-                             "groups": " + ".join(f"{g.sp}" for g in mb.groups),
-                             "docs": sum(len(g.seq_ids) for g in mb.groups),
-                             "predicted_ms": pred, "measured_ms": min(ts), "all_ms": ts})
+                pred = max(
+                    cm.group_time_ms(
+                        [lengths[j] for j in g.seq_ids],
+                        g.sp,
+                        g.attention if g.attention in cm.attention_modes(g.sp) else None,
+                    )
+                    for g in mb.groups
+                )
+                rows.append(
+                    {
+                        "batch": k,
+                        "method": method,
+                        "kind": "micro-batch",
+                        "index": i,
+                        "groups": " + ".join(f"{g.sp}" for g in mb.groups),
+                        "docs": sum(len(g.seq_ids) for g in mb.groups),
+                        "predicted_ms": pred,
+                        "measured_ms": min(ts),
+                        "all_ms": ts,
+                    }
+                )
             ts = times[("val-step", k, method, -1)]
-            rows.append({"batch": k, "method": method, "kind": "step", "index": -1, "groups": plan.summary(),
-                         "tokens": int(sum(lengths)), "docs": len(lengths),
-                         "predicted_ms": price_plan(plan, lengths, cm), "measured_ms": min(ts), "all_ms": ts})
+            rows.append(
+                {
+                    "batch": k,
+                    "method": method,
+                    "kind": "step",
+                    "index": -1,
+                    "groups": plan.summary(),
+                    "tokens": int(sum(lengths)),
+                    "docs": len(lengths),
+                    "predicted_ms": price_plan(plan, lengths, cm),
+                    "measured_ms": min(ts),
+                    "all_ms": ts,
+                }
+            )
     return rows

@@ -1,4 +1,5 @@
 """Run ``flexsp-profile``: spawn (or join) the ranks, collect, write the outputs."""
+
 from __future__ import annotations
 
 import datetime as _dt
