@@ -53,8 +53,11 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from flexsp.errors import UserError
 from flexsp.failure import is_peer_lost
+from flexsp.log import get_logger
 
 DCP_SUBDIR = "dcp"
+
+log = get_logger(__name__)
 
 
 def rng_state() -> dict:
@@ -266,11 +269,10 @@ def check_resumable(directory: Path, state: dict, expect: dict, auto: bool) -> N
             f"resuming would continue a changed model: {ways}"
         )
     if unknown and _rank() == 0:
-        print(
-            f"[flexsp] warning: checkpoint {directory} records no {', '.join(unknown)} (written by an "
+        log.warning(
+            f"warning: checkpoint {directory} records no {', '.join(unknown)} (written by an "
             f"older FlexSP): resuming without checking them against this run (tensor shapes are still "
-            f"checked)",
-            flush=True,
+            f"checked)"
         )
 
 

@@ -51,7 +51,7 @@ from flexsp.errors import UserError
 from flexsp.executor import StepExecutor
 from flexsp.failure import AbortWatch
 from flexsp.hostcopy import read_to_host, to_device
-from flexsp.log import PLAIN, get_logger
+from flexsp.log import PLAIN, get_logger, setup_logging
 from flexsp.model import Transformer
 from flexsp.model.hf import HFCheckpointReader
 from flexsp.model.hf_native import HFNativeModel
@@ -203,6 +203,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 def setup(cfg: RunConfig) -> RunState:
     parallel, solver, out = cfg.parallel, cfg.solver, cfg.output_dir
     rank, world, device = _init_world(cfg)
+    setup_logging(rank)  # rank 0 logs (--log-ranks: FLEXSP_LOG_RANKS)
     if rank == 0:
         check_output_dir(out)
     mcfg_shape, precision = model_config_of(cfg)
