@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from tqdm import tqdm
 
 from flexsp import launcher, testing
 from flexsp.checkpoint import Checkpointer, latest_checkpoint, load_checkpoint, resume_identity
-from flexsp.config import RunConfig, check_output_dir
+from flexsp.config import RunConfig, check_output_dir, load_config
 from flexsp.data import GlobalBatch, GlobalBatchSampler, build_source
 from flexsp.data.tokenizer import check_vocabulary
 from flexsp.distributed import default_backend, init_distributed
@@ -649,10 +650,13 @@ def _finish(st: RunState, return_state: bool) -> dict:
     return summary
 
 
-def run(cfg: RunConfig, return_state: bool = False) -> dict:
-    """Train as ``cfg`` says (flexsp.config.compose / load_config). Returns the summary dict on
-    every rank (losses per step, final step, ...); ``return_state`` adds the full final model state
-    dict under "state_dict" (collective)."""
+def run(cfg: RunConfig | Mapping, return_state: bool = False) -> dict:
+    """Train as ``cfg`` says (flexsp.config.compose / load_config; a composed Hydra mapping, as
+    scripts build it, is typed by load_config first). Returns the summary dict on every rank (losses
+    per step, final step, ...); ``return_state`` adds the full final model state dict under
+    "state_dict" (collective)."""
+    if not isinstance(cfg, RunConfig):
+        cfg = load_config(cfg)
     st = setup(cfg)
     prepare_data(st)
     build(st)

@@ -234,14 +234,14 @@ def test_in_process_run_destroys_the_fake_world(tmp_path):
 
 
 def test_activation_fallback_formula_is_labelled(monkeypatch):
-    import flexsp.attention.local as local
+    import flexsp.memory as memory
     from flexsp.dryrun import activation_bytes_per_token
     from flexsp.model import model_config
 
     def broken(*a, **k):
         raise NotImplementedError("no meta kernel")
 
-    monkeypatch.setattr(local, "varlen_attention", broken)
+    monkeypatch.setattr(memory, "varlen_attention", broken)
     r = activation_bytes_per_token(model_config("7b"), torch.bfloat16)
     assert r["method"].startswith("FALLBACK FORMULA") and "no meta kernel" in r["method"]
     assert r["bytes_per_token"] > 32 * 4096 * 2  # at least every block's bf16 input

@@ -171,7 +171,7 @@ def _body(rank, world_size, cfgs, fake_ckpt):
     # a checkpoint with trainer state but no DeepSpeed engine state
     if rank == 0:
         shutil.copy(
-            os.path.join(cfgs["adaptive"]["output_dir"], "checkpoints", "step_000002", "trainer.pt"),
+            os.path.join(cfgs["adaptive"].output_dir, "checkpoints", "step_000002", "trainer.pt"),
             os.path.join(fake_ckpt, "trainer.pt"),
         )
     dist.barrier()
