@@ -51,7 +51,8 @@ from solver.policies import PAPER_MILP_SECONDS  # noqa: E402
 from solver.presets import context_limit, load_preset  # noqa: E402
 from solver.workloads import sample_lengths, save_lengths  # noqa: E402
 
-CHECK_PLAN = REPO.parent / "shared" / "tools" / "check_plan.py"
+CHECK_PLAN_CANDIDATES = [REPO / "shared" / "tools" / "check_plan.py", REPO.parent / "shared" / "tools" / "check_plan.py"]
+"""Where the independent judge is looked for (``--check-plan`` overrides)."""
 DISTS = ["wikipedia", "commoncrawl", "github", "cpython", "bytescale"]
 PRESETS = [f"paper-gpt{m}-{k}k" for k in (192, 384) for m in ("7b", "13b", "30b")]
 DEFAULT_PRESETS = ["paper-gpt7b-192k", "paper-gpt30b-384k"]
@@ -116,14 +117,14 @@ def _run(method, L, cm, args, time_limit, static_degree=None):
     raise ValueError(method)
 
 
-def _judge(L, plan, preset, devices):
+def _judge(L, plan, preset, devices, check_plan):
     """Iteration time the independent judge prints for ``plan`` (None if the judge is missing)."""
-    if not CHECK_PLAN.exists():
+    if check_plan is None or not Path(check_plan).exists():
         return None
     with tempfile.TemporaryDirectory() as d:
         save_lengths(Path(d) / "l.txt", L)
         (Path(d) / "p.json").write_text(plan.to_json())
-        out = subprocess.run([sys.executable, str(CHECK_PLAN), f"{d}/l.txt", f"{d}/p.json", "--preset", preset,
+        out = subprocess.run([sys.executable, str(check_plan), f"{d}/l.txt", f"{d}/p.json", "--preset", preset,
                               "--num-devices", str(devices)], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         return f"INVALID: {out.stdout.strip()[:200]}"
@@ -163,7 +164,7 @@ def run_instance(task):
         if m == "official":
             row["milp_status"] = plan.extra.get("milp_status", {})
         if judge and section == "main":
-            j = _judge(L, plan, preset, cm.num_devices)
+            j = _judge(L, plan, preset, cm.num_devices, args.check_plan)
             row[m + "_judge"] = j
     return row
 
@@ -255,6 +256,8 @@ def report(rows, args, methods, stamp):
     if errs:
         out += ["", "Errors:", ""] + [f"- {d} {p} seed {s} {m}: {e}" for d, p, s, m, e in errs[:20]]
     # -- judge
+    if args.judge and not args.check_plan:
+        out += ["", "The judge `shared/tools/check_plan.py` was not found: no cross-check."]
     judged = [(r, m) for r in main for m in methods if m + "_judge" in r]
     if judged:
         out += ["", "## Cross-check with the judge (`shared/tools/check_plan.py`)", "",
@@ -334,6 +337,8 @@ def main(argv=None):
     ap.add_argument("--scale-heads", type=int, default=0, help="attention heads at scale (0: unlimited)")
     ap.add_argument("--scale-time-limit", type=float, default=10.0)
     ap.add_argument("--judge", type=int, default=None, help="instances cross-checked by the judge (default 2, quick 0)")
+    ap.add_argument("--check-plan", default=next((str(p) for p in CHECK_PLAN_CANDIDATES if p.exists()), None),
+                    help="the judge shared/tools/check_plan.py (default: found beside or above the repo)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="worker processes (default 1: the official planner's MILP time limits are wall-clock)")
     ap.add_argument("--out", default=None, help="markdown path (default benchmarks/results/plan_quality[_quick].md)")
