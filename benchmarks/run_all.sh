@@ -3,7 +3,7 @@
 # (commit + dirty flag, machine, command, date, load average at start and end; planner files also
 # name their cost models and baselines as run).
 #
-#   bash benchmarks/run_all.sh                  # the real run: writes benchmarks/results/ (~2 h on 2 cores)
+#   bash benchmarks/run_all.sh                  # the real run into benchmarks/results/ (~1-1.5 h)
 #   bash benchmarks/run_all.sh --quick          # smoke versions of every step into a temp dir (minutes)
 #   bash benchmarks/run_all.sh --quick --out D  # ... into D
 #   bash benchmarks/run_all.sh --only bench_cpu2,attention_cpu    # some steps (names: --list)
@@ -15,7 +15,8 @@
 # was written. The real run also fails if benchmarks/results/ holds a file that no step produces.
 # benchmarks/results/gpu/ is regenerated only on a GPU machine: bash benchmarks/gpu_check.sh.
 #
-# Sizes of the real run (chosen so the whole run takes about 2 hours on the shared 2-core machine):
+# Sizes of the real run (chosen so the whole run takes 1-1.5 hours on the shared 2-core machine; on
+# 2026-12-04: plan_quality 34 min, the other non-profile steps 28 min):
 #   profiles: as committed before (2 and 4 ranks, tiny model; tiny 8-layer depth pair);
 #   bench_cpu2/4: 4 global batches, 1 warm-up, 9 / 7 interleaved repetitions;
 #   hot_path_cpu: 15 steps, 3 interleaved runs per version;  precision_tiny: 30 steps;
@@ -37,7 +38,8 @@ while [[ $# -gt 0 ]]; do
     --skip) SKIP="${2:?--skip needs step names}"; shift ;;
     --list) LIST=1 ;;
     -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
-    *) echo "run_all.sh: unknown argument '$1' (valid: --quick, --out DIR, --only A,B, --skip A,B, --list)" >&2
+    *) echo "run_all.sh: unknown argument '$1'" \
+         "(valid: --quick, --out DIR, --only A,B, --skip A,B, --list)" >&2
        exit 2 ;;
   esac
   shift
@@ -54,7 +56,8 @@ WORK="$(mktemp -d /tmp/flexsp_run_all_work.XXXXXX)"   # scratch: training output
 trap 'rm -rf "$WORK"' EXIT
 
 STEPS=(profile_cpu2 profile_cpu4 profile_cpu2_tiny8_4of8 profile_cpu2_tiny8_full bench_cpu2 bench_cpu4
-       attention_cpu precision_tiny hot_path_cpu plan_quality planner_scaling milp_backends simulate dryrun_64)
+       attention_cpu precision_tiny hot_path_cpu plan_quality planner_scaling milp_backends simulate
+       dryrun_64)
 STAMP=("$PY" benchmarks/stamp.py)
 SIM=simulate; [[ $QUICK == 1 ]] && SIM=simulate_quick    # simulate_table.py --quick appends _quick
 
@@ -147,7 +150,8 @@ if [[ $QUICK == 1 ]]; then
     --worktree "$WORK/hot_path_before" --out "$OUT/hot_path_cpu"; }
   Q=(--quick)
 else
-  step_attention_cpu() { "$PY" benchmarks/attention.py --tokens 4096 --iters 3 --out "$OUT/attention_cpu.md"; }
+  step_attention_cpu() { "$PY" benchmarks/attention.py --tokens 4096 --iters 3 \
+    --out "$OUT/attention_cpu.md"; }
   step_precision_tiny() { "$PY" benchmarks/precision.py --steps 30 --work "$WORK/precision" \
     --out "$OUT/precision_tiny"; }
   step_hot_path_cpu() { "$PY" benchmarks/hot_path.py --steps 15 --repeats 3 --work "$WORK/hot_path" \
@@ -167,13 +171,17 @@ wanted() {    # is step $1 selected by --only / --skip?
   return 0
 }
 for s in ${ONLY//,/ } ${SKIP//,/ }; do
-  [[ " ${STEPS[*]} " == *" $s "* ]] || { echo "run_all.sh: unknown step '$s' (valid: ${STEPS[*]})" >&2; exit 2; }
+  if [[ " ${STEPS[*]} " != *" $s "* ]]; then
+    echo "run_all.sh: unknown step '$s' (valid: ${STEPS[*]})" >&2
+    exit 2
+  fi
 done
 SELECTED=()
 for s in "${STEPS[@]}"; do wanted "$s" && SELECTED+=("$s"); done
 mode=$([[ $QUICK == 1 ]] && echo quick || echo full)
-echo "[run_all] $mode run of ${#SELECTED[@]} step(s) into $OUT; commit $(git rev-parse --short HEAD 2>/dev/null \
-  || echo '?'); load $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo n/a); $(date -u +%FT%TZ)"
+head_rev=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
+echo "[run_all] $mode run of ${#SELECTED[@]} step(s) into $OUT; commit $head_rev;" \
+  "load $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo n/a); $(date -u +%FT%TZ)"
 SUMMARY=()
 T0=$(date +%s)
 i=0

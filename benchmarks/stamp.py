@@ -136,15 +136,18 @@ def markdown_block(stamp: Stamp) -> str:
     """The stamp as markdown lines (a blockquote), to go right under the title."""
     state = "clean" if not stamp.dirty else f"DIRTY: uncommitted changes to {', '.join(stamp.dirty[:8])}"
     wall = f"; wall {stamp.wall_s:.0f} s" if stamp.wall_s is not None else ""
-    lines = [f"> {MARK} (`benchmarks/stamp.py`): commit `{stamp.commit}` ({state}); date {stamp.date}{wall}  ",
+    lines = [f"> {MARK} (`benchmarks/stamp.py`): commit `{stamp.commit}` ({state}); "
+             f"date {stamp.date}{wall}  ",
              f"> Machine: {stamp.machine}  ",
              f"> Load average (1/5/15 min): {_load(stamp.loadavg_start)} at start, "
              f"{_load(stamp.loadavg_end)} at end (a shared machine: other jobs may have run)  ",
              f"> Command: `{stamp.command}`  "]
     if stamp.cost_models:
-        lines.append("> Cost models: " + "; ".join(f"`{k}` ({v})" for k, v in stamp.cost_models.items()) + "  ")
+        models = "; ".join(f"`{k}` ({v})" for k, v in stamp.cost_models.items())
+        lines.append(f"> Cost models: {models}  ")
     if stamp.baselines:
-        lines.append("> Baselines as run: " + "; ".join(f"**{k}**: {v}" for k, v in stamp.baselines.items()) + "  ")
+        baselines = "; ".join(f"**{k}**: {v}" for k, v in stamp.baselines.items())
+        lines.append(f"> Baselines as run: {baselines}  ")
     return "\n".join(lines) + "\n"
 
 

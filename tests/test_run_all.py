@@ -37,7 +37,8 @@ def _expected() -> list[str]:
 
 def _is_cost_model(path: Path) -> bool:
     """A profile's cost-model JSON (strict schema: its stamp lives in the .md / .report.json beside it)."""
-    return path.suffix == ".json" and not path.name.endswith(".report.json") and path.name.startswith("profile_")
+    return (path.suffix == ".json" and path.name.startswith("profile_")
+            and not path.name.endswith(".report.json"))
 
 
 @pytest.mark.slow
