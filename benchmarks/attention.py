@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import stamp as provenance  # noqa: E402  (benchmarks/stamp.py)
 
 
 def _count_bytes(counter):
@@ -113,6 +114,7 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--out", default=None, help="write a markdown table here")
     a = ap.parse_args()
+    stamp = provenance.start()
     base = dict(tokens=a.tokens, heads=a.heads, kv_heads=a.kv_heads, dim=a.dim, dtype=a.dtype,
                 iters=a.iters, threads=os.cpu_count() or 1)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else \
@@ -126,10 +128,13 @@ def main():
             t, sent, ndocs, tl = run(dict(base, mode=mode, ulysses_degree=u), d)
             rows.append(f"| {label} | {d} | {tl} | {t * 1e3:.1f} | {sent / 2**20:.2f} |")
             print(rows[-1], flush=True)
-    cmd = "python benchmarks/attention.py " + " ".join(sys.argv[1:])
+    stamp = provenance.finish(stamp)
     text = "\n".join([
         f"# SP attention, forward+backward ({dev})", "",
-        f"Command: `{cmd}`", "",
+        provenance.markdown_block(stamp),
+        f"MEASURED: torch {torch.__version__}. Timings taken on the machine of the stamp; on a shared machine "
+        "other jobs' load (load averages in the stamp) inflates and scatters them. Bytes are counted, not timed.",
+        "",
         f"{a.tokens} tokens in {ndocs} packed documents, {a.heads} heads ({a.kv_heads} kv) x "
         f"{a.dim}, {a.dtype}; median of {a.iters} iterations, slowest rank. "
         "MiB sent = bytes sent by the busiest rank (fwd+bwd). On CPU the ranks share the cores, "

@@ -19,7 +19,6 @@ lists dropped), stamped with the commit, the machine and the command.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -31,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import stamp as provenance  # noqa: E402  (benchmarks/stamp.py)
 from flexsp.dryrun_report import table  # noqa: E402
 
 MODELS = ("7b", "13b", "30b", "70b")
@@ -59,39 +59,22 @@ def dry_run(model: str, gb: int, shard: int, out: Path) -> tuple[list[str], int]
     return overrides, proc.returncode
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-
-def stamp(argv: list[str]) -> dict:
-    changed = [ln[3:] for ln in _git("status", "--porcelain").splitlines()]
-    dirty = [f for f in changed if f.startswith(("flexsp/", "solver/", "configs/"))]
-    import torch
-    return {"commit": _git("rev-parse", "--short", "HEAD"), "uncommitted_changes": dirty,
-            "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            "machine": f"{platform.node()}: {platform.processor() or platform.machine()}, "
-                       f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
-            "loadavg": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
-            "torch": torch.__version__, "command": " ".join(["python", "benchmarks/dryrun_table.py", *argv])}
-
-
 def _drop_groups(report: dict) -> dict:
     plan = report.get("plan") or {}
     plan.pop("plan", None)
     return report
 
 
-def markdown(st: dict, runs: list[dict], tab: str) -> str:
+def markdown(st: provenance.Stamp, runs: list[dict], tab: str) -> str:
+    import torch
     r0 = runs[0]["report"]
     res = r0["reserve"]
-    changes = st["uncommitted_changes"]
-    dirty = f" (uncommitted changes to {', '.join(changes)})" if changes else ""
     lines = [
         f"# flexsp-dryrun at {WORLD} ranks: 7B-70B on 80 GB and 141 GB devices, C before and after the "
         f"reserve", "",
-        f"Made by `{st['command']}` at commit {st['commit']}{dirty}, {st['date']}, on {st['machine']} (load "
-        f"average {st['loadavg'][0]} at the end: a shared machine, so the dry-run and solve times are loaded "
-        f"times), Python {st['python']}, torch {st['torch']}, no GPU.",
+        provenance.markdown_block(st),
+        f"Python {platform.python_version()}, torch {torch.__version__}, no GPU. The dry-run and solve times "
+        "are wall times on the shared machine of the stamp (loaded times).",
         "",
         "Every row is ONE CPU process acting as rank 0 of a fake 64-rank world (`fake` process group): the "
         "model is built on `meta` and sharded exactly as training shards it (FSDP2; `train.precision=auto` "
@@ -131,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "dryrun_64"),
                     help="output path without suffix (.md and .json are written)")
     args = ap.parse_args(argv)
+    st = provenance.start(["python", "benchmarks/dryrun_table.py", *argv])
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for model, gb, shard in rows(args.quick):
@@ -141,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                          "exit_status": rc, "report": json.loads((out / "dryrun.json").read_text()),
                          "path": out})
         tab = table([r["path"] for r in runs])
-    st = stamp(argv)
+    st = provenance.finish(st, cost_models={"analytic roofline": "`solver.presets.analytic_cost_model` of each "
+                                            "model (flexsp.dryrun; no profile)"})
     for r in runs:
         r.pop("path")
         _drop_groups(r["report"])
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"stamp": st, "runs": runs}, indent=1) + "\n")
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"stamp": provenance.to_json(st), "runs": runs}, indent=1) + "\n")
     Path(args.out).with_suffix(".md").write_text(markdown(st, runs, tab))
     print(f"wrote {args.out}.md and .json")
     return 0

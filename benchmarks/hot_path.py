@@ -30,7 +30,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PY = REPO / ".venv" / "bin" / "python"
+sys.path.insert(0, str(REPO / "benchmarks"))
+import stamp as provenance  # noqa: E402  (benchmarks/stamp.py)
+PY = Path(sys.executable)
+"""The interpreter of both versions (the venv that runs this script)."""
 
 DEMO = ["data=stdlib", "data.stdlib_max_files=60", "data.corpus.max_doc_tokens=4096",
         "data.corpus.vocab_size=2048", "solver.cost_model=configs/costmodels/cpu-demo-1k.json",
@@ -86,7 +89,7 @@ def expand(summary: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--before", default="a6ed5cd", help="commit of the BEFORE trainer")
-    p.add_argument("--worktree", default="/tmp/flexsp_before", help="where its git worktree lives")
+    p.add_argument("--worktree", default="/tmp/flexsp_before", help="where its exported tree lives")
     p.add_argument("--keep-worktree", action="store_true")
     p.add_argument("--work", default="/tmp/flexsp_hot_path", help="output + cache directories of the runs")
     p.add_argument("--steps", type=int, default=15)
@@ -105,10 +108,15 @@ def main(argv=None) -> int:
         write(res, Path(a.out))
         return 0
     cmdline = "python benchmarks/hot_path.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    stamp = provenance.start(cmdline.split(" "))
     before = Path(a.worktree)
-    if not (before / "flexsp" / "train.py").is_file():
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(before), a.before], check=True)
-    rev_before = subprocess.run(["git", "-C", str(before), "rev-parse", "--short", "HEAD"], capture_output=True,
+    made = not (before / "flexsp" / "train.py").is_file()
+    if made:
+        before.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", a.before],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
+    rev_before = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", a.before], capture_output=True,
                                 text=True, check=True).stdout.strip()
     rev_after = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                text=True, check=True).stdout.strip()
@@ -139,9 +147,10 @@ def main(argv=None) -> int:
                       f"wall {info['wall_s']:.0f} s, load {info['load_before']:.2f} -> {info['load_after']:.2f}",
                       flush=True)
     finally:
-        if not a.keep_worktree:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)])
-    res = {"command": cmdline, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        if made and not a.keep_worktree:
+            shutil.rmtree(before, ignore_errors=True)
+    stamp = provenance.finish(stamp)
+    res = {"stamp": provenance.to_json(stamp), "command": cmdline, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
            "before": rev_before, "after": rev_after, "after_dirty_files": dirty.splitlines(),
            "note": a.note, "args": vars(a), "overrides": overrides(a.steps, Path("<out>"), Path("<cache>"), 0),
@@ -163,15 +172,16 @@ def write(res: dict, out: Path) -> None:
     same_plans = sum(expand(x) == expand(y) for x, y in zip(b0["plans"], f0["plans"]))
     loss_diff = [abs(x - y) for x, y in zip(b0["losses"], f0["losses"])]
     L = [f"# Hot path: CPU step time of the 4-rank demo, before ({res['before']}) vs after ({res['after']})", "",
-         f"Command: `{res['command']}` (date {res['date']}).", "",
+         *([provenance.markdown_block(provenance.Stamp(**res["stamp"]))] if "stamp" in res else []),
+         f"MEASURED. Command: `{res['command']}` (date {res['date']}).", "",
          f"Machine: {res['machine']}; 4 gloo ranks x 1 thread (OMP_NUM_THREADS=1) on 2 cores, so the ranks are "
          f"oversubscribed 2:1 as in the demo. 1-minute load average {res['loadavg_start'][0]:.2f} at the start and "
          f"{res['loadavg_end'][0]:.2f} at the end (per run below). **The machine is shared: other agents' jobs "
          f"may have been running during any of these runs**, which inflates and scatters the timings; runs "
          f"were interleaved (before, after, before, after, ...) so drift hits both alike.", "",
          f"Each run: `python -m torch.distributed.run --standalone --nproc_per_node 4 -m flexsp.train "
-         f"{' '.join(res['overrides'])}` with the same venv python (torch {_torch_version()}); BEFORE from a git "
-         f"worktree of {res['before']} (that tree first on PYTHONPATH and as cwd; removed afterwards), AFTER from "
+         f"{' '.join(res['overrides'])}` with the same venv python (torch {_torch_version()}); BEFORE from an "
+         f"export of {res['before']} (`git archive`; that tree first on PYTHONPATH and as cwd; removed afterwards), AFTER from "
          f"this checkout{' (uncommitted changes to: ' + ', '.join(res['after_dirty_files']) + ')' if res['after_dirty_files'] else ''}. "
          f"Separate corpus caches per version, each built by an untimed 1-step warm-up run; separate output dirs. "
          f"Step time = metrics.jsonl `step_s` (planner wait + all micro-batches + optimizer step + the step's stats "
@@ -201,7 +211,7 @@ def write(res: dict, out: Path) -> None:
           f"Same global batches in both versions: documents {'identical' if same_docs else 'DIFFERENT'}, "
           f"token counts {'identical' if same_tokens else 'DIFFERENT'}; identical plan summaries in "
           f"{same_plans}/{len(b0['plans'])} steps (the planner also changed in this range). Losses are close but "
-          f"not identical: the initialisation changed today (seeded per-shard fill on meta-built modules instead "
+          f"not identical: the initialisation changed after {res['before']} (seeded per-shard fill on meta-built modules instead "
           f"of Module init on the device), so the two versions start from different weights; "
           f"|loss_after - loss_before| per step: max {max(loss_diff):.4f}, mean {statistics.fmean(loss_diff):.4f}. "
           f"Repeated runs of one version: " + "; ".join(_repeat_note(runs, v) for v in ("before", "after")) + ".", "",

@@ -11,16 +11,16 @@ Both backends solve the same backend-neutral models (``solver.milp.MilpModel``).
 3. The exact MILP alone (``solve_exact``) on small paper-preset batches (6-8 sequences, 8
    devices): status, objective and solve time per backend.
 
-    .venv/bin/python benchmarks/milp_backends.py      # ~2-4 min on 2 cores
+    .venv/bin/python benchmarks/milp_backends.py          # ~2-4 min on 2 cores
+    .venv/bin/python benchmarks/milp_backends.py --quick  # smoke: 1 batch of 128, 2 tiny instances, 1 exact
 
-Writes ``benchmarks/results/milp_backends.md`` and ``.json``.
+Writes ``benchmarks/results/milp_backends.md`` and ``.json``, stamped by ``benchmarks/stamp.py``.
+Predicted times (ms, objectives) come from the cost model; walls (s) are measured on a shared machine.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import platform
 import sys
 import time
@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+import stamp as provenance  # noqa: E402  (benchmarks/stamp.py)
 from solver.build import validate_plan  # noqa: E402
 from solver.milp import solve_exact  # noqa: E402
 from solver.packing import Workload  # noqa: E402
@@ -108,27 +109,32 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=5.0)
     ap.add_argument("--exact-time-limit", type=float, default=20.0)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "milp_backends.md"))
+    ap.add_argument("--quick", action="store_true", help="smoke: 1 batch of 128, 2 tiny instances, 1 exact MILP")
     args = ap.parse_args()
-    load_before = os.getloadavg()
-    t_start = time.perf_counter()
+    stamp = provenance.start()
+    cases = [("paper-gpt7b-192k", "github", 6, 8), ("paper-gpt7b-192k", "bytescale", 7, 8),
+             ("paper-gpt7b-192k", "cpython", 8, 8), ("paper-gpt7b-384k", "wikipedia", 6, 16)]
+    tiny_seeds = range(8)
+    if args.quick:
+        args.dists, args.presets, args.batch, args.time_limit = args.dists[:1], args.presets[:1], 128, 1.0
+        args.exact_time_limit, cases, tiny_seeds = 5.0, cases[:1], range(2)
     plans = _plans(args.dists, args.presets, args.batch, args.time_limit)
-    tiny = _exact_tiny(range(8))
-    paper = _exact_paper([("paper-gpt7b-192k", "github", 6, 8), ("paper-gpt7b-192k", "bytescale", 7, 8),
-                          ("paper-gpt7b-192k", "cpython", 8, 8), ("paper-gpt7b-384k", "wikipedia", 6, 16)],
-                         args.exact_time_limit)
-    load_after = os.getloadavg()
-    total = time.perf_counter() - t_start
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"plans": plans, "tiny": tiny, "exact": paper,
-                                                    "load_before": load_before, "load_after": load_after}, indent=1) + "\n")
+    tiny = _exact_tiny(tiny_seeds)
+    paper = _exact_paper(cases, args.exact_time_limit)
     import pulp
+    stamp = provenance.finish(stamp, cost_models={p: load_preset(p).source
+                                                  for p in sorted({*args.presets, *(c[0] for c in cases)})},
+                              baselines={"HiGHS": "scipy.optimize.milp", "PuLP/CBC": f"PuLP {pulp.__version__}, "
+                                         "its bundled CBC, single-threaded"})
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps({"stamp": provenance.to_json(stamp), "plans": plans, "tiny": tiny,
+                                                    "exact": paper}, indent=1) + "\n")
     lines = [
         "# MILP backends: HiGHS vs PuLP/CBC", "",
-        "Command: `python benchmarks/milp_backends.py` (from the repo root)  ",
-        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, PuLP {pulp.__version__} (bundled CBC), scipy HiGHS; total {total:.0f} s  ",
-        f"Load average before: {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, after: "
-        f"{load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} (shared machine: walls are noisy upper bounds).", "",
+        provenance.markdown_block(stamp),
+        f"Python {platform.python_version()}, PuLP {pulp.__version__} (bundled CBC), scipy HiGHS. Walls (s) are "
+        "MEASURED on the shared machine of the stamp (noisy upper bounds); ms and objectives are PREDICTED by the "
+        "cost model.", "",
         "Both backends solve the same models (`solver.milp.MilpModel`: c, sparse A with row bounds, variable bounds, "
         "integrality), with the same node limits, gaps and time limits; CBC runs single-threaded.", "",
         f"## plan_batch, batch {args.batch}, 64 devices, time_limit {args.time_limit:g} s", "",

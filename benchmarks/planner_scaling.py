@@ -12,16 +12,16 @@ are re-planned to check that plan quality did not regress. The machine's load av
 before and after: the planner is single-threaded, and other jobs on a shared machine slow it.
 
     .venv/bin/python benchmarks/planner_scaling.py            # ~10 min on 2 cores
-    .venv/bin/python benchmarks/planner_scaling.py --quick    # a smaller grid
+    .venv/bin/python benchmarks/planner_scaling.py --quick    # smoke: 512 and 1,000 sequences, 64 devices
 
-Writes ``benchmarks/results/planner_scaling.md`` and ``.json``.
+Writes ``benchmarks/results/planner_scaling.md`` and ``.json``, stamped by ``benchmarks/stamp.py``.
+Everything here is a wall time of the planner (measured, on a possibly shared machine) or a predicted
+iteration time of its plans (the cost model's).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import stamp as provenance  # noqa: E402  (benchmarks/stamp.py)
 from solver.build import validate_plan  # noqa: E402
 from solver.planner import plan_batch  # noqa: E402
 from solver.presets import context_limit, load_preset  # noqa: E402
@@ -69,12 +70,13 @@ def _cli(n: int, devices: int, time_limit: float) -> dict:
             "notes": [line for line in proc.stderr.splitlines() if "note:" in line]}
 
 
-def _quality_rows(count: int) -> list[dict]:
-    """Re-plan a few batch-512 rows of plan_quality.json (same lengths, same time limit)."""
-    path = REPO / "benchmarks" / "results" / "plan_quality.json"
+def _quality_rows(count: int, path: Path) -> list[dict]:
+    """Re-plan a few rows of plan_quality.json (same lengths, same time limit)."""
     if not path.exists():
         return []
-    rows = [r for r in json.loads(path.read_text()) if r.get("section") == "main" and r.get("seed") == 0]
+    data = json.loads(path.read_text())
+    recorded = data["rows"] if isinstance(data, dict) else data
+    rows = [r for r in recorded if r.get("section") == "main" and r.get("seed") == 0 and r.get("ours")]
     picked, seen = [], set()
     for r in rows:  # one row per workload first, then per preset
         if r["dist"] not in seen:
@@ -102,7 +104,8 @@ def _quality_rows(count: int) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="sizes 512..20,000 only")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke: 512 and 1,000 sequences on 64 devices, 1 s box, 2 quality rows")
     ap.add_argument("--sizes", default="512,1000,2000,5000,10000,20000,50000,100000")
     ap.add_argument("--devices", default="64,1024")
     ap.add_argument("--time-limits", default="1,10")
@@ -111,15 +114,17 @@ def main() -> int:
                     help="largest batch of the unboxed runs per cluster size")
     ap.add_argument("--quality-rows", type=int, default=8)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "planner_scaling.md"))
+    ap.add_argument("--plan-quality", default=None,
+                    help="plan_quality.json whose rows are re-planned (default: beside --out)")
     args = ap.parse_args()
-    sizes = [int(x) for x in args.sizes.split(",")]
+    stamp = provenance.start()
     if args.quick:
-        sizes = [s for s in sizes if s <= 20000]
+        args.sizes, args.devices, args.time_limits = "512,1000", "64", "1"
+        args.natural_max, args.quality_rows = "64:1000", min(args.quality_rows, 2)
+    sizes = [int(x) for x in args.sizes.split(",")]
     devices = [int(x) for x in args.devices.split(",")]
     limits = [float(x) for x in args.time_limits.split(",")]
     natural_max = {int(k): int(v) for k, v in (kv.split(":") for kv in args.natural_max.split(","))}
-    load_before = os.getloadavg()
-    started = time.perf_counter()
     boxed, natural = [], []
     for d in devices:
         for n in sizes:
@@ -136,24 +141,23 @@ def main() -> int:
     cli = [_cli(max(sizes), d, 1.0) for d in devices]
     for row in cli:
         print(json.dumps(row), flush=True)
-    quality = _quality_rows(args.quality_rows)
+    out = Path(args.out)
+    quality_json = Path(args.plan_quality) if args.plan_quality else out.with_name("plan_quality.json")
+    quality = _quality_rows(args.quality_rows, quality_json)
     for row in quality:
         print(json.dumps(row), flush=True)
-    load_after = os.getloadavg()
-    total = time.perf_counter() - started
-
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"boxed": boxed, "natural": natural, "cli": cli,
-                                                    "quality": quality, "load_before": load_before,
-                                                    "load_after": load_after}, indent=1) + "\n")
+    stamp = provenance.finish(stamp, cost_models={PRESET: load_preset(PRESET).source + " (resized per row)"},
+                              baselines={"flexsp-plan end to end": "`python -m solver.cli` (its time-boxed "
+                                         "baselines included)"})
+    out.with_suffix(".json").write_text(json.dumps({"stamp": provenance.to_json(stamp), "boxed": boxed,
+                                                    "natural": natural, "cli": cli, "quality": quality},
+                                                   indent=1) + "\n")
     lines = [
-        "# Planner scaling: time box and cost from 512 to 100,000 sequences", "",
-        f"Command: `python benchmarks/planner_scaling.py{' --quick' if args.quick else ''}` (from the repo root)  ",
-        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}; total {total:.0f} s  ",
-        f"Load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
-        f"after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}. The machine is shared: other "
-        "jobs ran during the measurement, so walls are upper bounds of a quiet machine's.", "",
+        f"# Planner scaling: time box and cost from {min(sizes):,} to {max(sizes):,} sequences", "",
+        provenance.markdown_block(stamp),
+        f"Python {platform.python_version()}. Walls are MEASURED on the machine above; the machine is shared "
+        "(load averages in the stamp), so walls are upper bounds of a quiet machine's, and a time box cut "
+        "short by load can change a plan. Iteration times and gaps are PREDICTED by the cost model.", "",
         f"Workload: CPython stdlib lengths (`cpython`, seed 0, context limit {context_limit(PRESET)}), "
         f"cost model `{PRESET}` resized to the cluster (`with_devices`). Every plan passed `validate_plan`.", "",
         "## Inside the time box", "",
@@ -190,15 +194,15 @@ def main() -> int:
                      f"{r['stdout_chars']:,} | {r['summary_chars']} | {notes} |")
     lines += ["", "The wall includes Python start-up, reading the lengths and writing the plan JSON.", ""]
     if quality:
-        lines += ["## Plan quality at batch 512 (re-planned rows of `plan_quality.json`, 64 devices, time_limit 1 s)", "",
+        lines += [f"## Plan quality (re-planned rows of `{quality_json.name}`, 64 devices, time_limit 1 s)", "",
                   "| workload | preset | recorded ms | now ms | now / recorded | recorded s | now s | status |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in quality:
             lines.append(f"| {r['dist']} | {r['preset']} | {r['recorded_ms']:.1f} | {r['now_ms']:.1f} | {r['ratio']:.4f} | "
                          f"{r['recorded_s']:.2f} | {r['now_s']:.2f} | {r['status']} |")
         lines += ["", f"{sum(r['ratio'] == 1.0 for r in quality)} of the {len(quality)} rows give exactly the recorded "
-                  "plan time; rows marked `time_limit` had their last phases cut by the 1 s box on this loaded machine "
-                  "(the recorded runs had a quiet one).", ""]
+                  "plan time; rows marked `time_limit` had their last phases cut by the 1 s box (the wall clock "
+                  "of a shared machine: the recorded run may have had more CPU in its second).", ""]
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
     return 0

@@ -27,6 +27,8 @@ for p in (REPO, REPO / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+import stamp as provenance  # noqa: E402  (benchmarks/stamp.py; benchmarks/ is the script's directory)
+
 RUNS = ("fp32", "bf16", "bf16-pure", "fp32-repeat")
 
 
@@ -114,6 +116,7 @@ def main(argv=None) -> int:
         write(s, Path(a.out))
         return 0
     cmdline = "python benchmarks/precision.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    stamp = provenance.start(cmdline.split(" "))
     from dist_harness import run_distributed
     work = Path(a.work)
     for name in (*RUNS, "init"):
@@ -147,7 +150,7 @@ def main(argv=None) -> int:
                       "unchanged": unchanged(res[name]["state"], init, name == "bf16-pure"),
                       "same_plans": plans[name] == plans["fp32"], "same_docs": res[name]["doc_ids"] == ref["doc_ids"],
                       "mean_step_s": statistics.fmean(res[name]["step_s"][2:])}
-    summary = {"command": cmdline, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    summary = {"stamp": provenance.to_json(provenance.finish(stamp)), "command": cmdline, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs", "args": vars(a),
                "overrides": overrides(a, Path("<out>"), "<precision>", a.steps), "wall_s": wall,
                "loadavg_start": list(load0), "loadavg_end": list(load1), "fp32_moved_from_init": moved,
@@ -159,6 +162,8 @@ def main(argv=None) -> int:
 def write(s: dict, out: Path) -> None:
     a, rows = s["args"], s["rows"]
     L = [f"# Precision: {a['steps']} steps of the tiny model, fp32 vs bf16 (mixed) vs bf16-pure", "",
+         *([provenance.markdown_block(provenance.Stamp(**s["stamp"]))] if "stamp" in s else []),
+         "MEASURED losses and parameters (deterministic: load changes only the wall time). "
          f"Command: `{s['command']}` (date {s['date']}, {s['wall_s']:.0f} s wall for all runs).", "",
          f"Machine: {s['machine']}; {a['world_size']} gloo ranks x 1 thread, one spawned world "
          f"(tests/dist_harness.run_distributed) calling `flexsp.train.run(cfg, return_state=True)` for each "
@@ -220,7 +225,8 @@ def plot(s: dict, path: Path) -> None:
     bx.set_title("distance to fp32")
     bx.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    meta = provenance.png_metadata(provenance.Stamp(**s["stamp"])) if "stamp" in s else {}
+    fig.savefig(path, dpi=110, metadata=meta)
     plt.close(fig)
 
 

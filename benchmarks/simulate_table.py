@@ -23,21 +23,19 @@ Speedups are per step (policy time / best-static time, etc.), reported as the me
 min-max over the steps. All numbers are PREDICTED by the cost models, not measured.
 
     .venv/bin/python benchmarks/simulate_table.py              # ~15 min on 2 shared cores
-    .venv/bin/python benchmarks/simulate_table.py --quick      # 2 presets, 8 and 64 devices
+    .venv/bin/python benchmarks/simulate_table.py --quick      # smoke: stdlib-8k, 1 estimate preset, N=8
 
-Writes ``benchmarks/results/simulate[_quick].md`` / ``.json`` / ``.png``, stamped with the commit,
-machine, command, cost models (with their sources) and policies as run.
+Writes ``benchmarks/results/simulate[_quick].md`` / ``.json`` / ``.png``, stamped by
+``benchmarks/stamp.py`` with the commit, machine, command, load, cost models (with their sources) and
+policies as run.
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import functools
 import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import stamp as provenance  # noqa: E402  (benchmarks/stamp.py)
 from solver.policies import PAPER_MILP_SECONDS, PolicySettings, static_degrees  # noqa: E402
 from solver.presets import load_preset  # noqa: E402
 from solver.simulate import simulate  # noqa: E402
@@ -179,13 +178,12 @@ def _row(c: dict) -> str:
     return "| " + " | ".join(str(x) for x in cols) + " |"
 
 
-def markdown(cells: list[dict], args, stamp: dict, rendered: str = "") -> str:
-    lines = [HEADER,
-             f"- Command: `{stamp['command']}`",
-             f"- Commit: {stamp['commit']}; date {stamp['date']}; wall time {stamp['wall_s']:.0f} s"
-             + (f"; tables re-rendered from the JSON (numbers unchanged) by `{rendered}`"
-                if rendered else ""),
-             f"- Machine: {stamp['machine']}",
+def markdown(cells: list[dict], args, stamp: provenance.Stamp, rendered: str = "") -> str:
+    title, rest = HEADER.split("\n", 1)
+    lines = [title, "", provenance.markdown_block(stamp), rest.lstrip("\n"),
+             f"- Tables re-rendered from the JSON (numbers unchanged) by `{rendered}`" if rendered else
+             "- The planners' time boxes are wall-clock: on a shared machine (load in the stamp) a search gets "
+             "less CPU and may stop earlier; the pricing of a plan does not depend on load.",
              f"- Policies: flexsp (`solver.planner.plan_batch`, time box {args.time_limit:g} s per plan), "
              "megatron-dcp (Megatron-Core dynamic CP, `solver.megatron_dcp`), best-static (fastest static-D "
              "per batch, `solver.baselines.static_plan`), best-homogeneous (`best_homogeneous_plan`), "
@@ -197,9 +195,9 @@ def markdown(cells: list[dict], args, stamp: dict, rendered: str = "") -> str:
              f"power of two nearest {TOKENS_PER_DEVICE:,} tokens per device / the workload's mean length; "
              "context limit (`ctx`) = the workload's own, capped at N x C.",
              LEGEND, "", "Cost models:", ""]
-    lines += [f"- `{name}`: {source}" for name, source in stamp["cost_models"].items()]
+    lines += [f"- `{name}`: {source}" for name, source in stamp.cost_models.items()]
     lines.append("")
-    for workload in WORKLOADS:
+    for workload in _workloads(cells):
         lines += [f"## {workload}", "",
                   "| cost model | N | B | ctx | best-static step (s) | static D | flexsp | megatron-dcp | "
                   "best-homog. | flexsp-official | flexsp vs mDCP | flexsp plan from | gap | idle | s |",
@@ -232,16 +230,22 @@ def markdown(cells: list[dict], args, stamp: dict, rendered: str = "") -> str:
     return "\n".join(lines)
 
 
-def plot(cells: list[dict], path: Path) -> None:
+def _workloads(cells: list[dict]) -> list[str]:
+    """The workloads of ``cells``, in WORKLOADS order."""
+    return [w for w in WORKLOADS if any(c["workload"] == w for c in cells)]
+
+
+def plot(cells: list[dict], path: Path, stamp: provenance.Stamp) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(len(WORKLOADS), 1, figsize=(13, 3.6 * len(WORKLOADS)))
+    workloads = _workloads(cells)
+    fig, axes = plt.subplots(len(workloads), 1, figsize=(13, 3.6 * len(workloads)))
     series = [("flexsp", "tab:blue"), ("megatron-dcp", "tab:green"), ("best-homogeneous", "tab:purple"),
               ("flexsp-official", "tab:orange")]
-    for ax, workload in zip(np.atleast_1d(axes), WORKLOADS):
+    for ax, workload in zip(np.atleast_1d(axes), workloads):
         rows = [c for c in cells if c["workload"] == workload and "skipped" not in c]
         x = np.arange(len(rows))
         for k, (name, color) in enumerate(series):
@@ -261,36 +265,25 @@ def plot(cells: list[dict], path: Path) -> None:
         ax.set_ylim(0, ax.get_ylim()[1] * 1.2)          # room for the legend above the bars
         ax.legend(fontsize=7, ncol=4, loc="upper center")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata=provenance.png_metadata(stamp))
     plt.close(fig)
 
 
-def _stamp(args, wall_s: float, presets: list[str]) -> dict:
-    def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    changed = git("status", "--porcelain", "--", "solver", "benchmarks/simulate_table.py")
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    import numpy
-    import scipy
-    return {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-            "commit": git("rev-parse", "--short", "HEAD") + (" (uncommitted changes)" if changed else ""),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": f"{platform.node()}, {cpu}, {os.cpu_count()} CPUs (shared; 1-min load {load:.1f} at "
-                       f"the end), Python {platform.python_version()}, numpy {numpy.__version__}, "
-                       f"scipy {scipy.__version__}",
-            "wall_s": wall_s,
-            "cost_models": {p: load_preset(p).source for p in presets}}
+def _baselines(args) -> dict[str, str]:
+    """Every policy's label -> what ran under it (goes into the stamp)."""
+    return {"flexsp": f"`solver.planner.plan_batch`, time box {args.time_limit:g} s per plan",
+            "megatron-dcp": "`solver.megatron_dcp` (Megatron-Core DefaultDynamicCPScheduler, reproduced)",
+            "best-static": "the fastest `solver.baselines.static_plan` over every power-of-two degree that fits",
+            "best-homogeneous": "`solver.baselines.best_homogeneous_plan`",
+            "flexsp-official": f"`solver.official` (HiGHS) with paper-gpt7b-192k only: {PAPER_MILP_SECONDS:g} s "
+                               f"per MILP (published) on 8 devices, {args.official_64_seconds:g} s per MILP "
+                               "(SHORTER) on 64 devices, not run elsewhere"}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 presets, 8 and 64 devices, 2 steps")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke: stdlib-8k, the H100 estimate preset, 8 devices, 1 step, 0.5 s box")
     ap.add_argument("--time-limit", type=float, default=2.0, help="flexsp time box per plan, s (default 2)")
     ap.add_argument("--official-64-seconds", type=float, default=1.0,
                     help="flexsp-official seconds per MILP on 64 devices (paper-gpt7b-192k); 0 = not run")
@@ -300,6 +293,7 @@ def main() -> int:
     ap.add_argument("--render", metavar="JSON",
                     help="only rewrite the .md and .png from a JSON this script wrote (no simulation)")
     args = ap.parse_args()
+    stamp = provenance.start()
     if args.render:
         data = json.loads(Path(args.render).read_text())
         saved = argparse.Namespace(**data["args"])
@@ -307,17 +301,20 @@ def main() -> int:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True).stdout.strip()
         how = f"benchmarks/simulate_table.py --render {Path(args.render).name} at {head}"
-        out.with_suffix(".md").write_text(markdown(data["cells"], saved, data["stamp"], how) + "\n")
-        plot(data["cells"], out.with_suffix(".png"))
+        fields = {k: v for k, v in data["stamp"].items() if k in provenance.Stamp.__dataclass_fields__}
+        saved_stamp = provenance.Stamp(**fields)
+        out.with_suffix(".md").write_text(markdown(data["cells"], saved, saved_stamp, how) + "\n")
+        plot(data["cells"], out.with_suffix(".png"), saved_stamp)
         print(f"rendered {out}.md / .png from {args.render}")
         return 0
-    presets, devices = (PRESETS[:1] + PRESETS[2:3], DEVICES[:2]) if args.quick else (PRESETS, DEVICES)
+    workloads, presets, devices = list(WORKLOADS), PRESETS, DEVICES
     if args.quick:
-        args.steps = min(args.steps, 2)
+        workloads, presets, devices = workloads[:1], PRESETS[2:3], DEVICES[:1]
+        args.steps, args.time_limit = 1, min(args.time_limit, 0.5)
         args.out += "_quick"
     t0 = time.perf_counter()
     cells = []
-    for workload in WORKLOADS:
+    for workload in workloads:
         for preset in presets:
             for n in devices:
                 cell = run_cell(workload, preset, n, args)
@@ -329,13 +326,14 @@ def main() -> int:
                     note = (f"B={cell['batch']}, flexsp {ours:.2f}x, mDCP {mdcp:.2f}x vs best-static, "
                             f"{cell['seconds']:.0f} s")
                 print(f"[{time.perf_counter() - t0:6.0f} s] {workload} {preset} N={n}: {note}", flush=True)
-    stamp = _stamp(args, time.perf_counter() - t0, presets)
+    stamp = provenance.finish(stamp, cost_models={p: load_preset(p).source for p in presets},
+                              baselines=_baselines(args))
     out = Path(args.out)
-    data = {"stamp": stamp, "args": vars(args), "cells": cells}
+    data = {"stamp": provenance.to_json(stamp), "args": vars(args), "cells": cells}
     out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(cells, args, stamp) + "\n")
-    plot(cells, out.with_suffix(".png"))
-    print(f"wrote {out}.md / .json / .png in {stamp['wall_s']:.0f} s")
+    plot(cells, out.with_suffix(".png"), stamp)
+    print(f"wrote {out}.md / .json / .png in {stamp.wall_s:.0f} s")
     return 0
 
 
