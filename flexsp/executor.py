@@ -66,9 +66,6 @@ class StepExecutor:
     def __init__(self, engine, source, topology, rank: int, device: torch.device, heads: int):
         self.engine, self.topo, self.rank, self.device = engine, topology, rank, device
         self.pipeline = InputPipeline(source, topology, rank, device, heads)
-        self.fail_after_forward = ""
-        """Testing the abort path (train.fail_at_step): raise this message after the forward of this
-        rank's next micro-batch, while its peers are inside the micro-batch's collectives."""
 
     @property
     def source(self):
@@ -107,8 +104,6 @@ class StepExecutor:
                 idle += 1
                 continue
             ls, _ = inputs.loss(model)
-            if self.fail_after_forward:
-                raise RuntimeError(self.fail_after_forward)
             self.engine.backward(ls * scale)
             loss_sum += ls.detach().float()
             targets += current.host.num_targets

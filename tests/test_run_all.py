@@ -5,6 +5,7 @@ temporary directory. The expected names come from the committed ``benchmarks/res
 from the script's own list), so a result file that no step produces fails here. Each file must carry
 a complete stamp (``benchmarks/stamp.py check``) naming the commit that ran.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,21 +38,29 @@ def _expected() -> list[str]:
 
 def _is_cost_model(path: Path) -> bool:
     """A profile's cost-model JSON (strict schema: its stamp lives in the .md / .report.json beside it)."""
-    return (path.suffix == ".json" and path.name.startswith("profile_")
-            and not path.name.endswith(".report.json"))
+    return (
+        path.suffix == ".json" and path.name.startswith("profile_") and not path.name.endswith(".report.json")
+    )
 
 
 @pytest.mark.slow
 def test_run_all_quick_recreates_and_stamps_every_result(tmp_path):
     out = tmp_path / "results"
     env = dict(os.environ, PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "run_all.sh"), "--quick", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "run_all.sh"), "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, f"run_all.sh --quick failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert "[run_all] summary" in proc.stdout
     assert "regenerated only on a GPU: bash benchmarks/gpu_check.sh" in proc.stdout
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     expected = _expected()
     assert expected, "benchmarks/results/ holds no result files"
     missing = [name for name in expected if not (out / name).is_file()]
@@ -59,7 +68,7 @@ def test_run_all_quick_recreates_and_stamps_every_result(tmp_path):
     for name in expected:
         path = out / name
         if _is_cost_model(path):
-            json.loads(path.read_text())      # the cost model is there and parses
+            json.loads(path.read_text())  # the cost model is there and parses
             continue
         assert stamp.check(path) is None, f"{name}: {stamp.check(path)}"
         if path.suffix == ".json":
@@ -80,6 +89,6 @@ def test_stamp_check_rejects_unstamped_files(tmp_path):
     assert stamp.check(md) is None and stamp.check(js) is None
     text = md.read_text()
     assert text.startswith("# title\n") and "Cost models: `m` (src)" in text and "**b**: ran" in text
-    stamp.stamp_files(st, md=[str(md)])      # re-stamping replaces the block, never duplicates it
+    stamp.stamp_files(st, md=[str(md)])  # re-stamping replaces the block, never duplicates it
     assert md.read_text().count(stamp.MARK) == 1
     assert json.loads(js.read_text())["x"] == 1
