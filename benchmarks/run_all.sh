@@ -84,31 +84,29 @@ if [[ $LIST == 1 ]]; then
 fi
 
 # --- the steps ---------------------------------------------------------------------------------
-profile() {   # profile NAME OVERRIDES...: flexsp-profile, stamped from outside (it does not stamp the commit)
+profile() {   # profile NAME OVERRIDES...: flexsp-profile (Hydra: profile.* keys, the training tree's model.*)
   local name=$1; shift
   "${STAMP[@]}" wrap --md "$OUT/$name.md" --json "$OUT/$name.report.json" --png "$OUT/$name.png" -- \
-    "$PY" -m flexsp.profile "name=$name" "output_dir=$OUT" progress=false "$@"
+    "$PY" -m flexsp.profile "profile.name=$name" "output_dir=$OUT" profile.progress=false "$@"
 }
 if [[ $QUICK == 1 ]]; then
-  # Smoke sizes. activation_checkpointing=true works around flexsp/parallelize.py's
-  # activation_checkpointing_disabled, which at this commit fails on blocks without checkpointing
-  # (torch 2.13's checkpoint.state returns None); the real run profiles the model as it trains.
-  PROFILE_QUICK=(max_len=128 repeats=1 validate_batches=1 "modes=[ulysses]" "link_mb=[0.25,0.5]")
-  AC="activation_checkpointing: true"
-  step_profile_cpu2() { profile profile_cpu2 world_size=2 capacity_tokens=1024 "${PROFILE_QUICK[@]}" \
-    "model_overrides={$AC}"; }
-  step_profile_cpu4() { profile profile_cpu4 world_size=4 capacity_tokens=1024 "${PROFILE_QUICK[@]}" \
-    "model_overrides={$AC}"; }
-  step_profile_cpu2_tiny8_4of8() { profile profile_cpu2_tiny8_4of8 "${PROFILE_QUICK[@]}" \
-    "model_overrides={layers: 4, $AC}" profile_layers=2; }
-  step_profile_cpu2_tiny8_full() { profile profile_cpu2_tiny8_full "${PROFILE_QUICK[@]}" \
-    "model_overrides={layers: 4, $AC}" profile_layers=0; }
+  PROFILE_QUICK=(profile.max_len=128 profile.repeats=1 profile.validate_batches=1 "profile.modes=[ulysses]"
+                 "profile.link_mb=[0.25,0.5]")
+  step_profile_cpu2() { profile profile_cpu2 profile.world_size=2 profile.capacity_tokens=1024 \
+    "${PROFILE_QUICK[@]}"; }
+  step_profile_cpu4() { profile profile_cpu4 profile.world_size=4 profile.capacity_tokens=1024 \
+    "${PROFILE_QUICK[@]}"; }
+  step_profile_cpu2_tiny8_4of8() { profile profile_cpu2_tiny8_4of8 "${PROFILE_QUICK[@]}" model.layers=4 \
+    profile.profile_layers=2; }
+  step_profile_cpu2_tiny8_full() { profile profile_cpu2_tiny8_full "${PROFILE_QUICK[@]}" model.layers=4 \
+    profile.profile_layers=0; }
 else
-  step_profile_cpu2() { profile profile_cpu2 world_size=2 capacity_tokens=1024; }
-  step_profile_cpu4() { profile profile_cpu4 world_size=4; }
-  TINY8=(model=tiny "model_overrides={layers: 8}" max_len=512 repeats=3 "modes=[ulysses]" validate_batches=2)
-  step_profile_cpu2_tiny8_4of8() { profile profile_cpu2_tiny8_4of8 "${TINY8[@]}" profile_layers=4; }
-  step_profile_cpu2_tiny8_full() { profile profile_cpu2_tiny8_full "${TINY8[@]}" profile_layers=0; }
+  step_profile_cpu2() { profile profile_cpu2 profile.world_size=2 profile.capacity_tokens=1024; }
+  step_profile_cpu4() { profile profile_cpu4 profile.world_size=4; }
+  TINY8=(model=tiny model.layers=8 profile.max_len=512 profile.repeats=3 "profile.modes=[ulysses]"
+         profile.validate_batches=2)
+  step_profile_cpu2_tiny8_4of8() { profile profile_cpu2_tiny8_4of8 "${TINY8[@]}" profile.profile_layers=4; }
+  step_profile_cpu2_tiny8_full() { profile profile_cpu2_tiny8_full "${TINY8[@]}" profile.profile_layers=0; }
 fi
 
 BENCH_NOTE="Taken on a 2-core machine shared with other jobs (other sessions ran tests and benchmarks \
@@ -129,9 +127,8 @@ if [[ $QUICK == 1 ]]; then
   step_bench_cpu4() { bench bench_cpu4 4 "${BQ[@]}" "solver.cost_model=$OUT/profile_cpu4.json" \
     bench.capacity_tokens=1024; }
 else
-  # deepspeed-ulysses is left out: at this commit flexsp/bench.py's DeepSpeed world imports AttnContext
-  # from flexsp.model.transformer, which moved to flexsp.attention.context (ImportError).
-  BM="bench.methods=[flexsp,static,best-homogeneous]"
+  # deepspeed-ulysses runs in a DeepSpeed world of its own after the main one (not interleaved with it).
+  BM="bench.methods=[flexsp,static,best-homogeneous,deepspeed-ulysses]"
   step_bench_cpu2() { bench bench_cpu2 2 data.corpus.max_doc_tokens=2048 train.global_batch=64 \
     data.sampler.global_batch_tokens=8192 "solver.cost_model=$OUT/profile_cpu2.json" bench.batches=4 \
     bench.warmup=1 bench.repeats=9 "$BM" "bench.note=\"$BENCH_NOTE\""; }

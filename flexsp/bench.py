@@ -241,8 +241,12 @@ def matmul_peak_flops(device, n: int, reps: int = 5, iters: int = 10) -> float:
 REPO = Path(__file__).resolve().parent.parent
 
 
+CODE_PATHS = ("flexsp", "solver", "configs", "launch", "benchmarks/*.py", "pyproject.toml")
+"""Paths whose uncommitted changes make a measurement "dirty" (results and prose do not)."""
+
+
 def git_stamp() -> dict:
-    """Commit of the code that ran and whether tracked files differed from it."""
+    """Commit of the code that ran and the code files (CODE_PATHS) that differed from it."""
     try:
         commit = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "HEAD"],
@@ -251,16 +255,16 @@ def git_stamp() -> dict:
             timeout=30,
             check=True,
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        changed = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
             capture_output=True,
             text=True,
             timeout=30,
             check=True,
-        ).stdout.strip()
+        ).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown (not a git checkout)", "dirty": None}
-    return {"commit": commit, "dirty": bool(dirty)}
+    return {"commit": commit, "dirty": [line[3:] for line in changed]}
 
 
 def machine_stamp(device, world: int) -> dict:

@@ -146,7 +146,8 @@ def markdown(res: dict, summary: dict) -> str:
     """The report: stamps, setting, methods as run, summary table, speedups, every row."""
     m, cm, data, b = res["machine"], res["cost_model"], res["data"], res["bench"]
     loads = [r["loadavg"][0] for r in res["rows"]]
-    dirty = " (with uncommitted changes to tracked files)" if res.get("dirty") else ""
+    changed = res.get("dirty")
+    dirty = f" (with uncommitted changes to {', '.join(changed[:8])})" if changed else ""
     batches = res["batches"]
     lines = [
         f"# flexsp-bench: FlexSP adaptive vs static SP, measured ({res['world_size']} ranks, "

@@ -84,7 +84,7 @@ def test_two_ranks_end_to_end(tmp_path):
     head = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    assert res["commit"] == head and isinstance(res["dirty"], bool)
+    assert res["commit"] == head and isinstance(res["dirty"], list)  # the changed code files
     assert "--nproc-per-node 2" in res["command"] and "flexsp.bench" in res["command"]
     assert res["machine"]["world_size"] == 2 and res["machine"]["backend"] == "gloo"
     assert res["cost_model"]["name"] == "cpu-gloo-tiny" and len(res["loadavg_start"]) == 3
@@ -248,7 +248,7 @@ def test_deepspeed_rows_merge_only_into_the_same_batches(tmp_path):
         "loadavg_start": [0, 0, 0],
         "loadavg_end": [0, 0, 0],
         "commit": "x",
-        "dirty": False,
+        "dirty": [],
         "first_loss": 1.0,
     }
     with pytest.raises(ValueError, match="does not exist: run the main world first"):
