@@ -10,8 +10,22 @@ import sys
 from pathlib import Path
 
 
+NOISE = 0.03
+"""Ratios within 3% of 1.0 are called a tie: on a shared 2-core machine the medians of interleaved
+repetitions move by about that much between runs (benchmarks/results/bench_cpu*.md)."""
+
+
 def _gain(x: float) -> str:
     return f"{x:.2f}x faster" if x >= 1.0 else f"{1 / x:.2f}x SLOWER"
+
+
+def verdict(median: float, fastest: float) -> str:
+    """A gain only when the medians AND the fastest runs (load only ever adds time) both show one."""
+    if median >= 1 + NOISE and fastest >= 1 + NOISE:
+        return "a measured gain"
+    if median <= 1 - NOISE and fastest <= 1 - NOISE:
+        return "a measured LOSS"
+    return "NO CLEAR DIFFERENCE (within run-to-run noise)"
 
 
 def bench(path: Path) -> str:
@@ -19,12 +33,19 @@ def bench(path: Path) -> str:
     sp = res["summary"]["speedups"]
     static, base = sp["best_static"], sp["best_baseline"]
     load = (res.get("loadavg_start") or [None])[0]
-    return (f"[flexsp] MEASURED on this machine ({res['world_size']} {res['device']} ranks, interleaved, median of "
-            f"{res['bench']['repeats']} steps per batch, {res['bench']['batches']} batches"
-            + (f", load {load:.1f}" if isinstance(load, (int, float)) else "") + "): FlexSP "
-            f"{_gain(static['measured'])} than the best static SP degree of each batch and "
-            f"{_gain(base['measured'])} than the better of that and best-homogeneous (cost model predicted "
-            f"{static['predicted']:.2f}x and {base['predicted']:.2f}x; details {path.with_suffix('.md')})")
+    head = (
+        f"[flexsp] MEASURED on this machine ({res['world_size']} {res['device']} ranks, interleaved, median of "
+        f"{res['bench']['repeats']} steps per batch, {res['bench']['batches']} batches"
+        + (f", load {load:.1f}" if isinstance(load, (int, float)) else "")
+        + "): FlexSP "
+    )
+    return (
+        head + f"{_gain(static['measured'])} than the best static SP degree of each batch "
+        f"(fastest runs {static['fastest']:.2f}x; {verdict(static['measured'], static['fastest'])}) and "
+        f"{_gain(base['measured'])} than the better of that and best-homogeneous (fastest runs "
+        f"{base['fastest']:.2f}x; {verdict(base['measured'], base['fastest'])}); the cost model predicted "
+        f"{static['predicted']:.2f}x and {base['predicted']:.2f}x (details {path.with_suffix('.md')})"
+    )
 
 
 def simulate(path: Path) -> str:
