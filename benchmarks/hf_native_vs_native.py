@@ -17,12 +17,9 @@ weights and math, so only rounding: it shows both paths compute the same thing).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+import stamp as provenance  # noqa: E402  (benchmarks/stamp.py)
 
 
 def make_checkpoint(a, path: Path) -> None:
@@ -84,14 +83,6 @@ def stats(xs: list[float]) -> dict:
             "min_ms": s[0] * 1e3, "mean_ms": statistics.fmean(s) * 1e3, "n": len(s)}
 
 
-def git(*args) -> str:
-    try:
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True)
-        return done.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=256)
@@ -114,7 +105,7 @@ def main(argv=None) -> int:
 
     from flexsp.model.hf import from_hf
     torch.set_num_threads(a.threads)
-    load_start = os.getloadavg()
+    stamp = provenance.start(None if argv is None else ["python", "benchmarks/hf_native_vs_native.py", *argv])
     with tempfile.TemporaryDirectory() as d:
         make_checkpoint(a, Path(d))
         models = {"native": from_hf(d, dtype=torch.float32, hf_native=False),
@@ -135,21 +126,15 @@ def main(argv=None) -> int:
     kept = {k: v[a.warmup:] for k, v in times.items()}
     res = {k: stats(v) for k, v in kept.items()}
     paired = [h / n for h, n in zip(kept["hf_native"], kept["native"])]
+    stamp = provenance.finish(stamp)
     out = {
-        "command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(REPO)
-                                              if Path(sys.argv[0]).is_absolute() else sys.argv[0])] +
-                                         (argv if argv is not None else sys.argv[1:])),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "dirty": git("status", "--porcelain", "--untracked-files=no"),
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
-                   f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                   f"{a.threads} thread(s)",
+        "stamp": provenance.to_json(stamp),
+        "software": f"torch {torch.__version__}, transformers {transformers.__version__}, "
+                    f"{a.threads} thread(s)",
         "shape": {k: getattr(a, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate",
                                              "vocab")},
         "batch": {"tokens": a.tokens, "doc_lengths": [a.min_doc, a.max_doc], "steps": a.steps,
                   "warmup": a.warmup},
-        "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
         "loadavg_1min_per_step": loads, "results": res,
         "ratio_of_medians": res["hf_native"]["median_ms"] / res["native"]["median_ms"],
         "paired_ratio": {"median": statistics.median(paired), "min": min(paired), "max": max(paired)},
@@ -168,15 +153,14 @@ def write(r: dict, out: Path) -> None:
     s, b = r["shape"], r["batch"]
     rows = "\n".join(f"| {k} | {v['median_ms']:.1f} | {v['p10_ms']:.1f} - {v['p90_ms']:.1f} | "
                      f"{v['min_ms']:.1f} | {v['mean_ms']:.1f} | {v['n']} |" for k, v in r["results"].items())
-    dirty = f" (uncommitted changes: {r['dirty']})" if r["dirty"] else ""
+    st = r["stamp"]
     loads = r["loadavg_1min_per_step"]
     pr = r["paired_ratio"]
     md = f"""# CPU step time: HF-native path vs native path, same Llama shape (measured)
 
-Command: `{r['command']}` (date {r['date']}, commit {r['commit']}{dirty}).
-
-Machine: {r['machine']}. 1-minute load average {r['loadavg_start'][0]:.2f} at the start,
-{r['loadavg_end'][0]:.2f} at the end, {min(loads):.2f}-{max(loads):.2f} during the steps. **The machine is
+{provenance.markdown_block(provenance.Stamp(**st))}
+Software: {r['software']}. 1-minute load average {st['loadavg_start'][0]:.2f} at the start,
+{st['loadavg_end'][0]:.2f} at the end, {min(loads):.2f}-{max(loads):.2f} during the steps. **The machine is
 shared (other jobs ran on its 2 cores), which inflates and scatters every timing**; steps are
 interleaved (native, HF-native, then HF-native, native, ...) so load drift hits both paths alike,
 and the paired per-batch ratio is the load-robust number.

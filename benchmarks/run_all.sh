@@ -20,6 +20,7 @@
 #   profiles: as committed before (2 and 4 ranks, tiny model; tiny 8-layer depth pair);
 #   bench_cpu2/4: 4 global batches, 1 warm-up, 9 / 7 interleaved repetitions;
 #   hot_path_cpu: 15 steps, 3 interleaved runs per version;  precision_tiny: 30 steps;
+#   hf_native_vs_native_cpu: 30 interleaved steps per path of 2,048 tokens (3 warm-up);
 #   plan_quality: 5 workloads x 2 presets x 1 seed at batch 512 with the official planner at its
 #   published 10 s per MILP (2-5 min per batch), plus 1,024 devices x 8,192 sequences;
 #   planner_scaling, milp_backends, simulate, dryrun_64: their scripts' default grids.
@@ -56,7 +57,7 @@ WORK="$(mktemp -d /tmp/flexsp_run_all_work.XXXXXX)"   # scratch: training output
 trap 'rm -rf "$WORK"' EXIT
 
 STEPS=(profile_cpu2 profile_cpu4 profile_cpu2_tiny8_4of8 profile_cpu2_tiny8_full bench_cpu2 bench_cpu4
-       attention_cpu precision_tiny hot_path_cpu plan_quality planner_scaling milp_backends simulate
+       attention_cpu precision_tiny hot_path_cpu hf_native_vs_native_cpu plan_quality planner_scaling milp_backends simulate
        dryrun_64)
 STAMP=("$PY" benchmarks/stamp.py)
 SIM=simulate; [[ $QUICK == 1 ]] && SIM=simulate_quick    # simulate_table.py --quick appends _quick
@@ -69,6 +70,7 @@ files_of() {
     attention_cpu) echo "attention_cpu.md" ;;
     precision_tiny) echo "precision_tiny.md precision_tiny.json precision_tiny.png" ;;
     hot_path_cpu) echo "hot_path_cpu.md hot_path_cpu.json" ;;
+    hf_native_vs_native_cpu) echo "hf_native_vs_native_cpu.md hf_native_vs_native_cpu.json" ;;
     plan_quality) echo "plan_quality.md plan_quality.json plan_quality.png" ;;
     planner_scaling) echo "planner_scaling.md planner_scaling.json" ;;
     milp_backends) echo "milp_backends.md milp_backends.json" ;;
@@ -145,6 +147,8 @@ if [[ $QUICK == 1 ]]; then
     --work "$WORK/precision" --out "$OUT/precision_tiny"; }
   step_hot_path_cpu() { "$PY" benchmarks/hot_path.py --steps 3 --skip 1 --repeats 1 --work "$WORK/hot_path" \
     --worktree "$WORK/hot_path_before" --out "$OUT/hot_path_cpu"; }
+  step_hf_native_vs_native_cpu() { "$PY" benchmarks/hf_native_vs_native.py --steps 3 --warmup 1 --tokens 256 \
+    --layers 1 --out "$OUT/hf_native_vs_native_cpu"; }
   Q=(--quick)
 else
   step_attention_cpu() { "$PY" benchmarks/attention.py --tokens 4096 --iters 3 \
@@ -153,6 +157,8 @@ else
     --out "$OUT/precision_tiny"; }
   step_hot_path_cpu() { "$PY" benchmarks/hot_path.py --steps 15 --repeats 3 --work "$WORK/hot_path" \
     --worktree "$WORK/hot_path_before" --out "$OUT/hot_path_cpu"; }
+  step_hf_native_vs_native_cpu() { "$PY" benchmarks/hf_native_vs_native.py --steps 30 --warmup 3 \
+    --tokens 2048 --out "$OUT/hf_native_vs_native_cpu"; }
   Q=()
 fi
 step_plan_quality() { "$PY" benchmarks/plan_quality.py "${Q[@]}" --out "$OUT/plan_quality.md"; }
