@@ -14,6 +14,7 @@ weights and math, so only rounding: it shows both paths compute the same thing).
 
     python benchmarks/hf_native_vs_native.py --steps 40 --out benchmarks/results/hf_native_vs_native_cpu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,19 @@ import stamp as provenance  # noqa: E402  (benchmarks/stamp.py)
 def make_checkpoint(a, path: Path) -> None:
     import torch
     import transformers
-    cfg = transformers.LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                                   num_hidden_layers=a.layers, num_attention_heads=a.heads,
-                                   num_key_value_heads=a.kv_heads, max_position_embeddings=8192,
-                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        max_position_embeddings=8192,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     torch.manual_seed(a.seed)
     transformers.LlamaForCausalLM(cfg).float().save_pretrained(str(path))
 
@@ -48,6 +58,7 @@ def batches(a):
     import torch
 
     from flexsp.model import lm_labels, positions_from_cu_seqlens
+
     g = torch.Generator().manual_seed(a.seed + 1)
     out = []
     for _ in range(a.steps):
@@ -64,6 +75,7 @@ def step(model, opt, batch) -> tuple[float, float]:
     import torch
 
     from flexsp.model import AttnContext
+
     ids, pos, labels, cu = batch
     t0 = time.perf_counter()
     loss_sum, count = model(ids, pos, AttnContext.local(cu), labels=labels)
@@ -79,8 +91,14 @@ def step(model, opt, batch) -> tuple[float, float]:
 def stats(xs: list[float]) -> dict:
     s = sorted(xs)
     q = statistics.quantiles(s, n=10) if len(s) >= 2 else [s[0]] * 9
-    return {"median_ms": statistics.median(s) * 1e3, "p10_ms": q[0] * 1e3, "p90_ms": q[-1] * 1e3,
-            "min_ms": s[0] * 1e3, "mean_ms": statistics.fmean(s) * 1e3, "n": len(s)}
+    return {
+        "median_ms": statistics.median(s) * 1e3,
+        "p10_ms": q[0] * 1e3,
+        "p90_ms": q[-1] * 1e3,
+        "min_ms": s[0] * 1e3,
+        "mean_ms": statistics.fmean(s) * 1e3,
+        "n": len(s),
+    }
 
 
 def main(argv=None) -> int:
@@ -104,12 +122,15 @@ def main(argv=None) -> int:
     import transformers
 
     from flexsp.model.hf import from_hf
+
     torch.set_num_threads(a.threads)
     stamp = provenance.start(None if argv is None else ["python", "benchmarks/hf_native_vs_native.py", *argv])
     with tempfile.TemporaryDirectory() as d:
         make_checkpoint(a, Path(d))
-        models = {"native": from_hf(d, dtype=torch.float32, hf_native=False),
-                  "hf_native": from_hf(d, dtype=torch.float32, hf_native=True)}
+        models = {
+            "native": from_hf(d, dtype=torch.float32, hf_native=False),
+            "hf_native": from_hf(d, dtype=torch.float32, hf_native=True),
+        }
     assert type(models["native"]).__name__ == "Transformer"
     assert type(models["hf_native"]).__name__ == "HFNativeModel"
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in models.items()}
@@ -123,23 +144,30 @@ def main(argv=None) -> int:
             times[k].append(dt)
             losses[k].append(loss)
         loads.append(os.getloadavg()[0])
-    kept = {k: v[a.warmup:] for k, v in times.items()}
+    kept = {k: v[a.warmup :] for k, v in times.items()}
     res = {k: stats(v) for k, v in kept.items()}
     paired = [h / n for h, n in zip(kept["hf_native"], kept["native"])]
     stamp = provenance.finish(stamp)
     out = {
         "stamp": provenance.to_json(stamp),
         "software": f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                    f"{a.threads} thread(s)",
-        "shape": {k: getattr(a, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate",
-                                             "vocab")},
-        "batch": {"tokens": a.tokens, "doc_lengths": [a.min_doc, a.max_doc], "steps": a.steps,
-                  "warmup": a.warmup},
-        "loadavg_1min_per_step": loads, "results": res,
+        f"{a.threads} thread(s)",
+        "shape": {
+            k: getattr(a, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
+        },
+        "batch": {
+            "tokens": a.tokens,
+            "doc_lengths": [a.min_doc, a.max_doc],
+            "steps": a.steps,
+            "warmup": a.warmup,
+        },
+        "loadavg_1min_per_step": loads,
+        "results": res,
         "ratio_of_medians": res["hf_native"]["median_ms"] / res["native"]["median_ms"],
         "paired_ratio": {"median": statistics.median(paired), "min": min(paired), "max": max(paired)},
         "max_abs_loss_diff": max(abs(x - y) for x, y in zip(losses["native"], losses["hf_native"])),
-        "losses": losses, "step_s": times,
+        "losses": losses,
+        "step_s": times,
     }
     write(out, Path(a.out))
     keys = ("results", "ratio_of_medians", "paired_ratio", "max_abs_loss_diff")
@@ -151,35 +179,38 @@ def write(r: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(r, indent=1))
     s, b = r["shape"], r["batch"]
-    rows = "\n".join(f"| {k} | {v['median_ms']:.1f} | {v['p10_ms']:.1f} - {v['p90_ms']:.1f} | "
-                     f"{v['min_ms']:.1f} | {v['mean_ms']:.1f} | {v['n']} |" for k, v in r["results"].items())
+    rows = "\n".join(
+        f"| {k} | {v['median_ms']:.1f} | {v['p10_ms']:.1f} - {v['p90_ms']:.1f} | "
+        f"{v['min_ms']:.1f} | {v['mean_ms']:.1f} | {v['n']} |"
+        for k, v in r["results"].items()
+    )
     st = r["stamp"]
     loads = r["loadavg_1min_per_step"]
     pr = r["paired_ratio"]
     md = f"""# CPU step time: HF-native path vs native path, same Llama shape (measured)
 
 {provenance.markdown_block(provenance.Stamp(**st))}
-Software: {r['software']}. 1-minute load average {st['loadavg_start'][0]:.2f} at the start,
-{st['loadavg_end'][0]:.2f} at the end, {min(loads):.2f}-{max(loads):.2f} during the steps. **The machine is
+Software: {r["software"]}. 1-minute load average {st["loadavg_start"][0]:.2f} at the start,
+{st["loadavg_end"][0]:.2f} at the end, {min(loads):.2f}-{max(loads):.2f} during the steps. **The machine is
 shared (other jobs ran on its 2 cores), which inflates and scatters every timing**; steps are
 interleaved (native, HF-native, then HF-native, native, ...) so load drift hits both paths alike,
 and the paired per-batch ratio is the load-robust number.
 
-Model: LlamaForCausalLM hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads /
-{s['kv_heads']} KV heads, intermediate {s['intermediate']}, vocab {s['vocab']}, fp32, loaded from the
+Model: LlamaForCausalLM hidden {s["hidden"]}, {s["layers"]} layers, {s["heads"]} heads /
+{s["kv_heads"]} KV heads, intermediate {s["intermediate"]}, vocab {s["vocab"]}, fp32, loaded from the
 same local random checkpoint by `from_hf(hf_native=False)` (flexsp.model.Transformer) and
 `from_hf(hf_native=True)` (transformers' modules, FlexSP attention and loss). Batches:
-{b['steps']} packed batches of {b['tokens']} tokens, documents of {b['doc_lengths'][0]}-{b['doc_lengths'][1]}
+{b["steps"]} packed batches of {b["tokens"]} tokens, documents of {b["doc_lengths"][0]}-{b["doc_lengths"][1]}
 tokens, the same batches for both; a step = forward + backward + AdamW + zero_grad in one
-process; the first {b['warmup']} steps per path left out.
+process; the first {b["warmup"]} steps per path left out.
 
 | path | median step ms | p10 - p90 ms | min ms | mean ms | steps |
 |---|---|---|---|---|---|
 {rows}
 
-**HF-native / native: ratio of the medians {r['ratio_of_medians']:.3f}; median of the per-batch
-paired ratios {pr['median']:.3f} (range {pr['min']:.3f}-{pr['max']:.3f}).** Same computation: max
-|loss difference| over the steps {r['max_abs_loss_diff']:.1e} (both paths start from the same
+**HF-native / native: ratio of the medians {r["ratio_of_medians"]:.3f}; median of the per-batch
+paired ratios {pr["median"]:.3f} (range {pr["min"]:.3f}-{pr["max"]:.3f}).** Same computation: max
+|loss difference| over the steps {r["max_abs_loss_diff"]:.1e} (both paths start from the same
 weights and take the same AdamW steps; fp32 rounding is the only allowed difference, 0 =
 bit-identical).
 """
