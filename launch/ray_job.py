@@ -4,10 +4,15 @@ Local (starts a Ray instance bound to 127.0.0.1)::
 
     python launch/ray_job.py --num-workers 2 -- train.steps=2 output_dir=/tmp/flexsp-ray
 
-On a cluster (the script connects to the cluster's Ray; output_dir must be shared storage)::
+As a Ray job (the script connects to the cluster's Ray through the RAY_ADDRESS Ray sets for the job;
+output_dir must be storage every node sees; ``python`` is the first on the head's PATH: start the head
+from the project's environment)::
 
-    ray job submit --working-dir . -- python launch/ray_job.py --num-workers 8 --use-gpu -- \
-        model=small output_dir=/shared/runs/flexsp
+    ray job submit --address http://<head-ip>:8265 --working-dir . -- \
+        python launch/ray_job.py --num-workers 8 --use-gpu -- model=small output_dir=/shared/runs/flexsp
+
+The job's status follows the exit status: 0 SUCCEEDED, else FAILED (2: a user error, one line in
+``ray job logs``).
 
 The config is composed once on the driver (Hydra compose API, the same configs/ and overrides as
 ``python -m flexsp.train``), validated there (a bad value is one line ``ray_job: error: ...`` and exit
@@ -78,6 +83,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray Train's workers patch print() to also log it: every line a worker prints (a user error
+    # included) would reach the job's log twice. Propagated to the workers by TorchTrainer.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     local = "RAY_ADDRESS" not in os.environ
     if local:
         # Ray resolves 127.0.0.1 to the machine's network address unless it runs in single-machine
@@ -99,7 +107,12 @@ def main(argv=None) -> int:
     except UserError as exc:
         return print_error("ray_job", exc)
     if not local:  # ray job submit / existing cluster
-        ray.init()
+        # Ray Train's helper actors (its PlacementGroupCleaner) find the cluster by RAY_ADDRESS, else
+        # by looking for Ray on their machine, which fails with a traceback in the job's log when
+        # the node runs another Ray instance: the job's actors and workers get the driver's address.
+        address = os.environ["RAY_ADDRESS"]
+        named = address not in ("auto", "local") and "://" not in address
+        ray.init(runtime_env={"env_vars": {"RAY_ADDRESS": address}} if named else None)
     else:  # local: bound to loopback
         ray.init(
             num_cpus=max(2, int(args.num_workers * args.cpus_per_worker)),
