@@ -111,11 +111,11 @@ else
   step_profile_cpu2_tiny8_full() { profile profile_cpu2_tiny8_full "${TINY8[@]}" profile.profile_layers=0; }
 fi
 
-BENCH_NOTE="Taken on a 2-core machine shared with other jobs (other sessions ran tests and benchmarks \
-at the same time; load averages above and in the stamp): every timing is under load, so absolute step \
-times are inflated and scattered. Methods are interleaved and each median is of several repetitions so \
-that the load hits every method alike; the fastest-run cross-check is the least disturbed estimate. \
-Cost model = the profile named above (its own file says when and under what load it was measured)."
+BENCH_NOTE="Taken on a 2-core machine that other jobs may share (the load averages above and in the stamp \
+count the run's own busy ranks: about 2 with 2 ranks, about 4 with 4; more means other jobs ran too): load \
+inflates and scatters absolute step times. Methods are interleaved and each median is of several \
+repetitions so that load hits every method alike; the fastest-run cross-check is the least disturbed \
+estimate. Cost model = the profile named above (its own file says when and under what load it was measured)."
 bench() {     # bench NAME RANKS OVERRIDES...: flexsp-bench (stamps itself; the wrap adds the common stamp)
   local name=$1 ranks=$2; shift 2
   "${STAMP[@]}" wrap --md "$OUT/$name.md" --json "$OUT/$name.json" --png "$OUT/$name.png" -- \
