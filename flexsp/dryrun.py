@@ -10,7 +10,8 @@ then, in ONE process:
 
 1. starts a fake ``dryrun.world_size``-rank world (``torch.testing._internal.distributed.fake_pg``:
    ``FakeStore`` + ``init_process_group(backend="fake")``; every collective is a no-op) as rank 0;
-2. builds the model on ``meta`` and shards it exactly as training does
+2. builds the model on ``meta`` (the native Transformer, or transformers' modules for an HF-native
+   checkpoint) and shards it exactly as training does
    (:func:`flexsp.engines.fsdp2.data_parallel_mesh` + :func:`flexsp.engines.fsdp2.shard_model`
    with ``train.precision`` and ``parallel.shard_size``): nothing is materialised, a 70B dry run
    peaks at a few hundred MB of host memory;
@@ -68,7 +69,9 @@ from flexsp.errors import UserError, print_error
 from flexsp.log import setup_logging
 from flexsp.memory import activation_bytes_per_token  # noqa: F401 (re-exported)
 from flexsp.model import Transformer
+from flexsp.model.hf_native import HFNativeModel
 from flexsp.modelspec import model_config_of
+from flexsp.parallelize import blocks_of
 from flexsp.planning import load_cost_model, solve_plan
 from solver.planner import PlanningError
 from solver.presets import analytic_cost_model
@@ -121,12 +124,21 @@ class FakeWorld:
             dist.destroy_process_group()
 
 
+def build_meta(mcfg):
+    """The model training builds, on meta: the native Transformer, or an HF-native model
+    (transformers' modules) for an :class:`flexsp.model.hf_native.HFNativeConfig`."""
+    meta = torch.device("meta")
+    with meta:
+        if getattr(mcfg, "hf_native", False):
+            return HFNativeModel(mcfg, device=meta)
+        return Transformer(mcfg, device=meta)
+
+
 def build_sharded(mcfg, precision: str, world_size: int, shard_size: int):
-    """The Transformer built on meta and sharded as FSDP2Engine does; (model, units, mesh)."""
+    """The model built on meta and sharded as FSDP2Engine does; (model, units, mesh)."""
 
     mesh = data_parallel_mesh("cpu", world_size, shard_size)
-    with torch.device("meta"):
-        model = Transformer(mcfg, device=torch.device("meta"))
+    model = build_meta(mcfg)
     units = shard_model(model, mesh, precision)
     return model, units, mesh
 
@@ -157,8 +169,11 @@ def _unit_table(model, units) -> list[dict]:
     Reads FSDP2's own bookkeeping (torch 2.13: ``FSDPState._fsdp_param_groups``, ``FSDPParam.
     _orig_size`` / ``padded_sharded_param_size`` / ``mesh_info`` / ``_module_info``), so the units
     are exactly the ones shard_model made."""
-    names = {id(model.embed): "embed", id(model.norm): "norm+lm_head", id(model): "root"}
-    for i, b in enumerate(model.blocks):
+    embed, norm, head = model.input_embedding(), model.final_norm(), model.output_head()
+    tied = head.weight is None or head.weight is embed.weight
+    head_modules = (head, embed) if tied else (head,)  # tied: the embedding matrix is the head's weight
+    names = {id(embed): "embed", id(norm): "norm+lm_head", id(model): "root"}
+    for i, b in enumerate(blocks_of(model)):
         names[id(b)] = f"blocks.{i}"
     table = []
     for u in units:
@@ -170,10 +185,9 @@ def _unit_table(model, units) -> list[dict]:
                 full += n
                 shards = fp.mesh_info.shard_mesh_size
                 padded += math.prod(fp.padded_sharded_param_size) * shards
-                if fp._module_info.param_name == "weight" and fp._module_info.module is model.lm_head:
+                info = fp._module_info
+                if info.param_name == "weight" and any(info.module is m for m in head_modules):
                     holds_head = True
-                if model.lm_head.weight is None and fp._module_info.module is model.embed:
-                    holds_head = True  # tied: the embedding matrix is the head's weight
         table.append(
             {
                 "unit": names.get(id(u), type(u).__name__),
@@ -213,7 +227,10 @@ def unsharded_bytes(model, units, precision: str) -> dict:
     root = next((u for u in table if u["unit"] == "root"), None)
     order = [u for u in reversed(table) if u["unit"] != "root" and u["numel"]]
     root_resident = root["numel"] * cb if root and root["numel"] else 0
-    head_numel = model.output_weight.shape[0] * model.output_weight.shape[1]
+    head_weight = model.output_head().weight
+    if head_weight is None:  # the native model's tied head: the embedding matrix
+        head_weight = model.input_embedding().weight
+    head_numel = math.prod(head_weight.shape)
     phases = []
     for k, u in enumerate(order + ([root] if root_resident else [])):
         is_root = u is root
@@ -354,15 +371,9 @@ def run(cfg: RunConfig, t0: float | None = None) -> dict:
     out = cfg.output_dir
     check_output_dir(out)
     mcfg, precision = model_config_of(cfg, cfg.model.overrides.get("vocab_size"))
-    if getattr(mcfg, "hf_native", False):
-        raise UserError(
-            f"flexsp-dryrun sizes the native model's blocks; {mcfg.architecture} trains "
-            "HF-native (transformers' modules), whose memory it does not model yet"
-        )
     cfg = replace(cfg, train=replace(cfg.train, precision=precision))
     shard_size = cfg.parallel.shard_size
-    with torch.device("meta"):
-        shapes = param_shapes(Transformer(mcfg, device=torch.device("meta")))
+    shapes = param_shapes(build_meta(mcfg))
     with FakeWorld(d.world_size):
         model, units, mesh = build_sharded(mcfg, precision, d.world_size, shard_size)
         states = model_state_bytes(model, precision)
@@ -446,6 +457,7 @@ def run(cfg: RunConfig, t0: float | None = None) -> dict:
             "name": model_name(cfg),
             "preset": None if cfg.model.hf_checkpoint else cfg.model.preset,
             "hf_checkpoint": cfg.model.hf_checkpoint,
+            "hf_native": bool(getattr(mcfg, "hf_native", False)),
             "layers": mcfg.layers,
             "hidden": mcfg.hidden,
             "heads": mcfg.heads,

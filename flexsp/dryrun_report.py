@@ -100,6 +100,8 @@ def format_report(r: dict) -> str:
         _per_rank_line(r),
         f"  cost model: {cm['name'] or 'none'} ({cm['note']})",
     ]
+    if r["activation"]["method"].startswith("FALLBACK"):
+        lines.append(f"  activations per token: {r['activation']['method']}")
     plan = _plan_line(r)
     if plan:
         lines.append(plan)

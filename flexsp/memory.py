@@ -1,5 +1,7 @@
-"""Activation bytes per token of the native model, measured on meta tensors (no memory, no device):
-the dry run's and the CUDA cost-model estimate's memory side."""
+"""Activation bytes per token of a model, measured on meta tensors (no memory, no device): the dry
+run's and the CUDA cost-model estimate's memory side. The native model is measured piece by piece
+(one block, the stem, the head); an HF-native model (transformers' modules) whole, each saved tensor
+attributed to the decoder layer that saved it."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from flexsp.model.transformer import Block, LMHead, RMSNorm
 
 def activation_bytes_per_token(mcfg, compute_dtype, tokens: tuple[int, int] = (4096, 8192)) -> dict:
     """Activation bytes per token held for backward on one rank, MEASURED on meta tensors.
+    An HF-native ``mcfg`` (:class:`flexsp.model.hf_native.HFNativeConfig`) is measured by
+    :func:`hf_native_activation_bytes_per_token`; the native model as follows.
 
     Each piece runs forward on ``meta`` under ``torch.autograd.graph.saved_tensors_hooks``, which
     sees every tensor autograd saves for backward; distinct storages are summed, parameters (and
@@ -37,10 +41,8 @@ def activation_bytes_per_token(mcfg, compute_dtype, tokens: tuple[int, int] = (4
     gradients, one logits chunk) are not included.
     """
 
-    class _Ctx(AttnContext):
-        def attention(self, q, k, v, window=None):
-            return varlen_attention(q, k, v, self._cu_list, causal=True, backend="math")
-
+    if getattr(mcfg, "hf_native", False):
+        return hf_native_activation_bytes_per_token(mcfg, compute_dtype, tokens)
     cfg = replace(mcfg, dtype="bfloat16" if compute_dtype == torch.bfloat16 else "float32")
     meta = torch.device("meta")
     with meta:
@@ -86,7 +88,7 @@ def activation_bytes_per_token(mcfg, compute_dtype, tokens: tuple[int, int] = (4
             "stem": saved(lambda: embed(ids))
             + cos.untyped_storage().nbytes()
             + sin.untyped_storage().nbytes(),
-            "block": saved(lambda: block(x, cos, sin, _Ctx(cu_seqlens=cu)), exclude=(cos, sin)),
+            "block": saved(lambda: block(x, cos, sin, _MetaAttention(cu_seqlens=cu)), exclude=(cos, sin)),
             "block_input": x.untyped_storage().nbytes(),
             "head": saved(lambda: head(norm(x), labels)),
         }
@@ -109,6 +111,116 @@ def activation_bytes_per_token(mcfg, compute_dtype, tokens: tuple[int, int] = (4
         total = per["stem"] + mcfg.layers * per["block_input"] + per["block"] + per["head"]
     else:
         total = per["stem"] + mcfg.layers * per["block"] + per["head"]
+    return {
+        "bytes_per_token": total,
+        "parts_per_token": per,
+        "activation_checkpointing": ac,
+        "layers": mcfg.layers,
+        "method": method,
+        "measured_at_tokens": list(tokens),
+    }
+
+
+class _MetaAttention(AttnContext):
+    """Local attention through flexsp.attention.local's autograd Function, its "math" kernel (the
+    one that runs on meta); saves what the FlashAttention path saves (q, k, v, out, fp32 LSE). A
+    sliding window is measured as full attention: it changes which scores a fused kernel computes,
+    not what it saves (the math kernel's windowed path would save a dense mask instead)."""
+
+    def attention(self, q, k, v, window=None, scale=None):
+        return varlen_attention(q, k, v, self._cu_list, causal=True, backend="math", scale=scale)
+
+
+def hf_native_activation_bytes_per_token(mcfg, compute_dtype, tokens: tuple[int, int] = (4096, 8192)) -> dict:
+    """:func:`activation_bytes_per_token` of an HF-native model, MEASURED on meta tensors.
+
+    The whole causal LM (transformers' modules, in the compute dtype) runs one forward with labels
+    through FlexSP's attention (:class:`_MetaAttention`) under ``saved_tensors_hooks``; forward
+    hooks on the decoder layers attribute each saved storage (parameters excluded) to the layer
+    that saved it. Storages saved by one layer only are that layer's; the rest (embedding, RoPE
+    tables every layer reads, final norm, the chunked linear cross-entropy) are ``stem+head``.
+    ``block`` is the largest layer (layers differ, e.g. sliding-window vs full, dense vs MoE),
+    ``blocks`` all layers together. Two token counts, the slope per token (constants drop out).
+
+    Total per token: ``stem+head + blocks``; with activation checkpointing ``stem+head + layers x
+    block_input + block`` (each layer keeps its input; the one recomputed holds its full set).
+    An architecture whose forward cannot run on meta falls back, loudly (``method``), to the
+    formula of its LLaMA-equivalent shape.
+    """
+    from flexsp.model.hf_native import HFNativeModel, register_attention
+
+    cfg = replace(mcfg, dtype="bfloat16" if compute_dtype == torch.bfloat16 else "float32")
+    meta = torch.device("meta")
+    register_attention()
+    with meta:
+        model = HFNativeModel(cfg, device=meta)
+    blocks = model.decoder_blocks()
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+
+    def measure(T: int) -> dict:
+        where = ["outside"]
+        owners: dict[int, set] = {}
+        sizes: dict[int, int] = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s._cdata not in params:
+                owners.setdefault(s._cdata, set()).add(where[0])
+                sizes[s._cdata] = max(sizes.get(s._cdata, 0), s.nbytes())
+            return t
+
+        def enter(i):
+            return lambda *a: where.__setitem__(0, i)
+
+        hooks = [b.register_forward_pre_hook(enter(i)) for i, b in enumerate(blocks)]
+        hooks += [b.register_forward_hook(lambda *a: where.__setitem__(0, "outside")) for b in blocks]
+        ids = torch.zeros(T, dtype=torch.int64, device=meta)
+        half = torch.arange(T // 2, device=meta)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = model(
+                    ids, torch.cat([half, half]), _MetaAttention(cu_seqlens=[0, T // 2, T]), labels=ids
+                )
+            del out
+        finally:
+            for h in hooks:
+                h.remove()
+        per_block = [0] * len(blocks)
+        outside = 0
+        for key, who in owners.items():
+            if len(who) == 1 and (i := next(iter(who))) != "outside":
+                per_block[i] += sizes[key]
+            else:
+                outside += sizes[key]
+        return {
+            "stem+head": outside,
+            "block": max(per_block, default=0),
+            "blocks": sum(per_block),
+            "block_input": T * cfg.hidden * torch.tensor([], dtype=compute_dtype).element_size(),
+        }
+
+    method = (
+        f"measured: saved_tensors_hooks on meta tensors over a whole forward of {mcfg.architecture} "
+        "(transformers' modules; attention: flexsp.attention.local._VarlenAttention)"
+    )
+    ac = bool(mcfg.activation_checkpointing)
+    try:
+        lo, hi = measure(tokens[0]), measure(tokens[1])
+        per = {k: (hi[k] - lo[k]) / (tokens[1] - tokens[0]) for k in lo}
+    except Exception as exc:  # noqa: BLE001 - a module without a meta implementation
+        shape = mcfg.planning_shape()
+        c = torch.tensor([], dtype=compute_dtype).element_size()
+        fb = _fallback_per_token(shape, c)
+        per = {"stem+head": fb["stem"] + fb["head"], "block": fb["block"], "block_input": fb["block_input"]}
+        per["blocks"] = mcfg.layers * fb["block"]
+        method = (
+            f"FALLBACK FORMULA (meta forward of {mcfg.architecture} failed: {type(exc).__name__}: "
+            f"{str(exc)[:160]}): its LLaMA-equivalent shape, see flexsp.memory._fallback_per_token"
+        )
+    if ac:
+        total = per["stem+head"] + mcfg.layers * per["block_input"] + per["block"]
+    else:
+        total = per["stem+head"] + per["blocks"]
     return {
         "bytes_per_token": total,
         "parts_per_token": per,

@@ -6,9 +6,10 @@ precision: params + grads + AdamW = 16 B x parameters / 64 per rank; peak RSS fa
 fp32 size, so nothing was materialised; device memory in 10^9 bytes, C sized after the reserve),
 HSDP on the tiny preset, a model that does not fit (exit status 4, the smallest world / HSDP shard
 size that fits, checked by dry runs at that size and at half of it), an HF checkpoint (named by
-its architecture, a neutral cost-model line), and bad dryrun fields (one error line, exit status 2).
+its architecture, a neutral cost-model line), an HF-native model (Gemma 3: transformers' decoder
+layers as the FSDP2 units), and bad dryrun fields (one error line, exit status 2).
 The activation measurement is cross-checked in-process against the bytes autograd saves in a real
-CPU forward of the whole tiny model.
+CPU forward of the whole tiny model, native and HF-native (OLMo 2, Llama, Qwen3-MoE).
 """
 
 import json
@@ -333,3 +334,90 @@ def test_hf_checkpoint_is_named_and_the_cost_model_line_reads_as_no_error(tmp_pa
     r = json.loads((tmp_path / "out" / "dryrun.json").read_text())
     assert "was built for hidden=64 but the model has hidden=96" in r["cost_model"]["why"]
     assert r["model"]["name"] == "Qwen3ForCausalLM (my-qwen3)"
+
+
+# -- HF-native models (transformers' modules) --------------------------------------------------------
+@pytest.mark.parametrize(
+    "case, dtype",
+    [("olmo2", torch.float32), ("llama", torch.float32), ("qwen3-moe", torch.bfloat16)],
+)
+def test_hf_native_activations_match_a_real_cpu_forward(tmp_path, case, dtype):
+    """The HF-native measurement (a whole meta forward, saved storages attributed to decoder layers)
+    == the bytes autograd saves in a real CPU forward of the same transformers modules through the
+    same attention Function, per token (slope between two token counts). OLMo 2: q/k norms and
+    post-norms; Qwen3-MoE in bf16: routed experts (grouped_mm, the kernel meta runs in bf16)."""
+    pytest.importorskip("transformers")
+    from test_hf_native import make_hf
+
+    from flexsp.attention.context import AttnContext
+    from flexsp.memory import activation_bytes_per_token
+    from flexsp.model.hf_native_weights import load_hf_native
+    from flexsp.model.layers import positions_from_cu_seqlens
+
+    make_hf(case, tmp_path / case)
+    model = load_hf_native(tmp_path / case, dtype=dtype)
+    measured = activation_bytes_per_token(model.config, dtype)
+    assert measured["method"].startswith("measured"), measured["method"]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def real(T):
+        cu = [0, T // 2, T]
+        ids = torch.randint(3, model.config.vocab_size, (T,))
+        pos = positions_from_cu_seqlens(cu)
+        seen = _saved_bytes(lambda: model(ids, pos, AttnContext.local(cu), labels=ids))
+        return sum(v for k, v in seen.items() if k not in params)
+
+    per_token = (real(512) - real(256)) / 256
+    # 1%: the same modules and Function on both sides; only allocator-shared storages could differ
+    assert abs(per_token - measured["bytes_per_token"]) <= 0.01 * per_token, (per_token, measured)
+    per = measured["parts_per_token"]
+    assert per["blocks"] == pytest.approx(model.config.layers * per["block"])  # equal layers here
+
+
+def test_hf_native_activation_fallback_is_labelled(tmp_path, monkeypatch):
+    """An HF-native forward that cannot run on meta falls back to the formula of its LLaMA-equivalent
+    shape, saying so in ``method`` (printed by the report)."""
+    pytest.importorskip("transformers")
+    from test_hf_native import make_hf
+
+    import flexsp.memory as memory
+    from flexsp.model.hf_native import hf_native_config
+
+    def broken(*a, **k):
+        raise NotImplementedError("no meta kernel")
+
+    make_hf("olmo2", tmp_path / "olmo2")
+    monkeypatch.setattr(memory, "varlen_attention", broken)
+    r = memory.activation_bytes_per_token(hf_native_config(tmp_path / "olmo2"), torch.bfloat16)
+    assert r["method"].startswith("FALLBACK FORMULA (meta forward of Olmo2ForCausalLM failed"), r["method"]
+    assert r["bytes_per_token"] > 2 * 64 * 2  # at least every layer's bf16 input
+
+
+def test_hf_native_model_is_sharded_and_sized(tmp_path):
+    """A Gemma 3 checkpoint (sliding-window layers, not a native family) dry-runs HF-native: its
+    decoder layers are FSDP2 units, rank 0 holds 1/8 of every parameter (fp32: params + grads +
+    AdamW = 16 B per parameter / 8 ranks, plus FSDP2's padding), activations are measured."""
+    pytest.importorskip("transformers")
+    from test_hf_native import make_hf
+
+    hf = make_hf("gemma3-window", tmp_path / "gemma3")
+    numel = sum(p.numel() for p in hf.parameters())
+    r = _report(
+        tmp_path / "out",
+        f"model.hf_checkpoint={tmp_path / 'gemma3'}",
+        "dryrun.world_size=8",
+        "dryrun.num_sequences=16",
+        "dryrun.context_tokens=4096",
+    )
+    assert r["model"]["name"] == "Gemma3ForCausalLM (gemma3)" and r["model"]["hf_native"] is True
+    assert r["model_params"] == numel
+    assert r["sharding"]["mesh"] == [8] and r["precision"] == "fp32"
+    assert [u["unit"] for u in r["units"]] == ["blocks.0-1", "root"], r["units"]  # tied: embed in root
+    assert r["units"][0]["count"] == 2
+    b = r["per_rank_bytes"]
+    # FSDP2 shards dim 0 in chunks of ceil(rows / 8): rank 0 holds the first (full) chunk of each
+    rank0 = sum(min(-(-p.shape[0] // 8), p.shape[0]) * (p.numel() // p.shape[0]) * 4 for p in hf.parameters())
+    assert b["params"] == rank0 and numel * 4 / 8 <= rank0, (b["params"], rank0)
+    assert b["optimizer"] == 2 * b["params"] and b["grads"] == b["params"]
+    assert r["activation"]["method"].startswith("measured: saved_tensors_hooks on meta tensors over a whole")
+    assert r["fits"] and "error" not in r["plan"], r["plan"]
