@@ -11,7 +11,8 @@ demo's config (scripts/demo.sh) minus checkpoints and the progress bar; each ver
 corpus cache directory (the cache formats may differ), built by an untimed 1-step warm-up run per
 version, and its own output directory per run. Runs are interleaved (before, after, before, after,
 ...). Per run: median ``step_s`` from metrics.jsonl excluding the first ``--skip`` steps, tokens/s over
-the same steps, losses, planner wait; the after/before ratio of the medians of all runs.
+the same steps, losses, planner wait; the after/before ratio of the medians of all runs and of the
+fastest run per step, and a verdict that calls a difference only when both agree beyond 3%.
 
     python benchmarks/hot_path.py --steps 15 --repeats 2 --out benchmarks/results/hot_path_cpu
 """
@@ -200,7 +201,17 @@ def write(res: dict, out: Path) -> None:
                for v in ("before", "after")}
     per_step = [x / y for x, y in zip(fastest["after"], fastest["before"])]
     geo = statistics.geometric_mean(per_step)
-    L += ["", f"**after / before, ratio of the medians of the per-run medians: {med['after'] / med['before']:.3f}** "
+    ratio_med, ratio_fast = med["after"] / med["before"], sum(fastest["after"]) / sum(fastest["before"])
+    if ratio_med < 0.97 and ratio_fast < 0.97:
+        verdict = "after is FASTER by both estimates"
+    elif ratio_med > 1.03 and ratio_fast > 1.03:
+        verdict = "after is SLOWER by both estimates"
+    else:
+        verdict = ("NO CLEAR DIFFERENCE: the two estimates disagree or are within 3% of 1 (load noise is "
+                   "larger than the change on this CPU)")
+    L += ["", f"**Verdict: {verdict}.** after / before: fastest-of-{a['repeats']} per step {ratio_fast:.3f} "
+          f"(the least disturbed estimate), medians of the per-run medians {ratio_med:.3f}.", "",
+          f"After / before, ratio of the medians of the per-run medians: {ratio_med:.3f} "
           f"({med['after'] * 1e3:.0f} ms vs {med['before'] * 1e3:.0f} ms per step; tokens/s "
           f"{tps['after']:.0f} vs {tps['before']:.0f}, {tps['after'] / tps['before']:.3f}x). Per-step planner wait "
           f"(median over kept steps of all runs): before {wait['before']:.1f} ms, after {wait['after']:.1f} ms.", "",
