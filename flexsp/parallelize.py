@@ -103,7 +103,12 @@ def apply_compile(model) -> None:
 def shard_units(model, mesh, cfg: ParallelizeConfig) -> list:
     """``fully_shard`` unit by unit: the token embedding, every block, final norm + head (kept
     gathered: they run right before backward starts), then the root. Tied embeddings: embedding
-    and head share a weight, so both stay in the root unit. Returns the FSDP modules."""
+    and head share a weight, so both stay in the root unit. Returns the FSDP modules.
+
+    Trade-off, measured: separate embedding and head units keep the vocabulary-sized weights
+    sharded outside their own forward/backward (GiBs at real vocabularies, torchtitan's layout),
+    at 2 all-gathers + 1 reduce-scatter more per micro-batch. On the tiny CPU preset, where
+    collective latency dominates, that is the 5% of ``benchmarks/results/hot_path_cpu.md``."""
     param_dtype, reduce_dtype = precision_dtypes(cfg.precision)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kw = dict(mesh=mesh, mp_policy=mp)
