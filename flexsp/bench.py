@@ -52,6 +52,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ from flexsp.errors import UserError
 from flexsp.executor import StepExecutor
 from flexsp.failure import AbortWatch
 from flexsp.hostcopy import read_to_host, to_device
-from flexsp.launcher import launch, launched_world, run_here, say, split_args
+from flexsp.launcher import exit_process, launch, launched_world, run_here, say, split_args
 from flexsp.log import setup_logging
 from flexsp.pipeline import InputPipeline
 from flexsp.planning import solve_plan
@@ -587,5 +588,11 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def cli() -> NoReturn:
+    """The ``flexsp-bench`` command and ``python -m flexsp.bench`` (every rank): :func:`main`, then
+    :func:`flexsp.launcher.exit_process` with its status."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

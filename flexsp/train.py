@@ -36,6 +36,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -668,9 +669,16 @@ def run(cfg: RunConfig | Mapping, return_state: bool = False) -> dict:
 
 # -- command line ------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """``flexsp-train`` (flexsp.launcher: compose, validate, launch or run here)."""
+    """``flexsp-train``'s work (flexsp.launcher: compose, validate, launch or run here); returns the
+    exit status (an in-process call, as tests make)."""
     return launcher.main(sys.argv[1:] if argv is None else argv, run, validate)
 
 
+def cli() -> NoReturn:
+    """The ``flexsp-train`` command and ``python -m flexsp.train`` (what every rank runs): :func:`main`,
+    then :func:`flexsp.launcher.exit_process` with its status."""
+    launcher.exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
