@@ -135,12 +135,13 @@ def exit_process(code: int) -> NoReturn:
     TensorBoard), then ``os._exit(code)``, skipping the interpreter's own teardown.
 
     Why: torch keeps the default process group alive after ``destroy_process_group`` while FSDP2 or
-    DCP state still references it (about ten references in torch 2.13), so its gloo and TCPStore
-    threads are still running when the interpreter and the C++ statics are torn down. That race
-    aborts the process now and then ("terminate called without an active exception", status -6)
-    after a run that succeeded or reported its error cleanly: seen once in CI (2026-12-05) on the
-    resume-mismatch test, which printed its one line and then died with SIGABRT. A process that has
-    reported its result has nothing left to tear down, so it leaves directly, with its status."""
+    DCP state still references it (10-11 references after one FSDP2 step or one DCP save, torch
+    2.13), so its gloo and TCPStore threads are still running while the interpreter and the C++
+    statics are torn down. A thread of torch's running past that teardown is the known source of
+    "terminate called without an active exception" (SIGABRT), which CI saw once (2026-12-05): the
+    resume-mismatch test printed its one line, then died with status -6 instead of 2; it did not
+    reproduce on demand, so this is the likely cause, not a proven one. A process that has reported
+    its result has nothing left to tear down, so it leaves directly, with its status."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
