@@ -103,8 +103,10 @@ if [[ $QUICK == 1 ]]; then
   step_profile_cpu2_tiny8_full() { profile profile_cpu2_tiny8_full "${PROFILE_QUICK[@]}" model.layers=4 \
     profile.profile_layers=0; }
 else
-  step_profile_cpu2() { profile profile_cpu2 profile.world_size=2 profile.capacity_tokens=1024; }
-  step_profile_cpu4() { profile profile_cpu4 profile.world_size=4; }
+  # max_len 2048: the lengths these two were first profiled at (the tiny model's context is now 4096,
+  # which a 2 x 1024-token budget cannot hold)
+  step_profile_cpu2() { profile profile_cpu2 profile.world_size=2 profile.capacity_tokens=1024 profile.max_len=2048; }
+  step_profile_cpu4() { profile profile_cpu4 profile.world_size=4 profile.max_len=2048; }
   TINY8=(model=tiny model.layers=8 profile.max_len=512 profile.repeats=3 "profile.modes=[ulysses]"
          profile.validate_batches=2)
   step_profile_cpu2_tiny8_4of8() { profile profile_cpu2_tiny8_4of8 "${TINY8[@]}" profile.profile_layers=4; }
