@@ -15,7 +15,7 @@
 # Regime (why this one): documents follow the published Wikipedia length distribution
 # (flexsp.data.synthetic, random tokens: throughput does not depend on which tokens) capped at 4096
 # tokens; the cost model is the one measured on this kind of machine
-# (configs/costmodels/cpu-demo-1k-measured.json, from benchmarks/results/profile_cpu4.json) with room
+# (configs/costmodels/cpu-demo-1k-measured.json, from benchmarks/results/profile_cpu4.json as of commit 143be21) with room
 # for 1024 tokens per rank, so the longest documents need SP=4 while most fit on one rank. FlexSP runs
 # the short documents without SP communication and only the long ones at SP 2 or 4; a static degree
 # runs every document of a batch at the degree its longest one needs: predicted 1.22x over the best
